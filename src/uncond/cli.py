@@ -1,0 +1,91 @@
+"""The `uncond` command: the only module that reads argv."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import UsageError, add_train_arguments, build_config
+
+DESCRIPTION = "Train unconditional diffusion models on your own images, and sample from them."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = make_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        return args.command(args, argv)
+    except UsageError as error:
+        if is_main_process():
+            print(f"uncond: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("uncond: interrupted", file=sys.stderr)
+        return 130
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uncond", description=DESCRIPTION)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    train_parser = commands.add_parser(
+        "train", help="train a model (no arguments: the demo)",
+        description="Train a diffusers UNet2DModel. Takes every flag of diffusers' train_unconditional.py. "
+                    "With no arguments, runs the demo: a tiny model on the built-in MNIST digits.")
+    add_train_arguments(train_parser)
+    train_parser.set_defaults(command=run_train)
+
+    presets_parser = commands.add_parser("presets", help="list the UNet presets with their sizes")
+    presets_parser.set_defaults(command=run_presets)
+    return parser
+
+
+def run_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .train import train
+
+    values = {name: value for name, value in vars(args).items() if name != "command"}
+    config, explicit = build_config(values, use_demo=argv == ["train"])
+    with logging_redirect_tqdm():
+        output_dir = train(config, explicit)
+    if not config.dry_run and is_main_process():
+        print(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
+    return 0
+
+
+def run_presets(args: argparse.Namespace, argv: list[str]) -> int:
+    from .models import PRESETS, count_parameters, describe_unet, with_channels
+
+    print(f"{'preset':<10} {'px':>4} {'parameters':>12}  description")
+    for preset in PRESETS.values():
+        unet_config = with_channels({**preset.unet, "sample_size": preset.resolution}, 3)
+        print(f"{preset.name:<10} {preset.resolution:>4} {count_parameters(unet_config) / 1e6:>11.1f}M  "
+              f"{preset.description}; {describe_unet(unet_config)}")
+    print("\nParameters are for 3 channels. Use with: uncond train --model_preset NAME ...")
+    return 0
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "-1")
+
+
+def setup_logging() -> None:
+    """Plain messages, from the main process only (each process runs the same code)."""
+    logging.basicConfig(format="%(message)s", level=logging.INFO, force=True)
+    logging.getLogger("uncond").addFilter(lambda record: is_main_process())
+    for noisy in ("diffusers", "datasets", "accelerate", "huggingface_hub", "torch", "matplotlib", "PIL", "urllib3",
+                  "fsspec", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Every training setting, defined once: its default, its meaning, and the checks that need no data.
+
+The flags keep the names, meanings and defaults of diffusers' `train_unconditional.py`, so its
+command lines run unchanged. Settings come in layers, later ones winning:
+
+    defaults  <  the demo (`uncond train` with no arguments, or --demo)  <  --config FILE  <  flags
+
+Only the standard library is imported here (PyYAML lazily, for YAML config files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class UsageError(Exception):
+    """Bad input. The message is one line that says what is wrong and what to do instead."""
+
+
+def setting(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, seed: bool = False):
+    """A config field: `seed=True` marks the flags that train_unconditional.py has, with the same default."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "seed": seed})
+
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LOGGERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio", "all",
+           "none")
+CHANNEL_CHOICES = ("auto", "1", "3")
+
+
+@dataclass
+class TrainConfig:
+    # ---- data
+    dataset_name: str | None = setting(
+        None, "a Hub dataset name, a dataset saved with save_to_disk, a local folder `datasets` understands, "
+        "or builtin:mnist", group="data", seed=True)
+    dataset_config_name: str | None = setting(None, "the dataset's config, if it has several", group="data", seed=True)
+    train_data_dir: str | None = setting(
+        None, "a plain folder of images (nested folders allowed); ignored when --dataset_name is given",
+        group="data", seed=True)
+    image_column: str | None = setting(None, "the dataset column holding the images (found automatically)",
+                                       group="data")
+    cache_dir: str | None = setting(None, "where downloaded datasets and models are stored", group="data", seed=True)
+    resolution: int = setting(64, "training resolution in pixels: images are resized (shorter side) and cropped "
+                              "to it; with --model_preset, the preset's resolution", group="data", seed=True)
+    center_crop: bool = setting(False, "crop the centre of each image instead of a random crop", group="data",
+                                seed=True)
+    random_flip: bool = setting(False, "flip images horizontally at random", group="data", seed=True)
+    num_channels: str = setting("auto", "image channels of the model: 1, 3, or auto (1 when every image is "
+                                "grayscale, else 3)", group="data", choices=CHANNEL_CHOICES)
+    preserve_input_precision: bool = setting(False, "keep 16-bit images at 16 bits instead of converting to 8",
+                                             group="data", seed=True)
+    dataloader_num_workers: int = setting(0, "worker threads that decode images (0: one per CPU core, up to 8)",
+                                          group="data", seed=True)
+
+    # ---- model
+    model_config_name_or_path: str | None = setting(
+        None, "a UNet2DModel config: Hub id, local folder, pipeline folder or config.json (weights are not loaded)",
+        group="model", seed=True)
+    model_preset: str | None = setting(None, "a named UNet size; `uncond presets` lists them", group="model")
+    enable_xformers_memory_efficient_attention: bool = setting(False, "use xformers attention (needs xformers)",
+                                                               group="model", seed=True)
+
+    # ---- diffusion
+    prediction_type: str = setting("epsilon", "what the network predicts", group="diffusion",
+                                   choices=PREDICTION_TYPES, seed=True)
+    ddpm_num_steps: int = setting(1000, "diffusion timesteps in training", group="diffusion", seed=True)
+    ddpm_beta_schedule: str = setting("linear", "noise schedule", group="diffusion", choices=BETA_SCHEDULES, seed=True)
+    snr_gamma: float | None = setting(None, "min-SNR loss weighting with this gamma (5.0 is usual; Hang et al. 2023)",
+                                      group="diffusion")
+    noise_offset: float | None = setting(None, "add this much per-channel offset noise (0.05-0.1 helps very dark or "
+                                         "bright images)", group="diffusion")
+
+    # ---- optimisation
+    train_batch_size: int = setting(16, "images per device per micro-batch", group="training", seed=True)
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", group="training", seed=True)
+    num_epochs: int = setting(100, "passes over the dataset", group="training", seed=True)
+    max_train_steps: int | None = setting(None, "optimizer steps to train for; overrides --num_epochs",
+                                          group="training")
+    learning_rate: float = setting(1e-4, "peak learning rate", group="training", seed=True)
+    lr_scheduler: str = setting("cosine", "learning-rate schedule", group="training", choices=LR_SCHEDULERS,
+                                seed=True)
+    lr_warmup_steps: int = setting(500, "optimizer steps of linear warmup", group="training", seed=True)
+    adam_beta1: float = setting(0.95, "AdamW beta1", group="training", seed=True)
+    adam_beta2: float = setting(0.999, "AdamW beta2", group="training", seed=True)
+    adam_weight_decay: float = setting(1e-6, "AdamW weight decay", group="training", seed=True)
+    adam_epsilon: float = setting(1e-08, "AdamW epsilon", group="training", seed=True)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this", group="training")
+    mixed_precision: str = setting("no", "fp16 or bf16 autocast with fp32 master weights", group="training",
+                                   choices=MIXED_PRECISIONS, seed=True)
+    seed: int | None = setting(None, "random seed; the one used is saved in training_config.json (default: random)",
+                               group="training")
+
+    # ---- exponential moving average of the weights
+    use_ema: bool = setting(False, "keep an EMA of the weights; previews and the export use it", group="ema",
+                            seed=True)
+    ema_inv_gamma: float = setting(1.0, "EMA warmup inverse gamma", group="ema", seed=True)
+    ema_power: float = setting(3 / 4, "EMA warmup power", group="ema", seed=True)
+    ema_max_decay: float = setting(0.9999, "largest EMA decay", group="ema", seed=True)
+
+    # ---- outputs
+    output_dir: str = setting("ddpm-model-64", "where the pipeline, checkpoints, samples and logs go",
+                              group="outputs", seed=True)
+    overwrite_output_dir: bool = setting(False, "replace a trained model already in --output_dir and start afresh",
+                                         group="outputs", seed=True)
+    save_images_epochs: int = setting(10, "write a sample grid every this many epochs (and at the end)",
+                                      group="outputs", seed=True)
+    save_model_epochs: int = setting(10, "export the pipeline every this many epochs (and at the end)",
+                                     group="outputs", seed=True)
+    eval_batch_size: int = setting(16, "images in each sample grid", group="outputs", seed=True)
+    sampler: str = setting("sde-dpmsolver++", "sampler for the sample grids (stochastic DPM-Solver++(2M): "
+                           "clearer previews of a young model than the ODE solvers); `uncond sample --help` lists "
+                           "the others", group="outputs")
+    sample_steps: int = setting(25, "sampler steps for the sample grids (ddpm uses --ddpm_num_inference_steps)",
+                                group="outputs")
+    ddpm_num_inference_steps: int = setting(1000, "steps when --sampler ddpm", group="outputs", seed=True)
+    checkpointing_steps: int = setting(500, "save a resumable checkpoint every this many optimizer steps",
+                                       group="outputs", seed=True)
+    checkpoints_total_limit: int | None = setting(None, "keep at most this many checkpoints", group="outputs",
+                                                  seed=True)
+    resume_from_checkpoint: str | None = setting(
+        None, "a checkpoint folder (or its name in --output_dir), or `latest`", group="outputs", seed=True)
+
+    # ---- logging
+    logger: str = setting("tensorboard", "experiment tracker", group="logging", choices=LOGGERS, seed=True)
+    logging_dir: str = setting("logs", "tracker folder, relative to --output_dir", group="logging", seed=True)
+    logging_steps: int = setting(10, "average and log the metrics every this many optimizer steps",
+                                 group="logging")
+
+    # ---- Hugging Face Hub
+    push_to_hub: bool = setting(False, "upload the exported pipeline to the Hub", group="hub", seed=True)
+    hub_token: str | None = setting(None, "Hub token (better: `hf auth login`; never written anywhere)",
+                                    group="hub", seed=True)
+    hub_model_id: str | None = setting(None, "Hub repository (default: the output folder's name)", group="hub",
+                                       seed=True)
+    hub_private_repo: bool = setting(False, "make the Hub repository private", group="hub", seed=True)
+
+    # ---- run control
+    local_rank: int = setting(-1, "set by launchers; accelerate reads it from the environment", group="run",
+                              seed=True)
+    dry_run: bool = setting(False, "print the resolved config, dataset size and model size, then exit",
+                            group="run")
+    demo: bool = setting(False, "start from the demo settings (what `uncond train` with no arguments runs)",
+                         group="run")
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self, *, public: bool = True) -> dict[str, Any]:
+        """All settings; `public` drops the Hub token so it is never written or logged."""
+        values = dataclasses.asdict(self)
+        if public:
+            values.pop("hub_token")
+        return values
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# The demo: `uncond train` with no arguments. Tuned to end in under ten minutes on a 2-core CPU with
+# digits a person recognises (docs/benchmarks.md has the timing).
+DEMO_SETTINGS: dict[str, Any] = {
+    "dataset_name": "builtin:mnist",
+    "model_preset": "tiny",
+    "output_dir": "uncond-demo",
+    "train_batch_size": 64,
+    "max_train_steps": 1600,
+    "snr_gamma": 5.0,
+    "learning_rate": 2e-3,
+    "lr_warmup_steps": 100,
+    "adam_beta1": 0.9,
+    "use_ema": True,
+    "ema_max_decay": 0.999,
+    "save_images_epochs": 2,
+    "save_model_epochs": 10,
+    "eval_batch_size": 64,
+    "checkpointing_steps": 500,
+    "checkpoints_total_limit": 1,
+    "seed": 0,
+}
+
+SETTINGS = {f.name: f for f in fields(TrainConfig)}
+GROUP_TITLES = {
+    "data": "data", "model": "model", "diffusion": "diffusion objective", "training": "optimisation",
+    "ema": "exponential moving average", "outputs": "outputs, previews and checkpoints", "logging": "logging",
+    "hub": "Hugging Face Hub", "run": "run control",
+}
+
+
+def value_type(name: str) -> type:
+    """The scalar type of a setting (`int | None` -> int)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Turn a config-file or flag value into the setting's type, or say what is wrong."""
+    if value is None:
+        return None
+    kind = value_type(name)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("true", "yes", "1", "on"):
+                    return True
+                if lowered in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name} expects {kind.__name__}, got {value!r}") from None
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (plus --config), grouped as in TrainConfig. Only flags a user typed are set."""
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="a YAML or JSON file of settings (same keys as the flags); flags win")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, spec in SETTINGS.items():
+        meta = spec.metadata
+        group = groups.get(meta["group"]) or parser.add_argument_group(GROUP_TITLES[meta["group"]])
+        groups[meta["group"]] = group
+        flags = [f"--{name}"]
+        default_text = "" if spec.default is None else f" (default: {spec.default})"
+        help_text = meta["help"] + default_text
+        if value_type(name) is bool:
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, choices=meta["choices"],
+                               type=lambda text, name=name: coerce(name, text), help=help_text,
+                               metavar=None if meta["choices"] else value_type(name).__name__.upper())
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Settings from a YAML or JSON file, keys as the flags' names (with - or _)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as error:  # noqa: BLE001 - any parse error becomes one clear line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--config {path} could not be read: {first_line}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of setting names to values")
+    settings = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in SETTINGS:
+            close = difflib.get_close_matches(name, SETTINGS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; `uncond train --help` lists the settings"
+            raise UsageError(f"--config {path}: unknown setting {key!r}{hint}")
+        settings[name] = coerce(name, value)
+    return settings
+
+
+def build_config(cli_values: dict[str, Any], *, use_demo: bool = False) -> tuple[TrainConfig, set[str]]:
+    """Layer defaults < demo < config file < flags. Returns the config and the names set explicitly."""
+    cli_values = dict(cli_values)
+    config_file = cli_values.pop("config", None)
+    file_values = read_config_file(config_file) if config_file else {}
+    demo = use_demo or cli_values.get("demo") or file_values.get("demo")
+    layered: dict[str, Any] = {}
+    if demo:
+        layered.update(DEMO_SETTINGS, demo=True)
+    layered.update(file_values)
+    layered.update(cli_values)
+    config = TrainConfig(**layered)
+    validate(config)
+    return config, set(layered)
+
+
+def validate(config: TrainConfig) -> None:
+    """The checks that need neither data nor a model. Raises UsageError on the first problem."""
+    for name, spec in SETTINGS.items():
+        choices = spec.metadata["choices"]
+        value = getattr(config, name)
+        if choices and value not in choices:
+            raise UsageError(f"--{name} {value}: not one of {', '.join(choices)}")
+
+    def at_least(name: str, low: float) -> None:
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise UsageError(f"--{name} is {value}; it must be at least {low}")
+
+    for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
+                 "save_images_epochs", "save_model_epochs", "checkpointing_steps", "checkpoints_total_limit",
+                 "ddpm_num_inference_steps", "sample_steps", "max_train_steps", "logging_steps"):
+        at_least(name, 1)
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "noise_offset", "max_grad_norm"):
+        at_least(name, 0)
+    at_least("ddpm_num_steps", 2)
+    at_least("resolution", 8)
+    if config.learning_rate <= 0:
+        raise UsageError(f"--learning_rate is {config.learning_rate}; it must be positive")
+    if config.snr_gamma is not None and config.snr_gamma <= 0:
+        raise UsageError(f"--snr_gamma is {config.snr_gamma}; it must be positive (5.0 is usual)")
+    for name in ("adam_beta1", "adam_beta2", "ema_max_decay"):
+        if not 0 <= getattr(config, name) < 1:
+            raise UsageError(f"--{name} is {getattr(config, name)}; it must be in [0, 1)")
+    if config.dataset_name is None and config.train_data_dir is None:
+        raise UsageError("no dataset given: pass --dataset_name (a Hub dataset, a saved dataset, a folder, or "
+                         "builtin:mnist) or --train_data_dir DIR; `uncond train` with no arguments runs the demo")

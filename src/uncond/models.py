@@ -1,0 +1,169 @@
+"""The network and the noise schedule: UNet presets, UNet configs from files, and their builders."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from .config import TrainConfig, UsageError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    resolution: int  # the resolution it was designed for; any multiple of its downsampling factor works
+    description: str
+    unet: dict[str, Any]
+
+
+def _blocks(levels: int, attention_levels: tuple[int, ...]) -> dict[str, tuple[str, ...]]:
+    """Down/up block types for `levels` resolutions with self-attention at the given levels (0 = full size)."""
+    down = tuple("AttnDownBlock2D" if level in attention_levels else "DownBlock2D" for level in range(levels))
+    up = tuple("AttnUpBlock2D" if level in attention_levels else "UpBlock2D" for level in reversed(range(levels)))
+    return {"down_block_types": down, "up_block_types": up}
+
+
+# train_unconditional.py's UNet, used when neither --model_preset nor --model_config_name_or_path is given.
+SEED_UNET = {
+    "layers_per_block": 2,
+    "block_out_channels": (128, 128, 256, 256, 512, 512),
+    **_blocks(6, attention_levels=(4,)),
+}
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset("tiny", 28, "CPU-sized, for the built-in MNIST demo",
+               {"layers_per_block": 1, "block_out_channels": (16, 32, 64), **_blocks(3, attention_levels=(2,)),
+                "norm_num_groups": 8, "attention_head_dim": 16}),
+        Preset("small-32", 32, "a quick 32 px model",
+               {"layers_per_block": 2, "block_out_channels": (64, 128, 128), **_blocks(3, attention_levels=(2,))}),
+        Preset("ddpm-32", 32, "the DDPM paper's CIFAR-10 network (Ho et al. 2020)",
+               {"layers_per_block": 2, "block_out_channels": (128, 256, 256, 256),
+                **_blocks(4, attention_levels=(1,))}),
+        Preset("ddpm-64", 64, "a 64 px model in the DDPM layout",
+               {"layers_per_block": 2, "block_out_channels": (128, 256, 384, 512),
+                **_blocks(4, attention_levels=(2, 3))}),
+        Preset("ddpm-128", 128, "a 128 px model in the DDPM layout",
+               {"layers_per_block": 2, "block_out_channels": (128, 128, 256, 384, 512),
+                **_blocks(5, attention_levels=(3, 4))}),
+        Preset("seed", 64, "train_unconditional.py's network, the default",
+               dict(SEED_UNET)),
+    )
+}
+
+
+def downsampling_factor(unet_config: dict[str, Any]) -> int:
+    """How much the UNet shrinks its input: every down block but the last halves it."""
+    return 2 ** (len(unet_config["down_block_types"]) - 1)
+
+
+def check_resolution(unet_config: dict[str, Any], resolution: int) -> None:
+    factor = downsampling_factor(unet_config)
+    if resolution % factor:
+        below, above = resolution // factor * factor, (resolution // factor + 1) * factor
+        suggestion = f"use {below} or {above}" if below else f"use {above}"
+        halvings = len(unet_config["down_block_types"]) - 1
+        raise UsageError(f"--resolution {resolution} is not divisible by {factor} (the model halves it "
+                         f"{halvings} times); {suggestion}")
+
+
+def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[str, Any]:
+    """A UNet2DModel config from a Hub id, a model folder, a pipeline folder (its unet/) or a config.json."""
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "unet" / "config.json").is_file():
+        path = path / "unet"
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise UsageError(f"--model_config_name_or_path {name_or_path}: no config.json there")
+        try:
+            unet_config = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--model_config_name_or_path {path} is not valid JSON: {error}") from None
+    else:
+        try:
+            unet_config = dict(UNet2DModel.load_config(name_or_path, cache_dir=cache_dir))
+        except Exception as error:  # noqa: BLE001 - network, auth and missing-repo errors all end the same way
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UsageError(f"--model_config_name_or_path {name_or_path}: could not load a UNet config from the "
+                             f"Hub ({reason}); pass a local folder or config.json instead") from None
+    class_name = unet_config.get("_class_name", "UNet2DModel")
+    if class_name != "UNet2DModel":
+        raise UsageError(f"--model_config_name_or_path {name_or_path} describes a {class_name}; uncond trains "
+                         "UNet2DModel (unconditional) networks")
+    return {key: value for key, value in unet_config.items() if not key.startswith("_")}
+
+
+def unet_config_for(config: TrainConfig, resolution: int) -> dict[str, Any]:
+    """The UNet config this run trains, before the channel count is known (channels are set later)."""
+    if config.model_config_name_or_path and config.model_preset:
+        raise UsageError("give either --model_preset or --model_config_name_or_path, not both")
+    if config.model_config_name_or_path:
+        unet_config = load_unet_config(config.model_config_name_or_path, config.cache_dir)
+    else:
+        unet_config = dict(preset_named(config.model_preset or "seed").unet)
+    unet_config["sample_size"] = resolution
+    check_resolution(unet_config, resolution)
+    return unet_config
+
+
+def preset_named(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UsageError(f"--model_preset {name}: unknown; choose one of {', '.join(PRESETS)} (`uncond presets`)")
+    return PRESETS[name]
+
+
+def with_channels(unet_config: dict[str, Any], channels: int) -> dict[str, Any]:
+    return {**unet_config, "in_channels": channels, "out_channels": channels}
+
+
+def build_unet(unet_config: dict[str, Any]) -> UNet2DModel:
+    return UNet2DModel(**unet_config)
+
+
+def count_parameters(unet_config: dict[str, Any]) -> int:
+    """Parameters of the UNet, counted without allocating its weights."""
+    with torch.device("meta"):
+        unet = UNet2DModel(**unet_config)
+    return sum(parameter.numel() for parameter in unet.parameters())
+
+
+def build_noise_scheduler(config: TrainConfig) -> DDPMScheduler:
+    """The training noise schedule; it is also the scheduler written into the exported pipeline."""
+    try:
+        return DDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule,
+                             prediction_type=config.prediction_type)
+    except NotImplementedError:
+        raise UsageError(f"--ddpm_beta_schedule {config.ddpm_beta_schedule}: this diffusers version's "
+                         "DDPMScheduler does not implement it") from None
+
+
+@contextlib.contextmanager
+def ema_weights(unet: torch.nn.Module, ema: Any | None) -> Iterator[torch.nn.Module]:
+    """Temporarily put the EMA weights into `unet` (for previews and export); the trained weights come back
+    afterwards, even if the body raises. Without EMA, yields `unet` unchanged."""
+    if ema is None:
+        yield unet
+        return
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    try:
+        yield unet
+    finally:
+        ema.restore(unet.parameters())
+
+
+def describe_unet(unet_config: dict[str, Any]) -> str:
+    levels = len(unet_config["down_block_types"])
+    attention = [i for i, kind in enumerate(unet_config["down_block_types"]) if kind.startswith("Attn")]
+    sizes = [unet_config["sample_size"] // 2**level for level in attention]
+    return (f"{levels} levels, channels {tuple(unet_config['block_out_channels'])}, "
+            f"attention at {', '.join(f'{s}x{s}' for s in sizes) or 'none'}")

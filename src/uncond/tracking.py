@@ -1,0 +1,110 @@
+"""Training metrics: accumulated on the device every step, written at log intervals to metrics.jsonl
+and the experiment trackers, and drawn as a loss-curve picture."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT_FILE = "loss.png"
+
+
+class RunningMean:
+    """Sum of a per-step tensor kept on its device: adding never waits for the accelerator.
+    The one host synchronisation happens in `pop`, at log intervals."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.total = value.clone() if self.total is None else self.total.add_(value)
+        self.count += 1
+
+    def pop(self) -> torch.Tensor | None:
+        if self.total is None:
+            return None
+        mean = self.total / self.count
+        self.total, self.count = None, 0
+        return mean
+
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per log interval. Lines past `resume_step` are dropped on resume,
+    so the file never shows the same step twice."""
+
+    def __init__(self, output_dir: Path, resume_step: int = 0):
+        self.path = output_dir / METRICS_FILE
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, values: dict[str, Any]) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(values) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def log_sample_images(trackers: Iterable[Any], images: np.ndarray, step: int) -> None:
+    """Send NHWC uint8 sample images to the trackers that show images."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": images}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"samples": list(images)}, step=step)
+
+
+def smooth(values: list[float], half_width: int | None = None) -> list[float]:
+    """Centred moving average: unlike a running average it does not lag behind a fast-falling loss."""
+    half_width = max(1, len(values) // 50) if half_width is None else half_width
+    smoothed = []
+    for i in range(len(values)):
+        window = values[max(0, i - half_width):i + half_width + 1]
+        smoothed.append(sum(window) / len(window))
+    return smoothed
+
+
+def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:
+    """Loss (raw and smoothed, log scale) and learning rate against the step, as a PNG. False if no data."""
+    points = [r for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in points]
+    losses = [r["loss"] for r in points]
+    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(7, 5), sharex=True,
+                                                gridspec_kw={"height_ratios": [3, 1]})
+    loss_axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    if min(losses) > 0:  # smoothed in log space, as it is drawn: early large losses do not drag the curve
+        loss_axis.set_yscale("log")
+        smoothed = [math.exp(v) for v in smooth([math.log(loss) for loss in losses])]
+    else:
+        smoothed = smooth(losses)
+    loss_axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label="loss (smoothed)")
+    loss_axis.set_ylabel("training loss")
+    loss_axis.legend(loc="upper right")
+    loss_axis.grid(alpha=0.3)
+    lr_axis.plot(steps, [r.get("lr", float("nan")) for r in points], color="tab:orange")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_xlabel("optimizer step")
+    lr_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

@@ -1,0 +1,506 @@
+"""train(config): check everything cheap, build the parts, resume, and run one readable loop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from . import checkpoint, data, hub, models, sampling, tracking
+from .config import TrainConfig, UsageError
+from .objective import Objective, training_loss
+
+logger = logging.getLogger("uncond")  # cli shows its records on the main process only
+
+SAMPLES_DIR = "samples"
+RUN_ARTEFACTS = (SAMPLES_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, checkpoint.CONFIG_FILE, "README.md",
+                 "data_report.json")
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Plan:
+    """What the run will do, resolved and checked before any heavy work."""
+    config: TrainConfig
+    unet_config: dict[str, Any]  # without the channel count, which may depend on the data
+    channels_from_model_config: int | None
+    resume_from: Path | None
+    resume_message: str
+
+
+def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> Plan:
+    """Every check that needs no decoding and no model weights. Raises UsageError with one clear line."""
+    if config.model_preset and "resolution" not in explicit:
+        config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
+    data.check_source(config)
+    sampling.check_sampler(config.sampler)
+    unet_config = models.unet_config_for(config, config.resolution)
+    channels_from_model_config = None
+    if config.model_config_name_or_path:
+        channels_from_model_config = int(unet_config.get("in_channels", 3))
+        if config.num_channels != "auto" and int(config.num_channels) != channels_from_model_config:
+            raise UsageError(f"--num_channels {config.num_channels} contradicts --model_config_name_or_path, whose "
+                             f"in_channels is {channels_from_model_config}; drop one of them")
+    check_tracker(config.logger)
+    if config.enable_xformers_memory_efficient_attention and not module_available("xformers"):
+        raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
+                         "without the flag, PyTorch's own fused attention is used")
+    resume_from, message = checkpoint.find_resume_checkpoint(config)
+    checkpoint.check_output_dir(config, resuming=resume_from is not None)
+    return Plan(config, unet_config, channels_from_model_config, resume_from, message)
+
+
+def module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def check_tracker(name: str) -> None:
+    package = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
+               "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+               "trackio": "trackio"}.get(name)
+    if package and not module_available(package):
+        raise UsageError(f"--logger {name} needs the {package} package (pip install {package}), "
+                         "or choose --logger tensorboard")
+
+
+def dry_run(plan: Plan) -> None:
+    """--dry_run: what would be trained on what, without decoding images or building weights."""
+    config = plan.config
+    source = data.open_source(config)
+    channel_options = [plan.channels_from_model_config] if plan.channels_from_model_config else (
+        [1, 3] if config.num_channels == "auto" else [int(config.num_channels)])
+    sizes = ", ".join(f"{models.count_parameters(models.with_channels(plan.unet_config, c)):,} parameters with "
+                      f"{c} channel{'s' if c > 1 else ''}" for c in channel_options)
+    batches = math.ceil(len(source.records) / config.train_batch_size)
+    steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
+    print(json.dumps(config.to_dict(), indent=2))
+    print(f"dataset: {source.description}")
+    print(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
+    print(f"schedule: {steps_per_epoch} optimizer steps per epoch on one process; "
+          f"{config.max_train_steps or steps_per_epoch * config.num_epochs} steps in all")
+    if plan.resume_message:
+        print(plan.resume_message)
+
+
+# ------------------------------------------------------------------------------------------------ parts
+
+
+@dataclass
+class Run:
+    """Everything the loop touches."""
+    config: TrainConfig
+    accelerator: Accelerator
+    output_dir: Path
+    images: data.TrainingImages
+    order: data.Order
+    unet: torch.nn.Module
+    ema: EMAModel | None
+    noise_scheduler: DDPMScheduler
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    max_train_steps: int
+    steps_per_epoch: int
+    num_epochs: int
+    global_batch_size: int
+    step: int = 0
+    epoch: int = 0
+    images_seen: int = 0
+    repo_id: str | None = None
+    metrics_file: tracking.MetricsFile | None = None
+    running_loss: tracking.RunningMean = field(default_factory=tracking.RunningMean)
+    running_grad_norm: tracking.RunningMean = field(default_factory=tracking.RunningMean)
+    last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous log line, for images/s
+    noise_generator: torch.Generator | None = None
+
+    @property
+    def unwrapped_unet(self) -> UNet2DModel:
+        return self.accelerator.unwrap_model(self.unet)
+
+
+def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
+    try:
+        return Accelerator(
+            # Several processes on a machine without CUDA (torchrun, or `accelerate launch --multi_gpu`):
+            # accelerate runs them on the CPU with gloo only when told so.
+            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.logger == "none" else config.logger,
+            project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                logging_dir=str(output_dir / config.logging_dir)),
+            # The LR schedule counts optimizer steps; we step it once per optimizer step ourselves.
+            step_scheduler_with_optimizer=False,
+            # Decoding a large dataset on the main process must not time out the others.
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+        )
+    except ValueError as error:
+        raise UsageError(f"--mixed_precision {config.mixed_precision}: {error}") from None
+
+
+def load_images(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> data.DecodedImages:
+    source = data.open_source(config)
+    decoded = data.decode_all(source, config.resolution, config.preserve_input_precision,
+                              config.dataloader_num_workers, progress=accelerator.is_local_main_process)
+    if not decoded.arrays:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in decoded.skipped[:3])
+        raise UsageError(f"none of the {len(source.records)} images in {source.description} could be read ({reasons})")
+    summary = f"data: {len(decoded.arrays)} images from {source.description}"
+    if decoded.skipped:
+        summary += f", {len(decoded.skipped)} skipped (" + "; ".join(
+            f"{name}: {reason}" for name, reason in decoded.skipped[:3]) + (", ..." if len(decoded.skipped) > 3
+                                                                          else "") + ")"
+    if decoded.upscaled:
+        summary += f", {decoded.upscaled} smaller than {config.resolution} px were upscaled"
+    logger.info(summary)
+    if accelerator.is_main_process:
+        report = {"used": len(decoded.arrays), "skipped": [{"name": n, "reason": r} for n, r in decoded.skipped],
+                  "upscaled": decoded.upscaled}
+        (output_dir / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return decoded
+
+
+def choose_channels(plan: Plan, decoded: data.DecodedImages) -> int:
+    config = plan.config
+    if plan.channels_from_model_config:
+        return plan.channels_from_model_config
+    if config.num_channels != "auto":
+        return int(config.num_channels)
+    channels = 1 if decoded.all_gray else 3
+    logger.info(f"--num_channels auto: every image is grayscale, training a 1-channel model" if channels == 1
+                else "--num_channels auto: colour images found, training a 3-channel (RGB) model")
+    return channels
+
+
+def build_run(plan: Plan, accelerator: Accelerator) -> Run:
+    config = plan.config
+    output_dir = Path(config.output_dir)
+    decoded = load_images(config, accelerator, output_dir)
+    channels = choose_channels(plan, decoded)
+    images = data.TrainingImages(data.to_channels(decoded.arrays, channels), config.resolution,
+                                 config.center_crop, config.random_flip)
+    unet_config = models.with_channels(plan.unet_config, channels)
+    if plan.resume_from is not None:
+        saved = checkpoint.checkpoint_unet_config(plan.resume_from)
+        differences = checkpoint.config_differences(saved or {}, unet_config)
+        if differences:
+            raise UsageError(f"cannot resume from {plan.resume_from}: its model differs ({'; '.join(differences)}); "
+                             "use the same settings, or --overwrite_output_dir to start afresh")
+
+    set_seed(config.seed)  # identical initial weights on every process
+    unet = models.build_unet(unet_config)
+    if config.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
+                       inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True,
+                       model_cls=UNet2DModel, model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+    order = data.Order(len(images), config.train_batch_size, config.seed, accelerator.num_processes,
+                       accelerator.process_index)
+    steps_per_epoch = math.ceil(order.batches_per_epoch / config.gradient_accumulation_steps)
+    max_train_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=max_train_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+    checkpoint.register_state_hooks(accelerator, ema)
+    return Run(config=config, accelerator=accelerator, output_dir=output_dir, images=images, order=order,
+               unet=unet, ema=ema, noise_scheduler=models.build_noise_scheduler(config),
+               objective=Objective(config.prediction_type, config.snr_gamma, config.noise_offset),
+               optimizer=optimizer, lr_scheduler=lr_scheduler, max_train_steps=max_train_steps,
+               steps_per_epoch=steps_per_epoch, num_epochs=math.ceil(max_train_steps / steps_per_epoch),
+               global_batch_size=config.train_batch_size * accelerator.num_processes
+               * config.gradient_accumulation_steps, noise_generator=torch.Generator(accelerator.device))
+
+
+def resume(run: Run, path: Path) -> None:
+    state = checkpoint.load_checkpoint(run.accelerator, path)
+    run.step = state.get("step", int(path.name.split("-")[-1]))
+    run.epoch = state.get("epoch", run.step // run.steps_per_epoch)
+    run.images_seen = state.get("images_seen", run.step * run.global_batch_size)
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> Path:
+    """Train a UNet2DModel as the config says; returns the output folder holding the pipeline."""
+    plan = plan_run(config, explicit)
+    if plan.config.dry_run:
+        dry_run(plan)
+        return Path(plan.config.output_dir)
+    output_dir = Path(plan.config.output_dir)
+    accelerator = make_accelerator(plan.config, output_dir)
+    plan.config = settle_seed(plan, accelerator)
+    config = plan.config
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if config.overwrite_output_dir and plan.resume_from is None:
+            removed = checkpoint.clear_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
+            if removed:
+                logger.info(f"--overwrite_output_dir: removed {', '.join(removed)} from {output_dir}")
+        config.save(output_dir / checkpoint.CONFIG_FILE)
+    accelerator.wait_for_everyone()
+    repo_id = hub.create_repository(config) if config.push_to_hub and accelerator.is_main_process else None
+
+    run = build_run(plan, accelerator)
+    run.repo_id = repo_id
+    if plan.resume_from is not None:
+        logger.info(plan.resume_message)
+        resume(run, plan.resume_from)
+    elif plan.resume_message:
+        logger.info(plan.resume_message)
+    if accelerator.is_main_process:
+        run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step)
+        accelerator.init_trackers("uncond", config=tracker_config(config))
+    log_run_summary(run)
+    train_loop(run)
+    accelerator.end_training()
+    return output_dir
+
+
+def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
+    """The seed is chosen once (the checkpoint's when resuming) and shared by every process."""
+    config = plan.config
+    seed = config.seed
+    if plan.resume_from is not None and seed is None:
+        saved = json.loads((plan.resume_from / checkpoint.STATE_FILE).read_text()).get("seed") \
+            if (plan.resume_from / checkpoint.STATE_FILE).is_file() else None
+        seed = saved
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") % 2**31
+    seed = broadcast_object_list([seed])[0] if accelerator.num_processes > 1 else seed
+    return config.replace(seed=seed)
+
+
+def log_run_summary(run: Run) -> None:
+    config, accelerator = run.config, run.accelerator
+    parameters = sum(p.numel() for p in run.unwrapped_unet.parameters())
+    logger.info(
+        f"training {parameters / 1e6:.2f}M-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
+        f"{run.unwrapped_unet.config.in_channels} channel(s), {config.resolution} px, on {len(run.images)} images | "
+        f"{accelerator.num_processes} process(es) on {accelerator.device.type}, precision {config.mixed_precision} | "
+        f"batch {config.train_batch_size} per device x {accelerator.num_processes} processes x "
+        f"{config.gradient_accumulation_steps} accumulation = {run.global_batch_size} | "
+        f"{run.max_train_steps} optimizer steps ({run.steps_per_epoch} per epoch, {run.num_epochs} epochs) | "
+        f"seed {config.seed} | output {run.output_dir}")
+
+
+def train_loop(run: Run) -> None:
+    """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points."""
+    config, accelerator = run.config, run.accelerator
+    progress = tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    run.last_log = (time.perf_counter(), run.step)
+    exported_at = None
+    while run.step < run.max_train_steps:
+        start = run.step - run.epoch * run.steps_per_epoch  # optimizer steps already done in this epoch
+        for micro_batches in optimizer_steps(run, start):
+            loss = train_step(run, micro_batches)
+            run.step += 1
+            run.images_seen += run.global_batch_size
+            run.running_loss.add(loss)
+            progress.update(1)
+            if run.step % config.logging_steps == 0 or run.step == run.max_train_steps:
+                log_metrics(run, progress)
+            if run.step % config.checkpointing_steps == 0:
+                save_checkpoint(run)
+            if run.step == run.max_train_steps:
+                break
+        last_epoch = run.step >= run.max_train_steps
+        if accelerator.is_main_process:
+            if run.epoch % config.save_images_epochs == 0 or last_epoch:
+                save_sample_grid(run)
+            if run.epoch % config.save_model_epochs == 0 or last_epoch:
+                export(run)
+                exported_at = run.step
+        accelerator.wait_for_everyone()
+        if not last_epoch:
+            run.epoch += 1
+    if exported_at != run.step and accelerator.is_main_process:  # resumed at the very end
+        export(run)
+    progress.close()
+
+
+def optimizer_steps(run: Run, start: int):
+    """The current epoch's micro-batches, grouped per optimizer step, from optimizer step `start` on.
+    The last group of an epoch may be shorter, as with the seed's accumulation at the end of a loader."""
+    accumulation = run.config.gradient_accumulation_steps
+    group: list[tuple[int, Any]] = []
+    for batch_index, indices in run.order.batches(run.epoch, start_batch=start * accumulation):
+        group.append((batch_index, indices))
+        if len(group) == accumulation:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train_step(run: Run, micro_batches: list[tuple[int, Any]]) -> torch.Tensor:
+    """One optimizer step over one or more micro-batches. Returns the mean loss, still on the device."""
+    accelerator, unet = run.accelerator, run.unet
+    total_loss = torch.zeros((), device=accelerator.device)
+    for i, (batch_index, indices) in enumerate(micro_batches):
+        pixels = run.images.batch(indices, run.order.augmentation_rng(run.epoch, batch_index))
+        clean_images = run.images.normalize(pixels, accelerator.device)
+        # Noise and timesteps are a pure function of (seed, step, process, micro-batch): a resumed run
+        # draws exactly what the uninterrupted one would have, with no random state to restore.
+        run.noise_generator.manual_seed(mix_seed(run.config.seed, run.step, accelerator.process_index, i))
+        last = i == len(micro_batches) - 1
+        # Gradients are all-reduced across processes only on the last micro-batch.
+        with contextlib.nullcontext() if last else accelerator.no_sync(unet):
+            loss = training_loss(unet, run.noise_scheduler, clean_images, run.objective, run.noise_generator)
+            accelerator.backward(loss / len(micro_batches))
+        total_loss += loss.detach()
+    if run.config.max_grad_norm:
+        run.running_grad_norm.add(accelerator.clip_grad_norm_(unet.parameters(), run.config.max_grad_norm))
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(unet.parameters())
+    return total_loss / len(micro_batches)
+
+
+def mix_seed(*numbers: int) -> int:
+    """One well-mixed 63-bit seed from several integers (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(numbers).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def log_metrics(run: Run, progress: tqdm) -> None:
+    """Reduce the running means across processes (the one sync point) and write them out."""
+    accelerator = run.accelerator
+    loss = accelerator.reduce(run.running_loss.pop(), reduction="mean").item()
+    grad_norm = run.running_grad_norm.pop()
+    now = time.perf_counter()
+    elapsed, steps = now - run.last_log[0], run.step - run.last_log[1]
+    run.last_log = (now, run.step)
+    values = {"step": run.step, "epoch": run.epoch, "loss": loss, "lr": run.lr_scheduler.get_last_lr()[0],
+              "images_per_sec": round(steps * run.global_batch_size / elapsed, 2) if elapsed > 0 else None,
+              "images_seen": run.images_seen}
+    if grad_norm is not None:
+        values["grad_norm"] = grad_norm.item()
+    if run.ema is not None:
+        values["ema_decay"] = run.ema.cur_decay_value
+    if not math.isfinite(loss):
+        raise RuntimeError(f"the loss became {loss} by step {run.step}; lower --learning_rate, or try "
+                           "--mixed_precision no; the last checkpoint in the output folder is intact")
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
+    accelerator.log({k: v for k, v in values.items() if k != "step" and v is not None}, step=run.step)
+    if run.metrics_file is not None:
+        run.metrics_file.write(values)
+
+
+def save_checkpoint(run: Run) -> None:
+    state = {"step": run.step, "epoch": run.epoch, "images_seen": run.images_seen, "seed": run.config.seed,
+             "num_processes": run.accelerator.num_processes}
+    path = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step, state, run.config,
+                                      run.config.checkpoints_total_limit)
+    logger.info(f"saved {path}")
+
+
+def save_sample_grid(run: Run) -> Path:
+    """Sample images with the EMA weights and a fixed seed (grids stay comparable), as a PNG and to trackers."""
+    config = run.config
+    scheduler = sampling.make_sampler(config.sampler, run.noise_scheduler.config)
+    steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
+    with models.ema_weights(run.unwrapped_unet, run.ema) as unet:
+        unet.eval()
+        images = sampling.generate(unet, scheduler, num_images=config.eval_batch_size, num_steps=steps, seed=0,
+                                   batch_size=config.eval_batch_size, device=run.accelerator.device)
+        unet.train()
+    folder = run.output_dir / SAMPLES_DIR
+    folder.mkdir(exist_ok=True)
+    path = folder / f"step-{run.step:07d}.png"
+    sampling.image_grid(images).save(path)
+    tracking.log_sample_images(run.accelerator.trackers, images, run.step)
+    logger.info(f"samples ({config.sampler}, {steps} steps): {path}")
+    return path
+
+
+def export(run: Run) -> None:
+    """The pipeline folder (EMA weights when --use_ema), the model card and the loss plot; upload if asked."""
+    with models.ema_weights(run.unwrapped_unet, run.ema) as unet:
+        checkpoint.export_pipeline(unet, run.noise_scheduler, run.output_dir)
+    records = run.metrics_file.read() if run.metrics_file else []
+    tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
+    write_card(run, records)
+    logger.info(f"exported the pipeline at step {run.step} to {run.output_dir}")
+    if run.repo_id:
+        hub.upload(run.repo_id, run.output_dir, run.config.hub_token, f"step {run.step}")
+
+
+def write_card(run: Run, records: list[dict[str, Any]]) -> None:
+    config = run.config
+    grids = sorted((run.output_dir / SAMPLES_DIR).glob("step-*.png"))
+    last = records[-1] if records else {}
+    metrics = {"dataset": data_description(config), "resolution": config.resolution,
+               "optimizer steps": run.step, "images seen": run.images_seen,
+               "global batch": run.global_batch_size, "learning rate": config.learning_rate,
+               "prediction type": config.prediction_type, "EMA": config.use_ema,
+               "mixed precision": config.mixed_precision}
+    if "loss" in last:
+        metrics["final loss"] = f"{last['loss']:.4f}"
+    hub.write_model_card(run.output_dir, {
+        "title": run.repo_id or run.output_dir.resolve().name,
+        "repo": run.repo_id or str(run.output_dir),
+        "dataset": data_description(config),
+        "parameters": f"{sum(p.numel() for p in run.unwrapped_unet.parameters()) / 1e6:.1f}M",
+        "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
+        "steps": run.step, "images_seen": run.images_seen,
+        "grid": grids[-1].relative_to(run.output_dir).as_posix() if grids else None,
+        "metrics": metrics, "command": reproduce_command(),
+    })
+
+
+def data_description(config: TrainConfig) -> str:
+    return config.dataset_name or f"images from {Path(config.train_data_dir).name}"
+
+
+def reproduce_command() -> str:
+    """The command line of this run, without the Hub token."""
+    words, hide_next = [], False
+    for word in sys.argv[1:]:
+        if hide_next:
+            words.append("<token>")
+            hide_next = False
+        elif word in ("--hub_token", "--hub-token"):
+            words.append(word)
+            hide_next = True
+        elif word.startswith(("--hub_token=", "--hub-token=")):
+            words.append(word.split("=")[0] + "=<token>")
+        else:
+            words.append(word)
+    return "uncond " + " ".join(shlex.quote(word) for word in words)
+
+
+def tracker_config(config: TrainConfig) -> dict[str, Any]:
+    """Settings for the trackers' hyperparameter tables: scalars only, token dropped."""
+    return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}

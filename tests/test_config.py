@@ -1,0 +1,126 @@
+"""Settings: the seed script's flags and defaults, config files, layering, validation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from uncond.config import DEMO_SETTINGS, SETTINGS, TrainConfig, UsageError, add_train_arguments, build_config
+
+# Every flag of diffusers' examples/unconditional_image_generation/train_unconditional.py with its default,
+# copied from its parse_args() (diffusers main, 2026-08).
+SEED_DEFAULTS = {
+    "dataset_name": None, "dataset_config_name": None, "model_config_name_or_path": None, "train_data_dir": None,
+    "output_dir": "ddpm-model-64", "overwrite_output_dir": False, "cache_dir": None, "resolution": 64,
+    "center_crop": False, "random_flip": False, "train_batch_size": 16, "eval_batch_size": 16,
+    "dataloader_num_workers": 0, "num_epochs": 100, "save_images_epochs": 10, "save_model_epochs": 10,
+    "gradient_accumulation_steps": 1, "learning_rate": 1e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 500,
+    "adam_beta1": 0.95, "adam_beta2": 0.999, "adam_weight_decay": 1e-6, "adam_epsilon": 1e-08, "use_ema": False,
+    "ema_inv_gamma": 1.0, "ema_power": 3 / 4, "ema_max_decay": 0.9999, "push_to_hub": False, "hub_token": None,
+    "hub_model_id": None, "hub_private_repo": False, "logger": "tensorboard", "logging_dir": "logs",
+    "local_rank": -1, "mixed_precision": "no", "prediction_type": "epsilon", "ddpm_num_steps": 1000,
+    "ddpm_num_inference_steps": 1000, "ddpm_beta_schedule": "linear", "checkpointing_steps": 500,
+    "checkpoints_total_limit": None, "resume_from_checkpoint": None,
+    "enable_xformers_memory_efficient_attention": False, "preserve_input_precision": False,
+}
+SEED_BOOLEAN_FLAGS = {name for name, default in SEED_DEFAULTS.items() if default is False}
+
+
+def parse(*argv: str) -> tuple[TrainConfig, set[str]]:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return build_config(vars(parser.parse_args([str(a) for a in argv])))
+
+
+def test_every_seed_flag_parses_to_the_seed_default():
+    config, explicit = parse("--dataset_name", "x")
+    assert explicit == {"dataset_name"}
+    for name, default in SEED_DEFAULTS.items():
+        if name != "dataset_name":
+            assert getattr(config, name) == default, name
+    assert {name for name, spec in SETTINGS.items() if spec.metadata["seed"]} == set(SEED_DEFAULTS)
+
+
+def test_seed_command_line_parses_unchanged():
+    # The seed's README command plus its test's flags, as users write them (also with `=`).
+    config, _ = parse("--dataset_name=huggan/flowers-102-categories", "--output_dir=ddpm-ema-flowers-64",
+                      "--mixed_precision=fp16", "--push_to_hub", "--resolution", "64", "--train_batch_size", "2",
+                      "--num_epochs", "1", "--gradient_accumulation_steps", "1", "--ddpm_num_inference_steps", "2",
+                      "--learning_rate", "1e-3", "--lr_warmup_steps", "5", "--checkpointing_steps=2",
+                      "--checkpoints_total_limit=2", "--resume_from_checkpoint=checkpoint-6", "--use_ema",
+                      "--center_crop", "--random_flip", "--local_rank", "0")
+    assert config.dataset_name == "huggan/flowers-102-categories"
+    assert config.mixed_precision == "fp16" and config.push_to_hub and config.use_ema
+    assert config.learning_rate == 1e-3 and config.checkpoints_total_limit == 2
+    assert config.resume_from_checkpoint == "checkpoint-6" and config.center_crop and config.random_flip
+
+
+@pytest.mark.parametrize("flag", sorted(SEED_BOOLEAN_FLAGS))
+def test_seed_boolean_flags_take_no_value(flag):
+    config, _ = parse("--dataset_name", "x", f"--{flag}")
+    assert getattr(config, flag) is True
+
+
+def test_config_file_yaml_and_json_with_flags_winning(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("dataset_name: builtin:mnist\nlearning_rate: 3e-4\ntrain-batch-size: 8\nuse_ema: true\n")
+    config, explicit = parse("--config", yaml_file, "--train_batch_size", "32")
+    assert config.learning_rate == 3e-4  # YAML reads 3e-4 as a string; it is coerced
+    assert config.train_batch_size == 32 and config.use_ema is True
+    assert {"learning_rate", "train_batch_size", "dataset_name"} <= explicit
+
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"dataset_name": "builtin:mnist", "num_channels": 1}))
+    config, _ = parse("--config", json_file)
+    assert config.num_channels == "1"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("dataset_name: x\nlearning_rat: 1e-3\n", "unknown setting 'learning_rat'; did you mean learning_rate?"),
+    ("dataset_name: x\ntrain_batch_size: many\n", "--train_batch_size expects int, got 'many'"),
+    ("- just\n- a list\n", "must hold a mapping"),
+    ("dataset_name: [unclosed\n", "could not be read"),
+])
+def test_config_file_errors_are_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(UsageError) as error:
+        parse("--config", path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ((), "no dataset given"),
+    (("--dataset_name", "x", "--train_batch_size", "0"), "--train_batch_size is 0; it must be at least 1"),
+    (("--dataset_name", "x", "--learning_rate", "-1"), "--learning_rate is -1.0; it must be positive"),
+    (("--dataset_name", "x", "--ema_max_decay", "1.5"), "--ema_max_decay is 1.5; it must be in [0, 1)"),
+    (("--dataset_name", "x", "--snr_gamma", "0"), "--snr_gamma is 0.0; it must be positive"),
+])
+def test_invalid_settings_are_refused(argv, message):
+    with pytest.raises(UsageError) as error:
+        parse(*argv)
+    assert message in str(error.value)
+
+
+def test_unknown_choice_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--dataset_name", "x", "--lr_scheduler", "exponential")
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'exponential'" in capsys.readouterr().err
+
+
+def test_demo_layer_sits_under_flags():
+    config, _ = build_config({}, use_demo=True)
+    assert config.dataset_name == DEMO_SETTINGS["dataset_name"] and config.demo
+    config, _ = build_config({"demo": True, "max_train_steps": 7, "output_dir": "elsewhere"})
+    assert config.max_train_steps == 7 and config.output_dir == "elsewhere"
+    assert config.model_preset == DEMO_SETTINGS["model_preset"]
+
+
+def test_hub_token_is_never_in_the_saved_config(tmp_path):
+    config, _ = parse("--dataset_name", "x", "--hub_token", "hf_secret_value")
+    config.save(tmp_path / "c.json")
+    assert "hf_secret_value" not in (tmp_path / "c.json").read_text()
+    assert config.hub_token == "hf_secret_value"

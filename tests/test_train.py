@@ -1,0 +1,235 @@
+"""End to end: `uncond train` on folders the tests write, with a tiny UNet on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from conftest import fast_train_args, write_images
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def checkpoints(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.name.startswith("checkpoint")}
+
+
+def metric_steps(folder: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trains_exports_and_diffusers_loads_it(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--num_epochs", "2", "--use_ema",
+                                            "--save_images_epochs", "1", "--checkpointing_steps", "6",
+                                            "--logging_steps", "2"))
+    assert code == 0, err
+    for name in ("model_index.json", f"unet/{WEIGHTS}", "unet/config.json", "scheduler/scheduler_config.json",
+                 "training_config.json", "README.md", "loss.png", "data_report.json"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all({"loss", "lr", "ema_decay", "images_per_sec"} <= set(r) for r in records)
+    assert json.loads((out / "training_config.json").read_text())["seed"] == 0
+
+    pipeline = DiffusionPipeline.from_pretrained(out)
+    assert type(pipeline).__name__ == "DDPMPipeline"
+    image = pipeline(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0)).images[0]
+    assert image.size == (16, 16) and image.mode == "RGB"
+
+    # the export holds the EMA weights, not the raw trained ones
+    exported = load_file(out / "unet" / WEIGHTS)
+    ema = load_file(out / "checkpoint-6" / "unet_ema" / WEIGHTS)
+    raw = load_file(out / "checkpoint-6" / "unet" / WEIGHTS)
+    assert all(torch.equal(exported[k], ema[k]) for k in exported)
+    assert not all(torch.equal(exported[k], raw[k]) for k in exported)
+
+
+def test_checkpoint_rotation_keeps_the_newest(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "6",
+                                            "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"))
+    assert code == 0, err
+    assert checkpoints(out) == {"checkpoint-4", "checkpoint-6"}
+
+
+def test_resume_from_a_named_checkpoint_and_from_latest(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--logging_steps", "1")
+    assert run_cli(*args, "--max_train_steps", "6")[0] == 0
+    assert checkpoints(out) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
+
+    code, _, err = run_cli(*args, "--max_train_steps", "8", "--resume_from_checkpoint", "checkpoint-4",
+                           "--checkpoints_total_limit", "2")
+    assert code == 0, err
+    assert "resuming from" in err and "checkpoint-4" in err
+    assert checkpoints(out) == {"checkpoint-6", "checkpoint-8"}
+    assert metric_steps(out) == [1, 2, 3, 4, 5, 6, 7, 8]  # steps 5-6 rewritten, never twice
+
+    code, _, err = run_cli(*args, "--max_train_steps", "10", "--resume_from_checkpoint", "latest")
+    assert code == 0, err
+    assert "checkpoint-8 at step 8" in err
+    assert metric_steps(out) == list(range(1, 11))
+
+
+def test_rerunning_the_same_command_continues_the_run(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "3", "--logging_steps", "1")
+    assert run_cli(*args, "--max_train_steps", "3")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "6")
+    assert code == 0, err
+    assert "resuming from checkpoint-3 at step 3" in err
+    assert metric_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_resumed_run_ends_with_the_same_weights(run_cli, color_folder, tiny_unet, tmp_path):
+    """Stop after the step-4 checkpoint of an 8-step run, resume, and compare with the run that never stopped."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    extra = ("--max_train_steps", "8", "--checkpointing_steps", "4", "--use_ema", "--random_flip",
+             "--gradient_accumulation_steps", "2", "--save_images_epochs", "100", "--save_model_epochs", "100")
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, straight, *extra))[0] == 0
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, interrupted, *extra))[0] == 0
+    for leftover in ("checkpoint-8", "unet", "scheduler", "model_index.json"):  # as if killed after step 4
+        path = interrupted / leftover
+        __import__("shutil").rmtree(path) if path.is_dir() else path.unlink()
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, interrupted, *extra))[0] == 0
+    for folder in ("unet", "unet_ema"):
+        a = load_file(straight / "checkpoint-8" / folder / WEIGHTS)
+        b = load_file(interrupted / "checkpoint-8" / folder / WEIGHTS)
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(gray_folder, tiny_unet, out, "--max_train_steps", "2",
+                                            "--model_config_name_or_path", "", "--model_preset", "tiny",
+                                            "--resolution", "16"))
+    assert code == 0, err
+    assert "every image is grayscale, training a 1-channel model" in err
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["in_channels"] == config["out_channels"] == 1
+    grid = (out / "samples" / "step-0000002.png")
+    assert __import__("PIL.Image").Image.open(grid).mode == "L"
+
+
+def test_model_config_can_come_from_a_pipeline_folder(run_cli, color_folder, tiny_unet, tmp_path):
+    first = tmp_path / "first"
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, first, "--max_train_steps", "1"))[0] == 0
+    second = tmp_path / "second"
+    code, _, err = run_cli(*fast_train_args(color_folder, first, second, "--max_train_steps", "1"))
+    assert code == 0, err
+    assert json.loads((second / "unet" / "config.json").read_text())["block_out_channels"] == [8, 16]
+
+
+def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))
+    assert code == 0, err
+    assert '"train_batch_size": 4' in stdout
+    assert "12 image files" in stdout and "parameters with 3 channels" in stdout  # the config file says 3
+    assert "schedule: 3 optimizer steps per epoch" in stdout
+    code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--model_preset", "tiny",
+                                                 "--model_config_name_or_path", ""))
+    assert code == 0, err
+    assert "parameters with 1 channel;" in stdout or "parameters with 1 channel," in stdout  # auto: either
+    assert not out.exists()
+
+
+def test_overwrite_output_dir_starts_afresh(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--logging_steps", "1")
+    assert run_cli(*args, "--max_train_steps", "4")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "2", "--overwrite_output_dir")
+    assert code == 0, err
+    assert checkpoints(out) == {"checkpoint-2"} and metric_steps(out) == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def one_line_error(code: int, err: str, expected: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("uncond: error:")]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], err
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (lambda d, u, o: ["train", "--output_dir", o], "no dataset given"),
+    (lambda d, u, o: fast_train_args(d / "missing", u, o), "no such folder"),
+    (lambda d, u, o: fast_train_args(d, u, o, "--resolution", "100", "--model_config_name_or_path", "",
+                                     "--model_preset", "seed"),
+     "--resolution 100 is not divisible by 32 (the model halves it 5 times); use 96 or 128"),
+    (lambda d, u, o: fast_train_args(d, u, o, "--resolution", "15"), "--resolution 15 is not divisible by 2"),
+    (lambda d, u, o: fast_train_args(d, u, o, "--resume_from_checkpoint", "checkpoint-99"),
+     "--resume_from_checkpoint checkpoint-99: no such checkpoint"),
+    (lambda d, u, o: fast_train_args(d, u, o, "--sampler", "plms"), "--sampler plms: unknown"),
+    (lambda d, u, o: fast_train_args(d, u, o, "--model_preset", "huge", "--model_config_name_or_path", ""),
+     "--model_preset huge: unknown"),
+    (lambda d, u, o: fast_train_args(d, u, o, "--num_channels", "1"), "--num_channels 1 contradicts"),
+])
+def test_bad_input_is_one_line_before_any_work(run_cli, color_folder, tiny_unet, tmp_path, make_args, expected):
+    out = tmp_path / "never"
+    code, _, err = run_cli(*make_args(color_folder, tiny_unet, out))
+    one_line_error(code, err, expected)
+    assert not (out / "unet").exists() and not list(out.glob("checkpoint-*")) if out.exists() else True
+
+
+def test_unknown_choice_exits_2(run_cli, color_folder, tiny_unet, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "x", "--prediction_type", "noise"))
+    assert exit_info.value.code == 2
+
+
+def test_folder_without_readable_images(run_cli, tiny_unet, tmp_path):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "a.png").write_text("not a png")
+    (folder / "b.jpg").write_bytes(b"")
+    code, _, err = run_cli(*fast_train_args(folder, tiny_unet, tmp_path / "out"))
+    one_line_error(code, err, "none of the 2 images")
+
+
+def test_trained_model_is_not_overwritten_without_the_flag(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1",
+                                    "--checkpointing_steps", "100"))[0] == 0
+    before = (out / "unet" / WEIGHTS).read_bytes()
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1"))
+    one_line_error(code, err, "already holds a trained model; pass --overwrite_output_dir")
+    assert (out / "unet" / WEIGHTS).read_bytes() == before
+
+
+def test_resume_latest_on_an_empty_folder_starts_a_new_run(run_cli, color_folder, tiny_unet, tmp_path):
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1",
+                                            "--resume_from_checkpoint", "latest"))
+    assert code == 0 and "no checkpoint in" in err and "starting a new run" in err
+
+
+def test_resuming_with_another_model_is_refused(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2",
+                                    "--checkpointing_steps", "2"))[0] == 0
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
+                                            "--resolution", "8"))
+    one_line_error(code, err, "its model differs (sample_size: 16 -> 8)")
+
+
+# ---------------------------------------------------------------------------------------- entry points
+
+
+def test_console_command_and_module_run(tmp_path):
+    presets = subprocess.run([sys.executable, "-m", "uncond", "presets"], capture_output=True, text=True, check=True)
+    assert "tiny" in presets.stdout and "seed" in presets.stdout
+    scripts = Path(sys.executable).parent
+    help_text = subprocess.run([str(scripts / "uncond"), "train", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    for flag in ("--dataset_name", "--ddpm_num_inference_steps", "--checkpoints_total_limit", "--model_preset"):
+        assert flag in help_text
