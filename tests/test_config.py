@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from uncond.config import DEMO_SETTINGS, SETTINGS, TrainConfig, UsageError, add_train_arguments, build_config
+from uncond.config import (BETA_SCHEDULES, DEMO_SETTINGS, SETTINGS, TrainConfig, UsageError, add_train_arguments,
+                           build_config)
+from uncond.models import build_noise_scheduler
 
 # Every flag of diffusers' examples/unconditional_image_generation/train_unconditional.py with its default,
 # copied from its parse_args() (diffusers main, 2026-08).
@@ -117,6 +119,12 @@ def test_demo_layer_sits_under_flags():
     config, _ = build_config({"demo": True, "max_train_steps": 7, "output_dir": "elsewhere"})
     assert config.max_train_steps == 7 and config.output_dir == "elsewhere"
     assert config.model_preset == DEMO_SETTINGS["model_preset"]
+
+
+@pytest.mark.parametrize("schedule", BETA_SCHEDULES)
+def test_every_beta_schedule_builds(schedule):
+    scheduler = build_noise_scheduler(TrainConfig(dataset_name="x", ddpm_beta_schedule=schedule))
+    assert scheduler.config.beta_schedule == schedule and len(scheduler.betas) == 1000
 
 
 def test_hub_token_is_never_in_the_saved_config(tmp_path):

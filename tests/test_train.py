@@ -30,8 +30,9 @@ def test_trains_exports_and_diffusers_loads_it(run_cli, color_folder, tiny_unet,
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--num_epochs", "2", "--use_ema",
                                             "--save_images_epochs", "1", "--checkpointing_steps", "6",
-                                            "--logging_steps", "2"))
+                                            "--logging_steps", "2", "--logger", "tensorboard"))
     assert code == 0, err
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs"
     for name in ("model_index.json", f"unet/{WEIGHTS}", "unet/config.json", "scheduler/scheduler_config.json",
                  "training_config.json", "README.md", "loss.png", "data_report.json"):
         assert (out / name).is_file(), name
@@ -182,10 +183,37 @@ def test_bad_input_is_one_line_before_any_work(run_cli, color_folder, tiny_unet,
     assert not (out / "unet").exists() and not list(out.glob("checkpoint-*")) if out.exists() else True
 
 
-def test_unknown_choice_exits_2(run_cli, color_folder, tiny_unet, tmp_path):
+def test_unknown_choice_exits_2_with_one_line(run_cli, color_folder, tiny_unet, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "x", "--prediction_type", "noise"))
-    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "invalid choice: 'noise'" in err and "v_prediction" in err
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--logger", "wandb"), "--logger wandb needs the wandb package"),
+    (("--enable_xformers_memory_efficient_attention",), "needs xformers"),
+    (("--model_config_name_or_path", "someone/some-unet"), "could not load a UNet config from the Hub"),
+    (("--train_data_dir", "", "--dataset_name", "someone/some-dataset"), "--dataset_name someone/some-dataset: "
+                                                                         "could not load it"),
+])
+def test_missing_packages_and_offline_hub_fail_early(run_cli, color_folder, tiny_unet, tmp_path, extra, expected):
+    pytest.importorskip("tensorboard")
+    if "wandb" in extra and __import__("importlib").util.find_spec("wandb"):
+        pytest.skip("wandb is installed")
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "out"), *extra)
+    one_line_error(code, err, expected)
+
+
+def test_push_to_hub_offline_fails_before_training_and_hides_the_token(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--push_to_hub",
+                                                 "--hub_token", "hf_do_not_show_me"))
+    one_line_error(code, err, "--push_to_hub: cannot create the Hub repository")
+    assert "hf_do_not_show_me" not in stdout + err
+    assert not (out / "unet").exists() and not (out / "data_report.json").exists()
+    assert "hf_do_not_show_me" not in (out / "training_config.json").read_text()
 
 
 def test_folder_without_readable_images(run_cli, tiny_unet, tmp_path):

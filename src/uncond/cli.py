@@ -31,9 +31,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage dump) and a pointer to --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uncond", description=DESCRIPTION)
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    parser = Parser(prog="uncond", description=DESCRIPTION)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
 
     train_parser = commands.add_parser(
         "train", help="train a model (no arguments: the demo)",
