@@ -89,3 +89,54 @@ def fast_train_args(data_folder: Path, unet_config: Path, output_dir: Path, *ext
     return ["train", "--train_data_dir", data_folder, "--model_config_name_or_path", unet_config,
             "--resolution", "16", "--output_dir", output_dir, "--train_batch_size", "4", "--eval_batch_size", "4",
             "--sample_steps", "2", "--lr_warmup_steps", "1", "--logger", "none", "--seed", "0", *extra]
+
+
+def make_tiny_extractor():
+    """A stand-in for the Inception network, through the same interface: a fixed random convolution,
+    pooled to 8 features. It tells images apart, in milliseconds, and needs no weights file."""
+    from uncond.metrics import FeatureExtractor
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 3, 3, 3, generator=generator)
+
+    def network(pixels: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(pixels.float() / 255, size=(16, 16), mode="bilinear")
+        return torch.nn.functional.conv2d(x, weight, stride=2).relu().mean(dim=(2, 3))
+
+    return FeatureExtractor("tiny-test-features", network, torch.device("cpu"), "a tiny stand-in network")
+
+
+@pytest.fixture
+def stand_in_inception(monkeypatch):
+    """`uncond evaluate` and training evaluations use the tiny extractor instead of Inception."""
+    import uncond.metrics
+
+    monkeypatch.setattr(uncond.metrics, "inception_extractor", lambda weights, device: make_tiny_extractor())
+
+
+@pytest.fixture
+def no_inception_weights(monkeypatch, tmp_path):
+    """An empty torch.hub cache and no network: the Inception weights are nowhere to be found."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "torch-home" / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch, tmp_path):
+    """Reference statistics are cached in the test's own folder, never in the user's."""
+    monkeypatch.setenv("UNCOND_CACHE", str(tmp_path / "uncond-cache"))
+
+
+def save_tiny_pipeline(folder: Path, channels: int = 3, scheduler: str = "ddpm") -> Path:
+    """A diffusers pipeline folder with an untrained tiny UNet, as `uncond train` or diffusers would write it."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in TINY_UNET.items() if not k.startswith("_")}
+    unet = UNet2DModel(**{**config, "in_channels": channels, "out_channels": channels})
+    if scheduler == "ddim":
+        DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    else:
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return folder

@@ -1,4 +1,5 @@
-"""Samplers: every one runs, images are deterministic per seed whatever the batch size, grids tile."""
+"""Samplers: every one runs on a tiny pipeline, images are deterministic per seed whatever the batch size,
+grids tile."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from conftest import TINY_UNET
-from uncond.config import UsageError
-from uncond.sampling import SAMPLERS, check_sampler, generate, image_grid, make_sampler
+from conftest import TINY_UNET, save_tiny_pipeline
+from uncond.config import SAMPLER_NAMES, UsageError
+from uncond.sampling import SAMPLERS, check_sampler, generate, image_grid, load_model, make_sampler
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +20,22 @@ def unet() -> UNet2DModel:
     return UNet2DModel(**{**config, "sample_size": 8, "in_channels": 1, "out_channels": 1}).eval()
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_every_sampler_generates(unet, name):
-    scheduler = make_sampler(name, DDPMScheduler(num_train_timesteps=1000).config)
-    images = generate(unet, scheduler, num_images=2, num_steps=4, seed=0, batch_size=2)
-    assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
+@pytest.fixture(scope="module")
+def pipeline_model(tmp_path_factory):
+    folder = save_tiny_pipeline(tmp_path_factory.mktemp("pipeline") / "gray", channels=1)
+    return load_model(str(folder), torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_every_sampler_generates_from_a_pipeline(pipeline_model, name):
+    scheduler = make_sampler(name, pipeline_model.scheduler_config)
+    images = generate(pipeline_model.unet, scheduler, num_images=2, num_steps=4, seed=0, batch_size=2)
+    assert images.shape == (2, 16, 16, 1) and images.dtype == np.uint8
+    assert len(np.unique(images)) > 2  # an image, not a constant
+
+
+def test_sampler_names_for_help_are_the_samplers():
+    assert tuple(SAMPLERS) == SAMPLER_NAMES
 
 
 @pytest.mark.parametrize("name", ["ddpm", "sde-dpmsolver++", "dpmsolver++"])

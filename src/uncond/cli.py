@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 
-from .config import UsageError, add_train_arguments, build_config
+from .config import (EvaluateConfig, SampleConfig, UsageError, add_arguments, add_train_arguments, build_command_config,
+                     build_config)
 
-DESCRIPTION = "Train unconditional diffusion models on your own images, and sample from them."
+DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,22 @@ def make_parser() -> argparse.ArgumentParser:
     add_train_arguments(train_parser)
     train_parser.set_defaults(command=run_train)
 
+    sample_parser = commands.add_parser(
+        "sample", help="generate images from a trained model",
+        description="Generate numbered PNGs from a diffusers pipeline folder (uncond's, or any DDPMPipeline or "
+                    "DDIMPipeline) or a Hub model, with any of diffusers' samplers. Image i starts from noise seeded "
+                    "seed + i, so it is the same whatever the batch size.")
+    add_arguments(sample_parser, SampleConfig)
+    sample_parser.set_defaults(command=run_sample)
+
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="FID, KID, precision and recall against real images",
+        description="Measure generated images (a folder, or a MODEL to sample from) against real ones with FID "
+                    "and KID in the standard InceptionV3 feature space, and precision/recall. Reference "
+                    "statistics are cached in pytorch-fid's .npz format.")
+    add_arguments(evaluate_parser, EvaluateConfig)
+    evaluate_parser.set_defaults(command=run_evaluate)
+
     presets_parser = commands.add_parser("presets", help="list the UNet presets with their sizes")
     presets_parser.set_defaults(command=run_presets)
     return parser
@@ -59,13 +76,34 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     from .train import train
 
-    values = {name: value for name, value in vars(args).items() if name != "command"}
-    config, explicit = build_config(values, use_demo=argv == ["train"])
+    config, explicit = build_config(command_values(args), use_demo=argv == ["train"])
     with logging_redirect_tqdm():
         output_dir = train(config, explicit)
     if not config.dry_run and is_main_process():
         print(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
     return 0
+
+
+def run_sample(args: argparse.Namespace, argv: list[str]) -> int:
+    from .sampling import sample_to_folder
+
+    sample_to_folder(build_command_config(SampleConfig, command_values(args)))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
+    import json
+
+    from .evaluation import evaluate
+
+    config = build_command_config(EvaluateConfig, command_values(args))
+    report = evaluate(config)
+    print(json.dumps(report.as_dict()) if config.json else report)
+    return 0
+
+
+def command_values(args: argparse.Namespace) -> dict:
+    return {name: value for name, value in vars(args).items() if name != "command"}
 
 
 def run_presets(args: argparse.Namespace, argv: list[str]) -> int:

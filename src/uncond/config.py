@@ -1,9 +1,12 @@
-"""Every training setting, defined once: its default, its meaning, and the checks that need no data.
+"""Every setting, defined once: its default, its meaning, and the checks that need no data.
 
-The flags keep the names, meanings and defaults of diffusers' `train_unconditional.py`, so its
-command lines run unchanged. Settings come in layers, later ones winning:
+`TrainConfig` holds `uncond train`'s settings. Its flags keep the names, meanings and defaults of
+diffusers' `train_unconditional.py`, so its command lines run unchanged. Settings come in layers,
+later ones winning:
 
     defaults  <  the demo (`uncond train` with no arguments, or --demo)  <  --config FILE  <  flags
+
+`SampleConfig` and `EvaluateConfig` hold those of `uncond sample` and `uncond evaluate`.
 
 Only the standard library is imported here (PyYAML lazily, for YAML config files).
 """
@@ -25,9 +28,21 @@ class UsageError(Exception):
     """Bad input. The message is one line that says what is wrong and what to do instead."""
 
 
-def setting(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, seed: bool = False):
-    """A config field: `seed=True` marks the flags that train_unconditional.py has, with the same default."""
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "seed": seed})
+def setting(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, seed: bool = False,
+            positional: bool = False):
+    """A config field: `seed=True` marks the flags that train_unconditional.py has, with the same default.
+    `default=REQUIRED` makes it a required argument, positional (`positional=True`) or a flag."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "seed": seed,
+                                            "positional": positional})
+
+
+REQUIRED = dataclasses.MISSING
+
+
+def inception_weights_setting(group: str):
+    """--inception_weights, for `uncond train` and `uncond evaluate` alike."""
+    return setting(None, "the FID InceptionV3 weights file (pt_inception-2015-12-05-6726825d.pth); default: found "
+                   "in torch's hub cache, where pytorch-fid, torch-fidelity and torchmetrics keep it", group=group)
 
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -38,6 +53,11 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LOGGERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio", "all",
            "none")
 CHANNEL_CHOICES = ("auto", "1", "3")
+# The names of sampling.SAMPLERS (a test keeps the two equal); listed here so --help shows them without
+# importing diffusers.
+SAMPLER_NAMES = ("ddpm", "ddim", "pndm", "dpmsolver++", "dpmsolver++3", "sde-dpmsolver++", "dpmsolver-singlestep",
+                 "unipc", "deis", "euler", "euler-ancestral", "heun", "kdpm2", "kdpm2-ancestral", "lms")
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -133,6 +153,17 @@ class TrainConfig:
     resume_from_checkpoint: str | None = setting(
         None, "a checkpoint folder (or its name in --output_dir), or `latest`", group="outputs", seed=True)
 
+    # ---- evaluation during training
+    eval_every_steps: int | None = setting(
+        None, "compute FID and KID of --eval_num_images samples of the EMA weights (drawn with --sampler) against "
+        "the training images every this many optimizer steps; logged to metrics.jsonl and the trackers",
+        group="evaluation")
+    eval_num_images: int = setting(1000, "images sampled for each evaluation (more: steadier numbers, slower)",
+                                   group="evaluation")
+    keep_best: bool = setting(False, "also keep the export with the lowest FID so far, in output_dir/best",
+                              group="evaluation")
+    inception_weights: str | None = inception_weights_setting("evaluation")
+
     # ---- logging
     logger: str = setting("tensorboard", "experiment tracker", group="logging", choices=LOGGERS, seed=True)
     logging_dir: str = setting("logs", "tracker folder, relative to --output_dir", group="logging", seed=True)
@@ -192,27 +223,71 @@ DEMO_SETTINGS: dict[str, Any] = {
     "seed": 0,
 }
 
+@dataclass(kw_only=True)
+class SamplingSettings:
+    """How images are drawn from a model: shared by `uncond sample` and `uncond evaluate`."""
+    num_images: int = setting(16, "images to generate", group="sampling")
+    batch_size: int = setting(64, "images per batch; image i is the same whatever the batch size", group="sampling")
+    sampler: str = setting("dpmsolver++", "the sampler (docs/benchmarks.md compares them)", group="sampling",
+                           choices=SAMPLER_NAMES)
+    steps: int | None = setting(None, "sampler steps (default: 25; 1000 for ddpm)", group="sampling")
+    seed: int = setting(0, "image i starts from noise seeded seed + i", group="sampling")
+    device: str = setting("auto", "cuda, cuda:N, mps, cpu, or auto (a GPU when there is one)", group="sampling")
+    dtype: str = setting("float32", "the network's precision while sampling", group="sampling", choices=DTYPES)
+
+
+@dataclass(kw_only=True)
+class SampleConfig(SamplingSettings):
+    """`uncond sample MODEL`: numbered PNGs, and a grid if asked."""
+    model: str = setting(REQUIRED, "a pipeline folder (uncond's, or any diffusers DDPMPipeline or DDIMPipeline) "
+                         "or a Hub model id", group="inputs", positional=True)
+    output_dir: str = setting("samples", "the folder the numbered PNGs go to", group="results")
+    overwrite: bool = setting(False, "replace numbered images already in --output_dir", group="results")
+    grid: str | None = setting(None, "also tile the images (the first 256) into this PNG file", group="results")
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(SamplingSettings):
+    """`uncond evaluate GENERATED --reference REF`: FID, KID, precision and recall."""
+    generated: str = setting(REQUIRED, "a folder of images, or a MODEL to sample from (as `uncond sample` takes)",
+                             group="inputs", positional=True)
+    reference: str = setting(REQUIRED, "the real images: a Hub dataset, a dataset saved with save_to_disk, "
+                             "builtin:mnist, a folder of images, or a statistics file (.npz with mu and sigma, "
+                             "as pytorch-fid writes)", group="inputs")
+    num_images: int = setting(10000, "images to sample from MODEL, or to read from the folder (at most)",
+                              group="sampling")
+    reference_num_images: int = setting(50000, "reference images used, at most", group="inputs")
+    resolution: int | None = setting(None, "the size both sets are compared at: reference images (and generated "
+                                     "ones of another size) are resized, shorter side, and centre-cropped to it "
+                                     "(default: the generated images' size)", group="inputs")
+    inception_weights: str | None = inception_weights_setting("inputs")
+    json: bool = setting(False, "print the results as one JSON object", group="results")
+
+
 SETTINGS = {f.name: f for f in fields(TrainConfig)}
-GROUP_TITLES = {
-    "data": "data", "model": "model", "diffusion": "diffusion objective", "training": "optimisation",
-    "ema": "exponential moving average", "outputs": "outputs, previews and checkpoints", "logging": "logging",
-    "hub": "Hugging Face Hub", "run": "run control",
+GROUP_TITLES = {  # in the order --help shows them
+    "inputs": "inputs", "data": "data", "model": "model", "diffusion": "diffusion objective",
+    "training": "optimisation", "ema": "exponential moving average", "sampling": "sampling",
+    "outputs": "outputs, previews and checkpoints", "results": "outputs",
+    "evaluation": "evaluation during training (FID, KID)", "logging": "logging", "hub": "Hugging Face Hub",
+    "run": "run control",
 }
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def value_type(name: str) -> type:
+def value_type(name: str, config_class: type = TrainConfig) -> type:
     """The scalar type of a setting (`int | None` -> int)."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+    hint = typing.get_type_hints(config_class)[name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     return hint
 
 
-def coerce(name: str, value: Any) -> Any:
+def coerce(name: str, value: Any, config_class: type = TrainConfig) -> Any:
     """Turn a config-file or flag value into the setting's type, or say what is wrong."""
     if value is None:
         return None
-    kind = value_type(name)
+    kind = value_type(name, config_class)
     try:
         if kind is bool:
             if isinstance(value, str):
@@ -234,21 +309,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (plus --config), grouped as in TrainConfig. Only flags a user typed are set."""
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="a YAML or JSON file of settings (same keys as the flags); flags win")
+    add_arguments(parser, TrainConfig)
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One argument per field of `config_class`, grouped; only those a user typed are set."""
+    specs = sorted(fields(config_class), key=lambda spec: list(GROUP_TITLES).index(spec.metadata["group"]))
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, spec in SETTINGS.items():
-        meta = spec.metadata
+    for spec in specs:
+        name, meta = spec.name, spec.metadata
         group = groups.get(meta["group"]) or parser.add_argument_group(GROUP_TITLES[meta["group"]])
         groups[meta["group"]] = group
-        flags = [f"--{name}"]
-        default_text = "" if spec.default is None else f" (default: {spec.default})"
+        kind = value_type(name, config_class)
+        required = spec.default is REQUIRED
+        default_text = "" if spec.default is None or required else f" (default: {spec.default})"
         help_text = meta["help"] + default_text
-        if value_type(name) is bool:
-            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+        if meta["positional"]:
+            group.add_argument(name, metavar=name.upper(), help=help_text)
+        elif kind is bool:
+            group.add_argument(f"--{name}", dest=name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
         else:
-            group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, choices=meta["choices"],
-                               type=lambda text, name=name: coerce(name, text), help=help_text,
-                               metavar=None if meta["choices"] else value_type(name).__name__.upper())
+            group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, choices=meta["choices"],
+                               required=required, help=help_text,
+                               type=lambda text, name=name: coerce(name, text, config_class),
+                               metavar=None if meta["choices"] else kind.__name__.upper())
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -298,27 +383,40 @@ def build_config(cli_values: dict[str, Any], *, use_demo: bool = False) -> tuple
     return config, set(layered)
 
 
-def validate(config: TrainConfig) -> None:
-    """The checks that need neither data nor a model. Raises UsageError on the first problem."""
-    for name, spec in SETTINGS.items():
+def check_choices(config: Any) -> None:
+    for spec in fields(config):
         choices = spec.metadata["choices"]
-        value = getattr(config, name)
+        value = getattr(config, spec.name)
         if choices and value not in choices:
-            raise UsageError(f"--{name} {value}: not one of {', '.join(choices)}")
+            raise UsageError(f"--{spec.name} {value}: not one of {', '.join(choices)}")
 
-    def at_least(name: str, low: float) -> None:
+
+def check_at_least(config: Any, low: float, *names: str) -> None:
+    for name in names:
         value = getattr(config, name)
         if value is not None and value < low:
             raise UsageError(f"--{name} is {value}; it must be at least {low}")
 
-    for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
-                 "save_images_epochs", "save_model_epochs", "checkpointing_steps", "checkpoints_total_limit",
-                 "ddpm_num_inference_steps", "sample_steps", "max_train_steps", "logging_steps"):
-        at_least(name, 1)
-    for name in ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "noise_offset", "max_grad_norm"):
-        at_least(name, 0)
-    at_least("ddpm_num_steps", 2)
-    at_least("resolution", 8)
+
+def check_weights_file(path: str | None) -> None:
+    if path is not None and not Path(path).expanduser().is_file():
+        raise UsageError(f"--inception_weights {path}: no such file")
+
+
+def validate(config: TrainConfig) -> None:
+    """The checks that need neither data nor a model. Raises UsageError on the first problem."""
+    check_choices(config)
+    check_at_least(config, 1, "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
+                   "save_images_epochs", "save_model_epochs", "checkpointing_steps", "checkpoints_total_limit",
+                   "ddpm_num_inference_steps", "sample_steps", "max_train_steps", "logging_steps",
+                   "eval_every_steps")
+    check_at_least(config, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "noise_offset",
+                   "max_grad_norm")
+    check_at_least(config, 2, "ddpm_num_steps", "eval_num_images")
+    check_at_least(config, 8, "resolution")
+    if config.keep_best and not config.eval_every_steps:
+        raise UsageError("--keep_best needs --eval_every_steps N: the best export is chosen by FID")
+    check_weights_file(config.inception_weights)
     if config.learning_rate <= 0:
         raise UsageError(f"--learning_rate is {config.learning_rate}; it must be positive")
     if config.snr_gamma is not None and config.snr_gamma <= 0:
@@ -329,3 +427,18 @@ def validate(config: TrainConfig) -> None:
     if config.dataset_name is None and config.train_data_dir is None:
         raise UsageError("no dataset given: pass --dataset_name (a Hub dataset, a saved dataset, a folder, or "
                          "builtin:mnist) or --train_data_dir DIR; `uncond train` with no arguments runs the demo")
+
+
+def build_command_config(config_class: type, values: dict[str, Any]) -> Any:
+    """`uncond sample` / `uncond evaluate` settings from parsed arguments, checked."""
+    config = config_class(**values)
+    check_choices(config)
+    check_at_least(config, 1, "num_images", "batch_size", "steps")
+    if isinstance(config, SampleConfig):
+        if config.grid and Path(config.grid).suffix.lower() not in IMAGE_FILE_SUFFIXES:
+            raise UsageError(f"--grid {config.grid}: name a {', '.join(IMAGE_FILE_SUFFIXES)} file")
+    if isinstance(config, EvaluateConfig):
+        check_at_least(config, 2, "num_images", "reference_num_images")
+        check_at_least(config, 8, "resolution")
+        check_weights_file(config.inception_weights)
+    return config

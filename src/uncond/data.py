@@ -13,6 +13,7 @@ import gzip
 import importlib.util
 import io
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,25 @@ def open_source(config: TrainConfig) -> Source:
     return folder_source(Path(config.train_data_dir))
 
 
+def open_named_source(name: str, argument: str) -> Source:
+    """Images named in one word, as `uncond evaluate` takes them: builtin:NAME, a plain folder of images, a
+    dataset saved with save_to_disk, or a Hub dataset. Checked as training sources are; errors name `argument`."""
+    path = Path(name).expanduser()
+    if path.is_dir() and not is_saved_dataset(path):
+        config = TrainConfig(train_data_dir=str(path))
+    else:
+        config = TrainConfig(dataset_name=name)
+    try:
+        check_source(config)
+        return open_source(config)
+    except UsageError as error:
+        raise UsageError(re.sub(r"^--(dataset_name|train_data_dir) ", f"{argument} ", str(error))) from None
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
 def iter_image_files(folder: Path) -> Iterator[Path]:
     """Image files under `folder`, nested folders included, hidden files and folders skipped, sorted."""
     for root, dirs, files in os.walk(folder):
@@ -125,8 +145,7 @@ def dataset_source(config: TrainConfig) -> Source:
 
     name = config.dataset_name
     try:
-        if Path(name).is_dir() and ((Path(name) / "dataset_info.json").exists()
-                                    or (Path(name) / "dataset_dict.json").exists()):
+        if Path(name).is_dir() and is_saved_dataset(Path(name)):
             dataset = datasets.load_from_disk(name)
         else:
             dataset = datasets.load_dataset(name, config.dataset_config_name, cache_dir=config.cache_dir)
@@ -306,6 +325,44 @@ def to_channels(arrays: list[np.ndarray], channels: int) -> list[np.ndarray]:
             luma = array.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
             converted.append(luma.round().astype(array.dtype)[..., None])
     return converted
+
+
+def centre_crops(arrays: Sequence[np.ndarray], resolution: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Decoded images (shorter side at `resolution`) centre-cropped to resolution x resolution, as uint8 NHWC
+    batches for measuring: 16-bit images are scaled to 8 bits; a batch mixing gray and colour becomes RGB."""
+    for start in range(0, len(arrays), batch_size):
+        chunk = list(arrays[start:start + batch_size])
+        if len({array.shape[-1] for array in chunk}) > 1:
+            chunk = to_channels(chunk, 3)
+        images = TrainingImages(chunk, resolution, center_crop=True, random_flip=False)
+        batch = images.batch(range(len(chunk)), rng=None).numpy().transpose(0, 2, 3, 1)
+        if images.max_value > 255:
+            batch = (batch / 257.0).round()
+        yield np.ascontiguousarray(batch.astype(np.uint8))
+
+
+def image_batches(source: Source, resolution: int, batch_size: int, limit: int | None = None,
+                  skipped: list[tuple[str, str]] | None = None) -> Iterator[np.ndarray]:
+    """The images of `source` (`limit` of them at most, a fixed random choice) decoded and resized as for
+    training, then centre-cropped: uint8 NHWC batches. Decoded a chunk at a time, so a large set needs
+    little memory; unreadable images are skipped and added to `skipped`."""
+    records = spread_choice(source.records, limit)
+    chunk = max(batch_size, 1024)
+    for start in range(0, len(records), chunk):
+        part = Source(source.description, records[start:start + chunk])
+        decoded = decode_all(part, resolution, preserve_precision=False, progress=False)
+        if skipped is not None:
+            skipped.extend(decoded.skipped)
+        yield from centre_crops(decoded.arrays, resolution, batch_size)
+
+
+def spread_choice(items: Sequence[Any], limit: int | None) -> Sequence[Any]:
+    """All items, or `limit` of them chosen at random (fixed seed) over the whole set, in their order: datasets
+    are often sorted by class, so the first `limit` would not do."""
+    if limit is None or len(items) <= limit:
+        return items
+    keep = np.sort(np.random.default_rng(0).choice(len(items), limit, replace=False))
+    return [items[i] for i in keep]
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -2,13 +2,19 @@
 
 Image i of a run with seed s always starts from the same noise (and draws the same noise at every
 stochastic step), whatever the batch size, because every image has its own generator seeded s + i.
+`uncond sample` (`sample_to_folder`) loads a pipeline, samples, and writes numbered PNGs.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
-from typing import Any
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,9 +25,12 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPM
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .config import UsageError
+from .config import SampleConfig, SamplingSettings, UsageError
 
-# name -> (scheduler class, settings on top of the training schedule's config)
+logger = logging.getLogger("uncond")
+
+# name -> (scheduler class, settings on top of the training schedule's config); config.SAMPLER_NAMES lists the
+# names for --help (a test keeps the two equal)
 SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
@@ -39,6 +48,7 @@ SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
     "kdpm2-ancestral": (KDPM2AncestralDiscreteScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
 }
+DEFAULT_STEPS, DDPM_STEPS = 25, 1000  # `uncond sample` without --steps
 
 
 def check_sampler(name: str) -> None:
@@ -71,11 +81,17 @@ def steps_for(sampler: str, sample_steps: int, ddpm_num_inference_steps: int) ->
     return ddpm_num_inference_steps if sampler == "ddpm" else sample_steps
 
 
+def network_evaluations(scheduler: Any, num_steps: int) -> int:
+    """UNet calls per image: one per entry of the timestep list (second-order samplers repeat entries)."""
+    scheduler.set_timesteps(num_steps, device="cpu")
+    return len(scheduler.timesteps)
+
+
 @torch.no_grad()
-def generate(unet: torch.nn.Module, scheduler: Any, *, num_images: int, num_steps: int, seed: int = 0,
-             batch_size: int = 16, device: torch.device | str | None = None,
-             dtype: torch.dtype | None = None, progress: bool = False) -> np.ndarray:
-    """Sample `num_images` images as uint8 NHWC arrays."""
+def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, num_steps: int, seed: int = 0,
+                   batch_size: int = 16, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[np.ndarray]:
+    """Sample `num_images` images, yielded batch by batch as uint8 NHWC arrays."""
     from tqdm.auto import tqdm
 
     config = unet.config
@@ -85,7 +101,6 @@ def generate(unet: torch.nn.Module, scheduler: Any, *, num_images: int, num_step
     shape = (config.in_channels, *size)
     # Stochastic samplers draw fresh noise each step; deterministic ones take no generator.
     step_kwargs = {"generator": None} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    images = []
     with tqdm(total=num_images, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
@@ -99,9 +114,13 @@ def generate(unet: torch.nn.Module, scheduler: Any, *, num_images: int, num_step
                 model_input = scheduler.scale_model_input(sample, timestep)
                 model_output = unet(model_input, timestep).sample
                 sample = scheduler.step(model_output, timestep, sample, **step_kwargs).prev_sample
-            images.append(to_uint8(sample))
+            yield to_uint8(sample)
             bar.update(count)
-    return np.concatenate(images)
+
+
+def generate(unet: torch.nn.Module, scheduler: Any, **options: Any) -> np.ndarray:
+    """Sample images as one uint8 NHWC array; `options` as for `sample_batches`."""
+    return np.concatenate(list(sample_batches(unet, scheduler, **options)))
 
 
 def to_uint8(sample: torch.Tensor) -> np.ndarray:
@@ -127,3 +146,127 @@ def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2)
         top, left = padding + row * (height + padding), padding + column * (width + padding)
         grid[top:top + height, left:left + width] = image
     return to_pil(grid)
+
+
+# ------------------------------------------------------------------------------------------ uncond sample
+
+
+@dataclass
+class Model:
+    """A UNet to sample from, with the noise schedule it was trained with."""
+    unet: Any
+    scheduler_config: dict[str, Any]
+    description: str
+
+
+def pick_device(name: str) -> torch.device:
+    """--device: `auto` is the first GPU (CUDA, then Apple's MPS), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this PyTorch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> Model:
+    """The UNet and noise schedule of a diffusers pipeline folder (uncond's export, DDPMPipeline, DDIMPipeline)
+    or Hub id. Weights load as safetensors, or .bin with weights_only (diffusers' loader); no remote code runs."""
+    from diffusers import DiffusionPipeline, UNet2DModel
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            hint = " (it is a training checkpoint; its run folder holds the pipeline)" \
+                if (path / "unet_ema").is_dir() or (path / "unet").is_dir() else ""
+            raise UsageError(f"{name_or_path}: not a diffusers pipeline folder (no model_index.json){hint}")
+        where = f"the pipeline folder {path}"
+    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise UsageError(f"{name_or_path}: no such folder (a Hub model id has the form owner/name)")
+    else:
+        where = f"the Hub model {name_or_path}"
+    diffusers_logger = logging.getLogger("diffusers")
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.ERROR)  # its "couldn't connect" lines would repeat our one-line error
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
+    except Exception as error:  # noqa: BLE001 - offline, missing, private or malformed: one line with the reason
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{name_or_path}: could not load {where} ({reason})") from None
+    finally:
+        diffusers_logger.setLevel(level)
+    unet, scheduler = getattr(pipeline, "unet", None), getattr(pipeline, "scheduler", None)
+    if not isinstance(unet, UNet2DModel) or scheduler is None or getattr(pipeline, "vqvae", None) is not None:
+        raise UsageError(f"{name_or_path} is a {type(pipeline).__name__}; uncond samples unconditional pixel-space "
+                         "UNet2DModel pipelines (DDPMPipeline, DDIMPipeline)")
+    return Model(unet.to(device).eval(), dict(scheduler.config), f"{where} ({type(pipeline).__name__})")
+
+
+def numbered_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def check_output_folder(folder: Path, num_images: int, overwrite: bool) -> None:
+    """Refuse to replace numbered images already there (they may be an earlier run's), unless asked."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output_dir {folder} is a file; choose a folder")
+    if overwrite or not folder.is_dir():
+        return
+    taken = sum(1 for path in folder.iterdir() if re.fullmatch(r"\d{6,}\.png", path.name)
+                and int(path.stem) < num_images)
+    if taken:
+        raise UsageError(f"--output_dir {folder} already holds {taken} of the numbered images this run would write; "
+                         "choose another --output_dir, or pass --overwrite to replace them")
+
+
+def sample_to_folder(config: SampleConfig) -> Path:
+    """`uncond sample`: images 0..N-1 as numbered PNGs (grayscale for 1-channel models), and a grid if asked."""
+    folder = Path(config.output_dir)
+    check_output_folder(folder, config.num_images, config.overwrite)
+    model, scheduler, steps = open_for_sampling(config, config.model)
+    folder.mkdir(parents=True, exist_ok=True)
+    grid_images = []
+    started = time.perf_counter()
+    index = 0
+    for batch in sample_batches(model.unet, scheduler, **sampling_options(config, steps)):
+        for image in batch:
+            to_pil(image).save(folder / numbered_name(index))
+            index += 1
+        if config.grid and len(grid_images) < 256:
+            grid_images.extend(batch[:256 - len(grid_images)])
+    elapsed = time.perf_counter() - started
+    if config.grid:
+        image_grid(np.stack(grid_images)).save(config.grid)
+        logger.info(f"grid of {len(grid_images)} images: {config.grid}")
+    height, width, channels = batch.shape[1:]
+    logger.info(f"wrote {index} images ({width}x{height}, {'grayscale' if channels == 1 else 'RGB'}) to {folder} in "
+                f"{elapsed:.1f} s ({index / elapsed:.1f} images/s; {config.sampler}, {steps} steps, "
+                f"{network_evaluations(scheduler, steps)} network evaluations per image)")
+    return folder
+
+
+def open_for_sampling(settings: SamplingSettings, model_name: str) -> tuple[Model, Any, int]:
+    """The model, its sampler and the step count, as `settings` say; all checks before any sampling."""
+    device = pick_device(settings.device)
+    dtype = getattr(torch, settings.dtype)
+    model = load_model(model_name, device, dtype)
+    scheduler = make_sampler(settings.sampler, model.scheduler_config)
+    steps = settings.steps or steps_for(settings.sampler, DEFAULT_STEPS, DDPM_STEPS)
+    logger.info(f"sampling {settings.num_images} images from {model.description} on {device} ({settings.dtype}) "
+                f"with {settings.sampler}, {steps} steps, seed {settings.seed}")
+    return model, scheduler, steps
+
+
+def sampling_options(settings: SamplingSettings, steps: int) -> dict[str, Any]:
+    """`sample_batches` keyword arguments from the shared sampling settings."""
+    return {"num_images": settings.num_images, "num_steps": steps, "seed": settings.seed,
+            "batch_size": settings.batch_size, "progress": True}

@@ -77,7 +77,8 @@ def smooth(values: list[float], half_width: int | None = None) -> list[float]:
 
 
 def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:
-    """Loss (raw and smoothed, log scale) and learning rate against the step, as a PNG. False if no data."""
+    """Loss (raw and smoothed, log scale), learning rate and, when evaluated, FID against the step, as a PNG.
+    False if no data."""
     points = [r for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
     if not points:
         return False
@@ -86,10 +87,13 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    evaluations = [r for r in records if isinstance(r.get("fid"), (int, float))]
+    heights = [3, 1] + ([2] if evaluations else [])
+    figure, axes = plt.subplots(len(heights), 1, figsize=(7, 5 + 2 * bool(evaluations)), sharex=True,
+                                gridspec_kw={"height_ratios": heights})
+    loss_axis, lr_axis = axes[0], axes[1]
     steps = [r["step"] for r in points]
     losses = [r["loss"] for r in points]
-    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(7, 5), sharex=True,
-                                                gridspec_kw={"height_ratios": [3, 1]})
     loss_axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
     if min(losses) > 0:  # smoothed in log space, as it is drawn: early large losses do not drag the curve
         loss_axis.set_yscale("log")
@@ -99,11 +103,15 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:
     loss_axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label="loss (smoothed)")
     loss_axis.set_ylabel("training loss")
     loss_axis.legend(loc="upper right")
-    loss_axis.grid(alpha=0.3)
     lr_axis.plot(steps, [r.get("lr", float("nan")) for r in points], color="tab:orange")
     lr_axis.set_ylabel("learning rate")
-    lr_axis.set_xlabel("optimizer step")
-    lr_axis.grid(alpha=0.3)
+    if evaluations:
+        axes[2].plot([r["step"] for r in evaluations], [r["fid"] for r in evaluations], color="tab:green",
+                     marker="o")
+        axes[2].set_ylabel("FID")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

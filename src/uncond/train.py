@@ -24,15 +24,18 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, hub, models, sampling, tracking
+from . import checkpoint, data, hub, metrics, models, sampling, tracking
 from .config import TrainConfig, UsageError
 from .objective import Objective, training_loss
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
 SAMPLES_DIR = "samples"
+BEST_DIR = "best"  # --keep_best: the export with the lowest FID
+REFERENCE_STATS_FILE = "fid_reference.npz"  # feature statistics of the training images, for FID during training
+MAX_REFERENCE_IMAGES = 50_000  # the usual size of an FID reference set
 RUN_ARTEFACTS = (SAMPLES_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, checkpoint.CONFIG_FILE, "README.md",
-                 "data_report.json")
+                 "data_report.json", BEST_DIR, REFERENCE_STATS_FILE)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -134,6 +137,8 @@ class Run:
     running_grad_norm: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous log line, for images/s
     noise_generator: torch.Generator | None = None
+    feature_extractor: metrics.FeatureExtractor | None = None  # for --eval_every_steps; None: no evaluation
+    best_fid: float = math.inf
 
     @property
     def unwrapped_unet(self) -> UNet2DModel:
@@ -279,7 +284,9 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         logger.info(plan.resume_message)
     if accelerator.is_main_process:
         run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step)
+        run.best_fid = min((r["fid"] for r in run.metrics_file.read() if "fid" in r), default=math.inf)
         accelerator.init_trackers("uncond", config=tracker_config(config))
+        run.feature_extractor = open_feature_extractor(config, accelerator.device)
     log_run_summary(run)
     train_loop(run)
     accelerator.end_training()
@@ -330,6 +337,8 @@ def train_loop(run: Run) -> None:
             progress.update(1)
             if run.step % config.logging_steps == 0 or run.step == run.max_train_steps:
                 log_metrics(run, progress)
+            if config.eval_every_steps and run.step % config.eval_every_steps == 0:
+                evaluate(run)
             if run.step % config.checkpointing_steps == 0:
                 save_checkpoint(run)
             if run.step == run.max_train_steps:
@@ -426,16 +435,27 @@ def save_checkpoint(run: Run) -> None:
     logger.info(f"saved {path}")
 
 
-def save_sample_grid(run: Run) -> Path:
-    """Sample images with the EMA weights and a fixed seed (grids stay comparable), as a PNG and to trackers."""
+@contextlib.contextmanager
+def preview_model(run: Run):
+    """The EMA weights (or the trained ones without EMA) in eval mode, with the preview sampler and its steps;
+    used by the sample grids and the evaluations, always with seed 0 so that they compare over the run."""
     config = run.config
     scheduler = sampling.make_sampler(config.sampler, run.noise_scheduler.config)
     steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
     with models.ema_weights(run.unwrapped_unet, run.ema) as unet:
         unet.eval()
+        try:
+            yield unet, scheduler, steps
+        finally:
+            unet.train()
+
+
+def save_sample_grid(run: Run) -> Path:
+    """Sample images with the EMA weights and a fixed seed (grids stay comparable), as a PNG and to trackers."""
+    config = run.config
+    with preview_model(run) as (unet, scheduler, steps):
         images = sampling.generate(unet, scheduler, num_images=config.eval_batch_size, num_steps=steps, seed=0,
                                    batch_size=config.eval_batch_size, device=run.accelerator.device)
-        unet.train()
     folder = run.output_dir / SAMPLES_DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"step-{run.step:07d}.png"
@@ -443,6 +463,63 @@ def save_sample_grid(run: Run) -> Path:
     tracking.log_sample_images(run.accelerator.trackers, images, run.step)
     logger.info(f"samples ({config.sampler}, {steps} steps): {path}")
     return path
+
+
+def open_feature_extractor(config: TrainConfig, device: torch.device) -> metrics.FeatureExtractor | None:
+    """The FID network for --eval_every_steps; without it (no weights, no torch-fidelity) a warning, once."""
+    if not config.eval_every_steps:
+        return None
+    try:
+        return metrics.inception_extractor(config.inception_weights, device)
+    except UsageError as error:
+        logger.warning(f"--eval_every_steps: no FID/KID in this run; training goes on. {error}")
+        return None
+
+
+def evaluate(run: Run) -> None:
+    """FID and KID of samples of the EMA weights (the preview sampler, a fixed seed) against the training
+    images; logged to the trackers and metrics.jsonl; the best export kept with --keep_best."""
+    config = run.config
+    if run.feature_extractor is not None:  # set on the main process only
+        reference = training_reference(run)
+        with preview_model(run) as (unet, scheduler, steps):
+            batches = sampling.sample_batches(unet, scheduler, num_images=config.eval_num_images, num_steps=steps,
+                                              seed=0, batch_size=config.eval_batch_size,
+                                              device=run.accelerator.device)
+            features = metrics.extract_features(run.feature_extractor, batches)
+            scores = metrics.compare(features, reference, run.accelerator.device)
+            if config.keep_best and scores.fid < run.best_fid:
+                run.best_fid = scores.fid
+                export_best(run, unet, scores)
+        values = {key: value for key, value in scores.as_dict().items() if key not in ("num_generated",
+                                                                                        "num_reference")}
+        run.accelerator.log(values, step=run.step)
+        run.metrics_file.write({"step": run.step, **values, "eval_images": scores.num_generated})
+        logger.info(f"evaluation at step {run.step} ({scores.num_generated} images, {config.sampler}, {steps} "
+                    f"steps, against {scores.num_reference} training images): {scores}")
+    run.accelerator.wait_for_everyone()
+
+
+def training_reference(run: Run) -> metrics.FeatureStats:
+    """Feature statistics of the training images (centre crops), computed once and kept in the output folder."""
+    arrays = data.spread_choice(run.images.arrays, MAX_REFERENCE_IMAGES)
+    key = f"{run.feature_extractor.name}|{data_description(run.config)}|{len(arrays)} images|{run.config.resolution}px"
+
+    def compute() -> metrics.FeatureStats:
+        logger.info(f"computing FID reference statistics of {len(arrays)} training images")
+        batches = data.centre_crops(arrays, run.config.resolution, run.config.eval_batch_size)
+        return metrics.feature_stats(metrics.extract_features(run.feature_extractor, batches),
+                                     run.feature_extractor.name)
+
+    return metrics.cached_stats(run.output_dir / REFERENCE_STATS_FILE, key, compute)[0]
+
+
+def export_best(run: Run, unet: UNet2DModel, scores: metrics.Scores) -> None:
+    """output_dir/best: the pipeline with the lowest FID so far, and its scores."""
+    folder = run.output_dir / BEST_DIR
+    checkpoint.export_pipeline(unet, run.noise_scheduler, folder)
+    (folder / "scores.json").write_text(json.dumps({"step": run.step, **scores.as_dict()}, indent=2) + "\n")
+    logger.info(f"best FID so far ({scores.fid:.3f}): exported to {folder}")
 
 
 def export(run: Run) -> None:

@@ -1,0 +1,166 @@
+"""`uncond evaluate`: FID, KID, precision and recall of generated images (a folder, or sampled from a
+model) against real ones (a dataset, a folder, or cached statistics). Every check comes before any
+sampling; reference statistics are cached, so a second evaluation against the same images is quick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import data, metrics, sampling
+from .config import EvaluateConfig, UsageError
+
+logger = logging.getLogger("uncond")
+
+
+@dataclass
+class Report:
+    scores: metrics.Scores
+    generated: str  # what was measured and how it was resized
+    reference: str
+    features: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.scores.as_dict(), "generated": self.generated, "reference": self.reference,
+                "features": self.features}
+
+    def __str__(self) -> str:
+        return (f"generated: {self.generated}\nreference: {self.reference}\nfeatures: {self.features}\n"
+                f"{self.scores}")
+
+
+@dataclass
+class Generated:
+    batches: Iterator[np.ndarray]
+    count: int
+    resolution: int
+    description: str
+
+
+def evaluate(config: EvaluateConfig) -> Report:
+    device = sampling.pick_device(config.device)
+    reference_source = open_reference(config.reference)
+    extractor = metrics.inception_extractor(config.inception_weights, device)
+    generated = open_generated(config)
+    resolution = config.resolution or generated.resolution
+    reference, reference_note = reference_stats(config, reference_source, resolution, extractor)
+    if reference.extractor not in (None, extractor.name):
+        raise UsageError(f"--reference {config.reference} holds statistics of {reference.extractor} features, "
+                         f"not {extractor.name}")
+    features = metrics.extract_features(extractor, progress(generated.batches, generated.count, "generated"))
+    scores = metrics.compare(features, reference, device)
+    return Report(scores, generated.description, reference_note, extractor.input_note)
+
+
+# ------------------------------------------------------------------------------------------------ generated
+
+
+def open_generated(config: EvaluateConfig) -> Generated:
+    """GENERATED as image batches: a folder's images, or a model's samples (drawn lazily, as they are measured)."""
+    path = Path(config.generated).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        return generated_folder(path, config)
+    model, scheduler, steps = sampling.open_for_sampling(config, config.generated)
+    size = model.unet.config.sample_size
+    size = size if isinstance(size, int) else min(size)
+    batches = sampling.sample_batches(model.unet, scheduler, **{**sampling.sampling_options(config, steps),
+                                                                "progress": False})
+    return Generated(batches, config.num_images, size,
+                     f"{config.num_images} images sampled from {model.description} with {config.sampler}, "
+                     f"{steps} steps, seed {config.seed}, at the model's {size}x{size} px")
+
+
+def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
+    source = data.open_named_source(str(path), "GENERATED")
+    with source.records[0].open() as first:
+        native = min(first.size)
+    resolution = config.resolution or native
+    count = min(len(source.records), config.num_images)
+    batches = data.image_batches(source, resolution, config.batch_size, limit=config.num_images)
+    return Generated(batches, count, resolution,
+                     f"{count} images from the folder {path}, {resizing(resolution)}")
+
+
+def resizing(resolution: int) -> str:
+    return (f"resized (shorter side to {resolution} px, bilinear, as for training) and centre-cropped to "
+            f"{resolution}x{resolution} where not already that size")
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def open_reference(reference: str) -> data.Source | None:
+    """The reference images' source, checked; None for a statistics file (read later)."""
+    if reference.endswith(".npz"):
+        if not Path(reference).expanduser().is_file():
+            raise UsageError(f"--reference {reference}: no such statistics file")
+        return None
+    return data.open_named_source(reference, "--reference")
+
+
+def reference_stats(config: EvaluateConfig, source: data.Source | None, resolution: int,
+                    extractor: metrics.FeatureExtractor) -> tuple[metrics.FeatureStats, str]:
+    """Statistics of the reference images at `resolution`, from a file, the cache, or computed and cached."""
+    if source is None:
+        stats = metrics.load_stats(Path(config.reference).expanduser())
+        kind = "mu and sigma only: FID alone" if stats.features is None else "with features"
+        return stats, f"statistics file {config.reference} ({stats.count or 'an unknown number of'} images; {kind})"
+    count = min(len(source.records), config.reference_num_images)
+    key = "|".join([extractor.name, fingerprint(config.reference, source), f"{resolution}px",
+                    f"{config.reference_num_images} at most"])
+    cache = cache_folder() / f"{slug(config.reference)}-{resolution}px-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    skipped: list[tuple[str, str]] = []
+
+    def compute() -> metrics.FeatureStats:
+        batches = data.image_batches(source, resolution, config.batch_size, config.reference_num_images, skipped)
+        return metrics.feature_stats(metrics.extract_features(extractor, progress(batches, count, "reference")),
+                                     extractor.name)
+
+    stats, from_cache = metrics.cached_stats(cache, key, compute)
+    note = (f"{stats.count} images of {source.description}, {resizing(resolution)}; statistics "
+            f"{'read from the cache' if from_cache else 'cached in'} {cache}")
+    if skipped:
+        note += f"; {len(skipped)} unreadable images skipped ({skipped[0][0]}: {skipped[0][1]})"
+    return stats, note
+
+
+def fingerprint(name: str, source: data.Source) -> str:
+    """What the reference images are: for a folder, every file's name, size and time, so edits are noticed."""
+    path = Path(name).expanduser()
+    if not path.is_dir() or data.is_saved_dataset(path):
+        return f"{name}: {source.description}"
+    digest = hashlib.sha256()
+    for record in source.records:
+        stat = os.stat(record.name)
+        digest.update(f"{record.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return f"{path.resolve()}: {digest.hexdigest()}"
+
+
+def cache_folder() -> Path:
+    """Where reference statistics are cached: $UNCOND_CACHE, else $XDG_CACHE_HOME/uncond (~/.cache/uncond)."""
+    if os.environ.get("UNCOND_CACHE"):
+        return Path(os.environ["UNCOND_CACHE"]) / "reference-stats"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "uncond" / "reference-stats"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name.rstrip("/")).name or name).strip("-") or "reference"
+
+
+def progress(batches: Iterator[np.ndarray], total: int, what: str) -> Iterator[np.ndarray]:
+    """A progress bar over image batches."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=f"features of {what} images", unit="img", leave=False) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch))

@@ -1,0 +1,27 @@
+"""The modules' import direction: cli -> {train, evaluation} -> checkpoint -> {data, models, objective,
+sampling, metrics, tracking, hub} -> config. Modules of one layer do not import each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import uncond
+
+LAYERS = {"config": 0, "data": 1, "models": 1, "objective": 1, "sampling": 1, "metrics": 1, "tracking": 1, "hub": 1,
+          "checkpoint": 2, "train": 3, "evaluation": 3, "cli": 4, "__main__": 5, "__init__": 5}
+
+
+def package_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names.update([node.module] if node.module else [alias.name for alias in node.names])
+    return names
+
+
+def test_modules_import_only_lower_layers():
+    for path in Path(uncond.__file__).parent.glob("*.py"):
+        assert path.stem in LAYERS, f"{path.name}: add it to a layer"
+        for name in package_imports(path):
+            assert LAYERS[name] < LAYERS[path.stem], f"{path.stem} imports {name}"

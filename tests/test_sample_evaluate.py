@@ -1,0 +1,160 @@
+"""`uncond sample` and `uncond evaluate` on tiny pipelines and images the tests write, and evaluation
+during training, with a tiny stand-in for the Inception network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import fast_train_args, save_tiny_pipeline, write_images
+from test_train import one_line_error
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "rgb")
+
+
+def pixels(folder: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(path)) for path in sorted(folder.glob("*.png"))]
+
+
+def test_sample_writes_numbered_pngs_the_same_whatever_the_batch_size(run_cli, pipeline, tmp_path):
+    code, _, err = run_cli("sample", pipeline, "--num_images", 5, "--batch_size", 2, "--steps", 3, "--device", "cpu",
+                           "--output_dir", tmp_path / "a", "--grid", tmp_path / "grid.png")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [f"00000{i}.png" for i in range(5)]
+    assert Image.open(tmp_path / "a" / "000000.png").size == (16, 16)
+    assert Image.open(tmp_path / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)  # 3 x 2 tiles with borders
+    assert "wrote 5 images (16x16, RGB)" in err and "3 network evaluations per image" in err
+    code, _, err = run_cli("sample", pipeline, "--num_images", 5, "--batch_size", 5, "--steps", 3, "--device", "cpu",
+                           "--output_dir", tmp_path / "b")
+    assert code == 0, err
+    for a, b in zip(pixels(tmp_path / "a"), pixels(tmp_path / "b"), strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float rounding of batched convolutions only
+
+
+def test_sample_from_a_one_channel_ddim_pipeline_writes_grayscale(run_cli, tmp_path):
+    model = save_tiny_pipeline(tmp_path / "gray-ddim", channels=1, scheduler="ddim")
+    code, _, err = run_cli("sample", model, "--num_images", 2, "--sampler", "ddim", "--steps", 2,
+                           "--output_dir", tmp_path / "out")
+    assert code == 0, err
+    assert "(DDIMPipeline)" in err
+    assert {Image.open(path).mode for path in (tmp_path / "out").iterdir()} == {"L"}
+
+
+def test_sample_does_not_overwrite_earlier_images_unless_asked(run_cli, pipeline, tmp_path):
+    out = tmp_path / "out"
+    args = ("sample", pipeline, "--num_images", 2, "--steps", 1, "--output_dir", out)
+    assert run_cli(*args)[0] == 0
+    (out / "000001.png").write_bytes(b"mine")
+    code, _, err = run_cli(*args)
+    one_line_error(code, err, "already holds 2 of the numbered images this run would write")
+    assert (out / "000001.png").read_bytes() == b"mine"
+    assert run_cli(*args, "--overwrite")[0] == 0
+    assert Image.open(out / "000001.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (lambda p, t: ["sample", t / "missing"], "no such folder (a Hub model id has the form owner/name)"),
+    (lambda p, t: ["sample", t], "not a diffusers pipeline folder (no model_index.json)"),
+    (lambda p, t: ["sample", "someone/some-model"], "someone/some-model: could not load the Hub model"),
+    (lambda p, t: ["sample", p, "--grid", t / "grid.txt"], "--grid"),
+    (lambda p, t: ["sample", p, "--device", "cuda:7" if not __import__("torch").cuda.is_available() else "nope"],
+     "--device"),
+    (lambda p, t: ["sample", p, "--steps", 0], "--steps is 0; it must be at least 1"),
+    (lambda p, t: ["evaluate", p, "--reference", t / "missing.npz"], "no such statistics file"),
+    (lambda p, t: ["evaluate", p, "--reference", t / "nowhere"], "--reference"),
+])
+def test_bad_input_is_one_line(run_cli, pipeline, tmp_path, make_args, expected):
+    code, _, err = run_cli(*make_args(pipeline, tmp_path))
+    one_line_error(code, err, expected)
+
+
+def test_evaluate_without_inception_weights_says_where_to_put_them(run_cli, no_inception_weights, tmp_path):
+    images = write_images(tmp_path / "images", 4)
+    code, _, err = run_cli("evaluate", images, "--reference", images)
+    one_line_error(code, err, f"FID needs the Inception weights file pt_inception-2015-12-05-6726825d.pth, which is "
+                              f"not on this machine (offline: HF_HUB_OFFLINE is set): download https://github.com/"
+                              f"mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth "
+                              f"and put it at {no_inception_weights}, or pass --inception_weights PATH")
+
+
+def test_evaluate_a_folder_against_itself_and_its_cached_statistics(run_cli, stand_in_inception, tmp_path):
+    images = write_images(tmp_path / "images", 10, size=(20, 24))
+    code, out, err = run_cli("evaluate", images, "--reference", images, "--resolution", "16", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert abs(result["fid"]) < 1e-6 and result["precision"] == result["recall"] == 1.0
+    assert result["num_generated"] == result["num_reference"] == 10
+    assert "centre-cropped to 16x16" in result["reference"] and "statistics cached in" in result["reference"]
+    cached = Path(result["reference"].split("statistics cached in ")[1])
+    assert cached.suffix == ".npz" and "tiny stand-in" in result["features"]
+
+    code, out, _ = run_cli("evaluate", images, "--reference", images, "--resolution", "16", "--json")
+    assert "read from the cache" in json.loads(out)["reference"]
+    code, out, err = run_cli("evaluate", images, "--reference", cached, "--resolution", "16")
+    assert code == 0, err
+    assert "FID 0.000" in out and "KID" in out and "resized (shorter side to 16 px" in out
+
+
+def test_evaluate_samples_of_a_model_against_builtin_digits(run_cli, stand_in_inception, tmp_path):
+    model = save_tiny_pipeline(tmp_path / "gray", channels=1)
+    args = ("evaluate", model, "--reference", "builtin:mnist", "--reference_num_images", 30, "--num_images", 6,
+            "--steps", 2, "--json")
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    untrained = json.loads(out)
+    assert untrained["num_generated"] == 6 and untrained["num_reference"] == 30
+    assert "sampled from the pipeline folder" in untrained["generated"] and "16x16" in untrained["generated"]
+    assert "builtin:mnist" in untrained["reference"] and "centre-cropped to 16x16" in untrained["reference"]
+    digits = write_digits(tmp_path / "digits", 6)
+    code, out, err = run_cli("evaluate", digits, "--reference", "builtin:mnist", "--reference_num_images", 30,
+                             "--resolution", 16, "--json")
+    assert code == 0, err
+    assert json.loads(out)["fid"] < untrained["fid"]  # real digits are closer to digits than noise is
+
+
+def write_digits(folder: Path, count: int) -> Path:
+    from uncond.data import builtin_mnist
+
+    folder.mkdir()
+    for record in builtin_mnist().records[-count:]:
+        record.open().save(folder / f"{record.name.strip('mnist[]')}.png")
+    return folder
+
+
+def test_training_evaluates_logs_and_keeps_the_best(run_cli, stand_in_inception, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
+                                            "--eval_every_steps", "2", "--eval_num_images", "4", "--keep_best",
+                                            "--logging_steps", "2"))
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "fid" in r]
+    assert [r["step"] for r in evaluations] == [2, 4]
+    assert all({"kid", "kid_std", "precision", "recall"} <= set(r) and r["eval_images"] == 4 for r in evaluations)
+    assert (out / "fid_reference.npz").is_file() and (out / "best" / "model_index.json").is_file()
+    best = json.loads((out / "best" / "scores.json").read_text())
+    assert best["fid"] == min(r["fid"] for r in evaluations)
+    assert err.count("evaluation at step") == 2
+
+
+def test_training_without_inception_weights_warns_once_and_goes_on(run_cli, no_inception_weights, color_folder,
+                                                                    tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
+                                            "--eval_every_steps", "1", "--eval_num_images", "2"))
+    assert code == 0, err
+    assert err.count("no FID/KID in this run; training goes on") == 1 and "--inception_weights PATH" in err
+    assert (out / "model_index.json").is_file()
+    assert not any("fid" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_keep_best_needs_evaluations(run_cli, color_folder, tiny_unet, tmp_path):
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--keep_best"))
+    one_line_error(code, err, "--keep_best needs --eval_every_steps N")
