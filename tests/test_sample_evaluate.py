@@ -78,10 +78,10 @@ def test_bad_input_is_one_line(run_cli, pipeline, tmp_path, make_args, expected)
 def test_evaluate_without_inception_weights_says_where_to_put_them(run_cli, no_inception_weights, tmp_path):
     images = write_images(tmp_path / "images", 4)
     code, _, err = run_cli("evaluate", images, "--reference", images)
-    one_line_error(code, err, f"FID needs the Inception weights file pt_inception-2015-12-05-6726825d.pth, which is "
-                              f"not on this machine (offline: HF_HUB_OFFLINE is set): download https://github.com/"
-                              f"mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth "
-                              f"and put it at {no_inception_weights}, or pass --inception_weights PATH")
+    one_line_error(code, err, "FID needs the Inception weights file pt_inception-2015-12-05-6726825d.pth, which is "
+                              "not on this machine (offline: HF_HUB_OFFLINE is set): download https://github.com/"
+                              "mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d"
+                              f".pth and put it at {no_inception_weights}, or pass --inception_weights PATH")
 
 
 def test_evaluate_a_folder_against_itself_and_its_cached_statistics(run_cli, stand_in_inception, tmp_path):
@@ -100,6 +100,14 @@ def test_evaluate_a_folder_against_itself_and_its_cached_statistics(run_cli, sta
     code, out, err = run_cli("evaluate", images, "--reference", cached, "--resolution", "16")
     assert code == 0, err
     assert "FID 0.000" in out and "KID" in out and "resized (shorter side to 16 px" in out
+    with np.load(cached) as stats:  # as pytorch-fid writes them: mu and sigma alone
+        np.savez(tmp_path / "pytorch_fid.npz", mu=stats["mu"], sigma=stats["sigma"])
+    code, out, err = run_cli("evaluate", images, "--reference", tmp_path / "pytorch_fid.npz", "--resolution", 16,
+                             "--json")
+    assert code == 0, err
+    fid_only = json.loads(out)
+    assert abs(fid_only["fid"]) < 1e-6 and "kid" not in fid_only and "num_reference" not in fid_only
+    assert "mu and sigma only: FID alone" in fid_only["reference"]
 
 
 def test_evaluate_samples_of_a_model_against_builtin_digits(run_cli, stand_in_inception, tmp_path):

@@ -28,6 +28,12 @@ class UsageError(Exception):
     """Bad input. The message is one line that says what is wrong and what to do instead."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one line, for a UsageError that gives the reason."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def setting(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, seed: bool = False,
             positional: bool = False):
     """A config field: `seed=True` marks the flags that train_unconditional.py has, with the same default.
@@ -350,8 +356,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
             values = yaml.safe_load(text)
     except Exception as error:  # noqa: BLE001 - any parse error becomes one clear line
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--config {path} could not be read: {first_line}") from None
+        raise UsageError(f"--config {path} could not be read: {first_line(error)}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -116,7 +116,8 @@ def reference_stats(config: EvaluateConfig, source: data.Source | None, resoluti
     count = min(len(source.records), config.reference_num_images)
     key = "|".join([extractor.name, fingerprint(config.reference, source), f"{resolution}px",
                     f"{config.reference_num_images} at most"])
-    cache = cache_folder() / f"{slug(config.reference)}-{resolution}px-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    cache = cache_folder() / f"{slug(config.reference)}-{resolution}px-{digest}.npz"
     skipped: list[tuple[str, str]] = []
 
     def compute() -> metrics.FeatureStats:

@@ -23,7 +23,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from .config import UsageError
+from .config import UsageError, first_line
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # torch-fidelity (and torchmetrics, through it) keeps the same file under its own name.
@@ -142,11 +142,6 @@ def torch_fidelity_inception() -> types.ModuleType:
         for key in [key for key in sys.modules if key.split(".")[0] == "torch_fidelity"]:
             del sys.modules[key]
         sys.modules.update(before)
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -294,7 +289,7 @@ class Scores:
     precision: float | None
     recall: float | None
     num_generated: int
-    num_reference: int
+    num_reference: int | None  # None: a statistics file that does not say
 
     def as_dict(self) -> dict[str, Any]:
         return {name: value for name, value in vars(self).items() if value is not None}
@@ -321,4 +316,4 @@ def compare(generated: np.ndarray, reference: FeatureStats, device: torch.device
     if reference.features is not None and len(reference.features) > NEIGHBOURS and len(generated) > NEIGHBOURS:
         kid, kid_std = kernel_inception_distance(generated, reference.features, device=device)
         precision, recall = precision_recall(generated, reference.features, device=device)
-    return Scores(fid, kid, kid_std, precision, recall, len(generated), reference.count)
+    return Scores(fid, kid, kid_std, precision, recall, len(generated), reference.count or None)

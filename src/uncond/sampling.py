@@ -25,7 +25,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPM
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .config import SampleConfig, SamplingSettings, UsageError
+from .config import SampleConfig, SamplingSettings, UsageError, first_line
 
 logger = logging.getLogger("uncond")
 
@@ -200,8 +200,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     try:
         pipeline = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
     except Exception as error:  # noqa: BLE001 - offline, missing, private or malformed: one line with the reason
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{name_or_path}: could not load {where} ({reason})") from None
+        raise UsageError(f"{name_or_path}: could not load {where} ({first_line(error)})") from None
     finally:
         diffusers_logger.setLevel(level)
     unet, scheduler = getattr(pipeline, "unet", None), getattr(pipeline, "scheduler", None)
