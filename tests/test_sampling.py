@@ -10,7 +10,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from conftest import TINY_UNET, save_tiny_pipeline
 from uncond.config import SAMPLER_NAMES, UsageError
-from uncond.sampling import SAMPLERS, check_sampler, generate, image_grid, load_model, make_sampler
+from uncond.sampling import (SAMPLERS, check_sampler, generate, image_grid, load_model, make_sampler,
+                             step_options)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,13 @@ def test_samplers_inherit_the_training_schedule():
     assert sampler.config.prediction_type == "v_prediction"
     assert sampler.config.thresholding and sampler.config.sample_max_value == 1.0  # DDPM's clip_sample
     assert sampler.config.timestep_spacing == "trailing"
+
+
+def test_ddim_recomputes_its_noise_from_the_clipped_image():
+    # without it, DDIM with clipping got worse with more steps (docs/benchmarks.md)
+    sampler = make_sampler("ddim", DDPMScheduler(num_train_timesteps=1000).config)
+    assert step_options(sampler) == {"generator": None, "use_clipped_model_output": True}
+    assert step_options(make_sampler("unipc", DDPMScheduler().config)) == {}
 
 
 def test_unknown_sampler_is_a_usage_error():

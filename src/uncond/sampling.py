@@ -87,6 +87,17 @@ def network_evaluations(scheduler: Any, num_steps: int) -> int:
     return len(scheduler.timesteps)
 
 
+def step_options(scheduler: Any) -> dict[str, Any]:
+    """Keyword arguments for `scheduler.step`: a generator slot for stochastic samplers (filled per batch), and
+    for DDIM the noise estimate recomputed from the clipped x0, so that each step stays consistent with the
+    clipping (docs/benchmarks.md: without it DDIM gets worse with more steps on a young model)."""
+    accepted = inspect.signature(scheduler.step).parameters
+    options: dict[str, Any] = {"generator": None} if "generator" in accepted else {}
+    if "use_clipped_model_output" in accepted:
+        options["use_clipped_model_output"] = True
+    return options
+
+
 @torch.no_grad()
 def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, num_steps: int, seed: int = 0,
                    batch_size: int = 16, device: torch.device | str | None = None,
@@ -99,13 +110,12 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
     dtype = dtype or next(unet.parameters()).dtype
     size = config.sample_size if isinstance(config.sample_size, (tuple, list)) else (config.sample_size,) * 2
     shape = (config.in_channels, *size)
-    # Stochastic samplers draw fresh noise each step; deterministic ones take no generator.
-    step_kwargs = {"generator": None} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    step_kwargs = step_options(scheduler)
     with tqdm(total=num_images, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
-            if step_kwargs:
+            if "generator" in step_kwargs:
                 step_kwargs["generator"] = generators
             sample = randn_tensor((count, *shape), generator=generators, device=device, dtype=dtype)
             scheduler.set_timesteps(num_steps, device=device)
