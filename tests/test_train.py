@@ -247,7 +247,11 @@ def test_resuming_with_another_model_is_refused(run_cli, color_folder, tiny_unet
                                     "--checkpointing_steps", "2"))[0] == 0
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
                                             "--resolution", "8"))
-    one_line_error(code, err, "its model differs (sample_size: 16 -> 8)")
+    one_line_error(code, err, "it was trained with other settings (resolution: 16 -> 8; sample_size: 16 -> 8)")
+    assert "decoding" not in err  # refused before the data is touched
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
+                                            "--prediction_type", "v_prediction"))
+    one_line_error(code, err, "prediction_type: epsilon -> v_prediction")
 
 
 # ---------------------------------------------------------------------------------------- entry points

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 
-from .config import UsageError, add_train_arguments, build_config
+from .config import RunFailed, UsageError, add_train_arguments, build_config
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, and sample from them."
 
@@ -26,6 +27,16 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             print(f"uncond: error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:
+        if is_main_process():
+            print(f"uncond: stopped: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"uncond: stopped: no space left on the device writing {error.filename or 'a file'}; checkpoints "
+              "already written are intact; free some space and re-run the same command to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("uncond: interrupted", file=sys.stderr)
         return 130
@@ -62,9 +73,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     values = {name: value for name, value in vars(args).items() if name != "command"}
     config, explicit = build_config(values, use_demo=argv == ["train"])
     with logging_redirect_tqdm():
-        output_dir = train(config, explicit)
-    if not config.dry_run and is_main_process():
-        print(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
+        train(config, explicit)
     return 0
 
 

@@ -25,6 +25,11 @@ class UsageError(Exception):
     """Bad input. The message is one line that says what is wrong and what to do instead."""
 
 
+class RunFailed(Exception):
+    """A run that had to stop (diverged, disk full). The message is one line saying what happened and
+    what is safe on disk."""
+
+
 def setting(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, seed: bool = False):
     """A config field: `seed=True` marks the flags that train_unconditional.py has, with the same default."""
     return field(default=default, metadata={"help": help, "group": group, "choices": choices, "seed": seed})
@@ -98,6 +103,8 @@ class TrainConfig:
     adam_weight_decay: float = setting(1e-6, "AdamW weight decay", group="training", seed=True)
     adam_epsilon: float = setting(1e-08, "AdamW epsilon", group="training", seed=True)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this", group="training")
+    skip_nonfinite: bool = setting(False, "skip optimizer steps whose loss or gradients are NaN/inf instead of "
+                                   "stopping (checks every step: one host sync per step)", group="training")
     mixed_precision: str = setting("no", "fp16 or bf16 autocast with fp32 master weights", group="training",
                                    choices=MIXED_PRECISIONS, seed=True)
     seed: int | None = setting(None, "random seed; the one used is saved in training_config.json (default: random)",

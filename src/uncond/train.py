@@ -8,7 +8,9 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, hub, models, sampling, tracking
-from .config import TrainConfig, UsageError
+from .config import RunFailed, TrainConfig, UsageError
 from .objective import Objective, training_loss
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -66,8 +68,17 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
                          "without the flag, PyTorch's own fused attention is used")
     resume_from, message = checkpoint.find_resume_checkpoint(config)
-    checkpoint.check_output_dir(config, resuming=resume_from is not None)
+    message = checkpoint.check_output_dir(config, resuming=resume_from is not None) or message
+    if resume_from is not None:  # the channel count is compared once the data has decided it
+        refuse_mismatched_resume(resume_from, config, unet_config)
     return Plan(config, unet_config, channels_from_model_config, resume_from, message)
+
+
+def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[str, Any]) -> None:
+    differences = checkpoint.resume_differences(path, config, unet_config)
+    if differences:
+        raise UsageError(f"cannot resume from {path}: it was trained with other settings "
+                         f"({'; '.join(differences)}); use the same ones, or --overwrite_output_dir to start afresh")
 
 
 def module_available(name: str) -> bool:
@@ -134,6 +145,7 @@ class Run:
     running_grad_norm: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous log line, for images/s
     noise_generator: torch.Generator | None = None
+    skipped_steps: int = 0  # non-finite steps skipped under --skip_nonfinite
 
     @property
     def unwrapped_unet(self) -> UNet2DModel:
@@ -202,11 +214,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
                                  config.center_crop, config.random_flip)
     unet_config = models.with_channels(plan.unet_config, channels)
     if plan.resume_from is not None:
-        saved = checkpoint.checkpoint_unet_config(plan.resume_from)
-        differences = checkpoint.config_differences(saved or {}, unet_config)
-        if differences:
-            raise UsageError(f"cannot resume from {plan.resume_from}: its model differs ({'; '.join(differences)}); "
-                             "use the same settings, or --overwrite_output_dir to start afresh")
+        refuse_mismatched_resume(plan.resume_from, config, unet_config)
 
     set_seed(config.seed)  # identical initial weights on every process
     unet = models.build_unet(unet_config)
@@ -242,6 +250,9 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
 
 def resume(run: Run, path: Path) -> None:
     state = checkpoint.load_checkpoint(run.accelerator, path)
+    # The schedule's state holds the learning rate it was built with; this run's --learning_rate wins,
+    # so a diverged run can be resumed with a lower one.
+    run.lr_scheduler.scheduler.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
     run.step = state.get("step", int(path.name.split("-")[-1]))
     run.epoch = state.get("epoch", run.step // run.steps_per_epoch)
     run.images_seen = state.get("images_seen", run.step * run.global_batch_size)
@@ -262,6 +273,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     config = plan.config
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        for message in checkpoint.clean_up_interrupted_writes(output_dir):
+            logger.warning(message)
         if config.overwrite_output_dir and plan.resume_from is None:
             removed = checkpoint.clear_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
             if removed:
@@ -281,9 +294,39 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step)
         accelerator.init_trackers("uncond", config=tracker_config(config))
     log_run_summary(run)
-    train_loop(run)
+    with StopSignal() as stop:
+        finished = train_loop(run, stop)
     accelerator.end_training()
+    if finished:
+        logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
+    else:
+        logger.info(f"stopped by {stop.received} at step {run.step}, checkpoint-{run.step} saved; re-run the same "
+                    f"command to resume: {reproduce_command()}")
     return output_dir
+
+
+class StopSignal:
+    """SIGTERM or SIGINT (a preempted job, Ctrl-C) asks the run to save a checkpoint at the next step
+    boundary and exit cleanly; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self.previous[number] = signal.signal(number, self.handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number: int, frame: Any) -> None:
+        if self.received and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
 
 
 def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
@@ -313,45 +356,69 @@ def log_run_summary(run: Run) -> None:
         f"seed {config.seed} | output {run.output_dir}")
 
 
-def train_loop(run: Run) -> None:
-    """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points."""
-    config, accelerator = run.config, run.accelerator
-    progress = tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+def train_loop(run: Run, stop: StopSignal) -> bool:
+    """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points.
+    Returns False when a stop signal ended it early (after saving a checkpoint)."""
+    config = run.config
     run.last_log = (time.perf_counter(), run.step)
     exported_at = None
-    while run.step < run.max_train_steps:
-        start = run.step - run.epoch * run.steps_per_epoch  # optimizer steps already done in this epoch
-        for micro_batches in optimizer_steps(run, start):
-            loss = train_step(run, micro_batches)
-            run.step += 1
-            run.images_seen += run.global_batch_size
-            run.running_loss.add(loss)
-            progress.update(1)
-            if run.step % config.logging_steps == 0 or run.step == run.max_train_steps:
-                log_metrics(run, progress)
-            if run.step % config.checkpointing_steps == 0:
-                save_checkpoint(run)
-            if run.step == run.max_train_steps:
-                break
-        last_epoch = run.step >= run.max_train_steps
-        if accelerator.is_main_process:
-            if run.epoch % config.save_images_epochs == 0 or last_epoch:
-                save_sample_grid(run)
-            if run.epoch % config.save_model_epochs == 0 or last_epoch:
-                export(run)
-                exported_at = run.step
-        accelerator.wait_for_everyone()
-        if not last_epoch:
-            run.epoch += 1
-    if exported_at != run.step and accelerator.is_main_process:  # resumed at the very end
+    with tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
+              disable=not run.accelerator.is_local_main_process) as progress:
+        while run.step < run.max_train_steps:
+            for micro_batches in optimizer_steps(run):
+                loss = train_step(run, micro_batches)
+                run.step += 1
+                run.images_seen += run.global_batch_size
+                if loss is not None:
+                    run.running_loss.add(loss)
+                progress.update(1)
+                if run.step % config.logging_steps == 0 or run.step == run.max_train_steps:
+                    log_metrics(run, progress)
+                if run.step % config.checkpointing_steps == 0:
+                    save_checkpoint(run)
+                if stop_requested(run, stop):
+                    if run.step % config.checkpointing_steps:
+                        save_checkpoint(run)
+                    return False
+                if run.step == run.max_train_steps:
+                    break
+            exported_at = end_epoch(run) or exported_at
+    if exported_at != run.step and run.accelerator.is_main_process:  # resumed at the very end
         export(run)
-    progress.close()
+    return True
 
 
-def optimizer_steps(run: Run, start: int):
-    """The current epoch's micro-batches, grouped per optimizer step, from optimizer step `start` on.
+def end_epoch(run: Run) -> int | None:
+    """Sample grid and export at the seed's epochs (and after the last step); returns the step exported at."""
+    config, last_epoch = run.config, run.step >= run.max_train_steps
+    exported_at = None
+    if run.accelerator.is_main_process:
+        if run.epoch % config.save_images_epochs == 0 or last_epoch:
+            save_sample_grid(run)
+        if run.epoch % config.save_model_epochs == 0 or last_epoch:
+            export(run)
+            exported_at = run.step
+    run.accelerator.wait_for_everyone()
+    if not last_epoch:
+        run.epoch += 1
+    return exported_at
+
+
+def stop_requested(run: Run, stop: StopSignal) -> bool:
+    """Whether to stop after this step. With several processes all must agree, which costs a collective:
+    it is asked at log intervals only, so a stop comes within --logging_steps steps."""
+    if run.accelerator.num_processes == 1:
+        return stop.received is not None
+    if run.step % run.config.logging_steps:
+        return False
+    flag = torch.tensor(float(stop.received is not None), device=run.accelerator.device)
+    return run.accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def optimizer_steps(run: Run):
+    """The current epoch's micro-batches, grouped per optimizer step, from where the run stands.
     The last group of an epoch may be shorter, as with the seed's accumulation at the end of a loader."""
+    start = run.step - run.epoch * run.steps_per_epoch  # optimizer steps already done in this epoch
     accumulation = run.config.gradient_accumulation_steps
     group: list[tuple[int, Any]] = []
     for batch_index, indices in run.order.batches(run.epoch, start_batch=start * accumulation):
@@ -363,8 +430,9 @@ def optimizer_steps(run: Run, start: int):
         yield group
 
 
-def train_step(run: Run, micro_batches: list[tuple[int, Any]]) -> torch.Tensor:
-    """One optimizer step over one or more micro-batches. Returns the mean loss, still on the device."""
+def train_step(run: Run, micro_batches: list[tuple[int, Any]]) -> torch.Tensor | None:
+    """One optimizer step over one or more micro-batches. Returns the mean loss, still on the device
+    (None for a step skipped under --skip_nonfinite)."""
     accelerator, unet = run.accelerator, run.unet
     total_loss = torch.zeros((), device=accelerator.device)
     for i, (batch_index, indices) in enumerate(micro_batches):
@@ -379,14 +447,36 @@ def train_step(run: Run, micro_batches: list[tuple[int, Any]]) -> torch.Tensor:
             loss = training_loss(unet, run.noise_scheduler, clean_images, run.objective, run.noise_generator)
             accelerator.backward(loss / len(micro_batches))
         total_loss += loss.detach()
+    grad_norm = None
     if run.config.max_grad_norm:
-        run.running_grad_norm.add(accelerator.clip_grad_norm_(unet.parameters(), run.config.max_grad_norm))
+        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), run.config.max_grad_norm)
+    if run.config.skip_nonfinite and not everywhere_finite(run, total_loss, grad_norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        run.lr_scheduler.step()  # the schedule stays aligned with the step count
+        run.skipped_steps += 1
+        return None
+    if grad_norm is not None:
+        run.running_grad_norm.add(grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.step(unet.parameters())
     return total_loss / len(micro_batches)
+
+
+def is_finite(*values: torch.Tensor | None) -> bool:
+    return all(bool(torch.isfinite(value).all()) for value in values if value is not None)
+
+
+def everywhere_finite(run: Run, *values: torch.Tensor | None) -> bool:
+    """Whether every process saw finite values: all of them must skip a step together. A host sync and a
+    collective per step, which is what --skip_nonfinite costs."""
+    flag = torch.ones((), device=run.accelerator.device)
+    for value in values:
+        if value is not None:
+            flag = flag * torch.isfinite(value).all()
+    return run.accelerator.reduce(flag, reduction="mean").item() == 1.0
 
 
 def mix_seed(*numbers: int) -> int:
@@ -397,7 +487,10 @@ def mix_seed(*numbers: int) -> int:
 def log_metrics(run: Run, progress: tqdm) -> None:
     """Reduce the running means across processes (the one sync point) and write them out."""
     accelerator = run.accelerator
-    loss = accelerator.reduce(run.running_loss.pop(), reduction="mean").item()
+    mean_loss = run.running_loss.pop()  # None when every step since the last log was skipped
+    if mean_loss is None:
+        mean_loss = torch.tensor(float("nan"), device=accelerator.device)
+    loss = accelerator.reduce(mean_loss, reduction="mean").item()
     grad_norm = run.running_grad_norm.pop()
     now = time.perf_counter()
     elapsed, steps = now - run.last_log[0], run.step - run.last_log[1]
@@ -409,19 +502,34 @@ def log_metrics(run: Run, progress: tqdm) -> None:
         values["grad_norm"] = grad_norm.item()
     if run.ema is not None:
         values["ema_decay"] = run.ema.cur_decay_value
-    if not math.isfinite(loss):
-        raise RuntimeError(f"the loss became {loss} by step {run.step}; lower --learning_rate, or try "
-                           "--mixed_precision no; the last checkpoint in the output folder is intact")
+    if run.config.skip_nonfinite:
+        values["skipped_steps"] = run.skipped_steps
+    if not math.isfinite(loss) and not run.config.skip_nonfinite:
+        raise diverged(run, f"the loss became {loss} between steps {run.step - steps} and {run.step}")
     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
     accelerator.log({k: v for k, v in values.items() if k != "step" and v is not None}, step=run.step)
     if run.metrics_file is not None:
         run.metrics_file.write(values)
 
 
+def diverged(run: Run, what: str) -> RunFailed:
+    saved = checkpoint.complete_checkpoints(run.output_dir)
+    last = f"{saved[-1][1].name} is the last good checkpoint" if saved else "no checkpoint was saved yet"
+    return RunFailed(f"{what}; stopped, {last}. Lower --learning_rate (or pass --skip_nonfinite) and re-run the "
+                     "same command to resume from it")
+
+
+def training_state(run: Run) -> dict[str, Any]:
+    return {"step": run.step, "epoch": run.epoch, "images_seen": run.images_seen, "seed": run.config.seed,
+            "num_processes": run.accelerator.num_processes}
+
+
 def save_checkpoint(run: Run) -> None:
-    state = {"step": run.step, "epoch": run.epoch, "images_seen": run.images_seen, "seed": run.config.seed,
-             "num_processes": run.accelerator.num_processes}
-    path = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step, state, run.config,
+    """A checkpoint of the state after run.step, never of a diverged one."""
+    pending = run.running_loss.total
+    if pending is not None and not is_finite(run.accelerator.reduce(pending.clone(), reduction="sum")):
+        raise diverged(run, f"the loss became non-finite before step {run.step}")
+    path = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step, training_state(run), run.config,
                                       run.config.checkpoints_total_limit)
     logger.info(f"saved {path}")
 
@@ -448,7 +556,8 @@ def save_sample_grid(run: Run) -> Path:
 def export(run: Run) -> None:
     """The pipeline folder (EMA weights when --use_ema), the model card and the loss plot; upload if asked."""
     with models.ema_weights(run.unwrapped_unet, run.ema) as unet:
-        checkpoint.export_pipeline(unet, run.noise_scheduler, run.output_dir)
+        checkpoint.export_pipeline(unet, run.noise_scheduler, run.output_dir,
+                                   {**training_state(run), "finished": run.step >= run.max_train_steps})
     records = run.metrics_file.read() if run.metrics_file else []
     tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
     write_card(run, records)
