@@ -254,6 +254,15 @@ def test_resuming_with_another_model_is_refused(run_cli, color_folder, tiny_unet
     one_line_error(code, err, "prediction_type: epsilon -> v_prediction")
 
 
+def test_resuming_with_another_channel_count_is_refused(run_cli, gray_folder, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--train_data_dir", gray_folder, "--model_preset", "tiny", "--output_dir", out,
+            "--train_batch_size", "4", "--sample_steps", "2", "--logger", "none", "--checkpointing_steps", "2"]
+    assert run_cli(*args, "--max_train_steps", "2")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "4", "--num_channels", "3")
+    one_line_error(code, err, "in_channels: 1 -> 3")
+
+
 # ---------------------------------------------------------------------------------------- entry points
 
 
