@@ -228,13 +228,14 @@ def register_state_hooks(accelerator: Accelerator, ema: EMAModel | None) -> None
 
     def save_hook(models: list[torch.nn.Module], weights: list[Any], output_dir: str) -> None:
         if accelerator.is_main_process:
-            accelerator.unwrap_model(models[0]).save_pretrained(os.path.join(output_dir, "unet"))
+            accelerator.unwrap_model(models[0], keep_torch_compile=False).save_pretrained(
+                os.path.join(output_dir, "unet"))
             if ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
         weights.clear()  # written above; accelerate must not write them again
 
     def load_hook(models: list[torch.nn.Module], input_dir: str) -> None:
-        unet = accelerator.unwrap_model(models.pop())
+        unet = accelerator.unwrap_model(models.pop(), keep_torch_compile=False)
         trained = read_weights(Path(input_dir) / "unet")
         unet.load_state_dict(trained)
         if ema is not None:

@@ -154,6 +154,19 @@ class TrainConfig:
                                        seed=True)
     hub_private_repo: bool = setting(False, "make the Hub repository private", group="hub", seed=True)
 
+    # ---- speed (each is said in the log when it is on)
+    channels_last: bool = setting(True, "keep activations in channels-last layout (on GPUs, where the "
+                                  "convolutions are faster so)", group="speed")
+    allow_tf32: bool = setting(True, "let fp32 matrix products use TF32 tensor cores on NVIDIA GPUs",
+                               group="speed")
+    fused_adamw: bool = setting(True, "use PyTorch's fused AdamW kernel on GPUs", group="speed")
+    compile: bool = setting(False, "torch.compile the UNet (minutes of compiling, then faster steps; exports "
+                            "and checkpoints hold the plain module)", group="speed")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
+                                           "about a third more compute", group="speed")
+    ema_update_every: int = setting(1, "update the EMA every this many steps, with the decay raised to that "
+                                    "power (the seed updates every step)", group="speed")
+
     # ---- run control
     local_rank: int = setting(-1, "set by launchers; accelerate reads it from the environment", group="run",
                               seed=True)
@@ -203,7 +216,7 @@ SETTINGS = {f.name: f for f in fields(TrainConfig)}
 GROUP_TITLES = {
     "data": "data", "model": "model", "diffusion": "diffusion objective", "training": "optimisation",
     "ema": "exponential moving average", "outputs": "outputs, previews and checkpoints", "logging": "logging",
-    "hub": "Hugging Face Hub", "run": "run control",
+    "hub": "Hugging Face Hub", "speed": "speed and memory", "run": "run control",
 }
 
 
@@ -320,7 +333,7 @@ def validate(config: TrainConfig) -> None:
 
     for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
                  "save_images_epochs", "save_model_epochs", "checkpointing_steps", "checkpoints_total_limit",
-                 "ddpm_num_inference_steps", "sample_steps", "max_train_steps", "logging_steps"):
+                 "ddpm_num_inference_steps", "sample_steps", "max_train_steps", "logging_steps", "ema_update_every"):
         at_least(name, 1)
     for name in ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "noise_offset", "max_grad_norm"):
         at_least(name, 0)

@@ -23,7 +23,6 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, hub, models, sampling, tracking
@@ -127,7 +126,7 @@ class Run:
     images: data.TrainingImages
     order: data.Order
     unet: torch.nn.Module
-    ema: EMAModel | None
+    ema: models.EMA | None
     noise_scheduler: DDPMScheduler
     objective: Objective
     optimizer: torch.optim.Optimizer
@@ -146,10 +145,12 @@ class Run:
     last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous log line, for images/s
     noise_generator: torch.Generator | None = None
     skipped_steps: int = 0  # non-finite steps skipped under --skip_nonfinite
+    memory_format: torch.memory_format = torch.contiguous_format  # the UNet's, given to its inputs too
 
     @property
     def unwrapped_unet(self) -> UNet2DModel:
-        return self.accelerator.unwrap_model(self.unet)
+        """The plain module (no DDP, no torch.compile wrapper): for sampling, export and checkpoints."""
+        return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
 
 
 def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
@@ -166,6 +167,7 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
             step_scheduler_with_optimizer=False,
             # Decoding a large dataset on the main process must not time out the others.
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+            dynamo_backend="inductor" if config.compile else "no",
         )
     except ValueError as error:
         raise UsageError(f"--mixed_precision {config.mixed_precision}: {error}") from None
@@ -218,16 +220,14 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
 
     set_seed(config.seed)  # identical initial weights on every process
     unet = models.build_unet(unet_config)
-    if config.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    ema = None
-    if config.use_ema:
-        ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
-                       inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True,
-                       model_cls=UNet2DModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate,
-                                  betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    speedups = models.speed_up(unet, config, accelerator.device)
+    ema = models.make_ema(unet, config) if config.use_ema else None
+    optimizer, fused = make_optimizer(unet, config, accelerator.device)
+    speedups += ["fused AdamW"] * fused + [f"{config.mixed_precision} autocast"] * (config.mixed_precision != "no")
+    speedups += ["TF32 matmuls"] * allow_tf32(config, accelerator.device) + ["torch.compile"] * config.compile
+    if ema is not None:
+        speedups.append(f"foreach EMA every {config.ema_update_every} step(s)")
+    logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")
 
     order = data.Order(len(images), config.train_batch_size, config.seed, accelerator.num_processes,
                        accelerator.process_index)
@@ -239,13 +239,35 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     if ema is not None:
         ema.to(accelerator.device)
     checkpoint.register_state_hooks(accelerator, ema)
+    noise_scheduler = models.build_noise_scheduler(config)
+    # On the device once: add_noise and compute_snr would otherwise copy it from the host every step.
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
     return Run(config=config, accelerator=accelerator, output_dir=output_dir, images=images, order=order,
-               unet=unet, ema=ema, noise_scheduler=models.build_noise_scheduler(config),
+               unet=unet, ema=ema, noise_scheduler=noise_scheduler,
                objective=Objective(config.prediction_type, config.snr_gamma, config.noise_offset),
                optimizer=optimizer, lr_scheduler=lr_scheduler, max_train_steps=max_train_steps,
                steps_per_epoch=steps_per_epoch, num_epochs=math.ceil(max_train_steps / steps_per_epoch),
                global_batch_size=config.train_batch_size * accelerator.num_processes
-               * config.gradient_accumulation_steps, noise_generator=torch.Generator(accelerator.device))
+               * config.gradient_accumulation_steps, noise_generator=torch.Generator(accelerator.device),
+               memory_format=torch.channels_last if "channels-last" in speedups else torch.contiguous_format)
+
+
+def make_optimizer(unet: torch.nn.Module, config: TrainConfig, device: torch.device) -> tuple[torch.optim.AdamW, bool]:
+    """The seed's AdamW; on GPUs the fused kernel (one launch for all parameters instead of several per tensor)."""
+    fused = config.fused_adamw and device.type == "cuda"
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
+                                  eps=config.adam_epsilon, fused=fused or None)
+    return optimizer, fused
+
+
+def allow_tf32(config: TrainConfig, device: torch.device) -> bool:
+    """TF32 tensor cores for fp32 matrix products and convolutions (10-bit mantissa inputs, fp32 accumulation)."""
+    if not (config.allow_tf32 and device.type == "cuda"):
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 def resume(run: Run, path: Path) -> None:
@@ -437,7 +459,7 @@ def train_step(run: Run, micro_batches: list[tuple[int, Any]]) -> torch.Tensor |
     total_loss = torch.zeros((), device=accelerator.device)
     for i, (batch_index, indices) in enumerate(micro_batches):
         pixels = run.images.batch(indices, run.order.augmentation_rng(run.epoch, batch_index))
-        clean_images = run.images.normalize(pixels, accelerator.device)
+        clean_images = run.images.normalize(pixels, accelerator.device).contiguous(memory_format=run.memory_format)
         # Noise and timesteps are a pure function of (seed, step, process, micro-batch): a resumed run
         # draws exactly what the uninterrupted one would have, with no random state to restore.
         run.noise_generator.manual_seed(mix_seed(run.config.seed, run.step, accelerator.process_index, i))
@@ -460,7 +482,7 @@ def train_step(run: Run, micro_batches: list[tuple[int, Any]]) -> torch.Tensor |
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
+    if run.ema is not None and (run.step + 1) % run.config.ema_update_every == 0:
         run.ema.step(unet.parameters())
     return total_loss / len(micro_batches)
 
