@@ -350,6 +350,10 @@ class TrainingImages:
 
     def normalize(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Integer pixels -> float in [-1, 1] on `device` (the seed's ToTensor + Normalize([0.5], [0.5]))."""
+        if torch.device(device).type == "cuda":
+            # From pinned memory the copy is truly asynchronous; from pageable memory the host would wait
+            # for every kernel queued before it, a synchronisation per step.
+            batch = batch.pin_memory()
         batch = batch.to(device, non_blocking=True)
         return batch.float().mul_(2.0 / self.max_value).sub_(1.0)
 

@@ -25,7 +25,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, hub, models, sampling, tracking
+from . import checkpoint, data, environment, hub, models, sampling, tracking
 from .config import RunFailed, TrainConfig, UsageError
 from .objective import Objective, training_loss
 
@@ -210,6 +210,7 @@ def choose_channels(plan: Plan, decoded: data.DecodedImages) -> int:
 def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     config = plan.config
     output_dir = Path(config.output_dir)
+    speedups = ["glibc malloc keeps freed buffers"] * environment.keep_freed_memory()
     decoded = load_images(config, accelerator, output_dir)
     channels = choose_channels(plan, decoded)
     images = data.TrainingImages(data.to_channels(decoded.arrays, channels), config.resolution,
@@ -220,7 +221,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
 
     set_seed(config.seed)  # identical initial weights on every process
     unet = models.build_unet(unet_config)
-    speedups = models.speed_up(unet, config, accelerator.device)
+    speedups += models.speed_up(unet, config, accelerator.device)
     ema = models.make_ema(unet, config) if config.use_ema else None
     optimizer, fused = make_optimizer(unet, config, accelerator.device)
     speedups += ["fused AdamW"] * fused + [f"{config.mixed_precision} autocast"] * (config.mixed_precision != "no")
