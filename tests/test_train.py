@@ -13,7 +13,8 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
-from conftest import fast_train_args, write_images
+from conftest import MESSY_SKIPPED, MESSY_USED, fast_train_args, write_images, write_messy_folder
+from uncond import data
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -120,6 +121,28 @@ def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_
     assert config["in_channels"] == config["out_channels"] == 1
     grid = (out / "samples" / "step-0000002.png")
     assert __import__("PIL.Image").Image.open(grid).mode == "L"
+
+
+def test_a_messy_folder_trains_and_a_second_run_decodes_nothing(run_cli, tiny_unet, tmp_path, monkeypatch):
+    folder = write_messy_folder(tmp_path / "messy")
+    first = tmp_path / "first"
+    code, _, err = run_cli(*fast_train_args(folder, tiny_unet, first, "--max_train_steps", "2"))
+    assert code == 0, err
+    summary = [line for line in err.splitlines() if "data: " in line]
+    assert len(summary) == 1 and f"{len(MESSY_USED)} images" in summary[0] and "decoded into the cache" in summary[0]
+    assert f"{len(MESSY_SKIPPED)} skipped (" in summary[0] and "all in data_report.json" in summary[0]
+    report = json.loads((first / "data_report.json").read_text())
+    assert report["used"] == len(MESSY_USED) and report["upscaled"] == 1
+    assert sorted(Path(item["name"]).name for item in report["skipped"]) == MESSY_SKIPPED
+    assert all(item["reason"] for item in report["skipped"])
+
+    decodes = []
+    decode_image = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda *args: decodes.append(1) or decode_image(*args))
+    code, _, err = run_cli(*fast_train_args(folder, tiny_unet, tmp_path / "second", "--max_train_steps", "2"))
+    assert code == 0, err
+    assert decodes == [] and "read from the cache" in err
+    assert json.loads((tmp_path / "second" / "data_report.json").read_text()) == report
 
 
 def test_model_config_can_come_from_a_pipeline_folder(run_cli, color_folder, tiny_unet, tmp_path):

@@ -57,7 +57,8 @@ class TrainConfig:
         group="data", seed=True)
     image_column: str | None = setting(None, "the dataset column holding the images (found automatically)",
                                        group="data")
-    cache_dir: str | None = setting(None, "where downloaded datasets and models are stored", group="data", seed=True)
+    cache_dir: str | None = setting(None, "where downloaded datasets and models are stored, and the decoded images "
+                                    "(in its uncond/ folder; default ~/.cache/uncond)", group="data", seed=True)
     resolution: int = setting(64, "training resolution in pixels: images are resized (shorter side) and cropped "
                               "to it; with --model_preset, the preset's resolution", group="data", seed=True)
     center_crop: bool = setting(False, "crop the centre of each image instead of a random crop", group="data",
@@ -69,6 +70,8 @@ class TrainConfig:
                                              group="data", seed=True)
     dataloader_num_workers: int = setting(0, "worker threads that decode images (0: one per CPU core, up to 8)",
                                           group="data", seed=True)
+    streaming: bool = setting(False, "read --dataset_name as a stream (Hub, or local Parquet/WebDataset shards), "
+                              "decoding on the fly, without a full local copy; needs --max_train_steps", group="data")
 
     # ---- model
     model_config_name_or_path: str | None = setting(
@@ -349,3 +352,8 @@ def validate(config: TrainConfig) -> None:
     if config.dataset_name is None and config.train_data_dir is None:
         raise UsageError("no dataset given: pass --dataset_name (a Hub dataset, a saved dataset, a folder, or "
                          "builtin:mnist) or --train_data_dir DIR; `uncond train` with no arguments runs the demo")
+    if config.streaming and not config.dataset_name:
+        raise UsageError("--streaming reads --dataset_name (a Hub dataset, or a folder of Parquet or WebDataset "
+                         "shards); a --train_data_dir folder is decoded once into the cache instead")
+    if config.streaming and not config.max_train_steps:
+        raise UsageError("--streaming needs --max_train_steps: the length of a stream is not known in advance")

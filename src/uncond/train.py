@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, environment, hub, models, sampling, tracking
+from . import checkpoint, data, environment, hub, models, sampling, streaming, tracking
 from .config import RunFailed, TrainConfig, UsageError
 from .objective import Objective, training_loss
 
@@ -98,15 +98,15 @@ def check_tracker(name: str) -> None:
 def dry_run(plan: Plan) -> None:
     """--dry_run: what would be trained on what, without decoding images or building weights."""
     config = plan.config
-    source = data.open_source(config)
+    source = None if config.streaming else data.open_source(config)
     channel_options = [plan.channels_from_model_config] if plan.channels_from_model_config else (
         [1, 3] if config.num_channels == "auto" else [int(config.num_channels)])
     sizes = ", ".join(f"{models.count_parameters(models.with_channels(plan.unet_config, c)):,} parameters with "
                       f"{c} channel{'s' if c > 1 else ''}" for c in channel_options)
-    batches = math.ceil(len(source.records) / config.train_batch_size)
+    batches = math.ceil(len(source.records) / config.train_batch_size) if source else config.max_train_steps
     steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
     print(json.dumps(config.to_dict(), indent=2))
-    print(f"dataset: {source.description}")
+    print(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
     print(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
     print(f"schedule: {steps_per_epoch} optimizer steps per epoch on one process; "
           f"{config.max_train_steps or steps_per_epoch * config.num_epochs} steps in all")
@@ -123,8 +123,7 @@ class Run:
     config: TrainConfig
     accelerator: Accelerator
     output_dir: Path
-    images: data.TrainingImages
-    order: data.Order
+    batches: data.CachedBatches | streaming.StreamedBatches
     unet: torch.nn.Module
     ema: models.EMA | None
     noise_scheduler: DDPMScheduler
@@ -173,49 +172,46 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
         raise UsageError(f"--mixed_precision {config.mixed_precision}: {error}") from None
 
 
-def load_images(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> data.DecodedImages:
+def load_batches(plan: Plan, accelerator: Accelerator) -> data.CachedBatches | streaming.StreamedBatches:
+    """This process's training batches: from the decoded-image cache, or from a stream with --streaming."""
+    config = plan.config
+    pin_memory = accelerator.device.type == "cuda"
+    if config.streaming:
+        stream = streaming.Stream(config)
+        channels = choose_channels(plan, lambda: stream.all_gray(config),
+                                   f" (judged from the first {streaming.CHANNELS_PEEK} images of the stream)")
+        return streaming.StreamedBatches(stream, config, channels, accelerator.num_processes,
+                                         accelerator.process_index, pin_memory)
     source = data.open_source(config)
-    decoded = data.decode_all(source, config.resolution, config.preserve_input_precision,
-                              config.dataloader_num_workers, progress=accelerator.is_local_main_process)
-    if not decoded.arrays:
-        reasons = "; ".join(f"{name}: {reason}" for name, reason in decoded.skipped[:3])
-        raise UsageError(f"none of the {len(source.records)} images in {source.description} could be read ({reasons})")
-    summary = f"data: {len(decoded.arrays)} images from {source.description}"
-    if decoded.skipped:
-        summary += f", {len(decoded.skipped)} skipped (" + "; ".join(
-            f"{name}: {reason}" for name, reason in decoded.skipped[:3]) + (", ..." if len(decoded.skipped) > 3
-                                                                          else "") + ")"
-    if decoded.upscaled:
-        summary += f", {decoded.upscaled} smaller than {config.resolution} px were upscaled"
-    logger.info(summary)
+    # One process per machine decodes into the cache; the others wait, then map what it wrote.
+    with accelerator.local_main_process_first():
+        cache = data.load_images(source, config, progress=accelerator.is_local_main_process)
+    logger.info(data.summary(cache, source))
     if accelerator.is_main_process:
-        report = {"used": len(decoded.arrays), "skipped": [{"name": n, "reason": r} for n, r in decoded.skipped],
-                  "upscaled": decoded.upscaled}
-        (output_dir / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return decoded
+        data.write_report(Path(config.output_dir) / data.REPORT_FILE, len(cache), cache.meta["skipped"],
+                          cache.meta["upscaled"], cache=str(cache.folder))
+    channels = choose_channels(plan, lambda: cache.all_gray)
+    return data.CachedBatches(cache, config, channels, accelerator.num_processes, accelerator.process_index,
+                              pin_memory)
 
 
-def choose_channels(plan: Plan, decoded: data.DecodedImages) -> int:
+def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str = "") -> int:
     config = plan.config
     if plan.channels_from_model_config:
         return plan.channels_from_model_config
     if config.num_channels != "auto":
         return int(config.num_channels)
-    channels = 1 if decoded.all_gray else 3
-    logger.info(f"--num_channels auto: every image is grayscale, training a 1-channel model" if channels == 1
-                else "--num_channels auto: colour images found, training a 3-channel (RGB) model")
+    channels = 1 if all_gray() else 3
+    logger.info((f"--num_channels auto: every image is grayscale, training a 1-channel model" if channels == 1
+                 else "--num_channels auto: colour images found, training a 3-channel (RGB) model") + judged_from)
     return channels
 
 
 def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     config = plan.config
-    output_dir = Path(config.output_dir)
     speedups = ["glibc malloc keeps freed buffers"] * environment.keep_freed_memory()
-    decoded = load_images(config, accelerator, output_dir)
-    channels = choose_channels(plan, decoded)
-    images = data.TrainingImages(data.to_channels(decoded.arrays, channels), config.resolution,
-                                 config.center_crop, config.random_flip)
-    unet_config = models.with_channels(plan.unet_config, channels)
+    batches = load_batches(plan, accelerator)
+    unet_config = models.with_channels(plan.unet_config, batches.channels)
     if plan.resume_from is not None:
         refuse_mismatched_resume(plan.resume_from, config, unet_config)
 
@@ -230,9 +226,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
         speedups.append(f"foreach EMA every {config.ema_update_every} step(s)")
     logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")
 
-    order = data.Order(len(images), config.train_batch_size, config.seed, accelerator.num_processes,
-                       accelerator.process_index)
-    steps_per_epoch = math.ceil(order.batches_per_epoch / config.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(batches.batches_per_epoch / config.gradient_accumulation_steps)
     max_train_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_train_steps)
@@ -243,7 +237,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     noise_scheduler = models.build_noise_scheduler(config)
     # On the device once: add_noise and compute_snr would otherwise copy it from the host every step.
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
-    return Run(config=config, accelerator=accelerator, output_dir=output_dir, images=images, order=order,
+    return Run(config=config, accelerator=accelerator, output_dir=Path(config.output_dir), batches=batches,
                unet=unet, ema=ema, noise_scheduler=noise_scheduler,
                objective=Objective(config.prediction_type, config.snr_gamma, config.noise_offset),
                optimizer=optimizer, lr_scheduler=lr_scheduler, max_train_steps=max_train_steps,
@@ -371,7 +365,8 @@ def log_run_summary(run: Run) -> None:
     parameters = sum(p.numel() for p in run.unwrapped_unet.parameters())
     logger.info(
         f"training {parameters / 1e6:.2f}M-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
-        f"{run.unwrapped_unet.config.in_channels} channel(s), {config.resolution} px, on {len(run.images)} images | "
+        f"{run.unwrapped_unet.config.in_channels} channel(s), {config.resolution} px, "
+        f"on {run.batches.num_images or 'a stream of'} images | "
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}, precision {config.mixed_precision} | "
         f"batch {config.train_batch_size} per device x {accelerator.num_processes} processes x "
         f"{config.gradient_accumulation_steps} accumulation = {run.global_batch_size} | "
@@ -443,9 +438,9 @@ def optimizer_steps(run: Run):
     The last group of an epoch may be shorter, as with the seed's accumulation at the end of a loader."""
     start = run.step - run.epoch * run.steps_per_epoch  # optimizer steps already done in this epoch
     accumulation = run.config.gradient_accumulation_steps
-    group: list[tuple[int, Any]] = []
-    for batch_index, indices in run.order.batches(run.epoch, start_batch=start * accumulation):
-        group.append((batch_index, indices))
+    group: list[torch.Tensor] = []
+    for _, clean_images in run.batches.epoch(run.epoch, start_batch=start * accumulation):
+        group.append(clean_images)
         if len(group) == accumulation:
             yield group
             group = []
@@ -453,14 +448,15 @@ def optimizer_steps(run: Run):
         yield group
 
 
-def train_step(run: Run, micro_batches: list[tuple[int, Any]]) -> torch.Tensor | None:
+def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | None:
     """One optimizer step over one or more micro-batches. Returns the mean loss, still on the device
     (None for a step skipped under --skip_nonfinite)."""
     accelerator, unet = run.accelerator, run.unet
     total_loss = torch.zeros((), device=accelerator.device)
-    for i, (batch_index, indices) in enumerate(micro_batches):
-        pixels = run.images.batch(indices, run.order.augmentation_rng(run.epoch, batch_index))
-        clean_images = run.images.normalize(pixels, accelerator.device).contiguous(memory_format=run.memory_format)
+    for i, clean_images in enumerate(micro_batches):
+        # Pinned by the loader on GPUs, so the copy is asynchronous.
+        clean_images = clean_images.to(accelerator.device, non_blocking=True).contiguous(
+            memory_format=run.memory_format)
         # Noise and timesteps are a pure function of (seed, step, process, micro-batch): a resumed run
         # draws exactly what the uninterrupted one would have, with no random state to restore.
         run.noise_generator.manual_seed(mix_seed(run.config.seed, run.step, accelerator.process_index, i))
@@ -585,6 +581,9 @@ def export(run: Run) -> None:
     tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
     write_card(run, records)
     logger.info(f"exported the pipeline at step {run.step} to {run.output_dir}")
+    if isinstance(run.batches, streaming.StreamedBatches):  # what the stream held is known only as it goes
+        run.batches.write_report(run.output_dir / data.REPORT_FILE)
+        logger.info(run.batches.summary())
     if run.repo_id:
         hub.upload(run.repo_id, run.output_dir, run.config.hub_token, f"step {run.step}")
 
