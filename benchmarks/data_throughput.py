@@ -128,7 +128,8 @@ def seed_images_per_second(folder: Path, resolution: int, workers: int, cache_di
 # ------------------------------------------------------------------------------------ (b) uncond's pipeline
 
 
-def ours_images_per_second(folder: Path, resolution: int, cache_dir: str, min_seconds: float) -> tuple[float, float]:
+def ours_images_per_second(folder: Path, resolution: int, cache_dir: str, min_seconds: float,
+                           device: torch.device) -> tuple[float, float]:
     """(cold: decoding into the cache, warm: batches from it, repeated for at least `min_seconds`)."""
     config = TrainConfig(train_data_dir=str(folder), resolution=resolution, random_flip=True,
                          train_batch_size=BATCH_SIZE, cache_dir=cache_dir, seed=0)
@@ -136,12 +137,14 @@ def ours_images_per_second(folder: Path, resolution: int, cache_dir: str, min_se
     started = time.perf_counter()
     cache = data.load_images(source, config, progress=False)
     cold = len(cache) / (time.perf_counter() - started)
-    batches = data.CachedBatches(cache, config, channels=3)
+    batches = data.CachedBatches(cache, config, channels=3, pin_memory=device.type == "cuda")
     started, seen, epoch = time.perf_counter(), 0, 0
     while time.perf_counter() - started < min_seconds:
         for _, clean_images in batches.epoch(epoch):
-            seen += len(clean_images.to("cpu", non_blocking=True))  # what train_step does with them
+            seen += len(clean_images.to(device, non_blocking=True))  # what train_step does with them
         epoch += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return cold, seen / (time.perf_counter() - started)
 
 
@@ -161,12 +164,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="least time spent measuring each warm figure")
     parser.add_argument("--seed_workers", type=int, default=2, help="also run the seed's loader with this many "
                                                                    "worker processes (0: skip)")
+    parser.add_argument("--device", default="cpu", help="where ours delivers the batches (cuda: pinned memory)")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = prepare_folder(args.folder or Path(scratch) / "photos", args.images)
         print(f"machine: {machine()}")
-        print(f"folder: {args.images} photos (JPEG and PNG, shorter side 300-500 px) in {folder}; batch {BATCH_SIZE}")
+        print(f"folder: {args.images} photos (JPEG and PNG, shorter side 300-500 px) in {folder}; batch {BATCH_SIZE}; "
+              f"ours delivers to {device}")
         header = ["res", "seed (0 workers)"] + ([f"seed ({args.seed_workers} workers)"] if args.seed_workers else [])
         header += ["ours cold (decode once)", "ours warm", "warm / seed"]
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -176,7 +182,7 @@ def main() -> None:
             row = [f"{resolution}", f"{seed:,.0f}"]
             if args.seed_workers:
                 row.append(f"{seed_images_per_second(folder, resolution, args.seed_workers, cache_dir):,.0f}")
-            cold, warm = ours_images_per_second(folder, resolution, cache_dir, args.seconds)
+            cold, warm = ours_images_per_second(folder, resolution, cache_dir, args.seconds, device)
             row += [f"{cold:,.0f}", f"{warm:,.0f}", f"{warm / seed:,.0f}x"]
             print("| " + " | ".join(row) + " |", flush=True)
 

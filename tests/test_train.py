@@ -297,3 +297,26 @@ def test_console_command_and_module_run(tmp_path):
                                check=True).stdout
     for flag in ("--dataset_name", "--ddpm_num_inference_steps", "--checkpoints_total_limit", "--model_preset"):
         assert flag in help_text
+
+
+@pytest.mark.slow
+def test_two_processes_decode_once_and_train(tiny_unet, tmp_path):
+    """`accelerate launch` with 2 CPU processes: rank 0 decodes into the cache while rank 1 waits, then maps it."""
+    folder = write_images(tmp_path / "images", 12)
+    counting = tmp_path / "counting_uncond.py"  # uncond's CLI with decode_image counted per process
+    counting.write_text(
+        "import os, sys\nfrom uncond import cli, data\ndecode = data.decode_image\n"
+        "def counted(*args):\n"
+        "    with open(os.path.join(sys.argv[-1], f\"decodes-{os.environ['RANK']}.txt\"), 'a') as f:\n"
+        "        f.write('1')\n"
+        "    return decode(*args)\n"
+        "data.decode_image = counted\nsys.exit(cli.main(sys.argv[1:-1]))\n")
+    out = tmp_path / "run"
+    args = fast_train_args(folder, tiny_unet, out, "--max_train_steps", "2", "--cache_dir", tmp_path / "cache")
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             str(counting), *map(str, args), str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "decodes-0.txt").read_text() == "1" * 12 and not (tmp_path / "decodes-1.txt").exists()
+    assert "2 process(es)" in result.stderr and (out / "unet").is_dir()
