@@ -63,10 +63,11 @@ def main() -> None:
         report_every = max(1, batches.batches_per_epoch // 10)
         for batch_index, clean_images in batches.epoch(0):
             seen += len(clean_images)
-            if batch_index % 16 == 0 or batch_index == batches.batches_per_epoch - 1:
+            last = batch_index == batches.batches_per_epoch - 1
+            if batch_index % 16 == 0 or batch_index % report_every == 0 or last:
                 anonymous, file_backed = resident_memory()
                 peak_anonymous = max(peak_anonymous, anonymous)
-                if batch_index % report_every == 0 or batch_index == batches.batches_per_epoch - 1:
+                if batch_index % report_every == 0 or last:
                     print(f"{seen:>10,} images read: RssAnon {anonymous / 2**20:,.0f} MiB, "
                           f"RssFile {file_backed / 2**20:,.0f} MiB", flush=True)
         elapsed = time.perf_counter() - started

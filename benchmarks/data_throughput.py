@@ -92,7 +92,8 @@ def prepare_folder(folder: Path, count: int, seed: int = 0) -> Path:
 
 
 class SeedAugmentations:
-    """Compose([Resize(res, BILINEAR), RandomCrop(res), RandomHorizontalFlip(), ToTensor(), Normalize([0.5], [0.5])])."""
+    """Compose([Resize(res, BILINEAR), RandomCrop(res), RandomHorizontalFlip(), ToTensor(),
+    Normalize([0.5], [0.5])]) on a PIL image, as torchvision implements each."""
 
     def __init__(self, resolution: int):
         self.resolution = resolution

@@ -357,8 +357,8 @@ def decode_records(records: Iterable[Record], resolution: int, preserve_precisio
 
 def load_images(source: Source, config: TrainConfig, progress: bool = True) -> ImageCache:
     """The decoded images of `source`: read from the cache, or decoded into it on the first run."""
-    folder = entry_folder(cache_root(config.cache_dir), source.fingerprint,
-                          {"resolution": config.resolution, "preserve_input_precision": config.preserve_input_precision})
+    settings = {"resolution": config.resolution, "preserve_input_precision": config.preserve_input_precision}
+    folder = entry_folder(cache_root(config.cache_dir), source.fingerprint, settings)
     return ImageCache.open(folder) or build_cache(source, folder, config, progress)
 
 

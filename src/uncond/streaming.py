@@ -68,8 +68,9 @@ class Stream:
     def all_gray(self, config: TrainConfig) -> bool:
         """Whether the first CHANNELS_PEEK images are all grayscale; every process sees the same ones."""
         head = itertools.islice(self.records(self.dataset), CHANNELS_PEEK)
-        results = [r for _, r in decode_records(head, 8, False, config.dataloader_num_workers) if not isinstance(r, str)]
-        return bool(results) and all(gray for _, gray, _ in results)
+        results = [result for _, result in decode_records(head, 8, False, config.dataloader_num_workers)]
+        decoded = [result for result in results if not isinstance(result, str)]
+        return bool(decoded) and all(gray for _, gray, _ in decoded)
 
 
 def missing_image(columns: list[str]) -> Any:
@@ -127,7 +128,8 @@ class StreamedBatches:
             for record, result in decode_records(self.stream.records(shuffled), config.resolution,
                                                  config.preserve_input_precision, config.dataloader_num_workers):
                 if isinstance(result, str):
-                    self.skipped.append((record.name, result))
+                    if stream_pass == 0:  # each pass meets the same bad files again
+                        self.skipped.append((record.name, result))
                     continue
                 self.used += 1
                 self.upscaled += result[2]

@@ -103,7 +103,8 @@ def dry_run(plan: Plan) -> None:
         [1, 3] if config.num_channels == "auto" else [int(config.num_channels)])
     sizes = ", ".join(f"{models.count_parameters(models.with_channels(plan.unet_config, c)):,} parameters with "
                       f"{c} channel{'s' if c > 1 else ''}" for c in channel_options)
-    batches = math.ceil(len(source.records) / config.train_batch_size) if source else config.max_train_steps
+    batches = (math.ceil(len(source.records) / config.train_batch_size) if source  # a stream: one epoch
+               else config.max_train_steps * config.gradient_accumulation_steps)
     steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
     print(json.dumps(config.to_dict(), indent=2))
     print(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
@@ -182,9 +183,9 @@ def load_batches(plan: Plan, accelerator: Accelerator) -> data.CachedBatches | s
                                    f" (judged from the first {streaming.CHANNELS_PEEK} images of the stream)")
         return streaming.StreamedBatches(stream, config, channels, accelerator.num_processes,
                                          accelerator.process_index, pin_memory)
-    source = data.open_source(config)
-    # One process per machine decodes into the cache; the others wait, then map what it wrote.
+    # One process per machine downloads and decodes into the cache; the others wait, then map what it wrote.
     with accelerator.local_main_process_first():
+        source = data.open_source(config)
         cache = data.load_images(source, config, progress=accelerator.is_local_main_process)
     logger.info(data.summary(cache, source))
     if accelerator.is_main_process:
