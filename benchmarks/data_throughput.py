@@ -1,6 +1,7 @@
 """Images per second delivered to the training step: train_unconditional.py's data pipeline against uncond's.
 
-    python benchmarks/data_throughput.py            # 1,000 photos, 32/64/128 px (needs scikit-image)
+    pip install -e ".[bench]"                       # scikit-image, whose photographs the benchmark uses
+    python benchmarks/data_throughput.py            # 1,000 photos, 32/64/128 px
 
 Both pipelines end in the same place: a float batch of shape (16, 3, res, res) in [-1, 1], randomly
 cropped and flipped, ready for the UNet. Each figure is images delivered over wall-clock time.
@@ -55,7 +56,7 @@ def photographs() -> list[Path]:
     try:
         import skimage
     except ImportError:
-        raise SystemExit("the benchmark's photos come with scikit-image: pip install scikit-image") from None
+        raise SystemExit('the benchmark\'s photos come with scikit-image: pip install -e ".[bench]"') from None
     import matplotlib
 
     folder = Path(skimage.__file__).parent / "data"
