@@ -97,10 +97,12 @@ def run_cli(capsys):
 
 
 def fast_train_args(data_folder: Path, unet_config: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Flags for a seconds-long CPU run on the tiny UNet."""
+    """Flags for a seconds-long CPU run on the tiny UNet; decoded images are cached beside the data folder
+    (also for runs in subprocesses, which the autouse fixture does not reach)."""
     return ["train", "--train_data_dir", data_folder, "--model_config_name_or_path", unet_config,
             "--resolution", "16", "--output_dir", output_dir, "--train_batch_size", "4", "--eval_batch_size", "4",
-            "--sample_steps", "2", "--lr_warmup_steps", "1", "--logger", "none", "--seed", "0", *extra]
+            "--sample_steps", "2", "--lr_warmup_steps", "1", "--logger", "none", "--seed", "0",
+            "--cache_dir", Path(data_folder).parent / "image-cache", *extra]
 
 
 def png_header_only(width: int, height: int) -> bytes:

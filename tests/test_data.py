@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import mmap
 import os
 from pathlib import Path

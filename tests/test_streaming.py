@@ -65,7 +65,7 @@ def streaming_args(shards: Path, unet: Path, out: Path, *extra: str) -> list[str
     return args
 
 
-def test_trains_from_parquet_shards_and_resumes(run_cli, tiny_unet, tmp_path, decoded_image_cache):
+def test_trains_from_parquet_shards_and_resumes(run_cli, tiny_unet, tmp_path):
     shards = write_parquet_shards(tmp_path / "parquet")
     out = tmp_path / "run"
     tiny = ("--model_config_name_or_path", "", "--model_preset", "tiny")
@@ -75,7 +75,7 @@ def test_trains_from_parquet_shards_and_resumes(run_cli, tiny_unet, tmp_path, de
     assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 1
     report = json.loads((out / "data_report.json").read_text())
     assert report["streaming"] and report["used"] >= 6 and report["skipped"] == []
-    assert not decoded_image_cache.exists()  # nothing was cached
+    assert not (tmp_path / "image-cache" / "uncond").exists()  # nothing was cached
     code, _, err = run_cli(*streaming_args(shards, tiny_unet, out, "--max_train_steps", "5", *tiny))
     assert code == 0, err
     assert "resuming from checkpoint-3" in err

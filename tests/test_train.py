@@ -312,7 +312,7 @@ def test_two_processes_decode_once_and_train(tiny_unet, tmp_path):
         "    return decode(*args)\n"
         "data.decode_image = counted\nsys.exit(cli.main(sys.argv[1:-1]))\n")
     out = tmp_path / "run"
-    args = fast_train_args(folder, tiny_unet, out, "--max_train_steps", "2", "--cache_dir", tmp_path / "cache")
+    args = fast_train_args(folder, tiny_unet, out, "--max_train_steps", "2")
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                              str(counting), *map(str, args), str(tmp_path)],

@@ -203,7 +203,7 @@ def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str =
     if config.num_channels != "auto":
         return int(config.num_channels)
     channels = 1 if all_gray() else 3
-    logger.info((f"--num_channels auto: every image is grayscale, training a 1-channel model" if channels == 1
+    logger.info(("--num_channels auto: every image is grayscale, training a 1-channel model" if channels == 1
                  else "--num_channels auto: colour images found, training a 3-channel (RGB) model") + judged_from)
     return channels
 
