@@ -105,26 +105,23 @@ def fast_train_args(data_folder: Path, unet_config: Path, output_dir: Path, *ext
             "--cache_dir", Path(data_folder).parent / "image-cache", *extra]
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height gray pixels, with almost no data: a decompression bomb's shape."""
+def png_file(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> bytes:
+    """A PNG written by hand: Pillow writes neither 16-bit colour nor a header that lies about the size."""
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height gray pixels, with almost no data: a decompression bomb's shape."""
+    return png_file(width, height, 8, 0, b"\0" * 64)
 
 
 def sixteen_bit_rgb_png(pixels: np.ndarray) -> bytes:
-    """A 16-bit colour PNG written by hand (Pillow cannot write one)."""
     height, width, _ = pixels.shape
-    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(height))
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return png_file(width, height, 16, 2, b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(height)))
 
 
 MESSY_USED = ["alpha.png", "cmyk.jpg", "gray.png", "gray16.png", "gray16.tif", "palette.png",
