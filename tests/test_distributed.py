@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import ddp_worker
 from conftest import fast_train_args
+from hub_standin import HubStandIn
 
 TESTS = Path(__file__).parent
 
@@ -34,11 +35,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two_processes(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+def launch_two_processes(*args: object, timeout: float = 300, **env_vars: str) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 ARGS` on the CPU; returns the finished process."""
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS),
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", **env_vars}
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                *[str(a) for a in args]]
@@ -67,8 +68,13 @@ def test_two_processes_train_to_completion_and_resume_on_one(run_cli, color_fold
     out = tmp_path / "run"
     args = fast_train_args(color_folder, tiny_unet, out, "--train_batch_size", "2", "--gradient_accumulation_steps",
                            "2", "--checkpointing_steps", "2", "--logging_steps", "1", "--logger", "tensorboard")
-    result = launch_two_processes("-m", "uncond", *args, "--max_train_steps", "4")
+    with HubStandIn(token="hf_standin_token") as hub:  # a local stand-in for the Hub's HTTP API
+        result = launch_two_processes("-m", "uncond", *args, "--max_train_steps", "4", "--push_to_hub",
+                                      "--hub_token", "hf_standin_token", HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
     assert result.returncode == 0, result.stderr[-3000:]
+    # one upload per export (after epoch 0 and at the end), from the main process only
+    assert len(hub.created) == 1 and [c.message for c in hub.commits] == ["uncond: step 2", "uncond: step 4"]
+    assert not [path for path in out.rglob("*") if path.is_file() and b"hf_standin_token" in path.read_bytes()]
     log = result.stderr
     assert "2 process(es) on cpu" in log and "batch 2 per device x 2 processes x 2 accumulation = 8" in log
     assert "2 per epoch" in log  # 12 images: 6 per process, 3 micro-batches of 2, 2 optimizer steps

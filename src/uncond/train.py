@@ -53,6 +53,11 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     """Every check that needs no decoding and no model weights. Raises UsageError with one clear line."""
     if config.model_preset and "resolution" not in explicit:
         config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch`
+    if launcher_precision and "mixed_precision" not in explicit:
+        # Without --mixed_precision, the launch's setting (its config file or flag) applies; the seed
+        # script's default "no" overrode it.
+        config = config.replace(mixed_precision=launcher_precision)
     data.check_source(config)
     sampling.check_sampler(config.sampler)
     unet_config = models.unet_config_for(config, config.resolution)
@@ -152,7 +157,10 @@ class Run:
     global_batch_size: int
     step: int = 0
     epoch: int = 0
-    epoch_start_step: int = 0  # the optimizer step at which the current epoch began
+    # Optimizer steps by which the epochs before this run's first one were longer than steps_per_epoch
+    # (a resume with another process count or batch size), so that epoch E starts at
+    # epoch_offset + E * steps_per_epoch.
+    epoch_offset: int = 0
     images_seen: int = 0
     repo_id: str | None = None
     uploads: hub.BackgroundUploads | None = None
@@ -171,16 +179,13 @@ class Run:
         return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
 
 
-def make_accelerator(config: TrainConfig, output_dir: Path, explicit: set[str] | frozenset[str] = frozenset()
-                     ) -> Accelerator:
+def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
     try:
         return Accelerator(
             # Several processes on a machine without CUDA (torchrun, or `accelerate launch --multi_gpu`):
             # accelerate runs them on the CPU with gloo only when told so.
             cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
-            # --mixed_precision wins; without it, what `accelerate launch` was given (its config file, its
-            # flag), else "no". The seed script ignored the launcher's setting.
-            mixed_precision=config.mixed_precision if "mixed_precision" in explicit else None,
+            mixed_precision=config.mixed_precision,
             log_with=None if config.logger == "none" else config.logger,
             project_config=ProjectConfiguration(project_dir=str(output_dir),
                                                 logging_dir=str(output_dir / config.logging_dir)),
@@ -307,14 +312,15 @@ def resume(run: Run, path: Path) -> None:
     run.images_seen = state.get("images_seen", run.step * run.global_batch_size)
     steps_into_epoch = run.step - state.get("epoch_start_step", run.epoch * run.steps_per_epoch)
     saved_processes = state.get("num_processes", run.accelerator.num_processes)
-    saved_batch = state.get("global_batch_size", run.global_batch_size)
+    saved_batch = state.get("global_batch_size", run.global_batch_size // run.accelerator.num_processes
+                            * saved_processes)  # older checkpoints: the same batch per device
     if saved_batch != run.global_batch_size or saved_processes != run.accelerator.num_processes:
         images_into_epoch = steps_into_epoch * saved_batch
         steps_into_epoch = min(images_into_epoch // run.global_batch_size, run.steps_per_epoch)
         logger.info(f"{path.name} was written by {saved_processes} process(es) with a global batch of {saved_batch}; "
                     f"going on with {run.accelerator.num_processes} process(es) and a global batch of "
                     f"{run.global_batch_size} after the {images_into_epoch} images already seen in epoch {run.epoch}")
-    run.epoch_start_step = run.step - steps_into_epoch
+    run.epoch_offset = run.step - steps_into_epoch - run.epoch * run.steps_per_epoch
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -329,8 +335,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         dry_run(plan)
         return Path(plan.config.output_dir)
     output_dir = Path(plan.config.output_dir)
-    accelerator = make_accelerator(plan.config, output_dir, explicit)
-    plan.config = settle_seed(plan, accelerator).replace(mixed_precision=accelerator.mixed_precision)
+    accelerator = make_accelerator(plan.config, output_dir)
+    plan.config = settle_seed(plan, accelerator)
     config = plan.config
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -494,7 +500,6 @@ def end_epoch(run: Run) -> int | None:
     run.accelerator.wait_for_everyone()
     if not last_epoch:
         run.epoch += 1
-        run.epoch_start_step = run.step
     return exported_at
 
 
@@ -512,7 +517,7 @@ def stop_requested(run: Run, stop: StopSignal) -> bool:
 def optimizer_steps(run: Run):
     """The current epoch's micro-batches, grouped per optimizer step, from where the run stands.
     The last group of an epoch may be shorter, as with the seed's accumulation at the end of a loader."""
-    start = run.step - run.epoch_start_step  # optimizer steps already done in this epoch
+    start = run.step - epoch_start_step(run)  # optimizer steps already done in this epoch
     accumulation = run.config.gradient_accumulation_steps
     group: list[tuple[int, Any]] = []
     for batch_index, indices in run.order.batches(run.epoch, start_batch=start * accumulation):
@@ -613,8 +618,12 @@ def diverged(run: Run, what: str) -> RunFailed:
                      "same command to resume from it")
 
 
+def epoch_start_step(run: Run) -> int:
+    return run.epoch_offset + run.epoch * run.steps_per_epoch
+
+
 def training_state(run: Run) -> dict[str, Any]:
-    return {"step": run.step, "epoch": run.epoch, "epoch_start_step": run.epoch_start_step,
+    return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
             "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
             "global_batch_size": run.global_batch_size}
 
