@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import MESSY_SKIPPED, MESSY_USED, fast_train_args, write_images, write_messy_folder
 from uncond import data
@@ -33,7 +34,10 @@ def test_trains_exports_and_diffusers_loads_it(run_cli, color_folder, tiny_unet,
                                             "--save_images_epochs", "1", "--checkpointing_steps", "6",
                                             "--logging_steps", "2", "--logger", "tensorboard"))
     assert code == 0, err
-    assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+    events = EventAccumulator(str(out / "logs" / "uncond"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples")] == [3, 6]  # the sample grids, in TensorBoard too
+    assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]
     for name in ("model_index.json", f"unet/{WEIGHTS}", "unet/config.json", "scheduler/scheduler_config.json",
                  "training_config.json", "README.md", "loss.png", "data_report.json"):
         assert (out / name).is_file(), name
@@ -54,6 +58,32 @@ def test_trains_exports_and_diffusers_loads_it(run_cli, color_folder, tiny_unet,
     raw = load_file(out / "checkpoint-6" / "unet" / WEIGHTS)
     assert all(torch.equal(exported[k], ema[k]) for k in exported)
     assert not all(torch.equal(exported[k], raw[k]) for k in exported)
+
+
+def test_wandb_offline_logs_metrics_and_samples_in_the_logging_dir(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                   monkeypatch):
+    pytest.importorskip("wandb")  # optional: pip install -e ".[wandb]"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "3",
+                                            "--logger", "wandb", "--logging_steps", "1"))
+    assert code == 0, err
+    runs = list((out / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert list(runs[0].rglob("media/images/samples_3_*.png"))
+    assert not (tmp_path / "wandb").exists()  # nothing in the working directory
+
+
+@pytest.mark.parametrize("flag, expected", [((), "bf16"), (("--mixed_precision", "no"), "no")])
+def test_mixed_precision_comes_from_the_flag_else_the_launcher(run_cli, color_folder, tiny_unet, tmp_path,
+                                                               monkeypatch, flag, expected):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as `accelerate launch` passes its config's setting
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1", *flag))
+    assert code == 0, err
+    assert f"precision {expected}" in err
+    assert json.loads((out / "training_config.json").read_text())["mixed_precision"] == expected
 
 
 def test_checkpoint_rotation_keeps_the_newest(run_cli, color_folder, tiny_unet, tmp_path):

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from .config import RunFailed, UsageError, add_train_arguments, build_config
+from .config import RunFailed, UsageError, add_train_arguments, build_config, public_argv
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, and sample from them."
 
@@ -72,8 +72,11 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     values = {name: value for name, value in vars(args).items() if name != "command"}
     config, explicit = build_config(values, use_demo=argv == ["train"])
+    command = public_argv(argv, config)
+    # Trackers (W&B, Comet, ClearML...) record the process's command line: never with the token in it.
+    sys.argv[1:] = public_argv(sys.argv[1:], config)
     with logging_redirect_tqdm():
-        train(config, explicit)
+        train(config, explicit, command=command)
     return 0
 
 
@@ -98,7 +101,7 @@ def setup_logging() -> None:
     logging.basicConfig(format="%(message)s", level=logging.INFO, force=True)
     logging.getLogger("uncond").addFilter(lambda record: is_main_process())
     for noisy in ("diffusers", "datasets", "accelerate", "huggingface_hub", "torch", "matplotlib", "PIL", "urllib3",
-                  "fsspec", "filelock"):
+                  "fsspec", "filelock", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

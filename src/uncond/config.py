@@ -108,7 +108,8 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this", group="training")
     skip_nonfinite: bool = setting(False, "skip optimizer steps whose loss or gradients are NaN/inf instead of "
                                    "stopping (checks every step: one host sync per step)", group="training")
-    mixed_precision: str = setting("no", "fp16 or bf16 autocast with fp32 master weights", group="training",
+    mixed_precision: str = setting("no", "fp16 or bf16 autocast with fp32 master weights; without the flag, "
+                                   "the accelerate launch's setting, else no", group="training",
                                    choices=MIXED_PRECISIONS, seed=True)
     seed: int | None = setting(None, "random seed; the one used is saved in training_config.json (default: random)",
                                group="training")
@@ -272,6 +273,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, choices=meta["choices"],
                                type=lambda text, name=name: coerce(name, text), help=help_text,
                                metavar=None if meta["choices"] else value_type(name).__name__.upper())
+
+
+def public_argv(argv: list[str], config: TrainConfig) -> list[str]:
+    """The command line with the Hub token replaced by <token>, however its flag was spelled
+    (--hub_token X, --hub_token=X, or an abbreviation argparse accepts)."""
+    if not config.hub_token:
+        return list(argv)
+    return [word.replace(config.hub_token, "<token>") for word in argv]
 
 
 def read_config_file(path: str) -> dict[str, Any]:

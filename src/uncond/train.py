@@ -26,7 +26,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, environment, hub, models, sampling, streaming, tracking
-from .config import RunFailed, TrainConfig, UsageError
+from .config import RunFailed, TrainConfig, UsageError, public_argv
 from .objective import Objective, training_loss
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -53,6 +53,11 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     """Every check that needs no decoding and no model weights. Raises UsageError with one clear line."""
     if config.model_preset and "resolution" not in explicit:
         config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch`
+    if launcher_precision and "mixed_precision" not in explicit:
+        # Without --mixed_precision, the launch's setting (its config file or flag) applies; the seed
+        # script's default "no" overrode it.
+        config = config.replace(mixed_precision=launcher_precision)
     data.check_source(config)
     sampling.check_sampler(config.sampler)
     unet_config = models.unet_config_for(config, config.resolution)
@@ -63,6 +68,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
             raise UsageError(f"--num_channels {config.num_channels} contradicts --model_config_name_or_path, whose "
                              f"in_channels is {channels_from_model_config}; drop one of them")
     check_tracker(config.logger)
+    check_launch()
     if config.enable_xformers_memory_efficient_attention and not module_available("xformers"):
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
                          "without the flag, PyTorch's own fused attention is used")
@@ -93,6 +99,20 @@ def check_tracker(name: str) -> None:
     if package and not module_available(package):
         raise UsageError(f"--logger {name} needs the {package} package (pip install {package}), "
                          "or choose --logger tensorboard")
+
+
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def check_launch() -> None:
+    """Refuse sharded training (which `accelerate launch` announces in the environment) before any work:
+    the loop keeps every weight, the EMA and the sample grids whole on each process, as DDP does."""
+    for variable, name in SHARDED_LAUNCHES.items():
+        if os.environ.get(variable, "false").lower() == "true":
+            raise UsageError(f"this launch asks for {name}, which uncond does not support: it trains data-parallel "
+                             "(DDP); launch with --multi_gpu or examples/accelerate/multi_gpu.yaml instead (the largest "
+                             "preset, 114M parameters, trains on one GPU)")
 
 
 def dry_run(plan: Plan) -> None:
@@ -137,8 +157,14 @@ class Run:
     global_batch_size: int
     step: int = 0
     epoch: int = 0
+    # Optimizer steps by which the epochs before this run's first one were longer than steps_per_epoch
+    # (a resume with another process count or batch size), so that epoch E starts at
+    # epoch_offset + E * steps_per_epoch.
+    epoch_offset: int = 0
     images_seen: int = 0
     repo_id: str | None = None
+    uploads: hub.BackgroundUploads | None = None
+    command: str = ""  # the command line that reproduces this run, for the model card
     metrics_file: tracking.MetricsFile | None = None
     running_loss: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     running_grad_norm: tracking.RunningMean = field(default_factory=tracking.RunningMean)
@@ -267,6 +293,11 @@ def allow_tf32(config: TrainConfig, device: torch.device) -> bool:
 
 
 def resume(run: Run, path: Path) -> None:
+    """Restore the training state and find the place in the data order to go on from.
+
+    A checkpoint written with another process count or batch size resumes too: the optimizer, schedule
+    and weights are the same whatever the process count, and the epoch goes on after the images it had
+    already seen (the rest of that epoch's order then differs from an uninterrupted run's)."""
     state = checkpoint.load_checkpoint(run.accelerator, path)
     # The schedule's state holds the learning rate it was built with; this run's --learning_rate wins,
     # so a diverged run can be resumed with a lower one.
@@ -274,13 +305,26 @@ def resume(run: Run, path: Path) -> None:
     run.step = state.get("step", int(path.name.split("-")[-1]))
     run.epoch = state.get("epoch", run.step // run.steps_per_epoch)
     run.images_seen = state.get("images_seen", run.step * run.global_batch_size)
+    steps_into_epoch = run.step - state.get("epoch_start_step", run.epoch * run.steps_per_epoch)
+    saved_processes = state.get("num_processes", run.accelerator.num_processes)
+    saved_batch = state.get("global_batch_size", run.global_batch_size // run.accelerator.num_processes
+                            * saved_processes)  # older checkpoints: the same batch per device
+    if saved_batch != run.global_batch_size or saved_processes != run.accelerator.num_processes:
+        images_into_epoch = steps_into_epoch * saved_batch
+        steps_into_epoch = min(images_into_epoch // run.global_batch_size, run.steps_per_epoch)
+        logger.info(f"{path.name} was written by {saved_processes} process(es) with a global batch of {saved_batch}; "
+                    f"going on with {run.accelerator.num_processes} process(es) and a global batch of "
+                    f"{run.global_batch_size} after the {images_into_epoch} images already seen in epoch {run.epoch}")
+    run.epoch_offset = run.step - steps_into_epoch - run.epoch * run.steps_per_epoch
 
 
 # ------------------------------------------------------------------------------------------------ train
 
 
-def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> Path:
-    """Train a UNet2DModel as the config says; returns the output folder holding the pipeline."""
+def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset(),
+          command: list[str] | None = None) -> Path:
+    """Train a UNet2DModel as the config says; returns the output folder holding the pipeline.
+    `command` is the argument list the run was started with, for the model card (default: sys.argv)."""
     plan = plan_run(config, explicit)
     if plan.config.dry_run:
         dry_run(plan)
@@ -299,10 +343,12 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
                 logger.info(f"--overwrite_output_dir: removed {', '.join(removed)} from {output_dir}")
         config.save(output_dir / checkpoint.CONFIG_FILE)
     accelerator.wait_for_everyone()
-    repo_id = hub.create_repository(config) if config.push_to_hub and accelerator.is_main_process else None
+    repo_id = create_hub_repository(config, accelerator)
 
     run = build_run(plan, accelerator)
     run.repo_id = repo_id
+    run.command = reproduce_command(public_argv(sys.argv[1:] if command is None else command, config),
+                                    accelerator.num_processes, None if "seed" in explicit else config.seed)
     if plan.resume_from is not None:
         logger.info(plan.resume_message)
         resume(run, plan.resume_from)
@@ -310,16 +356,20 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         logger.info(plan.resume_message)
     if accelerator.is_main_process:
         run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step)
-        accelerator.init_trackers("uncond", config=tracker_config(config))
+        if repo_id:
+            run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
+        init_trackers(run)
     log_run_summary(run)
     with StopSignal() as stop:
         finished = train_loop(run, stop)
     accelerator.end_training()
+    if run.uploads is not None:
+        run.uploads.wait()
     if finished:
         logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
     else:
         logger.info(f"stopped by {stop.received} at step {run.step}, checkpoint-{run.step} saved; re-run the same "
-                    f"command to resume: {reproduce_command()}")
+                    f"command to resume: {run.command}")
     return output_dir
 
 
@@ -345,6 +395,32 @@ class StopSignal:
         if self.received and number == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(number).name
+
+
+def create_hub_repository(config: TrainConfig, accelerator: Accelerator) -> str | None:
+    """--push_to_hub: the main process creates the repository before any heavy work, and every process
+    stops with its error if it cannot (offline, not logged in, no write access)."""
+    if not config.push_to_hub:
+        return None
+    outcome: list[str | None] = [None, None]  # repository id, error
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = hub.create_repository(config)
+        except UsageError as error:
+            outcome[1] = str(error)
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
+    if outcome[1]:
+        raise UsageError(outcome[1])
+    return outcome[0]
+
+
+def init_trackers(run: Run) -> None:
+    logging_dir = run.output_dir / run.config.logging_dir
+    logging_dir.mkdir(parents=True, exist_ok=True)
+    # W&B writes into the working directory unless told; the other trackers get logging_dir from accelerate.
+    run.accelerator.init_trackers("uncond", config=tracker_config(run.config),
+                                  init_kwargs={"wandb": {"dir": str(logging_dir)}})
 
 
 def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
@@ -437,7 +513,7 @@ def stop_requested(run: Run, stop: StopSignal) -> bool:
 def optimizer_steps(run: Run):
     """The current epoch's micro-batches, grouped per optimizer step, from where the run stands.
     The last group of an epoch may be shorter, as with the seed's accumulation at the end of a loader."""
-    start = run.step - run.epoch * run.steps_per_epoch  # optimizer steps already done in this epoch
+    start = run.step - epoch_start_step(run)  # optimizer steps already done in this epoch
     accumulation = run.config.gradient_accumulation_steps
     group: list[torch.Tensor] = []
     for _, clean_images in run.batches.epoch(run.epoch, start_batch=start * accumulation):
@@ -539,9 +615,14 @@ def diverged(run: Run, what: str) -> RunFailed:
                      "same command to resume from it")
 
 
+def epoch_start_step(run: Run) -> int:
+    return run.epoch_offset + run.epoch * run.steps_per_epoch
+
+
 def training_state(run: Run) -> dict[str, Any]:
-    return {"step": run.step, "epoch": run.epoch, "images_seen": run.images_seen, "seed": run.config.seed,
-            "num_processes": run.accelerator.num_processes}
+    return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
+            "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
+            "global_batch_size": run.global_batch_size}
 
 
 def save_checkpoint(run: Run) -> None:
@@ -585,8 +666,8 @@ def export(run: Run) -> None:
     if isinstance(run.batches, streaming.StreamedBatches):  # what the stream held is known only as it goes
         run.batches.write_report(run.output_dir / data.REPORT_FILE)
         logger.info(run.batches.summary())
-    if run.repo_id:
-        hub.upload(run.repo_id, run.output_dir, run.config.hub_token, f"step {run.step}")
+    if run.uploads is not None:
+        run.uploads.submit(run.step)
 
 
 def write_card(run: Run, records: list[dict[str, Any]]) -> None:
@@ -595,20 +676,24 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
     last = records[-1] if records else {}
     metrics = {"dataset": data_description(config), "resolution": config.resolution,
                "optimizer steps": run.step, "images seen": run.images_seen,
-               "global batch": run.global_batch_size, "learning rate": config.learning_rate,
+               "global batch": f"{run.global_batch_size} ({config.train_batch_size} per device x "
+                               f"{run.accelerator.num_processes} process(es) x {config.gradient_accumulation_steps} "
+                               "accumulation)",
+               "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, {config.lr_warmup_steps} warmup steps)",
                "prediction type": config.prediction_type, "EMA": config.use_ema,
                "mixed precision": config.mixed_precision}
     if "loss" in last:
-        metrics["final loss"] = f"{last['loss']:.4f}"
+        metrics["final loss (mean over the last logging interval)"] = f"{last['loss']:.4f}"
     hub.write_model_card(run.output_dir, {
         "title": run.repo_id or run.output_dir.resolve().name,
         "repo": run.repo_id or str(run.output_dir),
         "dataset": data_description(config),
-        "parameters": f"{sum(p.numel() for p in run.unwrapped_unet.parameters()) / 1e6:.1f}M",
+        "hub_dataset": hub_dataset_id(config),
+        "parameters": f"{sum(p.numel() for p in run.unwrapped_unet.parameters()) / 1e6:.2f}M",
         "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
         "steps": run.step, "images_seen": run.images_seen,
         "grid": grids[-1].relative_to(run.output_dir).as_posix() if grids else None,
-        "metrics": metrics, "command": reproduce_command(),
+        "metrics": metrics, "command": run.command,
     })
 
 
@@ -616,21 +701,23 @@ def data_description(config: TrainConfig) -> str:
     return config.dataset_name or f"images from {Path(config.train_data_dir).name}"
 
 
-def reproduce_command() -> str:
-    """The command line of this run, without the Hub token."""
-    words, hide_next = [], False
-    for word in sys.argv[1:]:
-        if hide_next:
-            words.append("<token>")
-            hide_next = False
-        elif word in ("--hub_token", "--hub-token"):
-            words.append(word)
-            hide_next = True
-        elif word.startswith(("--hub_token=", "--hub-token=")):
-            words.append(word.split("=")[0] + "=<token>")
-        else:
-            words.append(word)
-    return "uncond " + " ".join(shlex.quote(word) for word in words)
+def hub_dataset_id(config: TrainConfig) -> str | None:
+    """The dataset's Hub id for the card's metadata; None for local data and the built-in digits."""
+    name = config.dataset_name
+    if not name or name.startswith(data.BUILTIN_PREFIX) or Path(name).exists():
+        return None
+    return name
+
+
+def reproduce_command(argv: list[str], num_processes: int, chosen_seed: int | None) -> str:
+    """The command line of this run (`argv` with the token already masked by config.public_argv), with the
+    launcher for several processes, and the seed when it was chosen at random."""
+    words = list(argv)
+    if chosen_seed is not None:
+        words += ["--seed", str(chosen_seed)]
+    launcher = "uncond" if num_processes == 1 else \
+        f"accelerate launch --multi_gpu --num_processes {num_processes} -m uncond"
+    return launcher + " " + " ".join(shlex.quote(word) for word in words)
 
 
 def tracker_config(config: TrainConfig) -> dict[str, Any]:
