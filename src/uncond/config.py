@@ -159,13 +159,14 @@ class TrainConfig:
     hub_private_repo: bool = setting(False, "make the Hub repository private", group="hub", seed=True)
 
     # ---- speed (each is said in the log when it is on)
-    channels_last: bool = setting(True, "keep activations in channels-last layout (on GPUs, where the "
-                                  "convolutions are faster so)", group="speed")
+    channels_last: bool = setting(False, "keep activations in channels-last layout on GPUs (off: for these "
+                                  "UNets it measured 1.4x slower on an H100, docs/benchmarks.md)", group="speed")
     allow_tf32: bool = setting(True, "let fp32 matrix products use TF32 tensor cores on NVIDIA GPUs",
                                group="speed")
     fused_adamw: bool = setting(True, "use PyTorch's fused AdamW kernel on GPUs", group="speed")
-    compile: bool = setting(False, "torch.compile the UNet (minutes of compiling, then faster steps; exports "
-                            "and checkpoints hold the plain module)", group="speed")
+    compile: bool = setting(False, "torch.compile the UNet, with CUDA graphs on GPUs (about 1.5 minutes of "
+                            "compiling, then 1.8x faster steps on an H100; exports and checkpoints hold the plain "
+                            "module)", group="speed")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
                                            "about a third more compute", group="speed")
     ema_update_every: int = setting(1, "update the EMA every this many steps, with the decay raised to that "

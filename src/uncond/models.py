@@ -171,7 +171,7 @@ def make_ema(unet: UNet2DModel, config: TrainConfig) -> EMA:
 def speed_up(unet: UNet2DModel, config: TrainConfig, device: torch.device) -> list[str]:
     """Put the speed settings that suit `device` on the UNet; returns what is on, for the log."""
     done = []
-    if config.channels_last and device.type == "cuda":  # cuDNN's fastest convolutions are NHWC
+    if config.channels_last and device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
         done.append("channels-last")
     if config.gradient_checkpointing:
