@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,16 @@ TINY_UNET = {
     "norm_num_groups": 4,
     "attention_head_dim": 8,
 }
+
+
+@pytest.fixture(autouse=True)
+def decoded_image_cache(tmp_path: Path, monkeypatch) -> Path:
+    """Without --cache_dir, each test's decoded images go to its own folder instead of ~/.cache/uncond."""
+    from uncond import data
+
+    default = tmp_path / "default-cache"
+    monkeypatch.setattr(data, "cache_root", lambda cache_dir, root=data.cache_root: root(cache_dir or str(default)))
+    return default / "uncond"
 
 
 @pytest.fixture
@@ -85,10 +97,72 @@ def run_cli(capsys):
 
 
 def fast_train_args(data_folder: Path, unet_config: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Flags for a seconds-long CPU run on the tiny UNet."""
+    """Flags for a seconds-long CPU run on the tiny UNet; decoded images are cached beside the data folder
+    (also for runs in subprocesses, which the autouse fixture does not reach)."""
     return ["train", "--train_data_dir", data_folder, "--model_config_name_or_path", unet_config,
             "--resolution", "16", "--output_dir", output_dir, "--train_batch_size", "4", "--eval_batch_size", "4",
-            "--sample_steps", "2", "--lr_warmup_steps", "1", "--logger", "none", "--seed", "0", *extra]
+            "--sample_steps", "2", "--lr_warmup_steps", "1", "--logger", "none", "--seed", "0",
+            "--cache_dir", Path(data_folder).parent / "image-cache", *extra]
+
+
+def png_file(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> bytes:
+    """A PNG written by hand: Pillow writes neither 16-bit colour nor a header that lies about the size."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height gray pixels, with almost no data: a decompression bomb's shape."""
+    return png_file(width, height, 8, 0, b"\0" * 64)
+
+
+def sixteen_bit_rgb_png(pixels: np.ndarray) -> bytes:
+    height, width, _ = pixels.shape
+    return png_file(width, height, 16, 2, b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(height)))
+
+
+MESSY_USED = ["alpha.png", "cmyk.jpg", "gray.png", "gray16.png", "gray16.tif", "palette.png",
+              "palette_transparent.png", "photo.jpg", "rgb16.png", "rotated.jpg", "small.png", "sub/nested.bmp"]
+MESSY_SKIPPED = ["bomb.png", "empty.png", "huge.png", "not_an_image.jpg", "truncated.jpg", "truncated.png"]
+
+
+def write_messy_folder(folder: Path) -> Path:
+    """Every kind of file real image folders hold (MESSY_USED decode, MESSY_SKIPPED do not), for 16 px."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sub").mkdir()
+    noise = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "photo.jpg", quality=95)
+    rgba = np.concatenate([noise, np.full((30, 40, 1), 128, np.uint8)], axis=-1)
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    Image.fromarray(noise).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(noise).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette_transparent.png",
+                                                                             transparency=0)
+    Image.fromarray(noise[..., 0]).save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 65536, (20, 24), dtype=np.uint16)).save(folder / "gray16.png")
+    Image.fromarray(rng.integers(0, 65536, (20, 24), dtype=np.uint16)).save(folder / "gray16.tif")
+    (folder / "rgb16.png").write_bytes(sixteen_bit_rgb_png(rng.integers(0, 65536, (20, 24, 3))))
+    Image.fromarray(noise).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(noise[:6, :8]).save(folder / "small.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    Image.fromarray(noise).save(folder / "rotated.jpg", exif=exif)
+    Image.fromarray(noise).save(folder / "sub" / "nested.bmp")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes((folder / "photo.jpg").read_bytes()[:1500])
+    (folder / "truncated.png").write_bytes((folder / "alpha.png").read_bytes()[:1500])
+    (folder / "not_an_image.jpg").write_text("<html>an error page saved as a JPEG</html>")
+    (folder / "bomb.png").write_bytes(png_header_only(100_000, 100_000))  # over twice Pillow's limit
+    (folder / "huge.png").write_bytes(png_header_only(10_000, 10_000))  # over the limit, under twice it
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "._photo.jpg").write_bytes(b"\0\5\26\7")  # a macOS resource fork
+    (folder / ".hidden").mkdir()
+    Image.fromarray(noise).save(folder / ".hidden" / "thumbnail.png")
+    return folder
 
 
 def make_tiny_extractor():
@@ -120,12 +194,6 @@ def no_inception_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return tmp_path / "torch-home" / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
-
-
-@pytest.fixture(autouse=True)
-def private_cache(monkeypatch, tmp_path):
-    """Reference statistics are cached in the test's own folder, never in the user's."""
-    monkeypatch.setenv("UNCOND_CACHE", str(tmp_path / "uncond-cache"))
 
 
 def save_tiny_pipeline(folder: Path, channels: int = 3, scheduler: str = "ddpm") -> Path:

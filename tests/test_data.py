@@ -1,17 +1,23 @@
-"""Data: sources, decoding of the image kinds people have, the seed's resize/crop/flip, the data order."""
+"""Data: sources, decoding of the image kinds people have, the cache, the seed's resize/crop/flip, the order."""
 
 from __future__ import annotations
 
 import io
+import mmap
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import MESSY_SKIPPED, MESSY_USED, write_images, write_messy_folder
+from uncond import data
+from uncond.cache import CacheWriter, ImageCache
 from uncond.config import TrainConfig, UsageError
-from uncond.data import (Order, Record, Source, TrainingImages, check_source, decode_all, decode_image,
-                         iter_image_files, open_source, resized_size, to_channels)
+from uncond.data import (Augmentation, CachedBatches, Order, Record, check_source, decode_image, decode_records,
+                         iter_image_files, load_images, open_source, resized_size)
 
 
 def decode(image: Image.Image, resolution: int = 8, preserve: bool = False):
@@ -82,18 +88,81 @@ def test_exif_orientation_is_applied():
     assert array[:6].mean() > 200 and array[-6:].mean() < 50  # the white half is now on top
 
 
-def test_bad_files_are_skipped_and_reported(tmp_path):
-    Image.new("RGB", (10, 10), (1, 2, 3)).save(tmp_path / "good.png")
-    (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "text.jpg").write_text("not an image")
-    good = (tmp_path / "good.png").read_bytes()
-    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
-    (tmp_path / ".hidden.png").write_bytes(good)
-    (tmp_path / "notes.txt").write_text("ignored")
-    config = TrainConfig(train_data_dir=str(tmp_path), resolution=8)
-    decoded = decode_all(open_source(config), 8, False, progress=False)
-    assert len(decoded.arrays) == 1
-    assert sorted(name.split("/")[-1] for name, _ in decoded.skipped) == ["empty.png", "text.jpg", "truncated.png"]
+def load(config: TrainConfig):
+    return load_images(open_source(config), config, progress=False)
+
+
+def test_every_kind_of_messy_file_is_used_or_skipped_with_a_reason(tmp_path):
+    folder = write_messy_folder(tmp_path / "messy")
+    source = open_source(TrainConfig(train_data_dir=str(folder)))
+    assert source.ignored == {".txt": 1}  # hidden files and folders are not even counted
+    cache = load(TrainConfig(train_data_dir=str(folder), resolution=16))
+    assert len(cache) == len(MESSY_USED) and cache.meta["upscaled"] == 1  # small.png
+    reasons = {Path(name).name: reason for name, reason in cache.meta["skipped"]}
+    assert sorted(reasons) == MESSY_SKIPPED
+    assert "decompression-bomb" in reasons["bomb.png"] and "10000x10000 = 100,000,000 pixels" in reasons["huge.png"]
+    assert "truncated" in reasons["truncated.jpg"] and "truncated" in reasons["truncated.png"]
+    assert "cannot identify image file" in reasons["empty.png"]
+    line = data.summary(cache, source)
+    assert f"data: {len(MESSY_USED)} images" in line and "6 skipped" in line and "1 smaller than 16 px" in line
+    assert "1 .txt" in line and "\n" not in line
+    assert {cache.image(i).shape[2] for i in range(len(cache))} == {1, 3}  # gray kept as one channel
+    assert not cache.all_gray
+
+
+def test_a_folder_with_nothing_usable_is_a_clear_error(tmp_path, decoded_image_cache):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.jpg").write_text("no")
+    with pytest.raises(UsageError, match=r"none of the 2 images in folder .* could be read \(.*a.png: Unidentified"):
+        load(TrainConfig(train_data_dir=str(tmp_path)))
+    assert list(decoded_image_cache.iterdir()) == []  # no entry, and no temporary folder left behind
+
+
+def test_a_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
+    folder = write_images(tmp_path / "images", 6)
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
+    first = load(config)
+    assert first.built_now and first.folder.parent == tmp_path / "cache" / "uncond"
+    decodes = []
+    monkeypatch.setattr(data, "decode_image", lambda *args: decodes.append(1) or decode_image(*args))
+    second = load(config)
+    assert not second.built_now and decodes == [] and second.folder == first.folder
+    assert all(np.array_equal(first.image(i), second.image(i)) for i in range(6))
+    load(config.replace(center_crop=True, random_flip=True))  # batch-time settings share the entry
+    assert decodes == []
+    load(config.replace(resolution=8))  # another resolution is another entry
+    assert len(decodes) == 6
+    os.utime(folder / "image_000.jpg", ns=(1, 1))  # a changed file changes the fingerprint
+    load(config)
+    assert len(decodes) == 12
+
+
+def anonymous_memory() -> int:
+    """Resident memory not backed by a file: a memory map's pages are page cache and do not count."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("RSS is read from /proc")
+    return int(next(line for line in status.read_text().splitlines() if line.startswith("RssAnon:")).split()[1]) * 1024
+
+
+def test_the_cache_is_memory_mapped_not_loaded(tmp_path):
+    folder = tmp_path / "entry"
+    writer = CacheWriter(folder, np.uint8)
+    block = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    for _ in range(4000):  # 61 MiB of pixels
+        writer.append(block)
+    writer.finish({"skipped": [], "upscaled": 0, "resolution": 64})
+    before = anonymous_memory()
+    cache = ImageCache.open(folder)
+    base = cache.pixels
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.base
+    assert isinstance(base, mmap.mmap) and not cache.pixels.flags.writeable
+
+    batches = CachedBatches(cache, TrainConfig(train_data_dir=".", resolution=64, train_batch_size=50, seed=0), 3)
+    seen = sum(len(batch) for _, batch in batches.epoch(0))
+    assert seen == 4000
+    assert anonymous_memory() - before < 20 * 2**20  # a few batches, not the 61 MiB of the cache
 
 
 def test_folder_walk_is_nested_sorted_and_skips_hidden(tmp_path):
@@ -136,8 +205,8 @@ def test_saved_dataset_and_datasets_folder_load(tmp_path):
     dataset.save_to_disk(str(tmp_path / "saved"))
     source = open_source(TrainConfig(dataset_name=str(tmp_path / "saved")))
     assert len(source.records) == 5 and "column 'picture'" in source.description
-    decoded = decode_all(source, 8, False, progress=False)
-    assert [a[0, 0, 0] for a in decoded.arrays] == [0, 20, 40, 60, 80]
+    cache = load_images(source, TrainConfig(dataset_name=str(tmp_path / "saved"), resolution=8), progress=False)
+    assert [cache.image(i)[0, 0, 0] for i in range(5)] == [0, 20, 40, 60, 80]
 
     folder = tmp_path / "imagefolder" / "train"
     folder.mkdir(parents=True)
@@ -150,43 +219,89 @@ def test_saved_dataset_and_datasets_folder_load(tmp_path):
         open_source(TrainConfig(dataset_name=str(tmp_path / "saved"), image_column="nope"))
 
 
-def test_channel_conversion():
+def to_pixels(batch: torch.Tensor) -> np.ndarray:
+    """The model's input back to 0-255 pixel values, NCHW."""
+    return ((batch + 1) * 127.5).numpy()
+
+
+def test_channel_conversion_on_whole_batches():
     gray = np.full((4, 4, 1), 100, dtype=np.uint8)
     color = np.zeros((4, 4, 3), dtype=np.uint8)
     color[..., 1] = 200
-    as_rgb = to_channels([gray, color], 3)
-    assert as_rgb[0].shape == (4, 4, 3) and (as_rgb[0] == 100).all()
-    as_gray = to_channels([gray, color], 1)
-    assert as_gray[1].shape == (4, 4, 1) and as_gray[1][0, 0, 0] == round(0.587 * 200)
+    as_rgb = to_pixels(Augmentation(4, True, False, channels=3).batch([gray, color], np.random.default_rng(0)))
+    assert as_rgb.shape == (2, 3, 4, 4) and np.allclose(as_rgb[0], 100) and np.allclose(as_rgb[1, 1], 200)
+    as_gray = to_pixels(Augmentation(4, True, False, channels=1).batch([gray, color], np.random.default_rng(0)))
+    assert as_gray.shape == (2, 1, 4, 4) and np.allclose(as_gray[0], 100) and np.allclose(as_gray[1], 0.587 * 200)
+    only_gray = Augmentation(4, True, False, channels=1).crop_and_flip([gray], np.random.default_rng(0))
+    assert only_gray.shape == (1, 1, 4, 4)
+
+
+def seed_random_crop_and_flip(image: np.ndarray, size: int, generator: torch.Generator) -> np.ndarray:
+    """torchvision's RandomCrop(size) then RandomHorizontalFlip(), as train_unconditional.py composes them:
+    RandomCrop.get_params draws torch.randint(0, h - size + 1) then torch.randint(0, w - size + 1); the flip
+    happens when torch.rand(1) < 0.5."""
+    height, width = image.shape[:2]
+    top = int(torch.randint(0, height - size + 1, size=(1,), generator=generator))
+    left = int(torch.randint(0, width - size + 1, size=(1,), generator=generator))
+    crop = image[top:top + size, left:left + size]
+    return crop[:, ::-1] if torch.rand(1, generator=generator) < 0.5 else crop
 
 
 def test_random_crop_and_flip_have_the_seed_distribution():
-    # A 2x5 image cropped to 2x2: four left offsets, each a quarter of the time; half the crops flipped.
-    strip = np.arange(10, dtype=np.uint8).reshape(2, 5, 1)
-    images = TrainingImages([strip], resolution=2, center_crop=False, random_flip=True)
-    rng = np.random.default_rng(0)
-    lefts, flips = [], []
-    for _ in range(4000):
-        crop = images.batch([0], rng)[0, 0].numpy()
-        flipped = crop[0, 0] > crop[0, 1]
-        lefts.append(int(min(crop[0, 0], crop[0, 1])))
-        flips.append(flipped)
-    counts = np.bincount(lefts, minlength=4)
-    assert counts.sum() == 4000 and (abs(counts / 4000 - 0.25) < 0.03).all()
-    assert abs(np.mean(flips) - 0.5) < 0.03
+    # A 3x5 image whose pixels encode their position, cropped to 2x2: 2 tops x 4 lefts x 2 flips = 16
+    # outcomes, each 1/16 of the time with the seed's transforms. Ours must match them, and uniformity.
+    image = (np.arange(15, dtype=np.uint8).reshape(3, 5, 1) * 10)
+    trials = 4000
+
+    def outcome(crop: np.ndarray) -> int:
+        row, col = divmod(int(crop[..., 0].min()) // 10, 5)
+        return row * 8 + col * 2 + int(crop[0, 0, 0] > crop[0, 1, 0])
+
+    generator = torch.Generator().manual_seed(0)
+    seed_counts = np.bincount([outcome(seed_random_crop_and_flip(image, 2, generator)) for _ in range(trials)],
+                              minlength=16)
+    augmentation = Augmentation(2, center_crop=False, random_flip=True, channels=1)
+    ours = []
+    for batch_index in range(trials // 50):  # 50 images a batch, one generator per batch as in training
+        batch = augmentation.batch([image] * 50, Order(1, 50, seed=0).augmentation_rng(0, batch_index))
+        ours += [outcome(crop) for crop in to_pixels(batch).round().astype(np.uint8).transpose(0, 2, 3, 1)]
+    our_counts = np.bincount(ours, minlength=16)
+    expected = trials / 16
+    for counts in (seed_counts, our_counts):  # chi-square, 15 degrees of freedom: p = 0.001 at 37.7
+        assert ((counts - expected) ** 2 / expected).sum() < 37.7, counts
+    table = np.stack([seed_counts, our_counts])  # and the two samples from the same distribution
+    expected_table = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    assert ((table - expected_table) ** 2 / expected_table).sum() < 37.7
 
 
 def test_center_crop_rounds_like_torchvision():
     image = np.arange(7, dtype=np.uint8).reshape(1, 7, 1).repeat(3, axis=0)
-    images = TrainingImages([image], resolution=3, center_crop=True, random_flip=False)
-    crop = images.batch([0], np.random.default_rng(0))[0, 0, 0].tolist()
-    assert crop == [2, 3, 4]  # left = round((7 - 3) / 2) = 2
+    crop = Augmentation(3, center_crop=True, random_flip=False, channels=1).crop_and_flip([image], None)
+    assert crop[0, 0, 0].tolist() == [2, 3, 4]  # left = round((7 - 3) / 2) = 2
 
 
-def test_normalize_maps_pixels_to_minus_one_one():
-    images = TrainingImages([np.zeros((2, 2, 1), np.uint8)], 2, True, False)
-    batch = images.normalize(torch.tensor([[[[0, 255]]]], dtype=torch.uint8), "cpu")
-    assert batch.tolist() == [[[[-1.0, 1.0]]]]
+def test_pixels_map_to_minus_one_one_and_flips_mirror_them():
+    image = np.array([[[0], [255]]], dtype=np.uint8)  # one 1x2 gray image
+    augmentation = Augmentation(1, center_crop=False, random_flip=True, channels=1)
+    outcomes = {tuple(augmentation.batch([image], np.random.default_rng(i))[0, 0, 0].tolist()) for i in range(20)}
+    assert outcomes == {(-1.0,), (1.0,)}  # a random 1-pixel crop of either end
+    wide = Augmentation(2, center_crop=True, random_flip=True, channels=1)
+    assert {tuple(wide.batch([image], np.random.default_rng(i))[0, 0, 0].tolist()) for i in range(20)} == {
+        (-1.0, 1.0), (1.0, -1.0)}
+
+
+def test_sixteen_bit_data_stays_sixteen_bit(tmp_path):
+    values = np.array([[40000, 40001]], dtype=np.uint16).repeat(2, axis=0)
+    Image.fromarray(values).save(tmp_path / "a.png")
+    config = TrainConfig(train_data_dir=str(tmp_path), resolution=2, preserve_input_precision=True, seed=0)
+    cache = load(config)
+    assert cache.pixels.dtype == np.uint16 and cache.image(0)[0, :, 0].tolist() == [40000, 40001]
+    for channels in (1, 3):
+        images = next(CachedBatches(cache, config.replace(center_crop=True), channels).epoch(0))[1]
+        assert images.shape == (1, channels, 2, 2)
+        assert ((images[0, :, 0] + 1) * 32767.5).round().tolist() == [[40000.0, 40001.0]] * channels
+    eight_bit = load(config.replace(preserve_input_precision=False))
+    assert eight_bit.pixels.dtype == np.uint8 and eight_bit.folder != cache.folder
 
 
 def test_order_is_a_pure_function_of_seed_and_epoch_and_shards_disjointly():
@@ -201,9 +316,21 @@ def test_order_is_a_pure_function_of_seed_and_epoch_and_shards_disjointly():
     assert set(shards[0]).isdisjoint(shards[1]) and len(shards[0]) == len(shards[1]) == 5
 
 
-def test_record_errors_never_escape(tmp_path):
+def test_record_errors_never_escape():
     def broken() -> Image.Image:
         raise OSError("disk went away")
 
-    decoded = decode_all(Source("test", [Record("x", broken)]), 8, False, progress=False)
-    assert decoded.arrays == [] and decoded.skipped == [("x", "OSError: disk went away")]
+    assert list(decode_records([Record("x", broken)], 8, False)) == [(Record("x", broken), "OSError: disk went away")]
+
+
+def test_each_process_reads_only_its_shard(tmp_path, monkeypatch):
+    config = TrainConfig(train_data_dir=str(write_images(tmp_path / "images", 10)), resolution=16,
+                         train_batch_size=2, seed=3)
+    cache = load(config)
+    touched: dict[int, set[int]] = {0: set(), 1: set()}
+    read = ImageCache.image
+    for rank in range(2):
+        monkeypatch.setattr(ImageCache, "image", lambda self, i, rank=rank: touched[rank].add(i) or read(self, i))
+        batches = CachedBatches(cache, config, 3, num_processes=2, process_index=rank)
+        assert sum(len(batch) for _, batch in batches.epoch(0)) == 5
+    assert len(touched[0]) == len(touched[1]) == 5 and touched[0].isdisjoint(touched[1])

@@ -131,8 +131,9 @@ def write_digits(folder: Path, count: int) -> Path:
     from uncond.data import builtin_mnist
 
     folder.mkdir()
-    for record in builtin_mnist().records[-count:]:
-        record.open().save(folder / f"{record.name.strip('mnist[]')}.png")
+    records = builtin_mnist().records
+    for index in range(len(records) - count, len(records)):
+        records[index].open().save(folder / f"{index}.png")
     return folder
 
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import fast_train_args, write_images
+from conftest import MESSY_SKIPPED, MESSY_USED, fast_train_args, write_images, write_messy_folder
+from uncond import data
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -32,7 +34,10 @@ def test_trains_exports_and_diffusers_loads_it(run_cli, color_folder, tiny_unet,
                                             "--save_images_epochs", "1", "--checkpointing_steps", "6",
                                             "--logging_steps", "2", "--logger", "tensorboard"))
     assert code == 0, err
-    assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+    events = EventAccumulator(str(out / "logs" / "uncond"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples")] == [3, 6]  # the sample grids, in TensorBoard too
+    assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]
     for name in ("model_index.json", f"unet/{WEIGHTS}", "unet/config.json", "scheduler/scheduler_config.json",
                  "training_config.json", "README.md", "loss.png", "data_report.json"):
         assert (out / name).is_file(), name
@@ -53,6 +58,32 @@ def test_trains_exports_and_diffusers_loads_it(run_cli, color_folder, tiny_unet,
     raw = load_file(out / "checkpoint-6" / "unet" / WEIGHTS)
     assert all(torch.equal(exported[k], ema[k]) for k in exported)
     assert not all(torch.equal(exported[k], raw[k]) for k in exported)
+
+
+def test_wandb_offline_logs_metrics_and_samples_in_the_logging_dir(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                   monkeypatch):
+    pytest.importorskip("wandb")  # optional: pip install -e ".[wandb]"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "3",
+                                            "--logger", "wandb", "--logging_steps", "1"))
+    assert code == 0, err
+    runs = list((out / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert list(runs[0].rglob("media/images/samples_3_*.png"))
+    assert not (tmp_path / "wandb").exists()  # nothing in the working directory
+
+
+@pytest.mark.parametrize("flag, expected", [((), "bf16"), (("--mixed_precision", "no"), "no")])
+def test_mixed_precision_comes_from_the_flag_else_the_launcher(run_cli, color_folder, tiny_unet, tmp_path,
+                                                               monkeypatch, flag, expected):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as `accelerate launch` passes its config's setting
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1", *flag))
+    assert code == 0, err
+    assert f"precision {expected}" in err
+    assert json.loads((out / "training_config.json").read_text())["mixed_precision"] == expected
 
 
 def test_checkpoint_rotation_keeps_the_newest(run_cli, color_folder, tiny_unet, tmp_path):
@@ -120,6 +151,28 @@ def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_
     assert config["in_channels"] == config["out_channels"] == 1
     grid = (out / "samples" / "step-0000002.png")
     assert __import__("PIL.Image").Image.open(grid).mode == "L"
+
+
+def test_a_messy_folder_trains_and_a_second_run_decodes_nothing(run_cli, tiny_unet, tmp_path, monkeypatch):
+    folder = write_messy_folder(tmp_path / "messy")
+    first = tmp_path / "first"
+    code, _, err = run_cli(*fast_train_args(folder, tiny_unet, first, "--max_train_steps", "2"))
+    assert code == 0, err
+    summary = [line for line in err.splitlines() if "data: " in line]
+    assert len(summary) == 1 and f"{len(MESSY_USED)} images" in summary[0] and "decoded into the cache" in summary[0]
+    assert f"{len(MESSY_SKIPPED)} skipped (" in summary[0] and "all in data_report.json" in summary[0]
+    report = json.loads((first / "data_report.json").read_text())
+    assert report["used"] == len(MESSY_USED) and report["upscaled"] == 1
+    assert sorted(Path(item["name"]).name for item in report["skipped"]) == MESSY_SKIPPED
+    assert all(item["reason"] for item in report["skipped"])
+
+    decodes = []
+    decode_image = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda *args: decodes.append(1) or decode_image(*args))
+    code, _, err = run_cli(*fast_train_args(folder, tiny_unet, tmp_path / "second", "--max_train_steps", "2"))
+    assert code == 0, err
+    assert decodes == [] and "read from the cache" in err
+    assert json.loads((tmp_path / "second" / "data_report.json").read_text()) == report
 
 
 def test_model_config_can_come_from_a_pipeline_folder(run_cli, color_folder, tiny_unet, tmp_path):
@@ -247,7 +300,20 @@ def test_resuming_with_another_model_is_refused(run_cli, color_folder, tiny_unet
                                     "--checkpointing_steps", "2"))[0] == 0
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
                                             "--resolution", "8"))
-    one_line_error(code, err, "its model differs (sample_size: 16 -> 8)")
+    one_line_error(code, err, "it was trained with other settings (resolution: 16 -> 8; sample_size: 16 -> 8)")
+    assert "decoding" not in err  # refused before the data is touched
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
+                                            "--prediction_type", "v_prediction"))
+    one_line_error(code, err, "prediction_type: epsilon -> v_prediction")
+
+
+def test_resuming_with_another_channel_count_is_refused(run_cli, gray_folder, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--train_data_dir", gray_folder, "--model_preset", "tiny", "--output_dir", out,
+            "--train_batch_size", "4", "--sample_steps", "2", "--logger", "none", "--checkpointing_steps", "2"]
+    assert run_cli(*args, "--max_train_steps", "2")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "4", "--num_channels", "3")
+    one_line_error(code, err, "in_channels: 1 -> 3")
 
 
 # ---------------------------------------------------------------------------------------- entry points
@@ -261,3 +327,26 @@ def test_console_command_and_module_run(tmp_path):
                                check=True).stdout
     for flag in ("--dataset_name", "--ddpm_num_inference_steps", "--checkpoints_total_limit", "--model_preset"):
         assert flag in help_text
+
+
+@pytest.mark.slow
+def test_two_processes_decode_once_and_train(tiny_unet, tmp_path):
+    """`accelerate launch` with 2 CPU processes: rank 0 decodes into the cache while rank 1 waits, then maps it."""
+    folder = write_images(tmp_path / "images", 12)
+    counting = tmp_path / "counting_uncond.py"  # uncond's CLI with decode_image counted per process
+    counting.write_text(
+        "import os, sys\nfrom uncond import cli, data\ndecode = data.decode_image\n"
+        "def counted(*args):\n"
+        "    with open(os.path.join(sys.argv[-1], f\"decodes-{os.environ['RANK']}.txt\"), 'a') as f:\n"
+        "        f.write('1')\n"
+        "    return decode(*args)\n"
+        "data.decode_image = counted\nsys.exit(cli.main(sys.argv[1:-1]))\n")
+    out = tmp_path / "run"
+    args = fast_train_args(folder, tiny_unet, out, "--max_train_steps", "2")
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             str(counting), *map(str, args), str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "decodes-0.txt").read_text() == "1" * 12 and not (tmp_path / "decodes-1.txt").exists()
+    assert "2 process(es)" in result.stderr and (out / "unet").is_dir()

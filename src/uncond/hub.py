@@ -3,47 +3,131 @@ The token is passed through to huggingface_hub and never printed, logged or writ
 
 from __future__ import annotations
 
+import logging
+import shlex
+import shutil
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, UsageError
+from .config import RunFailed, TrainConfig, UsageError
 
-# Only the exported pipeline, its card and pictures go up: never checkpoints, logs or run state.
+logger = logging.getLogger("uncond")
+
+# Only the exported pipeline, its card, pictures and settings go up: never checkpoints, tracker logs,
+# metrics or the data report (which names local files).
 UPLOAD_PATTERNS = ["model_index.json", "unet/*", "scheduler/*", "README.md", "samples/*.png", "loss.png",
-                   "training_config.json", "metrics.jsonl"]
+                   "training_config.json"]
+SNAPSHOT_PREFIX = ".hub-upload-step-"
 
 
 def repository_id(config: TrainConfig) -> str:
     return config.hub_model_id or Path(config.output_dir).resolve().name
 
 
+def one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def create_repository(config: TrainConfig) -> str:
     """Create (or find) the model repository before training starts, so a missing login fails early."""
-    from huggingface_hub import create_repo
+    from huggingface_hub import HfApi
 
     try:
-        return create_repo(repository_id(config), exist_ok=True, private=config.hub_private_repo,
-                           token=config.hub_token).repo_id
+        return HfApi(token=config.hub_token).create_repo(repository_id(config), exist_ok=True,
+                                                        private=config.hub_private_repo).repo_id
     except Exception as error:  # noqa: BLE001 - offline, unauthenticated or forbidden: one line, no token
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--push_to_hub: cannot create the Hub repository {repository_id(config)} ({reason}); "
-                         "log in with `hf auth login` or pass --hub_token, or drop --push_to_hub") from None
+        raise UsageError(f"--push_to_hub: cannot create the Hub repository {repository_id(config)} "
+                         f"({one_line(error)}); log in with `hf auth login` or pass --hub_token, or drop "
+                         "--push_to_hub") from None
 
 
-def upload(repo_id: str, output_dir: Path, token: str | None, message: str) -> None:
-    from huggingface_hub import upload_folder
+class BackgroundUploads:
+    """Uploads of the exported pipeline at save points, one after another in huggingface_hub's
+    background thread (`upload_folder(run_as_future=True)`), so training does not wait for the network.
 
-    upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message=message, token=token,
-                  allow_patterns=UPLOAD_PATTERNS)
+    Each upload sends a copy of the files as they were at its save point, because training goes on
+    rewriting them in the output folder meanwhile. A failed upload is logged as soon as it fails and a
+    later save point uploads everything again; `wait` raises RunFailed if the last one failed, and
+    keeps its copy so that it can be retried by hand.
+    """
+
+    def __init__(self, repo_id: str, output_dir: Path, token: str | None):
+        from huggingface_hub import HfApi
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # its live display would draw over the training progress bar
+        self.api = HfApi(token=token)
+        self.repo_id = repo_id
+        self.output_dir = output_dir
+        self.uploads: list[tuple[int, Path, Future]] = []
+
+    def submit(self, step: int) -> None:
+        self.discard_failed(keep_last=False)  # superseded by this newer upload
+        snapshot = self.snapshot(step)
+        self.uploads.append((step, snapshot, self.api.run_as_future(self.upload, step, snapshot)))
+        logger.info(f"uploading step {step} to the Hub ({self.repo_id}) in the background")
+
+    def snapshot(self, step: int) -> Path:
+        """A copy of the files to upload, under a hidden folder of the output folder."""
+        from huggingface_hub.utils import filter_repo_objects
+
+        folder = self.output_dir / f"{SNAPSHOT_PREFIX}{step}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        files = sorted(path.relative_to(self.output_dir).as_posix() for path in self.output_dir.rglob("*")
+                       if path.is_file() and not path.relative_to(self.output_dir).parts[0].startswith("."))
+        for name in filter_repo_objects(files, allow_patterns=UPLOAD_PATTERNS):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.output_dir / name, folder / name)
+        return folder
+
+    def upload(self, step: int, snapshot: Path) -> None:
+        """Runs in the upload thread; a failure is logged at once and kept in the future for `wait`."""
+        try:
+            commit = self.api.upload_folder(repo_id=self.repo_id, folder_path=str(snapshot),
+                                            commit_message=f"uncond: step {step}")
+        except Exception as error:
+            logger.warning(f"the upload of step {step} to the Hub ({self.repo_id}) failed: {one_line(error)}; "
+                           "the next save point uploads again")
+            raise
+        shutil.rmtree(snapshot, ignore_errors=True)
+        logger.info(f"uploaded step {step} to the Hub: {commit.commit_url}")
+
+    def discard_failed(self, keep_last: bool) -> None:
+        """Remove the copies of finished, failed uploads (but the newest one's if `keep_last`)."""
+        kept = self.uploads[-1:] if keep_last else []
+        for entry in self.uploads:
+            step, snapshot, future = entry
+            if entry not in kept and future.done() and future.exception() is not None:
+                shutil.rmtree(snapshot, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Wait for the uploads still running; raise RunFailed if the last one failed."""
+        if not self.uploads:
+            return
+        step, snapshot, last = self.uploads[-1]
+        if not last.done():
+            logger.info(f"waiting for the upload of step {step} to the Hub to finish")
+        error = last.exception()  # waits; uploads run one at a time, so every earlier one is done too
+        self.discard_failed(keep_last=True)
+        if error is not None:
+            raise RunFailed(f"the upload of step {step} to the Hub ({self.repo_id}) failed ({one_line(error)}); "
+                              f"the model is saved; retry with: hf upload {self.repo_id} "
+                              f"{shlex.quote(str(snapshot))} .")
 
 
 def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
-    """output_dir/README.md: what was trained on what, a sample grid, and how to use it."""
+    """output_dir/README.md, a Hub model card: what was trained on what, a sample grid, the final metrics,
+    the command that reproduces the run, and how to use the model with diffusers."""
     from huggingface_hub import ModelCard, ModelCardData
 
     card_data = ModelCardData(library_name="diffusers", license="apache-2.0",
-                              tags=["unconditional-image-generation", "diffusers", "uncond", "ddpm"],
-                              datasets=[details["dataset"]] if "/" in details["dataset"] else None)
+                              pipeline_tag="unconditional-image-generation",
+                              tags=["unconditional-image-generation", "diffusers", "diffusers:DDPMPipeline",
+                                    "uncond", "ddpm"],
+                              datasets=[details["hub_dataset"]] if details.get("hub_dataset") else None)
     grid = f"![samples]({details['grid']})\n\n" if details.get("grid") else ""
     metrics = "".join(f"| {name} | {value} |\n" for name, value in details.get("metrics", {}).items())
     content = f"""---
@@ -52,9 +136,9 @@ def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
 
 # {details['title']}
 
-An unconditional diffusion model ({details['parameters']} parameters, {details['resolution']}x{details['resolution']} px,
-{details['channels']} channel{'s' if details['channels'] > 1 else ''}) trained with uncond on
-{details['dataset']} for {details['steps']} optimizer steps ({details['images_seen']} images seen).
+An unconditional image diffusion model ({details['parameters']} parameters,
+{details['resolution']}x{details['resolution']} px, {details['channels']} channel{'s' if details['channels'] > 1 else ''})
+trained with uncond on {details['dataset']} for {details['steps']} optimizer steps ({details['images_seen']} images seen).
 
 {grid}## Use
 
@@ -67,8 +151,6 @@ pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.
 images = pipeline(batch_size=16, num_inference_steps=25).images
 ```
 
-or `uncond sample {details['repo']} --num_images 16`.
-
 ## Training
 
 | setting | value |
@@ -79,6 +161,8 @@ Reproduce with:
 ```bash
 {details['command']}
 ```
+
+Every resolved setting, the seed included, is in `training_config.json`.
 """
     path = output_dir / "README.md"
     ModelCard(content).save(path)

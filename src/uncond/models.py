@@ -10,6 +10,8 @@ from typing import Any, Iterator
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.models.attention_processor import Attention
+from diffusers.training_utils import EMAModel
 
 from .config import TrainConfig, UsageError
 
@@ -144,6 +146,44 @@ def build_noise_scheduler(config: TrainConfig) -> DDPMScheduler:
     except NotImplementedError:
         raise UsageError(f"--ddpm_beta_schedule {config.ddpm_beta_schedule}: this diffusers version's "
                          "DDPMScheduler does not implement it") from None
+
+
+class EMA(EMAModel):
+    """diffusers' EMAModel, optionally updated every `every` optimizer steps. Each update then applies
+    `every` steps' worth of decay at once (d^every, with d the per-step decay at that step), so the
+    average spans the same horizon as per-step updates at 1/every of the memory traffic."""
+
+    def __init__(self, *args: Any, every: int = 1, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.every = every
+
+    def get_decay(self, optimization_step: int) -> float:
+        return super().get_decay(optimization_step * self.every) ** self.every
+
+
+def make_ema(unet: UNet2DModel, config: TrainConfig) -> EMA:
+    """The seed's EMA: warmup 1 - (1 + step / inv_gamma) ** -power, capped at ema_max_decay; foreach updates."""
+    return EMA(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=config.ema_inv_gamma,
+               power=config.ema_power, foreach=True, model_cls=UNet2DModel, model_config=unet.config,
+               every=config.ema_update_every)
+
+
+def speed_up(unet: UNet2DModel, config: TrainConfig, device: torch.device) -> list[str]:
+    """Put the speed settings that suit `device` on the UNet; returns what is on, for the log."""
+    done = []
+    if config.channels_last and device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+        done.append("channels-last")
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        done.append("gradient checkpointing")
+    if config.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+        done.append("xformers attention")
+    elif any(type(module.processor).__name__ == "AttnProcessor2_0" for module in unet.modules()
+             if isinstance(module, Attention)):
+        done.append("SDPA attention")  # diffusers' default: torch's fused scaled_dot_product_attention
+    return done
 
 
 @contextlib.contextmanager

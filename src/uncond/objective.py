@@ -79,11 +79,18 @@ def diffusion_loss(model_output: torch.Tensor, target: torch.Tensor, weights: to
 
 def training_loss(unet: torch.nn.Module, noise_scheduler: DDPMScheduler, clean_images: torch.Tensor,
                   objective: Objective, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One Monte-Carlo estimate of the objective on a batch: noise the images (the forward process,
-    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)), predict, and compare."""
+    """One Monte-Carlo estimate of the objective on a batch: draw noise and timesteps, then `denoising_loss`."""
     noise = sample_noise(clean_images, objective.noise_offset, generator)
     timesteps = sample_timesteps(clean_images.shape[0], noise_scheduler.config.num_train_timesteps,
                                  clean_images.device, generator)
+    return denoising_loss(unet, noise_scheduler, clean_images, noise, timesteps, objective)
+
+
+def denoising_loss(unet: torch.nn.Module, noise_scheduler: DDPMScheduler, clean_images: torch.Tensor,
+                   noise: torch.Tensor, timesteps: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """The loss for given noise and timesteps: noise the images (the forward process,
+    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)), predict, and compare.
+    A mean over the batch, so equal shards on several processes average to the whole batch's loss."""
     noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
     model_output = unet(noisy_images, timesteps).sample
     target = prediction_target(objective.prediction_type, clean_images, noise, timesteps, noise_scheduler)

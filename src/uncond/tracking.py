@@ -43,18 +43,24 @@ class MetricsFile:
     def __init__(self, output_dir: Path, resume_step: int = 0):
         self.path = output_dir / METRICS_FILE
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in self.read() if record.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, values: dict[str, Any]) -> None:
         with self.path.open("a") as file:
             file.write(json.dumps(values) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a line cut short by a killed run is dropped."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
 
 
 def log_sample_images(trackers: Iterable[Any], images: np.ndarray, step: int) -> None:

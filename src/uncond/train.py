@@ -8,24 +8,25 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, hub, metrics, models, sampling, tracking
-from .config import TrainConfig, UsageError
+from . import checkpoint, data, environment, hub, metrics, models, sampling, streaming, tracking
+from .config import RunFailed, TrainConfig, UsageError, public_argv
 from .objective import Objective, training_loss
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -55,6 +56,11 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     """Every check that needs no decoding and no model weights. Raises UsageError with one clear line."""
     if config.model_preset and "resolution" not in explicit:
         config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch`
+    if launcher_precision and "mixed_precision" not in explicit:
+        # Without --mixed_precision, the launch's setting (its config file or flag) applies; the seed
+        # script's default "no" overrode it.
+        config = config.replace(mixed_precision=launcher_precision)
     data.check_source(config)
     sampling.check_sampler(config.sampler)
     unet_config = models.unet_config_for(config, config.resolution)
@@ -65,12 +71,22 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
             raise UsageError(f"--num_channels {config.num_channels} contradicts --model_config_name_or_path, whose "
                              f"in_channels is {channels_from_model_config}; drop one of them")
     check_tracker(config.logger)
+    check_launch()
     if config.enable_xformers_memory_efficient_attention and not module_available("xformers"):
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
                          "without the flag, PyTorch's own fused attention is used")
     resume_from, message = checkpoint.find_resume_checkpoint(config)
-    checkpoint.check_output_dir(config, resuming=resume_from is not None)
+    message = checkpoint.check_output_dir(config, resuming=resume_from is not None) or message
+    if resume_from is not None:  # the channel count is compared once the data has decided it
+        refuse_mismatched_resume(resume_from, config, unet_config)
     return Plan(config, unet_config, channels_from_model_config, resume_from, message)
+
+
+def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[str, Any]) -> None:
+    differences = checkpoint.resume_differences(path, config, unet_config)
+    if differences:
+        raise UsageError(f"cannot resume from {path}: it was trained with other settings "
+                         f"({'; '.join(differences)}); use the same ones, or --overwrite_output_dir to start afresh")
 
 
 def module_available(name: str) -> bool:
@@ -88,18 +104,33 @@ def check_tracker(name: str) -> None:
                          "or choose --logger tensorboard")
 
 
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def check_launch() -> None:
+    """Refuse sharded training (which `accelerate launch` announces in the environment) before any work:
+    the loop keeps every weight, the EMA and the sample grids whole on each process, as DDP does."""
+    for variable, name in SHARDED_LAUNCHES.items():
+        if os.environ.get(variable, "false").lower() == "true":
+            raise UsageError(f"this launch asks for {name}, which uncond does not support: it trains data-parallel "
+                             "(DDP); launch with --multi_gpu or examples/accelerate/multi_gpu.yaml instead (the largest "
+                             "preset, 114M parameters, trains on one GPU)")
+
+
 def dry_run(plan: Plan) -> None:
     """--dry_run: what would be trained on what, without decoding images or building weights."""
     config = plan.config
-    source = data.open_source(config)
+    source = None if config.streaming else data.open_source(config)
     channel_options = [plan.channels_from_model_config] if plan.channels_from_model_config else (
         [1, 3] if config.num_channels == "auto" else [int(config.num_channels)])
     sizes = ", ".join(f"{models.count_parameters(models.with_channels(plan.unet_config, c)):,} parameters with "
                       f"{c} channel{'s' if c > 1 else ''}" for c in channel_options)
-    batches = math.ceil(len(source.records) / config.train_batch_size)
+    batches = (math.ceil(len(source.records) / config.train_batch_size) if source  # a stream: one epoch
+               else config.max_train_steps * config.gradient_accumulation_steps)
     steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
     print(json.dumps(config.to_dict(), indent=2))
-    print(f"dataset: {source.description}")
+    print(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
     print(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
     print(f"schedule: {steps_per_epoch} optimizer steps per epoch on one process; "
           f"{config.max_train_steps or steps_per_epoch * config.num_epochs} steps in all")
@@ -116,10 +147,9 @@ class Run:
     config: TrainConfig
     accelerator: Accelerator
     output_dir: Path
-    images: data.TrainingImages
-    order: data.Order
+    batches: data.CachedBatches | streaming.StreamedBatches
     unet: torch.nn.Module
-    ema: EMAModel | None
+    ema: models.EMA | None
     noise_scheduler: DDPMScheduler
     objective: Objective
     optimizer: torch.optim.Optimizer
@@ -130,19 +160,28 @@ class Run:
     global_batch_size: int
     step: int = 0
     epoch: int = 0
+    # Optimizer steps by which the epochs before this run's first one were longer than steps_per_epoch
+    # (a resume with another process count or batch size), so that epoch E starts at
+    # epoch_offset + E * steps_per_epoch.
+    epoch_offset: int = 0
     images_seen: int = 0
     repo_id: str | None = None
+    uploads: hub.BackgroundUploads | None = None
+    command: str = ""  # the command line that reproduces this run, for the model card
     metrics_file: tracking.MetricsFile | None = None
     running_loss: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     running_grad_norm: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous log line, for images/s
     noise_generator: torch.Generator | None = None
+    skipped_steps: int = 0  # non-finite steps skipped under --skip_nonfinite
+    memory_format: torch.memory_format = torch.contiguous_format  # the UNet's, given to its inputs too
     feature_extractor: metrics.FeatureExtractor | None = None  # for --eval_every_steps; None: no evaluation
     best_fid: float = math.inf
 
     @property
     def unwrapped_unet(self) -> UNet2DModel:
-        return self.accelerator.unwrap_model(self.unet)
+        """The plain module (no DDP, no torch.compile wrapper): for sampling, export and checkpoints."""
+        return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
 
 
 def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
@@ -159,76 +198,71 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
             step_scheduler_with_optimizer=False,
             # Decoding a large dataset on the main process must not time out the others.
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+            # On GPUs, CUDA graphs ("reduce-overhead"): the eager step of these UNets is bound by kernel
+            # launches (docs/benchmarks.md: 58 ms per step on an H100 even at batch 1).
+            dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if torch.cuda.is_available()
+                                            else None) if config.compile else None,
         )
     except ValueError as error:
         raise UsageError(f"--mixed_precision {config.mixed_precision}: {error}") from None
 
 
-def load_images(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> data.DecodedImages:
-    source = data.open_source(config)
-    decoded = data.decode_all(source, config.resolution, config.preserve_input_precision,
-                              config.dataloader_num_workers, progress=accelerator.is_local_main_process)
-    if not decoded.arrays:
-        reasons = "; ".join(f"{name}: {reason}" for name, reason in decoded.skipped[:3])
-        raise UsageError(f"none of the {len(source.records)} images in {source.description} could be read ({reasons})")
-    summary = f"data: {len(decoded.arrays)} images from {source.description}"
-    if decoded.skipped:
-        summary += f", {len(decoded.skipped)} skipped (" + "; ".join(
-            f"{name}: {reason}" for name, reason in decoded.skipped[:3]) + (", ..." if len(decoded.skipped) > 3
-                                                                          else "") + ")"
-    if decoded.upscaled:
-        summary += f", {decoded.upscaled} smaller than {config.resolution} px were upscaled"
-    logger.info(summary)
+def load_batches(plan: Plan, accelerator: Accelerator) -> data.CachedBatches | streaming.StreamedBatches:
+    """This process's training batches: from the decoded-image cache, or from a stream with --streaming."""
+    config = plan.config
+    pin_memory = accelerator.device.type == "cuda"
+    if config.streaming:
+        stream = streaming.Stream(config)
+        channels = choose_channels(plan, lambda: stream.all_gray(config),
+                                   f" (judged from the first {streaming.CHANNELS_PEEK} images of the stream)")
+        return streaming.StreamedBatches(stream, config, channels, accelerator.num_processes,
+                                         accelerator.process_index, pin_memory)
+    # One process per machine downloads and decodes into the cache; the others wait, then map what it wrote.
+    with accelerator.local_main_process_first():
+        source = data.open_source(config)
+        cache = data.load_images(source, config, progress=accelerator.is_local_main_process)
+    logger.info(data.summary(cache, source))
     if accelerator.is_main_process:
-        report = {"used": len(decoded.arrays), "skipped": [{"name": n, "reason": r} for n, r in decoded.skipped],
-                  "upscaled": decoded.upscaled}
-        (output_dir / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return decoded
+        data.write_report(Path(config.output_dir) / data.REPORT_FILE, len(cache), cache.meta["skipped"],
+                          cache.meta["upscaled"], cache=str(cache.folder))
+    channels = choose_channels(plan, lambda: cache.all_gray)
+    return data.CachedBatches(cache, config, channels, accelerator.num_processes, accelerator.process_index,
+                              pin_memory)
 
 
-def choose_channels(plan: Plan, decoded: data.DecodedImages) -> int:
+def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str = "") -> int:
     config = plan.config
     if plan.channels_from_model_config:
         return plan.channels_from_model_config
     if config.num_channels != "auto":
         return int(config.num_channels)
-    channels = 1 if decoded.all_gray else 3
-    logger.info(f"--num_channels auto: every image is grayscale, training a 1-channel model" if channels == 1
-                else "--num_channels auto: colour images found, training a 3-channel (RGB) model")
+    channels = 1 if all_gray() else 3
+    logger.info(("--num_channels auto: every image is grayscale, training a 1-channel model" if channels == 1
+                 else "--num_channels auto: colour images found, training a 3-channel (RGB) model") + judged_from)
     return channels
 
 
 def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     config = plan.config
-    output_dir = Path(config.output_dir)
-    decoded = load_images(config, accelerator, output_dir)
-    channels = choose_channels(plan, decoded)
-    images = data.TrainingImages(data.to_channels(decoded.arrays, channels), config.resolution,
-                                 config.center_crop, config.random_flip)
-    unet_config = models.with_channels(plan.unet_config, channels)
+    speedups = ["glibc malloc keeps freed buffers"] * environment.keep_freed_memory()
+    batches = load_batches(plan, accelerator)
+    unet_config = models.with_channels(plan.unet_config, batches.channels)
     if plan.resume_from is not None:
-        saved = checkpoint.checkpoint_unet_config(plan.resume_from)
-        differences = checkpoint.config_differences(saved or {}, unet_config)
-        if differences:
-            raise UsageError(f"cannot resume from {plan.resume_from}: its model differs ({'; '.join(differences)}); "
-                             "use the same settings, or --overwrite_output_dir to start afresh")
+        refuse_mismatched_resume(plan.resume_from, config, unet_config)
 
     set_seed(config.seed)  # identical initial weights on every process
     unet = models.build_unet(unet_config)
-    if config.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    ema = None
-    if config.use_ema:
-        ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
-                       inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True,
-                       model_cls=UNet2DModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate,
-                                  betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    speedups += models.speed_up(unet, config, accelerator.device)
+    ema = models.make_ema(unet, config) if config.use_ema else None
+    optimizer, fused = make_optimizer(unet, config, accelerator.device)
+    speedups += ["fused AdamW"] * fused + [f"{config.mixed_precision} autocast"] * (config.mixed_precision != "no")
+    speedups += tune_cuda(config, accelerator.device)
+    speedups += ["torch.compile" + " with CUDA graphs" * (accelerator.device.type == "cuda")] * config.compile
+    if ema is not None:
+        speedups.append(f"foreach EMA every {config.ema_update_every} step(s)")
+    logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")
 
-    order = data.Order(len(images), config.train_batch_size, config.seed, accelerator.num_processes,
-                       accelerator.process_index)
-    steps_per_epoch = math.ceil(order.batches_per_epoch / config.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(batches.batches_per_epoch / config.gradient_accumulation_steps)
     max_train_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_train_steps)
@@ -236,27 +270,73 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     if ema is not None:
         ema.to(accelerator.device)
     checkpoint.register_state_hooks(accelerator, ema)
-    return Run(config=config, accelerator=accelerator, output_dir=output_dir, images=images, order=order,
-               unet=unet, ema=ema, noise_scheduler=models.build_noise_scheduler(config),
+    noise_scheduler = models.build_noise_scheduler(config)
+    # On the device once: add_noise and compute_snr would otherwise copy it from the host every step.
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    return Run(config=config, accelerator=accelerator, output_dir=Path(config.output_dir), batches=batches,
+               unet=unet, ema=ema, noise_scheduler=noise_scheduler,
                objective=Objective(config.prediction_type, config.snr_gamma, config.noise_offset),
                optimizer=optimizer, lr_scheduler=lr_scheduler, max_train_steps=max_train_steps,
                steps_per_epoch=steps_per_epoch, num_epochs=math.ceil(max_train_steps / steps_per_epoch),
                global_batch_size=config.train_batch_size * accelerator.num_processes
-               * config.gradient_accumulation_steps, noise_generator=torch.Generator(accelerator.device))
+               * config.gradient_accumulation_steps, noise_generator=torch.Generator(accelerator.device),
+               memory_format=torch.channels_last if "channels-last" in speedups else torch.contiguous_format)
+
+
+def make_optimizer(unet: torch.nn.Module, config: TrainConfig, device: torch.device) -> tuple[torch.optim.AdamW, bool]:
+    """The seed's AdamW; on GPUs the fused kernel (one launch for all parameters instead of several per tensor)."""
+    fused = config.fused_adamw and device.type == "cuda"
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
+                                  eps=config.adam_epsilon, fused=fused or None)
+    return optimizer, fused
+
+
+def tune_cuda(config: TrainConfig, device: torch.device) -> list[str]:
+    """cuDNN times its convolution algorithms once per shape (the shapes repeat every step); TF32 tensor
+    cores for fp32 matrix products and convolutions (10-bit mantissa inputs, fp32 accumulation)."""
+    if device.type != "cuda":
+        return []
+    torch.backends.cudnn.benchmark = True
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return ["cuDNN autotuning"] + ["TF32"] * config.allow_tf32
 
 
 def resume(run: Run, path: Path) -> None:
+    """Restore the training state and find the place in the data order to go on from.
+
+    A checkpoint written with another process count or batch size resumes too: the optimizer, schedule
+    and weights are the same whatever the process count, and the epoch goes on after the images it had
+    already seen (the rest of that epoch's order then differs from an uninterrupted run's)."""
     state = checkpoint.load_checkpoint(run.accelerator, path)
+    # The schedule's state holds the learning rate it was built with; this run's --learning_rate wins,
+    # so a diverged run can be resumed with a lower one.
+    run.lr_scheduler.scheduler.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
     run.step = state.get("step", int(path.name.split("-")[-1]))
     run.epoch = state.get("epoch", run.step // run.steps_per_epoch)
     run.images_seen = state.get("images_seen", run.step * run.global_batch_size)
+    steps_into_epoch = run.step - state.get("epoch_start_step", run.epoch * run.steps_per_epoch)
+    saved_processes = state.get("num_processes", run.accelerator.num_processes)
+    saved_batch = state.get("global_batch_size", run.global_batch_size // run.accelerator.num_processes
+                            * saved_processes)  # older checkpoints: the same batch per device
+    if saved_batch != run.global_batch_size or saved_processes != run.accelerator.num_processes:
+        images_into_epoch = steps_into_epoch * saved_batch
+        steps_into_epoch = min(images_into_epoch // run.global_batch_size, run.steps_per_epoch)
+        logger.info(f"{path.name} was written by {saved_processes} process(es) with a global batch of {saved_batch}; "
+                    f"going on with {run.accelerator.num_processes} process(es) and a global batch of "
+                    f"{run.global_batch_size} after the {images_into_epoch} images already seen in epoch {run.epoch}")
+    run.epoch_offset = run.step - steps_into_epoch - run.epoch * run.steps_per_epoch
 
 
 # ------------------------------------------------------------------------------------------------ train
 
 
-def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> Path:
-    """Train a UNet2DModel as the config says; returns the output folder holding the pipeline."""
+def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset(),
+          command: list[str] | None = None) -> Path:
+    """Train a UNet2DModel as the config says; returns the output folder holding the pipeline.
+    `command` is the argument list the run was started with, for the model card (default: sys.argv)."""
     plan = plan_run(config, explicit)
     if plan.config.dry_run:
         dry_run(plan)
@@ -267,16 +347,20 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     config = plan.config
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        for message in checkpoint.clean_up_interrupted_writes(output_dir):
+            logger.warning(message)
         if config.overwrite_output_dir and plan.resume_from is None:
             removed = checkpoint.clear_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
             if removed:
                 logger.info(f"--overwrite_output_dir: removed {', '.join(removed)} from {output_dir}")
         config.save(output_dir / checkpoint.CONFIG_FILE)
     accelerator.wait_for_everyone()
-    repo_id = hub.create_repository(config) if config.push_to_hub and accelerator.is_main_process else None
+    repo_id = create_hub_repository(config, accelerator)
 
     run = build_run(plan, accelerator)
     run.repo_id = repo_id
+    run.command = reproduce_command(public_argv(sys.argv[1:] if command is None else command, config),
+                                    accelerator.num_processes, None if "seed" in explicit else config.seed)
     if plan.resume_from is not None:
         logger.info(plan.resume_message)
         resume(run, plan.resume_from)
@@ -285,12 +369,72 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     if accelerator.is_main_process:
         run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step)
         run.best_fid = min((r["fid"] for r in run.metrics_file.read() if "fid" in r), default=math.inf)
-        accelerator.init_trackers("uncond", config=tracker_config(config))
+        if repo_id:
+            run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
+        init_trackers(run)
         run.feature_extractor = open_feature_extractor(config, accelerator.device)
     log_run_summary(run)
-    train_loop(run)
+    with StopSignal() as stop:
+        finished = train_loop(run, stop)
     accelerator.end_training()
+    if run.uploads is not None:
+        run.uploads.wait()
+    if finished:
+        logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
+    else:
+        logger.info(f"stopped by {stop.received} at step {run.step}, checkpoint-{run.step} saved; re-run the same "
+                    f"command to resume: {run.command}")
     return output_dir
+
+
+class StopSignal:
+    """SIGTERM or SIGINT (a preempted job, Ctrl-C) asks the run to save a checkpoint at the next step
+    boundary and exit cleanly; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self.previous[number] = signal.signal(number, self.handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number: int, frame: Any) -> None:
+        if self.received and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+
+
+def create_hub_repository(config: TrainConfig, accelerator: Accelerator) -> str | None:
+    """--push_to_hub: the main process creates the repository before any heavy work, and every process
+    stops with its error if it cannot (offline, not logged in, no write access)."""
+    if not config.push_to_hub:
+        return None
+    outcome: list[str | None] = [None, None]  # repository id, error
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = hub.create_repository(config)
+        except UsageError as error:
+            outcome[1] = str(error)
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
+    if outcome[1]:
+        raise UsageError(outcome[1])
+    return outcome[0]
+
+
+def init_trackers(run: Run) -> None:
+    logging_dir = run.output_dir / run.config.logging_dir
+    logging_dir.mkdir(parents=True, exist_ok=True)
+    # W&B writes into the working directory unless told; the other trackers get logging_dir from accelerate.
+    run.accelerator.init_trackers("uncond", config=tracker_config(run.config),
+                                  init_kwargs={"wandb": {"dir": str(logging_dir)}})
 
 
 def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
@@ -312,7 +456,8 @@ def log_run_summary(run: Run) -> None:
     parameters = sum(p.numel() for p in run.unwrapped_unet.parameters())
     logger.info(
         f"training {parameters / 1e6:.2f}M-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
-        f"{run.unwrapped_unet.config.in_channels} channel(s), {config.resolution} px, on {len(run.images)} images | "
+        f"{run.unwrapped_unet.config.in_channels} channel(s), {config.resolution} px, "
+        f"on {run.batches.num_images or 'a stream of'} images | "
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}, precision {config.mixed_precision} | "
         f"batch {config.train_batch_size} per device x {accelerator.num_processes} processes x "
         f"{config.gradient_accumulation_steps} accumulation = {run.global_batch_size} | "
@@ -320,51 +465,75 @@ def log_run_summary(run: Run) -> None:
         f"seed {config.seed} | output {run.output_dir}")
 
 
-def train_loop(run: Run) -> None:
-    """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points."""
-    config, accelerator = run.config, run.accelerator
-    progress = tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+def train_loop(run: Run, stop: StopSignal) -> bool:
+    """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points.
+    Returns False when a stop signal ended it early (after saving a checkpoint)."""
+    config = run.config
     run.last_log = (time.perf_counter(), run.step)
     exported_at = None
-    while run.step < run.max_train_steps:
-        start = run.step - run.epoch * run.steps_per_epoch  # optimizer steps already done in this epoch
-        for micro_batches in optimizer_steps(run, start):
-            loss = train_step(run, micro_batches)
-            run.step += 1
-            run.images_seen += run.global_batch_size
-            run.running_loss.add(loss)
-            progress.update(1)
-            if run.step % config.logging_steps == 0 or run.step == run.max_train_steps:
-                log_metrics(run, progress)
-            if config.eval_every_steps and run.step % config.eval_every_steps == 0:
-                evaluate(run)
-            if run.step % config.checkpointing_steps == 0:
-                save_checkpoint(run)
-            if run.step == run.max_train_steps:
-                break
-        last_epoch = run.step >= run.max_train_steps
-        if accelerator.is_main_process:
-            if run.epoch % config.save_images_epochs == 0 or last_epoch:
-                save_sample_grid(run)
-            if run.epoch % config.save_model_epochs == 0 or last_epoch:
-                export(run)
-                exported_at = run.step
-        accelerator.wait_for_everyone()
-        if not last_epoch:
-            run.epoch += 1
-    if exported_at != run.step and accelerator.is_main_process:  # resumed at the very end
+    with tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
+              disable=not run.accelerator.is_local_main_process) as progress:
+        while run.step < run.max_train_steps:
+            for micro_batches in optimizer_steps(run):
+                loss = train_step(run, micro_batches)
+                run.step += 1
+                run.images_seen += run.global_batch_size
+                if loss is not None:
+                    run.running_loss.add(loss)
+                progress.update(1)
+                if run.step % config.logging_steps == 0 or run.step == run.max_train_steps:
+                    log_metrics(run, progress)
+                if config.eval_every_steps and run.step % config.eval_every_steps == 0:
+                    evaluate(run)
+                if run.step % config.checkpointing_steps == 0:
+                    save_checkpoint(run)
+                if stop_requested(run, stop):
+                    if run.step % config.checkpointing_steps:
+                        save_checkpoint(run)
+                    return False
+                if run.step == run.max_train_steps:
+                    break
+            exported_at = end_epoch(run) or exported_at
+    if exported_at != run.step and run.accelerator.is_main_process:  # resumed at the very end
         export(run)
-    progress.close()
+    return True
 
 
-def optimizer_steps(run: Run, start: int):
-    """The current epoch's micro-batches, grouped per optimizer step, from optimizer step `start` on.
+def end_epoch(run: Run) -> int | None:
+    """Sample grid and export at the seed's epochs (and after the last step); returns the step exported at."""
+    config, last_epoch = run.config, run.step >= run.max_train_steps
+    exported_at = None
+    if run.accelerator.is_main_process:
+        if run.epoch % config.save_images_epochs == 0 or last_epoch:
+            save_sample_grid(run)
+        if run.epoch % config.save_model_epochs == 0 or last_epoch:
+            export(run)
+            exported_at = run.step
+    run.accelerator.wait_for_everyone()
+    if not last_epoch:
+        run.epoch += 1
+    return exported_at
+
+
+def stop_requested(run: Run, stop: StopSignal) -> bool:
+    """Whether to stop after this step. With several processes all must agree, which costs a collective:
+    it is asked at log intervals only, so a stop comes within --logging_steps steps."""
+    if run.accelerator.num_processes == 1:
+        return stop.received is not None
+    if run.step % run.config.logging_steps:
+        return False
+    flag = torch.tensor(float(stop.received is not None), device=run.accelerator.device)
+    return run.accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def optimizer_steps(run: Run):
+    """The current epoch's micro-batches, grouped per optimizer step, from where the run stands.
     The last group of an epoch may be shorter, as with the seed's accumulation at the end of a loader."""
+    start = run.step - epoch_start_step(run)  # optimizer steps already done in this epoch
     accumulation = run.config.gradient_accumulation_steps
-    group: list[tuple[int, Any]] = []
-    for batch_index, indices in run.order.batches(run.epoch, start_batch=start * accumulation):
-        group.append((batch_index, indices))
+    group: list[torch.Tensor] = []
+    for _, clean_images in run.batches.epoch(run.epoch, start_batch=start * accumulation):
+        group.append(clean_images)
         if len(group) == accumulation:
             yield group
             group = []
@@ -372,30 +541,56 @@ def optimizer_steps(run: Run, start: int):
         yield group
 
 
-def train_step(run: Run, micro_batches: list[tuple[int, Any]]) -> torch.Tensor:
-    """One optimizer step over one or more micro-batches. Returns the mean loss, still on the device."""
+def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | None:
+    """One optimizer step over one or more micro-batches. Returns the mean loss, still on the device
+    (None for a step skipped under --skip_nonfinite)."""
     accelerator, unet = run.accelerator, run.unet
     total_loss = torch.zeros((), device=accelerator.device)
-    for i, (batch_index, indices) in enumerate(micro_batches):
-        pixels = run.images.batch(indices, run.order.augmentation_rng(run.epoch, batch_index))
-        clean_images = run.images.normalize(pixels, accelerator.device)
+    for i, clean_images in enumerate(micro_batches):
+        # Pinned by the loader on GPUs, so the copy is asynchronous.
+        clean_images = clean_images.to(accelerator.device, non_blocking=True).contiguous(
+            memory_format=run.memory_format)
         # Noise and timesteps are a pure function of (seed, step, process, micro-batch): a resumed run
         # draws exactly what the uninterrupted one would have, with no random state to restore.
         run.noise_generator.manual_seed(mix_seed(run.config.seed, run.step, accelerator.process_index, i))
+        if run.config.compile and accelerator.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
         last = i == len(micro_batches) - 1
         # Gradients are all-reduced across processes only on the last micro-batch.
         with contextlib.nullcontext() if last else accelerator.no_sync(unet):
             loss = training_loss(unet, run.noise_scheduler, clean_images, run.objective, run.noise_generator)
             accelerator.backward(loss / len(micro_batches))
         total_loss += loss.detach()
+    grad_norm = None
     if run.config.max_grad_norm:
-        run.running_grad_norm.add(accelerator.clip_grad_norm_(unet.parameters(), run.config.max_grad_norm))
+        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), run.config.max_grad_norm)
+    if run.config.skip_nonfinite and not everywhere_finite(run, total_loss, grad_norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        run.lr_scheduler.step()  # the schedule stays aligned with the step count
+        run.skipped_steps += 1
+        return None
+    if grad_norm is not None:
+        run.running_grad_norm.add(grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
+    if run.ema is not None and (run.step + 1) % run.config.ema_update_every == 0:
         run.ema.step(unet.parameters())
     return total_loss / len(micro_batches)
+
+
+def is_finite(*values: torch.Tensor | None) -> bool:
+    return all(bool(torch.isfinite(value).all()) for value in values if value is not None)
+
+
+def everywhere_finite(run: Run, *values: torch.Tensor | None) -> bool:
+    """Whether every process saw finite values: all of them must skip a step together. A host sync and a
+    collective per step, which is what --skip_nonfinite costs."""
+    flag = torch.ones((), device=run.accelerator.device)
+    for value in values:
+        if value is not None:
+            flag = flag * torch.isfinite(value).all()
+    return run.accelerator.reduce(flag, reduction="mean").item() == 1.0
 
 
 def mix_seed(*numbers: int) -> int:
@@ -406,7 +601,10 @@ def mix_seed(*numbers: int) -> int:
 def log_metrics(run: Run, progress: tqdm) -> None:
     """Reduce the running means across processes (the one sync point) and write them out."""
     accelerator = run.accelerator
-    loss = accelerator.reduce(run.running_loss.pop(), reduction="mean").item()
+    mean_loss = run.running_loss.pop()  # None when every step since the last log was skipped
+    if mean_loss is None:
+        mean_loss = torch.tensor(float("nan"), device=accelerator.device)
+    loss = accelerator.reduce(mean_loss, reduction="mean").item()
     grad_norm = run.running_grad_norm.pop()
     now = time.perf_counter()
     elapsed, steps = now - run.last_log[0], run.step - run.last_log[1]
@@ -418,19 +616,39 @@ def log_metrics(run: Run, progress: tqdm) -> None:
         values["grad_norm"] = grad_norm.item()
     if run.ema is not None:
         values["ema_decay"] = run.ema.cur_decay_value
-    if not math.isfinite(loss):
-        raise RuntimeError(f"the loss became {loss} by step {run.step}; lower --learning_rate, or try "
-                           "--mixed_precision no; the last checkpoint in the output folder is intact")
+    if run.config.skip_nonfinite:
+        values["skipped_steps"] = run.skipped_steps
+    if not math.isfinite(loss) and not run.config.skip_nonfinite:
+        raise diverged(run, f"the loss became {loss} between steps {run.step - steps} and {run.step}")
     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
     accelerator.log({k: v for k, v in values.items() if k != "step" and v is not None}, step=run.step)
     if run.metrics_file is not None:
         run.metrics_file.write(values)
 
 
+def diverged(run: Run, what: str) -> RunFailed:
+    saved = checkpoint.complete_checkpoints(run.output_dir)
+    last = f"{saved[-1][1].name} is the last good checkpoint" if saved else "no checkpoint was saved yet"
+    return RunFailed(f"{what}; stopped, {last}. Lower --learning_rate (or pass --skip_nonfinite) and re-run the "
+                     "same command to resume from it")
+
+
+def epoch_start_step(run: Run) -> int:
+    return run.epoch_offset + run.epoch * run.steps_per_epoch
+
+
+def training_state(run: Run) -> dict[str, Any]:
+    return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
+            "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
+            "global_batch_size": run.global_batch_size}
+
+
 def save_checkpoint(run: Run) -> None:
-    state = {"step": run.step, "epoch": run.epoch, "images_seen": run.images_seen, "seed": run.config.seed,
-             "num_processes": run.accelerator.num_processes}
-    path = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step, state, run.config,
+    """A checkpoint of the state after run.step, never of a diverged one."""
+    pending = run.running_loss.total
+    if pending is not None and not is_finite(run.accelerator.reduce(pending.clone(), reduction="sum")):
+        raise diverged(run, f"the loss became non-finite before step {run.step}")
+    path = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step, training_state(run), run.config,
                                       run.config.checkpoints_total_limit)
     logger.info(f"saved {path}")
 
@@ -502,12 +720,14 @@ def evaluate(run: Run) -> None:
 
 def training_reference(run: Run) -> metrics.FeatureStats:
     """Feature statistics of the training images (centre crops), computed once and kept in the output folder."""
-    arrays = data.spread_choice(run.images.arrays, MAX_REFERENCE_IMAGES)
-    key = f"{run.feature_extractor.name}|{data_description(run.config)}|{len(arrays)} images|{run.config.resolution}px"
+    cache = run.batches.images.cache  # --streaming runs are refused --eval_every_steps (config.validate)
+    indices = data.spread_choice(range(len(cache)), MAX_REFERENCE_IMAGES)
+    key = f"{run.feature_extractor.name}|{cache.folder.name}|{len(indices)} images|{run.config.resolution}px"
 
     def compute() -> metrics.FeatureStats:
-        logger.info(f"computing FID reference statistics of {len(arrays)} training images")
-        batches = data.centre_crops(arrays, run.config.resolution, run.config.eval_batch_size)
+        logger.info(f"computing FID reference statistics of {len(indices)} training images")
+        batches = data.centre_crops((cache.image(i) for i in indices), run.config.resolution,
+                                    run.config.eval_batch_size)
         return metrics.feature_stats(metrics.extract_features(run.feature_extractor, batches),
                                      run.feature_extractor.name)
 
@@ -517,7 +737,7 @@ def training_reference(run: Run) -> metrics.FeatureStats:
 def export_best(run: Run, unet: UNet2DModel, scores: metrics.Scores) -> None:
     """output_dir/best: the pipeline with the lowest FID so far, and its scores."""
     folder = run.output_dir / BEST_DIR
-    checkpoint.export_pipeline(unet, run.noise_scheduler, folder)
+    checkpoint.export_pipeline(unet, run.noise_scheduler, folder, training_state(run))
     (folder / "scores.json").write_text(json.dumps({"step": run.step, **scores.as_dict()}, indent=2) + "\n")
     logger.info(f"best FID so far ({scores.fid:.3f}): exported to {folder}")
 
@@ -525,13 +745,17 @@ def export_best(run: Run, unet: UNet2DModel, scores: metrics.Scores) -> None:
 def export(run: Run) -> None:
     """The pipeline folder (EMA weights when --use_ema), the model card and the loss plot; upload if asked."""
     with models.ema_weights(run.unwrapped_unet, run.ema) as unet:
-        checkpoint.export_pipeline(unet, run.noise_scheduler, run.output_dir)
+        checkpoint.export_pipeline(unet, run.noise_scheduler, run.output_dir,
+                                   {**training_state(run), "finished": run.step >= run.max_train_steps})
     records = run.metrics_file.read() if run.metrics_file else []
     tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
     write_card(run, records)
     logger.info(f"exported the pipeline at step {run.step} to {run.output_dir}")
-    if run.repo_id:
-        hub.upload(run.repo_id, run.output_dir, run.config.hub_token, f"step {run.step}")
+    if isinstance(run.batches, streaming.StreamedBatches):  # what the stream held is known only as it goes
+        run.batches.write_report(run.output_dir / data.REPORT_FILE)
+        logger.info(run.batches.summary())
+    if run.uploads is not None:
+        run.uploads.submit(run.step)
 
 
 def write_card(run: Run, records: list[dict[str, Any]]) -> None:
@@ -540,20 +764,24 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
     last = records[-1] if records else {}
     metrics = {"dataset": data_description(config), "resolution": config.resolution,
                "optimizer steps": run.step, "images seen": run.images_seen,
-               "global batch": run.global_batch_size, "learning rate": config.learning_rate,
+               "global batch": f"{run.global_batch_size} ({config.train_batch_size} per device x "
+                               f"{run.accelerator.num_processes} process(es) x {config.gradient_accumulation_steps} "
+                               "accumulation)",
+               "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, {config.lr_warmup_steps} warmup steps)",
                "prediction type": config.prediction_type, "EMA": config.use_ema,
                "mixed precision": config.mixed_precision}
     if "loss" in last:
-        metrics["final loss"] = f"{last['loss']:.4f}"
+        metrics["final loss (mean over the last logging interval)"] = f"{last['loss']:.4f}"
     hub.write_model_card(run.output_dir, {
         "title": run.repo_id or run.output_dir.resolve().name,
         "repo": run.repo_id or str(run.output_dir),
         "dataset": data_description(config),
-        "parameters": f"{sum(p.numel() for p in run.unwrapped_unet.parameters()) / 1e6:.1f}M",
+        "hub_dataset": hub_dataset_id(config),
+        "parameters": f"{sum(p.numel() for p in run.unwrapped_unet.parameters()) / 1e6:.2f}M",
         "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
         "steps": run.step, "images_seen": run.images_seen,
         "grid": grids[-1].relative_to(run.output_dir).as_posix() if grids else None,
-        "metrics": metrics, "command": reproduce_command(),
+        "metrics": metrics, "command": run.command,
     })
 
 
@@ -561,21 +789,23 @@ def data_description(config: TrainConfig) -> str:
     return config.dataset_name or f"images from {Path(config.train_data_dir).name}"
 
 
-def reproduce_command() -> str:
-    """The command line of this run, without the Hub token."""
-    words, hide_next = [], False
-    for word in sys.argv[1:]:
-        if hide_next:
-            words.append("<token>")
-            hide_next = False
-        elif word in ("--hub_token", "--hub-token"):
-            words.append(word)
-            hide_next = True
-        elif word.startswith(("--hub_token=", "--hub-token=")):
-            words.append(word.split("=")[0] + "=<token>")
-        else:
-            words.append(word)
-    return "uncond " + " ".join(shlex.quote(word) for word in words)
+def hub_dataset_id(config: TrainConfig) -> str | None:
+    """The dataset's Hub id for the card's metadata; None for local data and the built-in digits."""
+    name = config.dataset_name
+    if not name or name.startswith(data.BUILTIN_PREFIX) or Path(name).exists():
+        return None
+    return name
+
+
+def reproduce_command(argv: list[str], num_processes: int, chosen_seed: int | None) -> str:
+    """The command line of this run (`argv` with the token already masked by config.public_argv), with the
+    launcher for several processes, and the seed when it was chosen at random."""
+    words = list(argv)
+    if chosen_seed is not None:
+        words += ["--seed", str(chosen_seed)]
+    launcher = "uncond" if num_processes == 1 else \
+        f"accelerate launch --multi_gpu --num_processes {num_processes} -m uncond"
+    return launcher + " " + " ".join(shlex.quote(word) for word in words)
 
 
 def tracker_config(config: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,331 @@
+"""Training throughput: train_unconditional.py's step against uncond's, on the same machine, in one run.
+
+    python benchmarks/train_throughput.py                      # CPU: fp32, the seed's UNet and the demo preset
+    python benchmarks/train_throughput.py --device cuda        # GPU: bf16, the seed's UNet at batch 16 and 64
+
+Each measurement runs in its own process (so peak memory is that variant's alone), baseline and uncond
+in turn, `--repeats` times; the ratio is taken pair by pair. Printed per configuration: images/s,
+the ratio, peak memory (GPU: torch's max allocated; CPU: the process's peak resident set), and model
+FLOPs utilisation: the FLOPs of one training step counted with torch.utils.flop_counter (forward and
+backward) times steps/s, over the device's peak for the precision (a datasheet figure for NVIDIA GPUs,
+an estimate from the core count and clock for CPUs; both printed).
+
+The baseline reproduces train_unconditional.py's training step (diffusers main, 2026-08) without
+torchvision, which cannot be installed here: its UNet; its per-image transforms (PIL decode from a
+`datasets` imagefolder, Resize(resolution, BILINEAR) on the shorter side, RandomCrop, ToTensor,
+Normalize([0.5], [0.5]), applied with set_transform) in a DataLoader with its defaults (shuffle,
+num_workers=0); images and noise cast to the autocast dtype as it does; DDPMScheduler.add_noise;
+accelerate's autocast for the precision; diffusers' EMAModel.step every step (as with --use_ema);
+gradient clipping at 1.0; loss.item() every step for its progress bar. Both sides get the same
+process environment (the glibc allocator setting uncond makes is made in the baseline too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONFIGS = {
+    # name: (model preset, resolution, batch size, timed steps on CPU, timed steps on GPU, data)
+    "seed64-b16": ("seed", 64, 16, 4, 60, "photos"),
+    "seed64-b64": ("seed", 64, 64, 2, 40, "photos"),
+    "demo": ("tiny", 28, 64, 30, 200, "mnist"),
+}
+GPU_PEAK_FLOPS = {  # dense, per second: NVIDIA datasheets (SXM parts)
+    "bf16": {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12},
+    "no": {"H100": 494.7e12, "H200": 494.7e12, "A100": 156e12},  # fp32 runs use TF32 tensor cores
+}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def prepare_data(kind: str, folder: Path, count: int = 512) -> Path:
+    """A folder of images both sides train on: JPEG photos-like pictures at 256x192, or the MNIST digits."""
+    if folder.exists() and any(folder.iterdir()):
+        return folder
+    folder.mkdir(parents=True)
+    from PIL import Image
+
+    if kind == "mnist":
+        from uncond.config import TrainConfig
+        from uncond.data import open_source
+
+        for i, record in enumerate(open_source(TrainConfig(dataset_name="builtin:mnist")).records):
+            record.open().save(folder / f"{i:05d}.png")
+        return folder
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        # smooth colour fields with texture: JPEG-compresses and decodes like a photo, not like noise
+        low = rng.random((6, 8, 3)) * 255
+        image = Image.fromarray(low.astype(np.uint8)).resize((256, 192), Image.BICUBIC)
+        texture = rng.normal(0, 12, (192, 256, 3))
+        pixels = np.clip(np.asarray(image, dtype=np.float32) + texture, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def baseline_worker(config_name: str, device: str, precision: str, data: Path, steps: int, warmup: int) -> dict:
+    """train_unconditional.py's step, as described in the module docstring."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from datasets import load_dataset
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from PIL import Image
+
+    from uncond.environment import keep_freed_memory
+    from uncond.models import PRESETS
+
+    keep_freed_memory()
+    preset, resolution, batch_size = CONFIGS[config_name][:3]
+    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    unet_config = {**PRESETS[preset].unet, "sample_size": resolution}
+    channels = 1 if CONFIGS[config_name][5] == "mnist" else 3
+    model = UNet2DModel(**unet_config, in_channels=channels, out_channels=channels)
+    ema_model = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                         model_cls=UNet2DModel, model_config=model.config)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    dataset = load_dataset("imagefolder", data_dir=str(data), split="train",
+                           cache_dir=str(data.parent / "hf-cache"))
+    rng = np.random.default_rng(0)
+
+    def augment(image: Image.Image) -> torch.Tensor:  # Resize, RandomCrop, ToTensor, Normalize
+        width, height = image.size
+        size = ((resolution, int(resolution * height / width)) if width <= height
+                else (int(resolution * width / height), resolution))
+        image = image.resize(size, Image.BILINEAR)
+        top = rng.integers(0, size[1] - resolution + 1)
+        left = rng.integers(0, size[0] - resolution + 1)
+        image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = array[..., None] if array.ndim == 2 else array
+        return torch.from_numpy(array.transpose(2, 0, 1).copy()).sub_(0.5).div_(0.5)
+
+    mode = "L" if channels == 1 else "RGB"
+    dataset.set_transform(lambda examples: {"input": [augment(im.convert(mode)) for im in examples["image"]]})
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500,
+                                 num_training_steps=len(loader) * 100)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    ema_model.to(accelerator.device)
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    def step(batch) -> None:
+        clean_images = batch["input"].to(weight_dtype)
+        noise = torch.randn(clean_images.shape, dtype=weight_dtype, device=clean_images.device)
+        timesteps = torch.randint(0, 1000, (clean_images.shape[0],), device=clean_images.device).long()
+        noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+        with accelerator.accumulate(model):
+            model_output = model(noisy_images, timesteps).sample
+            loss = F.mse_loss(model_output.float(), noise.float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            ema_model.step(model.parameters())
+        loss.detach().item()  # the seed's progress-bar logs, every step
+
+    return timed(step, batches(loader), steps, warmup, batch_size, device)
+
+
+def batches(loader):
+    while True:
+        yield from loader
+
+
+def uncond_worker(config_name: str, device: str, precision: str, data: Path, steps: int, warmup: int,
+                  compile_unet: bool) -> dict:
+    """uncond's own loop body: train.train_step on a Run built by train.build_run, as `uncond train` runs it."""
+    from uncond import train
+    from uncond.config import TrainConfig
+
+    preset, resolution, batch_size = CONFIGS[config_name][:3]
+    output = Path(tempfile.mkdtemp(prefix="uncond-bench-"))
+    config = TrainConfig(train_data_dir=str(data), output_dir=str(output), model_preset=preset, resolution=resolution,
+                         train_batch_size=batch_size, mixed_precision=precision, use_ema=True, logger="none",
+                         seed=0, max_train_steps=10**6, checkpointing_steps=10**9, compile=compile_unet,
+                         num_channels="1" if CONFIGS[config_name][5] == "mnist" else "3")
+    plan = train.plan_run(config, explicit={"resolution"})
+    accelerator = train.make_accelerator(plan.config, output)
+    start = time.perf_counter()
+    run = train.build_run(plan, accelerator)
+    prepare_seconds = time.perf_counter() - start
+
+    def step(micro_batches) -> None:
+        loss = train.train_step(run, micro_batches)
+        run.step += 1
+        run.running_loss.add(loss)
+        if run.step % run.config.logging_steps == 0:  # the loop's one sync, at log intervals
+            run.running_loss.pop().item()
+
+    def micro_batch_groups():
+        while True:
+            yield from train.optimizer_steps(run)
+            run.epoch += 1
+
+    result = timed(step, micro_batch_groups(), steps, warmup, batch_size, device)
+    result["prepare_seconds"] = round(prepare_seconds, 2)
+    return result
+
+
+def timed(step, source, steps: int, warmup: int, batch_size: int, device: str) -> dict:
+    import torch
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step(next(source))
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(next(source))
+    sync()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"images_per_sec": steps * batch_size / seconds, "peak_bytes": peak, "seconds": seconds}
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+
+
+def step_flops_per_image(config_name: str, device: str, precision: str) -> float:
+    """Forward + backward FLOPs of one image, counted by torch's FlopCounterMode on a batch of 2."""
+    import torch
+    from diffusers import UNet2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from uncond.models import PRESETS
+
+    preset, resolution = CONFIGS[config_name][:2]
+    channels = 1 if CONFIGS[config_name][5] == "mnist" else 3
+    unet = UNet2DModel(**PRESETS[preset].unet, sample_size=resolution, in_channels=channels,
+                       out_channels=channels).to(device)
+    images = torch.randn(2, channels, resolution, resolution, device=device)
+    timesteps = torch.tensor([10, 500], device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with FlopCounterMode(display=False) as counter, torch.autocast(device, dtype=dtype, enabled=precision != "no"):
+        unet(images, timesteps).sample.float().pow(2).mean().backward()
+    return counter.get_total_flops() / 2
+
+
+def peak_flops(device: str, precision: str) -> tuple[float, str]:
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAK_FLOPS[precision].items():
+            if key in name:
+                return value, f"{name}, datasheet {'bf16' if precision == 'bf16' else 'TF32'} dense peak"
+        return math.nan, f"{name}: peak unknown"
+    cores = len(os.sched_getaffinity(0))
+    mhz = max(float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+              if line.startswith("cpu MHz"))
+    flops_per_cycle = 64 if "avx512f" in Path("/proc/cpuinfo").read_text() else 32  # fp32 FMA lanes x 2 units x 2
+    return cores * mhz * 1e6 * flops_per_cycle, (f"estimate: {cores} cores x {mhz:.0f} MHz x {flops_per_cycle} "
+                                                 "fp32 FLOP/cycle")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("no", "bf16"), help="default: bf16 on cuda, no (fp32) on cpu")
+    parser.add_argument("--configs", default=None, help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per measurement")
+    parser.add_argument("--compile", action="store_true", help="uncond with --compile")
+    parser.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "uncond-train-bench"))
+    parser.add_argument("--worker", choices=("baseline", "uncond"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (default: per configuration)")
+    args = parser.parse_args()
+    precision = args.precision or ("bf16" if args.device == "cuda" else "no")
+    warmup = args.warmup if args.warmup is not None else (10 if args.device == "cuda" else 1)
+    work = Path(args.work_dir)
+
+    if args.worker:
+        data = work / CONFIGS[args.config][5]
+        if args.worker == "baseline":
+            result = baseline_worker(args.config, args.device, precision, data, args.steps, warmup)
+        else:
+            result = uncond_worker(args.config, args.device, precision, data, args.steps, warmup, args.compile)
+        print("RESULT " + json.dumps(result))
+        return
+
+    names = args.configs.split(",") if args.configs else (
+        ["seed64-b16", "seed64-b64"] if args.device == "cuda" else ["seed64-b16", "seed64-b64", "demo"])
+    peak, peak_note = peak_flops(args.device, precision)
+    print(f"device {args.device}, precision {precision}, repeats {args.repeats}, peak {peak:.3g} FLOP/s ({peak_note})")
+    rows = []
+    for name in names:
+        prepare_data(CONFIGS[name][5], work / CONFIGS[name][5])
+        steps = args.steps or CONFIGS[name][4 if args.device == "cuda" else 3]
+        flops = step_flops_per_image(name, args.device, precision)
+        results: dict[str, list[dict]] = {"baseline": [], "uncond": []}
+        for _ in range(args.repeats):
+            for variant in ("baseline", "uncond"):
+                results[variant].append(run_worker(variant, name, args, steps))
+        ratios = [u["images_per_sec"] / b["images_per_sec"] for b, u in zip(results["baseline"], results["uncond"])]
+        row = {"config": name, "flops_per_image": flops, "ratio": statistics.median(ratios), "ratios": ratios}
+        for variant, runs in results.items():
+            speed = statistics.median(r["images_per_sec"] for r in runs)
+            row[variant] = {"images_per_sec": speed, "peak_gib": max(r["peak_bytes"] for r in runs) / 2**30,
+                            "mfu": speed * flops / peak}
+        rows.append(row)
+        print(format_row(row), flush=True)
+    print(json.dumps({"device": args.device, "precision": precision, "peak": peak, "peak_note": peak_note,
+                      "rows": rows}))
+
+
+def run_worker(variant: str, name: str, args: argparse.Namespace, steps: int) -> dict:
+    command = [sys.executable, __file__, "--worker", variant, "--config", name, "--steps", str(steps),
+               "--device", args.device, "--work_dir", args.work_dir]
+    command += ["--precision", args.precision] if args.precision else []
+    command += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+    command += ["--compile"] if args.compile else []
+    finished = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
+    if finished.returncode or not lines:
+        print(f"{variant} {name} failed:\n{finished.stderr[-3000:]}", flush=True)
+        return {"images_per_sec": math.nan, "peak_bytes": math.nan, "seconds": math.nan}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def format_row(row: dict) -> str:
+    b, u = row["baseline"], row["uncond"]
+    return (f"{row['config']:<11} {row['flops_per_image'] / 1e9:6.1f} GFLOP/img | baseline {b['images_per_sec']:8.1f} "
+            f"img/s, {b['peak_gib']:5.2f} GiB, MFU {b['mfu']:6.1%} | uncond {u['images_per_sec']:8.1f} img/s, "
+            f"{u['peak_gib']:5.2f} GiB, MFU {u['mfu']:6.1%} | ratio {row['ratio']:.2f}x "
+            f"(pairs: {', '.join(f'{r:.2f}' for r in row['ratios'])})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The decoded-image cache: images decoded and resized once, kept on disk, read memory-mapped.
+
+The first run over a dataset decodes every image (data.py) and appends its pixels here; later epochs
+and later runs read them back without decoding. One cache entry is a folder named by a key that
+hashes the dataset's content fingerprint and the preprocessing settings:
+
+    pixels.bin   every image's pixels, HWC, back to back: uint8, or uint16 with --preserve_input_precision
+    index.npy    one row per image: offset into pixels.bin (in values, not bytes), height, width, channels
+    meta.json    format version, what was decoded with which settings, what was skipped and why
+
+Why one flat file with offsets: resized images keep their aspect ratio (shorter side = resolution,
+longer side anything), so a random crop can land anywhere along the long side, as the seed's
+RandomCrop does. Stored unpadded and back to back they cost no extra space, and a memory map of the
+file lets a dataset far bigger than RAM train with RAM bounded by the batches in flight: the
+operating system pages pixels in and out. (datasets' Arrow cache maps its files too, but turning a
+row back into an array costs Python objects per image per read; here an image is a view until the
+crop copies it.)
+
+An entry is written into a hidden temporary folder and renamed into place when complete, so a folder
+named by a key is always whole; a run killed while decoding leaves only its temporary folder.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+PIXELS_FILE, INDEX_FILE, META_FILE = "pixels.bin", "index.npy", "meta.json"
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """`--cache_dir`/uncond, else $XDG_CACHE_HOME/uncond, else ~/.cache/uncond."""
+    if cache_dir:
+        return Path(cache_dir).expanduser() / "uncond"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uncond"
+
+
+def entry_folder(root: Path, fingerprint: str, settings: dict[str, Any]) -> Path:
+    """The folder of the entry for this data and these preprocessing settings."""
+    key = json.dumps({"format": FORMAT_VERSION, "data": fingerprint, **settings}, sort_keys=True)
+    return root / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+@dataclass
+class ImageCache:
+    """A complete cache entry, memory-mapped: `image(i)` is a view into the file, nothing is loaded."""
+    folder: Path
+    pixels: np.ndarray  # flat and read-only; a plain ndarray view of the np.memmap (faster to slice)
+    index: np.ndarray  # (images, 4) int64: offset, height, width, channels
+    meta: dict[str, Any]
+    built_now: bool = False  # decoded by this call rather than found on disk
+
+    @classmethod
+    def open(cls, folder: Path) -> "ImageCache | None":
+        """The entry in `folder`, or None when there is none or it does not match its own index."""
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+            index = np.load(folder / INDEX_FILE, allow_pickle=False)
+            dtype = np.dtype(meta["dtype"])
+            expected = int((index[:, 1] * index[:, 2] * index[:, 3]).sum()) * dtype.itemsize
+            if meta.get("format") != FORMAT_VERSION or (folder / PIXELS_FILE).stat().st_size != expected:
+                return None
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+        pixels = np.memmap(folder / PIXELS_FILE, dtype=dtype, mode="r") if expected else np.empty(0, dtype)
+        return cls(folder, pixels.view(np.ndarray), index, meta)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def image(self, i: int) -> np.ndarray:
+        offset, height, width, channels = (int(v) for v in self.index[i])
+        return self.pixels[offset:offset + height * width * channels].reshape(height, width, channels)
+
+    @property
+    def all_gray(self) -> bool:
+        return bool((self.index[:, 3] == 1).all())
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels.nbytes
+
+
+class CacheWriter:
+    """Appends decoded images to a new entry; `finish` renames it into place, `abort` removes it."""
+
+    def __init__(self, folder: Path, dtype: np.dtype | type):
+        self.folder = folder
+        self.dtype = np.dtype(dtype)
+        # The host and process in the name keep two runs that build the same entry at once apart.
+        prefix = f".{folder.name}.partial-{socket.gethostname()}-"
+        remove_abandoned(folder.parent, prefix)
+        self.staging = folder.parent / f"{prefix}{os.getpid()}"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self.file = open(self.staging / PIXELS_FILE, "wb")
+        self.rows = array.array("q")  # 32 bytes per image, not a Python tuple each
+        self.offset = 0
+
+    def __len__(self) -> int:
+        return len(self.rows) // 4
+
+    def append(self, image: np.ndarray) -> None:
+        image = np.ascontiguousarray(image, dtype=self.dtype)
+        height, width, channels = image.shape
+        self.file.write(memoryview(image).cast("B"))
+        self.rows.extend((self.offset, height, width, channels))
+        self.offset += image.size
+
+    def finish(self, meta: dict[str, Any]) -> ImageCache:
+        self.file.close()
+        np.save(self.staging / INDEX_FILE, np.frombuffer(self.rows, dtype=np.int64).reshape(-1, 4))
+        meta = {"format": FORMAT_VERSION, "dtype": self.dtype.name, "images": len(self), **meta}
+        (self.staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if self.folder.exists() and ImageCache.open(self.folder) is None:
+            shutil.rmtree(self.folder)  # an entry that does not match its index: replace it
+        try:
+            os.rename(self.staging, self.folder)
+        except OSError:  # another run finished the same entry first; it holds the same pixels
+            shutil.rmtree(self.staging, ignore_errors=True)
+        cache = ImageCache.open(self.folder)
+        if cache is None:
+            raise OSError(f"the image cache {self.folder} could not be written")
+        cache.built_now = True
+        return cache
+
+    def abort(self) -> None:
+        self.file.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def remove_abandoned(parent: Path, prefix: str) -> None:
+    """Temporary folders that runs on this host left behind when they were killed."""
+    if not parent.is_dir():
+        return
+    for folder in parent.glob(f"{prefix}*"):
+        pid = folder.name[len(prefix):]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

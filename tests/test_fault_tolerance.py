@@ -1,0 +1,310 @@
+"""Runs that get killed, preempted, corrupted or starved of disk lose nothing and resume exactly.
+
+Most tests here run `python -m uncond train` as a subprocess and kill it for real (SIGKILL, SIGTERM).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_UNET, fast_train_args, write_images
+from uncond import checkpoint
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+STEPS = 40
+# A run long enough for kills to land in training and in checkpoint writes (every 4 steps).
+RUN_FLAGS = ("--max_train_steps", str(STEPS), "--checkpointing_steps", "4", "--use_ema", "--random_flip",
+             "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--save_images_epochs", "1000",
+             "--save_model_epochs", "1000", "--checkpoints_total_limit", "3")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("inputs")
+    write_images(folder / "images", 12)
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text(json.dumps(TINY_UNET))
+    return folder / "images", folder / "unet"
+
+
+def command(inputs: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "uncond", *map(str, fast_train_args(*inputs, out, *RUN_FLAGS, *extra))]
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory) -> Path:
+    """The same run, never interrupted."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    subprocess.run(command(inputs, out), env=ENV, check=True, capture_output=True)
+    return out
+
+
+def final_weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {"unet": load_file(out / f"checkpoint-{STEPS}" / "unet" / WEIGHTS),
+            "unet_ema": load_file(out / f"checkpoint-{STEPS}" / "unet_ema" / WEIGHTS),
+            "export": load_file(out / "unet" / WEIGHTS)}
+
+
+def assert_same_result(out: Path, reference: Path) -> None:
+    got, expected = final_weights(out), final_weights(reference)
+    for name in expected:
+        assert all(torch.equal(got[name][key], expected[name][key]) for key in expected[name]), name
+
+
+def assert_every_checkpoint_loads(out: Path) -> None:
+    for _, path in checkpoint.complete_checkpoints(out):
+        checkpoint.verify_checkpoint(path)  # raises on a damaged file
+
+
+def start(inputs, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(command(inputs, out, *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_training(process: subprocess.Popen, out: Path, timeout: float = 60) -> None:
+    """Until the first metrics line is written (imports and decoding are over)."""
+    deadline = time.monotonic() + timeout
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.02)
+
+
+def resume_to_the_end(inputs, out: Path) -> str:
+    finished = subprocess.run(command(inputs, out), env=ENV, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return finished.stderr
+
+
+def kill_at_random_and_resume(inputs, reference: Path, out: Path, rng: random.Random) -> None:
+    process = start(inputs, out)
+    wait_for_training(process, out)
+    time.sleep(rng.uniform(0, 1.5))  # the tiny run trains 40 steps in about a second or two
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert_every_checkpoint_loads(out)
+    resume_to_the_end(inputs, out)
+    assert_same_result(out, reference)
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_killed_at_a_random_moment_resumes_to_the_same_weights(inputs, reference, tmp_path, trial):
+    kill_at_random_and_resume(inputs, reference, tmp_path / "run", random.Random(trial))
+
+
+@pytest.mark.slow
+def test_killed_at_random_moments_many_times(inputs, reference, tmp_path):
+    rng = random.Random(1234)
+    for trial in range(10):
+        kill_at_random_and_resume(inputs, reference, tmp_path / f"run{trial}", rng)
+
+
+# Kill the process at the nth call of a function of uncond.checkpoint.
+KILL_INSIDE = """
+import os, signal, sys
+import uncond.checkpoint as checkpoint
+calls = {{"n": 0}}
+original = checkpoint.{function}
+def dying(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == {nth}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+checkpoint.{function} = dying
+from uncond.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_killed_inside(inputs, out: Path, function: str, nth: int) -> None:
+    script = KILL_INSIDE.format(function=function, nth=nth)
+    killed = subprocess.run([sys.executable, "-c", script, *command(inputs, out)[3:]], env=ENV,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+
+def test_kill_in_the_middle_of_a_checkpoint_write(inputs, reference, tmp_path):
+    out = tmp_path / "run"
+    # write_manifest runs once the state files are in the staging folder, before it is renamed
+    run_killed_inside(inputs, out, "write_manifest", nth=3)
+    assert (out / ".tmp-checkpoint-12").is_dir() and not (out / "checkpoint-12").exists()
+    assert [step for step, _ in checkpoint.complete_checkpoints(out)] == [4, 8]
+    log = resume_to_the_end(inputs, out)
+    assert "removed .tmp-checkpoint-12, left by an interrupted write" in log
+    assert "resuming from checkpoint-8 at step 8" in log
+    assert_same_result(out, reference)
+
+
+KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+import uncond.checkpoint as checkpoint
+original = checkpoint.replace_path
+def dying(source, destination):
+    if destination.name == "unet" and destination.exists():  # replacing an earlier export's unet/
+        os.replace(destination, destination.with_name(".tmp-old-unet"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(source, destination)
+checkpoint.replace_path = dying
+from uncond.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_between_the_renames_of_an_export(inputs, reference, tmp_path):
+    out = tmp_path / "run"
+    # exports every epoch (2 steps); the second export finds the first one's unet/ and dies replacing it
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES,
+                             *command(inputs, out, "--save_model_epochs", "1")[3:]],
+                            env=ENV, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "unet").exists() and (out / ".tmp-old-unet").is_dir()
+    log = resume_to_the_end(inputs, out)
+    assert "restored unet from an interrupted export" in log
+    assert_same_result(out, reference)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_saves_a_checkpoint_and_exits_cleanly(inputs, reference, tmp_path, signal_number):
+    out = tmp_path / "run"
+    process = start(inputs, out)
+    wait_for_training(process, out)
+    process.send_signal(signal_number)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err[-2000:]
+    line = next(line for line in err.splitlines() if line.startswith(f"stopped by {signal.Signals(signal_number).name}"))
+    step = int(line.split("at step ")[1].split(",")[0])
+    assert step < STEPS and f"checkpoint-{step} saved; re-run the same command to resume" in line
+    assert checkpoint.checkpoint_problem(out / f"checkpoint-{step}") is None
+    resume_to_the_end(inputs, out)
+    assert_same_result(out, reference)
+
+
+# ---------------------------------------------------------------------------------------- damaged checkpoints
+
+
+@pytest.fixture
+def stopped_run(inputs, tmp_path) -> Path:
+    """A run of 40 steps that stopped after step 12 (checkpoints 4, 8, 12)."""
+    out = tmp_path / "run"
+    subprocess.run(command(inputs, out, "--max_train_steps", "12"), env=ENV, check=True, capture_output=True)
+    for item in ("unet", "scheduler", "model_index.json"):
+        path = out / item
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return out
+
+
+def test_truncated_checkpoint_is_skipped_with_a_warning(inputs, stopped_run):
+    optimizer = stopped_run / "checkpoint-12" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    (stopped_run / ".tmp-checkpoint-16").mkdir()
+    log = resume_to_the_end(inputs, stopped_run)
+    assert "removed incomplete checkpoint-12 (optimizer.bin has 100 bytes" in log
+    assert "removed .tmp-checkpoint-16, left by an interrupted write" in log
+    assert "resuming from checkpoint-8 at step 8" in log
+
+
+def test_corrupted_checkpoint_file_is_named(inputs, stopped_run):
+    weights = stopped_run / "checkpoint-12" / "unet_ema" / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # same size, different content
+    weights.write_bytes(bytes(data))
+    failed = subprocess.run(command(inputs, stopped_run), env=ENV, capture_output=True, text=True)
+    assert failed.returncode == 2
+    error = [line for line in failed.stderr.splitlines() if line.startswith("uncond: error:")]
+    assert len(error) == 1 and f"{weights} is corrupted" in error[0]
+
+
+def test_incomplete_named_checkpoint_is_refused(inputs, stopped_run):
+    (stopped_run / "checkpoint-8" / "scheduler.bin").write_bytes(b"")
+    failed = subprocess.run(command(inputs, stopped_run, "--resume_from_checkpoint", "checkpoint-8"), env=ENV,
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and "checkpoint-8 is incomplete (scheduler.bin has 0 bytes" in failed.stderr
+
+
+# ---------------------------------------------------------------------------------------- full disk
+
+
+def test_disk_full_leaves_the_previous_checkpoint_intact(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    original = Accelerator.save_state
+    calls = {"n": 0}
+
+    def save_state_on_a_full_disk(self, output_dir, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "optimizer.bin").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state_on_a_full_disk)
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "6",
+                                            "--checkpointing_steps", "2"))
+    assert code == 1
+    assert ("uncond: stopped: could not write checkpoint-4 (No space left on device); checkpoint-2 is intact; "
+            "free some space and re-run the same command to resume") in err
+    assert not list(out.glob(".tmp-*")) and checkpoint.checkpoint_problem(out / "checkpoint-2") is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="tmpfs")
+def test_a_really_full_disk(inputs, tmp_path):
+    """A 1.5 MB tmpfs holds the first checkpoints but not the whole run: the write that does not fit fails
+    with a clear message and the checkpoints before it stay loadable. Needs permission to mount."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here; the patched-write test covers the logic")
+    try:
+        out = disk / "run"
+        failed = subprocess.run(command(inputs, out, "--checkpoints_total_limit", "5"), env=ENV,
+                                capture_output=True, text=True)
+        assert failed.returncode == 1, failed.stderr[-2000:]
+        message = [line for line in failed.stderr.splitlines() if line.startswith("uncond: stopped:")]
+        assert len(message) == 1 and "No space left on device" in message[0], failed.stderr[-2000:]
+        assert checkpoint.complete_checkpoints(out), "at least one checkpoint fitted"
+        assert_every_checkpoint_loads(out)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+# ---------------------------------------------------------------------------------------- divergence
+
+
+def test_divergence_stops_with_the_last_good_checkpoint(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "30",
+                                            "--learning_rate", "1e12", "--max_grad_norm", "0",
+                                            "--checkpointing_steps", "1", "--logging_steps", "5"))
+    assert code == 1, err[-2000:]
+    message = next(line for line in err.splitlines() if line.startswith("uncond: stopped:"))
+    assert "became" in message and "is the last good checkpoint" in message and "--skip_nonfinite" in message
+    last = checkpoint.complete_checkpoints(out)[-1][1]
+    assert all(torch.isfinite(t).all() for t in load_file(last / "unet" / WEIGHTS).values())
+
+
+def test_skip_nonfinite_trains_through(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "30",
+                                            "--learning_rate", "1e12", "--max_grad_norm", "0",
+                                            "--skip_nonfinite", "--logging_steps", "5"))
+    assert code == 0, err[-2000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] > 0
+    assert all(torch.isfinite(t).all() for t in load_file(out / "unet" / WEIGHTS).values())

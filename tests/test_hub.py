@@ -1,0 +1,128 @@
+"""--push_to_hub and the model card. There is no Hub here: uploads go to a local stand-in for the Hub's
+HTTP API (tests/hub_standin.py), which answers what huggingface_hub's create_repo and upload_folder ask."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from huggingface_hub import ModelCard
+
+from conftest import fast_train_args
+from hub_standin import HubStandIn
+
+TOKEN = "hf_standin_secret_token"
+PIPELINE_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                  "scheduler/scheduler_config.json"}
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """The stand-in, with huggingface_hub pointed at it (HF_ENDPOINT, read at import, patched) and online."""
+    import huggingface_hub.constants
+
+    with HubStandIn(token=TOKEN) as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield hub
+
+
+def hub_args(color_folder, tiny_unet, out, *extra):
+    return fast_train_args(color_folder, tiny_unet, out, "--num_epochs", "2", "--save_model_epochs", "1",
+                           "--save_images_epochs", "1", "--checkpointing_steps", "3", "--logger", "tensorboard",
+                           "--push_to_hub", "--hub_model_id", "someone/tiny-ddpm", "--hub_token", TOKEN, *extra)
+
+
+def token_anywhere(folder) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+
+
+def test_push_to_hub_uploads_the_pipeline_card_and_pictures_in_the_background(run_cli, standin, color_folder,
+                                                                              tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    # The first upload (step 3) ends only after training has gone on to export step 6.
+    standin.hold_first_commit_until = (out / ".hub-upload-step-6").exists
+    code, stdout, err = run_cli(*hub_args(color_folder, tiny_unet, out))
+    assert code == 0, err
+    assert standin.created == ["someone/tiny-ddpm"] and not standin.unexpected
+    assert [c.message for c in standin.commits] == ["uncond: step 3", "uncond: step 6"]
+    assert err.index("exported the pipeline at step 6") < err.index("uploaded step 3")  # training did not wait
+
+    uploaded = standin.commits[-1].files
+    assert set(uploaded) == PIPELINE_FILES | {"README.md", "loss.png", "training_config.json",
+                                              "samples/step-0000003.png", "samples/step-0000006.png"}
+    assert all(uploaded[name] == (out / name).read_bytes() for name in uploaded)  # the final export, whole
+    assert (out / "checkpoint-6").is_dir() and (out / "logs").is_dir()  # written locally, never uploaded
+    card = ModelCard(uploaded["README.md"].decode())
+    assert 'DiffusionPipeline.from_pretrained("someone/tiny-ddpm")' in card.text
+    assert "--hub_token '<token>'" in card.text or "--hub_token <token>" in card.text
+
+    assert not any(TOKEN.encode() in data for commit in standin.commits for data in commit.files.values())
+    assert TOKEN not in stdout + err and not token_anywhere(out)
+    assert not list(out.glob(".hub-upload-*"))  # copies of finished uploads are removed
+
+
+def test_wrong_token_fails_before_training_without_showing_it(run_cli, standin, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    args = [a if a != TOKEN else "hf_wrong_token" for a in hub_args(color_folder, tiny_unet, out)]
+    code, stdout, err = run_cli(*args)
+    lines = [line for line in err.splitlines() if line.startswith("uncond: error:")]
+    assert code == 2 and len(lines) == 1 and "cannot create the Hub repository someone/tiny-ddpm" in lines[0]
+    assert "401" in lines[0] and "hf auth login" in lines[0]
+    assert "hf_wrong_token" not in stdout + err
+    assert not (out / "unet").exists() and not (out / "data_report.json").exists()
+
+
+def test_failed_upload_is_reported_and_its_files_kept_to_retry(run_cli, standin, color_folder, tiny_unet, tmp_path):
+    standin.fail_commits = True
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(*hub_args(color_folder, tiny_unet, out))
+    assert code == 1, err
+    assert "the upload of step 3 to the Hub (someone/tiny-ddpm) failed" in err  # reported as it failed
+    last = [line for line in err.splitlines() if line.startswith("uncond: stopped:")]
+    assert len(last) == 1 and "the upload of step 6" in last[0] and "403" in last[0]
+    assert f"hf upload someone/tiny-ddpm {out / '.hub-upload-step-6'} ." in last[0]
+    assert (out / "model_index.json").is_file()  # the trained model is saved all the same
+    kept = out / ".hub-upload-step-6"
+    assert sorted(p.name for p in out.glob(".hub-upload-*")) == [kept.name]
+    assert {p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()} >= PIPELINE_FILES
+    assert TOKEN not in stdout + err and not token_anywhere(out)
+
+
+def test_model_card_describes_the_run(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
+                                            "--logging_steps", "2", "--seed", "7"))
+    assert code == 0, err
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "unconditional-image-generation" and card.data.library_name == "diffusers"
+    assert {"unconditional-image-generation", "diffusers"} <= set(card.data.tags)
+    assert "![samples](samples/step-0000004.png)" in card.text and (out / "samples" / "step-0000004.png").is_file()
+    final_loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    for fact in ("16x16 px", "3 channels", "images from color", "for 4 optimizer steps (16 images seen)", f"| {final_loss:.4f} |", "| resolution | 16 |",
+                 'DiffusionPipeline.from_pretrained("', "uncond train --train_data_dir"):
+        assert fact in card.text, fact
+    assert "--seed 7" in card.text
+
+
+def test_reproduce_command_names_the_launcher_and_the_random_seed():
+    from uncond.train import reproduce_command
+
+    assert reproduce_command(["train", "--train_data_dir", "my cats"], 1, None) == \
+        "uncond train --train_data_dir 'my cats'"
+    assert reproduce_command(["train", "--use_ema"], 2, 1234) == \
+        "accelerate launch --multi_gpu --num_processes 2 -m uncond train --use_ema --seed 1234"
+
+
+def test_trackers_never_see_the_token_on_the_command_line(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    """W&B, Comet and others record sys.argv; the token is masked there before they start."""
+    args = [str(a) for a in fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1",
+                                            "--hub_tok", TOKEN)]  # an abbreviation argparse accepts
+    monkeypatch.setattr("sys.argv", ["uncond", *args])
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    assert TOKEN not in " ".join(sys.argv) and "<token>" in sys.argv
+    assert not token_anywhere(tmp_path / "run")
+    assert "--hub_tok '<token>'" in (tmp_path / "run" / "README.md").read_text()
