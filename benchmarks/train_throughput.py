@@ -246,9 +246,17 @@ def peak_flops(device: str, precision: str) -> tuple[float, str]:
     cores = len(os.sched_getaffinity(0))
     mhz = max(float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
               if line.startswith("cpu MHz"))
-    flops_per_cycle = 64 if "avx512f" in Path("/proc/cpuinfo").read_text() else 32  # fp32 FMA lanes x 2 units x 2
+    flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split())
+    if precision == "bf16" and "amx_bf16" in flags:
+        # one AMX TDPBF16PS (16 x 32 by 32 x 16 bf16, 16,384 FLOP) every 16 cycles per core
+        flops_per_cycle, unit = 1024, "bf16 (AMX)"
+    elif precision == "bf16" and "avx512_bf16" in flags:
+        flops_per_cycle, unit = 128, "bf16 (AVX512-BF16)"  # VDPBF16PS: 32 bf16 pairs x 2 FLOP x 2 units
+    else:
+        flops_per_cycle, unit = (64 if "avx512f" in flags else 32), "fp32"  # FMA lanes x 2 units x 2
     return cores * mhz * 1e6 * flops_per_cycle, (f"estimate: {cores} cores x {mhz:.0f} MHz x {flops_per_cycle} "
-                                                 "fp32 FLOP/cycle")
+                                                 f"{unit} FLOP/cycle")
 
 
 # ------------------------------------------------------------------------------------------------ main
