@@ -59,6 +59,17 @@ def test_sample_does_not_overwrite_earlier_images_unless_asked(run_cli, pipeline
     assert Image.open(out / "000001.png").size == (16, 16)
 
 
+def test_sample_does_not_overwrite_a_grid_unless_asked(run_cli, pipeline, tmp_path):
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"mine")
+    args = ("sample", pipeline, "--num_images", 2, "--steps", 1, "--output_dir", tmp_path / "out", "--grid", grid)
+    code, _, err = run_cli(*args)
+    one_line_error(code, err, "--grid")
+    assert grid.read_bytes() == b"mine" and not (tmp_path / "out").exists()
+    assert run_cli(*args, "--overwrite")[0] == 0
+    assert Image.open(grid).size[0] > 16
+
+
 @pytest.mark.parametrize("make_args, expected", [
     (lambda p, t: ["sample", t / "missing"], "no such folder (a Hub model id has the form owner/name)"),
     (lambda p, t: ["sample", t], "not a diffusers pipeline folder (no model_index.json)"),

@@ -275,7 +275,8 @@ class SampleConfig(SamplingSettings):
     model: str = setting(REQUIRED, "a pipeline folder (uncond's, or any diffusers DDPMPipeline or DDIMPipeline) "
                          "or a Hub model id", group="inputs", positional=True)
     output_dir: str = setting("samples", "the folder the numbered PNGs go to", group="results")
-    overwrite: bool = setting(False, "replace numbered images already in --output_dir", group="results")
+    overwrite: bool = setting(False, "replace numbered images already in --output_dir, and the --grid file",
+                              group="results")
     grid: str | None = setting(None, "also tile the images (the first 256) into this PNG file", group="results")
 
 

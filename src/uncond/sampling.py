@@ -224,10 +224,12 @@ def numbered_name(index: int) -> str:
     return f"{index:06d}.png"
 
 
-def check_output_folder(folder: Path, num_images: int, overwrite: bool) -> None:
-    """Refuse to replace numbered images already there (they may be an earlier run's), unless asked."""
+def check_outputs(folder: Path, num_images: int, grid: str | None, overwrite: bool) -> None:
+    """Refuse to replace numbered images or a grid already there (they may be an earlier run's), unless asked."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--output_dir {folder} is a file; choose a folder")
+    if grid and Path(grid).exists() and not overwrite:
+        raise UsageError(f"--grid {grid} already exists; choose another file, or pass --overwrite to replace it")
     if overwrite or not folder.is_dir():
         return
     taken = sum(1 for path in folder.iterdir() if re.fullmatch(r"\d{6,}\.png", path.name)
@@ -240,7 +242,7 @@ def check_output_folder(folder: Path, num_images: int, overwrite: bool) -> None:
 def sample_to_folder(config: SampleConfig) -> Path:
     """`uncond sample`: images 0..N-1 as numbered PNGs (grayscale for 1-channel models), and a grid if asked."""
     folder = Path(config.output_dir)
-    check_output_folder(folder, config.num_images, config.overwrite)
+    check_outputs(folder, config.num_images, config.grid, config.overwrite)
     model, scheduler, steps = open_for_sampling(config, config.model)
     folder.mkdir(parents=True, exist_ok=True)
     grid_images = []
