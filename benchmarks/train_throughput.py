@@ -159,6 +159,7 @@ def uncond_worker(config_name: str, device: str, precision: str, data: Path, ste
     """uncond's own loop body: train.train_step on a Run built by train.build_run, as `uncond train` runs it."""
     from uncond import train
     from uncond.config import TrainConfig
+    from uncond.plan import plan_run
 
     preset, resolution, batch_size = CONFIGS[config_name][:3]
     output = Path(tempfile.mkdtemp(prefix="uncond-bench-"))
@@ -166,7 +167,7 @@ def uncond_worker(config_name: str, device: str, precision: str, data: Path, ste
                          train_batch_size=batch_size, mixed_precision=precision, use_ema=True, logger="none",
                          seed=0, max_train_steps=10**6, checkpointing_steps=10**9, compile=compile_unet,
                          num_channels="1" if CONFIGS[config_name][5] == "mnist" else "3")
-    plan = train.plan_run(config, explicit={"resolution"})
+    plan = plan_run(config, explicit={"resolution"})
     accelerator = train.make_accelerator(plan.config, output)
     start = time.perf_counter()
     run = train.build_run(plan, accelerator)

@@ -1,4 +1,4 @@
-"""train(config): check everything cheap, build the parts, resume, and run one readable loop."""
+"""train(config): plan (plan.py checks everything cheap), build the parts, resume, and run one readable loop."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, data, environment, hub, metrics, models, sampling, streaming, tracking
 from .config import RunFailed, TrainConfig, UsageError, public_argv
 from .objective import Objective, training_loss
+from .plan import Plan, dry_run, plan_run, refuse_mismatched_resume
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
@@ -37,105 +38,6 @@ REFERENCE_STATS_FILE = "fid_reference.npz"  # feature statistics of the training
 MAX_REFERENCE_IMAGES = 50_000  # the usual size of an FID reference set
 RUN_ARTEFACTS = (SAMPLES_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, checkpoint.CONFIG_FILE, "README.md",
                  "data_report.json", BEST_DIR, REFERENCE_STATS_FILE)
-
-
-# ------------------------------------------------------------------------------------------------ plan
-
-
-@dataclass
-class Plan:
-    """What the run will do, resolved and checked before any heavy work."""
-    config: TrainConfig
-    unet_config: dict[str, Any]  # without the channel count, which may depend on the data
-    channels_from_model_config: int | None
-    resume_from: Path | None
-    resume_message: str
-
-
-def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> Plan:
-    """Every check that needs no decoding and no model weights. Raises UsageError with one clear line."""
-    if config.model_preset and "resolution" not in explicit:
-        config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
-    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch`
-    if launcher_precision and "mixed_precision" not in explicit:
-        # Without --mixed_precision, the launch's setting (its config file or flag) applies; the seed
-        # script's default "no" overrode it.
-        config = config.replace(mixed_precision=launcher_precision)
-    data.check_source(config)
-    sampling.check_sampler(config.sampler)
-    unet_config = models.unet_config_for(config, config.resolution)
-    channels_from_model_config = None
-    if config.model_config_name_or_path:
-        channels_from_model_config = int(unet_config.get("in_channels", 3))
-        if config.num_channels != "auto" and int(config.num_channels) != channels_from_model_config:
-            raise UsageError(f"--num_channels {config.num_channels} contradicts --model_config_name_or_path, whose "
-                             f"in_channels is {channels_from_model_config}; drop one of them")
-    check_tracker(config.logger)
-    check_launch()
-    if config.enable_xformers_memory_efficient_attention and not module_available("xformers"):
-        raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
-                         "without the flag, PyTorch's own fused attention is used")
-    resume_from, message = checkpoint.find_resume_checkpoint(config)
-    message = checkpoint.check_output_dir(config, resuming=resume_from is not None) or message
-    if resume_from is not None:  # the channel count is compared once the data has decided it
-        refuse_mismatched_resume(resume_from, config, unet_config)
-    return Plan(config, unet_config, channels_from_model_config, resume_from, message)
-
-
-def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[str, Any]) -> None:
-    differences = checkpoint.resume_differences(path, config, unet_config)
-    if differences:
-        raise UsageError(f"cannot resume from {path}: it was trained with other settings "
-                         f"({'; '.join(differences)}); use the same ones, or --overwrite_output_dir to start afresh")
-
-
-def module_available(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def check_tracker(name: str) -> None:
-    package = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
-               "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
-               "trackio": "trackio"}.get(name)
-    if package and not module_available(package):
-        raise UsageError(f"--logger {name} needs the {package} package (pip install {package}), "
-                         "or choose --logger tensorboard")
-
-
-SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
-
-
-def check_launch() -> None:
-    """Refuse sharded training (which `accelerate launch` announces in the environment) before any work:
-    the loop keeps every weight, the EMA and the sample grids whole on each process, as DDP does."""
-    for variable, name in SHARDED_LAUNCHES.items():
-        if os.environ.get(variable, "false").lower() == "true":
-            raise UsageError(f"this launch asks for {name}, which uncond does not support: it trains data-parallel "
-                             "(DDP); launch with --multi_gpu or examples/accelerate/multi_gpu.yaml instead (the largest "
-                             "preset, 114M parameters, trains on one GPU)")
-
-
-def dry_run(plan: Plan) -> None:
-    """--dry_run: what would be trained on what, without decoding images or building weights."""
-    config = plan.config
-    source = None if config.streaming else data.open_source(config)
-    channel_options = [plan.channels_from_model_config] if plan.channels_from_model_config else (
-        [1, 3] if config.num_channels == "auto" else [int(config.num_channels)])
-    sizes = ", ".join(f"{models.count_parameters(models.with_channels(plan.unet_config, c)):,} parameters with "
-                      f"{c} channel{'s' if c > 1 else ''}" for c in channel_options)
-    batches = (math.ceil(len(source.records) / config.train_batch_size) if source  # a stream: one epoch
-               else config.max_train_steps * config.gradient_accumulation_steps)
-    steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
-    print(json.dumps(config.to_dict(), indent=2))
-    print(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
-    print(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
-    print(f"schedule: {steps_per_epoch} optimizer steps per epoch on one process; "
-          f"{config.max_train_steps or steps_per_epoch * config.num_epochs} steps in all")
-    if plan.resume_message:
-        print(plan.resume_message)
 
 
 # ------------------------------------------------------------------------------------------------ parts
