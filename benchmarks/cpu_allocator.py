@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,18 +27,16 @@ SETTINGS = ("glibc-default", "keep-freed-memory")
 
 
 def measure(setting: str, preset: str, resolution: int, batch: int, steps: int) -> dict:
-    """In this process: apply `setting`, then time the bare step and count its page faults."""
+    """In this process: apply `setting`, then time the bare step and count its page faults (after 2 untimed
+    steps, which build the weights, the optimizer's state and the allocator's pools)."""
     from bare_step import time_step
 
     if setting == "keep-freed-memory":
         from uncond.environment import keep_freed_memory
 
         assert keep_freed_memory(), "not glibc: nothing to compare"
-    time_step(preset, resolution, batch, "cpu", "no", False, None, steps=1, warmup=1)  # builds and warms up
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    seconds = time_step(preset, resolution, batch, "cpu", "no", False, None, steps=steps, warmup=1)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return {"ms_per_step": seconds * 1000, "faults_per_step": faults / (steps + 1)}
+    seconds, faults = time_step(preset, resolution, batch, "cpu", "no", False, None, steps=steps, warmup=2)
+    return {"ms_per_step": seconds * 1000, "faults_per_step": faults}
 
 
 def main() -> None:
