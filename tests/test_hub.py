@@ -107,6 +107,34 @@ def test_model_card_describes_the_run(run_cli, color_folder, tiny_unet, tmp_path
     assert "--seed 7" in card.text
 
 
+def test_model_card_usage_code_samples_as_uncond_does(run_cli, color_folder, tiny_unet, tmp_path):
+    """The card's snippet, run as written (smaller batch): plain diffusers with uncond's preview sampler and
+    its settings (trailing timesteps, DDPM's clipping), not the bare scheduler whose samples speckle."""
+    import re
+
+    import numpy as np
+    import torch
+
+    from uncond import sampling
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2",
+                                            "--sample_steps", "3"))
+    assert code == 0, err
+    snippet = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    assert "algorithm_type='sde-dpmsolver++'" in snippet and "thresholding=True" in snippet
+    namespace: dict = {}
+    torch.manual_seed(0)
+    exec(snippet.replace("batch_size=16", "batch_size=2"), namespace)  # noqa: S102 - the card's own code
+    assert len(namespace["images"]) == 2
+    # the scheduler `uncond sample` makes from the exported training schedule
+    from diffusers import DDPMScheduler
+
+    expected = sampling.make_sampler("sde-dpmsolver++", DDPMScheduler.from_pretrained(out / "scheduler").config)
+    assert dict(namespace["pipeline"].scheduler.config) == dict(expected.config)
+    assert np.asarray(namespace["images"][0]).shape == (16, 16, 3)
+
+
 def test_reproduce_command_names_the_launcher_and_the_random_seed():
     from uncond.train import reproduce_command
 

@@ -143,12 +143,12 @@ trained with uncond on {details['dataset']} for {details['steps']} optimizer ste
 {grid}## Use
 
 ```python
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DiffusionPipeline, {details['sampler_class']}
 
 pipeline = DiffusionPipeline.from_pretrained("{details['repo']}")
-# 25 DPM-Solver++ steps instead of 1000 DDPM steps:
-pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
-images = pipeline(batch_size=16, num_inference_steps=25).images
+# {details['sampler']} with {details['sample_steps']} steps, as uncond samples (1000 DDPM steps without it):
+pipeline.scheduler = {details['sampler_code']}
+images = pipeline(batch_size=16, num_inference_steps={details['sample_steps']}).images
 ```
 
 ## Training

@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 import re
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,13 @@ def make_sampler(name: str, training_scheduler_config: dict[str, Any]) -> Any:
     Few-step samplers use "trailing" timestep spacing so the first step starts from the last training
     timestep (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", table 2).
     """
+    scheduler_class, settings = sampler_settings(name, training_scheduler_config)
+    return scheduler_class.from_config(dict(training_scheduler_config), **settings)
+
+
+def sampler_settings(name: str, training_scheduler_config: dict[str, Any]) -> tuple[type, dict[str, Any]]:
+    """The scheduler class of sampler `name` and the settings `make_sampler` puts on top of the training
+    schedule's config."""
     check_sampler(name)
     scheduler_class, settings = SAMPLERS[name]
     settings = dict(settings)
@@ -73,7 +81,17 @@ def make_sampler(name: str, training_scheduler_config: dict[str, Any]) -> Any:
         # thresholding, whose bound at sample_max_value = 1 is plain clipping. Without it, an
         # undertrained model's overshooting x0 estimates show as speckles in few-step samples.
         settings.update(thresholding=True, sample_max_value=training_scheduler_config.get("clip_sample_range", 1.0))
-    return scheduler_class.from_config(dict(training_scheduler_config), **settings)
+    return scheduler_class, settings
+
+
+def diffusers_sampler_code(name: str, training_scheduler_config: dict[str, Any]) -> tuple[str, str]:
+    """(class name, Python expression) that set up sampler `name` on a diffusers `pipeline` as uncond does:
+    for model cards, so that plain diffusers samples as well as `uncond sample`."""
+    scheduler_class, settings = sampler_settings(name, training_scheduler_config)
+    arguments = ", ".join(["pipeline.scheduler.config"] + [f"{key}={value!r}" for key, value in settings.items()])
+    arguments = textwrap.fill(arguments, width=100, initial_indent="    ", subsequent_indent="    ",
+                              break_long_words=False, break_on_hyphens=False)
+    return scheduler_class.__name__, f"{scheduler_class.__name__}.from_config(\n{arguments})"
 
 
 def steps_for(sampler: str, sample_steps: int, ddpm_num_inference_steps: int) -> int:
