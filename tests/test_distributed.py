@@ -117,6 +117,33 @@ def test_one_process_checkpoint_resumes_on_two(run_cli, color_folder, tiny_unet,
     assert records[-1]["images_seen"] == 3 * 2 + 3 * 4
 
 
+def test_two_processes_share_the_evaluation_images(color_folder, tiny_unet, tmp_path):
+    """--eval_every_steps with 2 processes: each samples and measures its half of the images, and the FID the
+    run logs is the one a single process computes from the exported EMA weights with the same images."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from conftest import make_tiny_extractor
+    from uncond import metrics as uncond_metrics
+    from uncond import sampling
+
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2", "--eval_every_steps", "2",
+                           "--eval_num_images", "6", "--use_ema")
+    result = launch_two_processes(TESTS / "eval_worker.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "evaluation at step 2 (6 images from 2 process(es)" in result.stderr
+    [evaluation] = [r for r in metrics(out) if "fid" in r]
+    assert evaluation["eval_images"] == 6
+
+    unet = UNet2DModel.from_pretrained(out / "unet")  # the EMA weights at step 2, the last one
+    scheduler = sampling.make_sampler("sde-dpmsolver++", DDPMScheduler.from_pretrained(out / "scheduler").config)
+    batches = sampling.sample_batches(unet, scheduler, num_images=6, num_steps=2, seed=0, batch_size=4)
+    features = uncond_metrics.extract_features(make_tiny_extractor(), batches)
+    reference = uncond_metrics.load_stats(out / "fid_reference.npz")
+    scores = uncond_metrics.compare(features, reference, torch.device("cpu"))
+    assert evaluation["fid"] == pytest.approx(scores.fid, rel=1e-3)
+
+
 def test_one_process_batch_8_equals_two_processes_batch_4(tmp_path):
     """Same images, noise and timesteps: the loss and the DDP-averaged gradients of 2 x 4 match 1 x 8."""
     result = launch_two_processes(TESTS / "ddp_worker.py", tmp_path)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -274,7 +274,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         if repo_id:
             run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
         init_trackers(run)
-        run.feature_extractor = open_feature_extractor(config, accelerator.device)
+    run.feature_extractor = open_feature_extractor(config, accelerator)
     log_run_summary(run)
     with StopSignal() as stop:
         finished = train_loop(run, stop)
@@ -585,39 +585,59 @@ def save_sample_grid(run: Run) -> Path:
     return path
 
 
-def open_feature_extractor(config: TrainConfig, device: torch.device) -> metrics.FeatureExtractor | None:
-    """The FID network for --eval_every_steps; without it (no weights, no torch-fidelity) a warning, once."""
+def open_feature_extractor(config: TrainConfig, accelerator: Accelerator) -> metrics.FeatureExtractor | None:
+    """The FID network for --eval_every_steps, on every process (each measures its share of the samples).
+    Without it (no weights, no torch-fidelity) on any process: a warning, once, and no evaluations."""
     if not config.eval_every_steps:
         return None
-    try:
-        return metrics.inception_extractor(config.inception_weights, device)
-    except UsageError as error:
-        logger.warning(f"--eval_every_steps: no FID/KID in this run; training goes on. {error}")
+    extractor, problem = None, None
+    with accelerator.main_process_first():  # a download of the weights, if needed, happens once
+        try:
+            extractor = metrics.inception_extractor(config.inception_weights, accelerator.device)
+        except UsageError as error:
+            problem = str(error)
+    if accelerator.num_processes > 1:  # evaluations are collective: every process takes part, or none
+        problem = next((p for p in gather_object([problem]) if p), None)
+    if problem:
+        logger.warning(f"--eval_every_steps: no FID/KID in this run; training goes on. {problem}")
         return None
+    return extractor
 
 
 def evaluate(run: Run) -> None:
-    """FID and KID of samples of the EMA weights (the preview sampler, a fixed seed) against the training
-    images; logged to the trackers and metrics.jsonl; the best export kept with --keep_best."""
-    config = run.config
-    if run.feature_extractor is not None:  # set on the main process only
-        reference = training_reference(run)
-        with preview_model(run) as (unet, scheduler, steps):
-            batches = sampling.sample_batches(unet, scheduler, num_images=config.eval_num_images, num_steps=steps,
-                                              seed=0, batch_size=config.eval_batch_size,
-                                              device=run.accelerator.device)
-            features = metrics.extract_features(run.feature_extractor, batches)
-            scores = metrics.compare(features, reference, run.accelerator.device)
+    """FID and KID of samples of the EMA weights (the preview sampler; image i seeded i) against the training
+    images. Every process samples and measures its share of the images, so the set is the same whatever the
+    process count; the main process scores them, logs to the trackers and metrics.jsonl, and keeps the best
+    export with --keep_best."""
+    if run.feature_extractor is None:
+        return
+    config, accelerator = run.config, run.accelerator
+    first, end = evaluation_share(config.eval_num_images, accelerator.num_processes, accelerator.process_index)
+    with preview_model(run) as (unet, scheduler, steps):
+        batches = sampling.sample_batches(unet, scheduler, num_images=end - first, num_steps=steps, seed=first,
+                                          batch_size=config.eval_batch_size, device=accelerator.device)
+        shares = [metrics.extract_features(run.feature_extractor, batches)] if end > first else []
+        if accelerator.num_processes > 1:
+            shares = gather_object(shares)  # in process order: images 0..N-1
+        if accelerator.is_main_process:
+            scores = metrics.compare(np.concatenate(shares), training_reference(run), accelerator.device)
             if config.keep_best and scores.fid < run.best_fid:
                 run.best_fid = scores.fid
                 export_best(run, unet, scores)
+    if accelerator.is_main_process:
         values = {key: value for key, value in scores.as_dict().items() if key not in ("num_generated",
                                                                                         "num_reference")}
-        run.accelerator.log(values, step=run.step)
+        accelerator.log(values, step=run.step)
         run.metrics_file.write({"step": run.step, **values, "eval_images": scores.num_generated})
-        logger.info(f"evaluation at step {run.step} ({scores.num_generated} images, {config.sampler}, {steps} "
-                    f"steps, against {scores.num_reference} training images): {scores}")
-    run.accelerator.wait_for_everyone()
+        logger.info(f"evaluation at step {run.step} ({scores.num_generated} images from {accelerator.num_processes} "
+                    f"process(es), {config.sampler}, {steps} steps, against {scores.num_reference} training "
+                    f"images): {scores}")
+    accelerator.wait_for_everyone()
+
+
+def evaluation_share(num_images: int, num_processes: int, process_index: int) -> tuple[int, int]:
+    """The images [first, end) this process samples for an evaluation: contiguous, nearly equal shares."""
+    return process_index * num_images // num_processes, (process_index + 1) * num_images // num_processes
 
 
 def training_reference(run: Run) -> metrics.FeatureStats:
