@@ -54,7 +54,7 @@ def evaluate(config: EvaluateConfig) -> Report:
     if reference.extractor not in (None, extractor.name):
         raise UsageError(f"--reference {config.reference} holds statistics of {reference.extractor} features, "
                          f"not {extractor.name}")
-    features = metrics.extract_features(extractor, progress(generated.batches, generated.count, "generated"))
+    features = metrics.extract_features(extractor, metrics.with_progress(generated.batches, generated.count, "generated"))
     scores = metrics.compare(features, reference, device)
     return Report(scores, generated.description, reference_note, extractor.input_note)
 
@@ -120,7 +120,7 @@ def reference_stats(config: EvaluateConfig, source: data.Source | None, resoluti
 
     def compute() -> metrics.FeatureStats:
         batches = data.image_batches(source, resolution, config.batch_size, config.reference_num_images, skipped)
-        return metrics.feature_stats(metrics.extract_features(extractor, progress(batches, count, "reference")),
+        return metrics.feature_stats(metrics.extract_features(extractor, metrics.with_progress(batches, count, "reference")),
                                      extractor.name)
 
     stats, from_cache = metrics.cached_stats(cache, key, compute)
@@ -138,13 +138,3 @@ def cache_folder() -> Path:
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name.rstrip("/")).name or name).strip("-") or "reference"
-
-
-def progress(batches: Iterator[np.ndarray], total: int, what: str) -> Iterator[np.ndarray]:
-    """A progress bar over image batches."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, desc=f"features of {what} images", unit="img", leave=False) as bar:
-        for batch in batches:
-            yield batch
-            bar.update(len(batch))

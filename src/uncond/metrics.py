@@ -17,7 +17,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from unittest import mock
 
 import numpy as np
@@ -65,6 +65,16 @@ def extract_features(extractor: FeatureExtractor, batches: Iterable[np.ndarray])
     if not features:
         raise UsageError("no images to measure")
     return np.concatenate(features)
+
+
+def with_progress(batches: Iterable[np.ndarray], total: int, what: str) -> Iterator[np.ndarray]:
+    """`batches` of images, with a progress bar (and ETA) over their feature extraction."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=f"features of {what} images", unit="img", leave=False) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch))
 
 
 def inception_extractor(weights: str | None, device: torch.device) -> FeatureExtractor:

@@ -615,7 +615,8 @@ def evaluate(run: Run) -> None:
     first, end = evaluation_share(config.eval_num_images, accelerator.num_processes, accelerator.process_index)
     with preview_model(run) as (unet, scheduler, steps):
         batches = sampling.sample_batches(unet, scheduler, num_images=end - first, num_steps=steps, seed=first,
-                                          batch_size=config.eval_batch_size, device=accelerator.device)
+                                          batch_size=config.eval_batch_size, device=accelerator.device,
+                                          progress=accelerator.is_local_main_process)
         shares = [metrics.extract_features(run.feature_extractor, batches)] if end > first else []
         if accelerator.num_processes > 1:
             shares = gather_object(shares)  # in process order: images 0..N-1
@@ -650,6 +651,7 @@ def training_reference(run: Run) -> metrics.FeatureStats:
         logger.info(f"computing FID reference statistics of {len(indices)} training images")
         batches = data.centre_crops((cache.image(i) for i in indices), run.config.resolution,
                                     run.config.eval_batch_size)
+        batches = metrics.with_progress(batches, len(indices), "training")
         return metrics.feature_stats(metrics.extract_features(run.feature_extractor, batches),
                                      run.feature_extractor.name)
 
