@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,32 @@ def test_a_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     os.utime(folder / "image_000.jpg", ns=(1, 1))  # a changed file changes the fingerprint
     load(config)
     assert len(decodes) == 12
+
+
+def test_uncond_cache_lists_entries_and_removes_the_unused_ones(tmp_path, run_cli):
+    folder = write_images(tmp_path / "images", 6)
+    cache_dir = tmp_path / "cache"
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(cache_dir))
+    kept, unused = load(config), load(config.replace(resolution=8))
+    code, out, err = run_cli("cache", "--cache_dir", cache_dir)
+    assert code == 0, err
+    assert f"decoded-image cache: {cache_dir / 'uncond'}" in out and "2 entries" in out
+    line = next(line for line in out.splitlines() if kept.folder.name in line)
+    assert "6 images" in line and "16 px" in line and str(folder) in line
+
+    month_ago = time.time() - 31 * 86400
+    for cache in (kept, unused):
+        os.utime(cache.folder / "meta.json", (month_ago, month_ago))
+    assert ImageCache.open(kept.folder) is not None  # a run reads it: used today
+    code, out, err = run_cli("cache", "--cache_dir", cache_dir, "--remove_unused_days", 30)
+    assert code == 0, err
+    assert f"removed {unused.folder.name}" in out and kept.folder.name not in out.split("removed")[1]
+    assert not unused.folder.exists() and ImageCache.open(kept.folder) is not None
+    assert not list((cache_dir / "uncond").glob(".*"))  # nothing left half removed
+
+    code, out, _ = run_cli("cache", "--cache_dir", cache_dir, "--remove_all")
+    assert code == 0 and not kept.folder.exists() and "freed" in out
+    assert load(config).built_now  # the next run decodes again
 
 
 def anonymous_memory() -> int:

@@ -17,7 +17,8 @@ row back into an array costs Python objects per image per read; here an image is
 crop copies it.)
 
 An entry is written into a hidden temporary folder and renamed into place when complete, so a folder
-named by a key is always whole; a run killed while decoding leaves only its temporary folder.
+named by a key is always whole; a run killed while decoding leaves only its temporary folder. Opening an
+entry marks it used (meta.json's modification time), so that `uncond cache` can remove the unused ones.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class ImageCache:
         except (OSError, ValueError, KeyError, IndexError):
             return None
         pixels = np.memmap(folder / PIXELS_FILE, dtype=dtype, mode="r") if expected else np.empty(0, dtype)
+        mark_used(folder)
         return cls(folder, pixels.view(np.ndarray), index, meta)
 
     def __len__(self) -> int:
@@ -89,6 +91,48 @@ class ImageCache:
     @property
     def nbytes(self) -> int:
         return self.pixels.nbytes
+
+
+def mark_used(folder: Path) -> None:
+    """The entry's last use, for `uncond cache --remove_unused_days`: the modification time of its meta.json."""
+    try:
+        os.utime(folder / META_FILE)
+    except OSError:  # a read-only cache is still a cache
+        pass
+
+
+@dataclass
+class Entry:
+    """A complete entry, as `uncond cache` lists it."""
+    folder: Path
+    meta: dict[str, Any]
+    size: int  # bytes on disk
+    last_used: float  # seconds since the epoch
+
+
+def entries(root: Path) -> list[Entry]:
+    """The complete entries under `root`, most recently used first (not the temporary folders of runs
+    still decoding, nor uncond evaluate's reference statistics, which live beside them)."""
+    found = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        meta_file = folder / META_FILE
+        if folder.name.startswith(".") or not meta_file.is_file():
+            continue
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            continue
+        size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+        found.append(Entry(folder, meta, size, meta_file.stat().st_mtime))
+    return sorted(found, key=lambda entry: entry.last_used, reverse=True)
+
+
+def remove(folder: Path) -> None:
+    """Remove an entry: renamed out of the way first, so no run ever opens it half deleted. A run that has it
+    memory-mapped keeps reading its pixels until it ends (the files go when it lets go of them)."""
+    doomed = folder.parent / f".{folder.name}.removing-{os.getpid()}"
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed)
 
 
 class CacheWriter:

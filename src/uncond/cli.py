@@ -8,8 +8,8 @@ import logging
 import os
 import sys
 
-from .config import (EvaluateConfig, RunFailed, SampleConfig, UsageError, add_arguments, add_train_arguments,
-                     build_command_config, build_config, public_argv)
+from .config import (CacheConfig, EvaluateConfig, RunFailed, SampleConfig, UsageError, add_arguments,
+                     add_train_arguments, build_command_config, build_config, public_argv)
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
 
@@ -77,6 +77,13 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(evaluate_parser, EvaluateConfig)
     evaluate_parser.set_defaults(command=run_evaluate)
 
+    cache_parser = commands.add_parser(
+        "cache", help="list the decoded-image cache, and remove entries",
+        description="List the entries of the decoded-image cache (one per dataset and resolution, made by the first "
+                    "run that reads them), with their size and last use; remove unused ones or all.")
+    add_arguments(cache_parser, CacheConfig)
+    cache_parser.set_defaults(command=run_cache)
+
     presets_parser = commands.add_parser("presets", help="list the UNet presets with their sizes")
     presets_parser.set_defaults(command=run_presets)
     return parser
@@ -112,6 +119,34 @@ def run_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     report = evaluate(config)
     print(json.dumps(report.as_dict()) if config.json else report)
     return 0
+
+
+def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
+    import time
+
+    from . import cache
+
+    config = build_command_config(CacheConfig, command_values(args))
+    root = cache.cache_root(config.cache_dir)
+    entries = cache.entries(root)
+    print(f"decoded-image cache: {root}")
+    for entry in entries:
+        meta, last_used = entry.meta, time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        print(f"  {entry.folder.name}  {meta.get('images', '?'):>8} images  {meta.get('resolution', '?'):>4} px  "
+              f"{size_text(entry.size):>10}  last used {last_used}  {meta.get('source', '')}")
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {size_text(sum(e.size for e in entries))}")
+    unused_since = None if config.remove_unused_days is None else time.time() - config.remove_unused_days * 86400
+    doomed = [e for e in entries if config.remove_all or (unused_since is not None and e.last_used < unused_since)]
+    for entry in doomed:
+        cache.remove(entry.folder)
+        print(f"removed {entry.folder.name} ({size_text(entry.size)}, {entry.meta.get('source', '')})")
+    if config.remove_all or unused_since is not None:
+        print(f"freed {size_text(sum(e.size for e in doomed))}")
+    return 0
+
+
+def size_text(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def command_values(args: argparse.Namespace) -> dict:

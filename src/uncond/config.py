@@ -298,6 +298,16 @@ class EvaluateConfig(SamplingSettings):
     json: bool = setting(False, "print the results as one JSON object", group="results")
 
 
+@dataclass(kw_only=True)
+class CacheConfig:
+    """`uncond cache`: the decoded-image cache's entries, and removing them."""
+    cache_dir: str | None = setting(None, "the cache in DIR/uncond, as `uncond train --cache_dir DIR` puts it "
+                                    "(default: ~/.cache/uncond, or $XDG_CACHE_HOME/uncond)", group="inputs")
+    remove_unused_days: int | None = setting(None, "remove the entries that no run has read for this many days",
+                                             group="results")
+    remove_all: bool = setting(False, "remove every entry (runs decode their images again)", group="results")
+
+
 SETTINGS = {f.name: f for f in fields(TrainConfig)}
 GROUP_TITLES = {  # in the order --help shows them
     "inputs": "inputs", "data": "data", "model": "model", "diffusion": "diffusion objective",
@@ -479,9 +489,12 @@ def validate(config: TrainConfig) -> None:
 
 
 def build_command_config(config_class: type, values: dict[str, Any]) -> Any:
-    """`uncond sample` / `uncond evaluate` settings from parsed arguments, checked."""
+    """`uncond sample` / `uncond evaluate` / `uncond cache` settings from parsed arguments, checked."""
     config = config_class(**values)
     check_choices(config)
+    if isinstance(config, CacheConfig):
+        check_at_least(config, 0, "remove_unused_days")
+        return config
     check_at_least(config, 1, "num_images", "batch_size", "steps")
     if isinstance(config, SampleConfig):
         if config.grid and Path(config.grid).suffix.lower() not in IMAGE_FILE_SUFFIXES:
