@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import sys
+from typing import Any, Callable
 
 from .config import (CacheConfig, EvaluateConfig, RunFailed, SampleConfig, UsageError, add_arguments,
                      add_train_arguments, build_command_config, build_config, public_argv)
@@ -61,32 +62,30 @@ def make_parser() -> argparse.ArgumentParser:
     add_train_arguments(train_parser)
     train_parser.set_defaults(command=run_train)
 
-    sample_parser = commands.add_parser(
-        "sample", help="generate images from a trained model",
-        description="Generate numbered PNGs from a diffusers pipeline folder (uncond's, or any DDPMPipeline or "
-                    "DDIMPipeline) or a Hub model, with any of diffusers' samplers. Image i starts from noise seeded "
-                    "seed + i, so it is the same whatever the batch size.")
-    add_arguments(sample_parser, SampleConfig)
-    sample_parser.set_defaults(command=run_sample)
-
-    evaluate_parser = commands.add_parser(
-        "evaluate", help="FID, KID, precision and recall against real images",
-        description="Measure generated images (a folder, or a MODEL to sample from) against real ones with FID "
-                    "and KID in the standard InceptionV3 feature space, and precision/recall. Reference "
-                    "statistics are cached in pytorch-fid's .npz format.")
-    add_arguments(evaluate_parser, EvaluateConfig)
-    evaluate_parser.set_defaults(command=run_evaluate)
-
-    cache_parser = commands.add_parser(
-        "cache", help="list the decoded-image cache, and remove entries",
-        description="List the entries of the decoded-image cache (one per dataset and resolution, made by the first "
-                    "run that reads them), with their size and last use; remove unused ones or all.")
-    add_arguments(cache_parser, CacheConfig)
-    cache_parser.set_defaults(command=run_cache)
+    add_command(commands, "sample", run_sample, SampleConfig, "generate images from a trained model",
+                "Generate numbered PNGs from a diffusers pipeline folder (uncond's, or any DDPMPipeline or "
+                "DDIMPipeline) or a Hub model, with any of diffusers' samplers. Image i starts from noise seeded "
+                "seed + i, so it is the same whatever the batch size.")
+    add_command(commands, "evaluate", run_evaluate, EvaluateConfig,
+                "FID, KID, precision and recall against real images",
+                "Measure generated images (a folder, or a MODEL to sample from) against real ones with FID and KID "
+                "in the standard InceptionV3 feature space, and precision/recall. Reference statistics are cached "
+                "in pytorch-fid's .npz format.")
+    add_command(commands, "cache", run_cache, CacheConfig, "list the decoded-image cache, and remove entries",
+                "List the entries of the decoded-image cache (one per dataset and resolution, made by the first "
+                "run that reads them), with their size and last use; remove unused ones or all.")
 
     presets_parser = commands.add_parser("presets", help="list the UNet presets with their sizes")
     presets_parser.set_defaults(command=run_presets)
     return parser
+
+
+def add_command(commands: Any, name: str, handler: Callable[[argparse.Namespace, list[str]], int],
+                config_class: type, help: str, description: str) -> None:
+    """A subcommand whose flags come from `config_class`'s settings."""
+    parser = commands.add_parser(name, help=help, description=description)
+    add_arguments(parser, config_class)
+    parser.set_defaults(command=handler)
 
 
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
