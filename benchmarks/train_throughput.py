@@ -245,10 +245,9 @@ def peak_flops(device: str, precision: str) -> tuple[float, str]:
                 return value, f"{name}, datasheet {'bf16' if precision == 'bf16' else 'TF32'} dense peak"
         return math.nan, f"{name}: peak unknown"
     cores = len(os.sched_getaffinity(0))
-    mhz = max(float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
-              if line.startswith("cpu MHz"))
-    flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split())
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    mhz = max(float(line.split(":")[1]) for line in cpuinfo if line.startswith("cpu MHz"))
+    flags = set(" ".join(line for line in cpuinfo if line.startswith("flags")).split())
     if precision == "bf16" and "amx_bf16" in flags:
         # one AMX TDPBF16PS (16 x 32 by 32 x 16 bf16, 16,384 FLOP) every 16 cycles per core
         flops_per_cycle, unit = 1024, "bf16 (AMX)"

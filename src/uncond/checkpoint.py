@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from .config import RunFailed, TrainConfig, UsageError
+from .config import RunFailed, TrainConfig, UsageError, first_line
 
 logger = logging.getLogger("uncond")
 
@@ -114,11 +114,16 @@ def fsync_tree(folder: Path) -> None:
     """Flush every file and folder below `folder` to the disk, so a rename after it never points at
     data still in the page cache (a power cut would otherwise leave empty files behind)."""
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [folder]:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file, or one folder's entries (after a rename into it)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
@@ -287,7 +292,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
             write_manifest(staging, step)
             fsync_tree(staging)
             replace_path(staging, final)
-            fsync_tree_entry(output_dir)
+            fsync_path(output_dir)
     except Exception as error:  # noqa: BLE001 - OSError, or a library's own error wrapping one (safetensors)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -306,17 +311,8 @@ def write_error(error: Exception) -> str:
     """A failed write in a few words: 'No space left on device', not a traceback."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = first_line(error)
     return os.strerror(errno.ENOSPC) if "os error 28" in text else text
-
-
-def fsync_tree_entry(folder: Path) -> None:
-    """Flush a folder's entries (after a rename into it)."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
@@ -328,7 +324,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever accelerate or torch raise: name the checkpoint
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UsageError(f"cannot resume from {path} ({type(error).__name__}: {reason}); delete it to resume "
                          "from the one before") from None
     state_file = path / STATE_FILE

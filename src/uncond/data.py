@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, first_line
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                     ".pnm", ".jfif"}
@@ -208,7 +208,7 @@ def load_dataset_or_explain(config: TrainConfig, **options: Any) -> Any:
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - offline, auth, missing or malformed: one line with the reason
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UsageError(f"--dataset_name {name}: could not load it ({reason})") from None
 
 

@@ -54,7 +54,8 @@ def evaluate(config: EvaluateConfig) -> Report:
     if reference.extractor not in (None, extractor.name):
         raise UsageError(f"--reference {config.reference} holds statistics of {reference.extractor} features, "
                          f"not {extractor.name}")
-    features = metrics.extract_features(extractor, metrics.with_progress(generated.batches, generated.count, "generated"))
+    batches = metrics.with_progress(generated.batches, generated.count, "generated")
+    features = metrics.extract_features(extractor, batches)
     scores = metrics.compare(features, reference, device)
     return Report(scores, generated.description, reference_note, extractor.input_note)
 
@@ -120,8 +121,8 @@ def reference_stats(config: EvaluateConfig, source: data.Source | None, resoluti
 
     def compute() -> metrics.FeatureStats:
         batches = data.image_batches(source, resolution, config.batch_size, config.reference_num_images, skipped)
-        return metrics.feature_stats(metrics.extract_features(extractor, metrics.with_progress(batches, count, "reference")),
-                                     extractor.name)
+        batches = metrics.with_progress(batches, count, "reference")
+        return metrics.feature_stats(metrics.extract_features(extractor, batches), extractor.name)
 
     stats, from_cache = metrics.cached_stats(cache, key, compute)
     note = (f"{stats.count} images of {source.description}, {resizing(resolution)}; statistics "

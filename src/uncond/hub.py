@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from .config import RunFailed, TrainConfig, UsageError
+from .config import RunFailed, TrainConfig, UsageError, first_line
 
 logger = logging.getLogger("uncond")
 
@@ -25,11 +25,6 @@ def repository_id(config: TrainConfig) -> str:
     return config.hub_model_id or Path(config.output_dir).resolve().name
 
 
-def one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def create_repository(config: TrainConfig) -> str:
     """Create (or find) the model repository before training starts, so a missing login fails early."""
     from huggingface_hub import HfApi
@@ -39,7 +34,7 @@ def create_repository(config: TrainConfig) -> str:
                                                         private=config.hub_private_repo).repo_id
     except Exception as error:  # noqa: BLE001 - offline, unauthenticated or forbidden: one line, no token
         raise UsageError(f"--push_to_hub: cannot create the Hub repository {repository_id(config)} "
-                         f"({one_line(error)}); log in with `hf auth login` or pass --hub_token, or drop "
+                         f"({first_line(error)}); log in with `hf auth login` or pass --hub_token, or drop "
                          "--push_to_hub") from None
 
 
@@ -89,7 +84,7 @@ class BackgroundUploads:
             commit = self.api.upload_folder(repo_id=self.repo_id, folder_path=str(snapshot),
                                             commit_message=f"uncond: step {step}")
         except Exception as error:
-            logger.warning(f"the upload of step {step} to the Hub ({self.repo_id}) failed: {one_line(error)}; "
+            logger.warning(f"the upload of step {step} to the Hub ({self.repo_id}) failed: {first_line(error)}; "
                            "the next save point uploads again")
             raise
         shutil.rmtree(snapshot, ignore_errors=True)
@@ -113,7 +108,7 @@ class BackgroundUploads:
         error = last.exception()  # waits; uploads run one at a time, so every earlier one is done too
         self.discard_failed(keep_last=True)
         if error is not None:
-            raise RunFailed(f"the upload of step {step} to the Hub ({self.repo_id}) failed ({one_line(error)}); "
+            raise RunFailed(f"the upload of step {step} to the Hub ({self.repo_id}) failed ({first_line(error)}); "
                               f"the model is saved; retry with: hf upload {self.repo_id} "
                               f"{shlex.quote(str(snapshot))} .")
 

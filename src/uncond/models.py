@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.training_utils import EMAModel
 
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, first_line
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[st
         try:
             unet_config = dict(UNet2DModel.load_config(name_or_path, cache_dir=cache_dir))
         except Exception as error:  # noqa: BLE001 - network, auth and missing-repo errors all end the same way
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             raise UsageError(f"--model_config_name_or_path {name_or_path}: could not load a UNet config from the "
                              f"Hub ({reason}); pass a local folder or config.json instead") from None
     class_name = unet_config.get("_class_name", "UNet2DModel")
