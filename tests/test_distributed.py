@@ -1,5 +1,5 @@
 """Several processes through accelerate, on the CPU (gloo): a two-process run to completion, resuming
-with another process count, and one process x 8 images = two processes x 4 images.
+with another process count, one process x 8 images = two processes x 4 images, and FSDP2 against DDP.
 
 `accelerate launch --cpu --num_processes 2` starts only one process in accelerate 1.15 (`--cpu` takes
 its single-process launcher; several CPU processes need MPI there), so these tests launch with
@@ -26,6 +26,7 @@ from conftest import fast_train_args
 from hub_standin import HubStandIn
 
 TESTS = Path(__file__).parent
+FSDP_CONFIG = TESTS.parent / "examples" / "accelerate" / "fsdp.yaml"
 
 
 def free_port() -> int:
@@ -35,14 +36,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two_processes(*args: object, timeout: float = 300, **env_vars: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 ARGS` on the CPU; returns the finished process."""
+def launch_two_processes(*args: object, timeout: float = 300, processes: int = 2, fsdp: bool = False,
+                         **env_vars: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 ARGS` on the CPU, or with examples/accelerate/fsdp.yaml
+    when `fsdp`; returns the finished process."""
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS),
            "HF_HUB_OFFLINE": "1", **env_vars}
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               *[str(a) for a in args]]
+    kind = ["--config_file", str(FSDP_CONFIG)] if fsdp else ["--multi_gpu", "--num_machines", "1",
+                                                              "--dynamo_backend", "no"]
+    command = [str(accelerate), "launch", *kind, "--num_processes", str(processes), "--mixed_precision", "no",
+               "--main_process_port", str(free_port()), *[str(a) for a in args]]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=TESTS.parent)
 
 
@@ -167,22 +171,118 @@ def test_one_process_batch_8_equals_two_processes_batch_4(tmp_path):
     assert max((first_half[n] - whole_batch[n]).abs().max() for n in whole_batch) > 1e-3
 
 
-@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_sharded_launches_are_refused_before_any_work(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch,
-                                                      variable, name):
-    monkeypatch.setenv(variable, "true")  # what `accelerate launch` sets for an FSDP or DeepSpeed config
+def test_fsdp_trains_the_same_model_as_ddp_and_resumes_on_three_processes(color_folder, tiny_unet, tmp_path):
+    """examples/accelerate/fsdp.yaml on CPU processes (through fsdp_launch.py, which takes accelerate's FSDP
+    path there as it does on GPUs): two FSDP2 processes train the same weights and EMA as two DDP processes
+    with the same data and noise, and their sharded checkpoint resumes on three processes (uneven shards),
+    again as DDP's does."""
+    runs = {"ddp": tmp_path / "ddp", "fsdp": tmp_path / "fsdp"}
+
+    def train(kind: str, processes: int, steps: int) -> str:
+        args = fast_train_args(color_folder, tiny_unet, runs[kind], "--train_batch_size", "2", "--use_ema",
+                               "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--checkpointing_steps", "2",
+                               "--logging_steps", "1", "--max_train_steps", str(steps))
+        program = [TESTS / "fsdp_launch.py"] if kind == "fsdp" else ["-m", "uncond"]
+        result = launch_two_processes(*program, *args, processes=processes, fsdp=kind == "fsdp")
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    def assert_same_weights(folder: str) -> None:
+        ddp, fsdp = (load_file(runs[kind] / folder / "diffusion_pytorch_model.safetensors") for kind in runs)
+        assert ddp.keys() == fsdp.keys()
+        for name in ddp:
+            # Attention's key bias shifts every logit of a row equally, which softmax ignores: its gradient is
+            # rounding noise (1e-11), which AdamW's normalisation turns into updates of up to ~1e-5 a step.
+            atol = 1e-4 if name.endswith("to_k.bias") else 1e-5
+            torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-4, atol=atol, msg=f"{folder}: {name}")
+
+    log = train("fsdp", 2, 4)
+    assert "2 process(es) on cpu, weights sharded with FSDP2" in log
+    train("ddp", 2, 4)
+    out = runs["fsdp"]
+    assert (out / "checkpoint-4" / "pytorch_model_fsdp.bin").is_file()
+    for folder in ("checkpoint-2/unet", "checkpoint-4/unet", "checkpoint-4/unet_ema", "unet"):
+        assert_same_weights(folder)
+    assert [r["loss"] for r in metrics(out)] == pytest.approx([r["loss"] for r in metrics(runs["ddp"])], rel=1e-5)
+    assert json.loads((out / "checkpoint-4" / "unet_ema" / "config.json").read_text())["optimization_step"] == 4
+    for name in ("loss.png", "samples/step-0000004.png"):
+        assert (out / name).is_file(), name
+    assert "accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 2 -m uncond train" in \
+        (out / "README.md").read_text()
+    pipeline = DiffusionPipeline.from_pretrained(out)
+    assert pipeline(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+    # 2 -> 3 processes: the checkpoint's shards are cut again (the tiny UNet's sizes do not divide by 3)
+    log = train("fsdp", 3, 6)
+    assert "resuming from checkpoint-4" in log and "going on with 3 process(es)" in log
+    train("ddp", 3, 6)
+    for folder in ("checkpoint-6/unet", "checkpoint-6/unet_ema"):
+        assert_same_weights(folder)
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                            ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")])
+def test_unsupported_launches_are_refused_before_any_work(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch,
+                                                          variable, name):
+    monkeypatch.setenv(variable, "true")  # what `accelerate launch` sets for a DeepSpeed or Megatron-LM config
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out))
     lines = [line for line in err.splitlines() if line.startswith("uncond: error:")]
-    assert code == 2 and len(lines) == 1 and f"this launch asks for {name}" in lines[0] and "--multi_gpu" in lines[0]
+    assert code == 2 and len(lines) == 1 and f"this launch asks for {name}" in lines[0] and "fsdp.yaml" in lines[0]
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name, machines", [("multi_gpu", 1), ("multi_node", 2)])
-def test_example_accelerate_configs_load(name, machines):
+@pytest.mark.parametrize("fsdp_version, state_dict_type, flag, message", [
+    ("1", "FULL_STATE_DICT", None, "set fsdp_version: 2"),
+    ("2", "SHARDED_STATE_DICT", None, "set fsdp_state_dict_type: FULL_STATE_DICT"),
+    ("2", "FULL_STATE_DICT", "--compile", "--compile does not work with FSDP"),
+    ("2", "FULL_STATE_DICT", "--channels_last", "--channels_last does not work")])
+def test_fsdp_launches_uncond_cannot_train_are_refused(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch,
+                                                       fsdp_version, state_dict_type, flag, message):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    monkeypatch.setenv("FSDP_VERSION", fsdp_version)
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", state_dict_type)
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *[flag] * bool(flag)))
+    lines = [line for line in err.splitlines() if line.startswith("uncond: error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not out.exists()
+
+
+def test_fsdp_on_cpu_processes_and_checkpoints_of_the_other_kind_are_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from uncond.config import TrainConfig, UsageError
+    from uncond.plan import Plan, check_processes
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "training_state.json").write_text(json.dumps({"step": 4, "fsdp": True}))
+    plan = Plan(TrainConfig(), {}, None, checkpoint, "")
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2, device=torch.device("cuda"))
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, device=torch.device("cpu"))
+    check_processes(plan, fsdp)  # an FSDP checkpoint resumes under FSDP
+    with pytest.raises(UsageError, match="written by an FSDP run"):
+        check_processes(plan, ddp)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UsageError, match="accelerate runs cpu processes data-parallel"):
+        check_processes(plan, ddp)  # accelerate 1.15 quietly gives DDP to CPU processes under an FSDP launch
+    (checkpoint / "training_state.json").write_text(json.dumps({"step": 4}))  # a DDP (or the seed's) checkpoint
+    with pytest.raises(UsageError, match="written by a data-parallel or one-process run"):
+        check_processes(plan, fsdp)
+
+
+@pytest.mark.parametrize("name, machines, kind", [("multi_gpu", 1, "MULTI_GPU"), ("multi_node", 2, "MULTI_GPU"),
+                                                  ("fsdp", 1, "FSDP")])
+def test_example_accelerate_configs_load(name, machines, kind):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
     config = load_config_from_file(str(TESTS.parent / "examples" / "accelerate" / f"{name}.yaml"))
-    assert config.distributed_type == DistributedType.MULTI_GPU and config.num_machines == machines
+    assert config.distributed_type == DistributedType[kind] and config.num_machines == machines
     assert config.num_processes >= 2 * machines
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"

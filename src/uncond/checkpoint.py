@@ -1,10 +1,10 @@
 """What is written to disk: resumable training state (checkpoint-N/) and the exported pipeline.
 
 A checkpoint is accelerate's state (optimizer, LR schedule, random states; weights loaded with
-weights_only=True) plus the UNet and its EMA in diffusers format (unet/, unet_ema/), laid out as
-train_unconditional.py lays them out, so its checkpoints resume here too. Everything is written to
-a hidden temporary folder with a manifest (every file's size and SHA-256), flushed to disk, and
-renamed into place when complete: a folder named checkpoint-N is whole, and a damaged one is
+weights_only=True; under FSDP also the gathered weights) plus the UNet and its EMA in diffusers format
+(unet/, unet_ema/), laid out as train_unconditional.py lays them out, so its checkpoints resume here too.
+Everything is written to a hidden temporary folder with a manifest (every file's size and SHA-256), flushed
+to disk, and renamed into place when complete: a folder named checkpoint-N is whole, and a damaged one is
 recognised (by size when listing, by hash when loading) instead of crashing the resume.
 """
 
@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
+from . import models, sharding
 from .config import RunFailed, TrainConfig, UsageError, first_line
 
 logger = logging.getLogger("uncond")
@@ -228,33 +229,57 @@ def clear_previous_run(output_dir: Path, artefacts: tuple[str, ...]) -> list[str
 # ---------------------------------------------------------------------------------------------- state
 
 
-def register_state_hooks(accelerator: Accelerator, ema: EMAModel | None) -> None:
-    """Make accelerator.save_state/load_state write the UNet (and its EMA) as diffusers folders."""
+def register_state_hooks(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAModel | None) -> None:
+    """Make accelerator.save_state/load_state write the UNet (and its EMA) as diffusers folders.
 
-    def save_hook(models: list[torch.nn.Module], weights: list[Any], output_dir: str) -> None:
+    Under FSDP accelerate writes and reads the weights and optimizer itself (gathered whole on the main
+    process: pytorch_model_fsdp.bin, optimizer.bin, which any process count can load); the hooks add the
+    diffusers folders, gathered from the shards, and restore the EMA from unet_ema/."""
+    plain = accelerator.unwrap_model(unet, keep_torch_compile=False)
+    sharded = sharding.is_sharded(plain)
+
+    def save_hook(prepared: list[torch.nn.Module], weights: list[Any], output_dir: str) -> None:
+        trained = sharding.gathered_copy(plain) if sharded else plain  # every process joins the gathers
+        averaged = None
+        if ema is not None and sharded:
+            with models.ema_weights(plain, ema) as unet:
+                averaged = sharding.gathered_copy(unet)
+            averaged.register_to_config(**{key: value for key, value in ema.state_dict().items()
+                                           if key in EMA_STATE_KEYS})  # as EMAModel.save_pretrained does
         if accelerator.is_main_process:
-            accelerator.unwrap_model(models[0], keep_torch_compile=False).save_pretrained(
-                os.path.join(output_dir, "unet"))
-            if ema is not None:
+            trained.save_pretrained(os.path.join(output_dir, "unet"))
+            if averaged is not None:
+                averaged.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            elif ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
-        weights.clear()  # written above; accelerate must not write them again
+        weights.clear()  # written above; accelerate must not write them again (under FSDP it wrote none)
 
-    def load_hook(models: list[torch.nn.Module], input_dir: str) -> None:
-        unet = accelerator.unwrap_model(models.pop(), keep_torch_compile=False)
-        trained = read_weights(Path(input_dir) / "unet")
-        unet.load_state_dict(trained)
+    def load_hook(prepared: list[torch.nn.Module], input_dir: str) -> None:
+        trained = None
+        if not sharded:  # under FSDP accelerate has loaded the weights already, and passes no models
+            prepared.pop()
+            trained = read_weights(Path(input_dir) / "unet")
+            plain.load_state_dict(trained)
         if ema is not None:
             ema_dir = Path(input_dir) / "unet_ema"
             # A checkpoint of a run without EMA starts the average from the trained weights.
-            averaged = read_weights(ema_dir) if ema_dir.is_dir() else trained
+            averaged = read_weights(ema_dir) if ema_dir.is_dir() else trained or read_weights(Path(input_dir) / "unet")
             saved = json.loads((ema_dir / "config.json").read_text()) if ema_dir.is_dir() else {}
             state = {key: saved[key] for key in EMA_STATE_KEYS if key in saved}
-            state["shadow_params"] = [averaged[name] for name, _ in unet.named_parameters()]
+            parameters = [parameter for _, parameter in plain.named_parameters()]
+            state["shadow_params"] = sharding.local_shards(
+                parameters, [averaged[name] for name, _ in plain.named_parameters()])
             ema.load_state_dict(state)
             ema.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def written_by_fsdp(path: Path) -> bool:
+    """Whether checkpoint `path` was written under FSDP (its optimizer state is keyed by parameter name)."""
+    state_file = path / STATE_FILE
+    return state_file.is_file() and bool(json.loads(state_file.read_text()).get("fsdp"))
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.training_utils import EMAModel
 
+from . import sharding
 from .config import TrainConfig, UsageError, first_line
 
 
@@ -161,11 +162,12 @@ class EMA(EMAModel):
         return super().get_decay(optimization_step * self.every) ** self.every
 
 
-def make_ema(unet: UNet2DModel, config: TrainConfig) -> EMA:
-    """The seed's EMA: warmup 1 - (1 + step / inv_gamma) ** -power, capped at ema_max_decay; foreach updates."""
-    return EMA(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=config.ema_inv_gamma,
-               power=config.ema_power, foreach=True, model_cls=UNet2DModel, model_config=unet.config,
-               every=config.ema_update_every)
+def make_ema(unet: torch.nn.Module, config: TrainConfig) -> EMA:
+    """The seed's EMA: warmup 1 - (1 + step / inv_gamma) ** -power, capped at ema_max_decay; foreach updates.
+    Under FSDP it averages this process's shards of the weights (give it the sharded UNet)."""
+    return EMA(sharding.local_tensors(unet.parameters()), decay=config.ema_max_decay, use_ema_warmup=True,
+               inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True, model_cls=UNet2DModel,
+               model_config=unet.config, every=config.ema_update_every)
 
 
 def speed_up(unet: UNet2DModel, config: TrainConfig, device: torch.device) -> list[str]:
@@ -193,12 +195,13 @@ def ema_weights(unet: torch.nn.Module, ema: Any | None) -> Iterator[torch.nn.Mod
     if ema is None:
         yield unet
         return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
+    parameters = sharding.local_tensors(unet.parameters())  # under FSDP the EMA holds this process's shards
+    ema.store(parameters)
+    ema.copy_to(parameters)
     try:
         yield unet
     finally:
-        ema.restore(unet.parameters())
+        ema.restore(parameters)
 
 
 def describe_unet(unet_config: dict[str, Any]) -> str:

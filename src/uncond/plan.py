@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
 from . import checkpoint, data, models, sampling
 from .config import TrainConfig, UsageError
 
@@ -44,10 +47,10 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
             raise UsageError(f"--num_channels {config.num_channels} contradicts --model_config_name_or_path, whose "
                              f"in_channels is {channels_from_model_config}; drop one of them")
     check_tracker(config.logger)
-    check_launch()
     if config.enable_xformers_memory_efficient_attention and not module_available("xformers"):
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
                          "without the flag, PyTorch's own fused attention is used")
+    check_launch(config)
     resume_from, message = checkpoint.find_resume_checkpoint(config)
     message = checkpoint.check_output_dir(config, resuming=resume_from is not None) or message
     if resume_from is not None:  # the channel count is compared once the data has decided it
@@ -75,18 +78,48 @@ def check_tracker(name: str) -> None:
                          "or choose --logger tensorboard")
 
 
-SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+UNSUPPORTED_LAUNCHES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+FSDP_CONFIG = "examples/accelerate/fsdp.yaml"
 
 
-def check_launch() -> None:
-    """Refuse sharded training (which `accelerate launch` announces in the environment) before any work:
-    the loop keeps every weight, the EMA and the sample grids whole on each process, as DDP does."""
-    for variable, name in SHARDED_LAUNCHES.items():
+def fsdp_launch() -> bool:
+    """Whether `accelerate launch` was given an FSDP config (it says so in the environment)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_launch(config: TrainConfig) -> None:
+    """Refuse, before any work, the launches uncond cannot train under: DeepSpeed (it owns the optimizer
+    step, clipping and precision), FSDP1, sharded checkpoints (torch.distributed.checkpoint reads its
+    .metadata with pickle.load), and settings FSDP2 does not take."""
+    for variable, name in UNSUPPORTED_LAUNCHES.items():
         if os.environ.get(variable, "false").lower() == "true":
-            raise UsageError(f"this launch asks for {name}, which uncond does not support: it trains data-parallel "
-                             "(DDP); launch with --multi_gpu or examples/accelerate/multi_gpu.yaml instead (the largest "
-                             "preset, 114M parameters, trains on one GPU)")
+            raise UsageError(f"this launch asks for {name}, which uncond does not support: launch data-parallel "
+                             f"(--multi_gpu, examples/accelerate/multi_gpu.yaml) or sharded with FSDP2 ({FSDP_CONFIG})")
+    if fsdp_launch():
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise UsageError(f"this launch asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; uncond shards "
+                             f"with FSDP2: set fsdp_version: 2 in the accelerate config (see {FSDP_CONFIG})")
+        state_dict_type = os.environ.get("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")  # accelerate's FSDP2 default
+        if state_dict_type != "FULL_STATE_DICT":
+            raise UsageError(f"fsdp_state_dict_type {state_dict_type}: its checkpoints keep their index as a pickle, "
+                             "which uncond does not load; set fsdp_state_dict_type: FULL_STATE_DICT in the accelerate "
+                             f"config (see {FSDP_CONFIG})")
+        for flag in ("compile", "channels_last"):  # FSDP2 takes neither CUDA graphs nor non-contiguous weights
+            if getattr(config, flag):
+                raise UsageError(f"--{flag} does not work with FSDP; drop it, or launch data-parallel (--multi_gpu)")
+
+
+def check_processes(plan: Plan, accelerator: Accelerator) -> None:
+    """The checks that need the launched processes (made before any data is read): FSDP given where it
+    was asked for, and a checkpoint resumed by the kind of run that wrote it."""
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp_launch() and accelerator.num_processes > 1 and not sharded:
+        raise UsageError(f"this launch asks for FSDP, but accelerate runs {accelerator.device.type} processes "
+                         "data-parallel (it shards on GPUs only); launch with --multi_gpu instead")
+    if plan.resume_from is not None and checkpoint.written_by_fsdp(plan.resume_from) != sharded:
+        kind = "an FSDP run" if checkpoint.written_by_fsdp(plan.resume_from) else "a data-parallel or one-process run"
+        raise UsageError(f"{plan.resume_from} was written by {kind}, whose optimizer state is laid out "
+                         "differently; resume it with the same kind of launch (any process count)")
 
 
 def dry_run(plan: Plan) -> None:

@@ -25,10 +25,10 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, environment, hub, metrics, models, sampling, streaming, tracking
+from . import checkpoint, data, environment, hub, metrics, models, sampling, sharding, streaming, tracking
 from .config import RunFailed, TrainConfig, UsageError, public_argv
 from .objective import Objective, training_loss
-from .plan import Plan, dry_run, plan_run, refuse_mismatched_resume
+from .plan import FSDP_CONFIG, Plan, check_processes, dry_run, plan_run, refuse_mismatched_resume
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
@@ -82,7 +82,7 @@ class Run:
 
     @property
     def unwrapped_unet(self) -> UNet2DModel:
-        """The plain module (no DDP, no torch.compile wrapper): for sampling, export and checkpoints."""
+        """The module without DDP's or torch.compile's wrapper (under FSDP, still sharded)."""
         return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
 
 
@@ -155,12 +155,11 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     set_seed(config.seed)  # identical initial weights on every process
     unet = models.build_unet(unet_config)
     speedups += models.speed_up(unet, config, accelerator.device)
-    ema = models.make_ema(unet, config) if config.use_ema else None
     optimizer, fused = make_optimizer(unet, config, accelerator.device)
     speedups += ["fused AdamW"] * fused + [f"{config.mixed_precision} autocast"] * (config.mixed_precision != "no")
     speedups += tune_cuda(config, accelerator.device)
     speedups += ["torch.compile" + " with CUDA graphs" * (accelerator.device.type == "cuda")] * config.compile
-    if ema is not None:
+    if config.use_ema:
         speedups.append(f"foreach EMA every {config.ema_update_every} step(s)")
     logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")
 
@@ -169,9 +168,9 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_train_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    if ema is not None:
-        ema.to(accelerator.device)
-    checkpoint.register_state_hooks(accelerator, ema)
+    # After prepare: on the device already, and under FSDP over this process's shards.
+    ema = models.make_ema(accelerator.unwrap_model(unet, keep_torch_compile=False), config) if config.use_ema else None
+    checkpoint.register_state_hooks(accelerator, unet, ema)
     noise_scheduler = models.build_noise_scheduler(config)
     # On the device once: add_noise and compute_snr would otherwise copy it from the host every step.
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
@@ -245,6 +244,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         return Path(plan.config.output_dir)
     output_dir = Path(plan.config.output_dir)
     accelerator = make_accelerator(plan.config, output_dir)
+    check_processes(plan, accelerator)
     plan.config = settle_seed(plan, accelerator)
     config = plan.config
     if accelerator.is_main_process:
@@ -262,7 +262,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     run = build_run(plan, accelerator)
     run.repo_id = repo_id
     run.command = reproduce_command(public_argv(sys.argv[1:] if command is None else command, config),
-                                    accelerator.num_processes, None if "seed" in explicit else config.seed)
+                                    accelerator.num_processes, None if "seed" in explicit else config.seed,
+                                    sharded=sharding.is_sharded(run.unwrapped_unet))
     if plan.resume_from is not None:
         logger.info(plan.resume_message)
         resume(run, plan.resume_from)
@@ -360,7 +361,9 @@ def log_run_summary(run: Run) -> None:
         f"training {parameters / 1e6:.2f}M-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
         f"{run.unwrapped_unet.config.in_channels} channel(s), {config.resolution} px, "
         f"on {run.batches.num_images or 'a stream of'} images | "
-        f"{accelerator.num_processes} process(es) on {accelerator.device.type}, precision {config.mixed_precision} | "
+        f"{accelerator.num_processes} process(es) on {accelerator.device.type}"
+        f"{', weights sharded with FSDP2' if sharding.is_sharded(run.unwrapped_unet) else ''}, "
+        f"precision {config.mixed_precision} | "
         f"batch {config.train_batch_size} per device x {accelerator.num_processes} processes x "
         f"{config.gradient_accumulation_steps} accumulation = {run.global_batch_size} | "
         f"{run.max_train_steps} optimizer steps ({run.steps_per_epoch} per epoch, {run.num_epochs} epochs) | "
@@ -396,21 +399,25 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 if run.step == run.max_train_steps:
                     break
             exported_at = end_epoch(run) or exported_at
-    if exported_at != run.step and run.accelerator.is_main_process:  # resumed at the very end
-        export(run)
+    if exported_at != run.step:  # resumed at the very end
+        with averaged_unet(run) as unet:
+            if unet is not None:
+                export(run, unet)
     return True
 
 
 def end_epoch(run: Run) -> int | None:
     """Sample grid and export at the seed's epochs (and after the last step); returns the step exported at."""
     config, last_epoch = run.config, run.step >= run.max_train_steps
-    exported_at = None
-    if run.accelerator.is_main_process:
-        if run.epoch % config.save_images_epochs == 0 or last_epoch:
-            save_sample_grid(run)
-        if run.epoch % config.save_model_epochs == 0 or last_epoch:
-            export(run)
-            exported_at = run.step
+    grid = run.epoch % config.save_images_epochs == 0 or last_epoch
+    exported_at = run.step if run.epoch % config.save_model_epochs == 0 or last_epoch else None
+    if grid or exported_at:
+        with averaged_unet(run) as unet:
+            if unet is not None:
+                if grid:
+                    save_sample_grid(run, unet)
+                if exported_at:
+                    export(run, unet)
     run.accelerator.wait_for_everyone()
     if not last_epoch:
         run.epoch += 1
@@ -464,8 +471,8 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
             accelerator.backward(loss / len(micro_batches))
         total_loss += loss.detach()
     grad_norm = None
-    if run.config.max_grad_norm:
-        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), run.config.max_grad_norm)
+    if run.config.max_grad_norm:  # under FSDP the norm comes back as a (replicated) DTensor
+        grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(unet.parameters(), run.config.max_grad_norm))
     if run.config.skip_nonfinite and not everywhere_finite(run, total_loss, grad_norm):
         run.optimizer.zero_grad(set_to_none=True)
         run.lr_scheduler.step()  # the schedule stays aligned with the step count
@@ -477,7 +484,7 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None and (run.step + 1) % run.config.ema_update_every == 0:
-        run.ema.step(unet.parameters())
+        run.ema.step(sharding.local_tensors(unet.parameters()))
     return total_loss / len(micro_batches)
 
 
@@ -542,7 +549,7 @@ def epoch_start_step(run: Run) -> int:
 def training_state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
             "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
-            "global_batch_size": run.global_batch_size}
+            "global_batch_size": run.global_batch_size, "fsdp": sharding.is_sharded(run.unwrapped_unet)}
 
 
 def save_checkpoint(run: Run) -> None:
@@ -556,26 +563,36 @@ def save_checkpoint(run: Run) -> None:
 
 
 @contextlib.contextmanager
-def preview_model(run: Run):
-    """The EMA weights (or the trained ones without EMA) in eval mode, with the preview sampler and its steps;
-    used by the sample grids and the evaluations, always with seed 0 so that they compare over the run."""
-    config = run.config
-    scheduler = sampling.make_sampler(config.sampler, run.noise_scheduler.config)
-    steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
+def averaged_unet(run: Run, everywhere: bool = False):
+    """The EMA weights (the trained ones without --use_ema) as a plain UNet2DModel in eval mode: what sample
+    grids, evaluations and exports use. None on the processes other than the main one, unless `everywhere`.
+    Under FSDP every process must enter it: the shards are gathered into a copy."""
+    wanted, sharded = everywhere or run.accelerator.is_main_process, sharding.is_sharded(run.unwrapped_unet)
+    if not (wanted or sharded):
+        yield None
+        return
     with models.ema_weights(run.unwrapped_unet, run.ema) as unet:
+        unet = sharding.gathered_copy(unet) if sharded else unet
         unet.eval()
         try:
-            yield unet, scheduler, steps
+            yield unet if wanted else None
         finally:
             unet.train()
 
 
-def save_sample_grid(run: Run) -> Path:
-    """Sample images with the EMA weights and a fixed seed (grids stay comparable), as a PNG and to trackers."""
+def preview_sampler(run: Run) -> tuple[Any, int]:
+    """The scheduler and step count of the sample grids and evaluations."""
     config = run.config
-    with preview_model(run) as (unet, scheduler, steps):
-        images = sampling.generate(unet, scheduler, num_images=config.eval_batch_size, num_steps=steps, seed=0,
-                                   batch_size=config.eval_batch_size, device=run.accelerator.device)
+    return (sampling.make_sampler(config.sampler, run.noise_scheduler.config),
+            sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps))
+
+
+def save_sample_grid(run: Run, unet: UNet2DModel) -> Path:
+    """Sample images with a fixed seed (grids stay comparable over the run), as a PNG and to the trackers."""
+    config = run.config
+    scheduler, steps = preview_sampler(run)
+    images = sampling.generate(unet, scheduler, num_images=config.eval_batch_size, num_steps=steps, seed=0,
+                               batch_size=config.eval_batch_size, device=run.accelerator.device)
     folder = run.output_dir / SAMPLES_DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"step-{run.step:07d}.png"
@@ -613,7 +630,8 @@ def evaluate(run: Run) -> None:
         return
     config, accelerator = run.config, run.accelerator
     first, end = evaluation_share(config.eval_num_images, accelerator.num_processes, accelerator.process_index)
-    with preview_model(run) as (unet, scheduler, steps):
+    scheduler, steps = preview_sampler(run)
+    with averaged_unet(run, everywhere=True) as unet:
         batches = sampling.sample_batches(unet, scheduler, num_images=end - first, num_steps=steps, seed=first,
                                           batch_size=config.eval_batch_size, device=accelerator.device,
                                           progress=accelerator.is_local_main_process)
@@ -666,11 +684,10 @@ def export_best(run: Run, unet: UNet2DModel, scores: metrics.Scores) -> None:
     logger.info(f"best FID so far ({scores.fid:.3f}): exported to {folder}")
 
 
-def export(run: Run) -> None:
-    """The pipeline folder (EMA weights when --use_ema), the model card and the loss plot; upload if asked."""
-    with models.ema_weights(run.unwrapped_unet, run.ema) as unet:
-        checkpoint.export_pipeline(unet, run.noise_scheduler, run.output_dir,
-                                   {**training_state(run), "finished": run.step >= run.max_train_steps})
+def export(run: Run, unet: UNet2DModel) -> None:
+    """The pipeline folder with `unet` (averaged_unet's), the model card and the loss plot; upload if asked."""
+    checkpoint.export_pipeline(unet, run.noise_scheduler, run.output_dir,
+                               {**training_state(run), "finished": run.step >= run.max_train_steps})
     records = run.metrics_file.read() if run.metrics_file else []
     tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
     write_card(run, records)
@@ -691,7 +708,8 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
                "global batch": f"{run.global_batch_size} ({config.train_batch_size} per device x "
                                f"{run.accelerator.num_processes} process(es) x {config.gradient_accumulation_steps} "
                                "accumulation)",
-               "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, {config.lr_warmup_steps} warmup steps)",
+               "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, "
+                                f"{config.lr_warmup_steps} warmup steps)",
                "prediction type": config.prediction_type, "EMA": config.use_ema,
                "mixed precision": config.mixed_precision}
     if "loss" in last:
@@ -725,14 +743,17 @@ def hub_dataset_id(config: TrainConfig) -> str | None:
     return name
 
 
-def reproduce_command(argv: list[str], num_processes: int, chosen_seed: int | None) -> str:
+def reproduce_command(argv: list[str], num_processes: int, chosen_seed: int | None, sharded: bool = False) -> str:
     """The command line of this run (`argv` with the token already masked by config.public_argv), with the
     launcher for several processes, and the seed when it was chosen at random."""
     words = list(argv)
     if chosen_seed is not None:
         words += ["--seed", str(chosen_seed)]
-    launcher = "uncond" if num_processes == 1 else \
-        f"accelerate launch --multi_gpu --num_processes {num_processes} -m uncond"
+    launcher = "uncond"
+    if sharded:
+        launcher = f"accelerate launch --config_file {FSDP_CONFIG} --num_processes {num_processes} -m uncond"
+    elif num_processes > 1:
+        launcher = f"accelerate launch --multi_gpu --num_processes {num_processes} -m uncond"
     return launcher + " " + " ".join(shlex.quote(word) for word in words)
 
 

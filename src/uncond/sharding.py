@@ -1,0 +1,51 @@
+"""FSDP2 (torch's fully_shard, through accelerate): what changes when each process holds only a shard of
+every weight. Under DDP every function here is the identity or a plain copy, so callers need no branches.
+
+The EMA averages each process's own shards (element-wise, no communication); previews, evaluations,
+exports and the diffusers folders in checkpoints gather the full weights into a plain UNet2DModel, which
+is a collective: every process must make the same calls, in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from diffusers import UNet2DModel
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+def local_tensors(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's local shard (sharing its storage, so writes land in the parameter), or the parameter
+    itself when it is not sharded. requires_grad is kept: EMAModel copies, rather than averages, the
+    parameters that do not require gradients."""
+    return [p.to_local().detach().requires_grad_(p.requires_grad) if isinstance(p, DTensor) else p
+            for p in parameters]
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole on every process (a collective); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gathered_copy(unet: torch.nn.Module) -> UNet2DModel:
+    """A plain UNet2DModel holding the full current weights of a sharded `unet`, on its device, on every
+    process (a collective: each weight is all-gathered in turn). Built on the meta device first, so the
+    copy costs one set of weights and no random initialisation."""
+    weights = {name: full_tensor(tensor).detach().clone() for name, tensor in unet.state_dict().items()}
+    with torch.device("meta"):
+        copy = UNet2DModel.from_config(unet.config)
+    copy.load_state_dict(weights, assign=True)
+    return copy
+
+
+def local_shards(parameters: Iterable[torch.Tensor], full: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """This process's shards of whole tensors, cut as `parameters` are cut (for an EMA resumed from whole
+    weights with any process count). Every process holds the whole tensors, so nothing is sent."""
+    return [distribute_tensor(whole.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+            if isinstance(p, DTensor) else whole for p, whole in zip(parameters, full)]
