@@ -181,8 +181,9 @@ def test_fsdp_trains_the_same_model_as_ddp_and_resumes_on_three_processes(color_
     def train(kind: str, processes: int, steps: int) -> str:
         args = fast_train_args(color_folder, tiny_unet, runs[kind], "--train_batch_size", "2", "--use_ema",
                                "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--checkpointing_steps", "2",
-                               "--logging_steps", "1", "--max_train_steps", str(steps))
-        program = [TESTS / "fsdp_launch.py"] if kind == "fsdp" else ["-m", "uncond"]
+                               "--logging_steps", "1", "--max_train_steps", str(steps),
+                               *["--eval_every_steps", "2", "--eval_num_images", "6"] * (processes == 2))
+        program = [TESTS / ("fsdp_launch.py" if kind == "fsdp" else "eval_worker.py")]
         result = launch_two_processes(*program, *args, processes=processes, fsdp=kind == "fsdp")
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stderr
@@ -203,7 +204,10 @@ def test_fsdp_trains_the_same_model_as_ddp_and_resumes_on_three_processes(color_
     assert (out / "checkpoint-4" / "pytorch_model_fsdp.bin").is_file()
     for folder in ("checkpoint-2/unet", "checkpoint-4/unet", "checkpoint-4/unet_ema", "unet"):
         assert_same_weights(folder)
-    assert [r["loss"] for r in metrics(out)] == pytest.approx([r["loss"] for r in metrics(runs["ddp"])], rel=1e-5)
+    for key in ("loss", "fid"):  # the evaluations, too, sample the same images from the gathered EMA weights
+        assert [r[key] for r in metrics(out) if key in r] == \
+            pytest.approx([r[key] for r in metrics(runs["ddp"]) if key in r], rel=1e-4), key
+    assert len([r for r in metrics(out) if "fid" in r]) == 2
     assert json.loads((out / "checkpoint-4" / "unet_ema" / "config.json").read_text())["optimization_step"] == 4
     for name in ("loss.png", "samples/step-0000004.png"):
         assert (out / name).is_file(), name
