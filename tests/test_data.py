@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import MESSY_SKIPPED, MESSY_USED, write_images, write_messy_folder
-from uncond import data
+from uncond import data, metrics
 from uncond.cache import CacheWriter, ImageCache
 from uncond.config import TrainConfig, UsageError
 from uncond.data import (Augmentation, CachedBatches, Order, Record, check_source, decode_image, decode_records,
@@ -143,24 +143,35 @@ def test_uncond_cache_lists_entries_and_removes_the_unused_ones(tmp_path, run_cl
     cache_dir = tmp_path / "cache"
     config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(cache_dir))
     kept, unused = load(config), load(config.replace(resolution=8))
+    # uncond evaluate's reference statistics, kept beside the entries
+    stats_folder = cache_dir / "uncond" / "reference-stats"
+    stats_folder.mkdir()
+    kept_stats, unused_stats = stats_folder / "cats-64px.npz", stats_folder / "dogs-64px.npz"
+    for path in (kept_stats, unused_stats):
+        metrics.save_stats(metrics.feature_stats(np.eye(3), "tiny", key=path.stem), path)
     code, out, err = run_cli("cache", "--cache_dir", cache_dir)
     assert code == 0, err
     assert f"decoded-image cache: {cache_dir / 'uncond'}" in out and "2 entries" in out
     line = next(line for line in out.splitlines() if kept.folder.name in line)
     assert "6 images" in line and "16 px" in line and str(folder) in line
+    assert f"reference statistics of uncond evaluate: {stats_folder}" in out and "cats-64px.npz" in out
 
     month_ago = time.time() - 31 * 86400
-    for cache in (kept, unused):
-        os.utime(cache.folder / "meta.json", (month_ago, month_ago))
+    for path in (kept.folder / "meta.json", unused.folder / "meta.json", kept_stats, unused_stats):
+        os.utime(path, (month_ago, month_ago))
     assert ImageCache.open(kept.folder) is not None  # a run reads it: used today
+    metrics.cached_stats(kept_stats, "cats-64px", lambda: pytest.fail("computed again"))  # an evaluation reads it
     code, out, err = run_cli("cache", "--cache_dir", cache_dir, "--remove_unused_days", 30)
     assert code == 0, err
-    assert f"removed {unused.folder.name}" in out and kept.folder.name not in out.split("removed")[1]
+    removed = out.split("removed", 1)[1]
+    assert f"removed {unused.folder.name}" in out and kept.folder.name not in removed
+    assert "dogs-64px.npz" in removed and "cats-64px.npz" not in removed
     assert not unused.folder.exists() and ImageCache.open(kept.folder) is not None
-    assert not list((cache_dir / "uncond").glob(".*"))  # nothing left half removed
+    assert not unused_stats.exists() and kept_stats.is_file()
+    assert not list((cache_dir / "uncond").glob(".*")) and not list(stats_folder.glob(".*"))  # nothing half removed
 
     code, out, _ = run_cli("cache", "--cache_dir", cache_dir, "--remove_all")
-    assert code == 0 and not kept.folder.exists() and "freed" in out
+    assert code == 0 and not kept.folder.exists() and not kept_stats.exists() and "freed" in out
     assert load(config).built_now  # the next run decodes again
 
 

@@ -173,13 +173,14 @@ def test_one_process_batch_8_equals_two_processes_batch_4(tmp_path):
 
 def test_fsdp_trains_the_same_model_as_ddp_and_resumes_on_three_processes(color_folder, tiny_unet, tmp_path):
     """examples/accelerate/fsdp.yaml on CPU processes (through fsdp_launch.py, which takes accelerate's FSDP
-    path there as it does on GPUs): two FSDP2 processes train the same weights and EMA as two DDP processes
-    with the same data and noise, and their sharded checkpoint resumes on three processes (uneven shards),
-    again as DDP's does."""
+    path there as it does on GPUs): two FSDP2 processes, accumulating gradients over two micro-batches, train
+    the same weights and EMA as two DDP processes with the same data and noise, and their checkpoint resumes
+    on three processes (uneven shards), again as DDP's does."""
     runs = {"ddp": tmp_path / "ddp", "fsdp": tmp_path / "fsdp"}
 
     def train(kind: str, processes: int, steps: int) -> str:
         args = fast_train_args(color_folder, tiny_unet, runs[kind], "--train_batch_size", "2", "--use_ema",
+                               "--gradient_accumulation_steps", "2",
                                "--lr_scheduler", "constant", "--learning_rate", "1e-3", "--checkpointing_steps", "2",
                                "--logging_steps", "1", "--max_train_steps", str(steps),
                                *["--eval_every_steps", "2", "--eval_num_images", "6"] * (processes == 2))

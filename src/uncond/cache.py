@@ -37,6 +37,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 PIXELS_FILE, INDEX_FILE, META_FILE = "pixels.bin", "index.npy", "meta.json"
+REFERENCE_STATS_DIR = "reference-stats"  # uncond evaluate's feature statistics of real images, beside the entries
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -112,7 +113,7 @@ class Entry:
 
 def entries(root: Path) -> list[Entry]:
     """The complete entries under `root`, most recently used first (not the temporary folders of runs
-    still decoding, nor uncond evaluate's reference statistics, which live beside them)."""
+    still decoding, nor uncond evaluate's reference statistics: reference_stats)."""
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         meta_file = folder / META_FILE
@@ -127,12 +128,22 @@ def entries(root: Path) -> list[Entry]:
     return sorted(found, key=lambda entry: entry.last_used, reverse=True)
 
 
+def reference_stats(root: Path) -> list[Entry]:
+    """uncond evaluate's cached reference statistics (one .npz each), most recently used first."""
+    files = sorted((root / REFERENCE_STATS_DIR).glob("*.npz")) if (root / REFERENCE_STATS_DIR).is_dir() else []
+    found = [Entry(path, {"source": path.stem}, path.stat().st_size, path.stat().st_mtime) for path in files]
+    return sorted(found, key=lambda entry: entry.last_used, reverse=True)
+
+
 def remove(folder: Path) -> None:
     """Remove an entry: renamed out of the way first, so no run ever opens it half deleted. A run that has it
     memory-mapped keeps reading its pixels until it ends (the files go when it lets go of them)."""
     doomed = folder.parent / f".{folder.name}.removing-{os.getpid()}"
     os.rename(folder, doomed)
-    shutil.rmtree(doomed)
+    if doomed.is_dir():
+        shutil.rmtree(doomed)
+    else:  # a reference statistics file
+        doomed.unlink()
 
 
 class CacheWriter:

@@ -292,8 +292,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
             return torch.load(pickled, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a truncated or corrupt file: name it
         raise UsageError(f"cannot read {safe if safe.is_file() else pickled} ({type(error).__name__}: "
-                         f"{str(error).strip().splitlines()[0] if str(error).strip() else 'corrupt'}); "
-                         "resume from another checkpoint") from None
+                         f"{first_line(error)}); resume from another checkpoint") from None
     raise UsageError(f"{folder} holds no model weights ({SAFE_WEIGHTS}); resume from another checkpoint")
 
 

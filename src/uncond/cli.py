@@ -127,21 +127,32 @@ def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
 
     config = build_command_config(CacheConfig, command_values(args))
     root = cache.cache_root(config.cache_dir)
-    entries = cache.entries(root)
+    entries, stats = cache.entries(root), cache.reference_stats(root)
     print(f"decoded-image cache: {root}")
     for entry in entries:
-        meta, last_used = entry.meta, time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        meta = entry.meta
         print(f"  {entry.folder.name}  {meta.get('images', '?'):>8} images  {meta.get('resolution', '?'):>4} px  "
-              f"{size_text(entry.size):>10}  last used {last_used}  {meta.get('source', '')}")
+              f"{size_text(entry.size):>10}  last used {when(entry.last_used)}  {meta.get('source', '')}")
     print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {size_text(sum(e.size for e in entries))}")
+    if stats:
+        print(f"reference statistics of uncond evaluate: {root / cache.REFERENCE_STATS_DIR}")
+        for entry in stats:
+            print(f"  {entry.folder.name}  {size_text(entry.size):>10}  last used {when(entry.last_used)}")
     unused_since = None if config.remove_unused_days is None else time.time() - config.remove_unused_days * 86400
-    doomed = [e for e in entries if config.remove_all or (unused_since is not None and e.last_used < unused_since)]
+    doomed = [entry for entry in entries + stats
+              if config.remove_all or (unused_since is not None and entry.last_used < unused_since)]
     for entry in doomed:
         cache.remove(entry.folder)
         print(f"removed {entry.folder.name} ({size_text(entry.size)}, {entry.meta.get('source', '')})")
     if config.remove_all or unused_since is not None:
         print(f"freed {size_text(sum(e.size for e in doomed))}")
     return 0
+
+
+def when(timestamp: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
 def size_text(size: int) -> str:

@@ -300,12 +300,14 @@ class EvaluateConfig(SamplingSettings):
 
 @dataclass(kw_only=True)
 class CacheConfig:
-    """`uncond cache`: the decoded-image cache's entries, and removing them."""
+    """`uncond cache`: the decoded-image cache's entries and uncond evaluate's reference statistics, and
+    removing them."""
     cache_dir: str | None = setting(None, "the cache in DIR/uncond, as `uncond train --cache_dir DIR` puts it "
                                     "(default: ~/.cache/uncond, or $XDG_CACHE_HOME/uncond)", group="inputs")
-    remove_unused_days: int | None = setting(None, "remove the entries that no run has read for this many days",
-                                             group="results")
-    remove_all: bool = setting(False, "remove every entry (runs decode their images again)", group="results")
+    remove_unused_days: int | None = setting(None, "remove the entries (and reference statistics) that no run "
+                                             "has read for this many days", group="results")
+    remove_all: bool = setting(False, "remove every entry and reference statistics file (runs decode their "
+                               "images again)", group="results")
 
 
 SETTINGS = {f.name: f for f in fields(TrainConfig)}

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import data, metrics, sampling
+from .cache import REFERENCE_STATS_DIR
 from .config import EvaluateConfig, UsageError
 
 logger = logging.getLogger("uncond")
@@ -134,7 +135,7 @@ def reference_stats(config: EvaluateConfig, source: data.Source | None, resoluti
 
 def cache_folder() -> Path:
     """Where reference statistics are cached: beside the decoded images (~/.cache/uncond, or $XDG_CACHE_HOME)."""
-    return data.cache_root(None) / "reference-stats"
+    return data.cache_root(None) / REFERENCE_STATS_DIR
 
 
 def slug(name: str) -> str:

@@ -10,6 +10,7 @@ the features added for KID and precision/recall.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -208,6 +209,8 @@ def cached_stats(path: Path, key: str, compute: Callable[[], FeatureStats]) -> t
         try:
             stats = load_stats(path)
             if stats.key == key:
+                with contextlib.suppress(OSError):  # its last use, for `uncond cache --remove_unused_days`
+                    os.utime(path)
                 return stats, True
         except UsageError:
             pass  # unreadable: computed afresh and replaced

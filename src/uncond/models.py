@@ -173,7 +173,7 @@ def make_ema(unet: torch.nn.Module, config: TrainConfig) -> EMA:
 def speed_up(unet: UNet2DModel, config: TrainConfig, device: torch.device) -> list[str]:
     """Put the speed settings that suit `device` on the UNet; returns what is on, for the log."""
     done = []
-    if config.channels_last and device.type == "cuda":
+    if uses_channels_last(config, device):
         unet.to(memory_format=torch.channels_last)
         done.append("channels-last")
     if config.gradient_checkpointing:
@@ -186,6 +186,11 @@ def speed_up(unet: UNet2DModel, config: TrainConfig, device: torch.device) -> li
              if isinstance(module, Attention)):
         done.append("SDPA attention")  # diffusers' default: torch's fused scaled_dot_product_attention
     return done
+
+
+def uses_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    """Whether this run keeps the UNet and its inputs channels-last: --channels_last, on GPUs only."""
+    return config.channels_last and device.type == "cuda"
 
 
 @contextlib.contextmanager

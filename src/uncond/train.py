@@ -181,7 +181,8 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
                steps_per_epoch=steps_per_epoch, num_epochs=math.ceil(max_train_steps / steps_per_epoch),
                global_batch_size=config.train_batch_size * accelerator.num_processes
                * config.gradient_accumulation_steps, noise_generator=torch.Generator(accelerator.device),
-               memory_format=torch.channels_last if "channels-last" in speedups else torch.contiguous_format)
+               memory_format=torch.channels_last if models.uses_channels_last(config, accelerator.device)
+               else torch.contiguous_format)
 
 
 def make_optimizer(unet: torch.nn.Module, config: TrainConfig, device: torch.device) -> tuple[torch.optim.AdamW, bool]:
