@@ -88,9 +88,9 @@ def fsdp_launch() -> bool:
 
 
 def check_launch(config: TrainConfig) -> None:
-    """Refuse, before any work, the launches uncond cannot train under: DeepSpeed (it owns the optimizer
-    step, clipping and precision), FSDP1, sharded checkpoints (torch.distributed.checkpoint reads its
-    .metadata with pickle.load), and settings FSDP2 does not take."""
+    """Refuse, before any work, the launches uncond cannot train under: DeepSpeed (its checkpoints load by
+    unpickling, and it owns the optimizer step, clipping and precision), FSDP1, sharded FSDP checkpoints
+    (torch.distributed.checkpoint reads its .metadata with pickle.load), and settings FSDP2 does not take."""
     for variable, name in UNSUPPORTED_LAUNCHES.items():
         if os.environ.get(variable, "false").lower() == "true":
             raise UsageError(f"this launch asks for {name}, which uncond does not support: launch data-parallel "
