@@ -242,8 +242,8 @@ def register_state_hooks(accelerator: Accelerator, unet: torch.nn.Module, ema: E
         trained = sharding.gathered_copy(plain) if sharded else plain  # every process joins the gathers
         averaged = None
         if ema is not None and sharded:
-            with models.ema_weights(plain, ema) as unet:
-                averaged = sharding.gathered_copy(unet)
+            with models.ema_weights(plain, ema) as swapped:
+                averaged = sharding.gathered_copy(swapped)
             averaged.register_to_config(**{key: value for key, value in ema.state_dict().items()
                                            if key in EMA_STATE_KEYS})  # as EMAModel.save_pretrained does
         if accelerator.is_main_process:
@@ -266,9 +266,8 @@ def register_state_hooks(accelerator: Accelerator, unet: torch.nn.Module, ema: E
             averaged = read_weights(ema_dir) if ema_dir.is_dir() else trained or read_weights(Path(input_dir) / "unet")
             saved = json.loads((ema_dir / "config.json").read_text()) if ema_dir.is_dir() else {}
             state = {key: saved[key] for key in EMA_STATE_KEYS if key in saved}
-            parameters = [parameter for _, parameter in plain.named_parameters()]
-            state["shadow_params"] = sharding.local_shards(
-                parameters, [averaged[name] for name, _ in plain.named_parameters()])
+            names, parameters = zip(*plain.named_parameters())
+            state["shadow_params"] = sharding.local_shards(parameters, [averaged[name] for name in names])
             ema.load_state_dict(state)
             ema.to(accelerator.device)
 
