@@ -26,7 +26,8 @@ def init_with_fsdp_on_cpu(self: Accelerator, *args, **kwargs) -> None:
     plain_init(self, *args, **kwargs)
     if os.environ.get("ACCELERATE_USE_FSDP") == "true" and self.num_processes > 1:
         self.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables
-        self.state.fsdp_plugin.set_mixed_precision(self.state.mixed_precision)  # as accelerate does on GPUs
+        if self.state.mixed_precision != "no":  # as accelerate/state.py does on GPUs
+            self.state.fsdp_plugin.set_mixed_precision(self.state.mixed_precision)
         self.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # accelerate reads both
 
