@@ -239,11 +239,13 @@ def register_state_hooks(accelerator: Accelerator, unet: torch.nn.Module, ema: E
     sharded = sharding.is_sharded(plain)
 
     def save_hook(prepared: list[torch.nn.Module], weights: list[Any], output_dir: str) -> None:
-        trained = sharding.gathered_copy(plain) if sharded else plain  # every process joins the gathers
+        # Under FSDP every process joins the gathers; the main process gets the copies, on the CPU.
+        trained = sharding.gathered_copy(plain, everywhere=False) if sharded else plain
         averaged = None
         if ema is not None and sharded:
             with models.ema_weights(plain, ema) as swapped:
-                averaged = sharding.gathered_copy(swapped)
+                averaged = sharding.gathered_copy(swapped, everywhere=False)
+        if averaged is not None:
             averaged.register_to_config(**{key: value for key, value in ema.state_dict().items()
                                            if key in EMA_STATE_KEYS})  # as EMAModel.save_pretrained does
         if accelerator.is_main_process:

@@ -12,6 +12,7 @@ from typing import Iterable
 
 import torch
 from diffusers import UNet2DModel
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -33,11 +34,17 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def gathered_copy(unet: torch.nn.Module) -> UNet2DModel:
-    """A plain UNet2DModel holding the full current weights of a sharded `unet`, on its device, on every
-    process (a collective: each weight is all-gathered in turn). Built on the meta device first, so the
-    copy costs one set of weights and no random initialisation."""
-    weights = {name: full_tensor(tensor).detach().clone() for name, tensor in unet.state_dict().items()}
+def gathered_copy(unet: torch.nn.Module, everywhere: bool = True) -> UNet2DModel | None:
+    """A plain UNet2DModel holding the full current weights of a sharded `unet` (a collective: every process
+    must call it). With `everywhere`, on every process, on its device; otherwise on the main process only,
+    on the CPU (torch gathers to rank 0 with CPU offload), and None elsewhere: no process's accelerator
+    memory holds a whole copy. Built on the meta device first: no random initialisation."""
+    if everywhere:
+        weights = {name: full_tensor(tensor).detach().clone() for name, tensor in unet.state_dict().items()}
+    else:
+        weights = get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not weights:  # not rank 0
+            return None
     with torch.device("meta"):
         copy = UNet2DModel.from_config(unet.config)
     copy.load_state_dict(weights, assign=True)

@@ -567,16 +567,21 @@ def save_checkpoint(run: Run) -> None:
 def averaged_unet(run: Run, everywhere: bool = False):
     """The EMA weights (the trained ones without --use_ema) as a plain UNet2DModel in eval mode: what sample
     grids, evaluations and exports use. None on the processes other than the main one, unless `everywhere`.
-    Under FSDP every process must enter it: the shards are gathered into a copy."""
+    Under FSDP every process must enter it: the shards are gathered into a copy where it is used."""
     wanted, sharded = everywhere or run.accelerator.is_main_process, sharding.is_sharded(run.unwrapped_unet)
     if not (wanted or sharded):
         yield None
         return
     with models.ema_weights(run.unwrapped_unet, run.ema) as unet:
-        unet = sharding.gathered_copy(unet) if sharded else unet
+        if sharded:
+            unet = sharding.gathered_copy(unet, everywhere)
+            if unet is None:  # a process that only took part in the gather
+                yield None
+                return
+            unet.to(run.accelerator.device)
         unet.eval()
         try:
-            yield unet if wanted else None
+            yield unet
         finally:
             unet.train()
 
