@@ -1,7 +1,8 @@
 """FSDP2 (torch's fully_shard, through accelerate): what changes when each process holds only a shard of
-every weight. Under DDP every function here is the identity or a plain copy, so callers need no branches.
+every weight. local_tensors and full_tensor pass unsharded tensors through, so the EMA and the gradient
+clipping need no branches.
 
-The EMA averages each process's own shards (element-wise, no communication); previews, evaluations,
+The EMA averages each process's own shards (element-wise, no communication). Sample grids, evaluations,
 exports and the diffusers folders in checkpoints gather the full weights into a plain UNet2DModel, which
 is a collective: every process must make the same calls, in the same order.
 """
