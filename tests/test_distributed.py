@@ -254,6 +254,26 @@ def test_fsdp_launches_uncond_cannot_train_are_refused(run_cli, color_folder, ti
     assert not out.exists()
 
 
+def test_fsdp_units_missing_from_the_unet_are_refused_before_any_work(run_cli, color_folder, tmp_path, monkeypatch):
+    from conftest import TINY_UNET
+
+    unet_config = tmp_path / "no_attention.json"  # no attention anywhere: fsdp.yaml's Attention units do not exist
+    unet_config.write_text(json.dumps({**TINY_UNET, "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                                       "up_block_types": ["UpBlock2D", "UpBlock2D"], "add_attention": False}))
+    launch = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+              "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+              "FSDP_TRANSFORMER_CLS_TO_WRAP": "ResnetBlock2D,Attention"}
+    for variable, value in launch.items():  # what `accelerate launch --config_file examples/accelerate/fsdp.yaml` sets
+        monkeypatch.setenv(variable, value)
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, unet_config, out))
+    lines = [line for line in err.splitlines() if line.startswith("uncond: error:")]
+    assert code == 2 and len(lines) == 1 and "names Attention, which this UNet does not have" in lines[0], err
+    assert not out.exists()
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "ResnetBlock2D")
+    assert run_cli(*fast_train_args(color_folder, unet_config, out, "--dry_run"))[0] == 0
+
+
 def test_fsdp_on_cpu_processes_and_checkpoints_of_the_other_kind_are_refused(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

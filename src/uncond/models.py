@@ -132,11 +132,14 @@ def build_unet(unet_config: dict[str, Any]) -> UNet2DModel:
     return UNet2DModel(**unet_config)
 
 
-def count_parameters(unet_config: dict[str, Any]) -> int:
-    """Parameters of the UNet, counted without allocating its weights."""
+def weightless_unet(unet_config: dict[str, Any]) -> UNet2DModel:
+    """The UNet on the meta device: its structure, without allocating or initialising weights."""
     with torch.device("meta"):
-        unet = UNet2DModel(**unet_config)
-    return sum(parameter.numel() for parameter in unet.parameters())
+        return UNet2DModel(**unet_config)
+
+
+def count_parameters(unet_config: dict[str, Any]) -> int:
+    return sum(parameter.numel() for parameter in weightless_unet(unet_config).parameters())
 
 
 def build_noise_scheduler(config: TrainConfig) -> DDPMScheduler:

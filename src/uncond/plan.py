@@ -51,6 +51,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
                          "without the flag, PyTorch's own fused attention is used")
     check_launch(config)
+    check_fsdp_units(unet_config)
     resume_from, message = checkpoint.find_resume_checkpoint(config)
     message = checkpoint.check_output_dir(config, resuming=resume_from is not None) or message
     if resume_from is not None:  # the channel count is compared once the data has decided it
@@ -107,6 +108,19 @@ def check_launch(config: TrainConfig) -> None:
         for flag in ("compile", "channels_last"):  # FSDP2 takes neither CUDA graphs nor non-contiguous weights
             if getattr(config, flag):
                 raise UsageError(f"--{flag} does not work with FSDP; drop it, or launch data-parallel (--multi_gpu)")
+
+
+def check_fsdp_units(unet_config: dict[str, Any]) -> None:
+    """The classes an FSDP config names as units must be in the UNet: accelerate stops with a traceback at
+    `prepare`, after the data is decoded, when one is not (a UNet with add_attention false has no Attention)."""
+    if not fsdp_launch() or os.environ.get("FSDP_AUTO_WRAP_POLICY") != "TRANSFORMER_BASED_WRAP":
+        return
+    named = [name.strip() for name in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if name.strip()]
+    unet = models.weightless_unet(models.with_channels(unet_config, 3))
+    missing = sorted(set(named) - {type(module).__name__ for module in unet.modules()})
+    if missing:
+        raise UsageError(f"fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, which this UNet does not "
+                         "have; name only classes it has, such as ResnetBlock2D, in the accelerate config")
 
 
 def check_processes(plan: Plan, accelerator: Accelerator) -> None:
