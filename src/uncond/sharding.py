@@ -41,7 +41,8 @@ def gathered_copy(unet: torch.nn.Module, everywhere: bool = True) -> UNet2DModel
     on the CPU (torch gathers to rank 0 with CPU offload), and None elsewhere: no process's accelerator
     memory holds a whole copy. Built on the meta device first: no random initialisation."""
     if everywhere:
-        weights = {name: full_tensor(tensor).detach().clone() for name, tensor in unet.state_dict().items()}
+        weights = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.clone()
+                   for name, tensor in unet.state_dict().items()}  # (state_dict's tensors are detached)
     else:
         weights = get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not weights:  # not rank 0
