@@ -36,10 +36,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two_processes(*args: object, timeout: float = 300, processes: int = 2, fsdp: bool = False,
-                         **env_vars: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 ARGS` on the CPU, or with examples/accelerate/fsdp.yaml
-    when `fsdp`; returns the finished process."""
+def launch_processes(*args: object, timeout: float = 300, processes: int = 2, fsdp: bool = False,
+                     **env_vars: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 ARGS` on the CPU (`processes` of them), or with
+    examples/accelerate/fsdp.yaml when `fsdp`; returns the finished process."""
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS),
            "HF_HUB_OFFLINE": "1", **env_vars}
@@ -73,7 +73,7 @@ def test_two_processes_train_to_completion_and_resume_on_one(run_cli, color_fold
     args = fast_train_args(color_folder, tiny_unet, out, "--train_batch_size", "2", "--gradient_accumulation_steps",
                            "2", "--checkpointing_steps", "2", "--logging_steps", "1", "--logger", "tensorboard")
     with HubStandIn(token="hf_standin_token") as hub:  # a local stand-in for the Hub's HTTP API
-        result = launch_two_processes("-m", "uncond", *args, "--max_train_steps", "4", "--push_to_hub",
+        result = launch_processes("-m", "uncond", *args, "--max_train_steps", "4", "--push_to_hub",
                                       "--hub_token", "hf_standin_token", HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
     assert result.returncode == 0, result.stderr[-3000:]
     # one upload per export (after epoch 0 and at the end), from the main process only
@@ -112,7 +112,7 @@ def test_one_process_checkpoint_resumes_on_two(run_cli, color_folder, tiny_unet,
                            "--logging_steps", "1")
     assert run_cli(*args, "--max_train_steps", "3")[0] == 0
     assert not (out / "checkpoint-3" / "random_states_1.pkl").exists()
-    result = launch_two_processes("-m", "uncond", *args, "--max_train_steps", "6")
+    result = launch_processes("-m", "uncond", *args, "--max_train_steps", "6")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from checkpoint-3" in result.stderr and "going on with 2 process(es)" in result.stderr
     assert (out / "checkpoint-6" / "random_states_1.pkl").is_file()
@@ -133,7 +133,7 @@ def test_two_processes_share_the_evaluation_images(color_folder, tiny_unet, tmp_
     out = tmp_path / "run"
     args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2", "--eval_every_steps", "2",
                            "--eval_num_images", "6", "--use_ema")
-    result = launch_two_processes(TESTS / "eval_worker.py", *args)
+    result = launch_processes(TESTS / "eval_worker.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "evaluation at step 2 (6 images from 2 process(es)" in result.stderr
     [evaluation] = [r for r in metrics(out) if "fid" in r]
@@ -150,7 +150,7 @@ def test_two_processes_share_the_evaluation_images(color_folder, tiny_unet, tmp_
 
 def test_one_process_batch_8_equals_two_processes_batch_4(tmp_path):
     """Same images, noise and timesteps: the loss and the DDP-averaged gradients of 2 x 4 match 1 x 8."""
-    result = launch_two_processes(TESTS / "ddp_worker.py", tmp_path)
+    result = launch_processes(TESTS / "ddp_worker.py", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
     assert all(int(r["num_processes"]) == 2 for r in ranks)
@@ -185,7 +185,7 @@ def test_fsdp_trains_the_same_model_as_ddp_and_resumes_on_three_processes(color_
                                "--logging_steps", "1", "--max_train_steps", str(steps),
                                *["--eval_every_steps", "2", "--eval_num_images", "6"] * (processes == 2))
         program = [TESTS / ("fsdp_launch.py" if kind == "fsdp" else "eval_worker.py")]
-        result = launch_two_processes(*program, *args, processes=processes, fsdp=kind == "fsdp")
+        result = launch_processes(*program, *args, processes=processes, fsdp=kind == "fsdp")
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stderr
 
