@@ -185,7 +185,8 @@ def test_preemption_saves_a_checkpoint_and_exits_cleanly(inputs, reference, tmp_
     process.send_signal(signal_number)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err[-2000:]
-    line = next(line for line in err.splitlines() if line.startswith(f"stopped by {signal.Signals(signal_number).name}"))
+    stopped = f"stopped by {signal.Signals(signal_number).name}"
+    line = next(line for line in err.splitlines() if line.startswith(stopped))
     step = int(line.split("at step ")[1].split(",")[0])
     assert step < STEPS and f"checkpoint-{step} saved; re-run the same command to resume" in line
     assert checkpoint.checkpoint_problem(out / f"checkpoint-{step}") is None

@@ -101,8 +101,9 @@ def test_model_card_describes_the_run(run_cli, color_folder, tiny_unet, tmp_path
     assert {"unconditional-image-generation", "diffusers"} <= set(card.data.tags)
     assert "![samples](samples/step-0000004.png)" in card.text and (out / "samples" / "step-0000004.png").is_file()
     final_loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
-    for fact in ("16x16 px", "3 channels", "images from color", "for 4 optimizer steps (16 images seen)", f"| {final_loss:.4f} |", "| resolution | 16 |",
-                 'DiffusionPipeline.from_pretrained("', "uncond train --train_data_dir"):
+    for fact in ("16x16 px", "3 channels", "images from color", "for 4 optimizer steps (16 images seen)",
+                 f"| {final_loss:.4f} |", "| resolution | 16 |", 'DiffusionPipeline.from_pretrained("',
+                 "uncond train --train_data_dir"):
         assert fact in card.text, fact
     assert "--seed 7" in card.text
 
