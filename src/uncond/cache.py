@@ -75,7 +75,7 @@ class ImageCache:
         except (OSError, ValueError, KeyError, IndexError):
             return None
         pixels = np.memmap(folder / PIXELS_FILE, dtype=dtype, mode="r") if expected else np.empty(0, dtype)
-        mark_used(folder)
+        mark_used(folder / META_FILE)
         return cls(folder, pixels.view(np.ndarray), index, meta)
 
     def __len__(self) -> int:
@@ -94,10 +94,11 @@ class ImageCache:
         return self.pixels.nbytes
 
 
-def mark_used(folder: Path) -> None:
-    """The entry's last use, for `uncond cache --remove_unused_days`: the modification time of its meta.json."""
+def mark_used(path: Path) -> None:
+    """A use of a cached file (an entry's meta.json, a reference statistics file), for `uncond cache
+    --remove_unused_days`: its modification time."""
     try:
-        os.utime(folder / META_FILE)
+        os.utime(path)
     except OSError:  # a read-only cache is still a cache
         pass
 

@@ -10,7 +10,6 @@ the features added for KID and precision/recall.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -24,6 +23,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+from .cache import mark_used
 from .config import UsageError, first_line
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -209,8 +209,7 @@ def cached_stats(path: Path, key: str, compute: Callable[[], FeatureStats]) -> t
         try:
             stats = load_stats(path)
             if stats.key == key:
-                with contextlib.suppress(OSError):  # its last use, for `uncond cache --remove_unused_days`
-                    os.utime(path)
+                mark_used(path)
                 return stats, True
         except UsageError:
             pass  # unreadable: computed afresh and replaced

@@ -97,9 +97,10 @@ def check_launch(config: TrainConfig) -> None:
             raise UsageError(f"this launch asks for {name}, which uncond does not support: launch data-parallel "
                              f"(--multi_gpu, examples/accelerate/multi_gpu.yaml) or sharded with FSDP2 ({FSDP_CONFIG})")
     if fsdp_launch():
-        if os.environ.get("FSDP_VERSION", "1") != "2":
-            raise UsageError(f"this launch asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; uncond shards "
-                             f"with FSDP2: set fsdp_version: 2 in the accelerate config (see {FSDP_CONFIG})")
+        version = os.environ.get("FSDP_VERSION", "1")
+        if version != "2":
+            raise UsageError(f"this launch asks for FSDP version {version}; uncond shards with FSDP2: set "
+                             f"fsdp_version: 2 in the accelerate config (see {FSDP_CONFIG})")
         state_dict_type = os.environ.get("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")  # accelerate's FSDP2 default
         if state_dict_type != "FULL_STATE_DICT":
             raise UsageError(f"fsdp_state_dict_type {state_dict_type}: its checkpoints keep their index as a pickle, "
@@ -130,8 +131,9 @@ def check_processes(plan: Plan, accelerator: Accelerator) -> None:
     if fsdp_launch() and accelerator.num_processes > 1 and not sharded:
         raise UsageError(f"this launch asks for FSDP, but accelerate runs {accelerator.device.type} processes "
                          "data-parallel (it shards on GPUs only); launch with --multi_gpu instead")
-    if plan.resume_from is not None and checkpoint.written_by_fsdp(plan.resume_from) != sharded:
-        kind = "an FSDP run" if checkpoint.written_by_fsdp(plan.resume_from) else "a data-parallel or one-process run"
+    written_sharded = plan.resume_from is not None and checkpoint.written_by_fsdp(plan.resume_from)
+    if plan.resume_from is not None and written_sharded != sharded:
+        kind = "an FSDP run" if written_sharded else "a data-parallel or one-process run"
         raise UsageError(f"{plan.resume_from} was written by {kind}, whose optimizer state is laid out "
                          "differently; resume it with the same kind of launch (any process count)")
 
