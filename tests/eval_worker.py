@@ -9,6 +9,10 @@ import uncond.metrics
 from conftest import make_tiny_extractor
 from uncond import cli
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
     uncond.metrics.inception_extractor = lambda weights, device: make_tiny_extractor()
-    sys.exit(cli.main(sys.argv[1:]))
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

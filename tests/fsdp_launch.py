@@ -2,8 +2,8 @@
 on CPU processes. Test-only: accelerate 1.15 shards on GPU-like devices only and runs CPU processes
 data-parallel even under an FSDP launch (accelerate/state.py sets DistributedType.FSDP for GPU types only),
 so this takes its FSDP path on gloo, exactly as it does on GPUs with NCCL: FSDP2's fully_shard, its
-all-gathers and reduce-scatters, its checkpoints, all run for real on the CPU. Evaluations use the tiny
-stand-in feature network, as in eval_worker.py.
+all-gathers and reduce-scatters, its checkpoints, all run for real on the CPU. It runs eval_worker.py's CLI,
+with the tiny stand-in feature network for evaluations.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-import uncond.metrics
-from conftest import make_tiny_extractor
-from uncond.cli import main
+import eval_worker
 
 plain_init = Accelerator.__init__
 
@@ -35,5 +33,4 @@ def init_with_fsdp_on_cpu(self: Accelerator, *args, **kwargs) -> None:
 Accelerator.__init__ = init_with_fsdp_on_cpu
 
 if __name__ == "__main__":
-    uncond.metrics.inception_extractor = lambda weights, device: make_tiny_extractor()
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(eval_worker.main(sys.argv[1:]))
