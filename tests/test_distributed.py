@@ -47,7 +47,11 @@ def launch_processes(*args: object, timeout: float = 300, processes: int = 2, fs
                                                               "--dynamo_backend", "no"]
     command = [str(accelerate), "launch", *kind, "--num_processes", str(processes), "--mixed_precision", "no",
                "--main_process_port", str(free_port()), *[str(a) for a in args]]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=TESTS.parent)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=TESTS.parent)
+    except subprocess.TimeoutExpired as error:  # where it stopped, rather than pytest's cut-off repr
+        output = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr or ""
+        raise AssertionError(f"launch timed out after {timeout} s; the end of its output:\n{output[-6000:]}") from None
 
 
 def metrics(folder: Path) -> list[dict]:
