@@ -1,9 +1,12 @@
-"""Process-wide settings made once at start-up, before the first large allocation."""
+"""Process-wide settings: made once at start-up, before the first large allocation, and the end of the
+process group."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+
+import torch.distributed as dist
 
 # mallopt parameters, from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -31,3 +34,26 @@ def keep_freed_memory() -> bool:
     # glibc before 2.26 caps the mmap threshold at 32 MiB on 64-bit systems
     mapped = mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
     return bool(mapped) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+
+
+# The last collective of each multi-process gloo run, kept until the process exits (see finish_collectives).
+_last_collectives: list[dist.Work] = []
+
+
+def finish_collectives() -> None:
+    """Wait for every process at the end of a run, in a way that lets the gloo process group be destroyed.
+
+    torch's gloo backend (2.13) can deadlock when its process group is destroyed right after a collective:
+    a worker thread drops its reference to the finished work while holding the group's queue lock; if that
+    was the last reference, the work frees tensors that Python made, which needs the GIL. DDP's Reducer
+    destroys the group with the GIL held, and the destructor waits for that lock: neither moves. Users saw
+    a CPU run print `done` and never exit (about 1 launch in 100; tests/test_teardown.py makes it in a few
+    dozen). A last barrier whose work object is kept for the life of the process means the worker never
+    drops the last reference (the barrier also holds the collectives still in flight when it was queued),
+    so the group's threads are idle when it is destroyed. No-op without a gloo process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "gloo":
+        return
+    barrier = dist.barrier(async_op=True)
+    barrier.wait()
+    _last_collectives.append(barrier)
