@@ -99,6 +99,14 @@ def test_config_file_errors_are_one_line(tmp_path, content, message):
     (("--dataset_name", "x", "--learning_rate", "-1"), "--learning_rate is -1.0; it must be positive"),
     (("--dataset_name", "x", "--ema_max_decay", "1.5"), "--ema_max_decay is 1.5; it must be in [0, 1)"),
     (("--dataset_name", "x", "--snr_gamma", "0"), "--snr_gamma is 0.0; it must be positive"),
+    (("--dataset_name", "x", "--lr_scheduler", "piecewise_constant"),
+     "--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. --lr_step_rules 1:1000,0.1:2000,0.01"),
+    (("--dataset_name", "x", "--lr_scheduler", "piecewise_constant", "--lr_step_rules", "1:1000;0.1"),
+     "--lr_step_rules 1:1000;0.1: not MULTIPLIER:STEP,...,MULTIPLIER"),
+    (("--dataset_name", "x", "--lr_scheduler", "piecewise_constant", "--lr_step_rules", "1:1000,0.1:500,0.01"),
+     "the steps must increase"),
+    (("--dataset_name", "x", "--lr_step_rules", "1:1000,0.1"),
+     "--lr_step_rules applies to --lr_scheduler piecewise_constant, not cosine"),
 ])
 def test_invalid_settings_are_refused(argv, message):
     with pytest.raises(UsageError) as error:

@@ -154,8 +154,8 @@ import os, signal, sys
 import uncond.checkpoint as checkpoint
 original = checkpoint.replace_path
 def dying(source, destination):
-    if destination.name == "unet" and destination.exists():  # replacing an earlier export's unet/
-        os.replace(destination, destination.with_name(".tmp-old-unet"))
+    if destination.name == os.environ["KILL_REPLACING"] and destination.exists():  # replacing an earlier one
+        os.replace(destination, destination.with_name(".tmp-old-" + destination.name))
         os.kill(os.getpid(), signal.SIGKILL)
     return original(source, destination)
 checkpoint.replace_path = dying
@@ -169,11 +169,26 @@ def test_kill_between_the_renames_of_an_export(inputs, reference, tmp_path):
     # exports every epoch (2 steps); the second export finds the first one's unet/ and dies replacing it
     killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES,
                              *command(inputs, out, "--save_model_epochs", "1")[3:]],
-                            env=ENV, capture_output=True, text=True)
+                            env={**ENV, "KILL_REPLACING": "unet"}, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / "unet").exists() and (out / ".tmp-old-unet").is_dir()
     log = resume_to_the_end(inputs, out)
-    assert "restored unet from an interrupted export" in log
+    assert "restored unet from an interrupted write" in log
+    assert_same_result(out, reference)
+
+
+def test_kill_between_the_renames_of_a_checkpoint_written_again(inputs, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    # resumed from an older checkpoint, the run writes checkpoint-36 again and dies replacing the first one
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES,
+                             *command(inputs, out, "--resume_from_checkpoint", "checkpoint-32")[3:]],
+                            env={**ENV, "KILL_REPLACING": "checkpoint-36"}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "checkpoint-36").exists() and (out / ".tmp-old-checkpoint-36").is_dir()
+    log = resume_to_the_end(inputs, out)
+    assert "restored checkpoint-36 from an interrupted write" in log
+    checkpoint.verify_checkpoint(out / "checkpoint-36")
     assert_same_result(out, reference)
 
 
@@ -298,6 +313,29 @@ def test_divergence_stops_with_the_last_good_checkpoint(run_cli, color_folder, t
     assert "became" in message and "is the last good checkpoint" in message and "--skip_nonfinite" in message
     last = checkpoint.complete_checkpoints(out)[-1][1]
     assert all(torch.isfinite(t).all() for t in load_file(last / "unet" / WEIGHTS).values())
+
+
+@pytest.mark.parametrize("max_grad_norm", ["1.0", "0"])
+def test_skip_nonfinite_trains_through_with_fp16_loss_scaling(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch,
+                                                              max_grad_norm):
+    """fp16 on a GPU scales the loss (accelerate's GradScaler); a skipped step must close the scaler's step too.
+    This machine has no GPU: the same scaler, for the CPU, is given to the run's accelerator."""
+    from uncond import train
+
+    make_accelerator = train.make_accelerator
+
+    def with_loss_scaler(*args):
+        accelerator = make_accelerator(*args)
+        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu"), True  # as accelerate does on CUDA
+        return accelerator
+
+    monkeypatch.setattr(train, "make_accelerator", with_loss_scaler)
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "8",
+                                            "--learning_rate", "1e12", "--max_grad_norm", max_grad_norm,
+                                            "--mixed_precision", "fp16", "--skip_nonfinite", "--logging_steps", "8"))
+    assert code == 0, err[-2000:]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["skipped_steps"] > 1
 
 
 def test_skip_nonfinite_trains_through(run_cli, color_folder, tiny_unet, tmp_path):

@@ -53,10 +53,16 @@ def test_sample_does_not_overwrite_earlier_images_unless_asked(run_cli, pipeline
     assert run_cli(*args)[0] == 0
     (out / "000001.png").write_bytes(b"mine")
     code, _, err = run_cli(*args)
-    one_line_error(code, err, "already holds 2 of the numbered images this run would write")
+    one_line_error(code, err, "already holds 2 numbered images of an earlier run; choose another --output_dir, or "
+                              "pass --overwrite")
     assert (out / "000001.png").read_bytes() == b"mine"
     assert run_cli(*args, "--overwrite")[0] == 0
     assert Image.open(out / "000001.png").size == (16, 16)
+    # a folder mixing two runs' images would be measured as one set: fewer images are refused too
+    code, _, err = run_cli(*args[:3], 1, *args[4:])
+    one_line_error(code, err, "already holds 2 numbered images")
+    assert run_cli(*args[:3], 1, *args[4:], "--overwrite")[0] == 0
+    assert sorted(path.name for path in out.iterdir()) == ["000000.png"]
 
 
 def test_sample_does_not_overwrite_a_grid_unless_asked(run_cli, pipeline, tmp_path):
@@ -84,6 +90,14 @@ def test_sample_does_not_overwrite_a_grid_unless_asked(run_cli, pipeline, tmp_pa
 def test_bad_input_is_one_line(run_cli, pipeline, tmp_path, make_args, expected):
     code, _, err = run_cli(*make_args(pipeline, tmp_path))
     one_line_error(code, err, expected)
+
+
+def test_a_mistyped_relative_folder_is_not_looked_up_on_the_hub(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for typo in ("runs/exp1", "samples/"):
+        code, _, err = run_cli("sample", typo)
+        one_line_error(code, err, f"{typo}: no such folder")
 
 
 def test_evaluate_without_inception_weights_says_where_to_put_them(run_cli, no_inception_weights, tmp_path):
@@ -136,6 +150,18 @@ def test_evaluate_samples_of_a_model_against_builtin_digits(run_cli, stand_in_in
                              "--resolution", 16, "--json")
     assert code == 0, err
     assert json.loads(out)["fid"] < untrained["fid"]  # real digits are closer to digits than noise is
+
+
+def test_evaluate_compares_a_model_at_another_resolution(run_cli, stand_in_inception, pipeline, tmp_path):
+    """The model's own samples (16 px) as the reference, both sides compared at 8 px: the same images."""
+    sampling = ("--num_images", 6, "--steps", 2, "--seed", 3, "--batch_size", 6)
+    assert run_cli("sample", pipeline, *sampling, "--output_dir", tmp_path / "samples")[0] == 0
+    code, out, err = run_cli("evaluate", pipeline, *sampling, "--reference", tmp_path / "samples", "--resolution", 8,
+                             "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert "at the model's 16x16 px, resized (shorter side to 8 px" in result["generated"]
+    assert abs(result["fid"]) < 1e-6
 
 
 def write_digits(folder: Path, count: int) -> Path:

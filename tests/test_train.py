@@ -93,11 +93,13 @@ def test_checkpoint_rotation_keeps_the_newest(run_cli, color_folder, tiny_unet, 
     assert checkpoints(out) == {"checkpoint-4", "checkpoint-6"}
 
 
-def test_resume_from_a_named_checkpoint_and_from_latest(run_cli, color_folder, tiny_unet, tmp_path):
+def test_resume_from_a_named_checkpoint_and_from_latest(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--logging_steps", "1")
     assert run_cli(*args, "--max_train_steps", "6")[0] == 0
     assert checkpoints(out) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
+    (tmp_path / "elsewhere" / "checkpoint-4").mkdir(parents=True)  # another run's, in the current folder
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a bare name means --output_dir's, as in the seed script
 
     code, _, err = run_cli(*args, "--max_train_steps", "8", "--resume_from_checkpoint", "checkpoint-4",
                            "--checkpoints_total_limit", "2")
@@ -194,7 +196,36 @@ def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tm
                                                  "--model_config_name_or_path", ""))
     assert code == 0, err
     assert "parameters with 1 channel;" in stdout or "parameters with 1 channel," in stdout  # auto: either
+    # the seed's --ddpm_num_inference_steps, given: its sample grids were DDPM's
+    code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run",
+                                                 "--ddpm_num_inference_steps", "50"))
+    assert code == 0, err
+    assert '"sampler": "ddpm"' in stdout and '"ddpm_num_inference_steps": 50' in stdout
     assert not out.exists()
+
+
+def test_a_run_found_in_the_output_dir_is_resumed_on_other_images_only_when_asked(run_cli, color_folder, tiny_unet,
+                                                                                  tmp_path):
+    out, other_images = tmp_path / "run", write_images(tmp_path / "other", 12, seed=1)
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2", "--logging_steps", "1",
+                                    "--checkpointing_steps", "2"))[0] == 0
+    args = fast_train_args(other_images, tiny_unet, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                           "--logging_steps", "1")
+    code, _, err = run_cli(*args)
+    one_line_error(code, err, f"holds a run on other images (train_data_dir: {color_folder} -> {other_images}); "
+                              "pass --resume_from_checkpoint latest")
+    code, _, err = run_cli(*args, "--resume_from_checkpoint", "latest")
+    assert code == 0, err
+    assert "resuming from checkpoint-2 at step 2" in err and metric_steps(out) == [1, 2, 3, 4]
+
+
+def test_piecewise_constant_schedule_follows_its_step_rules(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4", "--logging_steps",
+                                            "1", "--lr_scheduler", "piecewise_constant", "--lr_step_rules", "1:2,0.1"))
+    assert code == 0, err
+    rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([1e-4, 1e-5, 1e-5, 1e-5])
 
 
 def test_overwrite_output_dir_starts_afresh(run_cli, color_folder, tiny_unet, tmp_path):
@@ -204,6 +235,18 @@ def test_overwrite_output_dir_starts_afresh(run_cli, color_folder, tiny_unet, tm
     code, _, err = run_cli(*args, "--max_train_steps", "2", "--overwrite_output_dir")
     assert code == 0, err
     assert checkpoints(out) == {"checkpoint-2"} and metric_steps(out) == [1, 2]
+
+
+def test_overwrite_output_dir_keeps_a_logging_dir_outside_the_output(run_cli, color_folder, tiny_unet, tmp_path):
+    shared_logs = tmp_path / "tensorboard"
+    (shared_logs / "other-run").mkdir(parents=True)
+    (shared_logs / "other-run" / "events.out").write_text("another run's log")
+    for logging_dir in (str(shared_logs), "../tensorboard"):
+        args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1",
+                               "--logging_dir", logging_dir, "--overwrite_output_dir")
+        assert run_cli(*args)[0] == 0
+        assert run_cli(*args)[0] == 0
+        assert (shared_logs / "other-run" / "events.out").read_text() == "another run's log"
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -349,3 +392,20 @@ def test_two_processes_decode_once_and_train(tiny_unet, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "decodes-0.txt").read_text() == "1" * 12 and not (tmp_path / "decodes-1.txt").exists()
     assert "2 process(es)" in result.stderr and (out / "unet").is_dir()
+
+
+def test_num_epochs_count_the_whole_run_when_a_resume_changes_the_batch(run_cli, color_folder, tiny_unet, tmp_path):
+    """12 images: one epoch at batch 2 (6 steps), then two more at batch 4 (3 steps each): 3 epochs, 36 images,
+    and the cosine schedule ends at zero on the last step."""
+    out = tmp_path / "run"
+    common = ("--checkpointing_steps", "6", "--logging_steps", "1", "--lr_scheduler", "cosine")
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, *common, "--train_batch_size", "2",
+                                    "--num_epochs", "1"))[0] == 0
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *common, "--train_batch_size", "4",
+                                            "--num_epochs", "3"))
+    assert code == 0, err
+    assert "global batch of 2; going on with 1 process(es) and a global batch of 4" in err
+    state = json.loads((out / "training_state.json").read_text())
+    assert (state["step"], state["epoch"], state["images_seen"]) == (12, 2, 36)
+    assert metric_steps(out) == list(range(1, 13))
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["lr"] == 0.0

@@ -38,8 +38,9 @@ MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".tmp-"
 # Settings a checkpoint can only be resumed with unchanged (the UNet's own config is compared too).
 RESUME_MUST_MATCH = ("resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule")
-SAME_RUN_KEYS = RESUME_MUST_MATCH + ("dataset_name", "train_data_dir", "model_preset", "model_config_name_or_path",
-                                     "num_channels")
+# The training images: a checkpoint found in --output_dir is resumed only on the same ones, unless asked for.
+DATA_KEYS = ("dataset_name", "dataset_config_name", "train_data_dir")
+SAME_RUN_KEYS = RESUME_MUST_MATCH + DATA_KEYS + ("model_preset", "model_config_name_or_path", "num_channels")
 PIPELINE_ITEMS = ("unet", "scheduler", "model_index.json", "training_state.json")
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What EMAModel.save_pretrained writes into unet_ema/config.json besides the UNet's own settings.
@@ -131,11 +132,11 @@ def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
     """Before a run writes into `output_dir`: finish or undo what a killed run left half done.
     Returns one message per thing cleaned."""
     messages = []
-    for name in PIPELINE_ITEMS:  # killed between the two renames of replace_path: put the old one back
-        old, current = output_dir / f"{STAGING_PREFIX}old-{name}", output_dir / name
-        if old.exists() and not current.exists():
+    for old in output_dir.glob(f"{STAGING_PREFIX}old-*"):  # killed between replace_path's two renames
+        current = output_dir / old.name.removeprefix(f"{STAGING_PREFIX}old-")
+        if not current.exists():  # put the old one (an export's item, a checkpoint) back
             os.replace(old, current)
-            messages.append(f"restored {name} from an interrupted export")
+            messages.append(f"restored {current.name} from an interrupted write")
     for path in output_dir.glob(f"{STAGING_PREFIX}*"):
         remove(path)
         messages.append(f"removed {path.name}, left by an interrupted write")
@@ -167,7 +168,9 @@ def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:
     request = config.resume_from_checkpoint
     if request and request != "latest":
         path = Path(request)
-        candidates = [path, output_dir / path.name] if not path.is_absolute() else [path]
+        # A bare name is in --output_dir, as in train_unconditional.py (not in the current folder); a path is
+        # taken as given, then its last part in --output_dir.
+        candidates = [output_dir / path.name] if len(path.parts) == 1 else [path, output_dir / path.name]
         for candidate in candidates:
             if candidate.is_dir():
                 problem = checkpoint_problem(candidate)
@@ -220,8 +223,10 @@ def clear_previous_run(output_dir: Path, artefacts: tuple[str, ...]) -> list[str
         remove(path)
         removed.append(path.name)
     for name in (*PIPELINE_ITEMS, *artefacts):
-        if (output_dir / name).exists():
-            remove(output_dir / name)
+        path = output_dir / name
+        # --logging_dir may be absolute or lead out of the folder (../tb): other runs' logs are not ours to remove
+        if path.exists() and output_dir.resolve() in path.resolve().parents:
+            remove(path)
             removed.append(name)
     return removed
 
@@ -352,6 +357,11 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
         reason = first_line(error)
         raise UsageError(f"cannot resume from {path} ({type(error).__name__}: {reason}); delete it to resume "
                          "from the one before") from None
+    return read_training_state(path)
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's training_state.json (empty for train_unconditional.py's checkpoints)."""
     state_file = path / STATE_FILE
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
 
@@ -366,6 +376,17 @@ def resume_differences(path: Path, config: TrainConfig, unet_config: dict[str, A
         differences += [f"{key}: {saved[key]} -> {current[key]}" for key in RESUME_MUST_MATCH
                         if key in saved and saved[key] != current[key]]
     return sorted(set(differences))
+
+
+def data_differences(path: Path, config: TrainConfig) -> list[str]:
+    """Where the images of the run that wrote `path` came from, if not from where this run's come."""
+    saved_file = path / CONFIG_FILE
+    if not saved_file.is_file():
+        return []
+    saved, current = json.loads(saved_file.read_text()), config.to_dict()
+    same = lambda a, b: a == b or bool(a and b and os.path.normpath(a) == os.path.normpath(b))  # noqa: E731
+    return [f"{key}: {saved[key] or 'none'} -> {current[key] or 'none'}" for key in DATA_KEYS
+            if key in saved and not same(saved[key], current[key])]
 
 
 def checkpoint_unet_config(path: Path) -> dict[str, Any] | None:

@@ -127,6 +127,9 @@ class TrainConfig:
     lr_scheduler: str = setting("cosine", "learning-rate schedule", group="training", choices=LR_SCHEDULERS,
                                 seed=True)
     lr_warmup_steps: int = setting(500, "optimizer steps of linear warmup", group="training", seed=True)
+    lr_step_rules: str | None = setting(None, "for --lr_scheduler piecewise_constant: multipliers of the learning "
+                                        "rate and the optimizer step each lasts until, then the last multiplier, "
+                                        "as diffusers reads them: 1:1000,0.1:2000,0.01", group="training")
     adam_beta1: float = setting(0.95, "AdamW beta1", group="training", seed=True)
     adam_beta2: float = setting(0.999, "AdamW beta2", group="training", seed=True)
     adam_weight_decay: float = setting(1e-6, "AdamW weight decay", group="training", seed=True)
@@ -275,7 +278,8 @@ class SampleConfig(SamplingSettings):
     model: str = setting(REQUIRED, "a pipeline folder (uncond's, or any diffusers DDPMPipeline or DDIMPipeline) "
                          "or a Hub model id", group="inputs", positional=True)
     output_dir: str = setting("samples", "the folder the numbered PNGs go to", group="results")
-    overwrite: bool = setting(False, "replace numbered images already in --output_dir, and the --grid file",
+    overwrite: bool = setting(False, "replace the numbered images already in --output_dir (all of them) and the "
+                                     "--grid file",
                               group="results")
     grid: str | None = setting(None, "also tile the images (the first 256) into this PNG file", group="results")
 
@@ -467,6 +471,7 @@ def validate(config: TrainConfig) -> None:
                    "max_grad_norm")
     check_at_least(config, 2, "ddpm_num_steps", "eval_num_images")
     check_at_least(config, 8, "resolution")
+    check_step_rules(config.lr_scheduler, config.lr_step_rules)
     if config.keep_best and not config.eval_every_steps:
         raise UsageError("--keep_best needs --eval_every_steps N: the best export is chosen by FID")
     check_weights_file(config.inception_weights)
@@ -488,6 +493,27 @@ def validate(config: TrainConfig) -> None:
     if config.streaming and config.eval_every_steps:
         raise UsageError("--eval_every_steps compares samples with the training images' statistics, which a "
                          "--streaming run does not hold; measure its exports with `uncond evaluate` instead")
+
+
+def check_step_rules(scheduler: str, rules: str | None) -> None:
+    """--lr_step_rules as diffusers' get_piecewise_constant_schedule parses them (it fails with a traceback)."""
+    example = "e.g. --lr_step_rules 1:1000,0.1:2000,0.01 (x1 until step 1000, x0.1 until 2000, then x0.01)"
+    if scheduler != "piecewise_constant":
+        if rules:
+            raise UsageError(f"--lr_step_rules applies to --lr_scheduler piecewise_constant, not {scheduler}")
+        return
+    if not rules:
+        raise UsageError(f"--lr_scheduler piecewise_constant needs --lr_step_rules, {example}")
+    *steps, last = rules.split(",")
+    try:
+        pairs = [rule.split(":") for rule in steps]
+        multipliers = [float(value) for value, _ in pairs] + [float(last)]
+        ends = [int(until) for _, until in pairs]
+    except ValueError:
+        raise UsageError(f"--lr_step_rules {rules}: not MULTIPLIER:STEP,...,MULTIPLIER; {example}") from None
+    if ends != sorted(set(ends)) or min(multipliers) < 0:
+        raise UsageError(f"--lr_step_rules {rules}: the steps must increase and the multipliers not be negative; "
+                         f"{example}")
 
 
 def build_command_config(config_class: type, values: dict[str, Any]) -> Any:

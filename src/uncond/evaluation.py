@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image
 
 from . import data, metrics, sampling
 from .cache import REFERENCE_STATS_DIR
@@ -74,9 +75,19 @@ def open_generated(config: EvaluateConfig) -> Generated:
     size = size if isinstance(size, int) else min(size)
     batches = sampling.sample_batches(model.unet, scheduler, **{**sampling.sampling_options(config, steps),
                                                                 "progress": False})
-    return Generated(batches, config.num_images, size,
-                     f"{config.num_images} images sampled from {model.description} with {config.sampler}, "
-                     f"{steps} steps, seed {config.seed}, at the model's {size}x{size} px")
+    resolution = config.resolution or size
+    return Generated(batches if resolution == size else resized_squares(batches, resolution), config.num_images,
+                     resolution, f"{config.num_images} images sampled from {model.description} with "
+                     f"{config.sampler}, {steps} steps, seed {config.seed}, at the model's {size}x{size} px"
+                     + ("" if resolution == size else f", {resizing(resolution)}"))
+
+
+def resized_squares(batches: Iterator[np.ndarray], resolution: int) -> Iterator[np.ndarray]:
+    """Square uint8 NHWC batches at another size, resized as the reference images are (bilinear, data.py)."""
+    for batch in batches:
+        images = [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in batch]
+        yield np.stack([np.asarray(image.resize((resolution, resolution), Image.BILINEAR)) for image in images]
+                       ).reshape(len(batch), resolution, resolution, batch.shape[-1])
 
 
 def generated_folder(path: Path, config: EvaluateConfig) -> Generated:

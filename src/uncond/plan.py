@@ -37,6 +37,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         # Without --mixed_precision, the launch's setting (its config file or flag) applies; the seed
         # script's default "no" overrode it.
         config = config.replace(mixed_precision=launcher_precision)
+    if "ddpm_num_inference_steps" in explicit and "sampler" not in explicit:
+        # The seed script's flag, given: its grids were DDPM's, with that many steps.
+        config = config.replace(sampler="ddpm")
     data.check_source(config)
     sampling.check_sampler(config.sampler)
     unet_config = models.unet_config_for(config, config.resolution)
@@ -64,6 +67,11 @@ def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[
     if differences:
         raise UsageError(f"cannot resume from {path}: it was trained with other settings "
                          f"({'; '.join(differences)}); use the same ones, or --overwrite_output_dir to start afresh")
+    other_data = checkpoint.data_differences(path, config)
+    if other_data and not config.resume_from_checkpoint:  # found in --output_dir, not asked for
+        raise UsageError(f"{path.parent} holds a run on other images ({'; '.join(other_data)}); pass "
+                         "--resume_from_checkpoint latest to go on training it on these, --overwrite_output_dir to "
+                         "start afresh, or choose another --output_dir")
 
 
 def module_available(name: str) -> bool:

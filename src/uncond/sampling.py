@@ -218,7 +218,8 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
                 if (path / "unet_ema").is_dir() or (path / "unet").is_dir() else ""
             raise UsageError(f"{name_or_path}: not a diffusers pipeline folder (no model_index.json){hint}")
         where = f"the pipeline folder {path}"
-    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+    elif (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or name_or_path.endswith("/")
+          or Path(name_or_path).parent.is_dir()):  # runs/exp1 with runs/ here: a mistyped folder, not owner/name
         raise UsageError(f"{name_or_path}: no such folder (a Hub model id has the form owner/name)")
     else:
         where = f"the Hub model {name_or_path}"
@@ -242,27 +243,34 @@ def numbered_name(index: int) -> str:
     return f"{index:06d}.png"
 
 
-def check_outputs(folder: Path, num_images: int, grid: str | None, overwrite: bool) -> None:
+def check_outputs(folder: Path, grid: str | None, overwrite: bool) -> None:
     """Refuse to replace numbered images or a grid already there (they may be an earlier run's), unless asked."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--output_dir {folder} is a file; choose a folder")
     if grid and Path(grid).exists() and not overwrite:
         raise UsageError(f"--grid {grid} already exists; choose another file, or pass --overwrite to replace it")
-    if overwrite or not folder.is_dir():
-        return
-    taken = sum(1 for path in folder.iterdir() if re.fullmatch(r"\d{6,}\.png", path.name)
-                and int(path.stem) < num_images)
-    if taken:
-        raise UsageError(f"--output_dir {folder} already holds {taken} of the numbered images this run would write; "
+    taken = numbered_images(folder)
+    if taken and not overwrite:
+        # Also those past this run's count: a folder mixing two runs' images would be measured as one set.
+        raise UsageError(f"--output_dir {folder} already holds {len(taken)} numbered images of an earlier run; "
                          "choose another --output_dir, or pass --overwrite to replace them")
+
+
+def numbered_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [path for path in folder.iterdir() if re.fullmatch(r"\d{6,}\.png", path.name)]
 
 
 def sample_to_folder(config: SampleConfig) -> Path:
     """`uncond sample`: images 0..N-1 as numbered PNGs (grayscale for 1-channel models), and a grid if asked."""
     folder = Path(config.output_dir)
-    check_outputs(folder, config.num_images, config.grid, config.overwrite)
+    check_outputs(folder, config.grid, config.overwrite)
     model, scheduler, steps = open_for_sampling(config, config.model)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in numbered_images(folder):  # --overwrite: the earlier run's images beyond this run's count too
+        if int(stale.stem) >= config.num_images:
+            stale.unlink()
     grid_images = []
     started = time.perf_counter()
     index = 0

@@ -85,6 +85,11 @@ class Run:
         """The module without DDP's or torch.compile's wrapper (under FSDP, still sharded)."""
         return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
 
+    @property
+    def parameters_in_millions(self) -> str:
+        """For the log and the model card; under FSDP, numel counts whole tensors, not shards."""
+        return f"{sum(p.numel() for p in self.unwrapped_unet.parameters()) / 1e6:.2f}M"
+
 
 def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
     try:
@@ -164,9 +169,15 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")
 
     steps_per_epoch = math.ceil(batches.batches_per_epoch / config.gradient_accumulation_steps)
-    max_train_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
+    global_batch_size = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    # --num_epochs counts the whole run's epochs; those before a resume with another global batch had
+    # another length (the schedule must know the total before it is built).
+    epoch_offset = 0 if plan.resume_from is None else position_after(
+        plan.resume_from, checkpoint.read_training_state(plan.resume_from), steps_per_epoch, global_batch_size,
+        accelerator.num_processes).epoch_offset
+    max_train_steps = config.max_train_steps or epoch_offset + config.num_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=max_train_steps)
+                                 num_training_steps=max_train_steps, step_rules=config.lr_step_rules)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     # After prepare: on the device already, and under FSDP over this process's shards.
     ema = models.make_ema(accelerator.unwrap_model(unet, keep_torch_compile=False), config) if config.use_ema else None
@@ -178,9 +189,9 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
                unet=unet, ema=ema, noise_scheduler=noise_scheduler,
                objective=Objective(config.prediction_type, config.snr_gamma, config.noise_offset),
                optimizer=optimizer, lr_scheduler=lr_scheduler, max_train_steps=max_train_steps,
-               steps_per_epoch=steps_per_epoch, num_epochs=math.ceil(max_train_steps / steps_per_epoch),
-               global_batch_size=config.train_batch_size * accelerator.num_processes
-               * config.gradient_accumulation_steps, noise_generator=torch.Generator(accelerator.device),
+               steps_per_epoch=steps_per_epoch,
+               num_epochs=math.ceil((max_train_steps - epoch_offset) / steps_per_epoch),
+               global_batch_size=global_batch_size, noise_generator=torch.Generator(accelerator.device),
                memory_format=torch.channels_last if models.uses_channels_last(config, accelerator.device)
                else torch.contiguous_format)
 
@@ -206,30 +217,50 @@ def tune_cuda(config: TrainConfig, device: torch.device) -> list[str]:
     return ["cuDNN autotuning"] + ["TF32"] * config.allow_tf32
 
 
-def resume(run: Run, path: Path) -> None:
-    """Restore the training state and find the place in the data order to go on from.
+@dataclass(frozen=True)
+class Position:
+    """Where a checkpoint left its run, in this run's terms."""
+    step: int
+    epoch: int
+    images_seen: int
+    epoch_offset: int  # see Run.epoch_offset
+    note: str = ""  # said in the log when the checkpoint was written with another global batch
 
-    A checkpoint written with another process count or batch size resumes too: the optimizer, schedule
-    and weights are the same whatever the process count, and the epoch goes on after the images it had
-    already seen (the rest of that epoch's order then differs from an uninterrupted run's)."""
+
+def position_after(path: Path, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
+                   num_processes: int) -> Position:
+    """The place in the run and in the data order to go on from after the checkpoint at `path` (whose
+    training state is `state`). With another process count or batch size, the epoch goes on after the
+    images it had already seen (the rest of that epoch's order then differs from an uninterrupted run's)."""
+    step = state.get("step", int(path.name.split("-")[-1]))
+    epoch = state.get("epoch", step // steps_per_epoch)
+    steps_into_epoch = step - state.get("epoch_start_step", epoch * steps_per_epoch)
+    saved_processes = state.get("num_processes", num_processes)
+    saved_batch = state.get("global_batch_size", global_batch_size // num_processes
+                            * saved_processes)  # older checkpoints: the same batch per device
+    note = ""
+    if saved_batch != global_batch_size or saved_processes != num_processes:
+        images_into_epoch = steps_into_epoch * saved_batch
+        steps_into_epoch = min(images_into_epoch // global_batch_size, steps_per_epoch)
+        note = (f"{path.name} was written by {saved_processes} process(es) with a global batch of {saved_batch}; "
+                f"going on with {num_processes} process(es) and a global batch of {global_batch_size} after the "
+                f"{images_into_epoch} images already seen in epoch {epoch}")
+    return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
+                    epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note)
+
+
+def resume(run: Run, path: Path) -> None:
+    """Restore the training state (weights, EMA, optimizer, schedule, random states) and the place to go on from.
+    The optimizer, schedule and weights are the same whatever the process count."""
     state = checkpoint.load_checkpoint(run.accelerator, path)
     # The schedule's state holds the learning rate it was built with; this run's --learning_rate wins,
     # so a diverged run can be resumed with a lower one.
     run.lr_scheduler.scheduler.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
-    run.step = state.get("step", int(path.name.split("-")[-1]))
-    run.epoch = state.get("epoch", run.step // run.steps_per_epoch)
-    run.images_seen = state.get("images_seen", run.step * run.global_batch_size)
-    steps_into_epoch = run.step - state.get("epoch_start_step", run.epoch * run.steps_per_epoch)
-    saved_processes = state.get("num_processes", run.accelerator.num_processes)
-    saved_batch = state.get("global_batch_size", run.global_batch_size // run.accelerator.num_processes
-                            * saved_processes)  # older checkpoints: the same batch per device
-    if saved_batch != run.global_batch_size or saved_processes != run.accelerator.num_processes:
-        images_into_epoch = steps_into_epoch * saved_batch
-        steps_into_epoch = min(images_into_epoch // run.global_batch_size, run.steps_per_epoch)
-        logger.info(f"{path.name} was written by {saved_processes} process(es) with a global batch of {saved_batch}; "
-                    f"going on with {run.accelerator.num_processes} process(es) and a global batch of "
-                    f"{run.global_batch_size} after the {images_into_epoch} images already seen in epoch {run.epoch}")
-    run.epoch_offset = run.step - steps_into_epoch - run.epoch * run.steps_per_epoch
+    position = position_after(path, state, run.steps_per_epoch, run.global_batch_size, run.accelerator.num_processes)
+    if position.note:
+        logger.info(position.note)
+    run.step, run.epoch, run.images_seen = position.step, position.epoch, position.images_seen
+    run.epoch_offset = position.epoch_offset
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -280,6 +311,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     log_run_summary(run)
     with StopSignal() as stop:
         finished = train_loop(run, stop)
+    environment.finish_collectives()
     accelerator.end_training()
     if run.uploads is not None:
         run.uploads.wait()
@@ -357,9 +389,8 @@ def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
 
 def log_run_summary(run: Run) -> None:
     config, accelerator = run.config, run.accelerator
-    parameters = sum(p.numel() for p in run.unwrapped_unet.parameters())
     logger.info(
-        f"training {parameters / 1e6:.2f}M-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
+        f"training {run.parameters_in_millions}-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
         f"{run.unwrapped_unet.config.in_channels} channel(s), {config.resolution} px, "
         f"on {run.batches.num_images or 'a stream of'} images | "
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}"
@@ -475,6 +506,14 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
     if run.config.max_grad_norm:  # under FSDP the norm comes back as a (replicated) DTensor
         grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(unet.parameters(), run.config.max_grad_norm))
     if run.config.skip_nonfinite and not everywhere_finite(run, total_loss, grad_norm):
+        if accelerator.scaler is not None:
+            # fp16: the loss scaler must close its step (its next unscale would raise otherwise) and lower
+            # its scale if the gradients overflowed. It checks them as it unscales them; with the gradients
+            # then gone, its step changes no weight.
+            if grad_norm is None:  # not unscaled for clipping
+                accelerator.unscale_gradients()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.lr_scheduler.step()  # the schedule stays aligned with the step count
         run.skipped_steps += 1
@@ -728,7 +767,7 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
         "repo": run.repo_id or str(run.output_dir),
         "dataset": data_description(config),
         "hub_dataset": hub_dataset_id(config),
-        "parameters": f"{sum(p.numel() for p in run.unwrapped_unet.parameters()) / 1e6:.2f}M",
+        "parameters": run.parameters_in_millions,
         "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
         "steps": run.step, "images_seen": run.images_seen,
         "grid": grids[-1].relative_to(run.output_dir).as_posix() if grids else None,
