@@ -77,6 +77,14 @@ def test_sixteen_bit_png_keeps_its_range():
     assert full.dtype == np.uint16 and full[0, 0, 0] == 40000
 
 
+@pytest.mark.parametrize("scale", [1.0, 255.0, 65535.0])
+def test_float_images_keep_their_range(scale):
+    """32-bit float images (TIFF, FITS exports) come in [0, 1], [0, 255] or 16-bit [0, 65535]."""
+    image = Image.fromarray(np.full((8, 8), 0.5 * scale, dtype=np.float32), mode="F")
+    eight_bit, gray, _ = decode(image)
+    assert gray and eight_bit[0, 0, 0] == 128
+
+
 def test_exif_orientation_is_applied():
     image = Image.new("RGB", (16, 8), (0, 0, 0))
     image.paste((255, 255, 255), (0, 0, 8, 8))  # left half white
@@ -211,6 +219,18 @@ def test_folder_walk_is_nested_sorted_and_skips_hidden(tmp_path):
                                                                                           "a/c.jpg"]
 
 
+def test_folder_walk_follows_linked_folders_once(tmp_path):
+    (tmp_path / "elsewhere" / "cats").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "cats" / "a.png").write_bytes(b"")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "b.png").write_bytes(b"")
+    (tmp_path / "data" / "cats").symlink_to(tmp_path / "elsewhere" / "cats")
+    (tmp_path / "data" / "cats-again").symlink_to(tmp_path / "elsewhere" / "cats")
+    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data")  # a link back up the tree ends the walk there
+    assert [p.relative_to(tmp_path / "data").as_posix() for p in iter_image_files(tmp_path / "data")] == [
+        "b.png", "cats/a.png"]
+
+
 @pytest.mark.parametrize("config, message", [
     (TrainConfig(train_data_dir="/no/such/folder"), "--train_data_dir /no/such/folder: no such folder"),
     (TrainConfig(dataset_name="./missing_dataset"), "no such folder"),
@@ -255,6 +275,62 @@ def test_saved_dataset_and_datasets_folder_load(tmp_path):
 
     with pytest.raises(UsageError, match="--image_column nope: no such column"):
         open_source(TrainConfig(dataset_name=str(tmp_path / "saved"), image_column="nope"))
+
+
+def test_rows_with_their_image_in_one_of_several_columns_are_all_used(tmp_path):
+    """WebDataset shards have one image column per file extension; each row fills one of them."""
+    import datasets
+
+    encoded = []
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.new("RGB", (12, 12), (i * 20, 0, 0)).save(buffer, format="PNG" if i % 2 else "JPEG", quality=100)
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    dataset = datasets.Dataset.from_dict({"jpg": [e if i % 2 == 0 else None for i, e in enumerate(encoded)],
+                                          "png": [e if i % 2 else None for i, e in enumerate(encoded)]})
+    dataset = dataset.cast_column("jpg", datasets.Image()).cast_column("png", datasets.Image())
+    dataset.save_to_disk(str(tmp_path / "shards"))
+    config = TrainConfig(dataset_name=str(tmp_path / "shards"), resolution=8)
+    source = open_source(config)
+    assert "columns 'jpg', 'png'" in source.description
+    cache = load_images(source, config, progress=False)
+    assert len(cache) == 4 and [int(cache.image(i)[0, 0, 0]) // 10 for i in range(4)] == [0, 2, 4, 6]
+
+
+def test_encoded_images_without_their_metadata_are_read(tmp_path):
+    """Parquet written by pandas or pyarrow keeps images as {bytes, path} structs or raw bytes, without the
+    Image type that `datasets` writes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pngs = []
+    for i in range(3):
+        buffer = io.BytesIO()
+        Image.new("L", (10, 10), i * 50).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    for name, column in (("struct", [{"bytes": png, "path": f"{i}.png"} for i, png in enumerate(pngs)]),
+                         ("raw", pngs)):
+        folder = tmp_path / name
+        folder.mkdir()
+        pq.write_table(pa.table({"image": column}), folder / "train.parquet")
+        config = TrainConfig(dataset_name=str(folder), resolution=8, cache_dir=str(tmp_path / "cache"))
+        cache = load_images(open_source(config), config, progress=False)
+        assert [int(cache.image(i)[0, 0, 0]) for i in range(3)] == [0, 50, 100], name
+
+
+@pytest.mark.parametrize("pixels, expected", [
+    (np.array([[-1.0, 0.0, 1.0]] * 3), [0, 128, 255]),  # already normalised, as pixel_values columns often are
+    (np.array([[0.0, 0.5, 1.0]] * 3), [0, 128, 255]),
+    (np.array([[0, 128, 255]] * 3, dtype=np.int64), [0, 128, 255]),
+    (np.array([[0, 32896, 65535]] * 3, dtype=np.uint16), [0, 128, 255]),  # 16-bit
+])
+def test_array_columns_of_every_usual_range_are_read(tmp_path, pixels, expected):
+    import datasets
+
+    datasets.Dataset.from_dict({"pixel_values": [pixels]}).save_to_disk(str(tmp_path / "arrays"))
+    config = TrainConfig(dataset_name=str(tmp_path / "arrays"), resolution=3, cache_dir=str(tmp_path / "cache"))
+    cache = load_images(open_source(config), config, progress=False)
+    assert cache.image(0)[0, :, 0].tolist() == expected
 
 
 def to_pixels(batch: torch.Tensor) -> np.ndarray:

@@ -109,3 +109,16 @@ def test_processes_read_disjoint_shards_and_the_stream_wraps_around(tmp_path):
 def test_streaming_needs_max_train_steps(run_cli, tmp_path):
     code, _, err = run_cli("train", "--dataset_name", tmp_path, "--streaming", "--output_dir", tmp_path / "out")
     assert code == 2 and "--streaming needs --max_train_steps" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_stream_whose_first_examples_all_fail_stops_at_once(run_cli, tiny_unet, tmp_path):
+    """A wrong --image_column on a large stream is said after a few hundred examples, not after a whole pass."""
+    import datasets
+
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"image": [shade(0)] * 400, "label": list(range(400))}).cast_column(
+        "image", datasets.Image()).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    code, _, err = run_cli(*streaming_args(folder, tiny_unet, tmp_path / "run", "--image_column", "label"))
+    assert code == 2, err[-2000:]
+    assert "none of the first 256 examples of the stream" in err and "check --image_column" in err

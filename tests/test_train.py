@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import MESSY_SKIPPED, MESSY_USED, fast_train_args, write_images, write_messy_folder
+from conftest import MESSY_SKIPPED, MESSY_USED, TINY_UNET, fast_train_args, write_images, write_messy_folder
 from uncond import data
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -270,12 +270,28 @@ def one_line_error(code: int, err: str, expected: str) -> None:
     (lambda d, u, o: fast_train_args(d, u, o, "--model_preset", "huge", "--model_config_name_or_path", ""),
      "--model_preset huge: unknown"),
     (lambda d, u, o: fast_train_args(d, u, o, "--num_channels", "1"), "--num_channels 1 contradicts"),
+    (lambda d, u, o: fast_train_args(d, write_unet_config(o.parent / "four", in_channels=4, out_channels=4), o),
+     "in_channels 4 and out_channels 4; uncond trains on grayscale (1) or RGB (3) images"),
 ])
 def test_bad_input_is_one_line_before_any_work(run_cli, color_folder, tiny_unet, tmp_path, make_args, expected):
     out = tmp_path / "never"
     code, _, err = run_cli(*make_args(color_folder, tiny_unet, out))
     one_line_error(code, err, expected)
     assert not (out / "unet").exists() and not list(out.glob("checkpoint-*")) if out.exists() else True
+
+
+def write_unet_config(folder: Path, **changes: object) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**TINY_UNET, **changes}))
+    return folder / "config.json"
+
+
+def test_a_model_config_from_another_diffusers_version_trains(run_cli, color_folder, tmp_path):
+    """Settings this diffusers version's UNet2DModel lacks are dropped with a warning, as from_config does."""
+    config = write_unet_config(tmp_path / "newer", attention_backend="flash", _diffusers_version="9.0.0")
+    code, _, err = run_cli(*fast_train_args(color_folder, config, tmp_path / "run", "--max_train_steps", "1"))
+    assert code == 0, err
+    assert "ignoring attention_backend, which this diffusers version's UNet2DModel does not take" in err
 
 
 def test_unknown_choice_exits_2_with_one_line(run_cli, color_folder, tiny_unet, tmp_path, capsys):

@@ -140,8 +140,15 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def walk_files(folder: Path) -> Iterator[Path]:
-    """Files under `folder`, nested folders included, hidden files and folders skipped, sorted."""
-    for root, dirs, files in os.walk(folder):
+    """Files under `folder`, nested folders included (also through symbolic links, each real folder once),
+    hidden files and folders skipped, sorted."""
+    visited = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a link back up the tree, or a second link to the same folder
+            dirs[:] = []
+            continue
+        visited.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith("."):  # also macOS's ._name resource forks and .DS_Store
@@ -225,18 +232,27 @@ def dataset_source(config: TrainConfig) -> Source:
             dataset = next(iter(dataset.values()))
         else:
             raise UsageError(f"--dataset_name {name} has no 'train' split (it has {', '.join(dataset)})")
-    column = config.image_column or find_image_columns(dataset.features)[0]
-    if column not in dataset.column_names:
-        raise UsageError(f"--image_column {column}: no such column; the dataset has {', '.join(dataset.column_names)}")
-    if isinstance(dataset.features[column], datasets.Image):
-        # Undecoded bytes/paths: decoding is ours, so bad images are skipped and EXIF is applied.
-        items, opener = dataset.cast_column(column, datasets.Image(decode=False))[column], open_encoded
-    else:
-        items, opener = dataset.with_format("numpy")[column], array_to_image
-    # A lazy column: rows are read from the memory-mapped Arrow table as the decoder reaches them.
-    return Source(f"{name} ({len(dataset)} images, column {column!r})",
-                  Records(items, opener, lambda i, _: f"{name}[{i}]"),
-                  f"datasets {dataset._fingerprint} {column}")
+    columns = [config.image_column] if config.image_column else find_image_columns(dataset.features)
+    if columns[0] not in dataset.column_names:
+        raise UsageError(f"--image_column {columns[0]}: no such column; the dataset has "
+                         f"{', '.join(dataset.column_names)}")
+    fingerprint = f"datasets {dataset._fingerprint} {','.join(columns)}"
+    for column in columns:
+        if isinstance(dataset.features[column], datasets.Image):
+            # Undecoded bytes/paths: decoding is ours, so bad images are skipped and EXIF is applied.
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    # Encoded images (Image columns, and {bytes, path} structs or raw bytes written without its metadata) are
+    # read as Python objects; arrays as numpy.
+    encoded = any(isinstance(dataset.features[c], (dict, datasets.Image))
+                  or getattr(dataset.features[c], "dtype", "") in ("binary", "large_binary") for c in columns)
+    view = dataset if encoded else dataset.with_format("numpy")
+    if len(columns) == 1:  # a lazy column: rows are read from the memory-mapped table as the decoder reaches them
+        items, opener = view[columns[0]], open_image_cell
+    else:  # WebDataset shards have one column per file extension: each row's non-empty one
+        items, opener = view.select_columns(columns), functools.partial(open_first_image, columns)
+    return Source(f"{name} ({len(dataset)} images, column{'s' * (len(columns) > 1)} "
+                  f"{', '.join(repr(c) for c in columns)})",
+                  Records(items, opener, lambda i, _: f"{name}[{i}]"), fingerprint)
 
 
 def find_image_columns(features: Any) -> list[str]:
@@ -256,15 +272,43 @@ def open_encoded(item: dict[str, Any]) -> Image.Image:
     return Image.open(item["path"])
 
 
+def open_image_cell(item: Any) -> Image.Image:
+    """One cell of an image column: encoded ({bytes, path}, or raw bytes) or an array of pixels."""
+    if isinstance(item, dict):
+        return open_encoded(item)
+    if isinstance(item, (bytes, bytearray)):
+        return Image.open(io.BytesIO(item))
+    return array_to_image(item)
+
+
+def open_first_image(columns: Sequence[str], row: dict[str, Any]) -> Image.Image:
+    """The first of `columns` that holds an image in this row."""
+    item = next((row[column] for column in columns if row.get(column) is not None), None)
+    if item is None:
+        raise ValueError(f"no image in column(s) {', '.join(columns)}")
+    return open_image_cell(item)
+
+
 def array_to_image(array: Any) -> Image.Image:
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = array.transpose(1, 2, 0)  # CHW -> HWC
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.dtype != np.uint8:
-        array = (array * 255 if array.max() <= 1.0 else array).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(array)
+    if array.dtype == np.uint8:
+        return Image.fromarray(array)
+    # The range is guessed from each image's values: floats in [-1, 1] (already normalised, as pixel_values
+    # columns often are) or [0, 1] or [0, 255]; integers in [0, 255] or, above that, 16-bit.
+    low, high = float(array.min()), float(array.max())
+    if np.issubdtype(array.dtype, np.floating) and low < 0:
+        array = (array + 1.0) * 127.5
+    elif high <= 1.0:
+        array = array * 255.0
+    elif high > 255 and np.issubdtype(array.dtype, np.integer):
+        if array.ndim == 2:  # 16-bit gray: decode_image keeps its precision (--preserve_input_precision)
+            return Image.fromarray(array.clip(0, 65535).astype(np.uint16))
+        array = array / 257.0
+    return Image.fromarray(np.rint(array).clip(0, 255).astype(np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -328,8 +372,9 @@ def resize_high_precision(image: Image.Image, size: tuple[int, int], preserve_pr
     (Pillow reads 16-bit *colour* PNG and TIFF files at 8 bits per channel; those arrive here as RGB.)
     """
     values = np.asarray(image, dtype=np.float32)
-    if image.mode == "F":
-        values = values * 65535.0 if values.max() <= 1.0 else values * 257.0
+    if image.mode == "F":  # floats in [0, 1], [0, 255] or already 16-bit [0, 65535]
+        high = values.max()
+        values = values * 65535.0 if high <= 1.0 else values * 257.0 if high <= 255.0 else values
     resized = np.asarray(Image.fromarray(values.clip(0, 65535), mode="F").resize(size, Image.BILINEAR))
     if preserve_precision:
         return resized.round().clip(0, 65535).astype(np.uint16)[..., None]

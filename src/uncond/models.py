@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,6 +17,8 @@ from diffusers.training_utils import EMAModel
 
 from . import sharding
 from .config import TrainConfig, UsageError, first_line
+
+logger = logging.getLogger("uncond")
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,14 @@ def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[st
     if class_name != "UNet2DModel":
         raise UsageError(f"--model_config_name_or_path {name_or_path} describes a {class_name}; uncond trains "
                          "UNet2DModel (unconditional) networks")
-    return {key: value for key, value in unet_config.items() if not key.startswith("_")}
+    # A config written by another diffusers version may name settings this one lacks: UNet2DModel.from_config
+    # (the seed script's way) drops them with a warning, as here; UNet2DModel(**config) would raise.
+    known = inspect.signature(UNet2DModel.__init__).parameters
+    unknown = sorted(key for key in unet_config if not key.startswith("_") and key not in known)
+    if unknown:
+        logger.warning(f"--model_config_name_or_path {name_or_path}: ignoring {', '.join(unknown)}, which this "
+                       f"diffusers version's UNet2DModel does not take")
+    return {key: value for key, value in unet_config.items() if not key.startswith("_") and key in known}
 
 
 def unet_config_for(config: TrainConfig, resolution: int) -> dict[str, Any]:

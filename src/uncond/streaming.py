@@ -29,10 +29,12 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, UsageError
-from .data import (Augmentation, Record, array_to_image, augmentation_rng, decode_records, find_image_columns,
-                   first_reasons, load_dataset_or_explain, open_encoded, prefetch, write_report)
+from .data import (Augmentation, Record, augmentation_rng, decode_records, find_image_columns, first_reasons,
+                   load_dataset_or_explain, open_image_cell, prefetch, write_report)
 
 SHUFFLE_BUFFER = 1000  # examples; datasets' default
+# A stream whose first examples all fail to decode is wrong as a whole (a wrong column, say): said at once.
+UNREADABLE_AT_START = 256
 CHANNELS_PEEK = 64  # images looked at by --num_channels auto
 
 
@@ -63,7 +65,7 @@ class Stream:
             if item is None:
                 yield Record(name, functools.partial(missing_image, self.columns))
             else:
-                yield Record(name, functools.partial(open_encoded if isinstance(item, dict) else array_to_image, item))
+                yield Record(name, functools.partial(open_image_cell, item))
 
     def all_gray(self, config: TrainConfig) -> bool:
         """Whether the first CHANNELS_PEEK images are all grayscale; every process sees the same ones."""
@@ -130,6 +132,10 @@ class StreamedBatches:
                 if isinstance(result, str):
                     if stream_pass == 0:  # each pass meets the same bad files again
                         self.skipped.append((record.name, result))
+                    if self.used == 0 and len(self.skipped) == UNREADABLE_AT_START:  # not after a whole pass
+                        raise UsageError(f"none of the first {UNREADABLE_AT_START} examples of the stream of "
+                                         f"{self.stream.name} could be read ({first_reasons(self.skipped)}); "
+                                         "check --image_column")
                     continue
                 self.used += 1
                 self.upscaled += result[2]
