@@ -30,7 +30,7 @@ import torch
 
 from .config import TrainConfig, UsageError
 from .data import (Augmentation, Record, augmentation_rng, decode_records, find_image_columns, first_reasons,
-                   load_dataset_or_explain, open_image_cell, prefetch, write_report)
+                   load_dataset_or_explain, open_first_image, prefetch, write_report)
 
 SHUFFLE_BUFFER = 1000  # examples; datasets' default
 # A stream whose first examples all fail to decode is wrong as a whole (a wrong column, say): said at once.
@@ -61,11 +61,7 @@ class Stream:
         """Each example's first non-empty image column (WebDataset shards have one per file extension)."""
         for i, example in enumerate(dataset):
             name = f"{self.name}:{example.get('__key__') or i}"
-            item = next((example[c] for c in self.columns if example.get(c) is not None), None)
-            if item is None:
-                yield Record(name, functools.partial(missing_image, self.columns))
-            else:
-                yield Record(name, functools.partial(open_image_cell, item))
+            yield Record(name, functools.partial(open_first_image, self.columns, example))
 
     def all_gray(self, config: TrainConfig) -> bool:
         """Whether the first CHANNELS_PEEK images are all grayscale; every process sees the same ones."""
@@ -73,10 +69,6 @@ class Stream:
         results = [result for _, result in decode_records(head, 8, False, config.dataloader_num_workers)]
         decoded = [result for result in results if not isinstance(result, str)]
         return bool(decoded) and all(gray for _, gray, _ in decoded)
-
-
-def missing_image(columns: list[str]) -> Any:
-    raise ValueError(f"no image in this example (columns {', '.join(columns)})")
 
 
 class StreamedBatches:
