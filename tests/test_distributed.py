@@ -152,6 +152,16 @@ def test_two_processes_share_the_evaluation_images(color_folder, tiny_unet, tmp_
     assert evaluation["fid"] == pytest.approx(scores.fid, rel=1e-3)
 
 
+def test_machines_holding_different_images_stop_at_once(color_folder, tiny_unet, tmp_path):
+    """Instead of training on overlapping shards (here, where both counts give 2 batches per epoch) or waiting
+    for the 2-hour time-out (where the epochs' lengths differ). Without the check this run ends with status 0."""
+    result = launch_processes("tests/uneven_cache_launch.py",
+                              *fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "4"),
+                              timeout=120)
+    assert result.returncode != 0
+    assert "uncond: stopped: the processes hold different numbers of images (12, 11, by process)" in result.stderr
+
+
 def test_one_process_batch_8_equals_two_processes_batch_4(tmp_path):
     """Same images, noise and timesteps: the loss and the DDP-averaged gradients of 2 x 4 match 1 x 8."""
     result = launch_processes(TESTS / "ddp_worker.py", tmp_path)

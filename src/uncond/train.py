@@ -129,12 +129,26 @@ def load_batches(plan: Plan, accelerator: Accelerator) -> data.CachedBatches | s
         source = data.open_source(config)
         cache = data.load_images(source, config, progress=accelerator.is_local_main_process)
     logger.info(data.summary(cache, source))
+    if accelerator.num_processes > 1:
+        check_same_images(accelerator, len(cache))
     if accelerator.is_main_process:
         data.write_report(Path(config.output_dir) / data.REPORT_FILE, len(cache), cache.meta["skipped"],
                           cache.meta["upscaled"], cache=str(cache.folder))
     channels = choose_channels(plan, lambda: cache.all_gray)
     return data.CachedBatches(cache, config, channels, accelerator.num_processes, accelerator.process_index,
                               pin_memory)
+
+
+def check_same_images(accelerator: Accelerator, count: int) -> None:
+    """Each machine decodes into its own cache (unless --cache_dir is shared), from its own copy of a local
+    folder. With different image counts the processes deal out different permutations, so their shards
+    overlap and miss images, and their epochs can differ in length, so that their collectives would wait
+    for each other until the process group's time-out (2 h)."""
+    counts = gather_object([count])
+    if len(set(counts)) > 1:
+        raise RunFailed(f"the processes hold different numbers of images ({', '.join(map(str, counts))}, by process): "
+                        "the machines read different data, or a read failed on one of them; give every machine the "
+                        "same images (or a --cache_dir they share) and re-run")
 
 
 def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str = "") -> int:
