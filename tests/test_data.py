@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import io
 import mmap
 import os
@@ -16,7 +18,7 @@ from PIL import Image
 from conftest import MESSY_SKIPPED, MESSY_USED, write_images, write_messy_folder
 from uncond import data, metrics
 from uncond.cache import CacheWriter, ImageCache
-from uncond.config import TrainConfig, UsageError
+from uncond.config import RunFailed, TrainConfig, UsageError
 from uncond.data import (Augmentation, CachedBatches, Order, Record, check_source, decode_image, decode_records,
                          iter_image_files, load_images, open_source, resized_size)
 
@@ -125,6 +127,23 @@ def test_a_folder_with_nothing_usable_is_a_clear_error(tmp_path, decoded_image_c
     with pytest.raises(UsageError, match=r"none of the 2 images in folder .* could be read \(.*a.png: Unidentified"):
         load(TrainConfig(train_data_dir=str(tmp_path)))
     assert list(decoded_image_cache.iterdir()) == []  # no entry, and no temporary folder left behind
+
+
+def test_a_storage_fault_stops_the_build_instead_of_skipping_the_image_for_good(tmp_path):
+    folder = write_images(tmp_path / "images", 4, nested=False)
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
+    source = open_source(config)
+    failing = source.records.items[2]
+
+    def flaky_disk(path):
+        if path == failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return Image.open(path)
+
+    flaky = dataclasses.replace(source, records=data.Records(source.records.items, flaky_disk, source.records.name))
+    with pytest.raises(RunFailed, match="Input/output error.*a fault of the storage or the machine"):
+        load_images(flaky, config, progress=False)
+    assert len(load_images(source, config, progress=False)) == 4  # nothing half-built or skipped was kept
 
 
 def test_a_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):

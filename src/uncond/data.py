@@ -11,6 +11,7 @@ are a pure function of the position in training: resuming needs no replay. `--st
 
 from __future__ import annotations
 
+import errno
 import functools
 import gzip
 import hashlib
@@ -34,7 +35,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
-from .config import TrainConfig, UsageError, first_line
+from .config import RunFailed, TrainConfig, UsageError, first_line
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                     ".pnm", ".jfif"}
@@ -381,8 +382,14 @@ def resize_high_precision(image: Image.Image, size: tuple[int, int], preserve_pr
     return (resized / 257.0).round().clip(0, 255).astype(np.uint8)[..., None]
 
 
+# Errors of the storage or the machine, not of the file: skipping the image (and caching the skip) would lose
+# it for good, and machines decoding their own copies would end up with different images.
+MACHINE_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+
+
 def decode_record(record: Record, resolution: int, preserve_precision: bool) -> Decoded | str:
-    """Decode one record, or say in a few words why it cannot be: a bad file is skipped, never fatal."""
+    """Decode one record, or say in a few words why it cannot be: a bad file is skipped, never fatal. A failing
+    disk or network share, or a machine out of memory or file handles, stops the run instead."""
     try:
         with record.open() as image:
             width, height = image.size  # read from the header; nothing is decoded yet
@@ -393,7 +400,13 @@ def decode_record(record: Record, resolution: int, preserve_precision: bool) -> 
     except Image.DecompressionBombError as error:
         return (f"too large for Pillow's decompression-bomb guard ({str(error).rstrip('.')}); shrink it, or raise "
                 "PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+    except MemoryError:
+        raise RunFailed(f"out of memory decoding {record.name}; nothing was cached, re-run with more memory "
+                        "free") from None
     except Exception as error:  # noqa: BLE001 - any unreadable file is skipped and reported
+        if isinstance(error, OSError) and error.errno in MACHINE_ERRNOS:
+            raise RunFailed(f"reading {record.name} failed ({os.strerror(error.errno)}): a fault of the storage or "
+                            "the machine, not of the image; nothing was cached, re-run once it is fixed") from None
         return f"{type(error).__name__}: {error}".strip()
 
 
