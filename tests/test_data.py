@@ -146,6 +146,27 @@ def test_a_storage_fault_stops_the_build_instead_of_skipping_the_image_for_good(
     assert len(load_images(source, config, progress=False)) == 4  # nothing half-built or skipped was kept
 
 
+def test_a_build_left_by_a_dead_process_is_removed_only_once_it_stops_changing(tmp_path):
+    """Containers sharing a hostname and a cache volume do not see each other's processes: a staging folder
+    of a process id that is not alive here may be another container's live build."""
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    entry = tmp_path / "entry"
+    staging = tmp_path / f".entry.partial-{socket.gethostname()}-{gone.pid}"
+    staging.mkdir()
+    (staging / "pixels.bin").write_bytes(b"being written")
+    CacheWriter(entry, np.uint8).abort()
+    assert staging.is_dir()  # written a moment ago: someone's
+    an_hour_ago = time.time() - 3600
+    for path in (staging / "pixels.bin", staging):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    CacheWriter(entry, np.uint8).abort()
+    assert not staging.exists()
+
+
 def test_a_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     folder = write_images(tmp_path / "images", 6)
     config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))

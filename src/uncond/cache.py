@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,11 +154,11 @@ class CacheWriter:
     def __init__(self, folder: Path, dtype: np.dtype | type):
         self.folder = folder
         self.dtype = np.dtype(dtype)
-        # The host and process in the name keep two runs that build the same entry at once apart.
+        # The host and process in the name tell whose it is; the random part keeps two runs that build the same
+        # entry at once apart even where they share both (containers with one hostname and their own pids).
         prefix = f".{folder.name}.partial-{socket.gethostname()}-"
         remove_abandoned(folder.parent, prefix)
-        self.staging = folder.parent / f"{prefix}{os.getpid()}"
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging = folder.parent / f"{prefix}{os.getpid()}-{os.urandom(4).hex()}"
         self.staging.mkdir(parents=True)
         self.file = open(self.staging / PIXELS_FILE, "wb")
         self.rows = array.array("q")  # 32 bytes per image, not a Python tuple each
@@ -195,14 +196,28 @@ class CacheWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
+# A staging folder written to within this time is someone's live build, whatever its process id says:
+# containers that share a hostname (docker --network host) and a cache volume do not share process ids.
+ABANDONED_AFTER_SECONDS = 600
+
+
 def remove_abandoned(parent: Path, prefix: str) -> None:
     """Temporary folders that runs on this host left behind when they were killed."""
     if not parent.is_dir():
         return
     for folder in parent.glob(f"{prefix}*"):
-        pid = folder.name[len(prefix):]
-        if pid.isdigit() and not process_alive(int(pid)):
+        pid = folder.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)) and idle_seconds(folder) > ABANDONED_AFTER_SECONDS:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def idle_seconds(folder: Path) -> float:
+    """Since anything in `folder` (not nested) was last written."""
+    try:
+        times = [folder.stat().st_mtime] + [entry.stat().st_mtime for entry in folder.iterdir()]
+    except OSError:  # removed meanwhile
+        return 0.0
+    return time.time() - max(times)
 
 
 def process_alive(pid: int) -> bool:
