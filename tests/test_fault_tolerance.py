@@ -164,14 +164,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def kill_between_the_renames(inputs, out: Path, name: str, *extra: str) -> None:
+    """Run until replace_path replaces `name` in `out`, and SIGKILL it between its two renames."""
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, *command(inputs, out, *extra)[3:]],
+                            env={**ENV, "KILL_REPLACING": name}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / name).exists() and (out / f".tmp-old-{name}").is_dir()
+
+
 def test_kill_between_the_renames_of_an_export(inputs, reference, tmp_path):
     out = tmp_path / "run"
     # exports every epoch (2 steps); the second export finds the first one's unet/ and dies replacing it
-    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES,
-                             *command(inputs, out, "--save_model_epochs", "1")[3:]],
-                            env={**ENV, "KILL_REPLACING": "unet"}, capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not (out / "unet").exists() and (out / ".tmp-old-unet").is_dir()
+    kill_between_the_renames(inputs, out, "unet", "--save_model_epochs", "1")
     log = resume_to_the_end(inputs, out)
     assert "restored unet from an interrupted write" in log
     assert_same_result(out, reference)
@@ -181,11 +185,7 @@ def test_kill_between_the_renames_of_a_checkpoint_written_again(inputs, referenc
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     # resumed from an older checkpoint, the run writes checkpoint-36 again and dies replacing the first one
-    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES,
-                             *command(inputs, out, "--resume_from_checkpoint", "checkpoint-32")[3:]],
-                            env={**ENV, "KILL_REPLACING": "checkpoint-36"}, capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not (out / "checkpoint-36").exists() and (out / ".tmp-old-checkpoint-36").is_dir()
+    kill_between_the_renames(inputs, out, "checkpoint-36", "--resume_from_checkpoint", "checkpoint-32")
     log = resume_to_the_end(inputs, out)
     assert "restored checkpoint-36 from an interrupted write" in log
     checkpoint.verify_checkpoint(out / "checkpoint-36")

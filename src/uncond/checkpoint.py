@@ -345,9 +345,9 @@ def write_error(error: Exception) -> str:
     return os.strerror(errno.ENOSPC) if "os error 28" in text else text
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore weights, EMA, optimizer, LR schedule and random states; return the saved training state
-    (empty for checkpoints written by train_unconditional.py, which keep only the step in the name)."""
+def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
+    """Restore weights, EMA, optimizer, LR schedule and random states (the place in training:
+    read_training_state)."""
     verify_checkpoint(path)
     try:
         accelerator.load_state(str(path))
@@ -357,11 +357,11 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
         reason = first_line(error)
         raise UsageError(f"cannot resume from {path} ({type(error).__name__}: {reason}); delete it to resume "
                          "from the one before") from None
-    return read_training_state(path)
 
 
 def read_training_state(path: Path) -> dict[str, Any]:
-    """A checkpoint's training_state.json (empty for train_unconditional.py's checkpoints)."""
+    """A checkpoint's training_state.json (empty for checkpoints written by train_unconditional.py, which keep
+    only the step, in the name)."""
     state_file = path / STATE_FILE
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
 

@@ -46,11 +46,11 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     channels_from_model_config = None
     if config.model_config_name_or_path:
         channels_from_model_config = int(unet_config.get("in_channels", 3))
-        if channels_from_model_config not in (1, 3) or int(unet_config.get("out_channels", 3)) != \
-                channels_from_model_config:
+        out_channels = int(unet_config.get("out_channels", 3))
+        if channels_from_model_config not in (1, 3) or out_channels != channels_from_model_config:
             raise UsageError(f"--model_config_name_or_path {config.model_config_name_or_path}: in_channels "
-                             f"{channels_from_model_config} and out_channels {unet_config.get('out_channels', 3)}; "
-                             "uncond trains on grayscale (1) or RGB (3) images, the same count in and out")
+                             f"{channels_from_model_config} and out_channels {out_channels}; uncond trains on "
+                             "grayscale (1) or RGB (3) images, the same count in and out")
         if config.num_channels != "auto" and int(config.num_channels) != channels_from_model_config:
             raise UsageError(f"--num_channels {config.num_channels} contradicts --model_config_name_or_path, whose "
                              f"in_channels is {channels_from_model_config}; drop one of them")

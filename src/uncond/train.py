@@ -67,6 +67,7 @@ class Run:
     # epoch_offset + E * steps_per_epoch.
     epoch_offset: int = 0
     images_seen: int = 0
+    resume_position: Position | None = None  # where the checkpoint to resume from left its run
     repo_id: str | None = None
     uploads: hub.BackgroundUploads | None = None
     command: str = ""  # the command line that reproduces this run, for the model card
@@ -186,9 +187,10 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     global_batch_size = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
     # --num_epochs counts the whole run's epochs; those before a resume with another global batch had
     # another length (the schedule must know the total before it is built).
-    epoch_offset = 0 if plan.resume_from is None else position_after(
+    position = None if plan.resume_from is None else position_after(
         plan.resume_from, checkpoint.read_training_state(plan.resume_from), steps_per_epoch, global_batch_size,
-        accelerator.num_processes).epoch_offset
+        accelerator.num_processes)
+    epoch_offset = position.epoch_offset if position else 0
     max_train_steps = config.max_train_steps or epoch_offset + config.num_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_train_steps, step_rules=config.lr_step_rules)
@@ -205,7 +207,8 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
                optimizer=optimizer, lr_scheduler=lr_scheduler, max_train_steps=max_train_steps,
                steps_per_epoch=steps_per_epoch,
                num_epochs=math.ceil((max_train_steps - epoch_offset) / steps_per_epoch),
-               global_batch_size=global_batch_size, noise_generator=torch.Generator(accelerator.device),
+               global_batch_size=global_batch_size, resume_position=position,
+               noise_generator=torch.Generator(accelerator.device),
                memory_format=torch.channels_last if models.uses_channels_last(config, accelerator.device)
                else torch.contiguous_format)
 
@@ -264,13 +267,13 @@ def position_after(path: Path, state: dict[str, Any], steps_per_epoch: int, glob
 
 
 def resume(run: Run, path: Path) -> None:
-    """Restore the training state (weights, EMA, optimizer, schedule, random states) and the place to go on from.
-    The optimizer, schedule and weights are the same whatever the process count."""
-    state = checkpoint.load_checkpoint(run.accelerator, path)
+    """Restore the training state (weights, EMA, optimizer, schedule, random states) and go on from the place
+    build_run found. The optimizer, schedule and weights are the same whatever the process count."""
+    checkpoint.load_checkpoint(run.accelerator, path)
     # The schedule's state holds the learning rate it was built with; this run's --learning_rate wins,
     # so a diverged run can be resumed with a lower one.
     run.lr_scheduler.scheduler.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
-    position = position_after(path, state, run.steps_per_epoch, run.global_batch_size, run.accelerator.num_processes)
+    position = run.resume_position
     if position.note:
         logger.info(position.note)
     run.step, run.epoch, run.images_seen = position.step, position.epoch, position.images_seen
@@ -520,15 +523,14 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
     if run.config.max_grad_norm:  # under FSDP the norm comes back as a (replicated) DTensor
         grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(unet.parameters(), run.config.max_grad_norm))
     if run.config.skip_nonfinite and not everywhere_finite(run, total_loss, grad_norm):
-        if accelerator.scaler is not None:
-            # fp16: the loss scaler must close its step (its next unscale would raise otherwise) and lower
-            # its scale if the gradients overflowed. It checks them as it unscales them; with the gradients
-            # then gone, its step changes no weight.
-            if grad_norm is None:  # not unscaled for clipping
-                accelerator.unscale_gradients()
-            run.optimizer.zero_grad(set_to_none=True)
-            run.optimizer.step()
+        # fp16: the loss scaler must close its step (its next unscale would raise otherwise) and lower its
+        # scale if the gradients overflowed. It checks them as it unscales them; with the gradients then
+        # gone, its step changes no weight.
+        if accelerator.scaler is not None and grad_norm is None:  # not unscaled for clipping
+            accelerator.unscale_gradients()
         run.optimizer.zero_grad(set_to_none=True)
+        if accelerator.scaler is not None:
+            run.optimizer.step()
         run.lr_scheduler.step()  # the schedule stays aligned with the step count
         run.skipped_steps += 1
         return None
