@@ -470,6 +470,14 @@ def test_order_is_a_pure_function_of_seed_and_epoch_and_shards_disjointly():
     assert set(shards[0]).isdisjoint(shards[1]) and len(shards[0]) == len(shards[1]) == 5
 
 
+def test_neighbouring_seeds_give_unrelated_orders():
+    """--seed 1's first epoch is not --seed 0's second; it was while the permutation was seeded with
+    seed + epoch, the order that runs resumed from checkpoints of that time go on with."""
+    order = lambda seed, epoch, seeding=data.DATA_ORDER: Order(100, 10, seed, seeding=seeding).epoch_indices(epoch)  # noqa: E731
+    assert order(1, 0).tolist() != order(0, 1).tolist()
+    assert order(1, 0, seeding=1).tolist() == order(0, 1, seeding=1).tolist()
+
+
 def test_record_errors_never_escape():
     def broken() -> Image.Image:
         raise OSError("disk went away")

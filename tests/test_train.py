@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import MESSY_SKIPPED, MESSY_USED, TINY_UNET, fast_train_args, write_images, write_messy_folder
-from uncond import data
+from uncond import checkpoint, data
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -124,21 +124,49 @@ def test_rerunning_the_same_command_continues_the_run(run_cli, color_folder, tin
     assert metric_steps(out) == [1, 2, 3, 4, 5, 6]
 
 
-def test_resumed_run_ends_with_the_same_weights(run_cli, color_folder, tiny_unet, tmp_path):
-    """Stop after the step-4 checkpoint of an 8-step run, resume, and compare with the run that never stopped."""
+def train_straight_and_interrupted(run_cli, color_folder, tiny_unet, tmp_path) -> tuple[Path, Path]:
+    """An 8-step run, and the same run as if killed after its step-4 checkpoint."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    extra = ("--max_train_steps", "8", "--checkpointing_steps", "4", "--use_ema", "--random_flip",
-             "--gradient_accumulation_steps", "2", "--save_images_epochs", "100", "--save_model_epochs", "100")
-    assert run_cli(*fast_train_args(color_folder, tiny_unet, straight, *extra))[0] == 0
-    assert run_cli(*fast_train_args(color_folder, tiny_unet, interrupted, *extra))[0] == 0
-    for leftover in ("checkpoint-8", "unet", "scheduler", "model_index.json"):  # as if killed after step 4
+    for out in (straight, interrupted):
+        assert run_cli(*fast_train_args(color_folder, tiny_unet, out, *RESUMED_RUN))[0] == 0
+    for leftover in ("checkpoint-8", "unet", "scheduler", "model_index.json"):
         path = interrupted / leftover
         __import__("shutil").rmtree(path) if path.is_dir() else path.unlink()
-    assert run_cli(*fast_train_args(color_folder, tiny_unet, interrupted, *extra))[0] == 0
+    return straight, interrupted
+
+
+RESUMED_RUN = ("--max_train_steps", "8", "--checkpointing_steps", "4", "--use_ema", "--random_flip",
+               "--gradient_accumulation_steps", "2", "--save_images_epochs", "100", "--save_model_epochs", "100")
+
+
+def assert_same_final_weights(straight: Path, interrupted: Path) -> None:
     for folder in ("unet", "unet_ema"):
         a = load_file(straight / "checkpoint-8" / folder / WEIGHTS)
         b = load_file(interrupted / "checkpoint-8" / folder / WEIGHTS)
         assert all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+def test_resumed_run_ends_with_the_same_weights(run_cli, color_folder, tiny_unet, tmp_path):
+    """Stop after the step-4 checkpoint of an 8-step run, resume, and compare with the run that never stopped."""
+    straight, interrupted = train_straight_and_interrupted(run_cli, color_folder, tiny_unet, tmp_path)
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, interrupted, *RESUMED_RUN))[0] == 0
+    assert_same_final_weights(straight, interrupted)
+
+
+def test_a_checkpoint_from_before_the_data_order_change_resumes_in_its_order(run_cli, color_folder, tiny_unet,
+                                                                            tmp_path, monkeypatch):
+    """Runs begun with the first data order (seed + epoch), whose checkpoints have no "data_order", go on in it."""
+    monkeypatch.setattr(data, "DATA_ORDER", 1)
+    straight, interrupted = train_straight_and_interrupted(run_cli, color_folder, tiny_unet, tmp_path)
+    state_file = interrupted / "checkpoint-4" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("data_order") == 1
+    state_file.write_text(json.dumps(state))
+    checkpoint.write_manifest(state_file.parent, 4)
+    monkeypatch.setattr(data, "DATA_ORDER", 2)
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, interrupted, *RESUMED_RUN))[0] == 0
+    assert_same_final_weights(straight, interrupted)
+    assert json.loads((interrupted / "checkpoint-8" / "training_state.json").read_text())["data_order"] == 1
 
 
 def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_unet, tmp_path):

@@ -609,6 +609,17 @@ class TrainingImages:
         return self.augmentation.batch([self.cache.image(i) for i in indices], rng)
 
 
+# How each epoch's permutation is seeded, kept in checkpoints ("data_order") so that a resumed run goes on
+# in the order it began with. 1 (checkpoints without the key): torch's generator seeded with seed + epoch,
+# which made --seed 1's epoch e the same as --seed 0's epoch e + 1. 2: seeded with a hash of (seed, epoch).
+DATA_ORDER = 2
+
+
+def mix_seed(*numbers: int) -> int:
+    """One well-mixed 63-bit seed from several integers (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(numbers).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 @dataclass(frozen=True)
 class Order:
     """The data order: a pure function of (seed, epoch), sharded across processes without overlap.
@@ -621,6 +632,7 @@ class Order:
     seed: int
     num_processes: int = 1
     process_index: int = 0
+    seeding: int = DATA_ORDER  # see DATA_ORDER
 
     @property
     def images_per_process(self) -> int:
@@ -631,7 +643,8 @@ class Order:
         return -(-self.images_per_process // self.batch_size)
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        seed = self.seed + epoch if self.seeding == 1 else mix_seed(self.seed, epoch)
+        generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(self.num_images, generator=generator).numpy()
         total = self.images_per_process * self.num_processes
         order = np.resize(order, total)  # wraps around, as DistributedSampler pads
@@ -656,10 +669,11 @@ class CachedBatches:
     """One process's training batches from the cache, in `order`, prepared ahead in a background thread."""
 
     def __init__(self, cache: ImageCache, config: TrainConfig, channels: int, num_processes: int = 1,
-                 process_index: int = 0, pin_memory: bool = False):
+                 process_index: int = 0, pin_memory: bool = False, data_order: int | None = None):
         augmentation = Augmentation(config.resolution, config.center_crop, config.random_flip, channels)
         self.images = TrainingImages(cache, augmentation)
-        self.order = Order(len(cache), config.train_batch_size, config.seed, num_processes, process_index)
+        self.order = Order(len(cache), config.train_batch_size, config.seed, num_processes, process_index,
+                           DATA_ORDER if data_order is None else data_order)
         self.channels, self.pin_memory = channels, pin_memory
 
     @property

@@ -7,7 +7,7 @@ import importlib.util
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ class Plan:
     channels_from_model_config: int | None
     resume_from: Path | None
     resume_message: str
+    resume_state: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training_state.json
 
 
 def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> Plan:
@@ -64,7 +65,8 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     message = checkpoint.check_output_dir(config, resuming=resume_from is not None) or message
     if resume_from is not None:  # the channel count is compared once the data has decided it
         refuse_mismatched_resume(resume_from, config, unet_config)
-    return Plan(config, unet_config, channels_from_model_config, resume_from, message)
+    resume_state = checkpoint.read_training_state(resume_from) if resume_from is not None else {}
+    return Plan(config, unet_config, channels_from_model_config, resume_from, message, resume_state)
 
 
 def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[str, Any]) -> None:

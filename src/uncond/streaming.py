@@ -30,7 +30,7 @@ import torch
 
 from .config import TrainConfig, UsageError
 from .data import (Augmentation, Record, augmentation_rng, decode_records, find_image_columns, first_reasons,
-                   load_dataset_or_explain, open_first_image, prefetch, write_report)
+                   load_dataset_or_explain, mix_seed, open_first_image, prefetch, write_report)
 
 SHUFFLE_BUFFER = 1000  # examples; datasets' default
 # A stream whose first examples all fail to decode is wrong as a whole (a wrong column, say): said at once.
@@ -102,8 +102,7 @@ class StreamedBatches:
 
     def produce(self, epoch: int, start_batch: int) -> Iterator[tuple[int, torch.Tensor]]:
         seed = self.config.seed
-        shuffle_seed = seed if (epoch, start_batch) == (0, 0) else int(
-            np.random.SeedSequence((seed, epoch, start_batch)).generate_state(1)[0])
+        shuffle_seed = seed if (epoch, start_batch) == (0, 0) else mix_seed(seed, epoch, start_batch)
         images = self.decoded(shuffle_seed)
         while True:
             for batch_index in range(start_batch, self.batches_per_epoch):

@@ -136,8 +136,10 @@ def load_batches(plan: Plan, accelerator: Accelerator) -> data.CachedBatches | s
         data.write_report(Path(config.output_dir) / data.REPORT_FILE, len(cache), cache.meta["skipped"],
                           cache.meta["upscaled"], cache=str(cache.folder))
     channels = choose_channels(plan, lambda: cache.all_gray)
+    # A resumed run goes on in the data order it began with (checkpoints without "data_order" predate it).
+    data_order = plan.resume_state.get("data_order", 1) if plan.resume_from is not None else None
     return data.CachedBatches(cache, config, channels, accelerator.num_processes, accelerator.process_index,
-                              pin_memory)
+                              pin_memory, data_order)
 
 
 def check_same_images(accelerator: Accelerator, count: int) -> None:
@@ -188,8 +190,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     # --num_epochs counts the whole run's epochs; those before a resume with another global batch had
     # another length (the schedule must know the total before it is built).
     position = None if plan.resume_from is None else position_after(
-        plan.resume_from, checkpoint.read_training_state(plan.resume_from), steps_per_epoch, global_batch_size,
-        accelerator.num_processes)
+        plan.resume_from, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes)
     epoch_offset = position.epoch_offset if position else 0
     max_train_steps = config.max_train_steps or epoch_offset + config.num_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -394,10 +395,8 @@ def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
     """The seed is chosen once (the checkpoint's when resuming) and shared by every process."""
     config = plan.config
     seed = config.seed
-    if plan.resume_from is not None and seed is None:
-        saved = json.loads((plan.resume_from / checkpoint.STATE_FILE).read_text()).get("seed") \
-            if (plan.resume_from / checkpoint.STATE_FILE).is_file() else None
-        seed = saved
+    if seed is None:
+        seed = plan.resume_state.get("seed")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 2**31
     seed = broadcast_object_list([seed])[0] if accelerator.num_processes > 1 else seed
@@ -510,7 +509,7 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
             memory_format=run.memory_format)
         # Noise and timesteps are a pure function of (seed, step, process, micro-batch): a resumed run
         # draws exactly what the uninterrupted one would have, with no random state to restore.
-        run.noise_generator.manual_seed(mix_seed(run.config.seed, run.step, accelerator.process_index, i))
+        run.noise_generator.manual_seed(data.mix_seed(run.config.seed, run.step, accelerator.process_index, i))
         if run.config.compile and accelerator.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
         last = i == len(micro_batches) - 1
@@ -558,11 +557,6 @@ def everywhere_finite(run: Run, *values: torch.Tensor | None) -> bool:
     return run.accelerator.reduce(flag, reduction="mean").item() == 1.0
 
 
-def mix_seed(*numbers: int) -> int:
-    """One well-mixed 63-bit seed from several integers (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(numbers).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 def log_metrics(run: Run, progress: tqdm) -> None:
     """Reduce the running means across processes (the one sync point) and write them out."""
     accelerator = run.accelerator
@@ -605,7 +599,8 @@ def epoch_start_step(run: Run) -> int:
 def training_state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
             "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
-            "global_batch_size": run.global_batch_size, "fsdp": sharding.is_sharded(run.unwrapped_unet)}
+            "global_batch_size": run.global_batch_size, "fsdp": sharding.is_sharded(run.unwrapped_unet),
+            **({"data_order": run.batches.order.seeding} if isinstance(run.batches, data.CachedBatches) else {})}
 
 
 def save_checkpoint(run: Run) -> None:
