@@ -1,10 +1,10 @@
 """A local stand-in for the Hugging Face Hub's HTTP API, for tests. It is NOT the Hub.
 
 There is no Hub to reach from the tests, so this small server answers the few endpoints that
-huggingface_hub's `create_repo` and `upload_folder` call (as read in huggingface_hub's source):
-repository creation, `preupload` and `commit`. It accepts one token, answers every file as a regular
-(inline, base64) upload, so the LFS/Xet transfer of large files is not exercised, and records what it
-received so that tests can check what was uploaded and what was not.
+huggingface_hub's `create_repo`, `model_info` and `upload_folder` call (as read in huggingface_hub's
+source): repository creation and information (its visibility), `preupload` and `commit`. It accepts one
+token, answers every file as a regular (inline, base64) upload, so the LFS/Xet transfer of large files is
+not exercised, and records what it received so that tests can check what was uploaded and what was not.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 USER = "standin-user"
 REPO_PATH = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<action>preupload|commit)/(?P<revision>[^/?]+)")
+INFO_PATH = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/?]+)(\?.*)?$")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class HubStandIn:
     # The first commit is answered only once this is true (or after 30 s), as over a slow network.
     hold_first_commit_until: Callable[[], bool] | None = None
     created: list[str] = field(default_factory=list)
+    private: dict[str, bool] = field(default_factory=dict)  # repositories that exist, and whether private
     commits: list[Commit] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     url: str = ""
@@ -73,7 +75,11 @@ class HubStandIn:
                 if self.path == "/api/repos/create":
                     request = json.loads(body)
                     repo_id = f"{request.get('organization') or USER}/{request['name']}"
+                    if repo_id in hub.private:  # as the Hub answers; create_repo(exist_ok=True) takes it
+                        return self.reply(409, {"error": "You already created this model repo",
+                                                "url": f"{hub.url}/{repo_id}"})
                     hub.created.append(repo_id)
+                    hub.private[repo_id] = request.get("visibility") == "private"
                     return self.reply(200, {"url": f"{hub.url}/{repo_id}"})
                 if self.path == "/api/validate-yaml":
                     return self.reply(200, {})
@@ -90,6 +96,11 @@ class HubStandIn:
                 self.reply(404, {"error": "not in the stand-in"})
 
             def do_GET(self) -> None:
+                info = INFO_PATH.match(self.path)
+                if info and info["repo"] in hub.private:
+                    if self.headers.get("Authorization") != f"Bearer {hub.token}":
+                        return self.reply(401, {"error": "Invalid username or password."})
+                    return self.reply(200, {"id": info["repo"], "private": hub.private[info["repo"]]})
                 # huggingface_hub fetches a registry of AI agents for its User-Agent header; it does
                 # without one, so the stand-in has none (and nothing gets cached).
                 if self.path != "/api/agent-harnesses":

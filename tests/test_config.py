@@ -107,6 +107,10 @@ def test_config_file_errors_are_one_line(tmp_path, content, message):
      "the steps must increase"),
     (("--dataset_name", "x", "--lr_step_rules", "1:1000,0.1"),
      "--lr_step_rules applies to --lr_scheduler piecewise_constant, not cosine"),
+    # nan passes every comparison: it trained with a nan learning rate
+    (("--dataset_name", "x", "--learning_rate", "nan"), "--learning_rate is nan; give a finite number"),
+    (("--dataset_name", "x", "--max_grad_norm", "inf"), "--max_grad_norm is inf; give a finite number"),
+    (("--dataset_name", "x", "--seed", "-1"), "--seed is -1; use a whole number from 0 to 4294967295"),
 ])
 def test_invalid_settings_are_refused(argv, message):
     with pytest.raises(UsageError) as error:

@@ -75,6 +75,20 @@ def test_wrong_token_fails_before_training_without_showing_it(run_cli, standin, 
     assert not (out / "unet").exists() and not (out / "data_report.json").exists()
 
 
+def test_private_repo_is_made_private_and_an_existing_public_one_refused(run_cli, standin, color_folder, tiny_unet,
+                                                                          tmp_path):
+    """create_repo leaves an existing repository as it is: --hub_private_repo must not upload into a public one."""
+    private = ("--hub_private_repo", "--max_train_steps", "1")
+    assert run_cli(*hub_args(color_folder, tiny_unet, tmp_path / "a", *private))[0] == 0
+    assert standin.private == {"someone/tiny-ddpm": True} and len(standin.commits) == 1
+    standin.private["someone/public-model"] = False
+    code, _, err = run_cli(*hub_args(color_folder, tiny_unet, tmp_path / "b", *private, "--hub_model_id",
+                                     "someone/public-model"))
+    lines = [line for line in err.splitlines() if line.startswith("uncond: error:")]
+    assert code == 2 and len(lines) == 1 and "someone/public-model exists and is public" in lines[0], err
+    assert len(standin.commits) == 1 and not (tmp_path / "b" / "data_report.json").exists()
+
+
 def test_failed_upload_is_reported_and_its_files_kept_to_retry(run_cli, standin, color_folder, tiny_unet, tmp_path):
     standin.fail_commits = True
     out = tmp_path / "run"

@@ -84,12 +84,47 @@ def test_sample_does_not_overwrite_a_grid_unless_asked(run_cli, pipeline, tmp_pa
     (lambda p, t: ["sample", p, "--device", "cuda:7" if not __import__("torch").cuda.is_available() else "nope"],
      "--device"),
     (lambda p, t: ["sample", p, "--steps", 0], "--steps is 0; it must be at least 1"),
+    (lambda p, t: ["sample", p, "--steps", 1001], "1001 sampling steps with sde-dpmsolver++: the model was trained "
+                                                  "with 1000 timesteps; use at most 1000 steps"),
+    (lambda p, t: ["sample", p, "--seed", 2**70], "--seed is 1180591620717411303424; use a whole number from 0"),
     (lambda p, t: ["evaluate", p, "--reference", t / "missing.npz"], "no such statistics file"),
     (lambda p, t: ["evaluate", p, "--reference", t / "nowhere"], "--reference"),
 ])
 def test_bad_input_is_one_line(run_cli, pipeline, tmp_path, make_args, expected):
     code, _, err = run_cli(*make_args(pipeline, tmp_path))
     one_line_error(code, err, expected)
+
+
+def test_sample_makes_the_grid_folder(run_cli, pipeline, tmp_path):
+    grid = tmp_path / "new" / "grid.png"  # it failed after all the sampling
+    assert run_cli("sample", pipeline, "--num_images", 2, "--steps", 1, "--output_dir", tmp_path / "out",
+                   "--grid", grid)[0] == 0
+    assert Image.open(grid).size[0] > 16
+
+
+def test_evaluate_measures_the_numbered_images_of_a_sample_folder_and_skips_unreadable_ones(
+        run_cli, stand_in_inception, pipeline, tmp_path):
+    out = tmp_path / "samples"
+    assert run_cli("sample", pipeline, "--num_images", 3, "--steps", 1, "--output_dir", out,
+                   "--grid", out / "grid.png")[0] == 0
+    code, stdout, err = run_cli("evaluate", out, "--reference", out, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["num_generated"] == 3 and "the numbered images of the folder" in result["generated"]
+    (out / "000000.png").write_text("not an image")  # the first file: it set the native size, and crashed
+    code, stdout, err = run_cli("evaluate", out, "--reference", write_images(tmp_path / "real", 4), "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["num_generated"] == 2 and "1 unreadable images skipped" in result["generated"]
+
+
+def test_evaluate_refuses_a_reference_of_one_image_and_caches_nothing(run_cli, stand_in_inception, pipeline,
+                                                                      tmp_path, decoded_image_cache):
+    code, _, err = run_cli("evaluate", write_images(tmp_path / "generated", 3),
+                           "--reference", write_images(tmp_path / "one", 1))
+    one_line_error(code, err, "--reference")
+    assert "1 readable image(s); FID needs at least 2" in err
+    assert not list(decoded_image_cache.rglob("*.npz"))
 
 
 def test_a_mistyped_relative_folder_is_not_looked_up_on_the_hub(run_cli, tmp_path, monkeypatch):

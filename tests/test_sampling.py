@@ -10,8 +10,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from conftest import TINY_UNET, save_tiny_pipeline
 from uncond.config import SAMPLER_NAMES, UsageError
-from uncond.sampling import (SAMPLERS, check_sampler, generate, image_grid, load_model, make_sampler,
-                             step_options)
+from uncond.sampling import (SAMPLERS, check_sampler, check_sampler_fits, diffusers_usage_code, generate,
+                             image_grid, load_model, make_sampler, step_options)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,74 @@ def test_ddim_recomputes_its_noise_from_the_clipped_image():
     sampler = make_sampler("ddim", DDPMScheduler(num_train_timesteps=1000).config)
     assert step_options(sampler) == {"generator": None, "use_clipped_model_output": True}
     assert step_options(make_sampler("unipc", DDPMScheduler().config)) == {}
+
+
+class ExactNoise(UNet2DModel):
+    """A "network" that knows the data, every image being the constant LEVEL, so the noise in x_t is
+    (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t): a sampler that follows the training schedule ends on that image,
+    one that does not (other betas, unscaled inputs or initial noise) does not. Fractional timesteps (KDPM2's)
+    are placed between the integer ones linearly in log sigma, as diffusers' samplers place them."""
+    LEVEL = 191
+    # Samplers that end at training timestep 0 (DDIM, PNDM) keep its noise, std sqrt(beta_0) = 0.01, 1.3 levels;
+    # a sampler off the schedule is off by tens of levels.
+    TOLERANCE = 8
+
+    def __init__(self, alphas_cumprod: torch.Tensor, **config):
+        super().__init__(**config)
+        self.log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod).sqrt().log()).double().numpy()
+
+    def forward(self, sample, timestep, *args, **kwargs):
+        t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+        sigma = float(np.exp(np.interp(t, np.arange(len(self.log_sigmas)), self.log_sigmas)))
+        alpha_bar = 1 / (1 + sigma ** 2)
+        clean = self.LEVEL / 127.5 - 1
+        noise = (sample - alpha_bar ** 0.5 * clean) / (1 - alpha_bar) ** 0.5
+        return __import__("diffusers").models.unets.unet_2d.UNet2DOutput(sample=noise)
+
+
+def exact_noise_unet(training: DDPMScheduler) -> ExactNoise:
+    config = {k: v for k, v in TINY_UNET.items() if not k.startswith("_")}
+    return ExactNoise(training.alphas_cumprod, **{**config, "sample_size": 8, "in_channels": 1, "out_channels": 1})
+
+
+@pytest.mark.parametrize("schedule", ["linear", "sigmoid"])
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_every_sampler_follows_the_training_schedule(name, schedule):
+    """DDPM's sigmoid and laplace schedules, which the other diffusers samplers do not compute, reach them
+    as the training betas (they raised NotImplementedError at the first preview). Laplace goes the same way
+    but is not measured here: its timestep 0 keeps noise of std 0.15, where DDIM and PNDM end."""
+    training = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule)
+    images = generate(exact_noise_unet(training), make_sampler(name, training.config), num_images=2, num_steps=6)
+    assert np.abs(images.astype(int) - ExactNoise.LEVEL).max() <= ExactNoise.TOLERANCE
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_model_card_code_samples_like_uncond_with_every_sampler(name, monkeypatch):
+    """The card's code, run as written with plain diffusers: through DDPMPipeline where the sampler fits its loop,
+    else its own loop (DDPMPipeline with Euler-type samplers gave wrong images, with PNDM or UniPC a TypeError)."""
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    training = DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid")
+    pipeline = DDPMPipeline(unet=exact_noise_unet(training), scheduler=training)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda repo: pipeline)
+    namespace: dict = {}
+    exec(diffusers_usage_code(name, training.config, "someone/model", 6), namespace)  # noqa: S102 - the card's code
+    images = np.stack([np.asarray(image) for image in namespace["images"]])
+    assert images.shape == (16, 8, 8) and np.abs(images.astype(int) - ExactNoise.LEVEL).max() <= ExactNoise.TOLERANCE
+
+
+def test_a_sampler_that_cannot_sample_the_model_is_refused_before_any_work():
+    with pytest.raises(UsageError, match="--sampler pndm cannot sample this model .*prediction_type given as sample"):
+        check_sampler_fits("pndm", DDPMScheduler(prediction_type="sample").config, 25)
+    with pytest.raises(UsageError, match="the model was trained with 100 timesteps; use at most 100 steps"):
+        check_sampler_fits("euler", DDPMScheduler(num_train_timesteps=100).config, 101)
+
+
+def test_a_foreign_clip_range_is_not_turned_into_rescaling():
+    """Thresholding is plain clipping only at sample_max_value 1; DDIM and DDPM clip by themselves."""
+    foreign = DDPMScheduler(clip_sample_range=0.5).config
+    assert not make_sampler("dpmsolver++", foreign).config.thresholding
+    assert not make_sampler("ddim", DDPMScheduler().config).config.thresholding
 
 
 def test_unknown_sampler_is_a_usage_error():

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -134,7 +135,7 @@ class TrainConfig:
     adam_beta2: float = setting(0.999, "AdamW beta2", group="training", seed=True)
     adam_weight_decay: float = setting(1e-6, "AdamW weight decay", group="training", seed=True)
     adam_epsilon: float = setting(1e-08, "AdamW epsilon", group="training", seed=True)
-    max_grad_norm: float = setting(1.0, "clip the gradient norm to this", group="training")
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)", group="training")
     skip_nonfinite: bool = setting(False, "skip optimizer steps whose loss or gradients are NaN/inf instead of "
                                    "stopping (checks every step: one host sync per step)", group="training")
     mixed_precision: str = setting("no", "fp16 or bf16 autocast with fp32 master weights; without the flag, "
@@ -455,6 +456,20 @@ def check_at_least(config: Any, low: float, *names: str) -> None:
             raise UsageError(f"--{name} is {value}; it must be at least {low}")
 
 
+SEED_LIMIT = 2**32  # numpy's seeds (accelerate's set_seed seeds numpy too)
+
+
+def check_numbers(config: Any) -> None:
+    """nan and inf pass every comparison of the other checks; a seed outside numpy's range fails deep in a library."""
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{spec.name} is {value}; give a finite number")
+    seed = getattr(config, "seed", None)
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"--seed is {seed}; use a whole number from 0 to {SEED_LIMIT - 1}")
+
+
 def check_weights_file(path: str | None) -> None:
     if path is not None and not Path(path).expanduser().is_file():
         raise UsageError(f"--inception_weights {path}: no such file")
@@ -463,6 +478,7 @@ def check_weights_file(path: str | None) -> None:
 def validate(config: TrainConfig) -> None:
     """The checks that need neither data nor a model. Raises UsageError on the first problem."""
     check_choices(config)
+    check_numbers(config)
     check_at_least(config, 1, "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
                    "save_images_epochs", "save_model_epochs", "checkpointing_steps", "checkpoints_total_limit",
                    "ddpm_num_inference_steps", "sample_steps", "max_train_steps", "logging_steps",
@@ -520,6 +536,7 @@ def build_command_config(config_class: type, values: dict[str, Any]) -> Any:
     """`uncond sample` / `uncond evaluate` / `uncond cache` settings from parsed arguments, checked."""
     config = config_class(**values)
     check_choices(config)
+    check_numbers(config)
     if isinstance(config, CacheConfig):
         check_at_least(config, 0, "remove_unused_days")
         return config

@@ -5,10 +5,11 @@ sampling; reference statistics are cached, so a second evaluation against the sa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,6 +45,7 @@ class Generated:
     count: int
     resolution: int
     description: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files of a folder, filled as read
 
 
 def evaluate(config: EvaluateConfig) -> Report:
@@ -59,7 +61,8 @@ def evaluate(config: EvaluateConfig) -> Report:
     batches = metrics.with_progress(generated.batches, generated.count, "generated")
     features = metrics.extract_features(extractor, batches)
     scores = metrics.compare(features, reference, device)
-    return Report(scores, generated.description, reference_note, extractor.input_note)
+    return Report(scores, generated.description + skipped_note(generated.skipped), reference_note,
+                  extractor.input_note)
 
 
 # ------------------------------------------------------------------------------------------------ generated
@@ -91,14 +94,35 @@ def resized_squares(batches: Iterator[np.ndarray], resolution: int) -> Iterator[
 
 
 def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
+    """A folder's images; of a folder `uncond sample` wrote, only its numbered images (not a --grid put there)."""
     source = data.open_named_source(str(path), "GENERATED")
-    with source.records[0].open() as first:
-        native = min(first.size)
-    resolution = config.resolution or native
+    numbered = [record for record in source.records
+                if Path(record.name).parent == path and sampling.is_numbered_image(Path(record.name))]
+    what = f"the folder {path}"
+    if numbered and len(numbered) < len(source.records):
+        source = dataclasses.replace(source, records=numbered)
+        what = f"the numbered images of {what} (as `uncond sample` names them; its other images left out)"
+    resolution = config.resolution or native_size(source, path)
     count = min(len(source.records), config.num_images)
-    batches = data.image_batches(source, resolution, config.batch_size, limit=config.num_images)
-    return Generated(batches, count, resolution,
-                     f"{count} images from the folder {path}, {resizing(resolution)}")
+    generated = Generated(iter(()), count, resolution, f"{count} images from {what}, {resizing(resolution)}")
+    generated.batches = data.image_batches(source, resolution, config.batch_size, config.num_images,
+                                           generated.skipped)
+    return generated
+
+
+def native_size(source: data.Source, path: Path) -> int:
+    """The shorter side of the first image of `source` that can be read."""
+    for record in source.records:
+        try:
+            with record.open() as image:
+                return min(image.size)
+        except Exception:  # noqa: BLE001 - unreadable: skipped here as when measuring
+            continue
+    raise UsageError(f"GENERATED {path}: none of its {len(source.records)} image files can be read")
+
+
+def skipped_note(skipped: list[tuple[str, str]]) -> str:
+    return f"; {len(skipped)} unreadable images skipped ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
 
 
 def resizing(resolution: int) -> str:
@@ -134,14 +158,16 @@ def reference_stats(config: EvaluateConfig, source: data.Source | None, resoluti
     def compute() -> metrics.FeatureStats:
         batches = data.image_batches(source, resolution, config.batch_size, config.reference_num_images, skipped)
         batches = metrics.with_progress(batches, count, "reference")
-        return metrics.feature_stats(metrics.extract_features(extractor, batches), extractor.name)
+        features = metrics.extract_features(extractor, batches)
+        if len(features) < 2:  # a covariance needs two; nothing is cached
+            raise UsageError(f"--reference {config.reference}: {len(features)} readable image(s){skipped_note(skipped)}"
+                             "; FID needs at least 2")
+        return metrics.feature_stats(features, extractor.name)
 
     stats, from_cache = metrics.cached_stats(cache, key, compute)
     note = (f"{stats.count} images of {source.description}, {resizing(resolution)}; statistics "
             f"{'read from the cache' if from_cache else 'cached in'} {cache}")
-    if skipped:
-        note += f"; {len(skipped)} unreadable images skipped ({skipped[0][0]}: {skipped[0][1]})"
-    return stats, note
+    return stats, note + skipped_note(skipped)
 
 
 def cache_folder() -> Path:

@@ -26,16 +26,22 @@ def repository_id(config: TrainConfig) -> str:
 
 
 def create_repository(config: TrainConfig) -> str:
-    """Create (or find) the model repository before training starts, so a missing login fails early."""
+    """Create (or find) the model repository before training starts, so a missing login fails early.
+    With --hub_private_repo an existing public repository is refused: create_repo leaves it as it is."""
     from huggingface_hub import HfApi
 
+    api = HfApi(token=config.hub_token)
     try:
-        return HfApi(token=config.hub_token).create_repo(repository_id(config), exist_ok=True,
-                                                        private=config.hub_private_repo).repo_id
+        repo_id = api.create_repo(repository_id(config), exist_ok=True, private=config.hub_private_repo).repo_id
+        public = config.hub_private_repo and api.model_info(repo_id).private is False
     except Exception as error:  # noqa: BLE001 - offline, unauthenticated or forbidden: one line, no token
         raise UsageError(f"--push_to_hub: cannot create the Hub repository {repository_id(config)} "
                          f"({first_line(error)}); log in with `hf auth login` or pass --hub_token, or drop "
                          "--push_to_hub") from None
+    if public:
+        raise UsageError(f"--hub_private_repo: the Hub repository {repo_id} exists and is public; make it private "
+                         "in its settings on the Hub, choose another --hub_model_id, or drop --hub_private_repo")
+    return repo_id
 
 
 class BackgroundUploads:
@@ -138,13 +144,7 @@ trained with uncond on {details['dataset']} for {details['steps']} optimizer ste
 {grid}## Use
 
 ```python
-from diffusers import DiffusionPipeline, {details['sampler_class']}
-
-pipeline = DiffusionPipeline.from_pretrained("{details['repo']}")
-# {details['sampler']} with {details['sample_steps']} steps, as uncond samples (1000 DDPM steps without it):
-pipeline.scheduler = {details['sampler_code']}
-images = pipeline(batch_size=16, num_inference_steps={details['sample_steps']}).images
-```
+{details['usage_code']}```
 
 ## Training
 

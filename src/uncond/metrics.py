@@ -93,7 +93,7 @@ def inception_extractor(weights: str | None, device: torch.device) -> FeatureExt
     with mock.patch.object(module, "load_state_dict_from_url", lambda *args, **kwargs: state_dict):
         try:
             network = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-        except RuntimeError as error:
+        except (RuntimeError, TypeError) as error:  # TypeError: a file holding something other than a state dict
             raise UsageError(f"{path} does not hold the FID InceptionV3 weights ({first_line(error)}); they are "
                              f"{INCEPTION_URL}") from None
     network.to(device)
@@ -197,6 +197,8 @@ def load_stats(path: Path) -> FeatureStats:
         raise UsageError(f"{path}: not a statistics file ({first_line(error)})") from None
     if "mu" not in values or "sigma" not in values:
         raise UsageError(f"{path} holds {', '.join(values) or 'nothing'}; statistics files hold mu and sigma")
+    if not (np.isfinite(values["mu"]).all() and np.isfinite(values["sigma"]).all()):
+        raise UsageError(f"{path} holds non-finite statistics; compute them again from the images")
     extractor = str(values.get("extractor", "")) or None
     return FeatureStats(values["mu"].astype(np.float64), values["sigma"].astype(np.float64),
                         int(values.get("count", 0)), values.get("features"), extractor, str(values.get("key", "")))

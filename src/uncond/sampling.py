@@ -57,6 +57,11 @@ def check_sampler(name: str) -> None:
         raise UsageError(f"--sampler {name}: unknown; choose one of {', '.join(SAMPLERS)}")
 
 
+# The beta schedules every diffusers sampler computes itself; DDPM's others (sigmoid, laplace) are handed
+# to the samplers as the training betas.
+SHARED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
 def make_sampler(name: str, training_scheduler_config: dict[str, Any]) -> Any:
     """A sampling scheduler for a model trained with `training_scheduler_config` (betas, prediction type).
 
@@ -75,23 +80,85 @@ def sampler_settings(name: str, training_scheduler_config: dict[str, Any]) -> tu
     settings = dict(settings)
     if name != "ddpm":
         settings["timestep_spacing"] = "trailing"
+    if (training_scheduler_config.get("beta_schedule", "linear") not in SHARED_BETA_SCHEDULES
+            and training_scheduler_config.get("trained_betas") is None):
+        settings["trained_betas"] = DDPMScheduler.from_config(dict(training_scheduler_config)).betas.tolist()
     accepted = inspect.signature(scheduler_class.__init__).parameters
-    if training_scheduler_config.get("clip_sample") and "thresholding" in accepted:
-        # DDPM clips its x0 estimate to the data range; solvers in x0 space do the same through
-        # thresholding, whose bound at sample_max_value = 1 is plain clipping. Without it, an
-        # undertrained model's overshooting x0 estimates show as speckles in few-step samples.
-        settings.update(thresholding=True, sample_max_value=training_scheduler_config.get("clip_sample_range", 1.0))
+    if (training_scheduler_config.get("clip_sample") and training_scheduler_config.get("clip_sample_range", 1.0) == 1
+            and "thresholding" in accepted and "clip_sample" not in accepted):
+        # DDPM clips its x0 estimate to [-1, 1]; solvers in x0 space do the same through thresholding,
+        # whose bound at sample_max_value = 1 is plain clipping (at other values it rescales, so a foreign
+        # schedule's other clip_sample_range is left unclipped). Without it, an undertrained model's
+        # overshooting x0 estimates show as speckles in few-step samples.
+        settings.update(thresholding=True, sample_max_value=1.0)
     return scheduler_class, settings
 
 
-def diffusers_sampler_code(name: str, training_scheduler_config: dict[str, Any]) -> tuple[str, str]:
-    """(class name, Python expression) that set up sampler `name` on a diffusers `pipeline` as uncond does:
-    for model cards, so that plain diffusers samples as well as `uncond sample`."""
+def check_sampler_fits(name: str, training_scheduler_config: dict[str, Any], num_steps: int) -> None:
+    """Raise UsageError if sampler `name` cannot sample a model trained with `training_scheduler_config` in
+    `num_steps` steps. diffusers refuses some combinations only when stepping (a prediction type a sampler
+    does not handle, more steps than training timesteps), so the sampler takes one step on a dummy sample:
+    otherwise training would meet the refusal at its first preview, after an epoch of work."""
+    timesteps = training_scheduler_config.get("num_train_timesteps", DDPM_STEPS)
+    if num_steps > timesteps:
+        raise UsageError(f"{num_steps} sampling steps with {name}: the model was trained with {timesteps} "
+                         f"timesteps; use at most {timesteps} steps")
+    try:
+        scheduler = make_sampler(name, training_scheduler_config)
+        scheduler.set_timesteps(num_steps, device="cpu")
+        sample, options = torch.zeros(1, 1, 2, 2), step_options(scheduler)
+        if "generator" in options:
+            options["generator"] = torch.Generator().manual_seed(0)
+        timestep = scheduler.timesteps[0]
+        scheduler.step(torch.zeros_like(sample), timestep, scheduler.scale_model_input(sample, timestep), **options)
+    except (NotImplementedError, ValueError) as error:
+        raise UsageError(f"--sampler {name} cannot sample this model ({first_line(error)}); choose another sampler, "
+                         "such as ddim or dpmsolver++") from None
+
+
+def diffusers_usage_code(name: str, training_scheduler_config: dict[str, Any], repo: str, num_steps: int) -> str:
+    """Python that samples from the exported pipeline with plain diffusers as `uncond sample` does (for model
+    cards): through DDPMPipeline where sampler `name` fits its loop, else with the loop written out."""
     scheduler_class, settings = sampler_settings(name, training_scheduler_config)
-    arguments = ", ".join(["pipeline.scheduler.config"] + [f"{key}={value!r}" for key, value in settings.items()])
-    arguments = textwrap.fill(arguments, width=100, initial_indent="    ", subsequent_indent="    ",
-                              break_long_words=False, break_on_hyphens=False)
-    return scheduler_class.__name__, f"{scheduler_class.__name__}.from_config(\n{arguments})"
+    arguments = ["pipeline.scheduler.config"] + [
+        f"{key}=pipeline.scheduler.betas.tolist()" if key == "trained_betas" else f"{key}={value!r}"
+        for key, value in settings.items()]
+    arguments_text = textwrap.fill(", ".join(arguments), width=100, initial_indent="    ",
+                                   subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+    setup = f"{scheduler_class.__name__}.from_config(\n{arguments_text})"
+    opening = (f"from diffusers import DiffusionPipeline, {scheduler_class.__name__}\n\n"
+               f"pipeline = DiffusionPipeline.from_pretrained(\"{repo}\")\n")
+    scheduler = make_sampler(name, training_scheduler_config)
+    if fits_ddpm_pipeline(scheduler):
+        return (f"{opening}# {name} with {num_steps} steps, as uncond samples (1000 DDPM steps without it):\n"
+                f"pipeline.scheduler = {setup}\n"
+                f"images = pipeline(batch_size=16, num_inference_steps={num_steps}).images\n")
+    generator = ", generator=generator" if "generator" in inspect.signature(scheduler.step).parameters else ""
+    return f"""import torch
+{opening}# {name} with {num_steps} steps, as uncond samples (DDPMPipeline's own loop scales neither the noise
+# nor the model's input, as this sampler needs)
+scheduler = {setup}
+scheduler.set_timesteps({num_steps})
+unet, generator = pipeline.unet, torch.Generator().manual_seed(0)
+size = unet.config.sample_size
+sample = torch.randn(16, unet.config.in_channels, size, size, generator=generator) * scheduler.init_noise_sigma
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        model_output = unet(scheduler.scale_model_input(sample, t), t).sample
+        sample = scheduler.step(model_output, t, sample{generator}).prev_sample
+images = pipeline.numpy_to_pil((sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+"""
+
+
+def fits_ddpm_pipeline(scheduler: Any) -> bool:
+    """Whether DDPMPipeline's loop samples correctly with `scheduler`: that loop passes a generator to every
+    step and never scales the initial noise or the model's input."""
+    if "generator" not in inspect.signature(scheduler.step).parameters:
+        return False
+    scheduler.set_timesteps(4, device="cpu")
+    probe = torch.ones(1)
+    return scheduler.init_noise_sigma == 1 and all(
+        torch.equal(scheduler.scale_model_input(probe, timestep), probe) for timestep in scheduler.timesteps)
 
 
 def steps_for(sampler: str, sample_steps: int, ddpm_num_inference_steps: int) -> int:
@@ -259,7 +326,12 @@ def check_outputs(folder: Path, grid: str | None, overwrite: bool) -> None:
 def numbered_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return [path for path in folder.iterdir() if re.fullmatch(r"\d{6,}\.png", path.name)]
+    return [path for path in folder.iterdir() if is_numbered_image(path)]
+
+
+def is_numbered_image(path: Path) -> bool:
+    """Whether `path` is named as `uncond sample` names its images."""
+    return re.fullmatch(r"\d{6,}\.png", path.name) is not None
 
 
 def sample_to_folder(config: SampleConfig) -> Path:
@@ -268,6 +340,8 @@ def sample_to_folder(config: SampleConfig) -> Path:
     check_outputs(folder, config.grid, config.overwrite)
     model, scheduler, steps = open_for_sampling(config, config.model)
     folder.mkdir(parents=True, exist_ok=True)
+    if config.grid:
+        Path(config.grid).parent.mkdir(parents=True, exist_ok=True)
     for stale in numbered_images(folder):  # --overwrite: the earlier run's images beyond this run's count too
         if int(stale.stem) >= config.num_images:
             stale.unlink()
@@ -296,8 +370,10 @@ def open_for_sampling(settings: SamplingSettings, model_name: str) -> tuple[Mode
     device = pick_device(settings.device)
     dtype = getattr(torch, settings.dtype)
     model = load_model(model_name, device, dtype)
+    steps = settings.steps or min(steps_for(settings.sampler, DEFAULT_STEPS, DDPM_STEPS),
+                                  model.scheduler_config.get("num_train_timesteps", DDPM_STEPS))
+    check_sampler_fits(settings.sampler, model.scheduler_config, steps)
     scheduler = make_sampler(settings.sampler, model.scheduler_config)
-    steps = settings.steps or steps_for(settings.sampler, DEFAULT_STEPS, DDPM_STEPS)
     logger.info(f"sampling {settings.num_images} images from {model.description} on {device} ({settings.dtype}) "
                 f"with {settings.sampler}, {steps} steps, seed {settings.seed}")
     return model, scheduler, steps

@@ -770,20 +770,19 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
                "mixed precision": config.mixed_precision}
     if "loss" in last:
         metrics["final loss (mean over the last logging interval)"] = f"{last['loss']:.4f}"
-    # The card's usage snippet samples as the previews did, with the same scheduler settings.
-    sampler_class, sampler_code = sampling.diffusers_sampler_code(config.sampler, run.noise_scheduler.config)
+    # The card's usage code samples as the previews did, with the same scheduler settings.
     sample_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
+    usage_code = sampling.diffusers_usage_code(config.sampler, run.noise_scheduler.config,
+                                               run.repo_id or str(run.output_dir), sample_steps)
     hub.write_model_card(run.output_dir, {
         "title": run.repo_id or run.output_dir.resolve().name,
-        "repo": run.repo_id or str(run.output_dir),
         "dataset": data_description(config),
         "hub_dataset": hub_dataset_id(config),
         "parameters": run.parameters_in_millions,
         "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
         "steps": run.step, "images_seen": run.images_seen,
         "grid": grids[-1].relative_to(run.output_dir).as_posix() if grids else None,
-        "metrics": metrics, "command": run.command, "sampler": config.sampler, "sample_steps": sample_steps,
-        "sampler_class": sampler_class, "sampler_code": sampler_code,
+        "metrics": metrics, "command": run.command, "usage_code": usage_code,
     })
 
 
