@@ -298,7 +298,8 @@ def one_line_error(code: int, err: str, expected: str) -> None:
     (lambda d, u, o: fast_train_args(d, u, o, "--prediction_type", "sample", "--sampler", "euler-ancestral"),
      "--sampler euler-ancestral cannot sample this model"),  # it failed at the first preview
     (lambda d, u, o: fast_train_args(d, u, o, "--ddpm_num_steps", "100", "--sampler", "ddpm"),
-     "1000 sampling steps with ddpm: the model was trained with 100 timesteps"),
+     "1000 sampling steps with ddpm: the model was trained with 100 timesteps; use at most 100 steps "
+     "(--ddpm_num_inference_steps)"),
     (lambda d, u, o: fast_train_args(d, u, o, "--model_preset", "huge", "--model_config_name_or_path", ""),
      "--model_preset huge: unknown"),
     (lambda d, u, o: fast_train_args(d, u, o, "--num_channels", "1"), "--num_channels 1 contradicts"),

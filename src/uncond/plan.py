@@ -44,7 +44,8 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     data.check_source(config)
     # The preview sampler on the training schedule: a sampler that cannot take it would fail at the first preview.
     preview_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
-    sampling.check_sampler_fits(config.sampler, dict(models.build_noise_scheduler(config).config), preview_steps)
+    sampling.check_sampler_fits(config.sampler, dict(models.build_noise_scheduler(config).config), preview_steps,
+                                "--ddpm_num_inference_steps" if config.sampler == "ddpm" else "--sample_steps")
     unet_config = models.unet_config_for(config, config.resolution)
     channels_from_model_config = None
     if config.model_config_name_or_path:

@@ -94,7 +94,8 @@ def sampler_settings(name: str, training_scheduler_config: dict[str, Any]) -> tu
     return scheduler_class, settings
 
 
-def check_sampler_fits(name: str, training_scheduler_config: dict[str, Any], num_steps: int) -> None:
+def check_sampler_fits(name: str, training_scheduler_config: dict[str, Any], num_steps: int,
+                       steps_flag: str = "--steps") -> None:
     """Raise UsageError if sampler `name` cannot sample a model trained with `training_scheduler_config` in
     `num_steps` steps. diffusers refuses some combinations only when stepping (a prediction type a sampler
     does not handle, more steps than training timesteps), so the sampler takes one step on a dummy sample:
@@ -102,7 +103,7 @@ def check_sampler_fits(name: str, training_scheduler_config: dict[str, Any], num
     timesteps = training_scheduler_config.get("num_train_timesteps", DDPM_STEPS)
     if num_steps > timesteps:
         raise UsageError(f"{num_steps} sampling steps with {name}: the model was trained with {timesteps} "
-                         f"timesteps; use at most {timesteps} steps")
+                         f"timesteps; use at most {timesteps} steps ({steps_flag})")
     try:
         scheduler = make_sampler(name, training_scheduler_config)
         scheduler.set_timesteps(num_steps, device="cpu")
