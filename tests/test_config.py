@@ -111,6 +111,7 @@ def test_config_file_errors_are_one_line(tmp_path, content, message):
     (("--dataset_name", "x", "--learning_rate", "nan"), "--learning_rate is nan; give a finite number"),
     (("--dataset_name", "x", "--max_grad_norm", "inf"), "--max_grad_norm is inf; give a finite number"),
     (("--dataset_name", "x", "--seed", "-1"), "--seed is -1; use a whole number from 0 to 4294967295"),
+    (("--train_data_dir", ""), "--train_data_dir is empty (an unset shell variable?)"),  # it read the current folder
 ])
 def test_invalid_settings_are_refused(argv, message):
     with pytest.raises(UsageError) as error:

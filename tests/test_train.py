@@ -169,6 +169,27 @@ def test_a_checkpoint_from_before_the_data_order_change_resumes_in_its_order(run
     assert json.loads((interrupted / "checkpoint-8" / "training_state.json").read_text())["data_order"] == 1
 
 
+def test_an_output_folder_inside_the_image_folder_is_not_read_as_images(run_cli, color_folder, tiny_unet):
+    """Its sample grids and loss plot were read as training images by the next run, which resumed on them."""
+    out = color_folder / "runs" / "first"
+    for steps in ("2", "4"):
+        code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", steps,
+                                                "--checkpointing_steps", "2"))
+        assert code == 0, err
+        assert "data: 12 images" in err and f"uncond run folders left out: {out}" in err, err
+    assert "resuming from checkpoint-2" in err
+
+
+def test_a_broken_link_in_the_image_folder_is_skipped_and_reported(run_cli, color_folder, tiny_unet, tmp_path):
+    (color_folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    out = tmp_path / "run"
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))[0] == 0  # it raised when listing
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1"))
+    assert code == 0, err
+    skipped = json.loads((out / "data_report.json").read_text())["skipped"]
+    assert [entry["name"] for entry in skipped] == [str(color_folder / "gone.png")]
+
+
 def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_unet, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(gray_folder, tiny_unet, out, "--max_train_steps", "2",
@@ -295,6 +316,7 @@ def one_line_error(code: int, err: str, expected: str) -> None:
     (lambda d, u, o: fast_train_args(d, u, o, "--resume_from_checkpoint", "checkpoint-99"),
      "--resume_from_checkpoint checkpoint-99: no such checkpoint"),
     (lambda d, u, o: fast_train_args(d, u, o, "--sampler", "plms"), "--sampler plms: unknown"),
+    (lambda d, u, o: fast_train_args(d, u, d), "--train_data_dir and --output_dir are both"),
     (lambda d, u, o: fast_train_args(d, u, o, "--prediction_type", "sample", "--sampler", "euler-ancestral"),
      "--sampler euler-ancestral cannot sample this model"),  # it failed at the first preview
     (lambda d, u, o: fast_train_args(d, u, o, "--ddpm_num_steps", "100", "--sampler", "ddpm"),

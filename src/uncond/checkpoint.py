@@ -27,13 +27,13 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from . import models, sharding
-from .config import RunFailed, TrainConfig, UsageError, first_line
+from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line
 
 logger = logging.getLogger("uncond")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
-CONFIG_FILE = "training_config.json"
+CONFIG_FILE = RUN_CONFIG_FILE
 MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".tmp-"
 # Settings a checkpoint can only be resumed with unchanged (the UNet's own config is compared too).

@@ -323,6 +323,7 @@ GROUP_TITLES = {  # in the order --help shows them
     "evaluation": "evaluation during training (FID, KID)", "logging": "logging", "hub": "Hugging Face Hub",
     "speed": "speed and memory", "run": "run control",
 }
+RUN_CONFIG_FILE = "training_config.json"  # in every run's output folder and checkpoints: it marks them
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -498,6 +499,9 @@ def validate(config: TrainConfig) -> None:
     for name in ("adam_beta1", "adam_beta2", "ema_max_decay"):
         if not 0 <= getattr(config, name) < 1:
             raise UsageError(f"--{name} is {getattr(config, name)}; it must be in [0, 1)")
+    for name in ("dataset_name", "train_data_dir", "output_dir"):
+        if getattr(config, name) == "":  # Path("") is the current folder
+            raise UsageError(f"--{name} is empty (an unset shell variable?); give it a value")
     if config.dataset_name is None and config.train_data_dir is None:
         raise UsageError("no dataset given: pass --dataset_name (a Hub dataset, a saved dataset, a folder, or "
                          "builtin:mnist) or --train_data_dir DIR; `uncond train` with no arguments runs the demo")

@@ -35,7 +35,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
-from .config import RunFailed, TrainConfig, UsageError, first_line
+from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                     ".pnm", ".jfif"}
@@ -140,9 +140,10 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
-def walk_files(folder: Path) -> Iterator[Path]:
+def walk_files(folder: Path, run_folders: list[Path] | None = None) -> Iterator[Path]:
     """Files under `folder`, nested folders included (also through symbolic links, each real folder once),
-    hidden files and folders skipped, sorted."""
+    sorted; hidden files and folders skipped, and so are uncond's run folders (added to `run_folders`): a
+    run's output folder inside its image folder would otherwise feed its sample grids back as images."""
     visited = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -150,7 +151,10 @@ def walk_files(folder: Path) -> Iterator[Path]:
             dirs[:] = []
             continue
         visited.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        runs = [d for d in dirs if (Path(root) / d / RUN_CONFIG_FILE).is_file()]
+        if run_folders is not None:
+            run_folders += [Path(root) / d for d in sorted(runs)]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in runs)
         for name in sorted(files):
             if not name.startswith("."):  # also macOS's ._name resource forks and .DS_Store
                 yield Path(root) / name
@@ -163,20 +167,21 @@ def iter_image_files(folder: Path) -> Iterator[Path]:
 def folder_source(folder: Path) -> Source:
     # A plain walk rather than datasets' "imagefolder": no metadata file, no label inference from
     # folder names, no Arrow copy of the files, and one bad file is skipped instead of ending the run.
-    paths, ignored = [], Counter()
+    paths, ignored, run_folders = [], Counter(), []
     # The fingerprint hashes each file's relative path, size and modification time (as make and
     # rsync decide what changed) rather than its bytes: reading every file on every run would cost
     # a good part of what the cache saves.
     fingerprint = hashlib.sha256(b"folder\n")
-    for path in walk_files(folder):
+    for path in walk_files(folder, run_folders):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             ignored[path.suffix.lower() or "(no extension)"] += 1
             continue
-        stat = path.stat()
+        stat = path.stat() if path.exists() else path.lstat()  # a broken link: skipped when decoded, and reported
         fingerprint.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         paths.append(str(path))
-    return Source(f"folder {folder} ({len(paths)} image files)", Records(paths, Image.open, lambda _, path: path),
-                  fingerprint.hexdigest(), ignored)
+    left_out = f"; uncond run folders left out: {', '.join(str(p) for p in run_folders)}" if run_folders else ""
+    return Source(f"folder {folder} ({len(paths)} image files{left_out})",
+                  Records(paths, Image.open, lambda _, path: path), fingerprint.hexdigest(), ignored)
 
 
 def mnist_file() -> Path:

@@ -42,6 +42,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         # The seed script's flag, given: its grids were DDPM's, with that many steps.
         config = config.replace(sampler="ddpm")
     data.check_source(config)
+    if config.train_data_dir and Path(config.train_data_dir).resolve() == Path(config.output_dir).resolve():
+        raise UsageError(f"--train_data_dir and --output_dir are both {config.output_dir}: the run's sample grids "
+                         "would be read as training images; choose another --output_dir")
     # The preview sampler on the training schedule: a sampler that cannot take it would fail at the first preview.
     preview_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
     sampling.check_sampler_fits(config.sampler, dict(models.build_noise_scheduler(config).config), preview_steps,
