@@ -180,6 +180,22 @@ def test_an_output_folder_inside_the_image_folder_is_not_read_as_images(run_cli,
     assert "resuming from checkpoint-2" in err
 
 
+def test_a_readme_of_the_user_in_the_output_folder_is_never_replaced(run_cli, color_folder, tiny_unet, tmp_path):
+    """The model card is README.md: a project's own README (an --output_dir of .) was silently replaced."""
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "README.md").write_text("# My project\n")
+    for extra in ((), ("--overwrite_output_dir",)):
+        code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1", *extra))
+        one_line_error(code, err, "holds a README.md that uncond did not write")
+        assert (out / "README.md").read_text() == "# My project\n"
+    (out / "README.md").unlink()
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1"))[0] == 0
+    # its own card is replaced, by a re-run as by --overwrite_output_dir
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1",
+                                    "--overwrite_output_dir"))[0] == 0
+
+
 def test_a_broken_link_in_the_image_folder_is_skipped_and_reported(run_cli, color_folder, tiny_unet, tmp_path):
     (color_folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
     out = tmp_path / "run"

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from . import models, sharding
+from . import hub, models, sharding
 from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line
 
 logger = logging.getLogger("uncond")
@@ -197,6 +197,10 @@ def check_output_dir(config: TrainConfig, resuming: bool) -> str:
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file; choose a folder")
+    readme = output_dir / hub.CARD_FILE
+    if readme.is_file() and not hub.written_by_uncond(readme):
+        raise UsageError(f"--output_dir {output_dir} holds a README.md that uncond did not write, which the model "
+                         "card would replace; move it, or choose another --output_dir")
     if not holds_trained_model(output_dir) or resuming or config.overwrite_output_dir:
         return ""
     if interrupted_before_first_checkpoint(output_dir, config):

@@ -19,6 +19,7 @@ logger = logging.getLogger("uncond")
 UPLOAD_PATTERNS = ["model_index.json", "unet/*", "scheduler/*", "README.md", "samples/*.png", "loss.png",
                    "training_config.json"]
 SNAPSHOT_PREFIX = ".hub-upload-step-"
+CARD_FILE = "README.md"  # where the Hub looks for a model card
 
 
 def repository_id(config: TrainConfig) -> str:
@@ -119,6 +120,16 @@ class BackgroundUploads:
                               f"{shlex.quote(str(snapshot))} .")
 
 
+def written_by_uncond(card: Path) -> bool:
+    """Whether the README.md at `card` is a model card uncond wrote (its metadata carries the uncond tag)."""
+    from huggingface_hub import metadata_load
+
+    try:
+        return "uncond" in ((metadata_load(card) or {}).get("tags") or [])
+    except Exception:  # noqa: BLE001 - unreadable, or front matter that is not YAML: not ours
+        return False
+
+
 def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
     """output_dir/README.md, a Hub model card: what was trained on what, a sample grid, the final metrics,
     the command that reproduces the run, and how to use the model with diffusers."""
@@ -159,6 +170,6 @@ Reproduce with:
 
 Every resolved setting, the seed included, is in `training_config.json`.
 """
-    path = output_dir / "README.md"
+    path = output_dir / CARD_FILE
     ModelCard(content).save(path)
     return path

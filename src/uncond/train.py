@@ -36,7 +36,7 @@ SAMPLES_DIR = "samples"
 BEST_DIR = "best"  # --keep_best: the export with the lowest FID
 REFERENCE_STATS_FILE = "fid_reference.npz"  # feature statistics of the training images, for FID during training
 MAX_REFERENCE_IMAGES = 50_000  # the usual size of an FID reference set
-RUN_ARTEFACTS = (SAMPLES_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, checkpoint.CONFIG_FILE, "README.md",
+RUN_ARTEFACTS = (SAMPLES_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, checkpoint.CONFIG_FILE, hub.CARD_FILE,
                  "data_report.json", BEST_DIR, REFERENCE_STATS_FILE)
 
 
