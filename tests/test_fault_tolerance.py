@@ -204,6 +204,7 @@ def test_preemption_saves_a_checkpoint_and_exits_cleanly(inputs, reference, tmp_
     line = next(line for line in err.splitlines() if line.startswith(stopped))
     step = int(line.split("at step ")[1].split(",")[0])
     assert step < STEPS and f"checkpoint-{step} saved; re-run the same command to resume" in line
+    assert err.count(f"{signal.Signals(signal_number).name}: stopping with a checkpoint after the current step") == 1
     assert checkpoint.checkpoint_problem(out / f"checkpoint-{step}") is None
     resume_to_the_end(inputs, out)
     assert_same_result(out, reference)

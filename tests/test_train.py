@@ -206,6 +206,41 @@ def test_a_broken_link_in_the_image_folder_is_skipped_and_reported(run_cli, colo
     assert [entry["name"] for entry in skipped] == [str(color_folder / "gone.png")]
 
 
+def test_ctrl_c_during_a_preview_stops_at_that_step(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    """It said nothing until the preview ended, then trained one more step before stopping."""
+    import os
+    import signal
+
+    from uncond import train
+
+    def interrupted_grid(run, unet):
+        if run.step == 3:  # the end of epoch 0 (12 images, batch 4)
+            os.kill(os.getpid(), signal.SIGINT)
+        original_grid(run, unet)
+
+    original_grid = train.save_sample_grid
+    monkeypatch.setattr(train, "save_sample_grid", interrupted_grid)
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "12"))
+    assert code == 0, err
+    assert "SIGINT: stopping with a checkpoint after the current step" in err
+    assert "stopped by SIGINT at step 3, checkpoint-3 saved" in err
+
+
+def test_images_per_second_leave_out_previews(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    import time
+
+    from uncond import train
+
+    original_grid = train.save_sample_grid
+    monkeypatch.setattr(train, "save_sample_grid", lambda run, unet: (time.sleep(2.0), original_grid(run, unet)))
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "6", "--logging_steps", "1")
+    assert run_cli(*args)[0] == 0
+    rates = {record["step"]: record["images_per_sec"] for record in map(json.loads, (out / "metrics.jsonl").open())}
+    # the interval after the step-3 preview: with the preview's 2 s counted, under 2 images/s
+    assert rates[4] > 6, rates
+
+
 def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_unet, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(gray_folder, tiny_unet, out, "--max_train_steps", "2",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -327,7 +328,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         init_trackers(run)
     run.feature_extractor = open_feature_extractor(config, accelerator)
     log_run_summary(run)
-    with StopSignal() as stop:
+    with StopSignal(announce=accelerator.is_main_process) as stop:
         finished = train_loop(run, stop)
     environment.finish_collectives()
     accelerator.end_training()
@@ -345,9 +346,10 @@ class StopSignal:
     """SIGTERM or SIGINT (a preempted job, Ctrl-C) asks the run to save a checkpoint at the next step
     boundary and exit cleanly; a second SIGINT stops at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.received: str | None = None
         self.previous: dict[int, Any] = {}
+        self.announce = announce  # on one process: every process of the launch gets a terminal's Ctrl-C
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
@@ -363,6 +365,9 @@ class StopSignal:
         if self.received and number == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(number).name
+        if self.announce:  # a preview or export under way can take a while: say at once what happens
+            logger.warning(f"{self.received}: stopping with a checkpoint after the current step (and the preview "
+                           "or export under way); Ctrl-C again stops at once, without one")
 
 
 def create_hub_repository(config: TrainConfig, accelerator: Accelerator) -> str | None:
@@ -441,12 +446,12 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 if run.step % config.checkpointing_steps == 0:
                     save_checkpoint(run)
                 if stop_requested(run, stop):
-                    if run.step % config.checkpointing_steps:
-                        save_checkpoint(run)
-                    return False
+                    return stopped(run)
                 if run.step == run.max_train_steps:
                     break
             exported_at = end_epoch(run) or exported_at
+            if run.step < run.max_train_steps and stop_requested(run, stop, epoch_end=True):
+                return stopped(run)  # a signal during the epoch's preview: no step after it
     if exported_at != run.step:  # resumed at the very end
         with averaged_unet(run) as unet:
             if unet is not None:
@@ -454,6 +459,23 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
     return True
 
 
+T = TypeVar("T")
+
+
+def off_the_clock(work: Callable[..., T]) -> Callable[..., T]:
+    """For the work between training steps (previews, exports, evaluations, checkpoints): its time is left
+    out of the images/s of the logging interval it falls in, which would otherwise count it as training."""
+    @functools.wraps(work)
+    def timed(run: Run, *args: Any, **kwargs: Any) -> T:
+        started = time.perf_counter()
+        try:
+            return work(run, *args, **kwargs)
+        finally:
+            run.last_log = (run.last_log[0] + time.perf_counter() - started, run.last_log[1])
+    return timed
+
+
+@off_the_clock
 def end_epoch(run: Run) -> int | None:
     """Sample grid and export at the seed's epochs (and after the last step); returns the step exported at."""
     config, last_epoch = run.config, run.step >= run.max_train_steps
@@ -472,15 +494,22 @@ def end_epoch(run: Run) -> int | None:
     return exported_at
 
 
-def stop_requested(run: Run, stop: StopSignal) -> bool:
+def stop_requested(run: Run, stop: StopSignal, epoch_end: bool = False) -> bool:
     """Whether to stop after this step. With several processes all must agree, which costs a collective:
-    it is asked at log intervals only, so a stop comes within --logging_steps steps."""
+    it is asked at log intervals and epoch ends only, so a stop comes within --logging_steps steps."""
     if run.accelerator.num_processes == 1:
         return stop.received is not None
-    if run.step % run.config.logging_steps:
+    if run.step % run.config.logging_steps and not epoch_end:
         return False
     flag = torch.tensor(float(stop.received is not None), device=run.accelerator.device)
     return run.accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def stopped(run: Run) -> bool:
+    """Stop at this step boundary, with a checkpoint of it (unless one was just written)."""
+    if run.step % run.config.checkpointing_steps:
+        save_checkpoint(run)
+    return False
 
 
 def optimizer_steps(run: Run):
@@ -603,6 +632,7 @@ def training_state(run: Run) -> dict[str, Any]:
             **({"data_order": run.batches.order.seeding} if isinstance(run.batches, data.CachedBatches) else {})}
 
 
+@off_the_clock
 def save_checkpoint(run: Run) -> None:
     """A checkpoint of the state after run.step, never of a diverged one."""
     pending = run.running_loss.total
@@ -677,6 +707,7 @@ def open_feature_extractor(config: TrainConfig, accelerator: Accelerator) -> met
     return extractor
 
 
+@off_the_clock
 def evaluate(run: Run) -> None:
     """FID and KID of samples of the EMA weights (the preview sampler; image i seeded i) against the training
     images. Every process samples and measures its share of the images, so the set is the same whatever the
