@@ -232,13 +232,15 @@ def test_images_per_second_leave_out_previews(run_cli, color_folder, tiny_unet, 
     from uncond import train
 
     original_grid = train.save_sample_grid
-    monkeypatch.setattr(train, "save_sample_grid", lambda run, unet: (time.sleep(2.0), original_grid(run, unet)))
+    slow_grid = lambda run, unet: (time.sleep(3.0 if run.step == 3 else 0), original_grid(run, unet))  # noqa: E731
+    monkeypatch.setattr(train, "save_sample_grid", slow_grid)
     out = tmp_path / "run"
-    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "6", "--logging_steps", "1")
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4", "--logging_steps", "1")
     assert run_cli(*args)[0] == 0
     rates = {record["step"]: record["images_per_sec"] for record in map(json.loads, (out / "metrics.jsonl").open())}
-    # the interval after the step-3 preview: with the preview's 2 s counted, under 2 images/s
-    assert rates[4] > 6, rates
+    # The interval after the step-3 preview (4 images): with the preview's 3 s counted, under 1.4 images/s;
+    # the margin is for a loaded machine's hiccups.
+    assert rates[4] > 2.5, rates
 
 
 def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_unet, tmp_path):
@@ -442,12 +444,21 @@ def test_folder_without_readable_images(run_cli, tiny_unet, tmp_path):
     one_line_error(code, err, "none of the 2 images")
 
 
-def test_trained_model_is_not_overwritten_without_the_flag(run_cli, color_folder, tiny_unet, tmp_path):
+def test_a_finished_run_is_kept_and_goes_on_with_a_larger_max_train_steps(run_cli, color_folder, tiny_unet,
+                                                                          tmp_path):
     out = tmp_path / "run"
-    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1",
-                                    "--checkpointing_steps", "100"))[0] == 0
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "100")
+    assert run_cli(*args, "--max_train_steps", "1")[0] == 0
+    assert (out / "checkpoint-1").is_dir()  # the end is a checkpoint, though not a multiple of 100
     before = (out / "unet" / WEIGHTS).read_bytes()
-    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1"))
+    code, _, err = run_cli(*args, "--max_train_steps", "1")  # the same command again: nothing to do
+    assert code == 0 and "is complete at step 1" in err and (out / "unet" / WEIGHTS).read_bytes() == before
+    code, _, err = run_cli(*args, "--max_train_steps", "3")
+    assert code == 0 and "resuming from checkpoint-1 at step 1" in err and metric_steps(out) == [1, 3]
+    for path in out.glob("checkpoint-*"):  # a trained model without checkpoints is never overwritten
+        __import__("shutil").rmtree(path)
+    before = (out / "unet" / WEIGHTS).read_bytes()
+    code, _, err = run_cli(*args, "--max_train_steps", "4")
     one_line_error(code, err, "already holds a trained model; pass --overwrite_output_dir")
     assert (out / "unet" / WEIGHTS).read_bytes() == before
 

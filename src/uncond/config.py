@@ -499,7 +499,7 @@ def validate(config: TrainConfig) -> None:
     for name in ("adam_beta1", "adam_beta2", "ema_max_decay"):
         if not 0 <= getattr(config, name) < 1:
             raise UsageError(f"--{name} is {getattr(config, name)}; it must be in [0, 1)")
-    for name in ("dataset_name", "train_data_dir", "output_dir"):
+    for name in ("dataset_name", "output_dir") + ("train_data_dir",) * (not config.dataset_name):
         if getattr(config, name) == "":  # Path("") is the current folder
             raise UsageError(f"--{name} is empty (an unset shell variable?); give it a value")
     if config.dataset_name is None and config.train_data_dir is None:

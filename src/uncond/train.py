@@ -427,6 +427,10 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
     """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points.
     Returns False when a stop signal ended it early (after saving a checkpoint)."""
     config = run.config
+    if already_complete(run):
+        logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
+                    "raise --max_train_steps or --num_epochs to train it further")
+        return True
     run.last_log = (time.perf_counter(), run.step)
     exported_at = None
     with tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
@@ -456,7 +460,17 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
         with averaged_unet(run) as unet:
             if unet is not None:
                 export(run, unet)
+    resumed_at = run.resume_position.step if run.resume_position else 0
+    if run.step % config.checkpointing_steps and run.step != resumed_at:
+        save_checkpoint(run)  # the end too: a re-run with a larger --max_train_steps goes on from here exactly
     return True
+
+
+def already_complete(run: Run) -> bool:
+    """Resumed at the last step of a run whose export is of that step: the same command run again."""
+    done = [run.step >= run.max_train_steps
+            and checkpoint.read_training_state(run.output_dir).get("step") == run.step]
+    return (broadcast_object_list(done) if run.accelerator.num_processes > 1 else done)[0]
 
 
 T = TypeVar("T")
