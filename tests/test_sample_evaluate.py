@@ -95,6 +95,34 @@ def test_bad_input_is_one_line(run_cli, pipeline, tmp_path, make_args, expected)
     one_line_error(code, err, expected)
 
 
+def test_sample_of_a_file_or_component_of_a_pipeline_names_the_pipeline_folder(run_cli, pipeline):
+    for inside, kind in (("model_index.json", "a file"), ("unet", "a component folder")):
+        code, _, err = run_cli("sample", pipeline / inside)
+        one_line_error(code, err, f"not a diffusers pipeline folder (no model_index.json) (it is {kind} of the "
+                                  f"pipeline folder {pipeline}; pass that folder)")
+
+
+def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_in_inception, tmp_path):
+    """Its sample grids and loss.png were measured as generated images, and sample called it no pipeline."""
+    run = write_images(tmp_path / "run" / "samples", 4, nested=False).parent
+    (run / "training_config.json").write_text("{}")
+    (run / "samples" / "image_000.jpg").rename(run / "loss.png")
+    reference = write_images(tmp_path / "real", 4)
+    for found in ("training_config.json", "checkpoint-12"):
+        code, _, err = run_cli("sample", run)
+        one_line_error(code, err, f"{run}: a training run that has not exported a pipeline yet (it has {found}, "
+                                  "no model_index.json); training exports it every --save_model_epochs epochs and "
+                                  "at the end: wait for the export")
+        code, _, err = run_cli("evaluate", run, "--reference", reference)
+        one_line_error(code, err, f"GENERATED {run}: a training run that has not exported a pipeline yet (it has "
+                                  f"{found}, ")
+        assert "or pass the folder of images to measure" in err
+        for step in (3, 12):
+            (run / f"checkpoint-{step}" / "unet").mkdir(parents=True, exist_ok=True)
+    code, _, err = run_cli("evaluate", run / "samples", "--reference", reference)
+    assert code == 0, err  # the images themselves can be measured
+
+
 def test_sample_makes_the_grid_folder(run_cli, pipeline, tmp_path):
     grid = tmp_path / "new" / "grid.png"  # it failed after all the sampling
     assert run_cli("sample", pipeline, "--num_images", 2, "--steps", 1, "--output_dir", tmp_path / "out",

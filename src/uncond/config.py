@@ -18,11 +18,18 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+
+# A training run's output folder: the settings it saved, and its checkpoints (written by checkpoint.py), which
+# tell such a folder apart before it holds an exported pipeline (model_index.json).
+TRAINING_CONFIG_FILE = "training_config.json"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class UsageError(Exception):

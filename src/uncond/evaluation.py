@@ -49,6 +49,8 @@ class Generated:
 
 
 def evaluate(config: EvaluateConfig) -> Report:
+    sampling.refuse_unexported_run(Path(config.generated).expanduser(), f"GENERATED {config.generated}",
+                                   ", or pass the folder of images to measure")
     device = sampling.pick_device(config.device)
     reference_source = open_reference(config.reference)
     extractor = metrics.inception_extractor(config.inception_weights, device)
