@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from . import remote
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
-from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line
+from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                     ".pnm", ".jfif"}
@@ -217,12 +218,12 @@ def load_dataset_or_explain(config: TrainConfig, **options: Any) -> Any:
             if options.get("streaming"):
                 raise ValueError("a dataset saved with save_to_disk is already local; drop --streaming")
             return datasets.load_from_disk(name)
-        return datasets.load_dataset(name, config.dataset_config_name, cache_dir=config.cache_dir, **options)
+        with remote.quiet_hub_clients():
+            return datasets.load_dataset(name, config.dataset_config_name, cache_dir=config.cache_dir, **options)
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - offline, auth, missing or malformed: one line with the reason
-        reason = first_line(error)
-        raise UsageError(f"--dataset_name {name}: could not load it ({reason})") from None
+        raise UsageError(f"--dataset_name {name}: could not load it ({remote.load_failure(error)})") from None
 
 
 def dataset_source(config: TrainConfig) -> Source:

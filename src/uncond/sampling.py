@@ -26,6 +26,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPM
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from . import remote
 from .config import (CHECKPOINT_NAME, TRAINING_CONFIG_FILE, SampleConfig, SamplingSettings, UsageError,
                      first_line)
 
@@ -292,15 +293,11 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
         raise UsageError(f"{name_or_path}: no such folder (a Hub model id has the form owner/name)")
     else:
         where = f"the Hub model {name_or_path}"
-    diffusers_logger = logging.getLogger("diffusers")
-    level = diffusers_logger.level
-    diffusers_logger.setLevel(logging.ERROR)  # its "couldn't connect" lines would repeat our one-line error
     try:
-        pipeline = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
+        with remote.quiet_hub_clients():
+            pipeline = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
     except Exception as error:  # noqa: BLE001 - offline, missing, private or malformed: one line with the reason
-        raise UsageError(f"{name_or_path}: could not load {where} ({first_line(error)})") from None
-    finally:
-        diffusers_logger.setLevel(level)
+        raise UsageError(f"{name_or_path}: could not load {where} ({remote.load_failure(error)})") from None
     unet, scheduler = getattr(pipeline, "unet", None), getattr(pipeline, "scheduler", None)
     if not isinstance(unet, UNet2DModel) or scheduler is None or getattr(pipeline, "vqvae", None) is not None:
         raise UsageError(f"{name_or_path} is a {type(pipeline).__name__}; uncond samples unconditional pixel-space "
