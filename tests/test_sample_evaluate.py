@@ -146,6 +146,20 @@ def test_evaluate_measures_the_numbered_images_of_a_sample_folder_and_skips_unre
     assert result["num_generated"] == 2 and "1 unreadable images skipped" in result["generated"]
 
 
+def test_evaluate_says_why_kid_and_precision_recall_are_missing_with_few_images(run_cli, stand_in_inception,
+                                                                               tmp_path):
+    reference = write_images(tmp_path / "real", 5, seed=1)
+    note = "KID and precision/recall need more than 3 images per set"
+    code, out, err = run_cli("evaluate", write_images(tmp_path / "three", 3), "--reference", reference, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["note"] == note and "fid" in result and not {"kid", "precision"} & set(result)
+    code, out, err = run_cli("evaluate", tmp_path / "three", "--reference", reference)
+    assert code == 0 and "FID " in out and note in out, err
+    code, out, err = run_cli("evaluate", write_images(tmp_path / "four", 4), "--reference", reference, "--json")
+    assert code == 0 and "note" not in json.loads(out) and "kid" in json.loads(out), err
+
+
 def test_evaluate_refuses_a_reference_of_one_image_and_caches_nothing(run_cli, stand_in_inception, pipeline,
                                                                       tmp_path, decoded_image_cache):
     code, _, err = run_cli("evaluate", write_images(tmp_path / "generated", 3),

@@ -31,7 +31,8 @@ class Report:
     features: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.scores.as_dict(), "generated": self.generated, "reference": self.reference,
+        note = {"note": self.scores.note} if self.scores.note else {}
+        return {**self.scores.as_dict(), **note, "generated": self.generated, "reference": self.reference,
                 "features": self.features}
 
     def __str__(self) -> str:
