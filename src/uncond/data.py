@@ -285,7 +285,12 @@ def open_image_cell(item: Any) -> Image.Image:
         return open_encoded(item)
     if isinstance(item, (bytes, bytearray)):
         return Image.open(io.BytesIO(item))
-    return array_to_image(item)
+    array = np.asarray(item)
+    if array.ndim < 2:  # a label, a caption, a path or a vector: --image_column names the wrong column
+        held = f"a list of {array.size} values" if array.ndim else "no value" if item is None else \
+            type(array.item()).__name__
+        raise TypeError(f"the column holds {held}, not an image; check --image_column")
+    return array_to_image(array)
 
 
 def open_first_image(columns: Sequence[str], row: dict[str, Any]) -> Image.Image:
