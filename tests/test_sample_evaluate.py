@@ -119,6 +119,9 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
         assert "or pass the folder of images to measure" in err
         for step in (3, 12):
             (run / f"checkpoint-{step}" / "unet").mkdir(parents=True, exist_ok=True)
+            (run / f"checkpoint-{step}" / "training_config.json").write_text("{}")
+    code, _, err = run_cli("sample", run / "checkpoint-12")
+    one_line_error(code, err, "(it is a training checkpoint; its run folder holds the pipeline)")
     code, _, err = run_cli("evaluate", run / "samples", "--reference", reference)
     assert code == 0, err  # the images themselves can be measured
 

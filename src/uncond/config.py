@@ -26,12 +26,6 @@ from pathlib import Path
 from typing import Any
 
 
-# A training run's output folder: the settings it saved, and its checkpoints (written by checkpoint.py), which
-# tell such a folder apart before it holds an exported pipeline (model_index.json).
-TRAINING_CONFIG_FILE = "training_config.json"
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
 class UsageError(Exception):
     """Bad input. The message is one line that says what is wrong and what to do instead."""
 
@@ -331,6 +325,7 @@ GROUP_TITLES = {  # in the order --help shows them
     "speed": "speed and memory", "run": "run control",
 }
 RUN_CONFIG_FILE = "training_config.json"  # in every run's output folder and checkpoints: it marks them
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # a run's checkpoint folders (checkpoint.py writes them)
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 

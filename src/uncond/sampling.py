@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import remote
-from .config import (CHECKPOINT_NAME, TRAINING_CONFIG_FILE, SampleConfig, SamplingSettings, UsageError,
+from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, SampleConfig, SamplingSettings, UsageError,
                      first_line)
 
 logger = logging.getLogger("uncond")
@@ -308,13 +308,13 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
 def unexported_run(path: Path) -> str | None:
     """What shows `path` to be a training run's output folder without an exported pipeline yet: its newest
     checkpoint-N, or its training_config.json before the first checkpoint; None for any other path."""
-    if not path.is_dir() or (path / "model_index.json").is_file():
+    if not path.is_dir() or (path / "model_index.json").is_file() or is_checkpoint(path):
         return None
     steps = [int(match[1]) for child in path.iterdir()
              if child.is_dir() and (match := CHECKPOINT_NAME.match(child.name))]
     if steps:
         return f"checkpoint-{max(steps)}"
-    return TRAINING_CONFIG_FILE if (path / TRAINING_CONFIG_FILE).is_file() else None
+    return RUN_CONFIG_FILE if (path / RUN_CONFIG_FILE).is_file() else None
 
 
 def refuse_unexported_run(path: Path, name: str, instead: str = "") -> None:
@@ -326,9 +326,15 @@ def refuse_unexported_run(path: Path, name: str, instead: str = "") -> None:
                          f"wait for the export{instead}")
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A training checkpoint holds the UNet (and its EMA copy) but no model_index.json; it has training_config.json
+    as its run folder has."""
+    return (path / "unet_ema").is_dir() or (path / "unet").is_dir()
+
+
 def not_a_pipeline_hint(path: Path) -> str:
     """What to pass instead of a path that exists but is not a pipeline folder, where that can be told."""
-    if (path / "unet_ema").is_dir() or (path / "unet").is_dir():
+    if is_checkpoint(path):
         return " (it is a training checkpoint; its run folder holds the pipeline)"
     if (path.parent / "model_index.json").is_file():
         return (f" (it is {'a file' if path.is_file() else 'a component folder'} of the pipeline folder "
