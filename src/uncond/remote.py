@@ -14,7 +14,8 @@ from typing import Iterator
 from .config import first_line
 
 # Without a network huggingface_hub logs every failed request and retry ("'[Errno -2] Name or service not
-# known' thrown while requesting HEAD https://huggingface.co/...", twice: its own handler and the root one's),
+# known' thrown while requesting HEAD https://huggingface.co/...", twice: its logger has a handler of its own
+# and also passes records on to the root logger's),
 # and diffusers a line per file it could not fetch, before raising; the caller's one-line error says it once.
 # datasets' logger is left alone: its "using the latest cached version" is worth seeing offline.
 CHATTY_LOGGERS = ("huggingface_hub", "diffusers")
