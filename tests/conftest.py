@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import types
 import zlib
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach the Hub from the tests
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:1"  # a port nothing listens on: not even with offline mode unset
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # A UNet small enough that a training step takes milliseconds: two levels, 16 px.
@@ -194,6 +196,22 @@ def no_inception_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return tmp_path / "torch-home" / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch) -> str:
+    """Offline mode unset: requests go out to the closed HF_ENDPOINT and are refused at once, as without a network
+    (and without the wait: huggingface_hub's back-off between its retries, 27 s in all, is skipped)."""
+    import datasets.config
+    import huggingface_hub.constants
+    import huggingface_hub.utils._http
+
+    assert huggingface_hub.constants.ENDPOINT == os.environ["HF_ENDPOINT"]  # read at import, and imported after it
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.utils._http, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return os.environ["HF_ENDPOINT"]
 
 
 def save_tiny_pipeline(folder: Path, channels: int = 3, scheduler: str = "ddpm") -> Path:

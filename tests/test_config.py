@@ -145,3 +145,14 @@ def test_hub_token_is_never_in_the_saved_config(tmp_path):
     config.save(tmp_path / "c.json")
     assert "hf_secret_value" not in (tmp_path / "c.json").read_text()
     assert config.hub_token == "hf_secret_value"
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_is_the_installed_packages(flag, capsys):
+    from importlib.metadata import version
+
+    from uncond.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([flag])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"uncond {version('uncond')}\n"

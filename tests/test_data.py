@@ -317,6 +317,20 @@ def test_saved_dataset_and_datasets_folder_load(tmp_path):
         open_source(TrainConfig(dataset_name=str(tmp_path / "saved"), image_column="nope"))
 
 
+@pytest.mark.parametrize("values, held", [(list(range(5)), "int"), (["a cat"] * 5, "str"),
+                                          ([[0.5, 0.1, 0.2]] * 5, "a list of 3 values")])
+def test_a_column_without_images_is_named_as_such(tmp_path, values, held):
+    """It was 'IndexError: tuple index out of range' for every row."""
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [Image.new("L", (8, 8))] * 5, "label": values}).save_to_disk(
+        str(tmp_path / "saved"))
+    config = TrainConfig(dataset_name=str(tmp_path / "saved"), image_column="label", resolution=8)
+    with pytest.raises(UsageError, match=rf"column 'label'\) could be read \(.*\[0\]: TypeError: the column "
+                                         rf"holds {held}, not an image; check --image_column;"):
+        load_images(open_source(config), config, progress=False)
+
+
 def test_rows_with_their_image_in_one_of_several_columns_are_all_used(tmp_path):
     """WebDataset shards have one image column per file extension; each row fills one of them."""
     import datasets

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard
 
 from conftest import fast_train_args
 from hub_standin import HubStandIn
+from test_train import one_line_error
 
 TOKEN = "hf_standin_secret_token"
 PIPELINE_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
@@ -169,3 +170,20 @@ def test_trackers_never_see_the_token_on_the_command_line(run_cli, color_folder,
     assert TOKEN not in " ".join(sys.argv) and "<token>" in sys.argv
     assert not token_anywhere(tmp_path / "run")
     assert "--hub_tok '<token>'" in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_push_to_hub_without_a_network_says_so_instead_of_asking_to_log_in(run_cli, unreachable_hub, color_folder,
+                                                                          tiny_unet, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(*hub_args(color_folder, tiny_unet, out))
+    one_line_error(code, err, "--push_to_hub: cannot create the Hub repository someone/tiny-ddpm: cannot reach the "
+                              "Hub (")
+    assert "Connection refused" in err and "); check the network or drop --push_to_hub" in err
+    assert "hf auth login" not in err and TOKEN not in stdout + err
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code, stdout, err = run_cli(*hub_args(color_folder, tiny_unet, out))
+    one_line_error(code, err, "cannot reach the Hub (offline mode: HF_HUB_OFFLINE is set); unset HF_HUB_OFFLINE or "
+                              "drop --push_to_hub")
+    assert TOKEN not in stdout + err and not (out / "unet").exists() and not (out / "data_report.json").exists()

@@ -95,6 +95,37 @@ def test_bad_input_is_one_line(run_cli, pipeline, tmp_path, make_args, expected)
     one_line_error(code, err, expected)
 
 
+def test_sample_of_a_file_or_component_of_a_pipeline_names_the_pipeline_folder(run_cli, pipeline):
+    for inside, kind in (("model_index.json", "a file"), ("unet", "a component folder")):
+        code, _, err = run_cli("sample", pipeline / inside)
+        one_line_error(code, err, f"not a diffusers pipeline folder (no model_index.json) (it is {kind} of the "
+                                  f"pipeline folder {pipeline}; pass that folder)")
+
+
+def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_in_inception, tmp_path):
+    """Its sample grids and loss.png were measured as generated images, and sample called it no pipeline."""
+    run = write_images(tmp_path / "run" / "samples", 4, nested=False).parent
+    (run / "training_config.json").write_text("{}")
+    (run / "samples" / "image_000.jpg").rename(run / "loss.png")
+    reference = write_images(tmp_path / "real", 4)
+    for found in ("training_config.json", "checkpoint-12"):
+        code, _, err = run_cli("sample", run)
+        one_line_error(code, err, f"{run}: a training run that has not exported a pipeline yet (it has {found}, "
+                                  "no model_index.json); training exports it every --save_model_epochs epochs and "
+                                  "at the end: wait for the export")
+        code, _, err = run_cli("evaluate", run, "--reference", reference)
+        one_line_error(code, err, f"GENERATED {run}: a training run that has not exported a pipeline yet (it has "
+                                  f"{found}, ")
+        assert "or pass the folder of images to measure" in err
+        for step in (3, 12):
+            (run / f"checkpoint-{step}" / "unet").mkdir(parents=True, exist_ok=True)
+            (run / f"checkpoint-{step}" / "training_config.json").write_text("{}")
+    code, _, err = run_cli("sample", run / "checkpoint-12")
+    one_line_error(code, err, "(it is a training checkpoint; its run folder holds the pipeline)")
+    code, _, err = run_cli("evaluate", run / "samples", "--reference", reference)
+    assert code == 0, err  # the images themselves can be measured
+
+
 def test_sample_makes_the_grid_folder(run_cli, pipeline, tmp_path):
     grid = tmp_path / "new" / "grid.png"  # it failed after all the sampling
     assert run_cli("sample", pipeline, "--num_images", 2, "--steps", 1, "--output_dir", tmp_path / "out",
@@ -116,6 +147,20 @@ def test_evaluate_measures_the_numbered_images_of_a_sample_folder_and_skips_unre
     assert code == 0, err
     result = json.loads(stdout)
     assert result["num_generated"] == 2 and "1 unreadable images skipped" in result["generated"]
+
+
+def test_evaluate_says_why_kid_and_precision_recall_are_missing_with_few_images(run_cli, stand_in_inception,
+                                                                               tmp_path):
+    reference = write_images(tmp_path / "real", 5, seed=1)
+    note = "KID and precision/recall need more than 3 images per set"
+    code, out, err = run_cli("evaluate", write_images(tmp_path / "three", 3), "--reference", reference, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["note"] == note and "fid" in result and not {"kid", "precision"} & set(result)
+    code, out, err = run_cli("evaluate", tmp_path / "three", "--reference", reference)
+    assert code == 0 and "FID " in out and note in out, err
+    code, out, err = run_cli("evaluate", write_images(tmp_path / "four", 4), "--reference", reference, "--json")
+    assert code == 0 and "note" not in json.loads(out) and "kid" in json.loads(out), err
 
 
 def test_evaluate_refuses_a_reference_of_one_image_and_caches_nothing(run_cli, stand_in_inception, pipeline,

@@ -53,6 +53,7 @@ class Parser(argparse.ArgumentParser):
 
 def make_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="uncond", description=DESCRIPTION)
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
 
     train_parser = commands.add_parser(
@@ -78,6 +79,16 @@ def make_parser() -> argparse.ArgumentParser:
     presets_parser = commands.add_parser("presets", help="list the UNet presets with their sizes")
     presets_parser.set_defaults(command=run_presets)
     return parser
+
+
+def installed_version() -> str:
+    """The version pip recorded when it installed uncond (pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("uncond")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "(not installed)"
 
 
 def add_command(commands: Any, name: str, handler: Callable[[argparse.Namespace, list[str]], int],

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -324,6 +325,7 @@ GROUP_TITLES = {  # in the order --help shows them
     "speed": "speed and memory", "run": "run control",
 }
 RUN_CONFIG_FILE = "training_config.json"  # in every run's output folder and checkpoints: it marks them
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # a run's checkpoint folders (checkpoint.py writes them)
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from . import remote
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
-from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line
+from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                     ".pnm", ".jfif"}
@@ -217,12 +218,12 @@ def load_dataset_or_explain(config: TrainConfig, **options: Any) -> Any:
             if options.get("streaming"):
                 raise ValueError("a dataset saved with save_to_disk is already local; drop --streaming")
             return datasets.load_from_disk(name)
-        return datasets.load_dataset(name, config.dataset_config_name, cache_dir=config.cache_dir, **options)
+        with remote.quiet_hub_clients():
+            return datasets.load_dataset(name, config.dataset_config_name, cache_dir=config.cache_dir, **options)
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - offline, auth, missing or malformed: one line with the reason
-        reason = first_line(error)
-        raise UsageError(f"--dataset_name {name}: could not load it ({reason})") from None
+        raise UsageError(f"--dataset_name {name}: could not load it ({remote.load_failure(error)})") from None
 
 
 def dataset_source(config: TrainConfig) -> Source:
@@ -284,7 +285,12 @@ def open_image_cell(item: Any) -> Image.Image:
         return open_encoded(item)
     if isinstance(item, (bytes, bytearray)):
         return Image.open(io.BytesIO(item))
-    return array_to_image(item)
+    array = np.asarray(item)
+    if array.ndim < 2:  # a label, a caption, a path or a vector: --image_column names the wrong column
+        held = f"a list of {array.size} values" if array.ndim else "no value" if item is None else \
+            type(array.item()).__name__
+        raise TypeError(f"the column holds {held}, not an image; check --image_column")
+    return array_to_image(array)
 
 
 def open_first_image(columns: Sequence[str], row: dict[str, Any]) -> Image.Image:

@@ -31,7 +31,8 @@ class Report:
     features: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.scores.as_dict(), "generated": self.generated, "reference": self.reference,
+        note = {"note": self.scores.note} if self.scores.note else {}
+        return {**self.scores.as_dict(), **note, "generated": self.generated, "reference": self.reference,
                 "features": self.features}
 
     def __str__(self) -> str:
@@ -49,6 +50,8 @@ class Generated:
 
 
 def evaluate(config: EvaluateConfig) -> Report:
+    sampling.refuse_unexported_run(Path(config.generated).expanduser(), f"GENERATED {config.generated}",
+                                   ", or pass the folder of images to measure")
     device = sampling.pick_device(config.device)
     reference_source = open_reference(config.reference)
     extractor = metrics.inception_extractor(config.inception_weights, device)

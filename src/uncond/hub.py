@@ -10,6 +10,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from . import remote
 from .config import RunFailed, TrainConfig, UsageError, first_line
 
 logger = logging.getLogger("uncond")
@@ -36,13 +37,29 @@ def create_repository(config: TrainConfig) -> str:
         repo_id = api.create_repo(repository_id(config), exist_ok=True, private=config.hub_private_repo).repo_id
         public = config.hub_private_repo and api.model_info(repo_id).private is False
     except Exception as error:  # noqa: BLE001 - offline, unauthenticated or forbidden: one line, no token
-        raise UsageError(f"--push_to_hub: cannot create the Hub repository {repository_id(config)} "
-                         f"({first_line(error)}); log in with `hf auth login` or pass --hub_token, or drop "
-                         "--push_to_hub") from None
+        raise UsageError(repository_failure(config, error)) from None
     if public:
         raise UsageError(f"--hub_private_repo: the Hub repository {repo_id} exists and is public; make it private "
                          "in its settings on the Hub, choose another --hub_model_id, or drop --hub_private_repo")
     return repo_id
+
+
+def repository_failure(config: TrainConfig, error: Exception) -> str:
+    """Why the repository could not be created, with what to do about it: no network is not a login problem."""
+    import huggingface_hub.constants
+
+    what = f"--push_to_hub: cannot create the Hub repository {repository_id(config)}"
+    unreachable = remote.connection_failure(error)
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if unreachable:
+        fix = "unset HF_HUB_OFFLINE" if huggingface_hub.constants.HF_HUB_OFFLINE else "check the network"
+        message = f"{what}: cannot reach the Hub ({unreachable}); {fix} or drop --push_to_hub"
+    elif status in (401, 403):
+        message = (f"{what} ({first_line(error)}); log in with `hf auth login` or pass --hub_token, or drop "
+                   "--push_to_hub")
+    else:
+        message = f"{what} ({first_line(error)}); drop --push_to_hub to train without uploading"
+    return message.replace(config.hub_token, "<token>") if config.hub_token else message
 
 
 class BackgroundUploads:

@@ -304,9 +304,10 @@ class Scores:
     recall: float | None
     num_generated: int
     num_reference: int | None  # None: a statistics file that does not say
+    note: str | None = None  # why a score is missing, for people; not in as_dict, whose numbers trackers log
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: value for name, value in vars(self).items() if value is not None}
+        return {name: value for name, value in vars(self).items() if value is not None and name != "note"}
 
     def __str__(self) -> str:
         parts = [f"FID {self.fid:.3f}"]
@@ -314,7 +315,7 @@ class Scores:
             parts.append(f"KID {self.kid:.5f} ± {self.kid_std:.5f}")
         if self.precision is not None:
             parts.append(f"precision {self.precision:.3f}, recall {self.recall:.3f}")
-        return " | ".join(parts)
+        return " | ".join(parts + [self.note] * bool(self.note))
 
 
 def compare(generated: np.ndarray, reference: FeatureStats, device: torch.device | str = "cpu") -> Scores:
@@ -326,8 +327,10 @@ def compare(generated: np.ndarray, reference: FeatureStats, device: torch.device
     if len(generated) < 2:
         raise UsageError("FID needs at least 2 generated images")
     fid = frechet_distance(generated.mean(axis=0), np.cov(generated, rowvar=False), reference.mu, reference.sigma)
-    kid = kid_std = precision = recall = None
+    kid = kid_std = precision = recall = note = None
     if reference.features is not None and len(reference.features) > NEIGHBOURS and len(generated) > NEIGHBOURS:
         kid, kid_std = kernel_inception_distance(generated, reference.features, device=device)
         precision, recall = precision_recall(generated, reference.features, device=device)
-    return Scores(fid, kid, kid_std, precision, recall, len(generated), reference.count or None)
+    elif reference.features is not None:  # (without features the reference's description says FID alone)
+        note = f"KID and precision/recall need more than {NEIGHBOURS} images per set"
+    return Scores(fid, kid, kid_std, precision, recall, len(generated), reference.count or None, note)

@@ -15,8 +15,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.training_utils import EMAModel
 
-from . import sharding
-from .config import TrainConfig, UsageError, first_line
+from . import remote, sharding
+from .config import TrainConfig, UsageError
 
 logger = logging.getLogger("uncond")
 
@@ -97,9 +97,10 @@ def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[st
             raise UsageError(f"--model_config_name_or_path {path} is not valid JSON: {error}") from None
     else:
         try:
-            unet_config = dict(UNet2DModel.load_config(name_or_path, cache_dir=cache_dir))
+            with remote.quiet_hub_clients():
+                unet_config = dict(UNet2DModel.load_config(name_or_path, cache_dir=cache_dir))
         except Exception as error:  # noqa: BLE001 - network, auth and missing-repo errors all end the same way
-            reason = first_line(error)
+            reason = remote.load_failure(error)
             raise UsageError(f"--model_config_name_or_path {name_or_path}: could not load a UNet config from the "
                              f"Hub ({reason}); pass a local folder or config.json instead") from None
     class_name = unet_config.get("_class_name", "UNet2DModel")

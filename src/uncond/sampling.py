@@ -26,7 +26,9 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPM
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .config import SampleConfig, SamplingSettings, UsageError, first_line
+from . import remote
+from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, SampleConfig, SamplingSettings, UsageError,
+                     first_line)
 
 logger = logging.getLogger("uncond")
 
@@ -282,29 +284,62 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
-            hint = " (it is a training checkpoint; its run folder holds the pipeline)" \
-                if (path / "unet_ema").is_dir() or (path / "unet").is_dir() else ""
-            raise UsageError(f"{name_or_path}: not a diffusers pipeline folder (no model_index.json){hint}")
+            refuse_unexported_run(path, name_or_path)
+            raise UsageError(f"{name_or_path}: not a diffusers pipeline folder (no model_index.json)"
+                             f"{not_a_pipeline_hint(path)}")
         where = f"the pipeline folder {path}"
     elif (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or name_or_path.endswith("/")
           or Path(name_or_path).parent.is_dir()):  # runs/exp1 with runs/ here: a mistyped folder, not owner/name
         raise UsageError(f"{name_or_path}: no such folder (a Hub model id has the form owner/name)")
     else:
         where = f"the Hub model {name_or_path}"
-    diffusers_logger = logging.getLogger("diffusers")
-    level = diffusers_logger.level
-    diffusers_logger.setLevel(logging.ERROR)  # its "couldn't connect" lines would repeat our one-line error
     try:
-        pipeline = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
+        with remote.quiet_hub_clients():
+            pipeline = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
     except Exception as error:  # noqa: BLE001 - offline, missing, private or malformed: one line with the reason
-        raise UsageError(f"{name_or_path}: could not load {where} ({first_line(error)})") from None
-    finally:
-        diffusers_logger.setLevel(level)
+        raise UsageError(f"{name_or_path}: could not load {where} ({remote.load_failure(error)})") from None
     unet, scheduler = getattr(pipeline, "unet", None), getattr(pipeline, "scheduler", None)
     if not isinstance(unet, UNet2DModel) or scheduler is None or getattr(pipeline, "vqvae", None) is not None:
         raise UsageError(f"{name_or_path} is a {type(pipeline).__name__}; uncond samples unconditional pixel-space "
                          "UNet2DModel pipelines (DDPMPipeline, DDIMPipeline)")
     return Model(unet.to(device).eval(), dict(scheduler.config), f"{where} ({type(pipeline).__name__})")
+
+
+def unexported_run(path: Path) -> str | None:
+    """What shows `path` to be a training run's output folder without an exported pipeline yet: its newest
+    checkpoint-N, or its training_config.json before the first checkpoint; None for any other path."""
+    if not path.is_dir() or (path / "model_index.json").is_file() or is_checkpoint(path):
+        return None
+    steps = [int(match[1]) for child in path.iterdir()
+             if child.is_dir() and (match := CHECKPOINT_NAME.match(child.name))]
+    if steps:
+        return f"checkpoint-{max(steps)}"
+    return RUN_CONFIG_FILE if (path / RUN_CONFIG_FILE).is_file() else None
+
+
+def refuse_unexported_run(path: Path, name: str, instead: str = "") -> None:
+    """A run's output folder is no pipeline until its first export: its samples/ and loss.png are no model's images."""
+    found = unexported_run(path)
+    if found:
+        raise UsageError(f"{name}: a training run that has not exported a pipeline yet (it has {found}, no "
+                         "model_index.json); training exports it every --save_model_epochs epochs and at the end: "
+                         f"wait for the export{instead}")
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A training checkpoint holds the UNet (and its EMA copy) but no model_index.json; it has training_config.json
+    as its run folder has."""
+    return (path / "unet_ema").is_dir() or (path / "unet").is_dir()
+
+
+def not_a_pipeline_hint(path: Path) -> str:
+    """What to pass instead of a path that exists but is not a pipeline folder, where that can be told."""
+    if is_checkpoint(path):
+        return " (it is a training checkpoint; its run folder holds the pipeline)"
+    if (path.parent / "model_index.json").is_file():
+        return (f" (it is {'a file' if path.is_file() else 'a component folder'} of the pipeline folder "
+                f"{path.parent}; pass that folder)")
+    return ""
 
 
 def numbered_name(index: int) -> str:

@@ -13,6 +13,7 @@ import torch
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
+FEW_POINTS = 10  # up to this many logged points are marked: one alone draws no line at all
 
 
 class RunningMean:
@@ -100,16 +101,17 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:
     loss_axis, lr_axis = axes[0], axes[1]
     steps = [r["step"] for r in points]
     losses = [r["loss"] for r in points]
-    loss_axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    marker = {"marker": "o", "markersize": 4} if len(points) <= FEW_POINTS else {}
+    loss_axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss", **marker)
     if min(losses) > 0:  # smoothed in log space, as it is drawn: early large losses do not drag the curve
         loss_axis.set_yscale("log")
         smoothed = [math.exp(v) for v in smooth([math.log(loss) for loss in losses])]
     else:
         smoothed = smooth(losses)
-    loss_axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label="loss (smoothed)")
+    loss_axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label="loss (smoothed)", **marker)
     loss_axis.set_ylabel("training loss")
     loss_axis.legend(loc="upper right")
-    lr_axis.plot(steps, [r.get("lr", float("nan")) for r in points], color="tab:orange")
+    lr_axis.plot(steps, [r.get("lr", float("nan")) for r in points], color="tab:orange", **marker)
     lr_axis.set_ylabel("learning rate")
     if evaluations:
         axes[2].plot([r["step"] for r in evaluations], [r["fid"] for r in evaluations], color="tab:green",
