@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,10 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from . import hub, models, sharding
-from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line
+from .config import CHECKPOINT_NAME, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line
 
 logger = logging.getLogger("uncond")
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 CONFIG_FILE = RUN_CONFIG_FILE
 MANIFEST_FILE = "manifest.json"
@@ -54,7 +52,7 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for path in output_dir.iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
+        match = CHECKPOINT_NAME.match(path.name)
         if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return sorted(found)
