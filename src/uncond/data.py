@@ -257,6 +257,12 @@ def dataset_source(config: TrainConfig) -> Source:
         items, opener = view[columns[0]], open_image_cell
     else:  # WebDataset shards have one column per file extension: each row's non-empty one
         items, opener = view.select_columns(columns), functools.partial(open_first_image, columns)
+    try:
+        opener(items[0]) if len(items) else None
+    except TypeError as error:  # a column of labels or captions: refused before decoding them all
+        raise UsageError(f"--dataset_name {name}: {error} (column {', '.join(columns)})") from None
+    except Exception:  # noqa: BLE001 - a bad first image is skipped and reported with the others
+        pass
     return Source(f"{name} ({len(dataset)} images, column{'s' * (len(columns) > 1)} "
                   f"{', '.join(repr(c) for c in columns)})",
                   Records(items, opener, lambda i, _: f"{name}[{i}]"), fingerprint)
