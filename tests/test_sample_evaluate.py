@@ -126,6 +126,12 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
     assert code == 0, err  # the images themselves can be measured
 
 
+def test_float16_on_a_cpu_is_said_to_be_slow(run_cli, pipeline, tmp_path):
+    code, _, err = run_cli("sample", pipeline, "--num_images", 1, "--steps", 1, "--device", "cpu", "--dtype",
+                           "float16", "--output_dir", tmp_path / "out")
+    assert code == 0 and "--dtype float16 on a CPU is emulated and slow" in err
+
+
 def test_sample_makes_the_grid_folder(run_cli, pipeline, tmp_path):
     grid = tmp_path / "new" / "grid.png"  # it failed after all the sampling
     assert run_cli("sample", pipeline, "--num_images", 2, "--steps", 1, "--output_dir", tmp_path / "out",

@@ -196,6 +196,12 @@ def test_a_readme_of_the_user_in_the_output_folder_is_never_replaced(run_cli, co
                                     "--overwrite_output_dir"))[0] == 0
 
 
+def test_train_data_dir_beside_dataset_name_is_said_to_be_ignored(run_cli, color_folder, tiny_unet, tmp_path):
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--dataset_name",
+                                            "builtin:mnist", "--dry_run"))
+    assert code == 0 and f"--train_data_dir {color_folder} is ignored: --dataset_name builtin:mnist" in err
+
+
 def test_a_broken_link_in_the_image_folder_is_skipped_and_reported(run_cli, color_folder, tiny_unet, tmp_path):
     (color_folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
     out = tmp_path / "run"

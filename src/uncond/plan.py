@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from accelerate.utils import DistributedType
 
 from . import checkpoint, data, models, sampling
 from .config import TrainConfig, UsageError
+
+logger = logging.getLogger("uncond")
 
 
 @dataclass
@@ -42,6 +45,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         # The seed script's flag, given: its grids were DDPM's, with that many steps.
         config = config.replace(sampler="ddpm")
     data.check_source(config)
+    if config.dataset_name and config.train_data_dir:  # as in the seed script, but said
+        logger.warning(f"--train_data_dir {config.train_data_dir} is ignored: --dataset_name {config.dataset_name} "
+                       "is given")
     if config.train_data_dir and Path(config.train_data_dir).resolve() == Path(config.output_dir).resolve():
         raise UsageError(f"--train_data_dir and --output_dir are both {config.output_dir}: the run's sample grids "
                          "would be read as training images; choose another --output_dir")
