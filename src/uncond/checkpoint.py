@@ -31,7 +31,6 @@ from .config import CHECKPOINT_NAME, RUN_CONFIG_FILE, RunFailed, TrainConfig, Us
 logger = logging.getLogger("uncond")
 
 STATE_FILE = "training_state.json"
-CONFIG_FILE = RUN_CONFIG_FILE
 MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".tmp-"
 # Settings a checkpoint can only be resumed with unchanged (the UNet's own config is compared too).
@@ -39,7 +38,7 @@ RESUME_MUST_MATCH = ("resolution", "prediction_type", "ddpm_num_steps", "ddpm_be
 # The training images: a checkpoint found in --output_dir is resumed only on the same ones, unless asked for.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "train_data_dir")
 SAME_RUN_KEYS = RESUME_MUST_MATCH + DATA_KEYS + ("model_preset", "model_config_name_or_path", "num_channels")
-PIPELINE_ITEMS = ("unet", "scheduler", "model_index.json", "training_state.json")
+PIPELINE_ITEMS = ("unet", "scheduler", "model_index.json", STATE_FILE)
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What EMAModel.save_pretrained writes into unet_ema/config.json besides the UNet's own settings.
 EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma",
@@ -210,7 +209,7 @@ def check_output_dir(config: TrainConfig, resuming: bool) -> str:
 
 def interrupted_before_first_checkpoint(output_dir: Path, config: TrainConfig) -> bool:
     """The folder's export is an intermediate one of a run with the same settings (data, model, objective)."""
-    state_file, config_file = output_dir / STATE_FILE, output_dir / CONFIG_FILE
+    state_file, config_file = output_dir / STATE_FILE, output_dir / RUN_CONFIG_FILE
     if not state_file.is_file() or not config_file.is_file() or json.loads(state_file.read_text()).get("finished"):
         return False
     saved, current = json.loads(config_file.read_text()), config.to_dict()
@@ -319,7 +318,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            config.save(staging / CONFIG_FILE)
+            config.save(staging / RUN_CONFIG_FILE)
             (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
             write_manifest(staging, step)
             fsync_tree(staging)
@@ -371,7 +370,7 @@ def read_training_state(path: Path) -> dict[str, Any]:
 def resume_differences(path: Path, config: TrainConfig, unet_config: dict[str, Any]) -> list[str]:
     """What differs between the run that wrote `path` and this one, in what a resume cannot change."""
     differences = config_differences(checkpoint_unet_config(path) or {}, unet_config)
-    saved_file = path / CONFIG_FILE
+    saved_file = path / RUN_CONFIG_FILE
     if saved_file.is_file():
         saved = json.loads(saved_file.read_text())
         current = config.to_dict()
@@ -382,7 +381,7 @@ def resume_differences(path: Path, config: TrainConfig, unet_config: dict[str, A
 
 def data_differences(path: Path, config: TrainConfig) -> list[str]:
     """Where the images of the run that wrote `path` came from, if not from where this run's come."""
-    saved_file = path / CONFIG_FILE
+    saved_file = path / RUN_CONFIG_FILE
     if not saved_file.is_file():
         return []
     saved, current = json.loads(saved_file.read_text()), config.to_dict()

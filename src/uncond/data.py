@@ -258,7 +258,8 @@ def dataset_source(config: TrainConfig) -> Source:
     else:  # WebDataset shards have one column per file extension: each row's non-empty one
         items, opener = view.select_columns(columns), functools.partial(open_first_image, columns)
     try:
-        opener(items[0]) if len(items) else None
+        if len(items):
+            opener(items[0])
     except TypeError as error:  # a column of labels or captions: refused before decoding them all
         raise UsageError(f"--dataset_name {name}: {error} (column {', '.join(columns)})") from None
     except Exception:  # noqa: BLE001 - a bad first image is skipped and reported with the others

@@ -107,10 +107,9 @@ def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
         what = f"the numbered images of {what} (as `uncond sample` names them; its other images left out)"
     resolution = config.resolution or native_size(source, path)
     count = min(len(source.records), config.num_images)
-    generated = Generated(iter(()), count, resolution, f"{count} images from {what}, {resizing(resolution)}")
-    generated.batches = data.image_batches(source, resolution, config.batch_size, config.num_images,
-                                           generated.skipped)
-    return generated
+    skipped: list[tuple[str, str]] = []  # filled as the batches are read
+    batches = data.image_batches(source, resolution, config.batch_size, config.num_images, skipped)
+    return Generated(batches, count, resolution, f"{count} images from {what}, {resizing(resolution)}", skipped)
 
 
 def native_size(source: data.Source, path: Path) -> int:

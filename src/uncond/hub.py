@@ -21,6 +21,7 @@ UPLOAD_PATTERNS = ["model_index.json", "unet/*", "scheduler/*", "README.md", "sa
                    "training_config.json"]
 SNAPSHOT_PREFIX = ".hub-upload-step-"
 CARD_FILE = "README.md"  # where the Hub looks for a model card
+CARD_TAG = "uncond"  # in the metadata of the cards uncond writes, which tells them from a user's README.md
 
 
 def repository_id(config: TrainConfig) -> str:
@@ -142,7 +143,7 @@ def written_by_uncond(card: Path) -> bool:
     from huggingface_hub import metadata_load
 
     try:
-        return "uncond" in ((metadata_load(card) or {}).get("tags") or [])
+        return CARD_TAG in ((metadata_load(card) or {}).get("tags") or [])
     except Exception:  # noqa: BLE001 - unreadable, or front matter that is not YAML: not ours
         return False
 
@@ -155,7 +156,7 @@ def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
     card_data = ModelCardData(library_name="diffusers", license="apache-2.0",
                               pipeline_tag="unconditional-image-generation",
                               tags=["unconditional-image-generation", "diffusers", "diffusers:DDPMPipeline",
-                                    "uncond", "ddpm"],
+                                    CARD_TAG, "ddpm"],
                               datasets=[details["hub_dataset"]] if details.get("hub_dataset") else None)
     grid = f"![samples]({details['grid']})\n\n" if details.get("grid") else ""
     metrics = "".join(f"| {name} | {value} |\n" for name, value in details.get("metrics", {}).items())

@@ -27,7 +27,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, environment, hub, metrics, models, sampling, sharding, streaming, tracking
-from .config import RunFailed, TrainConfig, UsageError, public_argv
+from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, public_argv
 from .objective import Objective, training_loss
 from .plan import FSDP_CONFIG, Plan, check_processes, dry_run, plan_run, refuse_mismatched_resume
 
@@ -37,7 +37,7 @@ SAMPLES_DIR = "samples"
 BEST_DIR = "best"  # --keep_best: the export with the lowest FID
 REFERENCE_STATS_FILE = "fid_reference.npz"  # feature statistics of the training images, for FID during training
 MAX_REFERENCE_IMAGES = 50_000  # the usual size of an FID reference set
-RUN_ARTEFACTS = (SAMPLES_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, checkpoint.CONFIG_FILE, hub.CARD_FILE,
+RUN_ARTEFACTS = (SAMPLES_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, RUN_CONFIG_FILE, hub.CARD_FILE,
                  "data_report.json", BEST_DIR, REFERENCE_STATS_FILE)
 
 
@@ -306,7 +306,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
             removed = checkpoint.clear_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
             if removed:
                 logger.info(f"--overwrite_output_dir: removed {', '.join(removed)} from {output_dir}")
-        config.save(output_dir / checkpoint.CONFIG_FILE)
+        config.save(output_dir / RUN_CONFIG_FILE)
     accelerator.wait_for_everyone()
     repo_id = create_hub_repository(config, accelerator)
 
@@ -460,9 +460,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
         with averaged_unet(run) as unet:
             if unet is not None:
                 export(run, unet)
-    resumed_at = run.resume_position.step if run.resume_position else 0
-    if run.step % config.checkpointing_steps and run.step != resumed_at:
-        save_checkpoint(run)  # the end too: a re-run with a larger --max_train_steps goes on from here exactly
+    checkpoint_unless_written(run)  # the end too: a re-run with a larger --max_train_steps goes on from here exactly
     return True
 
 
@@ -520,10 +518,16 @@ def stop_requested(run: Run, stop: StopSignal, epoch_end: bool = False) -> bool:
 
 
 def stopped(run: Run) -> bool:
-    """Stop at this step boundary, with a checkpoint of it (unless one was just written)."""
-    if run.step % run.config.checkpointing_steps:
-        save_checkpoint(run)
+    """Stop at this step boundary, with a checkpoint of it."""
+    checkpoint_unless_written(run)
     return False
+
+
+def checkpoint_unless_written(run: Run) -> None:
+    """A checkpoint of this step, unless it has one: --checkpointing_steps multiples, and the step resumed at."""
+    resumed_at = run.resume_position.step if run.resume_position else 0
+    if run.step % run.config.checkpointing_steps and run.step != resumed_at:
+        save_checkpoint(run)
 
 
 def optimizer_steps(run: Run):
