@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import fast_train_args, save_tiny_pipeline, write_images
@@ -27,7 +28,7 @@ def test_sample_writes_numbered_pngs_the_same_whatever_the_batch_size(run_cli, p
     code, _, err = run_cli("sample", pipeline, "--num_images", 5, "--batch_size", 2, "--steps", 3, "--device", "cpu",
                            "--output_dir", tmp_path / "a", "--grid", tmp_path / "grid.png")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [f"00000{i}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == [f"00000{i}.png" for i in range(5)]
     assert Image.open(tmp_path / "a" / "000000.png").size == (16, 16)
     assert Image.open(tmp_path / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)  # 3 x 2 tiles with borders
     assert "wrote 5 images (16x16, RGB)" in err and "3 network evaluations per image" in err
@@ -44,25 +45,78 @@ def test_sample_from_a_one_channel_ddim_pipeline_writes_grayscale(run_cli, tmp_p
                            "--output_dir", tmp_path / "out")
     assert code == 0, err
     assert "(DDIMPipeline)" in err
-    assert {Image.open(path).mode for path in (tmp_path / "out").iterdir()} == {"L"}
+    assert {Image.open(path).mode for path in (tmp_path / "out").glob("*.png")} == {"L"}
 
 
-def test_sample_does_not_overwrite_earlier_images_unless_asked(run_cli, pipeline, tmp_path):
+def test_an_interrupted_sample_is_completed_by_the_same_command(run_cli, pipeline, tmp_path, monkeypatch):
+    from uncond import sample_folder
+
     out = tmp_path / "out"
-    args = ("sample", pipeline, "--num_images", 2, "--steps", 1, "--output_dir", out)
+    args = ("sample", pipeline, "--num_images", 6, "--batch_size", 2, "--steps", 2, "--grid", tmp_path / "grid.png")
+    assert run_cli(*args, "--output_dir", tmp_path / "whole", "--overwrite")[0] == 0
+    (tmp_path / "grid.png").rename(tmp_path / "whole-grid.png")
+    write_whole, written = sample_folder.write_whole, []
+
+    def interrupted_after_three(image, path):
+        if len(written) == 3:  # Ctrl-C while the fourth image is being written
+            path.with_name(path.name + sample_folder.PARTIAL_SUFFIX).write_bytes(b"half a PNG")
+            raise KeyboardInterrupt
+        written.append(path)
+        write_whole(image, path)
+
+    monkeypatch.setattr(sample_folder, "write_whole", interrupted_after_three)
+    code, _, err = run_cli(*args, "--output_dir", out)
+    assert code == 130 and "interrupted with 3 of 6 images written; run the same command again" in err
+    assert sorted(path.name for path in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    monkeypatch.setattr(sample_folder, "write_whole", write_whole)
+    code, _, err = run_cli(*args, "--output_dir", out)
+    assert code == 0, err
+    assert "holds images 0 to 2 of these settings from an earlier run; sampling the other 3" in err
+    assert "wrote 3 images" in err and not list(out.glob("*.partial"))
+    assert (tmp_path / "grid.png").read_bytes() == (tmp_path / "whole-grid.png").read_bytes()
+    for a, b in zip(pixels(tmp_path / "whole"), pixels(out), strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float rounding of batched convolutions only
+    # done: the same command samples nothing and rewrites nothing
+    written_at = {path: path.stat().st_mtime_ns for path in out.iterdir()}
+    code, _, err = run_cli(*args, "--output_dir", out)
+    assert code == 0 and "already holds the 6 images of these settings; nothing to sample" in err
+    assert {path: path.stat().st_mtime_ns for path in out.iterdir() if path.suffix == ".png"} == {
+        path: time for path, time in written_at.items() if path.suffix == ".png"}
+    # more images extend the set the same way
+    code, _, err = run_cli(*args[:3], 8, *args[4:], "--output_dir", out)
+    assert code == 0 and "sampling the other 2" in err and len(list(out.glob("0*.png"))) == 8
+
+
+def test_sample_never_mixes_images_of_other_settings_unless_overwriting(run_cli, pipeline, tmp_path):
+    import shutil
+
+    from diffusers import UNet2DModel
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(pipeline, model)
+    args = ("sample", model, "--num_images", 2, "--steps", 1, "--output_dir", out)
     assert run_cli(*args)[0] == 0
-    (out / "000001.png").write_bytes(b"mine")
+    code, _, err = run_cli(*args, "--seed", 5)
+    one_line_error(code, err, f"--output_dir {out} holds 2 images sampled with other settings (seed 0); choose "
+                              "another --output_dir, or pass --overwrite")
+    unet = UNet2DModel.from_pretrained(model / "unet")  # the model trained on, in the same folder
+    with torch.no_grad():
+        unet.conv_out.bias += 0.1
+    unet.save_pretrained(model / "unet")
     code, _, err = run_cli(*args)
-    one_line_error(code, err, "already holds 2 numbered images of an earlier run; choose another --output_dir, or "
-                              "pass --overwrite")
-    assert (out / "000001.png").read_bytes() == b"mine"
-    assert run_cli(*args, "--overwrite")[0] == 0
-    assert Image.open(out / "000001.png").size == (16, 16)
-    # a folder mixing two runs' images would be measured as one set: fewer images are refused too
+    one_line_error(code, err, "sampled with other settings (the model's weights)")
     code, _, err = run_cli(*args[:3], 1, *args[4:])
-    one_line_error(code, err, "already holds 2 numbered images")
+    one_line_error(code, err, "sampled with other settings")
     assert run_cli(*args[:3], 1, *args[4:], "--overwrite")[0] == 0
-    assert sorted(path.name for path in out.iterdir()) == ["000000.png"]
+    assert sorted(path.name for path in out.glob("*.png")) == ["000000.png"]
+    # numbered images that uncond did not record (another tool's, or older uncond's) are never added to
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (16, 16)).save(other / "000000.png")
+    code, _, err = run_cli(*args[:-1], other)
+    one_line_error(code, err, "already holds 1 numbered images of an earlier run; choose another --output_dir, or "
+                              "pass --overwrite")
+    assert len(list(other.iterdir())) == 1
 
 
 def test_sample_does_not_overwrite_a_grid_unless_asked(run_cli, pipeline, tmp_path):

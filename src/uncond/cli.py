@@ -114,7 +114,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_sample(args: argparse.Namespace, argv: list[str]) -> int:
-    from .sampling import sample_to_folder
+    from .sample_folder import sample_to_folder
 
     sample_to_folder(build_command_config(SampleConfig, command_values(args)))
     return 0

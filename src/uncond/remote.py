@@ -29,21 +29,48 @@ CONNECTION_ERROR_NAMES = {"ConnectError", "ConnectTimeout", "ConnectionError", "
 STACKTRACE_ABOVE = re.compile(r"\s*Please check out the root cause in the stacktrace above\.?")
 
 
+# huggingface_hub's retrying requests log here: "'...' thrown while requesting ..." and "Retrying in 1s [Retry 1/5]."
+RETRY_LOGGER = "huggingface_hub.utils._http"
+
+
 @contextlib.contextmanager
 def quiet_hub_clients() -> Iterator[None]:
     """While loading: huggingface_hub's and diffusers' loggers at ERROR, and huggingface_hub's deprecation
-    warnings about how diffusers calls it (nothing a user can act on) not shown."""
+    warnings about how diffusers calls it (nothing a user can act on) not shown. Its first retry becomes one
+    line of uncond's: without a network its retries wait about half a minute before the load fails."""
     loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    retry_logger, retry_notice = logging.getLogger(RETRY_LOGGER), RetryNotice()
+    retry_level = retry_logger.level
+    retry_logger.setLevel(logging.WARNING)
+    retry_logger.addFilter(retry_notice)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module=r"huggingface_hub(\.|$)")
             yield
     finally:
+        retry_logger.removeFilter(retry_notice)
+        retry_logger.setLevel(retry_level)
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+class RetryNotice(logging.Filter):
+    """Drops huggingface_hub's request-retry log records, saying the first one's meaning once instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.said and record.getMessage().startswith("Retrying in"):
+            self.said = True
+            logging.getLogger("uncond").warning(
+                "the Hub does not answer; huggingface_hub retries for about half a minute before giving up (with "
+                "no network, HF_HUB_OFFLINE=1 uses what is in the local cache at once)")
+        return False
 
 
 def causes(error: BaseException) -> Iterator[BaseException]:

@@ -2,7 +2,7 @@
 
 Image i of a run with seed s always starts from the same noise (and draws the same noise at every
 stochastic step), whatever the batch size, because every image has its own generator seeded s + i.
-`uncond sample` (`sample_to_folder`) loads a pipeline, samples, and writes numbered PNGs.
+`load_model` and `open_for_sampling` load any diffusers pipeline folder or Hub model for sampling.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import math
 import re
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,8 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import remote
-from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, SampleConfig, SamplingSettings, UsageError,
-                     first_line)
+from .config import CHECKPOINT_NAME, RUN_CONFIG_FILE, SamplingSettings, UsageError, first_line
 
 logger = logging.getLogger("uncond")
 
@@ -346,59 +344,9 @@ def numbered_name(index: int) -> str:
     return f"{index:06d}.png"
 
 
-def check_outputs(folder: Path, grid: str | None, overwrite: bool) -> None:
-    """Refuse to replace numbered images or a grid already there (they may be an earlier run's), unless asked."""
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--output_dir {folder} is a file; choose a folder")
-    if grid and Path(grid).exists() and not overwrite:
-        raise UsageError(f"--grid {grid} already exists; choose another file, or pass --overwrite to replace it")
-    taken = numbered_images(folder)
-    if taken and not overwrite:
-        # Also those past this run's count: a folder mixing two runs' images would be measured as one set.
-        raise UsageError(f"--output_dir {folder} already holds {len(taken)} numbered images of an earlier run; "
-                         "choose another --output_dir, or pass --overwrite to replace them")
-
-
-def numbered_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return [path for path in folder.iterdir() if is_numbered_image(path)]
-
-
 def is_numbered_image(path: Path) -> bool:
     """Whether `path` is named as `uncond sample` names its images."""
     return re.fullmatch(r"\d{6,}\.png", path.name) is not None
-
-
-def sample_to_folder(config: SampleConfig) -> Path:
-    """`uncond sample`: images 0..N-1 as numbered PNGs (grayscale for 1-channel models), and a grid if asked."""
-    folder = Path(config.output_dir)
-    check_outputs(folder, config.grid, config.overwrite)
-    model, scheduler, steps = open_for_sampling(config, config.model)
-    folder.mkdir(parents=True, exist_ok=True)
-    if config.grid:
-        Path(config.grid).parent.mkdir(parents=True, exist_ok=True)
-    for stale in numbered_images(folder):  # --overwrite: the earlier run's images beyond this run's count too
-        if int(stale.stem) >= config.num_images:
-            stale.unlink()
-    grid_images = []
-    started = time.perf_counter()
-    index = 0
-    for batch in sample_batches(model.unet, scheduler, **sampling_options(config, steps)):
-        for image in batch:
-            to_pil(image).save(folder / numbered_name(index))
-            index += 1
-        if config.grid and len(grid_images) < 256:
-            grid_images.extend(batch[:256 - len(grid_images)])
-    elapsed = time.perf_counter() - started
-    if config.grid:
-        image_grid(np.stack(grid_images)).save(config.grid)
-        logger.info(f"grid of {len(grid_images)} images: {config.grid}")
-    height, width, channels = batch.shape[1:]
-    logger.info(f"wrote {index} images ({width}x{height}, {'grayscale' if channels == 1 else 'RGB'}) to {folder} in "
-                f"{elapsed:.1f} s ({index / elapsed:.1f} images/s; {config.sampler}, {steps} steps, "
-                f"{network_evaluations(scheduler, steps)} network evaluations per image)")
-    return folder
 
 
 def open_for_sampling(settings: SamplingSettings, model_name: str) -> tuple[Model, Any, int]:
