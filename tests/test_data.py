@@ -186,10 +186,11 @@ def test_a_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     assert len(decodes) == 12
 
 
-def test_uncond_cache_lists_entries_and_removes_the_unused_ones(tmp_path, run_cli):
+def test_uncond_cache_lists_entries_and_removes_the_unused_ones(tmp_path, run_cli, monkeypatch):
     folder = write_images(tmp_path / "images", 6)
     cache_dir = tmp_path / "cache"
-    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(cache_dir))
+    monkeypatch.chdir(folder)  # the source is listed by its absolute path, not as "folder ."
+    config = TrainConfig(train_data_dir=".", resolution=16, cache_dir=str(cache_dir))
     kept, unused = load(config), load(config.replace(resolution=8))
     # uncond evaluate's reference statistics, kept beside the entries
     stats_folder = cache_dir / "uncond" / "reference-stats"
@@ -201,7 +202,7 @@ def test_uncond_cache_lists_entries_and_removes_the_unused_ones(tmp_path, run_cl
     assert code == 0, err
     assert f"decoded-image cache: {cache_dir / 'uncond'}" in out and "2 entries" in out
     line = next(line for line in out.splitlines() if kept.folder.name in line)
-    assert "6 images" in line and "16 px" in line and str(folder) in line
+    assert "6 images" in line and "16 px" in line and f"folder {folder} (6 image files)" in line
     assert f"reference statistics of uncond evaluate: {stats_folder}" in out and "cats-64px.npz" in out
 
     month_ago = time.time() - 31 * 86400
@@ -315,6 +316,8 @@ def test_saved_dataset_and_datasets_folder_load(tmp_path):
 
     with pytest.raises(UsageError, match="--image_column nope: no such column"):
         open_source(TrainConfig(dataset_name=str(tmp_path / "saved"), image_column="nope"))
+    with pytest.raises(UsageError, match="has no configurations; drop --dataset_config_name flowers"):
+        open_source(TrainConfig(dataset_name=str(tmp_path / "saved"), dataset_config_name="flowers"))
 
 
 @pytest.mark.parametrize("values, held", [(list(range(5)), "int"), (["a cat"] * 5, "str"),

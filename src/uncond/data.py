@@ -181,7 +181,8 @@ def folder_source(folder: Path) -> Source:
         fingerprint.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         paths.append(str(path))
     left_out = f"; uncond run folders left out: {', '.join(str(p) for p in run_folders)}" if run_folders else ""
-    return Source(f"folder {folder} ({len(paths)} image files{left_out})",
+    # The absolute path: the description is also what `uncond cache` lists as an entry's source.
+    return Source(f"folder {os.path.abspath(folder)} ({len(paths)} image files{left_out})",
                   Records(paths, Image.open, lambda _, path: path), fingerprint.hexdigest(), ignored)
 
 
@@ -217,6 +218,9 @@ def load_dataset_or_explain(config: TrainConfig, **options: Any) -> Any:
         if Path(name).is_dir() and is_saved_dataset(Path(name)):
             if options.get("streaming"):
                 raise ValueError("a dataset saved with save_to_disk is already local; drop --streaming")
+            if config.dataset_config_name:
+                raise ValueError(f"a dataset saved with save_to_disk has no configurations; drop "
+                                 f"--dataset_config_name {config.dataset_config_name}")
             return datasets.load_from_disk(name)
         with remote.quiet_hub_clients():
             return datasets.load_dataset(name, config.dataset_config_name, cache_dir=config.cache_dir, **options)
