@@ -10,6 +10,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from conftest import fast_train_args
+from uncond import checkpoint
 from hub_standin import HubStandIn
 from test_train import one_line_error
 
@@ -104,6 +105,14 @@ def test_failed_upload_is_reported_and_its_files_kept_to_retry(run_cli, standin,
     assert sorted(p.name for p in out.glob(".hub-upload-*")) == [kept.name]
     assert {p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()} >= PIPELINE_FILES
     assert TOKEN not in stdout + err and not token_anywhere(out)
+    # a later upload from the same folder supersedes the kept copy (the run goes on to a third epoch)
+    standin.fail_commits = False
+    code, _, err = run_cli(*hub_args(color_folder, tiny_unet, out, "--num_epochs", "3"))
+    assert code == 0 and "uploaded step 9 to the Hub" in err, err
+    assert not list(out.glob(".hub-upload-*"))
+    # and --overwrite_output_dir removes a failed upload's copy with the rest of the earlier run
+    kept.mkdir()
+    assert kept.name in checkpoint.clear_previous_run(out, ()) and not kept.exists()
 
 
 def test_model_card_describes_the_run(run_cli, color_folder, tiny_unet, tmp_path):

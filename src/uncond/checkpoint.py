@@ -229,6 +229,9 @@ def clear_previous_run(output_dir: Path, artefacts: tuple[str, ...]) -> list[str
         if path.exists() and output_dir.resolve() in path.resolve().parents:
             remove(path)
             removed.append(name)
+    for path in hub.stale_snapshots(output_dir):  # its failed uploads: retrying them would upload the old model
+        remove(path)
+        removed.append(path.name)
     return removed
 
 

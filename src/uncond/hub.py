@@ -113,6 +113,8 @@ class BackgroundUploads:
                            "the next save point uploads again")
             raise
         shutil.rmtree(snapshot, ignore_errors=True)
+        for superseded in stale_snapshots(self.output_dir, before=step):  # an earlier run's failed uploads
+            shutil.rmtree(superseded, ignore_errors=True)
         logger.info(f"uploaded step {step} to the Hub: {commit.commit_url}")
 
     def discard_failed(self, keep_last: bool) -> None:
@@ -136,6 +138,12 @@ class BackgroundUploads:
             raise RunFailed(f"the upload of step {step} to the Hub ({self.repo_id}) failed ({first_line(error)}); "
                               f"the model is saved; retry with: hf upload {self.repo_id} "
                               f"{shlex.quote(str(snapshot))} .")
+
+
+def stale_snapshots(output_dir: Path, before: float = float("inf")) -> list[Path]:
+    """The copies kept of failed uploads (for their retry command) of steps before `before`."""
+    return sorted(path for path in output_dir.glob(f"{SNAPSHOT_PREFIX}*")
+                  if path.name[len(SNAPSHOT_PREFIX):].isdigit() and int(path.name[len(SNAPSHOT_PREFIX):]) < before)
 
 
 def written_by_uncond(card: Path) -> bool:
