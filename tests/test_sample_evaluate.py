@@ -328,6 +328,7 @@ def test_training_evaluates_logs_and_keeps_the_best(run_cli, stand_in_inception,
     best = json.loads((out / "best" / "scores.json").read_text())
     assert best["fid"] == min(r["fid"] for r in evaluations)
     assert err.count("evaluation at step") == 2
+    assert "\x1b[A" not in err  # bars inside the training bar draw with cursor movements: not in a log file
 
 
 def test_training_without_inception_weights_warns_once_and_goes_on(run_cli, no_inception_weights, color_folder,

@@ -68,11 +68,11 @@ def extract_features(extractor: FeatureExtractor, batches: Iterable[np.ndarray])
     return np.concatenate(features)
 
 
-def with_progress(batches: Iterable[np.ndarray], total: int, what: str) -> Iterator[np.ndarray]:
-    """`batches` of images, with a progress bar (and ETA) over their feature extraction."""
+def with_progress(batches: Iterable[np.ndarray], total: int, what: str, shown: bool = True) -> Iterator[np.ndarray]:
+    """`batches` of images, with a progress bar (and ETA) over their feature extraction if `shown`."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=f"features of {what} images", unit="img", leave=False) as bar:
+    with tqdm(total=total, desc=f"features of {what} images", unit="img", leave=False, disable=not shown) as bar:
         for batch in batches:
             yield batch
             bar.update(len(batch))

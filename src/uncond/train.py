@@ -739,7 +739,7 @@ def evaluate(run: Run) -> None:
     with averaged_unet(run, everywhere=True) as unet:
         batches = sampling.sample_batches(unet, scheduler, num_images=end - first, num_steps=steps, seed=first,
                                           batch_size=config.eval_batch_size, device=accelerator.device,
-                                          progress=accelerator.is_local_main_process)
+                                          progress=shows_inner_bars(run))
         shares = [metrics.extract_features(run.feature_extractor, batches)] if end > first else []
         if accelerator.num_processes > 1:
             shares = gather_object(shares)  # in process order: images 0..N-1
@@ -759,6 +759,12 @@ def evaluate(run: Run) -> None:
     accelerator.wait_for_everyone()
 
 
+def shows_inner_bars(run: Run) -> bool:
+    """Progress bars inside the training bar: on each machine's main process, and only on a terminal (a second
+    bar is drawn with cursor movements, which a redirected log keeps as escape codes in its text)."""
+    return run.accelerator.is_local_main_process and sys.stderr.isatty()
+
+
 def evaluation_share(num_images: int, num_processes: int, process_index: int) -> tuple[int, int]:
     """The images [first, end) this process samples for an evaluation: contiguous, nearly equal shares."""
     return process_index * num_images // num_processes, (process_index + 1) * num_images // num_processes
@@ -774,7 +780,7 @@ def training_reference(run: Run) -> metrics.FeatureStats:
         logger.info(f"computing FID reference statistics of {len(indices)} training images")
         batches = data.centre_crops((cache.image(i) for i in indices), run.config.resolution,
                                     run.config.eval_batch_size)
-        batches = metrics.with_progress(batches, len(indices), "training")
+        batches = metrics.with_progress(batches, len(indices), "training", shown=shows_inner_bars(run))
         return metrics.feature_stats(metrics.extract_features(run.feature_extractor, batches),
                                      run.feature_extractor.name)
 
