@@ -152,6 +152,34 @@ def test_two_processes_share_the_evaluation_images(color_folder, tiny_unet, tmp_
     assert evaluation["fid"] == pytest.approx(scores.fid, rel=1e-3)
 
 
+def test_two_processes_sample_the_images_one_would_and_complete_an_interrupted_folder(run_cli, tmp_path):
+    """`accelerate launch -m uncond sample`: each process samples its share into the same folder; the images are
+    those one process writes, and an interrupted folder's missing images are shared out the same way."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import save_tiny_pipeline
+
+    model = save_tiny_pipeline(tmp_path / "model")
+    args = ("sample", model, "--num_images", 7, "--batch_size", 2, "--steps", 2, "--grid", tmp_path / "grid.png")
+    assert run_cli(*args, "--output_dir", tmp_path / "one")[0] == 0
+    (tmp_path / "grid.png").rename(tmp_path / "one-grid.png")
+    two = tmp_path / "two"
+    result = launch_processes("-m", "uncond", *args, "--output_dir", two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote 7 images (16x16, RGB)" in result.stderr and "images/s from 2 processes" in result.stderr
+    pixels = lambda folder: [np.asarray(Image.open(folder / f"{i:06d}.png")).astype(int) for i in range(7)]  # noqa
+    for a, b in zip(pixels(tmp_path / "one"), pixels(two), strict=True):
+        assert np.abs(a - b).max() <= 1  # float rounding of batched convolutions only
+    assert Image.open(tmp_path / "grid.png").size == Image.open(tmp_path / "one-grid.png").size
+    for lost in (1, 4, 5):  # as an interrupted run of either kind leaves it
+        (two / f"{lost:06d}.png").unlink()
+    result = launch_processes("-m", "uncond", *args, "--output_dir", two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already holds 4 of the 7 images of these settings; sampling the other 3" in result.stderr
+    assert "wrote 3 images" in result.stderr and len(list(two.glob("*.png"))) == 7
+
+
 def test_machines_holding_different_images_stop_at_once(color_folder, tiny_unet, tmp_path):
     """Instead of training on overlapping shards (here, where both counts give 2 batches per epoch) or waiting
     for the 2-hour time-out (where the epochs' lengths differ). Without the check this run ends with status 0."""

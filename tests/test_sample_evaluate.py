@@ -71,7 +71,7 @@ def test_an_interrupted_sample_is_completed_by_the_same_command(run_cli, pipelin
     monkeypatch.setattr(sample_folder, "write_whole", write_whole)
     code, _, err = run_cli(*args, "--output_dir", out)
     assert code == 0, err
-    assert "holds images 0 to 2 of these settings from an earlier run; sampling the other 3" in err
+    assert "already holds 3 of the 6 images of these settings; sampling the other 3" in err
     assert "wrote 3 images" in err and not list(out.glob("*.partial"))
     assert (tmp_path / "grid.png").read_bytes() == (tmp_path / "whole-grid.png").read_bytes()
     for a, b in zip(pixels(tmp_path / "whole"), pixels(out), strict=True):
@@ -147,6 +147,13 @@ def test_sample_does_not_overwrite_a_grid_unless_asked(run_cli, pipeline, tmp_pa
 def test_bad_input_is_one_line(run_cli, pipeline, tmp_path, make_args, expected):
     code, _, err = run_cli(*make_args(pipeline, tmp_path))
     one_line_error(code, err, expected)
+
+
+def test_evaluate_under_several_processes_points_to_sampling_on_them_first(run_cli, pipeline, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch --num_processes 2` sets it
+    code, _, err = run_cli("evaluate", pipeline, "--reference", tmp_path)
+    one_line_error(code, err, "uncond evaluate runs as one process; to sample on several GPUs, run `accelerate "
+                              "launch -m uncond sample MODEL --output_dir DIR`, then `uncond evaluate DIR`")
 
 
 def test_sample_of_a_file_or_component_of_a_pipeline_names_the_pipeline_folder(run_cli, pipeline):

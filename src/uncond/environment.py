@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
+import torch
 import torch.distributed as dist
 
 # mallopt parameters, from glibc's <malloc.h>
@@ -34,6 +36,12 @@ def keep_freed_memory() -> bool:
     # glibc before 2.26 caps the mmap threshold at 32 MiB on 64-bit systems
     mapped = mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
     return bool(mapped) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+
+
+def cpu_processes() -> bool:
+    """Whether this is one of several processes on a machine without CUDA (torchrun, or `accelerate launch
+    --multi_gpu`): accelerate runs them on the CPU with gloo only when told so (`cpu=True`)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 # The last collective of each multi-process gloo run, kept until the process exits (see finish_collectives).

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ class Generated:
 
 
 def evaluate(config: EvaluateConfig) -> Report:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would sample and measure the whole set
+        raise UsageError("uncond evaluate runs as one process; to sample on several GPUs, run `accelerate launch "
+                         "-m uncond sample MODEL --output_dir DIR`, then `uncond evaluate DIR`")
     sampling.refuse_unexported_run(Path(config.generated).expanduser(), f"GENERATED {config.generated}",
                                    ", or pass the folder of images to measure")
     device = sampling.pick_device(config.device)

@@ -9,6 +9,7 @@ a folder holding them is refused unless --overwrite.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import environment
 from .config import SampleConfig, UsageError
 from .sampling import (image_grid, is_numbered_image, network_evaluations, numbered_name, open_for_sampling,
                        sample_batches, sampling_options, to_pil)
@@ -34,42 +36,64 @@ GRID_SIZE = 256  # the first images tiled into --grid
 
 def sample_to_folder(config: SampleConfig) -> Path:
     """Images 0..N-1 as numbered PNGs (grayscale for 1-channel models), and a grid if asked; those an
-    earlier run of the same settings wrote are kept and not sampled again."""
+    earlier run of the same settings wrote are kept and not sampled again. Under `accelerate launch` each
+    process samples its share of the images on its own device."""
+    from accelerate import PartialState
+
+    processes = PartialState(cpu=environment.cpu_processes())  # one process, or each `accelerate launch` started
+    if processes.num_processes > 1 and config.device == "auto":
+        config = dataclasses.replace(config, device=str(processes.device))
     folder = Path(config.output_dir)
     refuse_other_outputs(folder, config)
     model, scheduler, steps = open_for_sampling(config, config.model)
     settings = sample_settings(config, model, steps)
-    done = images_done(folder, settings, config)
-    folder.mkdir(parents=True, exist_ok=True)
-    if config.grid:
-        Path(config.grid).parent.mkdir(parents=True, exist_ok=True)
-    clear_for(folder, config, settings)
-    if done == config.num_images:
-        logger.info(f"{folder} already holds the {done} images of these settings; nothing to sample")
-    elif done:
-        logger.info(f"{folder} holds images 0 to {done - 1} of these settings from an earlier run; sampling the "
-                    f"other {config.num_images - done}")
+    missing = images_missing(folder, settings, config)
+    processes.wait_for_everyone()  # every process has looked at the folder before the main one changes it
+    if processes.is_main_process:
+        prepare_folder(folder, config, settings)
+        if len(missing) < config.num_images:
+            logger.info(f"{folder} already holds {config.num_images - len(missing)} of the {config.num_images} "
+                        f"images of these settings; sampling the other {len(missing)}" if missing else
+                        f"{folder} already holds the {config.num_images} images of these settings; nothing to sample")
+    processes.wait_for_everyone()
     started = time.perf_counter()
-    options = {**sampling_options(config, steps), "num_images": config.num_images - done, "seed": config.seed + done}
-    index = done
-    try:
-        for batch in sample_batches(model.unet, scheduler, **options) if done < config.num_images else ():
-            for image in batch:
-                write_whole(to_pil(image), folder / numbered_name(index))
-                index += 1
-    except KeyboardInterrupt:
-        logger.info(f"interrupted with {index} of {config.num_images} images written; run the same command again "
-                    "to sample the rest")
-        raise
-    if config.grid and not (Path(config.grid).exists() and done == config.num_images):
-        image_grid(read_images(folder, min(config.num_images, GRID_SIZE))).save(config.grid)
-        logger.info(f"grid of {min(config.num_images, GRID_SIZE)} images: {config.grid}")
-    if index > done:
-        elapsed = time.perf_counter() - started
-        logger.info(f"wrote {index - done} images ({model_shape_text(model.unet)}) to {folder} in {elapsed:.1f} s "
-                    f"({(index - done) / elapsed:.1f} images/s; {config.sampler}, {steps} steps, "
-                    f"{network_evaluations(scheduler, steps)} network evaluations per image)")
+    share = missing[processes.process_index::processes.num_processes]
+    options = {**sampling_options(config, steps), "progress": processes.is_local_main_process}
+    write_images(model.unet, scheduler, share, folder, options,
+                 already=config.num_images - len(missing) if processes.num_processes == 1 else None)
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        if config.grid and (missing or not Path(config.grid).exists()):
+            image_grid(read_images(folder, min(config.num_images, GRID_SIZE))).save(config.grid)
+            logger.info(f"grid of {min(config.num_images, GRID_SIZE)} images: {config.grid}")
+        if missing:
+            elapsed = time.perf_counter() - started
+            logger.info(f"wrote {len(missing)} images ({model_shape_text(model.unet)}) to {folder} in "
+                        f"{elapsed:.1f} s ({len(missing) / elapsed:.1f} images/s{on_processes(processes)}; "
+                        f"{config.sampler}, {steps} steps, {network_evaluations(scheduler, steps)} network "
+                        "evaluations per image)")
+    environment.finish_collectives()
     return folder
+
+
+def write_images(unet: torch.nn.Module, scheduler: Any, indices: list[int], folder: Path, options: dict[str, Any],
+                 already: int | None) -> None:
+    """Sample images `indices` into `folder`. On Ctrl-C, says how far it got (`already` + those written, when
+    this is the only process) and how to go on."""
+    written = 0
+    try:
+        for batch in sample_batches(unet, scheduler, **options, indices=indices) if indices else ():
+            for image in batch:
+                write_whole(to_pil(image), folder / numbered_name(indices[written]))
+                written += 1
+    except KeyboardInterrupt:
+        so_far = "" if already is None else f" with {already + written} of {options['num_images']} images written"
+        logger.info(f"interrupted{so_far}; run the same command again to sample the rest")
+        raise
+
+
+def on_processes(processes: Any) -> str:
+    return f" from {processes.num_processes} processes" if processes.num_processes > 1 else ""
 
 
 def refuse_other_outputs(folder: Path, config: SampleConfig) -> None:
@@ -109,12 +133,12 @@ def weights_fingerprint(unet: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def images_done(folder: Path, settings: dict[str, Any], config: SampleConfig) -> int:
-    """How many of images 0..N-1 an earlier run of these settings left (the unbroken run from image 0);
+def images_missing(folder: Path, settings: dict[str, Any], config: SampleConfig) -> list[int]:
+    """Which of images 0..N-1 are still to be sampled: those an earlier run of these settings did not write;
     a folder holding other images is refused unless --overwrite."""
     taken = numbered_images(folder)
     if config.overwrite or not taken:
-        return 0
+        return list(range(config.num_images))
     recorded = recorded_settings(folder)
     if recorded is None:
         # A folder mixing two samplings would be measured as one set by `uncond evaluate`.
@@ -129,15 +153,15 @@ def images_done(folder: Path, settings: dict[str, Any], config: SampleConfig) ->
     if len(taken) > config.num_images:
         raise UsageError(f"--output_dir {folder} holds {len(taken)} images of these settings, more than "
                          f"--num_images {config.num_images}; pass --overwrite to keep only {config.num_images}")
-    done = 0
-    while (folder / numbered_name(done)).is_file():
-        done += 1
-    return done
+    return [index for index in range(config.num_images) if not (folder / numbered_name(index)).is_file()]
 
 
-def clear_for(folder: Path, config: SampleConfig, settings: dict[str, Any]) -> None:
-    """Remove what this run replaces (with --overwrite, every numbered image beyond its count too, and
-    unfinished images of an interrupted run), then record its settings."""
+def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any]) -> None:
+    """Make the folders, remove what this run replaces (with --overwrite, every numbered image beyond its
+    count too, and unfinished images of an interrupted run), then record its settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if config.grid:
+        Path(config.grid).parent.mkdir(parents=True, exist_ok=True)
     for path in folder.iterdir():
         if path.name.endswith(PARTIAL_SUFFIX) or (config.overwrite and is_numbered_image(path)
                                                   and int(path.stem) >= config.num_images):

@@ -14,7 +14,7 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -187,8 +187,9 @@ def step_options(scheduler: Any) -> dict[str, Any]:
 @torch.no_grad()
 def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, num_steps: int, seed: int = 0,
                    batch_size: int = 16, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[np.ndarray]:
-    """Sample `num_images` images, yielded batch by batch as uint8 NHWC arrays."""
+                   dtype: torch.dtype | None = None, progress: bool = False,
+                   indices: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+    """Sample images 0..num_images-1 (or those of `indices`), yielded batch by batch as uint8 NHWC arrays."""
     from tqdm.auto import tqdm
 
     config = unet.config
@@ -197,10 +198,12 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
     size = config.sample_size if isinstance(config.sample_size, (tuple, list)) else (config.sample_size,) * 2
     shape = (config.in_channels, *size)
     step_kwargs = step_options(scheduler)
-    with tqdm(total=num_images, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
-        for start in range(0, num_images, batch_size):
-            count = min(batch_size, num_images - start)
-            generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
+    indices = range(num_images) if indices is None else indices
+    with tqdm(total=len(indices), desc="sampling", unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start:start + batch_size]
+            count = len(batch)
+            generators = [torch.Generator("cpu").manual_seed(seed + index) for index in batch]
             if "generator" in step_kwargs:
                 step_kwargs["generator"] = generators
             sample = randn_tensor((count, *shape), generator=generators, device=device, dtype=dtype)

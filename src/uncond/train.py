@@ -96,9 +96,7 @@ class Run:
 def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
     try:
         return Accelerator(
-            # Several processes on a machine without CUDA (torchrun, or `accelerate launch --multi_gpu`):
-            # accelerate runs them on the CPU with gloo only when told so.
-            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+            cpu=environment.cpu_processes(),
             mixed_precision=config.mixed_precision,
             log_with=None if config.logger == "none" else config.logger,
             project_config=ProjectConfiguration(project_dir=str(output_dir),
