@@ -1,4 +1,4 @@
-"""The modules' import direction: cli -> {train, evaluation} -> plan -> checkpoint -> {data, models, objective,
+"""The modules' import direction: cli -> {train, evaluation, sample_folder} -> plan -> checkpoint -> {data, models, objective,
 sampling, metrics, tracking, hub, environment} -> {config, sharding}. Modules of one layer do not import each other;
 within the data layer, cache.py sits under data.py and streaming.py on top of it; remote.py (the Hub clients' noise
 and errors) sits under the modules that load from the Hub."""
@@ -12,7 +12,7 @@ import uncond
 
 LAYERS = {"config": 0, "sharding": 0, "cache": 0.5, "remote": 0.5, "data": 1, "streaming": 1.5, "models": 1,
           "objective": 1, "sampling": 1, "metrics": 1, "tracking": 1, "hub": 1, "environment": 1, "checkpoint": 2,
-          "plan": 2.5, "train": 3, "evaluation": 3, "cli": 4, "__main__": 5, "__init__": 5}
+          "plan": 2.5, "train": 3, "evaluation": 3, "sample_folder": 3, "cli": 4, "__main__": 5, "__init__": 5}
 
 
 def package_imports(path: Path) -> set[str]:
