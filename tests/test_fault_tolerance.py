@@ -203,7 +203,7 @@ def test_preemption_saves_a_checkpoint_and_exits_cleanly(inputs, reference, tmp_
     stopped = f"stopped by {signal.Signals(signal_number).name}"
     line = next(line for line in err.splitlines() if line.startswith(stopped))
     step = int(line.split("at step ")[1].split(",")[0])
-    assert step < STEPS and f"checkpoint-{step} saved; re-run the same command to resume" in line
+    assert step < STEPS and f"checkpoint-{step} saved; to resume, run: uncond train " in line
     assert err.count(f"{signal.Signals(signal_number).name}: stopping with a checkpoint after the current step") == 1
     assert checkpoint.checkpoint_problem(out / f"checkpoint-{step}") is None
     resume_to_the_end(inputs, out)

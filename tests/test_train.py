@@ -548,3 +548,109 @@ def test_num_epochs_count_the_whole_run_when_a_resume_changes_the_batch(run_cli,
     assert (state["step"], state["epoch"], state["images_seen"]) == (12, 2, 36)
     assert metric_steps(out) == list(range(1, 13))
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["lr"] == 0.0
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_cli, color_folder, tiny_unet, tmp_path):
+    """Taking a run back (after its loss diverged, say): the later checkpoints of the abandoned continuation were
+    taken for the new run's, and the rotation, which keeps the highest steps, removed each new checkpoint."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--logging_steps", "1")
+    assert run_cli(*args, "--max_train_steps", "8")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "6", "--resume_from_checkpoint", "checkpoint-4",
+                           "--checkpoints_total_limit", "1")
+    assert code == 0, err
+    aside = out / "abandoned-after-step-4"
+    assert f"checkpoint-6, checkpoint-8, of the run's later steps, moved to {aside}" in err
+    assert checkpoints(out) == {"checkpoint-6"} and checkpoints(aside) == {"checkpoint-6", "checkpoint-8"}
+    code, _, err = run_cli(*args, "--max_train_steps", "8")  # the same command goes on from this run's newest
+    assert code == 0 and "resuming from checkpoint-6 at step 6" in err, err
+
+
+def test_a_resume_takes_this_runs_learning_rate_and_ema_settings(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                 monkeypatch):
+    """A diverged run is resumed with a lower --learning_rate: its very first step must use it (the optimizer
+    kept the checkpoint's), and --ema_max_decay given on resume counts too (EMAModel kept the checkpoint's)."""
+    from uncond import train
+
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+                           "--checkpointing_steps", "2", "--logging_steps", "1", "--use_ema")
+    assert run_cli(*args, "--max_train_steps", "2", "--learning_rate", "1e-4", "--ema_max_decay", "0.5")[0] == 0
+    rates, train_step = {}, train.train_step
+
+    def recording(run, micro_batches):
+        rates[run.step + 1] = run.optimizer.param_groups[0]["lr"]
+        return train_step(run, micro_batches)
+
+    monkeypatch.setattr(train, "train_step", recording)
+    code, _, err = run_cli(*args, "--max_train_steps", "4", "--learning_rate", "1e-2", "--ema_max_decay", "0.9")
+    assert code == 0, err
+    assert rates == {3: 1e-2, 4: 1e-2}
+    decays = {r["step"]: r["ema_decay"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert decays[2] <= 0.5 < decays[4] <= 0.9  # the warmup goes on, up to the new cap
+
+
+def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
+    from uncond import models
+
+    (tmp_path / "training_config.json").write_text(json.dumps({"ema_update_every": 4}))
+    ema = models.EMA([torch.nn.Parameter(torch.zeros(1))], every=2)
+    assert checkpoint.ema_updates(3, tmp_path, ema) == 6  # 3 updates of 4 steps = 6 updates of 2
+    assert checkpoint.ema_updates(3, tmp_path / "seed-script-checkpoint", ema) == 1  # every step, 3 steps
+
+
+def test_resume_commands_go_on_from_the_newest_checkpoint(tmp_path):
+    """The stop message's command: a named --resume_from_checkpoint in it would take the run back there."""
+    from uncond import train
+    from uncond.config import TrainConfig
+
+    argv = ["train", "--output_dir", "x", "--resume_from_checkpoint", "checkpoint-2", "--max_train_steps", "9"]
+    named = TrainConfig(output_dir="x", resume_from_checkpoint="checkpoint-2")
+    assert train.resuming_latest(argv, named) == ["train", "--output_dir", "x", "--max_train_steps", "9",
+                                                  "--resume_from_checkpoint", "latest"]
+    assert train.resuming_latest(["train", "--resume_from_checkpoint=checkpoint-2"], named) == [
+        "train", "--resume_from_checkpoint", "latest"]
+    assert train.resuming_latest(argv[:3], TrainConfig(output_dir="x")) == argv[:3]
+
+
+def test_a_stop_at_the_last_step_ends_the_run_with_its_grid(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from uncond import train
+
+    train_step = train.train_step
+
+    def stopped_during_the_last(run, micro_batches):
+        if run.step + 1 == run.max_train_steps:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a preempted job gets it
+        return train_step(run, micro_batches)
+
+    monkeypatch.setattr(train, "train_step", stopped_during_the_last)
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "3"))
+    assert code == 0 and "done: the pipeline is in" in err, err
+    assert (out / "samples" / "step-0000003.png").is_file() and checkpoints(out) == {"checkpoint-3"}
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--cache_dir"])
+def test_folders_that_cannot_be_made_are_refused_before_any_work(run_cli, color_folder, tiny_unet, tmp_path, flag):
+    (tmp_path / "notes.txt").write_text("a file where the folder would go")
+    args = fast_train_args(color_folder, tiny_unet, tmp_path / "run")
+    code, _, err = run_cli(*args, flag, tmp_path / "notes.txt" / "sub")
+    one_line_error(code, err, f"{flag} {tmp_path / 'notes.txt' / 'sub'}: {tmp_path / 'notes.txt'} is a file, not a "
+                              f"folder; choose another {flag}")
+
+
+def test_a_model_config_with_settings_left_at_their_defaults_trains(run_cli, color_folder, tmp_path):
+    """UNet2DModel.from_config (the seed script's way) fills in what a config.json leaves out; one it cannot build
+    is refused before the images are decoded."""
+    minimal, broken = tmp_path / "minimal.json", tmp_path / "broken.json"
+    minimal.write_text(json.dumps({"_class_name": "UNet2DModel", "block_out_channels": [32, 32, 32, 32],
+                                   "layers_per_block": 1}))
+    broken.write_text(json.dumps({"_class_name": "UNet2DModel", "block_out_channels": [16, 32]}))
+    code, _, err = run_cli(*fast_train_args(color_folder, minimal, tmp_path / "run", "--dry_run"))
+    assert code == 0, err
+    code, _, err = run_cli(*fast_train_args(color_folder, broken, tmp_path / "run"))
+    one_line_error(code, err, f"--model_config_name_or_path {broken}: UNet2DModel cannot be built from it")
+    assert not (tmp_path / "run").exists()

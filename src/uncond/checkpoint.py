@@ -145,6 +145,26 @@ def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
     return messages
 
 
+def set_aside_later_checkpoints(output_dir: Path, step: int) -> str:
+    """Resuming from step `step` of a folder holding checkpoints of later steps (a run taken back, e.g. after
+    its loss diverged): those are the abandoned continuation's. Left in place they would pass for this run's:
+    `latest` would resume them, and --checkpoints_total_limit, which keeps the highest steps, would remove each
+    new checkpoint as soon as it is written. They are moved, whole, into a folder of their own.
+    Returns a line to log, or ''."""
+    later = [path for later_step, path in list_checkpoints(output_dir) if later_step > step]
+    if not later:
+        return ""
+    aside, count = output_dir / f"abandoned-after-step-{step}", 1
+    while aside.exists():
+        count += 1
+        aside = output_dir / f"abandoned-after-step-{step}-{count}"
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)
+    return (f"resuming from step {step}: {', '.join(path.name for path in later)}, of the run's later steps, moved "
+            f"to {aside} (delete it when you no longer need them)")
+
+
 def remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -191,9 +211,7 @@ def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:
 def check_output_dir(config: TrainConfig, resuming: bool) -> str:
     """Refuse to overwrite a trained model. The one exception is the same run, killed before its first
     checkpoint: re-running its command starts it again. Returns a line to log, or ''."""
-    output_dir = Path(config.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir {output_dir} is a file; choose a folder")
+    output_dir = Path(config.output_dir)  # a folder, or none yet (plan.check_creatable)
     readme = output_dir / hub.CARD_FILE
     if readme.is_file() and not hub.written_by_uncond(readme):
         raise UsageError(f"--output_dir {output_dir} holds a README.md that uncond did not write, which the model "
@@ -276,7 +294,10 @@ def register_state_hooks(accelerator: Accelerator, unet: torch.nn.Module, ema: E
             # A checkpoint of a run without EMA starts the average from the trained weights.
             averaged = read_weights(ema_dir) if ema_dir.is_dir() else trained or read_weights(Path(input_dir) / "unet")
             saved = json.loads((ema_dir / "config.json").read_text()) if ema_dir.is_dir() else {}
-            state = {key: saved[key] for key in EMA_STATE_KEYS if key in saved}
+            # Only how far the average has come: its decay settings are this run's (--ema_max_decay,
+            # --ema_inv_gamma, --ema_power), as its --learning_rate is; EMAModel.load_state_dict would put
+            # back the checkpoint's.
+            state = {"optimization_step": ema_updates(saved.get("optimization_step", 0), Path(input_dir), ema)}
             names, parameters = zip(*plain.named_parameters())
             state["shadow_params"] = sharding.local_shards(parameters, [averaged[name] for name in names])
             ema.load_state_dict(state)
@@ -284,6 +305,14 @@ def register_state_hooks(accelerator: Accelerator, unet: torch.nn.Module, ema: E
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def ema_updates(saved_updates: int, path: Path, ema: EMAModel) -> int:
+    """The EMA's update count (its warmup clock) in this run's --ema_update_every: the checkpoint's count is of
+    updates every `ema_update_every` steps of the run that wrote it (1 for train_unconditional.py's)."""
+    config_file = path / RUN_CONFIG_FILE
+    saved_every = json.loads(config_file.read_text()).get("ema_update_every", 1) if config_file.is_file() else 1
+    return saved_updates * saved_every // getattr(ema, "every", 1)
 
 
 def written_by_fsdp(path: Path) -> bool:

@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.training_utils import EMAModel
 
 from . import remote, sharding
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, first_line
 
 logger = logging.getLogger("uncond")
 
@@ -114,7 +114,11 @@ def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[st
     if unknown:
         logger.warning(f"--model_config_name_or_path {name_or_path}: ignoring {', '.join(unknown)}, which this "
                        f"diffusers version's UNet2DModel does not take")
-    return {key: value for key, value in unet_config.items() if not key.startswith("_") and key in known}
+    # Settings the file leaves out take UNet2DModel's defaults, as from_config gives them.
+    defaults = {name: parameter.default for name, parameter in known.items()
+                if name != "self" and parameter.default is not inspect.Parameter.empty}
+    given = {key: value for key, value in unet_config.items() if not key.startswith("_") and key in known}
+    return {**defaults, **given}
 
 
 def unet_config_for(config: TrainConfig, resolution: int) -> dict[str, Any]:
@@ -127,6 +131,11 @@ def unet_config_for(config: TrainConfig, resolution: int) -> dict[str, Any]:
         unet_config = dict(preset_named(config.model_preset or "seed").unet)
     unet_config["sample_size"] = resolution
     check_resolution(unet_config, resolution)
+    try:  # on the meta device: the structure only, in milliseconds, before the data is decoded
+        weightless_unet(unet_config)
+    except (ValueError, TypeError, KeyError, IndexError) as error:
+        raise UsageError(f"--model_config_name_or_path {config.model_config_name_or_path}: UNet2DModel cannot be "
+                         f"built from it ({first_line(error)})") from None
     return unet_config
 
 

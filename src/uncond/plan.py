@@ -31,6 +31,13 @@ class Plan:
     resume_message: str
     resume_state: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training_state.json
 
+    @property
+    def resume_step(self) -> int | None:
+        """The step of the checkpoint resumed from (the seed script's checkpoints have it in their name only)."""
+        if self.resume_from is None:
+            return None
+        return self.resume_state.get("step", int(self.resume_from.name.split("-")[-1]))
+
 
 def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> Plan:
     """Every check that needs no decoding and no model weights. Raises UsageError with one clear line."""
@@ -45,6 +52,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         # The seed script's flag, given: its grids were DDPM's, with that many steps.
         config = config.replace(sampler="ddpm")
     data.check_source(config)
+    check_creatable(config.output_dir, "--output_dir")
+    if config.cache_dir:
+        check_creatable(config.cache_dir, "--cache_dir")
     if config.dataset_name and config.train_data_dir:  # as in the seed script, but said
         logger.warning(f"--train_data_dir {config.train_data_dir} is ignored: --dataset_name {config.dataset_name} "
                        "is given")
@@ -91,6 +101,18 @@ def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[
         raise UsageError(f"{path.parent} holds a run on other images ({'; '.join(other_data)}); pass "
                          "--resume_from_checkpoint latest to go on training it on these, --overwrite_output_dir to "
                          "start afresh, or choose another --output_dir")
+
+
+def check_creatable(folder: str, flag: str) -> None:
+    """A folder the run makes (or writes in) must be makeable: its nearest existing part a folder it may write
+    in. Checked here, on every process, rather than failing on the one that makes it while the others wait."""
+    existing = Path(folder).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: {existing} is a file, not a folder; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: {existing} is not writable; choose another {flag}")
 
 
 def module_available(name: str) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,6 +32,8 @@ import torch
 from .config import TrainConfig, UsageError
 from .data import (Augmentation, Record, augmentation_rng, decode_records, find_image_columns, first_reasons,
                    load_dataset_or_explain, mix_seed, open_first_image, prefetch, write_report)
+
+logger = logging.getLogger("uncond")
 
 SHUFFLE_BUFFER = 1000  # examples; datasets' default
 # A stream whose first examples all fail to decode is wrong as a whole (a wrong column, say): said at once.
@@ -87,6 +90,9 @@ class StreamedBatches:
             self.batches_per_epoch = -(-per_process // config.train_batch_size)
         else:
             self.batches_per_epoch = config.max_train_steps * config.gradient_accumulation_steps
+            logger.warning("the stream's size is unknown (its metadata has no split sizes): the whole run counts as "
+                           "one epoch, so --save_images_epochs and --save_model_epochs apply at its end only; "
+                           "--checkpointing_steps still saves as it goes")
         self.num_images = stream.num_examples
         self.used, self.upscaled, self.skipped = 0, 0, []
         self._position: tuple[int, int] | None = None  # where the running producer is

@@ -72,6 +72,7 @@ class Run:
     repo_id: str | None = None
     uploads: hub.BackgroundUploads | None = None
     command: str = ""  # the command line that reproduces this run, for the model card
+    resume_command: str = ""  # the command that goes on from this run's newest checkpoint
     metrics_file: tracking.MetricsFile | None = None
     running_loss: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     running_grad_norm: tracking.RunningMean = field(default_factory=tracking.RunningMean)
@@ -189,7 +190,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     # --num_epochs counts the whole run's epochs; those before a resume with another global batch had
     # another length (the schedule must know the total before it is built).
     position = None if plan.resume_from is None else position_after(
-        plan.resume_from, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes)
+        plan.resume_step, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes)
     epoch_offset = position.epoch_offset if position else 0
     max_train_steps = config.max_train_steps or epoch_offset + config.num_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -244,12 +245,11 @@ class Position:
     note: str = ""  # said in the log when the checkpoint was written with another global batch
 
 
-def position_after(path: Path, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
+def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
                    num_processes: int) -> Position:
-    """The place in the run and in the data order to go on from after the checkpoint at `path` (whose
+    """The place in the run and in the data order to go on from after the checkpoint of `step` (whose
     training state is `state`). With another process count or batch size, the epoch goes on after the
     images it had already seen (the rest of that epoch's order then differs from an uninterrupted run's)."""
-    step = state.get("step", int(path.name.split("-")[-1]))
     epoch = state.get("epoch", step // steps_per_epoch)
     steps_into_epoch = step - state.get("epoch_start_step", epoch * steps_per_epoch)
     saved_processes = state.get("num_processes", num_processes)
@@ -259,7 +259,7 @@ def position_after(path: Path, state: dict[str, Any], steps_per_epoch: int, glob
     if saved_batch != global_batch_size or saved_processes != num_processes:
         images_into_epoch = steps_into_epoch * saved_batch
         steps_into_epoch = min(images_into_epoch // global_batch_size, steps_per_epoch)
-        note = (f"{path.name} was written by {saved_processes} process(es) with a global batch of {saved_batch}; "
+        note = (f"checkpoint-{step} was written by {saved_processes} process(es) with a global batch of {saved_batch}; "
                 f"going on with {num_processes} process(es) and a global batch of {global_batch_size} after the "
                 f"{images_into_epoch} images already seen in epoch {epoch}")
     return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
@@ -270,9 +270,14 @@ def resume(run: Run, path: Path) -> None:
     """Restore the training state (weights, EMA, optimizer, schedule, random states) and go on from the place
     build_run found. The optimizer, schedule and weights are the same whatever the process count."""
     checkpoint.load_checkpoint(run.accelerator, path)
-    # The schedule's state holds the learning rate it was built with; this run's --learning_rate wins,
-    # so a diverged run can be resumed with a lower one.
-    run.lr_scheduler.scheduler.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
+    # The schedule's state holds the learning rate it was built with, and the optimizer the rate of the next
+    # step; this run's --learning_rate wins in both, so a diverged run can be resumed with a lower one.
+    schedule = run.lr_scheduler.scheduler  # diffusers' schedules are all LambdaLR: base rate x factor(step)
+    schedule.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
+    rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    for group, rate in zip(run.optimizer.param_groups, rates):
+        group["lr"] = rate
+    schedule._last_lr = rates  # what get_last_lr() (the logged lr) reads
     position = run.resume_position
     if position.note:
         logger.info(position.note)
@@ -297,9 +302,16 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     plan.config = settle_seed(plan, accelerator)
     config = plan.config
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # what plan's check cannot see (a root user in /proc, a full or read-only mount)
+            raise UsageError(f"--output_dir {output_dir}: cannot create it ({error.strerror})") from None
         for message in checkpoint.clean_up_interrupted_writes(output_dir):
             logger.warning(message)
+        if plan.resume_from is not None:
+            message = checkpoint.set_aside_later_checkpoints(output_dir, plan.resume_step)
+            if message:
+                logger.warning(message)
         if config.overwrite_output_dir and plan.resume_from is None:
             removed = checkpoint.clear_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
             if removed:
@@ -310,9 +322,11 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
 
     run = build_run(plan, accelerator)
     run.repo_id = repo_id
-    run.command = reproduce_command(public_argv(sys.argv[1:] if command is None else command, config),
-                                    accelerator.num_processes, None if "seed" in explicit else config.seed,
-                                    sharded=sharding.is_sharded(run.unwrapped_unet))
+    argv = public_argv(sys.argv[1:] if command is None else command, config)
+    launch = (accelerator.num_processes, None if "seed" in explicit else config.seed)
+    run.command = reproduce_command(argv, *launch, sharded=sharding.is_sharded(run.unwrapped_unet))
+    run.resume_command = reproduce_command(resuming_latest(argv, config), *launch,
+                                           sharded=sharding.is_sharded(run.unwrapped_unet))
     if plan.resume_from is not None:
         logger.info(plan.resume_message)
         resume(run, plan.resume_from)
@@ -335,8 +349,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     if finished:
         logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
     else:
-        logger.info(f"stopped by {stop.received} at step {run.step}, checkpoint-{run.step} saved; re-run the same "
-                    f"command to resume: {run.command}")
+        logger.info(f"stopped by {stop.received} at step {run.step}, checkpoint-{run.step} saved; to resume, run: "
+                    f"{run.resume_command}")
     return output_dir
 
 
@@ -447,10 +461,10 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                     evaluate(run)
                 if run.step % config.checkpointing_steps == 0:
                     save_checkpoint(run)
+                if run.step == run.max_train_steps:
+                    break  # a stop asked for now is met by the end of the run (its grid, export, checkpoint)
                 if stop_requested(run, stop):
                     return stopped(run)
-                if run.step == run.max_train_steps:
-                    break
             exported_at = end_epoch(run) or exported_at
             if run.step < run.max_train_steps and stop_requested(run, stop, epoch_end=True):
                 return stopped(run)  # a signal during the epoch's preview: no step after it
@@ -633,8 +647,10 @@ def log_metrics(run: Run, progress: tqdm) -> None:
 def diverged(run: Run, what: str) -> RunFailed:
     saved = checkpoint.complete_checkpoints(run.output_dir)
     last = f"{saved[-1][1].name} is the last good checkpoint" if saved else "no checkpoint was saved yet"
-    return RunFailed(f"{what}; stopped, {last}. Lower --learning_rate (or pass --skip_nonfinite) and re-run the "
-                     "same command to resume from it")
+    rerun = "the command with --resume_from_checkpoint latest" if names_a_checkpoint(run.config) else \
+        "the same command"
+    return RunFailed(f"{what}; stopped, {last}. Lower --learning_rate (or pass --skip_nonfinite) and re-run {rerun} "
+                     "to resume from it")
 
 
 def epoch_start_step(run: Run) -> int:
@@ -863,6 +879,24 @@ def reproduce_command(argv: list[str], num_processes: int, chosen_seed: int | No
     elif num_processes > 1:
         launcher = f"accelerate launch --multi_gpu --num_processes {num_processes} -m uncond"
     return launcher + " " + " ".join(shlex.quote(word) for word in words)
+
+
+def names_a_checkpoint(config: TrainConfig) -> bool:
+    """Whether this run resumed from a named checkpoint: run again as it is, it would go back to that one."""
+    return config.resume_from_checkpoint not in (None, "latest")
+
+
+def resuming_latest(argv: list[str], config: TrainConfig) -> list[str]:
+    """`argv` set to go on from the newest checkpoint (--resume_from_checkpoint latest instead of a named one,
+    given on the command line or in a config file)."""
+    if not names_a_checkpoint(config):
+        return list(argv)
+    words, skip = [], False
+    for word in argv:
+        if not skip and not word.startswith("--resume_from_checkpoint"):
+            words.append(word)
+        skip = word == "--resume_from_checkpoint"
+    return words + ["--resume_from_checkpoint", "latest"]
 
 
 def tracker_config(config: TrainConfig) -> dict[str, Any]:
