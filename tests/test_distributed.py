@@ -90,7 +90,7 @@ def test_two_processes_train_to_completion_and_resume_on_one(run_cli, color_fold
         assert (out / "checkpoint-4" / f"random_states_{rank}.pkl").is_file()
     records = metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # written once, by the main process
-    assert records[-1]["images_seen"] == 32
+    assert records[-1]["images_seen"] == 24  # 2 epochs of 12: each epoch's second step holds 4 images, not 8
     # the schedule moved once per optimizer step, not once per process or micro-batch
     assert [r["lr"] for r in records] == pytest.approx(lr_schedule(4), abs=1e-12)
     writers = {path.name.split(".")[-2] for path in (out / "logs").rglob("events.out.tfevents.*")}
@@ -107,7 +107,7 @@ def test_two_processes_train_to_completion_and_resume_on_one(run_cli, color_fold
     assert "checkpoint-4 was written by 2 process(es) with a global batch of 8; going on with 1 process(es)" in err
     records = metrics(out)
     assert [r["step"] for r in records] == list(range(1, 7))
-    assert [r["epoch"] for r in records[-2:]] == [2, 2] and records[-1]["images_seen"] == 32 + 2 * 4
+    assert [r["epoch"] for r in records[-2:]] == [2, 2] and records[-1]["images_seen"] == 24 + 2 * 4
 
 
 def test_one_process_checkpoint_resumes_on_two(run_cli, color_folder, tiny_unet, tmp_path):

@@ -451,7 +451,9 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
             for micro_batches in optimizer_steps(run):
                 loss = train_step(run, micro_batches)
                 run.step += 1
-                run.images_seen += run.global_batch_size
+                # Each process's micro-batches are as large as the others' (data.Order pads); an epoch's last
+                # step may hold fewer than a global batch.
+                run.images_seen += sum(len(batch) for batch in micro_batches) * run.accelerator.num_processes
                 if loss is not None:
                     run.running_loss.add(loss)
                 progress.update(1)
