@@ -180,6 +180,23 @@ def test_two_processes_sample_the_images_one_would_and_complete_an_interrupted_f
     assert "wrote 3 images" in result.stderr and len(list(two.glob("*.png"))) == 7
 
 
+def test_a_signal_to_one_process_stops_every_process_at_the_next_step(color_folder, tiny_unet, tmp_path):
+    """Launchers kill a stopping run 30 s after the signal: the processes agree on stopping at every step (not at
+    log intervals or epoch ends, here 100 and 6 steps away), and all stop at the same one."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--train_batch_size", "1", "--max_train_steps", "12",
+                           "--logging_steps", "100")
+    result = launch_processes(TESTS / "stop_worker.py", *args, STOP_RANK="1", STOP_AT="3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped by a signal to another process at step 4, checkpoint-4 saved" in result.stderr
+    assert checkpoints_in(out) == ["checkpoint-4"] and json.loads(
+        (out / "checkpoint-4" / "training_state.json").read_text())["step"] == 4
+
+
+def checkpoints_in(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.glob("checkpoint-*"))
+
+
 def test_machines_holding_different_images_stop_at_once(color_folder, tiny_unet, tmp_path):
     """Instead of training on overlapping shards (here, where both counts give 2 batches per epoch) or waiting
     for the 2-hour time-out (where the epochs' lengths differ). Without the check this run ends with status 0."""

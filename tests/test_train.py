@@ -654,3 +654,26 @@ def test_a_model_config_with_settings_left_at_their_defaults_trains(run_cli, col
     code, _, err = run_cli(*fast_train_args(color_folder, broken, tmp_path / "run"))
     one_line_error(code, err, f"--model_config_name_or_path {broken}: UNet2DModel cannot be built from it")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stop_during_a_preview_gives_the_preview_up(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    """A preview can take minutes (1000 DDPM steps), and launchers kill a stopping run after 30 s."""
+    import os
+    import signal
+
+    from uncond import train
+
+    generate = train.sampling.generate
+
+    def signalled_during(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(train.sampling, "generate", signalled_during)
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "9",
+                                            "--save_images_epochs", "1"))
+    assert code == 0, err
+    assert "the sample grid of step 3 is left out: the run is stopping" in err
+    assert "stopped by SIGTERM at step 3" in err and checkpoints(out) == {"checkpoint-3"}
+    assert not (out / "samples").exists() or not list((out / "samples").iterdir())

@@ -48,6 +48,11 @@ def cpu_processes() -> bool:
 _last_collectives: list[dist.Work] = []
 
 
+def keep_until_exit(work: dist.Work) -> None:
+    """Hold a finished collective's work object for the life of the process (see finish_collectives)."""
+    _last_collectives.append(work)
+
+
 def finish_collectives() -> None:
     """Wait for every process at the end of a run, in a way that lets the gloo process group be destroyed.
 

@@ -14,7 +14,7 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -184,12 +184,18 @@ def step_options(scheduler: Any) -> dict[str, Any]:
     return options
 
 
+class SamplingCancelled(Exception):
+    """Sampling given up part way (a training run's preview, when the run is asked to stop)."""
+
+
 @torch.no_grad()
 def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, num_steps: int, seed: int = 0,
                    batch_size: int = 16, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None, progress: bool = False,
-                   indices: Sequence[int] | None = None) -> Iterator[np.ndarray]:
-    """Sample images 0..num_images-1 (or those of `indices`), yielded batch by batch as uint8 NHWC arrays."""
+                   indices: Sequence[int] | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> Iterator[np.ndarray]:
+    """Sample images 0..num_images-1 (or those of `indices`), yielded batch by batch as uint8 NHWC arrays.
+    Raises SamplingCancelled between two network evaluations once `cancelled()` says so."""
     from tqdm.auto import tqdm
 
     config = unet.config
@@ -210,6 +216,8 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
             scheduler.set_timesteps(num_steps, device=device)
             sample = sample * scheduler.init_noise_sigma
             for timestep in scheduler.timesteps:
+                if cancelled is not None and cancelled():
+                    raise SamplingCancelled
                 model_input = scheduler.scale_model_input(sample, timestep)
                 model_output = unet(model_input, timestep).sample
                 sample = scheduler.step(model_output, timestep, sample, **step_kwargs).prev_sample

@@ -82,6 +82,8 @@ class Run:
     memory_format: torch.memory_format = torch.contiguous_format  # the UNet's, given to its inputs too
     feature_extractor: metrics.FeatureExtractor | None = None  # for --eval_every_steps; None: no evaluation
     best_fid: float = math.inf
+    stop: StopSignal | None = None  # while training: a preview under way gives up when a stop is asked for
+    stop_agreement: StopAgreement | None = None  # with several processes
 
     @property
     def unwrapped_unet(self) -> UNet2DModel:
@@ -340,8 +342,12 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         init_trackers(run)
     run.feature_extractor = open_feature_extractor(config, accelerator)
     log_run_summary(run)
+    run.stop_agreement = StopAgreement() if accelerator.num_processes > 1 else None
     with StopSignal(announce=accelerator.is_main_process) as stop:
+        run.stop = stop
         finished = train_loop(run, stop)
+    if run.stop_agreement is not None:
+        run.stop_agreement.finish()
     environment.finish_collectives()
     accelerator.end_training()
     if run.uploads is not None:
@@ -349,7 +355,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     if finished:
         logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
     else:
-        logger.info(f"stopped by {stop.received} at step {run.step}, checkpoint-{run.step} saved; to resume, run: "
+        logger.info(f"stopped by {stop.received or 'a signal to another process'} at step {run.step}, "
+                    f"checkpoint-{run.step} saved; to resume, run: "
                     f"{run.resume_command}")
     return output_dir
 
@@ -468,7 +475,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 if stop_requested(run, stop):
                     return stopped(run)
             exported_at = end_epoch(run) or exported_at
-            if run.step < run.max_train_steps and stop_requested(run, stop, epoch_end=True):
+            if run.step < run.max_train_steps and stop_requested(run, stop):
                 return stopped(run)  # a signal during the epoch's preview: no step after it
     if exported_at != run.step:  # resumed at the very end
         with averaged_unet(run) as unet:
@@ -520,15 +527,41 @@ def end_epoch(run: Run) -> int | None:
     return exported_at
 
 
-def stop_requested(run: Run, stop: StopSignal, epoch_end: bool = False) -> bool:
-    """Whether to stop after this step. With several processes all must agree, which costs a collective:
-    it is asked at log intervals and epoch ends only, so a stop comes within --logging_steps steps."""
-    if run.accelerator.num_processes == 1:
+def stop_requested(run: Run, stop: StopSignal) -> bool:
+    """Whether to stop after this step (every process must stop at the same one)."""
+    if run.stop_agreement is None:
         return stop.received is not None
-    if run.step % run.config.logging_steps and not epoch_end:
-        return False
-    flag = torch.tensor(float(stop.received is not None), device=run.accelerator.device)
-    return run.accelerator.reduce(flag, reduction="sum").item() > 0
+    return run.stop_agreement(stop.received is not None)
+
+
+class StopAgreement:
+    """Whether any process was asked to stop, agreed by all processes at every step without stalling it: each
+    step's flags are summed by an all-reduce on a gloo group of its own, in the background (no GPU sync), and
+    the sum is read at the next step, so every process stops at the same step, one after the signal. Launchers
+    kill their processes soon after a signal (torchrun and accelerate launch: 30 s), so it must come quickly."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = dist.new_group(backend="gloo")  # every process creates it, at the same point
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, asked_here: bool) -> bool:
+        agreed = False
+        if self.pending is not None:
+            work, flags = self.pending
+            work.wait()
+            agreed = flags.item() > 0
+        flags = torch.tensor([float(asked_here)])
+        self.pending = (self.dist.all_reduce(flags, group=self.group, async_op=True), flags)
+        return agreed
+
+    def finish(self) -> None:
+        """Wait for the last all-reduce, and keep it (environment.finish_collectives says why)."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            environment.keep_until_exit(self.pending[0])
 
 
 def stopped(run: Run) -> bool:
@@ -707,12 +740,18 @@ def preview_sampler(run: Run) -> tuple[Any, int]:
             sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps))
 
 
-def save_sample_grid(run: Run, unet: UNet2DModel) -> Path:
+def save_sample_grid(run: Run, unet: UNet2DModel) -> Path | None:
     """Sample images with a fixed seed (grids stay comparable over the run), as a PNG and to the trackers."""
     config = run.config
     scheduler, steps = preview_sampler(run)
-    images = sampling.generate(unet, scheduler, num_images=config.eval_batch_size, num_steps=steps, seed=0,
-                               batch_size=config.eval_batch_size, device=run.accelerator.device)
+    stop = run.stop
+    try:
+        images = sampling.generate(unet, scheduler, num_images=config.eval_batch_size, num_steps=steps, seed=0,
+                                   batch_size=config.eval_batch_size, device=run.accelerator.device,
+                                   cancelled=(lambda: stop.received is not None) if stop else None)
+    except sampling.SamplingCancelled:  # a preview can take minutes; launchers kill a stopping run after 30 s
+        logger.info(f"the sample grid of step {run.step} is left out: the run is stopping")
+        return None
     folder = run.output_dir / SAMPLES_DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"step-{run.step:07d}.png"
