@@ -677,3 +677,23 @@ def test_a_stop_during_a_preview_gives_the_preview_up(run_cli, color_folder, tin
     assert "the sample grid of step 3 is left out: the run is stopping" in err
     assert "stopped by SIGTERM at step 3" in err and checkpoints(out) == {"checkpoint-3"}
     assert not (out / "samples").exists() or not list((out / "samples").iterdir())
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(run_cli, color_folder, tiny_unet, tmp_path):
+    """Two runs writing one folder (a requeued job overlapping the old one) interleaved checkpoints and metrics."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(  # another run, as far as the lock goes, holding it until told to end
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "f.write('4242 on elsewhere'); f.flush(); print('held', flush=True); sys.stdin.read()",
+         str(out / checkpoint.LOCK_FILE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2")
+        code, _, err = run_cli(*args)
+        one_line_error(code, err, f"--output_dir {out} is in use by another uncond run (process 4242 on elsewhere); "
+                                  "wait for it to end, or choose another --output_dir")
+        assert not list(out.glob("checkpoint-*"))
+    finally:
+        holder.communicate("")  # the holder ends, and with it its lock
+    assert run_cli(*args)[0] == 0 and run_cli(*args, "--max_train_steps", "3")[0] == 0  # one process, in turn

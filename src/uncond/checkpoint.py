@@ -16,8 +16,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from accelerate import Accelerator
@@ -163,6 +164,41 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> str:
         os.replace(path, aside / path.name)
     return (f"resuming from step {step}: {', '.join(path.name for path in later)}, of the run's later steps, moved "
             f"to {aside} (delete it when you no longer need them)")
+
+
+LOCK_FILE = ".uncond-lock"
+_held_locks: dict[Path, IO[str]] = {}
+
+
+def lock_output_dir(output_dir: Path) -> None:
+    """An exclusive lock on the folder until this run ends (the kernel drops it when the process does, however
+    it ends): two runs writing one folder (a requeued job overlapping the old one) interleave their checkpoints
+    and metrics. No-op where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    unlock_output_dir(output_dir)  # an earlier run in this same process (runs in one process follow each other)
+    handle = open(output_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UsageError(f"--output_dir {output_dir} is in use by another uncond run (process {holder}); wait "
+                         "for it to end, or choose another --output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _held_locks[output_dir.resolve()] = handle
+
+
+def unlock_output_dir(output_dir: Path) -> None:
+    handle = _held_locks.pop(output_dir.resolve(), None)
+    if handle is not None:
+        handle.close()  # closing the file releases its flock
 
 
 def remove(path: Path) -> None:

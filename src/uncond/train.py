@@ -303,23 +303,16 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     check_processes(plan, accelerator)
     plan.config = settle_seed(plan, accelerator)
     config = plan.config
+    refusal = None
     if accelerator.is_main_process:
         try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:  # what plan's check cannot see (a root user in /proc, a full or read-only mount)
-            raise UsageError(f"--output_dir {output_dir}: cannot create it ({error.strerror})") from None
-        for message in checkpoint.clean_up_interrupted_writes(output_dir):
-            logger.warning(message)
-        if plan.resume_from is not None:
-            message = checkpoint.set_aside_later_checkpoints(output_dir, plan.resume_step)
-            if message:
-                logger.warning(message)
-        if config.overwrite_output_dir and plan.resume_from is None:
-            removed = checkpoint.clear_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
-            if removed:
-                logger.info(f"--overwrite_output_dir: removed {', '.join(removed)} from {output_dir}")
-        config.save(output_dir / RUN_CONFIG_FILE)
-    accelerator.wait_for_everyone()
+            prepare_output_dir(plan, output_dir)
+        except UsageError as error:
+            refusal = str(error)
+    if accelerator.num_processes > 1:  # the other processes would otherwise wait for the main one forever
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise UsageError(refusal)
     repo_id = create_hub_repository(config, accelerator)
 
     run = build_run(plan, accelerator)
@@ -352,6 +345,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     accelerator.end_training()
     if run.uploads is not None:
         run.uploads.wait()
+    checkpoint.unlock_output_dir(output_dir)
     if finished:
         logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
     else:
@@ -359,6 +353,29 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
                     f"checkpoint-{run.step} saved; to resume, run: "
                     f"{run.resume_command}")
     return output_dir
+
+
+def prepare_output_dir(plan: Plan, output_dir: Path) -> None:
+    """On the main process: the folder made and locked for this run, what interrupted writes left removed,
+    later checkpoints set aside when going back, an earlier run's outputs removed with --overwrite_output_dir,
+    and this run's settings written."""
+    config = plan.config
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # what plan's check cannot see (a root user in /proc, a full or read-only mount)
+        raise UsageError(f"--output_dir {output_dir}: cannot create it ({error.strerror})") from None
+    checkpoint.lock_output_dir(output_dir)
+    for message in checkpoint.clean_up_interrupted_writes(output_dir):
+        logger.warning(message)
+    if plan.resume_from is not None:
+        message = checkpoint.set_aside_later_checkpoints(output_dir, plan.resume_step)
+        if message:
+            logger.warning(message)
+    if config.overwrite_output_dir and plan.resume_from is None:
+        removed = checkpoint.clear_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
+        if removed:
+            logger.info(f"--overwrite_output_dir: removed {', '.join(removed)} from {output_dir}")
+    config.save(output_dir / RUN_CONFIG_FILE)
 
 
 class StopSignal:
