@@ -181,14 +181,17 @@ def test_kill_between_the_renames_of_an_export(inputs, reference, tmp_path):
     assert_same_result(out, reference)
 
 
-def test_kill_between_the_renames_of_a_checkpoint_written_again(inputs, reference, tmp_path):
+def test_going_back_to_an_older_checkpoint_redoes_the_same_steps(inputs, reference, tmp_path):
+    """The later checkpoints are set aside whole (so no checkpoint is ever written over another), and the steps
+    redone from the older one end with the same weights."""
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    # resumed from an older checkpoint, the run writes checkpoint-36 again and dies replacing the first one
-    kill_between_the_renames(inputs, out, "checkpoint-36", "--resume_from_checkpoint", "checkpoint-32")
-    log = resume_to_the_end(inputs, out)
-    assert "restored checkpoint-36 from an interrupted write" in log
-    checkpoint.verify_checkpoint(out / "checkpoint-36")
+    redone = subprocess.run(command(inputs, out, "--resume_from_checkpoint", "checkpoint-32"), env=ENV,
+                            capture_output=True, text=True)
+    assert redone.returncode == 0, redone.stderr[-3000:]
+    assert "checkpoint-36, checkpoint-40, of the run's later steps, moved to" in redone.stderr
+    for path in (out / "abandoned-after-step-32").iterdir():
+        checkpoint.verify_checkpoint(path)  # moved whole
     assert_same_result(out, reference)
 
 

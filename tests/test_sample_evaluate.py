@@ -183,6 +183,12 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
             (run / f"checkpoint-{step}" / "training_config.json").write_text("{}")
     code, _, err = run_cli("sample", run / "checkpoint-12")
     one_line_error(code, err, "(it is a training checkpoint; its run folder holds the pipeline)")
+    code, _, err = run_cli("evaluate", run / "checkpoint-12", "--reference", reference)  # it said "no image files"
+    one_line_error(code, err, "a training checkpoint, neither images nor a pipeline (it is a training checkpoint; "
+                              "its run folder holds the pipeline)")
+    for run_folder in (run, run / "checkpoint-12"):  # its grids and loss.png were measured as real images
+        code, _, err = run_cli("evaluate", reference, "--reference", run_folder)
+        one_line_error(code, err, f"--reference {run_folder}: a training run's output folder")
     code, _, err = run_cli("evaluate", run / "samples", "--reference", reference)
     assert code == 0, err  # the images themselves can be measured
 

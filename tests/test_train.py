@@ -368,6 +368,8 @@ def one_line_error(code: int, err: str, expected: str) -> None:
 @pytest.mark.parametrize("make_args, expected", [
     (lambda d, u, o: ["train", "--output_dir", o], "no dataset given"),
     (lambda d, u, o: fast_train_args(d / "missing", u, o), "no such folder"),
+    (lambda d, u, o: fast_train_args(next(p for p in d.rglob("*") if p.is_file()), u, o), "is a file; pass the "
+                                                                                       "folder that holds the images"),
     (lambda d, u, o: fast_train_args(d, u, o, "--resolution", "100", "--model_config_name_or_path", "",
                                      "--model_preset", "seed"),
      "--resolution 100 is not divisible by 32 (the model halves it 5 times); use 96 or 128"),
@@ -697,3 +699,13 @@ def test_a_second_run_on_a_folder_in_use_is_refused(run_cli, color_folder, tiny_
     finally:
         holder.communicate("")  # the holder ends, and with it its lock
     assert run_cli(*args)[0] == 0 and run_cli(*args, "--max_train_steps", "3")[0] == 0  # one process, in turn
+
+
+def test_a_resume_says_what_it_changes_that_it_may_change(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2")
+    assert run_cli(*args, "--max_train_steps", "2", "--seed", "1", "--use_ema")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "4", "--seed", "2", "--dry_run")
+    assert code == 0, err
+    assert "--seed 2: checkpoint-2's run used seed 1; its data order, crops and noise follow seed 2 from here" in err
+    assert "checkpoint-2's run kept an EMA of the weights; without --use_ema it is dropped" in err

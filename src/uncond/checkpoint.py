@@ -447,6 +447,23 @@ def resume_differences(path: Path, config: TrainConfig, unet_config: dict[str, A
     return sorted(set(differences))
 
 
+def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list[str]:
+    """What a resume from `path` changes that it may change, to be said: the seed, and the EMA on or off."""
+    saved_file = path / RUN_CONFIG_FILE
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    notes = []
+    saved_seed = state.get("seed", saved.get("seed"))
+    if config.seed is not None and saved_seed is not None and config.seed != saved_seed:
+        notes.append(f"--seed {config.seed}: {path.name}'s run used seed {saved_seed}; its data order, crops and "
+                     f"noise follow seed {config.seed} from here (leave --seed out to keep {saved_seed})")
+    if saved.get("use_ema") and not config.use_ema:
+        notes.append(f"{path.name}'s run kept an EMA of the weights; without --use_ema it is dropped, and exports "
+                     "hold the trained weights")
+    elif "use_ema" in saved and not saved["use_ema"] and config.use_ema:
+        notes.append(f"--use_ema: {path.name}'s run had no EMA; it starts here from the checkpoint's weights")
+    return notes
+
+
 def data_differences(path: Path, config: TrainConfig) -> list[str]:
     """Where the images of the run that wrote `path` came from, if not from where this run's come."""
     saved_file = path / RUN_CONFIG_FILE

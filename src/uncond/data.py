@@ -102,6 +102,8 @@ def check_source(config: TrainConfig) -> None:
                              "form owner/name)")
         return
     folder = Path(config.train_data_dir)
+    if folder.is_file():
+        raise UsageError(f"--train_data_dir {folder} is a file; pass the folder that holds the images")
     if not folder.is_dir():
         raise UsageError(f"--train_data_dir {folder}: no such folder")
     if next(iter_image_files(folder), None) is None:

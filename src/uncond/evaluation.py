@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import data, metrics, sampling
 from .cache import REFERENCE_STATS_DIR
-from .config import EvaluateConfig, UsageError
+from .config import RUN_CONFIG_FILE, EvaluateConfig, UsageError
 
 logger = logging.getLogger("uncond")
 
@@ -54,7 +54,11 @@ def evaluate(config: EvaluateConfig) -> Report:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would sample and measure the whole set
         raise UsageError("uncond evaluate runs as one process; to sample on several GPUs, run `accelerate launch "
                          "-m uncond sample MODEL --output_dir DIR`, then `uncond evaluate DIR`")
-    sampling.refuse_unexported_run(Path(config.generated).expanduser(), f"GENERATED {config.generated}",
+    generated = Path(config.generated).expanduser()
+    if sampling.is_checkpoint(generated) and not (generated / "model_index.json").is_file():
+        raise UsageError(f"GENERATED {config.generated}: a training checkpoint, neither images nor a pipeline "
+                         f"{sampling.not_a_pipeline_hint(generated).strip()}")
+    sampling.refuse_unexported_run(generated, f"GENERATED {config.generated}",
                                    ", or pass the folder of images to measure")
     device = sampling.pick_device(config.device)
     reference_source = open_reference(config.reference)
@@ -145,6 +149,10 @@ def open_reference(reference: str) -> data.Source | None:
         if not Path(reference).expanduser().is_file():
             raise UsageError(f"--reference {reference}: no such statistics file")
         return None
+    path = Path(reference).expanduser()
+    if path.is_dir() and (path / RUN_CONFIG_FILE).is_file():  # checkpoints hold one too
+        raise UsageError(f"--reference {reference}: a training run's output folder (its images are sample grids and "
+                         "plots, not real images); pass the training images' folder or dataset")
     return data.open_named_source(reference, "--reference")
 
 

@@ -88,6 +88,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     if resume_from is not None:  # the channel count is compared once the data has decided it
         refuse_mismatched_resume(resume_from, config, unet_config)
     resume_state = checkpoint.read_training_state(resume_from) if resume_from is not None else {}
+    if resume_from is not None:
+        for note in checkpoint.resume_notes(resume_from, config, resume_state):
+            logger.warning(note)
     return Plan(config, unet_config, channels_from_model_config, resume_from, message, resume_state)
 
 
