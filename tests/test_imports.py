@@ -1,5 +1,5 @@
-"""The modules' import direction: cli -> {train, evaluation, sample_folder} -> plan -> checkpoint -> {data, models, objective,
-sampling, metrics, tracking, hub, environment} -> {config, sharding}. Modules of one layer do not import each other;
+"""The modules' import direction: cli -> {train, evaluation, sample_folder} -> plan -> checkpoint -> {data, models,
+objective, sampling, metrics, tracking, hub, environment} -> {config, sharding}. Modules of one layer do not import each other;
 within the data layer, cache.py sits under data.py and streaming.py on top of it; remote.py (the Hub clients' noise
 and errors) sits under the modules that load from the Hub."""
 
