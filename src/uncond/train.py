@@ -488,7 +488,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 if run.step % config.checkpointing_steps == 0:
                     save_checkpoint(run)
                 if run.step == run.max_train_steps:
-                    break  # a stop asked for now is met by the end of the run (its grid, export, checkpoint)
+                    break  # a stop asked for now is met by the end of the run (its export and checkpoint)
                 if stop_requested(run, stop):
                     return stopped(run)
             exported_at = end_epoch(run) or exported_at
