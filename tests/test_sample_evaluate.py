@@ -85,6 +85,10 @@ def test_an_interrupted_sample_is_completed_by_the_same_command(run_cli, pipelin
     # more images extend the set the same way
     code, _, err = run_cli(*args[:3], 8, *args[4:], "--output_dir", out)
     assert code == 0 and "sampling the other 2" in err and len(list(out.glob("0*.png"))) == 8
+    # an --overwrite interrupted at once leaves none of the earlier images under its settings
+    monkeypatch.setattr(sample_folder, "write_whole", interrupted_after_three)
+    assert run_cli(*args, "--output_dir", out, "--overwrite", "--seed", 9)[0] == 130
+    assert not list(out.glob("0*.png"))
 
 
 def test_sample_never_mixes_images_of_other_settings_unless_overwriting(run_cli, pipeline, tmp_path):

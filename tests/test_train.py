@@ -613,6 +613,9 @@ def test_resume_commands_go_on_from_the_newest_checkpoint(tmp_path):
     assert train.resuming_latest(["train", "--resume_from_checkpoint=checkpoint-2"], named) == [
         "train", "--resume_from_checkpoint", "latest"]
     assert train.resuming_latest(argv[:3], TrainConfig(output_dir="x")) == argv[:3]
+    # --overwrite_output_dir would remove the checkpoint the stop saved
+    assert train.resuming_latest(["train", "--overwrite_output_dir"], TrainConfig(output_dir="x",
+                                 overwrite_output_dir=True)) == ["train", "--resume_from_checkpoint", "latest"]
 
 
 def test_a_stop_at_the_last_step_ends_the_run(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):

@@ -157,14 +157,15 @@ def images_missing(folder: Path, settings: dict[str, Any], config: SampleConfig)
 
 
 def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any]) -> None:
-    """Make the folders, remove what this run replaces (with --overwrite, every numbered image beyond its
-    count too, and unfinished images of an interrupted run), then record its settings."""
+    """Make the folders, remove what this run replaces (with --overwrite, every numbered image; unfinished
+    images of an interrupted run), then record its settings."""
     folder.mkdir(parents=True, exist_ok=True)
     if config.grid:
         Path(config.grid).parent.mkdir(parents=True, exist_ok=True)
     for path in folder.iterdir():
-        if path.name.endswith(PARTIAL_SUFFIX) or (config.overwrite and is_numbered_image(path)
-                                                  and int(path.stem) >= config.num_images):
+        # With --overwrite every numbered image goes before the settings are recorded: an interrupted run must
+        # not leave the earlier sampling's images under this one's settings.
+        if path.name.endswith(PARTIAL_SUFFIX) or (config.overwrite and is_numbered_image(path)):
             path.unlink()
     record = {**settings, "grid": grid_name(config.grid)}  # the grid is not compared: any may be asked for
     (folder / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")

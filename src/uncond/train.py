@@ -947,11 +947,11 @@ def names_a_checkpoint(config: TrainConfig) -> bool:
 def resuming_latest(argv: list[str], config: TrainConfig) -> list[str]:
     """`argv` set to go on from the newest checkpoint (--resume_from_checkpoint latest instead of a named one,
     given on the command line or in a config file)."""
-    if not names_a_checkpoint(config):
+    if not names_a_checkpoint(config) and not config.overwrite_output_dir:
         return list(argv)
     words, skip = [], False
-    for word in argv:
-        if not skip and not word.startswith("--resume_from_checkpoint"):
+    for word in argv:  # --overwrite_output_dir would remove the checkpoint to resume from
+        if not skip and not word.startswith(("--resume_from_checkpoint", "--overwrite_output_dir")):
             words.append(word)
         skip = word == "--resume_from_checkpoint"
     return words + ["--resume_from_checkpoint", "latest"]
