@@ -38,10 +38,15 @@ def keep_freed_memory() -> bool:
     return bool(mapped) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
 
 
+def launched_processes() -> int:
+    """How many processes a launcher (torchrun, `accelerate launch`) started for this run; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def cpu_processes() -> bool:
     """Whether this is one of several processes on a machine without CUDA (torchrun, or `accelerate launch
     --multi_gpu`): accelerate runs them on the CPU with gloo only when told so (`cpu=True`)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return launched_processes() > 1 and not torch.cuda.is_available()
 
 
 # The last collective of each multi-process gloo run, kept until the process exits (see finish_collectives).

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from . import data, metrics, sampling
+from . import data, environment, metrics, sampling
 from .cache import REFERENCE_STATS_DIR
 from .config import RUN_CONFIG_FILE, EvaluateConfig, UsageError
 
@@ -51,7 +50,7 @@ class Generated:
 
 
 def evaluate(config: EvaluateConfig) -> Report:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would sample and measure the whole set
+    if environment.launched_processes() > 1:  # every process would sample and measure the whole set
         raise UsageError("uncond evaluate runs as one process; to sample on several GPUs, run `accelerate launch "
                          "-m uncond sample MODEL --output_dir DIR`, then `uncond evaluate DIR`")
     generated = Path(config.generated).expanduser()
