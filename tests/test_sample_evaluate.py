@@ -123,6 +123,39 @@ def test_sample_never_mixes_images_of_other_settings_unless_overwriting(run_cli,
     assert len(list(other.iterdir())) == 1
 
 
+def test_sample_continues_the_same_model_named_otherwise_and_tells_what_changed(run_cli, pipeline, tmp_path):
+    import shutil
+
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    args = ("--steps", 1, "--output_dir", out)
+    assert run_cli("sample", pipeline, "--num_images", 2, *args)[0] == 0
+    shutil.copytree(pipeline, copy)  # the same model under another path
+    code, _, err = run_cli("sample", copy, "--num_images", 3, *args)
+    assert code == 0 and "already holds 2 of the 3 images of these settings; sampling the other 1" in err, err
+    code, _, err = run_cli("sample", copy, "--num_images", 3, *args, "--dtype", "bfloat16")
+    one_line_error(code, err, "sampled with other settings (dtype float32);")  # not "the model's weights" too
+    scheduler_file = copy / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(scheduler_file.read_text())
+    scheduler_file.write_text(json.dumps({**scheduler_config, "beta_end": 0.03}))
+    code, _, err = run_cli("sample", copy, "--num_images", 3, *args)
+    one_line_error(code, err, "sampled with other settings (the model's noise schedule);")
+    assert len(list(out.glob("*.png"))) == 3
+
+
+def test_sample_keeps_its_grid_apart_from_the_images(run_cli, pipeline, tmp_path):
+    out, grid = tmp_path / "out", tmp_path / "grid.png"
+    code, _, err = run_cli("sample", pipeline, "--num_images", 2, "--steps", 1, "--output_dir", out,
+                           "--grid", out / "000002.png")
+    one_line_error(code, err, f"--grid {out / '000002.png'} is named like the numbered images in --output_dir")
+    assert not out.exists()
+    args = ("sample", pipeline, "--steps", 1, "--output_dir", out)
+    assert run_cli(*args, "--num_images", 2, "--grid", grid)[0] == 0
+    assert run_cli(*args, "--num_images", 3)[0] == 0  # images added without asking for the grid again
+    code, _, err = run_cli(*args, "--num_images", 3, "--grid", grid)  # still the folder's own grid, redone
+    assert code == 0, err
+    assert Image.open(grid).size == (2 * 18 + 2, 2 * 18 + 2)  # 3 images tiled 2 x 2, not the first run's 2 x 1
+
+
 def test_sample_does_not_overwrite_a_grid_unless_asked(run_cli, pipeline, tmp_path):
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"mine")

@@ -2,7 +2,7 @@
 
 Image i of a sampling always starts from the same noise (`sampling` seeds it seed + i), so an interrupted
 run loses nothing: the folder records what made its images (`sample_settings.json`: model, its weights'
-fingerprint, sampler, steps, seed, dtype), each image is written whole or not at all, and a re-run with the
+fingerprint, its noise schedule, sampler, steps, seed, dtype), each image is written whole or not at all, and a re-run with the
 same settings samples only the images that are missing. Images of any other sampling are never mixed in:
 a folder holding them is refused unless --overwrite.
 """
@@ -46,7 +46,7 @@ def sample_to_folder(config: SampleConfig) -> Path:
     folder = Path(config.output_dir)
     refuse_other_outputs(folder, config)
     model, scheduler, steps = open_for_sampling(config, config.model)
-    settings = sample_settings(config, model, steps)
+    settings = sample_settings(config, model, scheduler, steps)
     missing = images_missing(folder, settings, config)
     processes.wait_for_everyone()  # every process has looked at the folder before the main one changes it
     if processes.is_main_process:
@@ -63,7 +63,7 @@ def sample_to_folder(config: SampleConfig) -> Path:
                  already=config.num_images - len(missing) if processes.num_processes == 1 else None)
     processes.wait_for_everyone()
     if processes.is_main_process:
-        if config.grid and (missing or not Path(config.grid).exists()):
+        if config.grid:  # redone each time: images added by a run without --grid are in it too
             image_grid(read_images(folder, min(config.num_images, GRID_SIZE))).save(config.grid)
             logger.info(f"grid of {min(config.num_images, GRID_SIZE)} images: {config.grid}")
         if missing:
@@ -103,6 +103,10 @@ def refuse_other_outputs(folder: Path, config: SampleConfig) -> None:
     if config.grid and Path(config.grid).exists() and not config.overwrite and not is_own_grid(folder, config.grid):
         raise UsageError(f"--grid {config.grid} already exists; choose another file, or pass --overwrite to "
                          "replace it")
+    if config.grid and Path(config.grid).resolve().parent == folder.resolve() and is_numbered_image(Path(config.grid)):
+        # It would be counted as one of the samples: by the next run's checks and by `uncond evaluate`.
+        raise UsageError(f"--grid {config.grid} is named like the numbered images in --output_dir; give it another "
+                         "name, such as grid.png")
 
 
 def is_own_grid(folder: Path, grid: str) -> bool:
@@ -114,10 +118,21 @@ def grid_name(grid: str | None) -> str | None:
     return str(Path(grid).resolve()) if grid else None
 
 
-def sample_settings(config: SampleConfig, model: Any, steps: int) -> dict[str, Any]:
-    """What decides every pixel of image i: the same settings give the same images (up to float rounding)."""
-    return {"model": config.model, "weights": weights_fingerprint(model.unet), "sampler": config.sampler,
-            "steps": steps, "seed": config.seed, "dtype": config.dtype}
+def sample_settings(config: SampleConfig, model: Any, scheduler: Any, steps: int) -> dict[str, Any]:
+    """What decides every pixel of image i: the same settings give the same images (up to float rounding).
+    The model is recorded as it was named, for people; it is compared by its weights and noise schedule, so
+    that `run`, `./run` and a copy of it are the same model."""
+    return {"model": config.model, "weights": weights_fingerprint(model.unet), "schedule": schedule_of(scheduler),
+            "sampler": config.sampler, "steps": steps, "seed": config.seed, "dtype": config.dtype}
+
+
+COMPARED = ("weights", "schedule", "sampler", "steps", "seed", "dtype")
+
+
+def schedule_of(scheduler: Any) -> dict[str, Any]:
+    """The sampler's configuration (betas, prediction type, spacing...), as JSON would write it back."""
+    public = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+    return json.loads(json.dumps(public, default=str))
 
 
 def weights_fingerprint(unet: torch.nn.Module) -> str:
@@ -144,16 +159,23 @@ def images_missing(folder: Path, settings: dict[str, Any], config: SampleConfig)
         # A folder mixing two samplings would be measured as one set by `uncond evaluate`.
         raise UsageError(f"--output_dir {folder} already holds {len(taken)} numbered images of an earlier run; "
                          "choose another --output_dir, or pass --overwrite to replace them")
-    changed = [key for key in settings if recorded.get(key) != settings[key]]
+    changed = changed_settings(recorded, settings)
     if changed:
-        what = ", ".join("the model's weights" if key == "weights" else f"{key} {recorded.get(key)}"
-                         for key in changed)
-        raise UsageError(f"--output_dir {folder} holds {len(taken)} images sampled with other settings ({what}); "
+        raise UsageError(f"--output_dir {folder} holds {len(taken)} images sampled with other settings ({changed}); "
                          "choose another --output_dir, or pass --overwrite to replace them")
     if len(taken) > config.num_images:
         raise UsageError(f"--output_dir {folder} holds {len(taken)} images of these settings, more than "
                          f"--num_images {config.num_images}; pass --overwrite to keep only {config.num_images}")
     return [index for index in range(config.num_images) if not (folder / numbered_name(index)).is_file()]
+
+
+def changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The settings of the earlier run that differ from this one's, in words ("" when none do)."""
+    changed = [key for key in COMPARED if key in recorded and recorded[key] != settings[key]]
+    if "dtype" in changed and "weights" in changed:
+        changed.remove("weights")  # the weights are fingerprinted as cast to the dtype: they differ with it
+    words = {"weights": "the model's weights", "schedule": "the model's noise schedule"}
+    return ", ".join(words.get(key, f"{key} {recorded[key]}") for key in changed)
 
 
 def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any]) -> None:
@@ -167,7 +189,10 @@ def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any])
         # not leave the earlier sampling's images under this one's settings.
         if path.name.endswith(PARTIAL_SUFFIX) or (config.overwrite and is_numbered_image(path)):
             path.unlink()
-    record = {**settings, "grid": grid_name(config.grid)}  # the grid is not compared: any may be asked for
+    # The grid is not compared (any may be asked for), but a run adding images without --grid keeps the
+    # earlier run's, so that asking for it again later is recognised as this folder's.
+    kept_grid = None if config.overwrite else (recorded_settings(folder) or {}).get("grid")
+    record = {**settings, "grid": grid_name(config.grid) or kept_grid}
     (folder / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
