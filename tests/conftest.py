@@ -167,7 +167,7 @@ def write_messy_folder(folder: Path) -> Path:
     return folder
 
 
-def make_tiny_extractor():
+def make_tiny_extractor(weights: str | None = None):
     """A stand-in for the Inception network, through the same interface: a fixed random convolution,
     pooled to 8 features. It tells images apart, in milliseconds, and needs no weights file."""
     from uncond.metrics import FeatureExtractor
@@ -179,7 +179,8 @@ def make_tiny_extractor():
         x = torch.nn.functional.interpolate(pixels.float() / 255, size=(16, 16), mode="bilinear")
         return torch.nn.functional.conv2d(x, weight, stride=2).relu().mean(dim=(2, 3))
 
-    return FeatureExtractor("tiny-test-features", network, torch.device("cpu"), "a tiny stand-in network")
+    return FeatureExtractor("tiny-test-features", network, torch.device("cpu"), "a tiny stand-in network",
+                            weights=weights or "")  # stands for the weights file's fingerprint
 
 
 @pytest.fixture
@@ -187,7 +188,7 @@ def stand_in_inception(monkeypatch):
     """`uncond evaluate` and training evaluations use the tiny extractor instead of Inception."""
     import uncond.metrics
 
-    monkeypatch.setattr(uncond.metrics, "inception_extractor", lambda weights, device: make_tiny_extractor())
+    monkeypatch.setattr(uncond.metrics, "inception_extractor", lambda weights, device: make_tiny_extractor(weights))
 
 
 @pytest.fixture

@@ -184,6 +184,21 @@ def test_inception_comes_from_torch_fidelity_without_torchvision(tmp_path):
 
 
 @needs_torch_fidelity
+def test_statistics_cached_with_other_inception_weights_are_not_reused_and_broken_weights_are_said(tmp_path):
+    weights = random_inception_weights(tmp_path / "a.pth")
+    again = metrics.inception_extractor(str(weights), torch.device("cpu")).identity
+    assert again == metrics.inception_extractor(str(weights), torch.device("cpu")).identity
+    state = torch.load(weights, weights_only=True)
+    torch.save({name: torch.full_like(value, float("nan")) if value.is_floating_point() else value
+                for name, value in state.items()}, tmp_path / "nan.pth")
+    broken = metrics.inception_extractor(str(tmp_path / "nan.pth"), torch.device("cpu"))
+    assert broken.identity != again  # the evaluation cache's key holds it
+    images = np.random.default_rng(9).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(UsageError, match="gave non-finite features: its weights are not the FID weights"):
+        metrics.extract_features(broken, [images])  # it was a LinAlgError traceback from FID
+
+
+@needs_torch_fidelity
 def test_inception_weights_are_read_without_running_code(tmp_path):
     class Payload:
         def __reduce__(self):

@@ -312,6 +312,10 @@ def test_evaluate_a_folder_against_itself_and_its_cached_statistics(run_cli, sta
 
     code, out, _ = run_cli("evaluate", images, "--reference", images, "--resolution", "16", "--json")
     assert "read from the cache" in json.loads(out)["reference"]
+    (tmp_path / "other.pth").write_bytes(b"other weights")
+    code, out, _ = run_cli("evaluate", images, "--reference", images, "--resolution", "16", "--json",
+                           "--inception_weights", tmp_path / "other.pth")
+    assert "statistics cached in" in json.loads(out)["reference"]  # not those of the other weights
     code, out, err = run_cli("evaluate", images, "--reference", cached, "--resolution", "16")
     assert code == 0, err
     assert "FID 0.000" in out and "KID" in out and "resized (shorter side to 16 px" in out
