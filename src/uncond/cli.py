@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from .config import (CacheConfig, EvaluateConfig, RunFailed, SampleConfig, UsageError, add_arguments,
+from .config import (CacheConfig, EvaluateConfig, RunFailed, SampleConfig, UsageError, add_arguments, size_text,
                      add_train_arguments, build_command_config, build_config, public_argv)
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
@@ -164,10 +164,6 @@ def when(timestamp: float) -> str:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
-
-
-def size_text(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def command_values(args: argparse.Namespace) -> dict:

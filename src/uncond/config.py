@@ -35,6 +35,13 @@ class RunFailed(Exception):
     what is safe on disk."""
 
 
+def size_text(size: int) -> str:
+    """Bytes in the unit people read them in: 1.2 GiB, 35.0 MiB, 512 KiB."""
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    return f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{max(1, round(size / 2**10))} KiB"
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message cut to one line, for a UsageError that gives the reason."""
     text = str(error).strip()

@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 
 from . import remote
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
-from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError
+from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, size_text
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                     ".pnm", ".jfif"}
@@ -499,7 +499,7 @@ def summary(cache: ImageCache, source: Source) -> str:
     """The one line a run prints about its data."""
     how = "decoded into" if cache.built_now else "read from"
     line = (f"data: {len(cache)} images from {source.description}, {how} the cache {cache.folder} "
-            f"({cache.nbytes / 2**20:,.1f} MiB)")
+            f"({size_text(cache.nbytes)})")
     skipped = cache.meta["skipped"]
     if skipped:
         line += f"; {len(skipped)} skipped ({first_reasons(skipped)}; all in {REPORT_FILE})"

@@ -113,7 +113,11 @@ def check_sampler_fits(name: str, training_scheduler_config: dict[str, Any], num
         timestep = scheduler.timesteps[0]
         scheduler.step(torch.zeros_like(sample), timestep, scheduler.scale_model_input(sample, timestep), **options)
     except (NotImplementedError, ValueError) as error:
-        raise UsageError(f"--sampler {name} cannot sample this model ({first_line(error)}); choose another sampler, "
+        prediction = training_scheduler_config.get("prediction_type", "epsilon")
+        # diffusers' own words for this differ per sampler, and some read garbled out of context
+        reason = (f"it takes no prediction_type {prediction}" if "prediction_type" in str(error)
+                  else first_line(error))
+        raise UsageError(f"--sampler {name} cannot sample this model ({reason}); choose another sampler, "
                          "such as ddim or dpmsolver++") from None
 
 
