@@ -299,7 +299,11 @@ def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tm
     assert code == 0, err
     assert '"train_batch_size": 4' in stdout
     assert "12 image files" in stdout and "parameters with 3 channels" in stdout  # the config file says 3
-    assert "schedule: 3 optimizer steps per epoch" in stdout
+    assert "schedule: 3 optimizer steps per epoch" in stdout and "warning" not in stdout
+    code, stdout, _ = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--lr_warmup_steps", "500",
+                                               "--max_train_steps", "10"))  # the seed's warmup in a short run
+    assert "warning: --lr_warmup_steps 500 is longer than the run's 10 optimizer steps: the learning rate never " \
+           "reaches --learning_rate 0.0001" in stdout
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--model_preset", "tiny",
                                                  "--model_config_name_or_path", ""))
     assert code == 0, err

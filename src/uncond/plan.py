@@ -204,7 +204,17 @@ def dry_run(plan: Plan) -> None:
     print(json.dumps(config.to_dict(), indent=2))
     print(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
     print(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
-    print(f"schedule: {steps_per_epoch} optimizer steps per epoch on one process; "
-          f"{config.max_train_steps or steps_per_epoch * config.num_epochs} steps in all")
+    total_steps = config.max_train_steps or steps_per_epoch * config.num_epochs
+    print(f"schedule: {steps_per_epoch} optimizer steps per epoch on one process; {total_steps} steps in all")
+    if warning := warmup_outlasts_run(config, total_steps):
+        print(f"warning: {warning}")
     if plan.resume_message:
         print(plan.resume_message)
+
+
+def warmup_outlasts_run(config: TrainConfig, total_steps: int) -> str | None:
+    """The seed's 500 warmup steps in a shorter run keep the learning rate below --learning_rate throughout."""
+    if config.lr_scheduler == "constant" or config.lr_warmup_steps <= total_steps:
+        return None
+    return (f"--lr_warmup_steps {config.lr_warmup_steps} is longer than the run's {total_steps} optimizer steps: "
+            f"the learning rate never reaches --learning_rate {config.learning_rate:g}; lower --lr_warmup_steps")
