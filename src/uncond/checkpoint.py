@@ -353,8 +353,7 @@ def ema_updates(saved_updates: int, path: Path, ema: EMAModel) -> int:
 
 def written_by_fsdp(path: Path) -> bool:
     """Whether checkpoint `path` was written under FSDP (its optimizer state is keyed by parameter name)."""
-    state_file = path / STATE_FILE
-    return state_file.is_file() and bool(json.loads(state_file.read_text()).get("fsdp"))
+    return bool(read_training_state(path).get("fsdp"))
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
