@@ -243,6 +243,21 @@ def test_sample_makes_the_grid_folder(run_cli, pipeline, tmp_path):
     assert Image.open(grid).size[0] > 16
 
 
+def test_sample_from_inside_a_run_folder_stays_out_of_its_previews(run_cli, pipeline, tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline, run)  # an exported run: the pipeline, its training_config.json and preview grids
+    (run / "training_config.json").write_text("{}")
+    (run / "samples").mkdir()
+    monkeypatch.chdir(run)
+    code, _, err = run_cli("sample", ".", "--num_images", 2, "--steps", 1)  # the default --output_dir samples
+    one_line_error(code, err, f"--output_dir samples is the preview folder of the training run in {run}; choose "
+                              "another --output_dir")
+    assert not list((run / "samples").iterdir())
+    assert run_cli("sample", ".", "--num_images", 2, "--steps", 1, "--output_dir", "generated")[0] == 0
+
+
 def test_evaluate_measures_the_numbered_images_of_a_sample_folder_and_skips_unreadable_ones(
         run_cli, stand_in_inception, pipeline, tmp_path):
     out = tmp_path / "samples"

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from . import environment
-from .config import SampleConfig, UsageError
+from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, SampleConfig, UsageError
 from .sampling import (image_grid, is_numbered_image, network_evaluations, numbered_name, open_for_sampling,
                        sample_batches, sampling_options, to_pil)
 
@@ -100,6 +100,11 @@ def refuse_other_outputs(folder: Path, config: SampleConfig) -> None:
     """Before loading the model: a file where the folder goes, or a --grid file of someone else's."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--output_dir {folder} is a file; choose a folder")
+    if folder.resolve().name == PREVIEWS_DIR and (folder.resolve().parent / RUN_CONFIG_FILE).is_file():
+        # `cd run && uncond sample .` put them there, by the default --output_dir: the next
+        # `uncond train --overwrite_output_dir` of the run removes that folder with the previews
+        raise UsageError(f"--output_dir {folder} is the preview folder of the training run in "
+                         f"{folder.resolve().parent}; choose another --output_dir")
     if config.grid and Path(config.grid).exists() and not config.overwrite and not is_own_grid(folder, config.grid):
         raise UsageError(f"--grid {config.grid} already exists; choose another file, or pass --overwrite to "
                          "replace it")
