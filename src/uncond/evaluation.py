@@ -163,7 +163,8 @@ def reference_stats(config: EvaluateConfig, source: data.Source | None, resoluti
         kind = "mu and sigma only: FID alone" if stats.features is None else "with features"
         return stats, f"statistics file {config.reference} ({stats.count or 'an unknown number of'} images; {kind})"
     count = min(len(source.records), config.reference_num_images)
-    key = "|".join([extractor.identity, source.fingerprint, f"{resolution}px", f"{config.reference_num_images} at most"])
+    key = "|".join([extractor.identity, source.fingerprint, f"{resolution}px",
+                    f"{config.reference_num_images} at most"])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = cache_folder() / f"{slug(config.reference)}-{resolution}px-{digest}.npz"
     skipped: list[tuple[str, str]] = []

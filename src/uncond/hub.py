@@ -168,6 +168,7 @@ def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
                               datasets=[details["hub_dataset"]] if details.get("hub_dataset") else None)
     grid = f"![samples]({details['grid']})\n\n" if details.get("grid") else ""
     metrics = "".join(f"| {name} | {value} |\n" for name, value in details.get("metrics", {}).items())
+    channels = "channels" if details["channels"] > 1 else "channel"
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -175,8 +176,9 @@ def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
 # {details['title']}
 
 An unconditional image diffusion model ({details['parameters']} parameters,
-{details['resolution']}x{details['resolution']} px, {details['channels']} channel{'s' if details['channels'] > 1 else ''})
-trained with uncond on {details['dataset']} for {details['steps']} optimizer steps ({details['images_seen']} images seen).
+{details['resolution']}x{details['resolution']} px, {details['channels']} {channels})
+trained with uncond on {details['dataset']}
+for {details['steps']} optimizer steps ({details['images_seen']} images seen).
 
 {grid}## Use
 

@@ -2,9 +2,9 @@
 
 Image i of a sampling always starts from the same noise (`sampling` seeds it seed + i), so an interrupted
 run loses nothing: the folder records what made its images (`sample_settings.json`: model, its weights'
-fingerprint, its noise schedule, sampler, steps, seed, dtype), each image is written whole or not at all, and a re-run with the
-same settings samples only the images that are missing. Images of any other sampling are never mixed in:
-a folder holding them is refused unless --overwrite.
+fingerprint, its noise schedule, sampler, steps, seed, dtype), each image is written whole or not at all,
+and a re-run with the same settings samples only the images that are missing. Images of any other sampling
+are never mixed in: a folder holding them is refused unless --overwrite.
 """
 
 from __future__ import annotations
