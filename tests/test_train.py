@@ -592,6 +592,8 @@ def test_a_resume_takes_this_runs_learning_rate_and_ema_settings(run_cli, color_
     code, _, err = run_cli(*args, "--max_train_steps", "4", "--learning_rate", "1e-2", "--ema_max_decay", "0.9")
     assert code == 0, err
     assert rates == {3: 1e-2, 4: 1e-2}
+    assert "checkpoint-2's run had other settings; this run's apply from its next step: learning_rate 0.0001 -> " \
+           "0.01, ema_max_decay 0.5 -> 0.9" in err
     decays = {r["step"]: r["ema_decay"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     assert decays[2] <= 0.5 < decays[4] <= 0.9  # the warmup goes on, up to the new cap
 

@@ -39,6 +39,13 @@ RESUME_MUST_MATCH = ("resolution", "prediction_type", "ddpm_num_steps", "ddpm_be
 # The training images: a checkpoint found in --output_dir is resumed only on the same ones, unless asked for.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "train_data_dir")
 SAME_RUN_KEYS = RESUME_MUST_MATCH + DATA_KEYS + ("model_preset", "model_config_name_or_path", "num_channels")
+# How the training goes on, which a resume takes from its own command (the optimizer's and EMA's included, over
+# what the checkpoint's state holds): said when it differs from the checkpoint's run.
+CHANGEABLE_ON_RESUME = ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+                        "lr_warmup_steps", "lr_step_rules", "adam_beta1", "adam_beta2", "adam_weight_decay",
+                        "adam_epsilon", "max_grad_norm", "skip_nonfinite", "mixed_precision", "snr_gamma",
+                        "noise_offset", "random_flip", "center_crop")
+EMA_KEYS = ("ema_max_decay", "ema_inv_gamma", "ema_power", "ema_update_every")
 PIPELINE_ITEMS = ("unet", "scheduler", "model_index.json", STATE_FILE)
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What EMAModel.save_pretrained writes into unet_ema/config.json besides the UNet's own settings.
@@ -447,7 +454,8 @@ def resume_differences(path: Path, config: TrainConfig, unet_config: dict[str, A
 
 
 def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list[str]:
-    """What a resume from `path` changes that it may change, to be said: the seed, and the EMA on or off."""
+    """What a resume from `path` changes that it may change, to be said: the seed, the EMA on or off, and the
+    settings of CHANGEABLE_ON_RESUME."""
     saved_file = path / RUN_CONFIG_FILE
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
     notes = []
@@ -460,6 +468,11 @@ def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list
                      "hold the trained weights")
     elif "use_ema" in saved and not saved["use_ema"] and config.use_ema:
         notes.append(f"--use_ema: {path.name}'s run had no EMA; it starts here from the checkpoint's weights")
+    current = config.to_dict()
+    changed = [f"{key} {saved[key]} -> {current[key]}" for key in CHANGEABLE_ON_RESUME + EMA_KEYS * config.use_ema
+               if key in saved and saved[key] != current[key]]
+    if changed:
+        notes.append(f"{path.name}'s run had other settings; this run's apply from its next step: {', '.join(changed)}")
     return notes
 
 
