@@ -122,6 +122,10 @@ def test_rerunning_the_same_command_continues_the_run(run_cli, color_folder, tin
     assert code == 0, err
     assert "resuming from checkpoint-3 at step 3" in err
     assert metric_steps(out) == [1, 2, 3, 4, 5, 6]
+    # step 3 ended epoch 0, whose preview and export the first run made: checkpoint-3 was written after them,
+    # so the resumed run does not make them again
+    assert "at step 3" not in err.replace("resuming from checkpoint-3 at step 3", "")
+    assert sorted(path.name for path in (out / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
 
 
 def train_straight_and_interrupted(run_cli, color_folder, tiny_unet, tmp_path) -> tuple[Path, Path]:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ class Run:
     epoch_offset: int = 0
     images_seen: int = 0
     resume_position: Position | None = None  # where the checkpoint to resume from left its run
+    checkpointed_step: int | None = None  # the step of the newest checkpoint, written or resumed from
     repo_id: str | None = None
     uploads: hub.BackgroundUploads | None = None
     command: str = ""  # the command line that reproduces this run, for the model card
@@ -284,7 +285,7 @@ def resume(run: Run, path: Path) -> None:
     if position.note:
         logger.info(position.note)
     run.step, run.epoch, run.images_seen = position.step, position.epoch, position.images_seen
-    run.epoch_offset = position.epoch_offset
+    run.epoch_offset, run.checkpointed_step = position.epoch_offset, position.step
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -472,7 +473,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
     with tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
               disable=not run.accelerator.is_local_main_process) as progress:
         while run.step < run.max_train_steps:
-            for micro_batches in optimizer_steps(run):
+            for micro_batches, ends_epoch in marking_last(optimizer_steps(run)):
                 loss = train_step(run, micro_batches)
                 run.step += 1
                 # Each process's micro-batches are as large as the others' (data.Order pads); an epoch's last
@@ -485,13 +486,19 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                     log_metrics(run, progress)
                 if config.eval_every_steps and run.step % config.eval_every_steps == 0:
                     evaluate(run)
-                if run.step % config.checkpointing_steps == 0:
-                    save_checkpoint(run)
+                if run.step % config.checkpointing_steps == 0 and not ends_epoch:
+                    save_checkpoint(run)  # an epoch's last step: after its preview and export, below
                 if run.step == run.max_train_steps:
                     break  # a stop asked for now is met by the end of the run (its export and checkpoint)
                 if stop_requested(run, stop):
                     return stopped(run)
-            exported_at = end_epoch(run) or exported_at
+            else:
+                ends_epoch = True  # every batch of the epoch was used (or none was left after a resume)
+            exported_at = end_epoch(run, complete=ends_epoch) or exported_at
+            if run.step % config.checkpointing_steps == 0:
+                # Written after the epoch's end, so a resume from it goes on in the next epoch and does not
+                # make the preview and export again.
+                checkpoint_unless_written(run)
             if run.step < run.max_train_steps and stop_requested(run, stop):
                 return stopped(run)  # a signal during the epoch's preview: no step after it
     if exported_at != run.step:  # resumed at the very end
@@ -525,9 +532,24 @@ def off_the_clock(work: Callable[..., T]) -> Callable[..., T]:
     return timed
 
 
+def marking_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
+    """(item, whether it is the last one): the loop must know an epoch's last step before taking it."""
+    iterator = iter(items)
+    try:
+        item = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield item, False
+        item = following
+    yield item, True
+
+
 @off_the_clock
-def end_epoch(run: Run) -> int | None:
-    """Sample grid and export at the seed's epochs (and after the last step); returns the step exported at."""
+def end_epoch(run: Run, complete: bool) -> int | None:
+    """Sample grid and export at the seed's epochs (and after the last step); returns the step exported at.
+    A `complete` epoch (all its batches used) is followed by the next one, also after the run's last step, so
+    that the run's last checkpoint goes on in the next epoch when the run is extended."""
     config, last_epoch = run.config, run.step >= run.max_train_steps
     grid = run.epoch % config.save_images_epochs == 0 or last_epoch
     exported_at = run.step if run.epoch % config.save_model_epochs == 0 or last_epoch else None
@@ -539,7 +561,7 @@ def end_epoch(run: Run) -> int | None:
                 if exported_at:
                     export(run, unet)
     run.accelerator.wait_for_everyone()
-    if not last_epoch:
+    if complete:
         run.epoch += 1
     return exported_at
 
@@ -588,9 +610,8 @@ def stopped(run: Run) -> bool:
 
 
 def checkpoint_unless_written(run: Run) -> None:
-    """A checkpoint of this step, unless it has one: --checkpointing_steps multiples, and the step resumed at."""
-    resumed_at = run.resume_position.step if run.resume_position else 0
-    if run.step % run.config.checkpointing_steps and run.step != resumed_at:
+    """A checkpoint of this step, unless it has one (written, or the one resumed from)."""
+    if run.checkpointed_step != run.step:
         save_checkpoint(run)
 
 
@@ -724,6 +745,7 @@ def save_checkpoint(run: Run) -> None:
         raise diverged(run, f"the loss became non-finite before step {run.step}")
     path = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step, training_state(run), run.config,
                                       run.config.checkpoints_total_limit)
+    run.checkpointed_step = run.step
     logger.info(f"saved {path}")
 
 
