@@ -689,10 +689,11 @@ def test_a_stop_during_a_preview_gives_the_preview_up(run_cli, color_folder, tin
     monkeypatch.setattr(train.sampling, "generate", signalled_during)
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "9",
-                                            "--save_images_epochs", "1"))
+                                            "--save_images_epochs", "1", "--logging_steps", "5"))
     assert code == 0, err
     assert "the sample grid of step 3 is left out: the run is stopping" in err
     assert "stopped by SIGTERM at step 3" in err and checkpoints(out) == {"checkpoint-3"}
+    assert metric_steps(out) == [3]  # the losses of steps 1-3, between log lines, were lost with the stop
     assert not (out / "samples").exists() or not list((out / "samples").iterdir())
 
 

@@ -491,7 +491,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 if run.step == run.max_train_steps:
                     break  # a stop asked for now is met by the end of the run (its export and checkpoint)
                 if stop_requested(run, stop):
-                    return stopped(run)
+                    return stopped(run, progress)
             else:
                 ends_epoch = True  # every batch of the epoch was used (or none was left after a resume)
             exported_at = end_epoch(run, complete=ends_epoch) or exported_at
@@ -500,7 +500,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 # make the preview and export again.
                 checkpoint_unless_written(run)
             if run.step < run.max_train_steps and stop_requested(run, stop):
-                return stopped(run)  # a signal during the epoch's preview: no step after it
+                return stopped(run, progress)  # a signal during the epoch's preview: no step after it
     if exported_at != run.step:  # resumed at the very end
         with averaged_unet(run) as unet:
             if unet is not None:
@@ -603,8 +603,11 @@ class StopAgreement:
             environment.keep_until_exit(self.pending[0])
 
 
-def stopped(run: Run) -> bool:
-    """Stop at this step boundary, with a checkpoint of it."""
+def stopped(run: Run, progress: tqdm) -> bool:
+    """Stop at this step boundary: the losses since the last log line logged (the resumed run logs from the
+    next step on), and a checkpoint of it."""
+    if run.last_log[1] < run.step:
+        log_metrics(run, progress)
     checkpoint_unless_written(run)
     return False
 
