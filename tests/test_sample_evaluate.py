@@ -398,6 +398,13 @@ def test_training_evaluates_logs_and_keeps_the_best(run_cli, stand_in_inception,
     assert best["fid"] == min(r["fid"] for r in evaluations)
     assert err.count("evaluation at step") == 2
     assert "\x1b[A" not in err  # bars inside the training bar draw with cursor movements: not in a log file
+    assert "computing FID reference statistics" in err
+    args = fast_train_args(color_folder, tiny_unet, out, "--eval_every_steps", "2", "--eval_num_images", "4")
+    code, _, err = run_cli(*args, "--max_train_steps", "6")  # resumed: the training images' statistics are kept
+    assert code == 0 and "computing FID reference statistics" not in err, err
+    (tmp_path / "other.pth").write_bytes(b"other weights")
+    code, _, err = run_cli(*args, "--max_train_steps", "8", "--inception_weights", tmp_path / "other.pth")
+    assert code == 0 and "computing FID reference statistics" in err, err  # not those of the other weights
 
 
 def test_training_without_inception_weights_warns_once_and_goes_on(run_cli, no_inception_weights, color_folder,

@@ -308,6 +308,9 @@ def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tm
                                                "--max_train_steps", "10"))  # the seed's warmup in a short run
     assert "warning: --lr_warmup_steps 500 is longer than the run's 10 optimizer steps: the learning rate never " \
            "reaches --learning_rate 0.0001" in stdout
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "warmup", "--lr_warmup_steps", "500",
+                                            "--num_epochs", "1"))  # the run says it too, with steps from epochs
+    assert code == 0 and "--lr_warmup_steps 500 is longer than the run's 3 optimizer steps" in err
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--model_preset", "tiny",
                                                  "--model_config_name_or_path", ""))
     assert code == 0, err

@@ -27,17 +27,17 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, environment, hub, metrics, models, sampling, sharding, streaming, tracking
-from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, public_argv
+from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, public_argv
 from .objective import Objective, training_loss
-from .plan import FSDP_CONFIG, Plan, check_processes, dry_run, plan_run, refuse_mismatched_resume
+from .plan import (FSDP_CONFIG, Plan, check_processes, dry_run, plan_run, refuse_mismatched_resume,
+                   warmup_outlasts_run)
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
-SAMPLES_DIR = "samples"
 BEST_DIR = "best"  # --keep_best: the export with the lowest FID
 REFERENCE_STATS_FILE = "fid_reference.npz"  # feature statistics of the training images, for FID during training
 MAX_REFERENCE_IMAGES = 50_000  # the usual size of an FID reference set
-RUN_ARTEFACTS = (SAMPLES_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, RUN_CONFIG_FILE, hub.CARD_FILE,
+RUN_ARTEFACTS = (PREVIEWS_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, RUN_CONFIG_FILE, hub.CARD_FILE,
                  "data_report.json", BEST_DIR, REFERENCE_STATS_FILE)
 
 
@@ -196,6 +196,8 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
         plan.resume_step, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes)
     epoch_offset = position.epoch_offset if position else 0
     max_train_steps = config.max_train_steps or epoch_offset + config.num_epochs * steps_per_epoch
+    if accelerator.is_main_process and (warning := warmup_outlasts_run(config, max_train_steps)):
+        logger.warning(warning)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_train_steps, step_rules=config.lr_step_rules)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
@@ -403,8 +405,8 @@ class StopSignal:
             raise KeyboardInterrupt
         self.received = signal.Signals(number).name
         if self.announce:  # a preview or export under way can take a while: say at once what happens
-            logger.warning(f"{self.received}: stopping with a checkpoint after the current step (and the preview "
-                           "or export under way); Ctrl-C again stops at once, without one")
+            logger.warning(f"{self.received}: stopping with a checkpoint after the current step (an export under "
+                           "way is finished, a preview left out); Ctrl-C again stops at once, without one")
 
 
 def create_hub_repository(config: TrainConfig, accelerator: Accelerator) -> str | None:
@@ -794,7 +796,7 @@ def save_sample_grid(run: Run, unet: UNet2DModel) -> Path | None:
     except sampling.SamplingCancelled:  # a preview can take minutes; launchers kill a stopping run after 30 s
         logger.info(f"the sample grid of step {run.step} is left out: the run is stopping")
         return None
-    folder = run.output_dir / SAMPLES_DIR
+    folder = run.output_dir / PREVIEWS_DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"step-{run.step:07d}.png"
     sampling.image_grid(images).save(path)
@@ -871,7 +873,7 @@ def training_reference(run: Run) -> metrics.FeatureStats:
     """Feature statistics of the training images (centre crops), computed once and kept in the output folder."""
     cache = run.batches.images.cache  # --streaming runs are refused --eval_every_steps (config.validate)
     indices = data.spread_choice(range(len(cache)), MAX_REFERENCE_IMAGES)
-    key = f"{run.feature_extractor.name}|{cache.folder.name}|{len(indices)} images|{run.config.resolution}px"
+    key = f"{run.feature_extractor.identity}|{cache.folder.name}|{len(indices)} images|{run.config.resolution}px"
 
     def compute() -> metrics.FeatureStats:
         logger.info(f"computing FID reference statistics of {len(indices)} training images")
@@ -909,7 +911,7 @@ def export(run: Run, unet: UNet2DModel) -> None:
 
 def write_card(run: Run, records: list[dict[str, Any]]) -> None:
     config = run.config
-    grids = sorted((run.output_dir / SAMPLES_DIR).glob("step-*.png"))
+    grids = sorted((run.output_dir / PREVIEWS_DIR).glob("step-*.png"))
     last = records[-1] if records else {}
     metrics = {"dataset": data_description(config), "resolution": config.resolution,
                "optimizer steps": run.step, "images seen": run.images_seen,
