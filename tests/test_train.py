@@ -592,15 +592,17 @@ def test_a_resume_takes_this_runs_learning_rate_and_ema_settings(run_cli, color_
     rates, train_step = {}, train.train_step
 
     def recording(run, micro_batches):
-        rates[run.step + 1] = run.optimizer.param_groups[0]["lr"]
+        group = run.optimizer.param_groups[0]
+        rates[run.step + 1] = (group["lr"], group["weight_decay"], group["betas"])
         return train_step(run, micro_batches)
 
     monkeypatch.setattr(train, "train_step", recording)
-    code, _, err = run_cli(*args, "--max_train_steps", "4", "--learning_rate", "1e-2", "--ema_max_decay", "0.9")
+    code, _, err = run_cli(*args, "--max_train_steps", "4", "--learning_rate", "1e-2", "--ema_max_decay", "0.9",
+                           "--adam_weight_decay", "0.5", "--adam_beta2", "0.9")
     assert code == 0, err
-    assert rates == {3: 1e-2, 4: 1e-2}
+    assert rates == {3: (1e-2, 0.5, (0.95, 0.9)), 4: (1e-2, 0.5, (0.95, 0.9))}  # the checkpoint's were 1e-6, 0.999
     assert "checkpoint-2's run had other settings; this run's apply from its next step: learning_rate 0.0001 -> " \
-           "0.01, ema_max_decay 0.5 -> 0.9" in err
+           "0.01, adam_beta2 0.999 -> 0.9, adam_weight_decay 1e-06 -> 0.5, ema_max_decay 0.5 -> 0.9" in err
     decays = {r["step"]: r["ema_decay"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     assert decays[2] <= 0.5 < decays[4] <= 0.9  # the warmup goes on, up to the new cap
 

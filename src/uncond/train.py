@@ -222,10 +222,14 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
 def make_optimizer(unet: torch.nn.Module, config: TrainConfig, device: torch.device) -> tuple[torch.optim.AdamW, bool]:
     """The seed's AdamW; on GPUs the fused kernel (one launch for all parameters instead of several per tensor)."""
     fused = config.fused_adamw and device.type == "cuda"
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate,
-                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
-                                  eps=config.adam_epsilon, fused=fused or None)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, **adam_settings(config),
+                                  fused=fused or None)
     return optimizer, fused
+
+
+def adam_settings(config: TrainConfig) -> dict[str, Any]:
+    return {"betas": (config.adam_beta1, config.adam_beta2), "weight_decay": config.adam_weight_decay,
+            "eps": config.adam_epsilon}
 
 
 def tune_cuda(config: TrainConfig, device: torch.device) -> list[str]:
@@ -276,12 +280,13 @@ def resume(run: Run, path: Path) -> None:
     build_run found. The optimizer, schedule and weights are the same whatever the process count."""
     checkpoint.load_checkpoint(run.accelerator, path)
     # The schedule's state holds the learning rate it was built with, and the optimizer the rate of the next
-    # step; this run's --learning_rate wins in both, so a diverged run can be resumed with a lower one.
+    # step and its other settings; this run's flags win in both, so a diverged run can be resumed with a
+    # lower --learning_rate (or more --adam_weight_decay).
     schedule = run.lr_scheduler.scheduler  # diffusers' schedules are all LambdaLR: base rate x factor(step)
     schedule.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
     rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
     for group, rate in zip(run.optimizer.param_groups, rates):
-        group["lr"] = rate
+        group.update(lr=rate, **adam_settings(run.config))
     schedule._last_lr = rates  # what get_last_lr() (the logged lr) reads
     position = run.resume_position
     if position.note:
