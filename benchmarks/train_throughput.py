@@ -156,8 +156,8 @@ def batches(loader):
 
 def uncond_worker(config_name: str, device: str, precision: str, data: Path, steps: int, warmup: int,
                   compile_unet: bool) -> dict:
-    """uncond's own loop body: train.train_step on a Run built by train.build_run, as `uncond train` runs it."""
-    from uncond import train
+    """uncond's own loop body: train.train_step on a Run built by parts.build_run, as `uncond train` runs it."""
+    from uncond import parts, train
     from uncond.config import TrainConfig
     from uncond.plan import plan_run
 
@@ -168,9 +168,9 @@ def uncond_worker(config_name: str, device: str, precision: str, data: Path, ste
                          seed=0, max_train_steps=10**6, checkpointing_steps=10**9, compile=compile_unet,
                          num_channels="1" if CONFIGS[config_name][5] == "mnist" else "3")
     plan = plan_run(config, explicit={"resolution"})
-    accelerator = train.make_accelerator(plan.config, output)
+    accelerator = parts.make_accelerator(plan.config, output)
     start = time.perf_counter()
-    run = train.build_run(plan, accelerator)
+    run = parts.build_run(plan, accelerator)
     prepare_seconds = time.perf_counter() - start
 
     def step(micro_batches) -> None:

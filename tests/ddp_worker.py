@@ -2,7 +2,7 @@
 `accelerate launch --multi_gpu --num_processes 2` (CPU processes talking over gloo).
 
 Each process takes its equal share of the same batch of images, noise and timesteps, computes the real
-objective (`objective.denoising_loss`) on the UNet as `train.make_accelerator` and `accelerator.prepare`
+objective (`objective.denoising_loss`) on the UNet as `parts.make_accelerator` and `accelerator.prepare`
 wrap it (DistributedDataParallel), and backpropagates; DDP averages the gradients across processes.
 Every process writes its loss (reduced over processes, as train.log_metrics reduces it) and gradients.
 """
@@ -45,7 +45,7 @@ def shard_loss(unet: torch.nn.Module, scheduler: object, rows: slice) -> torch.T
 
 
 def main(output_dir: Path) -> None:
-    from uncond.train import make_accelerator
+    from uncond.parts import make_accelerator
 
     accelerator = make_accelerator(TrainConfig(logger="none", output_dir=str(output_dir)), output_dir)
     unet, scheduler = unet_and_scheduler()

@@ -161,7 +161,7 @@ def test_model_card_usage_code_samples_as_uncond_does(run_cli, color_folder, tin
 
 
 def test_reproduce_command_names_the_launcher_and_the_random_seed():
-    from uncond.train import reproduce_command
+    from uncond.outputs import reproduce_command
 
     assert reproduce_command(["train", "--train_data_dir", "my cats"], 1, None) == \
         "uncond train --train_data_dir 'my cats'"

@@ -618,18 +618,18 @@ def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
 
 def test_resume_commands_go_on_from_the_newest_checkpoint(tmp_path):
     """The stop message's command: a named --resume_from_checkpoint in it would take the run back there."""
-    from uncond import train
+    from uncond import outputs
     from uncond.config import TrainConfig
 
     argv = ["train", "--output_dir", "x", "--resume_from_checkpoint", "checkpoint-2", "--max_train_steps", "9"]
     named = TrainConfig(output_dir="x", resume_from_checkpoint="checkpoint-2")
-    assert train.resuming_latest(argv, named) == ["train", "--output_dir", "x", "--max_train_steps", "9",
+    assert outputs.resuming_latest(argv, named) == ["train", "--output_dir", "x", "--max_train_steps", "9",
                                                   "--resume_from_checkpoint", "latest"]
-    assert train.resuming_latest(["train", "--resume_from_checkpoint=checkpoint-2"], named) == [
+    assert outputs.resuming_latest(["train", "--resume_from_checkpoint=checkpoint-2"], named) == [
         "train", "--resume_from_checkpoint", "latest"]
-    assert train.resuming_latest(argv[:3], TrainConfig(output_dir="x")) == argv[:3]
+    assert outputs.resuming_latest(argv[:3], TrainConfig(output_dir="x")) == argv[:3]
     # --overwrite_output_dir would remove the checkpoint the stop saved
-    assert train.resuming_latest(["train", "--overwrite_output_dir"], TrainConfig(output_dir="x",
+    assert outputs.resuming_latest(["train", "--overwrite_output_dir"], TrainConfig(output_dir="x",
                                  overwrite_output_dir=True)) == ["train", "--resume_from_checkpoint", "latest"]
 
 
@@ -683,15 +683,15 @@ def test_a_stop_during_a_preview_gives_the_preview_up(run_cli, color_folder, tin
     import os
     import signal
 
-    from uncond import train
+    from uncond import sampling
 
-    generate = train.sampling.generate
+    generate = sampling.generate
 
     def signalled_during(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(train.sampling, "generate", signalled_during)
+    monkeypatch.setattr(sampling, "generate", signalled_during)
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "9",
                                             "--save_images_epochs", "1", "--logging_steps", "5"))

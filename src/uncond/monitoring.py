@@ -1,0 +1,136 @@
+"""What a run shows of its progress besides the loss: sample grids (previews) and FID/KID evaluations of
+samples against the training images."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from diffusers import UNet2DModel
+
+from . import data, metrics, sampling, tracking
+from .config import PREVIEWS_DIR, TrainConfig, UsageError
+from .outputs import export_best
+from .parts import Run, averaged_unet, off_the_clock
+
+logger = logging.getLogger("uncond")  # cli shows its records on the main process only
+
+
+REFERENCE_STATS_FILE = "fid_reference.npz"  # feature statistics of the training images, for FID during training
+
+
+MAX_REFERENCE_IMAGES = 50_000  # the usual size of an FID reference set
+
+
+def preview_sampler(run: Run) -> tuple[Any, int]:
+    """The scheduler and step count of the sample grids and evaluations."""
+    config = run.config
+    return (sampling.make_sampler(config.sampler, run.noise_scheduler.config),
+            sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps))
+
+
+def save_sample_grid(run: Run, unet: UNet2DModel) -> Path | None:
+    """Sample images with a fixed seed (grids stay comparable over the run), as a PNG and to the trackers."""
+    config = run.config
+    scheduler, steps = preview_sampler(run)
+    stop = run.stop
+    try:
+        images = sampling.generate(unet, scheduler, num_images=config.eval_batch_size, num_steps=steps, seed=0,
+                                   batch_size=config.eval_batch_size, device=run.accelerator.device,
+                                   cancelled=(lambda: stop.received is not None) if stop else None)
+    except sampling.SamplingCancelled:  # a preview can take minutes; launchers kill a stopping run after 30 s
+        logger.info(f"the sample grid of step {run.step} is left out: the run is stopping")
+        return None
+    folder = run.output_dir / PREVIEWS_DIR
+    folder.mkdir(exist_ok=True)
+    path = folder / f"step-{run.step:07d}.png"
+    sampling.image_grid(images).save(path)
+    tracking.log_sample_images(run.accelerator.trackers, images, run.step)
+    logger.info(f"samples ({config.sampler}, {steps} steps): {path}")
+    return path
+
+
+def open_feature_extractor(config: TrainConfig, accelerator: Accelerator) -> metrics.FeatureExtractor | None:
+    """The FID network for --eval_every_steps, on every process (each measures its share of the samples).
+    Without it (no weights, no torch-fidelity) on any process: a warning, once, and no evaluations."""
+    if not config.eval_every_steps:
+        return None
+    extractor, problem = None, None
+    with accelerator.main_process_first():  # a download of the weights, if needed, happens once
+        try:
+            extractor = metrics.inception_extractor(config.inception_weights, accelerator.device)
+        except UsageError as error:
+            problem = str(error)
+    if accelerator.num_processes > 1:  # evaluations are collective: every process takes part, or none
+        problem = next((p for p in gather_object([problem]) if p), None)
+    if problem:
+        logger.warning(f"--eval_every_steps: no FID/KID in this run; training goes on. {problem}")
+        return None
+    return extractor
+
+
+@off_the_clock
+def evaluate(run: Run) -> None:
+    """FID and KID of samples of the EMA weights (the preview sampler; image i seeded i) against the training
+    images. Every process samples and measures its share of the images, so the set is the same whatever the
+    process count; the main process scores them, logs to the trackers and metrics.jsonl, and keeps the best
+    export with --keep_best."""
+    if run.feature_extractor is None:
+        return
+    config, accelerator = run.config, run.accelerator
+    first, end = evaluation_share(config.eval_num_images, accelerator.num_processes, accelerator.process_index)
+    scheduler, steps = preview_sampler(run)
+    with averaged_unet(run, everywhere=True) as unet:
+        batches = sampling.sample_batches(unet, scheduler, num_images=end - first, num_steps=steps, seed=first,
+                                          batch_size=config.eval_batch_size, device=accelerator.device,
+                                          progress=shows_inner_bars(run))
+        shares = [metrics.extract_features(run.feature_extractor, batches)] if end > first else []
+        if accelerator.num_processes > 1:
+            shares = gather_object(shares)  # in process order: images 0..N-1
+        if accelerator.is_main_process:
+            scores = metrics.compare(np.concatenate(shares), training_reference(run), accelerator.device)
+            if config.keep_best and scores.fid < run.best_fid:
+                run.best_fid = scores.fid
+                export_best(run, unet, scores)
+    if accelerator.is_main_process:
+        values = {key: value for key, value in scores.as_dict().items() if key not in ("num_generated",
+                                                                                        "num_reference")}
+        accelerator.log(values, step=run.step)
+        run.metrics_file.write({"step": run.step, **values, "eval_images": scores.num_generated})
+        logger.info(f"evaluation at step {run.step} ({scores.num_generated} images from {accelerator.num_processes} "
+                    f"process(es), {config.sampler}, {steps} steps, against {scores.num_reference} training "
+                    f"images): {scores}")
+    accelerator.wait_for_everyone()
+
+
+def shows_inner_bars(run: Run) -> bool:
+    """Progress bars inside the training bar: on each machine's main process, and only on a terminal (a second
+    bar is drawn with cursor movements, which a redirected log keeps as escape codes in its text)."""
+    return run.accelerator.is_local_main_process and sys.stderr.isatty()
+
+
+def evaluation_share(num_images: int, num_processes: int, process_index: int) -> tuple[int, int]:
+    """The images [first, end) this process samples for an evaluation: contiguous, nearly equal shares."""
+    return process_index * num_images // num_processes, (process_index + 1) * num_images // num_processes
+
+
+def training_reference(run: Run) -> metrics.FeatureStats:
+    """Feature statistics of the training images (centre crops), computed once and kept in the output folder."""
+    cache = run.batches.images.cache  # --streaming runs are refused --eval_every_steps (config.validate)
+    indices = data.spread_choice(range(len(cache)), MAX_REFERENCE_IMAGES)
+    key = f"{run.feature_extractor.identity}|{cache.folder.name}|{len(indices)} images|{run.config.resolution}px"
+
+    def compute() -> metrics.FeatureStats:
+        logger.info(f"computing FID reference statistics of {len(indices)} training images")
+        batches = data.centre_crops((cache.image(i) for i in indices), run.config.resolution,
+                                    run.config.eval_batch_size)
+        batches = metrics.with_progress(batches, len(indices), "training", shown=shows_inner_bars(run))
+        return metrics.feature_stats(metrics.extract_features(run.feature_extractor, batches),
+                                     run.feature_extractor.name)
+
+    return metrics.cached_stats(run.output_dir / REFERENCE_STATS_FILE, key, compute)[0]

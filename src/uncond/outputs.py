@@ -1,0 +1,125 @@
+"""What a run writes for people: the exported pipeline (and the best one), the model card, the loss plot, and
+the command lines that reproduce the run and go on from its newest checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from pathlib import Path
+from typing import Any
+
+from diffusers import UNet2DModel
+
+from . import checkpoint, data, hub, metrics, sampling, streaming, tracking
+from .config import PREVIEWS_DIR, TrainConfig
+from .parts import Run, training_state
+from .plan import FSDP_CONFIG
+
+logger = logging.getLogger("uncond")  # cli shows its records on the main process only
+
+
+BEST_DIR = "best"  # --keep_best: the export with the lowest FID
+
+
+def export_best(run: Run, unet: UNet2DModel, scores: metrics.Scores) -> None:
+    """output_dir/best: the pipeline with the lowest FID so far, and its scores."""
+    folder = run.output_dir / BEST_DIR
+    checkpoint.export_pipeline(unet, run.noise_scheduler, folder, training_state(run))
+    (folder / "scores.json").write_text(json.dumps({"step": run.step, **scores.as_dict()}, indent=2) + "\n")
+    logger.info(f"best FID so far ({scores.fid:.3f}): exported to {folder}")
+
+
+def export(run: Run, unet: UNet2DModel) -> None:
+    """The pipeline folder with `unet` (averaged_unet's), the model card and the loss plot; upload if asked."""
+    checkpoint.export_pipeline(unet, run.noise_scheduler, run.output_dir,
+                               {**training_state(run), "finished": run.step >= run.max_train_steps})
+    records = run.metrics_file.read() if run.metrics_file else []
+    tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
+    write_card(run, records)
+    logger.info(f"exported the pipeline at step {run.step} to {run.output_dir}")
+    if isinstance(run.batches, streaming.StreamedBatches):  # what the stream held is known only as it goes
+        run.batches.write_report(run.output_dir / data.REPORT_FILE)
+        logger.info(run.batches.summary())
+    if run.uploads is not None:
+        run.uploads.submit(run.step)
+
+
+def write_card(run: Run, records: list[dict[str, Any]]) -> None:
+    config = run.config
+    grids = sorted((run.output_dir / PREVIEWS_DIR).glob("step-*.png"))
+    last = records[-1] if records else {}
+    metrics = {"dataset": data_description(config), "resolution": config.resolution,
+               "optimizer steps": run.step, "images seen": run.images_seen,
+               "global batch": f"{run.global_batch_size} ({config.train_batch_size} per device x "
+                               f"{run.accelerator.num_processes} process(es) x {config.gradient_accumulation_steps} "
+                               "accumulation)",
+               "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, "
+                                f"{config.lr_warmup_steps} warmup steps)",
+               "prediction type": config.prediction_type, "EMA": config.use_ema,
+               "mixed precision": config.mixed_precision}
+    if "loss" in last:
+        metrics["final loss (mean over the last logging interval)"] = f"{last['loss']:.4f}"
+    # The card's usage code samples as the previews did, with the same scheduler settings.
+    sample_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
+    usage_code = sampling.diffusers_usage_code(config.sampler, run.noise_scheduler.config,
+                                               run.repo_id or str(run.output_dir), sample_steps)
+    hub.write_model_card(run.output_dir, {
+        "title": run.repo_id or run.output_dir.resolve().name,
+        "dataset": data_description(config),
+        "hub_dataset": hub_dataset_id(config),
+        "parameters": run.parameters_in_millions,
+        "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
+        "steps": run.step, "images_seen": run.images_seen,
+        "grid": grids[-1].relative_to(run.output_dir).as_posix() if grids else None,
+        "metrics": metrics, "command": run.command, "usage_code": usage_code,
+    })
+
+
+def data_description(config: TrainConfig) -> str:
+    return config.dataset_name or f"images from {Path(config.train_data_dir).name}"
+
+
+def hub_dataset_id(config: TrainConfig) -> str | None:
+    """The dataset's Hub id for the card's metadata; None for local data and the built-in digits."""
+    name = config.dataset_name
+    if not name or name.startswith(data.BUILTIN_PREFIX) or Path(name).exists():
+        return None
+    return name
+
+
+def reproduce_command(argv: list[str], num_processes: int, chosen_seed: int | None, sharded: bool = False) -> str:
+    """The command line of this run (`argv` with the token already masked by config.public_argv), with the
+    launcher for several processes, and the seed when it was chosen at random."""
+    words = list(argv)
+    if chosen_seed is not None:
+        words += ["--seed", str(chosen_seed)]
+    launcher = "uncond"
+    if sharded:
+        launcher = f"accelerate launch --config_file {FSDP_CONFIG} --num_processes {num_processes} -m uncond"
+    elif num_processes > 1:
+        launcher = f"accelerate launch --multi_gpu --num_processes {num_processes} -m uncond"
+    return launcher + " " + " ".join(shlex.quote(word) for word in words)
+
+
+def names_a_checkpoint(config: TrainConfig) -> bool:
+    """Whether this run resumed from a named checkpoint: run again as it is, it would go back to that one."""
+    return config.resume_from_checkpoint not in (None, "latest")
+
+
+def resuming_latest(argv: list[str], config: TrainConfig) -> list[str]:
+    """`argv` set to go on from the newest checkpoint (--resume_from_checkpoint latest instead of a named one,
+    given on the command line or in a config file)."""
+    if not names_a_checkpoint(config) and not config.overwrite_output_dir:
+        return list(argv)
+    words, skip = [], False
+    for word in argv:  # --overwrite_output_dir would remove the checkpoint to resume from
+        if not skip and not word.startswith(("--resume_from_checkpoint", "--overwrite_output_dir")):
+            words.append(word)
+        skip = word == "--resume_from_checkpoint"
+    return words + ["--resume_from_checkpoint", "latest"]
+
+
+def tracker_config(config: TrainConfig) -> dict[str, Any]:
+    """Settings for the trackers' hyperparameter tables: scalars only, token dropped."""
+    return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}

@@ -1,0 +1,329 @@
+"""The parts of a training run (`Run`: accelerator, batches, UNet, EMA, optimizer, schedule), built from a plan,
+and the place in the run and the data a resume goes on from."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, gather_object, set_seed
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+
+from . import checkpoint, data, environment, hub, metrics, models, sharding, streaming, tracking
+from .config import RunFailed, TrainConfig, UsageError
+from .objective import Objective
+from .plan import Plan, refuse_mismatched_resume, warmup_outlasts_run
+from .stopping import StopAgreement, StopSignal
+
+logger = logging.getLogger("uncond")  # cli shows its records on the main process only
+
+
+@dataclass
+class Run:
+    """Everything the loop touches."""
+    config: TrainConfig
+    accelerator: Accelerator
+    output_dir: Path
+    batches: data.CachedBatches | streaming.StreamedBatches
+    unet: torch.nn.Module
+    ema: models.EMA | None
+    noise_scheduler: DDPMScheduler
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    max_train_steps: int
+    steps_per_epoch: int
+    num_epochs: int
+    global_batch_size: int
+    step: int = 0
+    epoch: int = 0
+    # Optimizer steps by which the epochs before this run's first one were longer than steps_per_epoch
+    # (a resume with another process count or batch size), so that epoch E starts at
+    # epoch_offset + E * steps_per_epoch.
+    epoch_offset: int = 0
+    images_seen: int = 0
+    resume_position: Position | None = None  # where the checkpoint to resume from left its run
+    checkpointed_step: int | None = None  # the step of the newest checkpoint, written or resumed from
+    repo_id: str | None = None
+    uploads: hub.BackgroundUploads | None = None
+    command: str = ""  # the command line that reproduces this run, for the model card
+    resume_command: str = ""  # the command that goes on from this run's newest checkpoint
+    metrics_file: tracking.MetricsFile | None = None
+    running_loss: tracking.RunningMean = field(default_factory=tracking.RunningMean)
+    running_grad_norm: tracking.RunningMean = field(default_factory=tracking.RunningMean)
+    last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous log line, for images/s
+    noise_generator: torch.Generator | None = None
+    skipped_steps: int = 0  # non-finite steps skipped under --skip_nonfinite
+    memory_format: torch.memory_format = torch.contiguous_format  # the UNet's, given to its inputs too
+    feature_extractor: metrics.FeatureExtractor | None = None  # for --eval_every_steps; None: no evaluation
+    best_fid: float = math.inf
+    stop: StopSignal | None = None  # while training: a preview under way gives up when a stop is asked for
+    stop_agreement: StopAgreement | None = None  # with several processes
+
+    @property
+    def unwrapped_unet(self) -> UNet2DModel:
+        """The module without DDP's or torch.compile's wrapper (under FSDP, still sharded)."""
+        return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
+
+    @property
+    def parameters_in_millions(self) -> str:
+        """For the log and the model card; under FSDP, numel counts whole tensors, not shards."""
+        return f"{sum(p.numel() for p in self.unwrapped_unet.parameters()) / 1e6:.2f}M"
+
+
+def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
+    try:
+        return Accelerator(
+            cpu=environment.cpu_processes(),
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.logger == "none" else config.logger,
+            project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                logging_dir=str(output_dir / config.logging_dir)),
+            # The LR schedule counts optimizer steps; we step it once per optimizer step ourselves.
+            step_scheduler_with_optimizer=False,
+            # Decoding a large dataset on the main process must not time out the others.
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+            # On GPUs, CUDA graphs ("reduce-overhead"): the eager step of these UNets is bound by kernel
+            # launches (docs/benchmarks.md: 58 ms per step on an H100 even at batch 1).
+            dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if torch.cuda.is_available()
+                                            else None) if config.compile else None,
+        )
+    except ValueError as error:
+        raise UsageError(f"--mixed_precision {config.mixed_precision}: {error}") from None
+
+
+def load_batches(plan: Plan, accelerator: Accelerator) -> data.CachedBatches | streaming.StreamedBatches:
+    """This process's training batches: from the decoded-image cache, or from a stream with --streaming."""
+    config = plan.config
+    pin_memory = accelerator.device.type == "cuda"
+    if config.streaming:
+        stream = streaming.Stream(config)
+        channels = choose_channels(plan, lambda: stream.all_gray(config),
+                                   f" (judged from the first {streaming.CHANNELS_PEEK} images of the stream)")
+        return streaming.StreamedBatches(stream, config, channels, accelerator.num_processes,
+                                         accelerator.process_index, pin_memory)
+    # One process per machine downloads and decodes into the cache; the others wait, then map what it wrote.
+    with accelerator.local_main_process_first():
+        source = data.open_source(config)
+        cache = data.load_images(source, config, progress=accelerator.is_local_main_process)
+    logger.info(data.summary(cache, source))
+    if accelerator.num_processes > 1:
+        check_same_images(accelerator, len(cache))
+    if accelerator.is_main_process:
+        data.write_report(Path(config.output_dir) / data.REPORT_FILE, len(cache), cache.meta["skipped"],
+                          cache.meta["upscaled"], cache=str(cache.folder))
+    channels = choose_channels(plan, lambda: cache.all_gray)
+    # A resumed run goes on in the data order it began with (checkpoints without "data_order" predate it).
+    data_order = plan.resume_state.get("data_order", 1) if plan.resume_from is not None else None
+    return data.CachedBatches(cache, config, channels, accelerator.num_processes, accelerator.process_index,
+                              pin_memory, data_order)
+
+
+def check_same_images(accelerator: Accelerator, count: int) -> None:
+    """Each machine decodes into its own cache (unless --cache_dir is shared), from its own copy of a local
+    folder. With different image counts the processes deal out different permutations, so their shards
+    overlap and miss images, and their epochs can differ in length, so that their collectives would wait
+    for each other until the process group's time-out (2 h)."""
+    counts = gather_object([count])
+    if len(set(counts)) > 1:
+        raise RunFailed(f"the processes hold different numbers of images ({', '.join(map(str, counts))}, by process): "
+                        "the machines read different data, or a read failed on one of them; give every machine the "
+                        "same images (or a --cache_dir they share) and re-run")
+
+
+def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str = "") -> int:
+    config = plan.config
+    if plan.channels_from_model_config:
+        return plan.channels_from_model_config
+    if config.num_channels != "auto":
+        return int(config.num_channels)
+    channels = 1 if all_gray() else 3
+    logger.info(("--num_channels auto: every image is grayscale, training a 1-channel model" if channels == 1
+                 else "--num_channels auto: colour images found, training a 3-channel (RGB) model") + judged_from)
+    return channels
+
+
+def build_run(plan: Plan, accelerator: Accelerator) -> Run:
+    config = plan.config
+    speedups = ["glibc malloc keeps freed buffers"] * environment.keep_freed_memory()
+    batches = load_batches(plan, accelerator)
+    unet_config = models.with_channels(plan.unet_config, batches.channels)
+    if plan.resume_from is not None:
+        refuse_mismatched_resume(plan.resume_from, config, unet_config)
+
+    set_seed(config.seed)  # identical initial weights on every process
+    unet = models.build_unet(unet_config)
+    speedups += models.speed_up(unet, config, accelerator.device)
+    optimizer, fused = make_optimizer(unet, config, accelerator.device)
+    speedups += ["fused AdamW"] * fused + [f"{config.mixed_precision} autocast"] * (config.mixed_precision != "no")
+    speedups += tune_cuda(config, accelerator.device)
+    speedups += ["torch.compile" + " with CUDA graphs" * (accelerator.device.type == "cuda")] * config.compile
+    if config.use_ema:
+        speedups.append(f"foreach EMA every {config.ema_update_every} step(s)")
+    logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")
+
+    steps_per_epoch = math.ceil(batches.batches_per_epoch / config.gradient_accumulation_steps)
+    global_batch_size = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    # --num_epochs counts the whole run's epochs; those before a resume with another global batch had
+    # another length (the schedule must know the total before it is built).
+    position = None if plan.resume_from is None else position_after(
+        plan.resume_step, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes)
+    epoch_offset = position.epoch_offset if position else 0
+    max_train_steps = config.max_train_steps or epoch_offset + config.num_epochs * steps_per_epoch
+    if accelerator.is_main_process and (warning := warmup_outlasts_run(config, max_train_steps)):
+        logger.warning(warning)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, step_rules=config.lr_step_rules)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    # After prepare: on the device already, and under FSDP over this process's shards.
+    ema = models.make_ema(accelerator.unwrap_model(unet, keep_torch_compile=False), config) if config.use_ema else None
+    checkpoint.register_state_hooks(accelerator, unet, ema)
+    noise_scheduler = models.build_noise_scheduler(config)
+    # On the device once: add_noise and compute_snr would otherwise copy it from the host every step.
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    return Run(config=config, accelerator=accelerator, output_dir=Path(config.output_dir), batches=batches,
+               unet=unet, ema=ema, noise_scheduler=noise_scheduler,
+               objective=Objective(config.prediction_type, config.snr_gamma, config.noise_offset),
+               optimizer=optimizer, lr_scheduler=lr_scheduler, max_train_steps=max_train_steps,
+               steps_per_epoch=steps_per_epoch,
+               num_epochs=math.ceil((max_train_steps - epoch_offset) / steps_per_epoch),
+               global_batch_size=global_batch_size, resume_position=position,
+               noise_generator=torch.Generator(accelerator.device),
+               memory_format=torch.channels_last if models.uses_channels_last(config, accelerator.device)
+               else torch.contiguous_format)
+
+
+def make_optimizer(unet: torch.nn.Module, config: TrainConfig, device: torch.device) -> tuple[torch.optim.AdamW, bool]:
+    """The seed's AdamW; on GPUs the fused kernel (one launch for all parameters instead of several per tensor)."""
+    fused = config.fused_adamw and device.type == "cuda"
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, **adam_settings(config),
+                                  fused=fused or None)
+    return optimizer, fused
+
+
+def adam_settings(config: TrainConfig) -> dict[str, Any]:
+    return {"betas": (config.adam_beta1, config.adam_beta2), "weight_decay": config.adam_weight_decay,
+            "eps": config.adam_epsilon}
+
+
+def tune_cuda(config: TrainConfig, device: torch.device) -> list[str]:
+    """cuDNN times its convolution algorithms once per shape (the shapes repeat every step); TF32 tensor
+    cores for fp32 matrix products and convolutions (10-bit mantissa inputs, fp32 accumulation)."""
+    if device.type != "cuda":
+        return []
+    torch.backends.cudnn.benchmark = True
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return ["cuDNN autotuning"] + ["TF32"] * config.allow_tf32
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a checkpoint left its run, in this run's terms."""
+    step: int
+    epoch: int
+    images_seen: int
+    epoch_offset: int  # see Run.epoch_offset
+    note: str = ""  # said in the log when the checkpoint was written with another global batch
+
+
+def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
+                   num_processes: int) -> Position:
+    """The place in the run and in the data order to go on from after the checkpoint of `step` (whose
+    training state is `state`). With another process count or batch size, the epoch goes on after the
+    images it had already seen (the rest of that epoch's order then differs from an uninterrupted run's)."""
+    epoch = state.get("epoch", step // steps_per_epoch)
+    steps_into_epoch = step - state.get("epoch_start_step", epoch * steps_per_epoch)
+    saved_processes = state.get("num_processes", num_processes)
+    saved_batch = state.get("global_batch_size", global_batch_size // num_processes
+                            * saved_processes)  # older checkpoints: the same batch per device
+    note = ""
+    if saved_batch != global_batch_size or saved_processes != num_processes:
+        images_into_epoch = steps_into_epoch * saved_batch
+        steps_into_epoch = min(images_into_epoch // global_batch_size, steps_per_epoch)
+        note = (f"checkpoint-{step} was written by {saved_processes} process(es) with a global batch of {saved_batch}; "
+                f"going on with {num_processes} process(es) and a global batch of {global_batch_size} after the "
+                f"{images_into_epoch} images already seen in epoch {epoch}")
+    return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
+                    epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note)
+
+
+def resume(run: Run, path: Path) -> None:
+    """Restore the training state (weights, EMA, optimizer, schedule, random states) and go on from the place
+    build_run found. The optimizer, schedule and weights are the same whatever the process count."""
+    checkpoint.load_checkpoint(run.accelerator, path)
+    # The schedule's state holds the learning rate it was built with, and the optimizer the rate of the next
+    # step and its other settings; this run's flags win in both, so a diverged run can be resumed with a
+    # lower --learning_rate (or more --adam_weight_decay).
+    schedule = run.lr_scheduler.scheduler  # diffusers' schedules are all LambdaLR: base rate x factor(step)
+    schedule.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
+    rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    for group, rate in zip(run.optimizer.param_groups, rates):
+        group.update(lr=rate, **adam_settings(run.config))
+    schedule._last_lr = rates  # what get_last_lr() (the logged lr) reads
+    position = run.resume_position
+    if position.note:
+        logger.info(position.note)
+    run.step, run.epoch, run.images_seen = position.step, position.epoch, position.images_seen
+    run.epoch_offset, run.checkpointed_step = position.epoch_offset, position.step
+
+
+def epoch_start_step(run: Run) -> int:
+    return run.epoch_offset + run.epoch * run.steps_per_epoch
+
+
+def training_state(run: Run) -> dict[str, Any]:
+    return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
+            "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
+            "global_batch_size": run.global_batch_size, "fsdp": sharding.is_sharded(run.unwrapped_unet),
+            **({"data_order": run.batches.order.seeding} if isinstance(run.batches, data.CachedBatches) else {})}
+
+
+@contextlib.contextmanager
+def averaged_unet(run: Run, everywhere: bool = False):
+    """The EMA weights (the trained ones without --use_ema) as a plain UNet2DModel in eval mode: what sample
+    grids, evaluations and exports use. None on the processes other than the main one, unless `everywhere`.
+    Under FSDP every process must enter it: the shards are gathered into a copy where it is used."""
+    wanted, sharded = everywhere or run.accelerator.is_main_process, sharding.is_sharded(run.unwrapped_unet)
+    if not (wanted or sharded):
+        yield None
+        return
+    with models.ema_weights(run.unwrapped_unet, run.ema) as unet:
+        if sharded:
+            unet = sharding.gathered_copy(unet, everywhere)
+            if unet is None:  # a process that only took part in the gather
+                yield None
+                return
+            unet.to(run.accelerator.device)
+        unet.eval()
+        try:
+            yield unet
+        finally:
+            unet.train()
+
+
+T = TypeVar("T")
+
+
+def off_the_clock(work: Callable[..., T]) -> Callable[..., T]:
+    """For the work between training steps (previews, exports, evaluations, checkpoints): its time is left
+    out of the images/s of the logging interval it falls in, which would otherwise count it as training."""
+    @functools.wraps(work)
+    def timed(run: Run, *args: Any, **kwargs: Any) -> T:
+        started = time.perf_counter()
+        try:
+            return work(run, *args, **kwargs)
+        finally:
+            run.last_log = (run.last_log[0] + time.perf_counter() - started, run.last_log[1])
+    return timed

@@ -1,0 +1,73 @@
+"""Stopping a run cleanly: a signal (a preempted job, Ctrl-C) asks for a checkpoint at the next step boundary,
+and under several processes they agree, at every step, to stop at the same one."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import torch
+
+from . import environment
+
+logger = logging.getLogger("uncond")  # cli shows its records on the main process only
+
+
+class StopSignal:
+    """SIGTERM or SIGINT (a preempted job, Ctrl-C) asks the run to save a checkpoint at the next step
+    boundary and exit cleanly; a second SIGINT stops at once."""
+
+    def __init__(self, announce: bool = True) -> None:
+        self.received: str | None = None
+        self.previous: dict[int, Any] = {}
+        self.announce = announce  # on one process: every process of the launch gets a terminal's Ctrl-C
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self.previous[number] = signal.signal(number, self.handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number: int, frame: Any) -> None:
+        if self.received and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+        if self.announce:  # a preview or export under way can take a while: say at once what happens
+            logger.warning(f"{self.received}: stopping with a checkpoint after the current step (an export under "
+                           "way is finished, a preview left out); Ctrl-C again stops at once, without one")
+
+
+class StopAgreement:
+    """Whether any process was asked to stop, agreed by all processes at every step without stalling it: each
+    step's flags are summed by an all-reduce on a gloo group of its own, in the background (no GPU sync), and
+    the sum is read at the next step, so every process stops at the same step, one after the signal. Launchers
+    kill their processes soon after a signal (torchrun and accelerate launch: 30 s), so it must come quickly."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = dist.new_group(backend="gloo")  # every process creates it, at the same point
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, asked_here: bool) -> bool:
+        agreed = False
+        if self.pending is not None:
+            work, flags = self.pending
+            work.wait()
+            agreed = flags.item() > 0
+        flags = torch.tensor([float(asked_here)])
+        self.pending = (self.dist.all_reduce(flags, group=self.group, async_op=True), flags)
+        return agreed
+
+    def finish(self) -> None:
+        """Wait for the last all-reduce, and keep it (environment.finish_collectives says why)."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            environment.keep_until_exit(self.pending[0])
