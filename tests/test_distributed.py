@@ -84,7 +84,7 @@ def test_two_processes_train_to_completion_and_resume_on_one(run_cli, color_fold
     assert len(hub.created) == 1 and [c.message for c in hub.commits] == ["uncond: step 2", "uncond: step 4"]
     assert not [path for path in out.rglob("*") if path.is_file() and b"hf_standin_token" in path.read_bytes()]
     log = result.stderr
-    assert "2 process(es) on cpu" in log and "batch 2 per device x 2 processes x 2 accumulation = 8" in log
+    assert "2 process(es) on cpu" in log and "batch 2 per device x 2 process(es) x 2 accumulation = 8" in log
     assert "2 per epoch" in log  # 12 images: 6 per process, 3 micro-batches of 2, 2 optimizer steps
     for rank in (0, 1):  # each process saved its own random state: two processes really ran
         assert (out / "checkpoint-4" / f"random_states_{rank}.pkl").is_file()

@@ -169,7 +169,7 @@ def log_run_summary(run: Run) -> None:
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}"
         f"{', weights sharded with FSDP2' if sharding.is_sharded(run.unwrapped_unet) else ''}, "
         f"precision {config.mixed_precision} | "
-        f"batch {config.train_batch_size} per device x {accelerator.num_processes} processes x "
+        f"batch {config.train_batch_size} per device x {accelerator.num_processes} process(es) x "
         f"{config.gradient_accumulation_steps} accumulation = {run.global_batch_size} | "
         f"{run.max_train_steps} optimizer steps ({run.steps_per_epoch} per epoch, {run.num_epochs} epochs) | "
         f"seed {config.seed} | output {run.output_dir}")
