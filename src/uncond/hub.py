@@ -190,12 +190,7 @@ for {details['steps']} optimizer steps ({details['images_seen']} images seen).
 | setting | value |
 |---|---|
 {metrics}
-Reproduce with:
-
-```bash
-{details['command']}
-```
-
+{details['reproduce']}
 Every resolved setting, the seed included, is in `training_config.json`.
 """
     path = output_dir / CARD_FILE

@@ -72,7 +72,7 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
         "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
         "steps": run.step, "images_seen": run.images_seen,
         "grid": grids[-1].relative_to(run.output_dir).as_posix() if grids else None,
-        "metrics": metrics, "command": run.command, "usage_code": usage_code,
+        "metrics": metrics, "reproduce": reproduce_section(run.commands, run.step), "usage_code": usage_code,
     })
 
 
@@ -100,6 +100,29 @@ def reproduce_command(argv: list[str], num_processes: int, chosen_seed: int | No
     elif num_processes > 1:
         launcher = f"accelerate launch --multi_gpu --num_processes {num_processes} -m uncond"
     return launcher + " " + " ".join(shlex.quote(word) for word in words)
+
+
+def commands_so_far(state: dict[str, Any], step: int, command: str) -> list[dict[str, Any]]:
+    """The commands that trained the model up to `step` (as the resumed checkpoint's state records them;
+    those of abandoned later steps left out), and this run's, which goes on from `step`."""
+    earlier = [entry for entry in state.get("commands", []) if entry["from_step"] < step]
+    if earlier and earlier[-1]["command"] == command:  # the same command run again after a stop: one turn
+        return earlier
+    return earlier + [{"from_step": step, "command": command}]
+
+
+def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
+    """The model card's way to train the model again: its command, or each of the commands that trained it
+    in turn when it was resumed with other ones."""
+    if len(commands) == 1 and commands[0]["from_step"] == 0:
+        return f"Reproduce with:\n\n```bash\n{commands[0]['command']}\n```\n"
+    lines = ["Trained in turns, each going on from the previous one's newest checkpoint:\n"]
+    if commands[0]["from_step"] > 0:  # resumed from a checkpoint that does not record its commands
+        lines.append(f"- steps 0 to {commands[0]['from_step']}: by a command the checkpoint does not record\n")
+    ends = [entry["from_step"] for entry in commands[1:]] + [step]
+    for entry, end in zip(commands, ends):
+        lines.append(f"- steps {entry['from_step']} to {end}:\n\n  ```bash\n  {entry['command']}\n  ```\n")
+    return "\n".join(lines)
 
 
 def names_a_checkpoint(config: TrainConfig) -> bool:

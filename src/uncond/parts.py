@@ -56,7 +56,9 @@ class Run:
     checkpointed_step: int | None = None  # the step of the newest checkpoint, written or resumed from
     repo_id: str | None = None
     uploads: hub.BackgroundUploads | None = None
-    command: str = ""  # the command line that reproduces this run, for the model card
+    # The command lines that trained the model, each with the step it went on from (several after resumes with
+    # other commands), for the model card; recorded in checkpoints.
+    commands: list[dict[str, Any]] = field(default_factory=list)
     resume_command: str = ""  # the command that goes on from this run's newest checkpoint
     metrics_file: tracking.MetricsFile | None = None
     running_loss: tracking.RunningMean = field(default_factory=tracking.RunningMean)
@@ -287,6 +289,7 @@ def training_state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
             "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
             "global_batch_size": run.global_batch_size, "fsdp": sharding.is_sharded(run.unwrapped_unet),
+            "commands": run.commands,
             **({"data_order": run.batches.order.seeding} if isinstance(run.batches, data.CachedBatches) else {})}
 
 

@@ -20,7 +20,8 @@ from . import checkpoint, data, environment, hub, models, sharding, tracking
 from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, public_argv
 from .objective import training_loss
 from .monitoring import REFERENCE_STATS_FILE, evaluate, open_feature_extractor, save_sample_grid
-from .outputs import BEST_DIR, export, names_a_checkpoint, reproduce_command, resuming_latest, tracker_config
+from .outputs import (BEST_DIR, commands_so_far, export, names_a_checkpoint, reproduce_command, resuming_latest,
+                      tracker_config)
 from .parts import (Run, averaged_unet, build_run, epoch_start_step, make_accelerator, off_the_clock, resume,
                     training_state)
 from .plan import Plan, check_processes, dry_run, plan_run
@@ -63,7 +64,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     run.repo_id = repo_id
     argv = public_argv(sys.argv[1:] if command is None else command, config)
     launch = (accelerator.num_processes, None if "seed" in explicit else config.seed)
-    run.command = reproduce_command(argv, *launch, sharded=sharding.is_sharded(run.unwrapped_unet))
+    command = reproduce_command(argv, *launch, sharded=sharding.is_sharded(run.unwrapped_unet))
     run.resume_command = reproduce_command(resuming_latest(argv, config), *launch,
                                            sharded=sharding.is_sharded(run.unwrapped_unet))
     if plan.resume_from is not None:
@@ -71,6 +72,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         resume(run, plan.resume_from)
     elif plan.resume_message:
         logger.info(plan.resume_message)
+    run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command)
     if accelerator.is_main_process:
         run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step)
         run.best_fid = min((r["fid"] for r in run.metrics_file.read() if "fid" in r), default=math.inf)
