@@ -83,6 +83,7 @@ def test_mixed_precision_comes_from_the_flag_else_the_launcher(run_cli, color_fo
     assert code == 0, err
     assert f"precision {expected}" in err
     assert json.loads((out / "training_config.json").read_text())["mixed_precision"] == expected
+    assert f"--mixed_precision {expected}" in (out / "README.md").read_text()  # its commands run as it did
 
 
 def test_checkpoint_rotation_keeps_the_newest(run_cli, color_folder, tiny_unet, tmp_path):

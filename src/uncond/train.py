@@ -63,6 +63,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     run = build_run(plan, accelerator)
     run.repo_id = repo_id
     argv = public_argv(sys.argv[1:] if command is None else command, config)
+    if os.environ.get("ACCELERATE_MIXED_PRECISION") and "mixed_precision" not in explicit:
+        argv += ["--mixed_precision", config.mixed_precision]  # the launcher's (plan_run), said in the commands
     launch = (accelerator.num_processes, None if "seed" in explicit else config.seed)
     command = reproduce_command(argv, *launch, sharded=sharding.is_sharded(run.unwrapped_unet))
     run.resume_command = reproduce_command(resuming_latest(argv, config), *launch,
