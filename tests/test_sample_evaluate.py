@@ -134,6 +134,8 @@ def test_sample_continues_the_same_model_named_otherwise_and_tells_what_changed(
     assert code == 0 and "already holds 2 of the 3 images of these settings; sampling the other 1" in err, err
     code, _, err = run_cli("sample", copy, "--num_images", 3, *args, "--dtype", "bfloat16")
     one_line_error(code, err, "sampled with other settings (dtype float32);")  # not "the model's weights" too
+    code, _, err = run_cli("sample", copy, "--num_images", 3, *args, "--sampler", "ddim")
+    one_line_error(code, err, "sampled with other settings (sampler sde-dpmsolver++);")  # not the schedule too
     scheduler_file = copy / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_file.read_text())
     scheduler_file.write_text(json.dumps({**scheduler_config, "beta_end": 0.03}))

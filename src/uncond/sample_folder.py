@@ -32,6 +32,7 @@ logger = logging.getLogger("uncond")
 SETTINGS_FILE = "sample_settings.json"
 PARTIAL_SUFFIX = ".partial"  # an image being written; renamed to its number once whole
 GRID_SIZE = 256  # the first images tiled into --grid
+COMPARED = ("weights", "schedule", "sampler", "steps", "seed", "dtype")  # the settings a folder's images share
 
 
 def sample_to_folder(config: SampleConfig) -> Path:
@@ -131,9 +132,6 @@ def sample_settings(config: SampleConfig, model: Any, scheduler: Any, steps: int
             "sampler": config.sampler, "steps": steps, "seed": config.seed, "dtype": config.dtype}
 
 
-COMPARED = ("weights", "schedule", "sampler", "steps", "seed", "dtype")
-
-
 def schedule_of(scheduler: Any) -> dict[str, Any]:
     """The sampler's configuration (betas, prediction type, spacing...), as JSON would write it back."""
     public = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
@@ -177,8 +175,11 @@ def images_missing(folder: Path, settings: dict[str, Any], config: SampleConfig)
 def changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
     """The settings of the earlier run that differ from this one's, in words ("" when none do)."""
     changed = [key for key in COMPARED if key in recorded and recorded[key] != settings[key]]
-    if "dtype" in changed and "weights" in changed:
-        changed.remove("weights")  # the weights are fingerprinted as cast to the dtype: they differ with it
+    # Consequences said once, by their cause: the weights are fingerprinted as cast to the dtype, and each
+    # sampler has its own configuration.
+    for cause, consequence in (("dtype", "weights"), ("sampler", "schedule")):
+        if cause in changed and consequence in changed:
+            changed.remove(consequence)
     words = {"weights": "the model's weights", "schedule": "the model's noise schedule"}
     return ", ".join(words.get(key, f"{key} {recorded[key]}") for key in changed)
 
