@@ -126,6 +126,20 @@ def test_unknown_choice_is_refused_by_the_parser(capsys):
     assert "invalid choice: 'exponential'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (("train", "--resolution", "abc"), "uncond train: error: argument --resolution: expects int, got 'abc'"),
+    (("sample", "model", "--num_images", "ten"), "uncond sample: error: argument --num_images: expects int, got 'ten'"),
+    (("cache", "--remove_unused_days", "x"), "uncond cache: error: argument --remove_unused_days: expects int"),
+])
+def test_a_mistyped_number_is_one_line(capsys, argv, message):
+    from uncond.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))  # it was a 46-line traceback
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+
 def test_demo_layer_sits_under_flags():
     config, _ = build_config({}, use_demo=True)
     assert config.dataset_name == DEMO_SETTINGS["dataset_name"] and config.demo

@@ -74,6 +74,22 @@ def test_wandb_offline_logs_metrics_and_samples_in_the_logging_dir(run_cli, colo
     assert not (tmp_path / "wandb").exists()  # nothing in the working directory
 
 
+def test_a_tracker_that_cannot_start_is_one_line_before_the_data_is_read(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                          monkeypatch):
+    """--logger wandb without `wandb login` was a traceback, after the images were decoded."""
+    from accelerate import Accelerator
+
+    def not_logged_in(self, *args, **kwargs):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(Accelerator, "init_trackers", not_logged_in)
+    args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1")
+    code, _, err = run_cli(*args, "--logger", "tensorboard")  # over the suite's --logger none
+    one_line_error(code, err, "--logger tensorboard: the tracker did not start (No API key configured. Use `wandb "
+                              "login` to log in.)")
+    assert not (color_folder.parent / "image-cache").exists()
+
+
 @pytest.mark.parametrize("flag, expected", [((), "bf16"), (("--mixed_precision", "no"), "no")])
 def test_mixed_precision_comes_from_the_flag_else_the_launcher(run_cli, color_folder, tiny_unet, tmp_path,
                                                                monkeypatch, flag, expected):

@@ -155,8 +155,11 @@ def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
     for entry in doomed:
         cache.remove(entry.folder)
         print(f"removed {entry.folder.name} ({size_text(entry.size)}, {entry.meta.get('source', '')})")
-    if config.remove_all or unused_since is not None:
+    if doomed:
         print(f"freed {size_text(sum(e.size for e in doomed))}")
+    elif config.remove_all or unused_since is not None:
+        print("nothing to remove" + (f": every entry was read in the last {config.remove_unused_days} days"
+                                     if unused_since is not None and entries + stats else ""))
     return 0
 
 

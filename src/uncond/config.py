@@ -23,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 class UsageError(Exception):
@@ -36,10 +36,12 @@ class RunFailed(Exception):
 
 
 def size_text(size: int) -> str:
-    """Bytes in the unit people read them in: 1.2 GiB, 35.0 MiB, 512 KiB."""
+    """Bytes in the unit people read them in: 1.2 GiB, 35.0 MiB, 512 KiB, 300 bytes."""
     if size >= 2**30:
         return f"{size / 2**30:.1f} GiB"
-    return f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{max(1, round(size / 2**10))} KiB"
+    if size >= 2**20:
+        return f"{size / 2**20:,.1f} MiB"
+    return f"{round(size / 2**10)} KiB" if size >= 2**10 else f"{size} bytes"
 
 
 def first_line(error: BaseException) -> str:
@@ -394,8 +396,19 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         else:
             group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, choices=meta["choices"],
                                required=required, help=help_text,
-                               type=lambda text, name=name: coerce(name, text, config_class),
+                               type=flag_type(name, config_class),
                                metavar=None if meta["choices"] else kind.__name__.upper())
+
+
+def flag_type(name: str, config_class: type) -> Callable[[str], Any]:
+    """The flag's value converter: argparse says its refusal in one line (a UsageError raised inside argparse
+    came out as a traceback)."""
+    def convert(text: str) -> Any:
+        try:
+            return coerce(name, text, config_class)
+        except UsageError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"--{name} ")) from None
+    return convert
 
 
 def public_argv(argv: list[str], config: TrainConfig) -> list[str]:

@@ -17,7 +17,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, environment, hub, models, sharding, tracking
-from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, public_argv
+from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line, public_argv
 from .objective import training_loss
 from .monitoring import REFERENCE_STATS_FILE, evaluate, open_feature_extractor, save_sample_grid
 from .outputs import (BEST_DIR, commands_so_far, export, names_a_checkpoint, reproduce_command, resuming_latest,
@@ -52,6 +52,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     if accelerator.is_main_process:
         try:
             prepare_output_dir(plan, output_dir)
+            init_trackers(config, accelerator, output_dir)  # before the data: a tracker that cannot start says so
         except UsageError as error:
             refusal = str(error)
     if accelerator.num_processes > 1:  # the other processes would otherwise wait for the main one forever
@@ -80,7 +81,6 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         run.best_fid = min((r["fid"] for r in run.metrics_file.read() if "fid" in r), default=math.inf)
         if repo_id:
             run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
-        init_trackers(run)
     run.feature_extractor = open_feature_extractor(config, accelerator)
     log_run_summary(run)
     run.stop_agreement = StopAgreement() if accelerator.num_processes > 1 else None
@@ -144,12 +144,18 @@ def create_hub_repository(config: TrainConfig, accelerator: Accelerator) -> str 
     return outcome[0]
 
 
-def init_trackers(run: Run) -> None:
-    logging_dir = run.output_dir / run.config.logging_dir
+def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> None:
+    """On the main process: --logger's tracker started, or one line saying why it cannot be."""
+    logging_dir = output_dir / config.logging_dir
     logging_dir.mkdir(parents=True, exist_ok=True)
-    # W&B writes into the working directory unless told; the other trackers get logging_dir from accelerate.
-    run.accelerator.init_trackers("uncond", config=tracker_config(run.config),
+    try:
+        # W&B writes into the working directory unless told; the other trackers get logging_dir from accelerate.
+        accelerator.init_trackers("uncond", config=tracker_config(config),
                                   init_kwargs={"wandb": {"dir": str(logging_dir)}})
+    except Exception as error:  # noqa: BLE001 - not logged in, no server...: each tracker raises its own kind
+        hint = ("; run `wandb login`, or set WANDB_MODE=offline to log into the output folder"
+                if config.logger == "wandb" else "")
+        raise UsageError(f"--logger {config.logger}: the tracker did not start ({first_line(error)}){hint}") from None
 
 
 def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
