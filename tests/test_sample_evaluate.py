@@ -290,6 +290,26 @@ def test_evaluate_says_why_kid_and_precision_recall_are_missing_with_few_images(
     assert code == 0 and "note" not in json.loads(out) and "kid" in json.loads(out), err
 
 
+def test_evaluate_says_which_set_is_too_small_or_unreadable_before_measuring_the_other(
+        run_cli, stand_in_inception, tmp_path, monkeypatch):
+    from uncond import metrics
+
+    reference, measured = write_images(tmp_path / "reference", 6), []
+    extract = metrics.extract_features
+    monkeypatch.setattr(metrics, "extract_features", lambda *args: measured.append(1) or extract(*args))
+    code, _, err = run_cli("evaluate", write_images(tmp_path / "one", 1), "--reference", reference)
+    one_line_error(code, err, f"GENERATED {tmp_path / 'one'}: 1 image(s); FID needs at least 2")
+    assert not measured  # the whole reference set was measured first
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for name in ("a.png", "b.png"):
+        (unreadable / name).write_text("not an image")
+    code, _, err = run_cli("evaluate", reference, "--reference", unreadable)
+    one_line_error(code, err, f"--reference {unreadable}: 0 readable image(s); 2 unreadable images skipped")
+    code, _, err = run_cli("evaluate", unreadable, "--reference", reference)
+    one_line_error(code, err, f"GENERATED {unreadable}: none of its 2 image files can be read")
+
+
 def test_evaluate_refuses_a_reference_of_one_image_and_caches_nothing(run_cli, stand_in_inception, pipeline,
                                                                       tmp_path, decoded_image_cache):
     code, _, err = run_cli("evaluate", write_images(tmp_path / "generated", 3),

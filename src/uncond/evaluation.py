@@ -63,6 +63,8 @@ def evaluate(config: EvaluateConfig) -> Report:
     reference_source = open_reference(config.reference)
     extractor = metrics.inception_extractor(config.inception_weights, device)
     generated = open_generated(config)
+    if generated.count < 2:  # said before the reference images are measured (minutes on a large set)
+        raise UsageError(f"GENERATED {config.generated}: {generated.count} image(s); FID needs at least 2")
     resolution = config.resolution or generated.resolution
     reference, reference_note = reference_stats(config, reference_source, resolution, extractor)
     if reference.extractor not in (None, extractor.name):
@@ -70,6 +72,9 @@ def evaluate(config: EvaluateConfig) -> Report:
                          f"not {extractor.name}")
     batches = metrics.with_progress(generated.batches, generated.count, "generated")
     features = metrics.extract_features(extractor, batches)
+    if len(features) < 2:
+        raise UsageError(f"GENERATED {config.generated}: {len(features)} readable image(s)"
+                         f"{skipped_note(generated.skipped)}; FID needs at least 2")
     scores = metrics.compare(features, reference, device)
     return Report(scores, generated.description + skipped_note(generated.skipped), reference_note,
                   extractor.input_note)

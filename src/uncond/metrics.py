@@ -63,7 +63,8 @@ class FeatureExtractor:
 
 @torch.no_grad()
 def extract_features(extractor: FeatureExtractor, batches: Iterable[np.ndarray]) -> np.ndarray:
-    """Features of every image in `batches` (uint8 NHWC, 1 or 3 channels), as a float64 (N, D) array."""
+    """Features of every image in `batches` (uint8 NHWC, 1 or 3 channels), as a float64 (N, D) array; (0, 0)
+    when there is none (the callers say which set, and why)."""
     features = []
     for batch in batches:
         pixels = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
@@ -71,7 +72,7 @@ def extract_features(extractor: FeatureExtractor, batches: Iterable[np.ndarray])
             pixels = pixels.expand(-1, 3, -1, -1)
         features.append(extractor.network(pixels.to(extractor.device)).double().cpu().numpy())
     if not features:
-        raise UsageError("no images to measure")
+        return np.empty((0, 0))
     features = np.concatenate(features)
     if not np.isfinite(features).all():  # NaN features made FID a LinAlgError traceback, or NaN
         raise UsageError(f"the feature network ({extractor.name}) gave non-finite features: its weights are "
