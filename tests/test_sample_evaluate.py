@@ -257,6 +257,8 @@ def test_sample_from_inside_a_run_folder_stays_out_of_its_previews(run_cli, pipe
     one_line_error(code, err, f"--output_dir samples is the preview folder of the training run in {run}; choose "
                               "another --output_dir")
     assert not list((run / "samples").iterdir())
+    code, _, err = run_cli("sample", ".", "--num_images", 2, "--steps", 1, "--output_dir", ".")  # the run itself
+    one_line_error(code, err, "--output_dir . holds a model (a pipeline or a training run); choose another")
     assert run_cli("sample", ".", "--num_images", 2, "--steps", 1, "--output_dir", "generated")[0] == 0
 
 

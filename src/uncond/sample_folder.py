@@ -101,6 +101,10 @@ def refuse_other_outputs(folder: Path, config: SampleConfig) -> None:
     """Before loading the model: a file where the folder goes, or a --grid file of someone else's."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--output_dir {folder} is a file; choose a folder")
+    if (folder / "model_index.json").is_file() or (folder / RUN_CONFIG_FILE).is_file():
+        # The images would lie among the model's files, and evaluate would measure its preview grids with them.
+        raise UsageError(f"--output_dir {folder} holds a model (a pipeline or a training run); choose another "
+                         "--output_dir")
     if folder.resolve().name == PREVIEWS_DIR and (folder.resolve().parent / RUN_CONFIG_FILE).is_file():
         # `cd run && uncond sample .` put them there, by the default --output_dir: the next
         # `uncond train --overwrite_output_dir` of the run removes that folder with the previews
