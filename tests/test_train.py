@@ -314,6 +314,15 @@ def test_model_config_can_come_from_a_pipeline_folder(run_cli, color_folder, tin
     assert json.loads((second / "unet" / "config.json").read_text())["block_out_channels"] == [8, 16]
 
 
+def test_a_model_config_sets_the_resolution_unless_given(run_cli, color_folder, tiny_unet, tmp_path):
+    args = ("train", "--train_data_dir", color_folder, "--model_config_name_or_path", tiny_unet, "--output_dir",
+            tmp_path / "run", "--dry_run")
+    code, stdout, err = run_cli(*args)  # the seed's 64 px default trained this 16 px model on 64 px images
+    assert code == 0 and '"resolution": 16' in stdout and "--resolution 16: the sample_size of" in err
+    code, stdout, err = run_cli(*args, "--resolution", "32")
+    assert code == 0 and '"resolution": 32' in stdout and "sample_size of" not in err
+
+
 def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tmp_path):
     out = tmp_path / "run"
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))

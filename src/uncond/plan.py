@@ -43,6 +43,14 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     """Every check that needs no decoding and no model weights. Raises UsageError with one clear line."""
     if config.model_preset and "resolution" not in explicit:
         config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
+    if config.model_config_name_or_path and "resolution" not in explicit:
+        # As a preset's: the model is trained at the size it was made for (the seed script trained a 32 px config
+        # on 64 px images, and its pipeline then generated at 32 px)
+        size = models.load_unet_config(config.model_config_name_or_path, config.cache_dir).get("sample_size")
+        if isinstance(size, int) and size != config.resolution:
+            logger.info(f"--resolution {size}: the sample_size of --model_config_name_or_path "
+                        f"{config.model_config_name_or_path} (give --resolution to train at another size)")
+            config = config.replace(resolution=size)
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch`
     if launcher_precision and "mixed_precision" not in explicit:
         # Without --mixed_precision, the launch's setting (its config file or flag) applies; the seed
