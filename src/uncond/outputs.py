@@ -49,17 +49,17 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
     config = run.config
     grids = sorted((run.output_dir / PREVIEWS_DIR).glob("step-*.png"))
     last = records[-1] if records else {}
-    metrics = {"dataset": data_description(config), "resolution": config.resolution,
-               "optimizer steps": run.step, "images seen": run.images_seen,
-               "global batch": f"{run.global_batch_size} ({config.train_batch_size} per device x "
-                               f"{run.accelerator.num_processes} process(es) x {config.gradient_accumulation_steps} "
-                               "accumulation)",
-               "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, "
-                                f"{config.lr_warmup_steps} warmup steps)",
-               "prediction type": config.prediction_type, "EMA": config.use_ema,
-               "mixed precision": config.mixed_precision}
+    facts = {"dataset": data_description(config), "resolution": config.resolution,
+             "optimizer steps": run.step, "images seen": run.images_seen,
+             "global batch": f"{run.global_batch_size} ({config.train_batch_size} per device x "
+                             f"{run.accelerator.num_processes} process(es) x {config.gradient_accumulation_steps} "
+                             "accumulation)",
+             "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, "
+                              f"{config.lr_warmup_steps} warmup steps)",
+             "prediction type": config.prediction_type, "EMA": config.use_ema,
+             "mixed precision": config.mixed_precision}
     if "loss" in last:
-        metrics["final loss (mean over the last logging interval)"] = f"{last['loss']:.4f}"
+        facts["final loss (mean over the last logging interval)"] = f"{last['loss']:.4f}"
     # The card's usage code samples as the previews did, with the same scheduler settings.
     sample_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
     usage_code = sampling.diffusers_usage_code(config.sampler, run.noise_scheduler.config,
@@ -72,7 +72,7 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
         "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
         "steps": run.step, "images_seen": run.images_seen,
         "grid": grids[-1].relative_to(run.output_dir).as_posix() if grids else None,
-        "metrics": metrics, "reproduce": reproduce_section(run.commands, run.step), "usage_code": usage_code,
+        "metrics": facts, "reproduce": reproduce_section(run.commands, run.step), "usage_code": usage_code,
     })
 
 

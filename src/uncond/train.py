@@ -67,9 +67,9 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     if os.environ.get("ACCELERATE_MIXED_PRECISION") and "mixed_precision" not in explicit:
         argv += ["--mixed_precision", config.mixed_precision]  # the launcher's (plan_run), said in the commands
     launch = (accelerator.num_processes, None if "seed" in explicit else config.seed)
-    command = reproduce_command(argv, *launch, sharded=sharding.is_sharded(run.unwrapped_unet))
-    run.resume_command = reproduce_command(resuming_latest(argv, config), *launch,
-                                           sharded=sharding.is_sharded(run.unwrapped_unet))
+    sharded = sharding.is_sharded(run.unwrapped_unet)
+    command = reproduce_command(argv, *launch, sharded=sharded)
+    run.resume_command = reproduce_command(resuming_latest(argv, config), *launch, sharded=sharded)
     if plan.resume_from is not None:
         logger.info(plan.resume_message)
         resume(run, plan.resume_from)
