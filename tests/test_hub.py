@@ -110,9 +110,9 @@ def test_failed_upload_is_reported_and_its_files_kept_to_retry(run_cli, standin,
     code, _, err = run_cli(*hub_args(color_folder, tiny_unet, out, "--num_epochs", "3"))
     assert code == 0 and "uploaded step 9 to the Hub" in err, err
     assert not list(out.glob(".hub-upload-*"))
-    # and --overwrite_output_dir removes a failed upload's copy with the rest of the earlier run
+    # and --overwrite_output_dir sets a failed upload's copy aside with the rest of the earlier run
     kept.mkdir()
-    assert kept.name in checkpoint.clear_previous_run(out, ()) and not kept.exists()
+    assert kept.name in checkpoint.set_aside_previous_run(out, ()) and not kept.exists()
 
 
 def test_model_card_describes_the_run(run_cli, color_folder, tiny_unet, tmp_path):

@@ -380,6 +380,25 @@ def test_overwrite_output_dir_starts_afresh(run_cli, color_folder, tiny_unet, tm
     code, _, err = run_cli(*args, "--max_train_steps", "2", "--overwrite_output_dir")
     assert code == 0, err
     assert checkpoints(out) == {"checkpoint-2"} and metric_steps(out) == [1, 2]
+    assert not (out / ".replaced-run").exists() and "removed the earlier run set aside" in err
+
+
+def test_overwrite_output_dir_keeps_the_earlier_run_until_the_new_one_saves(run_cli, color_folder, tiny_unet,
+                                                                            tmp_path):
+    """It removed the earlier run at once: a new run failing on its images left neither model."""
+    out, broken = tmp_path / "run", tmp_path / "broken"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2")
+    assert run_cli(*args)[0] == 0
+    weights = (out / "unet" / WEIGHTS).read_bytes()
+    broken.mkdir()
+    (broken / "a.png").write_text("not an image")
+    for attempt in range(2):  # the second attempt keeps the first one's copy of the earlier run
+        code, _, err = run_cli(*fast_train_args(broken, tiny_unet, out, "--overwrite_output_dir"))
+        assert code != 0 and "could be read" in err, err
+        assert (out / ".replaced-run" / "unet" / WEIGHTS).read_bytes() == weights
+        assert (out / ".replaced-run" / "checkpoint-2").is_dir() and not (out / "unet").exists()
+    code, _, err = run_cli(*args, "--overwrite_output_dir", "--seed", "1")
+    assert code == 0 and not (out / ".replaced-run").exists(), err
 
 
 def test_overwrite_output_dir_keeps_a_logging_dir_outside_the_output(run_cli, color_folder, tiny_unet, tmp_path):

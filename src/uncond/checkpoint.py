@@ -46,6 +46,7 @@ CHANGEABLE_ON_RESUME = ("train_batch_size", "gradient_accumulation_steps", "lear
                         "adam_epsilon", "max_grad_norm", "skip_nonfinite", "mixed_precision", "snr_gamma",
                         "noise_offset", "random_flip", "center_crop")
 EMA_KEYS = ("ema_max_decay", "ema_inv_gamma", "ema_power", "ema_update_every")
+REPLACED_DIR = ".replaced-run"  # --overwrite_output_dir: the earlier run, kept until the new one has saved
 PIPELINE_ITEMS = ("unet", "scheduler", "model_index.json", STATE_FILE)
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What EMAModel.save_pretrained writes into unet_ema/config.json besides the UNet's own settings.
@@ -277,23 +278,38 @@ def interrupted_before_first_checkpoint(output_dir: Path, config: TrainConfig) -
     return all(saved.get(key) == current[key] for key in SAME_RUN_KEYS)
 
 
-def clear_previous_run(output_dir: Path, artefacts: tuple[str, ...]) -> list[str]:
-    """--overwrite_output_dir without resuming: remove what an earlier run wrote, so that its checkpoints are
-    neither rotated with nor resumed instead of the new ones. Files uncond did not write are left alone."""
-    removed = []
-    for _, path in list_checkpoints(output_dir):
-        remove(path)
-        removed.append(path.name)
+def set_aside_previous_run(output_dir: Path, artefacts: tuple[str, ...]) -> list[str]:
+    """--overwrite_output_dir without resuming: what an earlier run wrote is moved into REPLACED_DIR, so that its
+    checkpoints are neither rotated with nor resumed instead of the new ones, and removed once the new run has
+    saved a checkpoint or its pipeline (remove_replaced_run): a new run that fails before (on unreadable
+    images, say) leaves the earlier model to be moved back. Files uncond did not write are left alone.
+    Returns the names set aside."""
+    items = [path for _, path in list_checkpoints(output_dir)]
     for name in (*PIPELINE_ITEMS, *artefacts):
         path = output_dir / name
-        # --logging_dir may be absolute or lead out of the folder (../tb): other runs' logs are not ours to remove
+        # --logging_dir may be absolute or lead out of the folder (../tb): other runs' logs are not ours to move
         if path.exists() and output_dir.resolve() in path.resolve().parents:
+            items.append(path)
+    items += hub.stale_snapshots(output_dir)  # its failed uploads: retrying them would upload the old model
+    replaced = output_dir / REPLACED_DIR
+    earlier_attempt = replaced.exists()  # set aside by an --overwrite_output_dir run that saved nothing
+    for path in items:
+        if earlier_attempt:  # what the folder holds besides is that attempt's: no model
             remove(path)
-            removed.append(name)
-    for path in hub.stale_snapshots(output_dir):  # its failed uploads: retrying them would upload the old model
-        remove(path)
-        removed.append(path.name)
-    return removed
+        else:
+            target = replaced / path.relative_to(output_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
+    return [path.relative_to(output_dir).as_posix() for path in items]
+
+
+def remove_replaced_run(output_dir: Path) -> bool:
+    """The run set aside by --overwrite_output_dir removed, now that this one has saved. Whether there was one."""
+    replaced = output_dir / REPLACED_DIR
+    if replaced.exists():
+        remove(replaced)
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------- state

@@ -13,7 +13,7 @@ from diffusers import UNet2DModel
 
 from . import checkpoint, data, hub, metrics, sampling, streaming, tracking
 from .config import PREVIEWS_DIR, TrainConfig
-from .parts import Run, training_state
+from .parts import Run, drop_replaced_run, training_state
 from .plan import FSDP_CONFIG
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -34,6 +34,7 @@ def export(run: Run, unet: UNet2DModel) -> None:
     """The pipeline folder with `unet` (averaged_unet's), the model card and the loss plot; upload if asked."""
     checkpoint.export_pipeline(unet, run.noise_scheduler, run.output_dir,
                                {**training_state(run), "finished": run.step >= run.max_train_steps})
+    drop_replaced_run(run)
     records = run.metrics_file.read() if run.metrics_file else []
     tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
     write_card(run, records)

@@ -281,6 +281,13 @@ def resume(run: Run, path: Path) -> None:
     run.epoch_offset, run.checkpointed_step = position.epoch_offset, position.step
 
 
+def drop_replaced_run(run: Run) -> None:
+    """After this run's first save: the earlier run --overwrite_output_dir set aside is removed."""
+    if run.accelerator.is_main_process and checkpoint.remove_replaced_run(run.output_dir):
+        logger.info(f"removed the earlier run set aside by --overwrite_output_dir "
+                    f"({run.output_dir / checkpoint.REPLACED_DIR})")
+
+
 def epoch_start_step(run: Run) -> int:
     return run.epoch_offset + run.epoch * run.steps_per_epoch
 

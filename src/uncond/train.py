@@ -22,8 +22,8 @@ from .objective import training_loss
 from .monitoring import REFERENCE_STATS_FILE, evaluate, open_feature_extractor, save_sample_grid
 from .outputs import (BEST_DIR, commands_so_far, export, names_a_checkpoint, reproduce_command, resuming_latest,
                       tracker_config)
-from .parts import (Run, averaged_unet, build_run, epoch_start_step, make_accelerator, off_the_clock, resume,
-                    training_state)
+from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
+                    off_the_clock, resume, training_state)
 from .plan import Plan, check_processes, dry_run, plan_run
 from .stopping import StopAgreement, StopSignal
 
@@ -120,9 +120,11 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> None:
         if message:
             logger.warning(message)
     if config.overwrite_output_dir and plan.resume_from is None:
-        removed = checkpoint.clear_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
-        if removed:
-            logger.info(f"--overwrite_output_dir: removed {', '.join(removed)} from {output_dir}")
+        set_aside = checkpoint.set_aside_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
+        if set_aside:
+            logger.info(f"--overwrite_output_dir: moved the earlier run's {', '.join(set_aside)} into "
+                        f"{output_dir / checkpoint.REPLACED_DIR}; they are removed once this run saves a checkpoint "
+                        "or its pipeline (until then they can be moved back)")
     config.save(output_dir / RUN_CONFIG_FILE)
 
 
@@ -418,5 +420,6 @@ def save_checkpoint(run: Run) -> None:
                                       run.config.checkpoints_total_limit)
     run.checkpointed_step = run.step
     logger.info(f"saved {path}")
+    drop_replaced_run(run)
 
 
