@@ -246,6 +246,11 @@ def test_corrupted_checkpoint_file_is_named(inputs, stopped_run):
     assert failed.returncode == 2
     error = [line for line in failed.stderr.splitlines() if line.startswith("uncond: error:")]
     assert len(error) == 1 and f"{weights} is corrupted" in error[0]
+    assert error[0].endswith(f"delete {stopped_run / 'checkpoint-12'} (or move it away) to resume from checkpoint-8")
+    for earlier in ("checkpoint-4", "checkpoint-8"):  # the damaged one is the only one: deleting it loses the run
+        shutil.rmtree(stopped_run / earlier)
+    failed = subprocess.run(command(inputs, stopped_run), env=ENV, capture_output=True, text=True)
+    assert "no complete checkpoint comes before it: pass --overwrite_output_dir to start afresh" in failed.stderr
 
 
 def test_incomplete_named_checkpoint_is_refused(inputs, stopped_run):

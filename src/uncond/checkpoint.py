@@ -101,7 +101,18 @@ def verify_checkpoint(path: Path) -> None:
     for name, entry in json.loads(manifest_file.read_text())["files"].items():
         if file_digest(path / name) != entry["sha256"]:
             raise UsageError(f"checkpoint file {path / name} is corrupted (its SHA-256 differs from "
-                             f"{MANIFEST_FILE}); delete {path} to resume from the one before")
+                             f"{MANIFEST_FILE}); {instead_of_damaged(path)}")
+
+
+def instead_of_damaged(path: Path) -> str:
+    """What to do about damaged checkpoint `path`: go back to the newest complete one before it, if any."""
+    match = CHECKPOINT_NAME.match(path.name)
+    earlier = [name for step, name in ((s, p.name) for s, p in complete_checkpoints(path.parent))
+               if match and step < int(match.group(1))]
+    if earlier:
+        return f"delete {path} (or move it away) to resume from {earlier[-1]}"
+    return ("no complete checkpoint comes before it: pass --overwrite_output_dir to start afresh (the run's "
+            "exported pipeline, if any, is kept aside until the new run saves)")
 
 
 def file_digest(path: Path) -> str:
@@ -446,8 +457,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
         raise
     except Exception as error:  # noqa: BLE001 - whatever accelerate or torch raise: name the checkpoint
         reason = first_line(error)
-        raise UsageError(f"cannot resume from {path} ({type(error).__name__}: {reason}); delete it to resume "
-                         "from the one before") from None
+        raise UsageError(f"cannot resume from {path} ({type(error).__name__}: {reason}); "
+                         f"{instead_of_damaged(path)}") from None
 
 
 def read_training_state(path: Path) -> dict[str, Any]:
