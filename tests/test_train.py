@@ -533,7 +533,7 @@ def test_resume_latest_on_an_empty_folder_starts_a_new_run(run_cli, color_folder
     assert code == 0 and "no checkpoint in" in err and "starting a new run" in err
 
 
-def test_resuming_with_another_model_is_refused(run_cli, color_folder, tiny_unet, tmp_path):
+def test_resuming_with_another_model_is_refused(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2",
                                     "--checkpointing_steps", "2"))[0] == 0
@@ -544,6 +544,17 @@ def test_resuming_with_another_model_is_refused(run_cli, color_folder, tiny_unet
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
                                             "--prediction_type", "v_prediction"))
     one_line_error(code, err, "prediction_type: epsilon -> v_prediction")
+    assert err.rstrip().endswith("use the same ones, or --overwrite_output_dir to start afresh")
+    # a checkpoint named from another folder: starting afresh there is not the way, leaving the flag out is
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "new", "--resolution", "8",
+                                            "--resume_from_checkpoint", out / "checkpoint-2"))
+    assert err.rstrip().endswith("use the same ones, or leave --resume_from_checkpoint out to start a new run")
+    monkeypatch.chdir(tmp_path)
+    for given in (out, "run"):  # the run's folder for its checkpoint
+        code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "new",
+                                                "--resume_from_checkpoint", given))
+        one_line_error(code, err, f"--resume_from_checkpoint {given} is a run's output folder, not one of its "
+                                  "checkpoints (checkpoint-2); pass")
 
 
 def test_resuming_with_another_channel_count_is_refused(run_cli, gray_folder, tmp_path):

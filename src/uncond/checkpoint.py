@@ -243,6 +243,12 @@ def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:
         # A bare name is in --output_dir, as in train_unconditional.py (not in the current folder); a path is
         # taken as given, then its last part in --output_dir.
         candidates = [output_dir / path.name] if len(path.parts) == 1 else [path, output_dir / path.name]
+        run_folder = next((p for p in (path, *candidates) if not CHECKPOINT_NAME.match(p.name)
+                           and (p / RUN_CONFIG_FILE).is_file()), None)
+        if run_folder is not None:  # a natural slip: the run's output folder for its checkpoint
+            inside = ", ".join(p.name for _, p in complete_checkpoints(run_folder)) or "none yet"
+            raise UsageError(f"--resume_from_checkpoint {request} is a run's output folder, not one of its "
+                             f"checkpoints ({inside}); pass {run_folder / 'checkpoint-N'}")
         for candidate in candidates:
             if candidate.is_dir():
                 problem = checkpoint_problem(candidate)

@@ -105,8 +105,11 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
 def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[str, Any]) -> None:
     differences = checkpoint.resume_differences(path, config, unet_config)
     if differences:
+        # A checkpoint named from elsewhere is left by dropping the flag; one found in --output_dir by starting afresh
+        fresh = ("leave --resume_from_checkpoint out to start a new run" if config.resume_from_checkpoint
+                 and config.resume_from_checkpoint != "latest" else "--overwrite_output_dir to start afresh")
         raise UsageError(f"cannot resume from {path}: it was trained with other settings "
-                         f"({'; '.join(differences)}); use the same ones, or --overwrite_output_dir to start afresh")
+                         f"({'; '.join(differences)}); use the same ones, or {fresh}")
     other_data = checkpoint.data_differences(path, config)
     if other_data and not config.resume_from_checkpoint:  # found in --output_dir, not asked for
         raise UsageError(f"{path.parent} holds a run on other images ({'; '.join(other_data)}); pass "
