@@ -126,6 +126,13 @@ def test_unknown_choice_is_refused_by_the_parser(capsys):
     assert "invalid choice: 'exponential'" in capsys.readouterr().err
 
 
+def test_a_config_file_syntax_error_says_where(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("resolution: 32\nmodel_preset: tiny\ntrain_data_dir: [imgs\nuse_ema: true\n")
+    with pytest.raises(UsageError, match=r"could not be read: expected ',' or '\]', but got ':' at line 4, column 8$"):
+        build_config({"config": str(config)})
+
+
 @pytest.mark.parametrize("argv, message", [
     (("train", "--resolution", "abc"), "uncond train: error: argument --resolution: expects int, got 'abc'"),
     (("sample", "model", "--num_images", "ten"), "uncond sample: error: argument --num_images: expects int, got 'ten'"),

@@ -433,7 +433,10 @@ def read_config_file(path: str) -> dict[str, Any]:
 
             values = yaml.safe_load(text)
     except Exception as error:  # noqa: BLE001 - any parse error becomes one clear line
-        raise UsageError(f"--config {path} could not be read: {first_line(error)}") from None
+        # PyYAML's first line names only what it was parsing; the problem and its place come after
+        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UsageError(f"--config {path} could not be read: {problem or first_line(error)}{where}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
