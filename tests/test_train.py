@@ -35,7 +35,7 @@ def test_trains_exports_and_diffusers_loads_it(run_cli, color_folder, tiny_unet,
     assert code == 0, err
     events = EventAccumulator(str(out / "logs" / "uncond"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
-    assert [e.step for e in events.Images("samples")] == [3, 6]  # the sample grids, in TensorBoard too
+    assert [e.step for e in events.Images("test_samples")] == [3, 6]  # the sample grids, in TensorBoard too
     assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]
     for name in ("model_index.json", f"unet/{WEIGHTS}", "unet/config.json", "scheduler/scheduler_config.json",
                  "training_config.json", "README.md", "loss.png", "data_report.json"):
@@ -70,7 +70,7 @@ def test_wandb_offline_logs_metrics_and_samples_in_the_logging_dir(run_cli, colo
     assert code == 0, err
     runs = list((out / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
-    assert list(runs[0].rglob("media/images/samples_3_*.png"))
+    assert list(runs[0].rglob("media/images/test_samples_3_*.png"))
     assert not (tmp_path / "wandb").exists()  # nothing in the working directory
 
 

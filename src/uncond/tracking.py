@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 METRICS_FILE = "metrics.jsonl"
+IMAGES_TAG = "test_samples"  # the sample grids' name in TensorBoard and W&B, as in the seed script
 LOSS_PLOT_FILE = "loss.png"
 FEW_POINTS = 10  # up to this many logged points are marked: one alone draws no line at all
 
@@ -68,9 +69,9 @@ def log_sample_images(trackers: Iterable[Any], images: np.ndarray, step: int) ->
     """Send NHWC uint8 sample images to the trackers that show images."""
     for tracker in trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({"samples": images}, step=step, dataformats="NHWC")
+            tracker.log_images({IMAGES_TAG: images}, step=step, dataformats="NHWC")
         elif tracker.name == "wandb":
-            tracker.log_images({"samples": list(images)}, step=step)
+            tracker.log_images({IMAGES_TAG: list(images)}, step=step)
 
 
 def smooth(values: list[float], half_width: int | None = None) -> list[float]:
