@@ -197,8 +197,13 @@ def test_an_output_folder_inside_the_image_folder_is_not_read_as_images(run_cli,
         code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", steps,
                                                 "--checkpointing_steps", "2"))
         assert code == 0, err
-        assert "data: 12 images" in err and f"uncond run folders left out: {out}" in err, err
+        assert "data: 12 images" in err and f"uncond run and sample folders left out: {out}" in err, err
     assert "resuming from checkpoint-2" in err
+    generated = color_folder / "generated"  # `uncond sample`'s images are not trained on either
+    assert run_cli("sample", out, "--num_images", 2, "--steps", 1, "--output_dir", generated)[0] == 0
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "6",
+                                            "--checkpointing_steps", "2"))
+    assert code == 0 and "data: 12 images" in err and str(generated) in err, err
 
 
 def test_a_readme_of_the_user_in_the_output_folder_is_never_replaced(run_cli, color_folder, tiny_unet, tmp_path):

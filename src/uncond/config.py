@@ -334,6 +334,7 @@ GROUP_TITLES = {  # in the order --help shows them
     "speed": "speed and memory", "run": "run control",
 }
 RUN_CONFIG_FILE = "training_config.json"  # in every run's output folder and checkpoints: it marks them
+SAMPLE_SETTINGS_FILE = "sample_settings.json"  # in every folder `uncond sample` writes: it marks them
 PREVIEWS_DIR = "samples"  # a run's preview grids, in its output folder; --overwrite_output_dir removes it
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # a run's checkpoint folders (checkpoint.py writes them)
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

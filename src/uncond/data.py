@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 
 from . import remote
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
-from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, size_text
+from .config import RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, RunFailed, TrainConfig, UsageError, size_text
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                     ".pnm", ".jfif"}
@@ -148,8 +148,9 @@ def is_saved_dataset(path: Path) -> bool:
 
 def walk_files(folder: Path, run_folders: list[Path] | None = None) -> Iterator[Path]:
     """Files under `folder`, nested folders included (also through symbolic links, each real folder once),
-    sorted; hidden files and folders skipped, and so are uncond's run folders (added to `run_folders`): a
-    run's output folder inside its image folder would otherwise feed its sample grids back as images."""
+    sorted; hidden files and folders skipped, and so are uncond's run and sample folders (added to
+    `run_folders`): a run's output folder inside its image folder would otherwise feed its sample grids back
+    as images, and `uncond sample`'s folder its generated images."""
     visited = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -157,7 +158,8 @@ def walk_files(folder: Path, run_folders: list[Path] | None = None) -> Iterator[
             dirs[:] = []
             continue
         visited.add(real)
-        runs = [d for d in dirs if (Path(root) / d / RUN_CONFIG_FILE).is_file()]
+        runs = [d for d in dirs if any((Path(root) / d / marker).is_file()
+                                       for marker in (RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE))]
         if run_folders is not None:
             run_folders += [Path(root) / d for d in sorted(runs)]
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in runs)
@@ -185,7 +187,7 @@ def folder_source(folder: Path) -> Source:
         stat = path.stat() if path.exists() else path.lstat()  # a broken link: skipped when decoded, and reported
         fingerprint.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         paths.append(str(path))
-    left_out = f"; uncond run folders left out: {', '.join(str(p) for p in run_folders)}" if run_folders else ""
+    left_out = f"; uncond run and sample folders left out: {', '.join(str(p) for p in run_folders)}" if run_folders else ""
     # The absolute path: the description is also what `uncond cache` lists as an entry's source.
     return Source(f"folder {os.path.abspath(folder)} ({len(paths)} image files{left_out})",
                   Records(paths, Image.open, lambda _, path: path), fingerprint.hexdigest(), ignored)

@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 
 from . import environment
-from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, SampleConfig, UsageError
+from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, SampleConfig, UsageError
 from .sampling import (image_grid, is_numbered_image, network_evaluations, numbered_name, open_for_sampling,
                        sample_batches, sampling_options, to_pil)
 
 logger = logging.getLogger("uncond")
 
-SETTINGS_FILE = "sample_settings.json"
+SETTINGS_FILE = SAMPLE_SETTINGS_FILE
 PARTIAL_SUFFIX = ".partial"  # an image being written; renamed to its number once whole
 GRID_SIZE = 256  # the first images tiled into --grid
 COMPARED = ("weights", "schedule", "sampler", "steps", "seed", "dtype")  # the settings a folder's images share
