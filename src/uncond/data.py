@@ -187,7 +187,8 @@ def folder_source(folder: Path) -> Source:
         stat = path.stat() if path.exists() else path.lstat()  # a broken link: skipped when decoded, and reported
         fingerprint.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         paths.append(str(path))
-    left_out = f"; uncond run and sample folders left out: {', '.join(str(p) for p in run_folders)}" if run_folders else ""
+    left_out = (f"; uncond run and sample folders left out: {', '.join(str(p) for p in run_folders)}"
+                if run_folders else "")
     # The absolute path: the description is also what `uncond cache` lists as an entry's source.
     return Source(f"folder {os.path.abspath(folder)} ({len(paths)} image files{left_out})",
                   Records(paths, Image.open, lambda _, path: path), fingerprint.hexdigest(), ignored)
