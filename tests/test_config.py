@@ -137,8 +137,12 @@ def test_a_config_file_syntax_error_says_where(tmp_path):
     (("train", "--resolution", "abc"), "uncond train: error: argument --resolution: expects int, got 'abc'"),
     (("sample", "model", "--num_images", "ten"), "uncond sample: error: argument --num_images: expects int, got 'ten'"),
     (("cache", "--remove_unused_days", "x"), "uncond cache: error: argument --remove_unused_days: expects int"),
+    (("train", "--use-ema"), "uncond train: error: unrecognized arguments: --use-ema (--use-ema: did you mean "
+                             "--use_ema?) (see uncond train --help)"),  # it named no flag, and `uncond --help`
+    (("sample", "model", "--num-images", "3"), "uncond sample: error: unrecognized arguments: --num-images 3 "
+                                               "(--num-images: did you mean --num_images?)"),
 ])
-def test_a_mistyped_number_is_one_line(capsys, argv, message):
+def test_a_mistyped_flag_or_number_is_one_line(capsys, argv, message):
     from uncond.cli import main
 
     with pytest.raises(SystemExit) as exit_info:

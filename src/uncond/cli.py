@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import logging
 import os
@@ -21,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser, which knows its flags
+        refuse_unknown(getattr(args, "parser", parser), unknown)
     setup_logging()
     try:
         return args.command(args, argv)
@@ -51,6 +54,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def refuse_unknown(parser: argparse.ArgumentParser, words: list[str]) -> None:
+    """argparse's refusal of unknown words, with the nearest flag for each mistyped one (--use-ema: --use_ema)."""
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    hints = []
+    for word in words:
+        typed = word.split("=", 1)[0]
+        if typed.startswith("--"):
+            close = difflib.get_close_matches("--" + typed[2:].replace("-", "_"), flags, n=1, cutoff=0.75)
+            hints += [f"{typed}: did you mean {close[0]}?"] if close else []
+    parser.error(f"unrecognized arguments: {' '.join(words)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="uncond", description=DESCRIPTION)
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {installed_version()}")
@@ -61,7 +76,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Train a diffusers UNet2DModel. Takes every flag of diffusers' train_unconditional.py. "
                     "With no arguments, runs the demo: a tiny model on the built-in MNIST digits.")
     add_train_arguments(train_parser)
-    train_parser.set_defaults(command=run_train)
+    train_parser.set_defaults(command=run_train, parser=train_parser)
 
     add_command(commands, "sample", run_sample, SampleConfig, "generate images from a trained model",
                 "Generate numbered PNGs from a diffusers pipeline folder (uncond's, or any DDPMPipeline or "
@@ -77,7 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
                 "run that reads them), with their size and last use; remove unused ones or all.")
 
     presets_parser = commands.add_parser("presets", help="list the UNet presets with their sizes")
-    presets_parser.set_defaults(command=run_presets)
+    presets_parser.set_defaults(command=run_presets, parser=presets_parser)
     return parser
 
 
@@ -96,7 +111,7 @@ def add_command(commands: Any, name: str, handler: Callable[[argparse.Namespace,
     """A subcommand whose flags come from `config_class`'s settings."""
     parser = commands.add_parser(name, help=help, description=description)
     add_arguments(parser, config_class)
-    parser.set_defaults(command=handler)
+    parser.set_defaults(command=handler, parser=parser)
 
 
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
@@ -170,7 +185,7 @@ def when(timestamp: float) -> str:
 
 
 def command_values(args: argparse.Namespace) -> dict:
-    return {name: value for name, value in vars(args).items() if name != "command"}
+    return {name: value for name, value in vars(args).items() if name not in ("command", "parser")}
 
 
 def run_presets(args: argparse.Namespace, argv: list[str]) -> int:
