@@ -126,6 +126,15 @@ def test_unknown_choice_is_refused_by_the_parser(capsys):
     assert "invalid choice: 'exponential'" in capsys.readouterr().err
 
 
+def test_inception_weights_must_be_a_file(tmp_path):
+    from uncond.config import check_weights_file
+
+    with pytest.raises(UsageError, match=f"^--inception_weights {tmp_path} is a folder; pass the weights file in it"):
+        check_weights_file(str(tmp_path))  # it said "no such file" of a folder that is there
+    with pytest.raises(UsageError, match="no such file"):
+        check_weights_file(str(tmp_path / "missing.pth"))
+
+
 def test_a_config_file_syntax_error_says_where(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("resolution: 32\nmodel_preset: tiny\ntrain_data_dir: [imgs\nuse_ema: true\n")

@@ -499,6 +499,9 @@ def check_numbers(config: Any) -> None:
 
 
 def check_weights_file(path: str | None) -> None:
+    if path is not None and Path(path).expanduser().is_dir():
+        raise UsageError(f"--inception_weights {path} is a folder; pass the weights file in it "
+                         "(pt_inception-2015-12-05-6726825d.pth)")
     if path is not None and not Path(path).expanduser().is_file():
         raise UsageError(f"--inception_weights {path}: no such file")
 
