@@ -206,6 +206,10 @@ def test_uncond_cache_lists_entries_and_removes_the_unused_ones(tmp_path, run_cl
     line = next(line for line in out.splitlines() if kept.folder.name in line)
     assert "6 images" in line and "16 px" in line and f"folder {folder} (6 image files)" in line
     assert f"reference statistics of uncond evaluate: {stats_folder}" in out and "cats-64px.npz" in out
+    code, _, err = run_cli("cache", "--cache_dir", cache_dir / "typo")  # it listed an empty cache
+    assert code == 2 and f"--cache_dir {cache_dir / 'typo'}: no uncond cache there" in err
+    code, _, err = run_cli("cache", "--cache_dir", cache_dir, "--remove_all", "--remove_unused_days", 30)
+    assert code == 2 and "give one of them" in err and kept.folder.exists()
 
     month_ago = time.time() - 31 * 86400
     for path in (kept.folder / "meta.json", unused.folder / "meta.json", kept_stats, unused_stats):

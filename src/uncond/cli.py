@@ -152,7 +152,12 @@ def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
     from . import cache
 
     config = build_command_config(CacheConfig, command_values(args))
+    if config.remove_all and config.remove_unused_days is not None:
+        raise UsageError("--remove_all removes every entry, --remove_unused_days only old ones; give one of them")
     root = cache.cache_root(config.cache_dir)
+    if config.cache_dir and not root.is_dir():  # a mistyped --cache_dir would list an empty cache
+        raise UsageError(f"--cache_dir {config.cache_dir}: no uncond cache there ({root} is not a folder); runs "
+                         "given --cache_dir DIR keep theirs in DIR/uncond")
     entries, stats = cache.entries(root), cache.reference_stats(root)
     print(f"decoded-image cache: {root}")
     for entry in entries:
