@@ -106,9 +106,8 @@ def verify_checkpoint(path: Path) -> None:
 
 def instead_of_damaged(path: Path) -> str:
     """What to do about damaged checkpoint `path`: go back to the newest complete one before it, if any."""
-    match = CHECKPOINT_NAME.match(path.name)
-    earlier = [name for step, name in ((s, p.name) for s, p in complete_checkpoints(path.parent))
-               if match and step < int(match.group(1))]
+    step = int(match.group(1)) if (match := CHECKPOINT_NAME.match(path.name)) else -1
+    earlier = [earlier.name for earlier_step, earlier in complete_checkpoints(path.parent) if earlier_step < step]
     if earlier:
         return f"delete {path} (or move it away) to resume from {earlier[-1]}"
     return ("no complete checkpoint comes before it: pass --overwrite_output_dir to start afresh (the run's "

@@ -10,8 +10,8 @@ import os
 import sys
 from typing import Any, Callable
 
-from .config import (CacheConfig, EvaluateConfig, RunFailed, SampleConfig, UsageError, add_arguments, size_text,
-                     add_train_arguments, build_command_config, build_config, public_argv)
+from .config import (CacheConfig, EvaluateConfig, RunFailed, SampleConfig, UsageError, add_arguments,
+                     add_train_arguments, build_command_config, build_config, public_argv, size_text)
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
 
@@ -56,7 +56,7 @@ class Parser(argparse.ArgumentParser):
 
 def refuse_unknown(parser: argparse.ArgumentParser, words: list[str]) -> None:
     """argparse's refusal of unknown words, with the nearest flag for each mistyped one (--use-ema: --use_ema)."""
-    flags = [flag for action in parser._actions for flag in action.option_strings]
+    flags = [flag for action in parser._actions for flag in action.option_strings]  # argparse keeps no public list
     hints = []
     for word in words:
         typed = word.split("=", 1)[0]

@@ -335,7 +335,7 @@ GROUP_TITLES = {  # in the order --help shows them
 }
 RUN_CONFIG_FILE = "training_config.json"  # in every run's output folder and checkpoints: it marks them
 SAMPLE_SETTINGS_FILE = "sample_settings.json"  # in every folder `uncond sample` writes: it marks them
-PREVIEWS_DIR = "samples"  # a run's preview grids, in its output folder; --overwrite_output_dir removes it
+PREVIEWS_DIR = "samples"  # a run's preview grids, in its output folder (a run artefact)
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # a run's checkpoint folders (checkpoint.py writes them)
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
