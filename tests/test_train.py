@@ -753,14 +753,22 @@ def test_a_stop_during_a_preview_gives_the_preview_up(run_cli, color_folder, tin
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(sampling, "generate", signalled_during)
-    out = tmp_path / "run"
-    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "9",
-                                            "--save_images_epochs", "1", "--logging_steps", "5"))
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    args = ("--max_train_steps", "9", "--save_images_epochs", "1", "--logging_steps", "5")
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *args))
     assert code == 0, err
     assert "the sample grid of step 3 is left out: the run is stopping" in err
     assert "stopped by SIGTERM at step 3" in err and checkpoints(out) == {"checkpoint-3"}
-    assert metric_steps(out) == [3]  # the losses of steps 1-3, between log lines, were lost with the stop
     assert not (out / "samples").exists() or not list((out / "samples").iterdir())
+    # the losses of steps 1-3, between log lines, go on in the checkpoint: the resumed run's log lines are the
+    # uninterrupted run's (they were lost, then logged apart)
+    monkeypatch.setattr(sampling, "generate", generate)
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, *args))[0] == 0
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, straight, *args))[0] == 0
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").open())}
+              for folder in (out, straight)]
+    assert losses[0].keys() == losses[1].keys() == {5, 9}
+    assert all(abs(losses[0][step] - losses[1][step]) < 1e-6 for step in (5, 9)), losses
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused(run_cli, color_folder, tiny_unet, tmp_path):

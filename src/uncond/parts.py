@@ -238,6 +238,9 @@ class Position:
     images_seen: int
     epoch_offset: int  # see Run.epoch_offset
     note: str = ""  # said in the log when the checkpoint was written with another global batch
+    # The running means of the steps since the last log line, so that the resumed run logs what the
+    # uninterrupted one would have (None for checkpoints without them)
+    log_window: dict[str, Any] | None = None
 
 
 def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
@@ -258,7 +261,8 @@ def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, globa
                 f"going on with {num_processes} process(es) and a global batch of {global_batch_size} after the "
                 f"{images_into_epoch} images already seen in epoch {epoch}")
     return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
-                    epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note)
+                    epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note,
+                    log_window=state.get("log_window"))
 
 
 def resume(run: Run, path: Path) -> None:
@@ -279,6 +283,9 @@ def resume(run: Run, path: Path) -> None:
         logger.info(position.note)
     run.step, run.epoch, run.images_seen = position.step, position.epoch, position.images_seen
     run.epoch_offset, run.checkpointed_step = position.epoch_offset, position.step
+    if position.log_window:
+        run.running_loss.restore(position.log_window["loss"], run.accelerator.device)
+        run.running_grad_norm.restore(position.log_window["grad_norm"], run.accelerator.device)
 
 
 def drop_replaced_run(run: Run) -> None:

@@ -30,6 +30,15 @@ class RunningMean:
         self.total = value.clone() if self.total is None else self.total.add_(value)
         self.count += 1
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of it (a host synchronisation), for `restore`."""
+        return {"total": None if self.total is None else self.total.item(), "count": self.count}
+
+    def restore(self, state: dict[str, Any], device: torch.device) -> None:
+        total = state.get("total")
+        self.total = None if total is None else torch.tensor(total, dtype=torch.float32, device=device)
+        self.count = state.get("count", 0)
+
     def pop(self) -> torch.Tensor | None:
         if self.total is None:
             return None

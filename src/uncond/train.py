@@ -218,7 +218,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 if run.step == run.max_train_steps:
                     break  # a stop asked for now is met by the end of the run (its export and checkpoint)
                 if stop_requested(run, stop):
-                    return stopped(run, progress)
+                    return stopped(run)
             else:
                 ends_epoch = True  # every batch of the epoch was used (or none was left after a resume)
             exported_at = end_epoch(run, complete=ends_epoch) or exported_at
@@ -227,7 +227,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 # make the preview and export again.
                 checkpoint_unless_written(run)
             if run.step < run.max_train_steps and stop_requested(run, stop):
-                return stopped(run, progress)  # a signal during the epoch's preview: no step after it
+                return stopped(run)  # a signal during the epoch's preview: no step after it
     if exported_at != run.step:  # resumed at the very end
         with averaged_unet(run) as unet:
             if unet is not None:
@@ -284,11 +284,9 @@ def stop_requested(run: Run, stop: StopSignal) -> bool:
     return run.stop_agreement(stop.received is not None)
 
 
-def stopped(run: Run, progress: tqdm) -> bool:
-    """Stop at this step boundary: the losses since the last log line logged (the resumed run logs from the
-    next step on), and a checkpoint of it."""
-    if run.last_log[1] < run.step:
-        log_metrics(run, progress)
+def stopped(run: Run) -> bool:
+    """Stop at this step boundary, with a checkpoint of it (which keeps the losses since the last log line:
+    the resumed run logs them with its next line, as the uninterrupted run would have)."""
     checkpoint_unless_written(run)
     return False
 
@@ -413,10 +411,16 @@ def diverged(run: Run, what: str) -> RunFailed:
 @off_the_clock
 def save_checkpoint(run: Run) -> None:
     """A checkpoint of the state after run.step, never of a diverged one."""
-    pending = run.running_loss.total
-    if pending is not None and not is_finite(run.accelerator.reduce(pending.clone(), reduction="sum")):
-        raise diverged(run, f"the loss became non-finite before step {run.step}")
-    path = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step, training_state(run), run.config,
+    loss = run.running_loss.state()
+    if loss["total"] is not None:
+        summed = run.accelerator.reduce(run.running_loss.total.clone(), reduction="sum")
+        if not is_finite(summed):
+            raise diverged(run, f"the loss became non-finite before step {run.step}")
+        # Each process goes on from the mean of their sums: the mean its log line takes is then the same.
+        loss["total"] = summed.item() / run.accelerator.num_processes
+    window = {"loss": loss, "grad_norm": run.running_grad_norm.state()}  # the grad norm is the same everywhere
+    path = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step,
+                                      {**training_state(run), "log_window": window}, run.config,
                                       run.config.checkpoints_total_limit)
     run.checkpointed_step = run.step
     logger.info(f"saved {path}")
