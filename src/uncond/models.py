@@ -121,12 +121,14 @@ def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[st
     return {**defaults, **given}
 
 
-def unet_config_for(config: TrainConfig, resolution: int) -> dict[str, Any]:
-    """The UNet config this run trains, before the channel count is known (channels are set later)."""
+def unet_config_for(config: TrainConfig, resolution: int, loaded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The UNet config this run trains, before the channel count is known (channels are set later). `loaded`:
+    --model_config_name_or_path's config when the caller has read it already."""
     if config.model_config_name_or_path and config.model_preset:
         raise UsageError("give either --model_preset or --model_config_name_or_path, not both")
     if config.model_config_name_or_path:
-        unet_config = load_unet_config(config.model_config_name_or_path, config.cache_dir)
+        unet_config = dict(loaded) if loaded is not None else load_unet_config(config.model_config_name_or_path,
+                                                                               config.cache_dir)
     else:
         unet_config = dict(preset_named(config.model_preset or "seed").unet)
     unet_config["sample_size"] = resolution

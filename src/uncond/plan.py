@@ -43,10 +43,13 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     """Every check that needs no decoding and no model weights. Raises UsageError with one clear line."""
     if config.model_preset and "resolution" not in explicit:
         config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
-    if config.model_config_name_or_path and "resolution" not in explicit:
+    model_config = None  # --model_config_name_or_path's, read once (from the Hub, perhaps)
+    if config.model_config_name_or_path and not config.model_preset:
+        model_config = models.load_unet_config(config.model_config_name_or_path, config.cache_dir)
+    if model_config is not None and "resolution" not in explicit:
         # As a preset's: the model is trained at the size it was made for (the seed script trained a 32 px config
         # on 64 px images, and its pipeline then generated at 32 px)
-        size = models.load_unet_config(config.model_config_name_or_path, config.cache_dir).get("sample_size")
+        size = model_config.get("sample_size")
         if isinstance(size, int) and size != config.resolution:
             logger.info(f"--resolution {size}: the sample_size of --model_config_name_or_path "
                         f"{config.model_config_name_or_path} (give --resolution to train at another size)")
@@ -73,7 +76,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     preview_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
     sampling.check_sampler_fits(config.sampler, dict(models.build_noise_scheduler(config).config), preview_steps,
                                 "--ddpm_num_inference_steps" if config.sampler == "ddpm" else "--sample_steps")
-    unet_config = models.unet_config_for(config, config.resolution)
+    unet_config = models.unet_config_for(config, config.resolution, model_config)
     channels_from_model_config = None
     if config.model_config_name_or_path:
         channels_from_model_config = int(unet_config.get("in_channels", 3))

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -48,18 +48,11 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     check_processes(plan, accelerator)
     plan.config = settle_seed(plan, accelerator)
     config = plan.config
-    refusal = None
-    if accelerator.is_main_process:
-        try:
-            prepare_output_dir(plan, output_dir)
-            init_trackers(config, accelerator, output_dir)  # before the data: a tracker that cannot start says so
-        except UsageError as error:
-            refusal = str(error)
-    if accelerator.num_processes > 1:  # the other processes would otherwise wait for the main one forever
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal:
-        raise UsageError(refusal)
-    repo_id = create_hub_repository(config, accelerator)
+    # Before the data: a folder that cannot be used, or a tracker that cannot start, says so at once.
+    on_main_process(accelerator, lambda: (prepare_output_dir(plan, output_dir),
+                                          init_trackers(config, accelerator, output_dir)))
+    # --push_to_hub: the repository is created before any heavy work (offline, not logged in, no write access)
+    repo_id = on_main_process(accelerator, lambda: hub.create_repository(config)) if config.push_to_hub else None
 
     run = build_run(plan, accelerator)
     run.repo_id = repo_id
@@ -128,15 +121,13 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> None:
     config.save(output_dir / RUN_CONFIG_FILE)
 
 
-def create_hub_repository(config: TrainConfig, accelerator: Accelerator) -> str | None:
-    """--push_to_hub: the main process creates the repository before any heavy work, and every process
-    stops with its error if it cannot (offline, not logged in, no write access)."""
-    if not config.push_to_hub:
-        return None
-    outcome: list[str | None] = [None, None]  # repository id, error
+def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None:
+    """`work` on the main process; its result, or its UsageError, reaches every process (the others would
+    otherwise wait for the main one forever)."""
+    outcome: list[Any] = [None, None]  # result, refusal
     if accelerator.is_main_process:
         try:
-            outcome[0] = hub.create_repository(config)
+            outcome[0] = work()
         except UsageError as error:
             outcome[1] = str(error)
     if accelerator.num_processes > 1:
@@ -357,10 +348,6 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
     return total_loss / len(micro_batches)
 
 
-def is_finite(*values: torch.Tensor | None) -> bool:
-    return all(bool(torch.isfinite(value).all()) for value in values if value is not None)
-
-
 def everywhere_finite(run: Run, *values: torch.Tensor | None) -> bool:
     """Whether every process saw finite values: all of them must skip a step together. A host sync and a
     collective per step, which is what --skip_nonfinite costs."""
@@ -411,13 +398,13 @@ def diverged(run: Run, what: str) -> RunFailed:
 @off_the_clock
 def save_checkpoint(run: Run) -> None:
     """A checkpoint of the state after run.step, never of a diverged one."""
-    loss = run.running_loss.state()
-    if loss["total"] is not None:
-        summed = run.accelerator.reduce(run.running_loss.total.clone(), reduction="sum")
-        if not is_finite(summed):
+    loss = {"total": None, "count": run.running_loss.count}
+    if run.running_loss.total is not None:
+        summed = run.accelerator.reduce(run.running_loss.total.clone(), reduction="sum").item()
+        if not math.isfinite(summed):
             raise diverged(run, f"the loss became non-finite before step {run.step}")
         # Each process goes on from the mean of their sums: the mean its log line takes is then the same.
-        loss["total"] = summed.item() / run.accelerator.num_processes
+        loss["total"] = summed / run.accelerator.num_processes
     window = {"loss": loss, "grad_norm": run.running_grad_norm.state()}  # the grad norm is the same everywhere
     path = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step,
                                       {**training_state(run), "log_window": window}, run.config,
