@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from uncond.tracking import plot_metrics
+from uncond.tracking import metrics_figure, plot_metrics
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's tab:blue (loss) and tab:orange (learning rate)
 
@@ -20,3 +20,31 @@ def test_a_single_logged_point_is_drawn(tmp_path):
     image = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))
     left_of_the_legend = image[:, : int(image.shape[1] * 0.7)]  # the legend (upper right) shows the colours anyway
     assert pixels_of(left_of_the_legend, BLUE) > 10 and pixels_of(image, ORANGE) > 10
+
+
+def test_a_few_logged_points_are_drawn_as_they_are(tmp_path):
+    """Two log lines drew a flat 'smoothed' line at their mean over the real curve: a falling loss looked flat."""
+    records = [{"step": 1, "loss": 1.12, "lr": 1e-4}, {"step": 2, "loss": 1.05, "lr": 1e-4}]
+    figure = metrics_figure(records)
+    loss_axis = figure.axes[0]
+    assert [list(line.get_ydata()) for line in loss_axis.get_lines()] == [[1.12, 1.05]]
+
+
+def test_loss_ticks_read_as_plain_numbers_and_steps_as_whole_numbers():
+    """A loss between 1.05 and 1.12 was labelled 1.08x10^0 on its log axis, and two steps had a tick at 1.5."""
+    records = [{"step": 1, "loss": 1.12, "lr": 1e-4}, {"step": 2, "loss": 1.05, "lr": 1e-4}]
+    figure = metrics_figure(records)
+    figure.canvas.draw()
+    loss_axis, lr_axis = figure.axes[0], figure.axes[1]
+    labels = [t.get_text() for t in loss_axis.get_yticklabels(minor=True) + loss_axis.get_yticklabels()]
+    labels = [text for text in labels if text]
+    values = [float(text) for text in labels]  # "1.08": mathtext ("$1.08\\times10^{0}$") does not parse
+    assert sum(1.04 < value < 1.13 for value in values) >= 3, labels
+    steps = [float(t.get_text().replace("\u2212", "-")) for t in lr_axis.get_xticklabels() if t.get_text()]
+    assert steps and all(step == int(step) for step in steps), steps
+
+
+def test_a_long_run_draws_its_loss_smoothed_too():
+    records = [{"step": i, "loss": 1.0 / (1 + i), "lr": 1e-4} for i in range(100)]
+    loss_axis = metrics_figure(records).axes[0]
+    assert [line.get_label() for line in loss_axis.get_lines()] == ["loss", "loss (smoothed)"]

@@ -93,16 +93,40 @@ def smooth(values: list[float], half_width: int | None = None) -> list[float]:
     return smoothed
 
 
+def plain_log_formatter(ticker: Any) -> Any:
+    """A log axis's tick labels as plain numbers (0.07, 1.12), not matplotlib's 7x10^-2: a loss is read as a
+    number. matplotlib's own formatter still chooses which ticks get a label, so the minor ones don't crowd."""
+
+    class PlainLogFormatter(ticker.LogFormatter):
+        def __call__(self, value: float, position: Any = None) -> str:
+            return f"{value:.3g}" if super().__call__(value, position) else ""
+
+    return PlainLogFormatter(labelOnlyBase=False)
+
+
 def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:
-    """Loss (raw and smoothed, log scale), learning rate and, when evaluated, FID against the step, as a PNG.
-    False if no data."""
+    """Write `metrics_figure` as a PNG. False if there is no loss to draw."""
+    figure = metrics_figure(records)
+    if figure is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def metrics_figure(records: list[dict[str, Any]]) -> Any:
+    """Loss (raw and smoothed, log scale), learning rate and, when evaluated, FID against the step: a matplotlib
+    figure, or None if no loss was logged."""
     points = [r for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
     if not points:
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     evaluations = [r for r in records if isinstance(r.get("fid"), (int, float))]
     heights = [3, 1] + ([2] if evaluations else [])
@@ -111,18 +135,27 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:
     loss_axis, lr_axis = axes[0], axes[1]
     steps = [r["step"] for r in points]
     losses = [r["loss"] for r in points]
-    marker = {"marker": "o", "markersize": 4} if len(points) <= FEW_POINTS else {}
-    loss_axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss", **marker)
-    if min(losses) > 0:  # smoothed in log space, as it is drawn: early large losses do not drag the curve
+    logarithmic = min(losses) > 0
+    if logarithmic:
         loss_axis.set_yscale("log")
-        smoothed = [math.exp(v) for v in smooth([math.log(loss) for loss in losses])]
+        loss_axis.yaxis.set_major_formatter(plain_log_formatter(ticker))
+        loss_axis.yaxis.set_minor_formatter(plain_log_formatter(ticker))
+    few = len(points) <= FEW_POINTS
+    marker = {"marker": "o", "markersize": 4} if few else {}
+    if few:  # drawn as they are: averaging a few points flattens the curve they make
+        loss_axis.plot(steps, losses, color="tab:blue", linewidth=2, label="loss", **marker)
     else:
-        smoothed = smooth(losses)
-    loss_axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label="loss (smoothed)", **marker)
+        loss_axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+        if logarithmic:  # smoothed in log space, as it is drawn: early large losses do not drag the curve
+            smoothed = [math.exp(v) for v in smooth([math.log(loss) for loss in losses])]
+        else:
+            smoothed = smooth(losses)
+        loss_axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label="loss (smoothed)")
     loss_axis.set_ylabel("training loss")
     loss_axis.legend(loc="upper right")
     lr_axis.plot(steps, [r.get("lr", float("nan")) for r in points], color="tab:orange", **marker)
     lr_axis.set_ylabel("learning rate")
+    lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))  # 1.0 under "1e-4", not 0.000100
     if evaluations:
         axes[2].plot([r["step"] for r in evaluations], [r["fid"] for r in evaluations], color="tab:green",
                      marker="o")
@@ -130,7 +163,6 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:
     for axis in axes:
         axis.grid(alpha=0.3)
     axes[-1].set_xlabel("optimizer step")
+    axes[-1].xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # steps are whole: no tick at 1.5
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return True
+    return figure
