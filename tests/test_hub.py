@@ -130,6 +130,7 @@ def test_model_card_describes_the_run(run_cli, color_folder, tiny_unet, tmp_path
                  "uncond train --train_data_dir"):
         assert fact in card.text, fact
     assert "--seed 7" in card.text and "Reproduce with:" in card.text
+    assert "Every resolved setting, the seed included, is in `training_config.json`" in card.text
     # resumed with other settings: each command is in the card, with the steps it trained
     args = fast_train_args(color_folder, tiny_unet, out, "--seed", "7", "--checkpointing_steps", "2")
     assert run_cli(*args, "--max_train_steps", "2", "--overwrite_output_dir")[0] == 0
@@ -140,6 +141,7 @@ def test_model_card_describes_the_run(run_cli, color_folder, tiny_unet, tmp_path
     first, second = text.split("- steps 0 to 2:")[1].split("- steps 2 to 6:")
     assert "--max_train_steps 2 --overwrite_output_dir" in first and "--learning_rate" not in first
     assert "--max_train_steps 6 --learning_rate 5e-5" in second and "steps 6 to" not in second
+    assert "Every resolved setting of the last turn" in second  # training_config.json is the last turn's
 
 
 def test_model_card_usage_code_samples_as_uncond_does(run_cli, color_folder, tiny_unet, tmp_path):

@@ -190,9 +190,7 @@ for {details['steps']} optimizer steps ({details['images_seen']} images seen).
 | setting | value |
 |---|---|
 {metrics}
-{details['reproduce']}
-Every resolved setting, the seed included, is in `training_config.json`.
-"""
+{details['reproduce']}"""
     path = output_dir / CARD_FILE
     ModelCard(content).save(path)
     return path
