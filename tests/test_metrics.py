@@ -205,7 +205,11 @@ def test_inception_weights_are_read_without_running_code(tmp_path):
 
     path = tmp_path / "evil.pth"
     path.write_bytes(pickle.dumps({"weight": Payload()}, protocol=2))
-    with pytest.raises(UsageError, match="is not a PyTorch weights file"):
+    with pytest.raises(UsageError, match="is not a PyTorch weights file") as refused:
+        metrics.inception_extractor(str(path), torch.device("cpu"))
+    assert "weights_only" not in str(refused.value)  # torch's advice to unpickle it in full is not passed on
+    path.write_bytes(b"hello\n")  # torch's reason for this one was a bare "101"
+    with pytest.raises(UsageError, match=r"damaged, another format, or pickled objects.*the FID weights are"):
         metrics.inception_extractor(str(path), torch.device("cpu"))
     torch.save({"unrelated": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(UsageError, match="does not hold the FID InceptionV3 weights"):

@@ -96,9 +96,11 @@ def inception_extractor(weights: str | None, device: torch.device) -> FeatureExt
     module = torch_fidelity_inception()
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - not a weights file, truncated, or pickled code: refused
-        raise UsageError(f"{path} is not a PyTorch weights file ({first_line(error)}); the FID weights are "
-                         f"{INCEPTION_URL}") from None
+    except Exception:  # noqa: BLE001 - not a weights file, truncated, or pickled code: refused
+        # torch's own reasons are no help here: a bare key from the unpickler, or advice to load with
+        # weights_only=False, which would run whatever code the file holds.
+        raise UsageError(f"{path} is not a PyTorch weights file uncond can read (damaged, another format, or "
+                         f"pickled objects, which are never unpickled); the FID weights are {INCEPTION_URL}") from None
     # torch-fidelity's constructor reads its weights itself: with torch.hub from its URL, or a given file
     # unpickled in full. Handing it the state dict read above with weights_only=True means a weights file
     # can never run code.
