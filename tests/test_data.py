@@ -301,7 +301,15 @@ def test_a_file_named_as_a_dataset_is_not_looked_up_on_the_hub(tmp_path, monkeyp
 
 def test_folder_without_images_is_refused(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
-    with pytest.raises(UsageError, match="holds no image files"):
+    with pytest.raises(UsageError, match=r"holds no image files \(.*png.*\)$"):
+        check_source(TrainConfig(train_data_dir=str(tmp_path)))
+
+
+def test_folder_whose_images_are_all_hidden_says_where_they_are(tmp_path):
+    """Its only images in a hidden folder, it said "holds no image files": the folder seemed misread."""
+    (tmp_path / ".thumbnails").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / ".thumbnails" / "a.png")
+    with pytest.raises(UsageError, match=r"outside hidden files and folders .* \(1 there, such as .*a\.png\)"):
         check_source(TrainConfig(train_data_dir=str(tmp_path)))
 
 

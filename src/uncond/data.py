@@ -110,8 +110,16 @@ def check_source(config: TrainConfig) -> None:
     if not folder.is_dir():
         raise UsageError(f"--train_data_dir {folder}: no such folder")
     if next(iter_image_files(folder), None) is None:
-        raise UsageError(f"--train_data_dir {folder} holds no image files "
-                         f"({', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))})")
+        kinds = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+        # Said, rather than "no image files", when there are some the walk leaves out: otherwise the folder
+        # seems to be misread.
+        left_out = [Path(root) / name for root, _, files in os.walk(folder) for name in files
+                    if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+        if left_out:
+            raise UsageError(f"--train_data_dir {folder} holds no image files ({kinds}) outside hidden files and "
+                             f"folders and uncond's run and sample folders, which are left out ({len(left_out)} "
+                             f"there, such as {left_out[0]}); move the images out of them")
+        raise UsageError(f"--train_data_dir {folder} holds no image files ({kinds})")
 
 
 def looks_like_local_path(name: str) -> bool:
