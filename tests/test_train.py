@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -769,6 +771,11 @@ def test_a_stop_during_a_preview_gives_the_preview_up(run_cli, color_folder, tin
               for folder in (out, straight)]
     assert losses[0].keys() == losses[1].keys() == {5, 9}
     assert all(abs(losses[0][step] - losses[1][step]) < 1e-6 for step in (5, 9)), losses
+    # and the grid given up is made by the resume: the grids are the uninterrupted run's (step 3's was missing)
+    grids = [sorted(path.name for path in (folder / "samples").iterdir()) for folder in (out, straight)]
+    assert grids[0] == grids[1] and "step-0000003.png" in grids[0], grids
+    assert np.array_equal(*(np.asarray(Image.open(folder / "samples" / "step-0000003.png"))
+                            for folder in (out, straight)))
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused(run_cli, color_folder, tiny_unet, tmp_path):

@@ -70,6 +70,7 @@ class Run:
     feature_extractor: metrics.FeatureExtractor | None = None  # for --eval_every_steps; None: no evaluation
     best_fid: float = math.inf
     stop: StopSignal | None = None  # while training: a preview under way gives up when a stop is asked for
+    preview_owed: bool = False  # this step's sample grid was given up by a stop: the resumed run makes it
     stop_agreement: StopAgreement | None = None  # with several processes
 
     @property
@@ -241,6 +242,7 @@ class Position:
     # The running means of the steps since the last log line, so that the resumed run logs what the
     # uninterrupted one would have (None for checkpoints without them)
     log_window: dict[str, Any] | None = None
+    preview_owed: bool = False  # see Run.preview_owed
 
 
 def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
@@ -262,7 +264,7 @@ def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, globa
                 f"{images_into_epoch} images already seen in epoch {epoch}")
     return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
                     epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note,
-                    log_window=state.get("log_window"))
+                    log_window=state.get("log_window"), preview_owed=state.get("preview_owed", False))
 
 
 def resume(run: Run, path: Path) -> None:
@@ -283,6 +285,7 @@ def resume(run: Run, path: Path) -> None:
         logger.info(position.note)
     run.step, run.epoch, run.images_seen = position.step, position.epoch, position.images_seen
     run.epoch_offset, run.checkpointed_step = position.epoch_offset, position.step
+    run.preview_owed = position.preview_owed
     if position.log_window:
         run.running_loss.restore(position.log_window["loss"], run.accelerator.device)
         run.running_grad_norm.restore(position.log_window["grad_norm"], run.accelerator.device)
@@ -303,7 +306,7 @@ def training_state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
             "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
             "global_batch_size": run.global_batch_size, "fsdp": sharding.is_sharded(run.unwrapped_unet),
-            "commands": run.commands,
+            "commands": run.commands, "preview_owed": run.preview_owed,
             **({"data_order": run.batches.order.seeding} if isinstance(run.batches, data.CachedBatches) else {})}
 
 

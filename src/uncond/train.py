@@ -186,6 +186,10 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
         logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
                     "raise --max_train_steps or --num_epochs to train it further")
         return True
+    if run.preview_owed:
+        make_owed_preview(run)
+        if stop_requested(run, stop):
+            return stopped(run)
     run.last_log = (time.perf_counter(), run.step)
     exported_at = None
     with tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
@@ -225,6 +229,14 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 export(run, unet)
     checkpoint_unless_written(run)  # the end too: a re-run with a larger --max_train_steps goes on from here exactly
     return True
+
+
+def make_owed_preview(run: Run) -> None:
+    """The sample grid that the stop ending the previous run gave up (of the step resumed from, so the grids
+    are the uninterrupted run's)."""
+    with averaged_unet(run) as unet:
+        if unet is not None:
+            save_sample_grid(run, unet)
 
 
 def already_complete(run: Run) -> bool:
