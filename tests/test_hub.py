@@ -172,13 +172,24 @@ def test_model_card_usage_code_samples_as_uncond_does(run_cli, color_folder, tin
     assert np.asarray(namespace["images"][0]).shape == (16, 16, 3)
 
 
-def test_reproduce_command_names_the_launcher_and_the_random_seed():
-    from uncond.outputs import reproduce_command
+def test_reproduce_command_names_the_launcher_and_the_random_seed(monkeypatch):
+    from uncond.outputs import Launch, reproduce_command
 
-    assert reproduce_command(["train", "--train_data_dir", "my cats"], 1, None) == \
+    assert reproduce_command(["train", "--train_data_dir", "my cats"], Launch(), None) == \
         "uncond train --train_data_dir 'my cats'"
-    assert reproduce_command(["train", "--use_ema"], 2, 1234) == \
+    assert reproduce_command(["train", "--use_ema"], Launch(2), 1234) == \
         "accelerate launch --multi_gpu --num_processes 2 -m uncond train --use_ema --seed 1234"
+    # Two machines of 4 processes, as torchrun (under accelerate launch) describes them: the command named
+    # 8 processes on one machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29501")
+    assert reproduce_command(["train"], Launch.of_this_run(8, sharded=False), None) == (
+        "accelerate launch --multi_gpu --num_machines 2 --machine_rank $MACHINE_RANK --main_process_ip 10.0.0.1 "
+        "--main_process_port 29501 --num_processes 8 -m uncond train")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert Launch.of_this_run(2, sharded=True).launcher() == \
+        "accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 2 -m uncond"
 
 
 def test_trackers_never_see_the_token_on_the_command_line(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,18 +91,41 @@ def hub_dataset_id(config: TrainConfig) -> str | None:
     return name
 
 
-def reproduce_command(argv: list[str], num_processes: int, chosen_seed: int | None, sharded: bool = False) -> str:
+@dataclass(frozen=True)
+class Launch:
+    """How the run's processes were started, for the commands that repeat it."""
+    num_processes: int = 1
+    sharded: bool = False
+    num_machines: int = 1
+    main_process: tuple[str, str] | None = None  # the main process's address and port, with several machines
+
+    @classmethod
+    def of_this_run(cls, num_processes: int, sharded: bool) -> Launch:
+        """As the launcher (torchrun, or accelerate launch through it) describes it in the environment."""
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+        num_machines = max(1, num_processes // max(1, per_machine))
+        address = (os.environ.get("MASTER_ADDR", "MAIN_IP"), os.environ.get("MASTER_PORT", "29500"))
+        return cls(num_processes, sharded, num_machines, address if num_machines > 1 else None)
+
+    def launcher(self) -> str:
+        if self.num_processes == 1 and not self.sharded:
+            return "uncond"
+        kind = f"--config_file {FSDP_CONFIG}" if self.sharded else "--multi_gpu"
+        machines = ""
+        if self.num_machines > 1:  # the same command on every machine, each with its rank in MACHINE_RANK
+            address, port = self.main_process or ("MAIN_IP", "29500")
+            machines = (f" --num_machines {self.num_machines} --machine_rank $MACHINE_RANK "
+                        f"--main_process_ip {address} --main_process_port {port}")
+        return f"accelerate launch {kind}{machines} --num_processes {self.num_processes} -m uncond"
+
+
+def reproduce_command(argv: list[str], launch: Launch, chosen_seed: int | None) -> str:
     """The command line of this run (`argv` with the token already masked by config.public_argv), with the
     launcher for several processes, and the seed when it was chosen at random."""
     words = list(argv)
     if chosen_seed is not None:
         words += ["--seed", str(chosen_seed)]
-    launcher = "uncond"
-    if sharded:
-        launcher = f"accelerate launch --config_file {FSDP_CONFIG} --num_processes {num_processes} -m uncond"
-    elif num_processes > 1:
-        launcher = f"accelerate launch --multi_gpu --num_processes {num_processes} -m uncond"
-    return launcher + " " + " ".join(shlex.quote(word) for word in words)
+    return launch.launcher() + " " + " ".join(shlex.quote(word) for word in words)
 
 
 def commands_so_far(state: dict[str, Any], step: int, command: str) -> list[dict[str, Any]]:

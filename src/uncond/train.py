@@ -20,8 +20,8 @@ from . import checkpoint, data, environment, hub, models, sharding, tracking
 from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line, public_argv
 from .objective import training_loss
 from .monitoring import REFERENCE_STATS_FILE, evaluate, open_feature_extractor, save_sample_grid
-from .outputs import (BEST_DIR, commands_so_far, export, names_a_checkpoint, reproduce_command, resuming_latest,
-                      tracker_config)
+from .outputs import (BEST_DIR, Launch, commands_so_far, export, names_a_checkpoint, reproduce_command,
+                      resuming_latest, tracker_config)
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
                     off_the_clock, resume, training_state)
 from .plan import Plan, check_processes, dry_run, plan_run
@@ -59,10 +59,12 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     argv = public_argv(sys.argv[1:] if command is None else command, config)
     if os.environ.get("ACCELERATE_MIXED_PRECISION") and "mixed_precision" not in explicit:
         argv += ["--mixed_precision", config.mixed_precision]  # the launcher's (plan_run), said in the commands
-    launch = (accelerator.num_processes, None if "seed" in explicit else config.seed)
-    sharded = sharding.is_sharded(run.unwrapped_unet)
-    command = reproduce_command(argv, *launch, sharded=sharded)
-    run.resume_command = reproduce_command(resuming_latest(argv, config), *launch, sharded=sharded)
+    launch = Launch.of_this_run(accelerator.num_processes, sharding.is_sharded(run.unwrapped_unet))
+    chosen_seed = None if "seed" in explicit else config.seed
+    command = reproduce_command(argv, launch, chosen_seed)
+    run.resume_command = reproduce_command(resuming_latest(argv, config), launch, chosen_seed)
+    if launch.num_machines > 1:
+        run.resume_command = f"{run.resume_command} (on every machine, its rank in MACHINE_RANK)"
     if plan.resume_from is not None:
         logger.info(plan.resume_message)
         resume(run, plan.resume_from)
