@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from uncond import data
+from uncond import data, decoding, sources
 from uncond.config import TrainConfig
 
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
@@ -101,7 +101,7 @@ class SeedAugmentations:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = self.resolution
-        image = image.resize(data.resized_size(*image.size, size), Image.BILINEAR)  # torchvision's size rule
+        image = image.resize(decoding.resized_size(*image.size, size), Image.BILINEAR)  # torchvision's size rule
         top = int(torch.randint(0, image.height - size + 1, size=(1,)))
         left = int(torch.randint(0, image.width - size + 1, size=(1,)))
         image = image.crop((left, top, left + size, top + size))
@@ -135,7 +135,7 @@ def ours_images_per_second(folder: Path, resolution: int, cache_dir: str, min_se
     """(cold: decoding into the cache, warm: batches from it, repeated for at least `min_seconds`)."""
     config = TrainConfig(train_data_dir=str(folder), resolution=resolution, random_flip=True,
                          train_batch_size=BATCH_SIZE, cache_dir=cache_dir, seed=0)
-    source = data.open_source(config)
+    source = sources.open_source(config)
     started = time.perf_counter()
     cache = data.load_images(source, config, progress=False)
     cold = len(cache) / (time.perf_counter() - started)

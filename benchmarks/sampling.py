@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from uncond import data, metrics, sampling
+from uncond import data, metrics, sampling, sources
 from uncond.config import SAMPLER_NAMES
 
 
@@ -72,7 +72,7 @@ def demo_model(work_dir: Path, train_steps: int) -> Path:
 
 def labelled_digits() -> tuple[np.ndarray, np.ndarray]:
     """The demo's 5,000 MNIST digits (uint8, N x 28 x 28) with their labels."""
-    with gzip.open(data.mnist_file(), "rt") as file:
+    with gzip.open(sources.mnist_file(), "rt") as file:
         table = np.loadtxt(file, delimiter=",", dtype=np.float32)
     return table[:, :-1].reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8), table[:, -1].astype(np.int64)
 

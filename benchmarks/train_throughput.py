@@ -60,7 +60,7 @@ def prepare_data(kind: str, folder: Path, count: int = 512) -> Path:
 
     if kind == "mnist":
         from uncond.config import TrainConfig
-        from uncond.data import open_source
+        from uncond.sources import open_source
 
         for i, record in enumerate(open_source(TrainConfig(dataset_name="builtin:mnist")).records):
             record.open().save(folder / f"{i:05d}.png")

@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from conftest import MESSY_SKIPPED, MESSY_USED, write_images, write_messy_folder
-from uncond import data, metrics
+from uncond import data, decoding, metrics, sources
 from uncond.cache import CacheWriter, ImageCache
 from uncond.config import RunFailed, TrainConfig, UsageError
-from uncond.data import (Augmentation, CachedBatches, Order, Record, check_source, decode_image, decode_records,
-                         iter_image_files, load_images, open_source, resized_size)
+from uncond.data import Augmentation, CachedBatches, Order, load_images
+from uncond.decoding import decode_image, decode_records, resized_size
+from uncond.sources import Record, check_source, iter_image_files, open_source
 
 
 def decode(image: Image.Image, resolution: int = 8, preserve: bool = False):
@@ -142,7 +143,7 @@ def test_a_storage_fault_stops_the_build_instead_of_skipping_the_image_for_good(
             raise OSError(errno.EIO, os.strerror(errno.EIO), path)
         return Image.open(path)
 
-    flaky = dataclasses.replace(source, records=data.Records(source.records.items, flaky_disk, source.records.name))
+    flaky = dataclasses.replace(source, records=sources.Records(source.records.items, flaky_disk, source.records.name))
     with pytest.raises(RunFailed, match="Input/output error.*a fault of the storage or the machine"):
         load_images(flaky, config, progress=False)
     assert len(load_images(source, config, progress=False)) == 4  # nothing half-built or skipped was kept
@@ -175,7 +176,7 @@ def test_a_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     first = load(config)
     assert first.built_now and first.folder.parent == tmp_path / "cache" / "uncond"
     decodes = []
-    monkeypatch.setattr(data, "decode_image", lambda *args: decodes.append(1) or decode_image(*args))
+    monkeypatch.setattr(decoding, "decode_image", lambda *args: decodes.append(1) or decode_image(*args))
     second = load(config)
     assert not second.built_now and decodes == [] and second.folder == first.folder
     assert all(np.array_equal(first.image(i), second.image(i)) for i in range(6))
@@ -296,7 +297,7 @@ def test_a_file_named_as_a_dataset_is_not_looked_up_on_the_hub(tmp_path, monkeyp
     with pytest.raises(UsageError, match="^--dataset_name notes.txt is a file; pass a folder"):
         check_source(TrainConfig(dataset_name="notes.txt"))  # it waited for the Hub, then blamed the network
     with pytest.raises(UsageError, match="^--reference notes.txt is a file; pass a folder"):
-        data.open_named_source("notes.txt", "--reference")
+        sources.open_named_source("notes.txt", "--reference")
 
 
 def test_folder_without_images_is_refused(tmp_path):

@@ -398,7 +398,7 @@ def test_evaluate_compares_a_model_at_another_resolution(run_cli, stand_in_incep
 
 
 def write_digits(folder: Path, count: int) -> Path:
-    from uncond.data import builtin_mnist
+    from uncond.sources import builtin_mnist
 
     folder.mkdir()
     records = builtin_mnist().records

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import MESSY_SKIPPED, MESSY_USED, TINY_UNET, fast_train_args, write_images, write_messy_folder
-from uncond import checkpoint, data
+from uncond import checkpoint, data, decoding
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -304,8 +304,8 @@ def test_a_messy_folder_trains_and_a_second_run_decodes_nothing(run_cli, tiny_un
     assert all(item["reason"] for item in report["skipped"])
 
     decodes = []
-    decode_image = data.decode_image
-    monkeypatch.setattr(data, "decode_image", lambda *args: decodes.append(1) or decode_image(*args))
+    decode_image = decoding.decode_image
+    monkeypatch.setattr(decoding, "decode_image", lambda *args: decodes.append(1) or decode_image(*args))
     code, _, err = run_cli(*fast_train_args(folder, tiny_unet, tmp_path / "second", "--max_train_steps", "2"))
     assert code == 0, err
     assert decodes == [] and "read from the cache" in err
@@ -592,12 +592,12 @@ def test_two_processes_decode_once_and_train(tiny_unet, tmp_path):
     folder = write_images(tmp_path / "images", 12)
     counting = tmp_path / "counting_uncond.py"  # uncond's CLI with decode_image counted per process
     counting.write_text(
-        "import os, sys\nfrom uncond import cli, data\ndecode = data.decode_image\n"
+        "import os, sys\nfrom uncond import cli, decoding\ndecode = decoding.decode_image\n"
         "def counted(*args):\n"
         "    with open(os.path.join(sys.argv[-1], f\"decodes-{os.environ['RANK']}.txt\"), 'a') as f:\n"
         "        f.write('1')\n"
         "    return decode(*args)\n"
-        "data.decode_image = counted\nsys.exit(cli.main(sys.argv[1:-1]))\n")
+        "decoding.decode_image = counted\nsys.exit(cli.main(sys.argv[1:-1]))\n")
     out = tmp_path / "run"
     args = fast_train_args(folder, tiny_unet, out, "--max_train_steps", "2")
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from . import data, environment, metrics, sampling
+from . import data, environment, metrics, sampling, sources
 from .cache import REFERENCE_STATS_DIR
 from .config import RUN_CONFIG_FILE, EvaluateConfig, UsageError
 
@@ -110,7 +110,7 @@ def resized_squares(batches: Iterator[np.ndarray], resolution: int) -> Iterator[
 
 def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
     """A folder's images; of a folder `uncond sample` wrote, only its numbered images (not a --grid put there)."""
-    source = data.open_named_source(str(path), "GENERATED")
+    source = sources.open_named_source(str(path), "GENERATED")
     numbered = [record for record in source.records
                 if Path(record.name).parent == path and sampling.is_numbered_image(Path(record.name))]
     what = f"the folder {path}"
@@ -124,7 +124,7 @@ def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
     return Generated(batches, count, resolution, f"{count} images from {what}, {resizing(resolution)}", skipped)
 
 
-def native_size(source: data.Source, path: Path) -> int:
+def native_size(source: sources.Source, path: Path) -> int:
     """The shorter side of the first image of `source` that can be read."""
     for record in source.records:
         try:
@@ -147,7 +147,7 @@ def resizing(resolution: int) -> str:
 # ------------------------------------------------------------------------------------------------ reference
 
 
-def open_reference(reference: str) -> data.Source | None:
+def open_reference(reference: str) -> sources.Source | None:
     """The reference images' source, checked; None for a statistics file (read later)."""
     if reference.endswith(".npz"):
         if not Path(reference).expanduser().is_file():
@@ -157,10 +157,10 @@ def open_reference(reference: str) -> data.Source | None:
     if path.is_dir() and (path / RUN_CONFIG_FILE).is_file():  # checkpoints hold one too
         raise UsageError(f"--reference {reference}: a training run's output folder (its images are sample grids and "
                          "plots, not real images); pass the training images' folder or dataset")
-    return data.open_named_source(reference, "--reference")
+    return sources.open_named_source(reference, "--reference")
 
 
-def reference_stats(config: EvaluateConfig, source: data.Source | None, resolution: int,
+def reference_stats(config: EvaluateConfig, source: sources.Source | None, resolution: int,
                     extractor: metrics.FeatureExtractor) -> tuple[metrics.FeatureStats, str]:
     """Statistics of the reference images at `resolution`, from a file, the cache, or computed and cached."""
     if source is None:

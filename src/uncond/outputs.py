@@ -13,7 +13,7 @@ from typing import Any
 
 from diffusers import UNet2DModel
 
-from . import checkpoint, data, hub, metrics, sampling, streaming, tracking
+from . import checkpoint, data, hub, metrics, sampling, sources, streaming, tracking
 from .config import PREVIEWS_DIR, TrainConfig
 from .parts import Run, drop_replaced_run, training_state
 from .plan import FSDP_CONFIG
@@ -86,7 +86,7 @@ def data_description(config: TrainConfig) -> str:
 def hub_dataset_id(config: TrainConfig) -> str | None:
     """The dataset's Hub id for the card's metadata; None for local data and the built-in digits."""
     name = config.dataset_name
-    if not name or name.startswith(data.BUILTIN_PREFIX) or Path(name).exists():
+    if not name or name.startswith(sources.BUILTIN_PREFIX) or Path(name).exists():
         return None
     return name
 

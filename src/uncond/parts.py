@@ -19,7 +19,7 @@ from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, gather_obj
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 
-from . import checkpoint, data, environment, hub, metrics, models, sharding, streaming, tracking
+from . import checkpoint, data, environment, hub, metrics, models, sharding, sources, streaming, tracking
 from .config import RunFailed, TrainConfig, UsageError
 from .objective import Objective
 from .plan import Plan, refuse_mismatched_resume, warmup_outlasts_run
@@ -117,7 +117,7 @@ def load_batches(plan: Plan, accelerator: Accelerator) -> data.CachedBatches | s
                                          accelerator.process_index, pin_memory)
     # One process per machine downloads and decodes into the cache; the others wait, then map what it wrote.
     with accelerator.local_main_process_first():
-        source = data.open_source(config)
+        source = sources.open_source(config)
         cache = data.load_images(source, config, progress=accelerator.is_local_main_process)
     logger.info(data.summary(cache, source))
     if accelerator.num_processes > 1:

@@ -15,7 +15,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from . import checkpoint, data, models, sampling
+from . import checkpoint, models, sampling, sources
 from .config import TrainConfig, UsageError
 
 logger = logging.getLogger("uncond")
@@ -62,7 +62,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     if "ddpm_num_inference_steps" in explicit and "sampler" not in explicit:
         # The seed script's flag, given: its grids were DDPM's, with that many steps.
         config = config.replace(sampler="ddpm")
-    data.check_source(config)
+    sources.check_source(config)
     check_creatable(config.output_dir, "--output_dir")
     if config.cache_dir:
         check_creatable(config.cache_dir, "--cache_dir")
@@ -207,7 +207,7 @@ def check_processes(plan: Plan, accelerator: Accelerator) -> None:
 def dry_run(plan: Plan) -> None:
     """--dry_run: what would be trained on what, without decoding images or building weights."""
     config = plan.config
-    source = None if config.streaming else data.open_source(config)
+    source = None if config.streaming else sources.open_source(config)
     channel_options = [plan.channels_from_model_config] if plan.channels_from_model_config else (
         [1, 3] if config.num_channels == "auto" else [int(config.num_channels)])
     sizes = ", ".join(f"{models.count_parameters(models.with_channels(plan.unet_config, c)):,} parameters with "

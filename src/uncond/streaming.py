@@ -2,7 +2,7 @@
 files or WebDataset tars) without a full local copy.
 
 A stream cannot be decoded once ahead of time, so its images are decoded on the fly, by worker
-threads in the background (data.decode_records, as for the cache), and batches follow the stream:
+threads in the background (decoding.decode_records, as for the cache), and batches follow the stream:
 
 - each process reads its own shards (datasets.distributed.split_dataset_by_node; when the number of
   shards does not divide by the number of processes, every process reads every shard and keeps its
@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, UsageError
-from .data import (Augmentation, Record, augmentation_rng, decode_records, find_image_columns, first_reasons,
-                   load_dataset_or_explain, mix_seed, open_first_image, prefetch, write_report)
+from .data import Augmentation, augmentation_rng, first_reasons, mix_seed, prefetch, write_report
+from .decoding import decode_records
+from .sources import Record, find_image_columns, load_dataset_or_explain, open_first_image
 
 logger = logging.getLogger("uncond")
 
