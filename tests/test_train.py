@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import MESSY_SKIPPED, MESSY_USED, TINY_UNET, fast_train_args, write_images, write_messy_folder
-from uncond import checkpoint, data, decoding
+from uncond import checkpoint, data, decoding, run_folder
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -785,7 +785,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused(run_cli, color_folder, tiny_
     holder = subprocess.Popen(  # another run, as far as the lock goes, holding it until told to end
         [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
          "f.write('4242 on elsewhere'); f.flush(); print('held', flush=True); sys.stdin.read()",
-         str(out / checkpoint.LOCK_FILE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+         str(out / run_folder.LOCK_FILE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2")

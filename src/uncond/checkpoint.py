@@ -16,9 +16,8 @@ import json
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +25,7 @@ from safetensors.torch import load_file
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from . import hub, models, sharding
+from . import models, sharding
 from .config import CHECKPOINT_NAME, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line
 
 logger = logging.getLogger("uncond")
@@ -46,7 +45,6 @@ CHANGEABLE_ON_RESUME = ("train_batch_size", "gradient_accumulation_steps", "lear
                         "adam_epsilon", "max_grad_norm", "skip_nonfinite", "mixed_precision", "snr_gamma",
                         "noise_offset", "random_flip", "center_crop")
 EMA_KEYS = ("ema_max_decay", "ema_inv_gamma", "ema_power", "ema_update_every")
-REPLACED_DIR = ".replaced-run"  # --overwrite_output_dir: the earlier run, kept until the new one has saved
 PIPELINE_ITEMS = ("unet", "scheduler", "model_index.json", STATE_FILE)
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What EMAModel.save_pretrained writes into unet_ema/config.json besides the UNet's own settings.
@@ -144,188 +142,8 @@ def fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
-def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
-    """Before a run writes into `output_dir`: finish or undo what a killed run left half done.
-    Returns one message per thing cleaned."""
-    messages = []
-    for old in output_dir.glob(f"{STAGING_PREFIX}old-*"):  # killed between replace_path's two renames
-        current = output_dir / old.name.removeprefix(f"{STAGING_PREFIX}old-")
-        if not current.exists():  # put the old one (an export's item, a checkpoint) back
-            os.replace(old, current)
-            messages.append(f"restored {current.name} from an interrupted write")
-    for path in output_dir.glob(f"{STAGING_PREFIX}*"):
-        remove(path)
-        messages.append(f"removed {path.name}, left by an interrupted write")
-    for _, path in list_checkpoints(output_dir):
-        problem = checkpoint_problem(path)
-        if problem:
-            remove(path)
-            messages.append(f"removed incomplete {path.name} ({problem})")
-    return messages
-
-
-def set_aside_later_checkpoints(output_dir: Path, step: int) -> str:
-    """Resuming from step `step` of a folder holding checkpoints of later steps (a run taken back, e.g. after
-    its loss diverged): those are the abandoned continuation's. Left in place they would pass for this run's:
-    `latest` would resume them, and --checkpoints_total_limit, which keeps the highest steps, would remove each
-    new checkpoint as soon as it is written. They are moved, whole, into a folder of their own.
-    Returns a line to log, or ''."""
-    later = [path for later_step, path in list_checkpoints(output_dir) if later_step > step]
-    if not later:
-        return ""
-    aside, count = output_dir / f"abandoned-after-step-{step}", 1
-    while aside.exists():
-        count += 1
-        aside = output_dir / f"abandoned-after-step-{step}-{count}"
-    aside.mkdir()
-    for path in later:
-        os.replace(path, aside / path.name)
-    return (f"resuming from step {step}: {', '.join(path.name for path in later)}, of the run's later steps, moved "
-            f"to {aside} (delete it when you no longer need them)")
-
-
-LOCK_FILE = ".uncond-lock"
-_held_locks: dict[Path, IO[str]] = {}
-
-
-def lock_output_dir(output_dir: Path) -> None:
-    """An exclusive lock on the folder until this run ends (the kernel drops it when the process does, however
-    it ends): two runs writing one folder (a requeued job overlapping the old one) interleave their checkpoints
-    and metrics. No-op where fcntl is missing (Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    unlock_output_dir(output_dir)  # an earlier run in this same process (runs in one process follow each other)
-    handle = open(output_dir / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise UsageError(f"--output_dir {output_dir} is in use by another uncond run (process {holder}); wait "
-                         "for it to end, or choose another --output_dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    _held_locks[output_dir.resolve()] = handle
-
-
-def unlock_output_dir(output_dir: Path) -> None:
-    handle = _held_locks.pop(output_dir.resolve(), None)
-    if handle is not None:
-        handle.close()  # closing the file releases its flock
-
-
 def remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def holds_trained_model(output_dir: Path) -> bool:
-    return (output_dir / "model_index.json").is_file()
-
-
-def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:
-    """The checkpoint this run continues from (or None), and a line saying why.
-
-    Without --resume_from_checkpoint, re-running a command on a folder with checkpoints continues the
-    run; --overwrite_output_dir starts afresh instead. A named checkpoint that does not exist is an
-    error: train_unconditional.py silently starts over.
-    """
-    output_dir = Path(config.output_dir)
-    checkpoints = complete_checkpoints(output_dir)
-    request = config.resume_from_checkpoint
-    if request and request != "latest":
-        path = Path(request)
-        # A bare name is in --output_dir, as in train_unconditional.py (not in the current folder); a path is
-        # taken as given, then its last part in --output_dir.
-        candidates = [output_dir / path.name] if len(path.parts) == 1 else [path, output_dir / path.name]
-        run_folder = next((p for p in (path, *candidates) if not CHECKPOINT_NAME.match(p.name)
-                           and (p / RUN_CONFIG_FILE).is_file()), None)
-        if run_folder is not None:  # a natural slip: the run's output folder for its checkpoint
-            inside = ", ".join(p.name for _, p in complete_checkpoints(run_folder)) or "none yet"
-            raise UsageError(f"--resume_from_checkpoint {request} is a run's output folder, not one of its "
-                             f"checkpoints ({inside}); pass {run_folder / 'checkpoint-N'}")
-        for candidate in candidates:
-            if candidate.is_dir():
-                problem = checkpoint_problem(candidate)
-                if problem:
-                    raise UsageError(f"--resume_from_checkpoint {candidate} is incomplete ({problem}); "
-                                     "use `latest` for the newest complete one")
-                return candidate, f"resuming from {candidate}"
-        available = ", ".join(p.name for _, p in checkpoints) or "none"
-        raise UsageError(f"--resume_from_checkpoint {request}: no such checkpoint (in {output_dir}: {available}); "
-                         "use `latest` for the newest, or leave it out to start a new run")
-    if checkpoints and (request == "latest" or not config.overwrite_output_dir):
-        step, path = checkpoints[-1]
-        why = "" if request else " (re-running on a folder with checkpoints continues the run; " \
-                                 "--overwrite_output_dir starts afresh)"
-        return path, f"resuming from {path.name} at step {step}{why}"
-    if request == "latest":
-        return None, f"--resume_from_checkpoint latest: no checkpoint in {output_dir} yet; starting a new run"
-    return None, ""
-
-
-def check_output_dir(config: TrainConfig, resuming: bool) -> str:
-    """Refuse to overwrite a trained model. The one exception is the same run, killed before its first
-    checkpoint: re-running its command starts it again. Returns a line to log, or ''."""
-    output_dir = Path(config.output_dir)  # a folder, or none yet (plan.check_creatable)
-    readme = output_dir / hub.CARD_FILE
-    if readme.is_file() and not hub.written_by_uncond(readme):
-        raise UsageError(f"--output_dir {output_dir} holds a README.md that uncond did not write, which the model "
-                         "card would replace; move it, or choose another --output_dir")
-    if not holds_trained_model(output_dir) or resuming or config.overwrite_output_dir:
-        return ""
-    if interrupted_before_first_checkpoint(output_dir, config):
-        return (f"the run that wrote {output_dir} was stopped before its first checkpoint; starting it again "
-                "from step 0")
-    raise UsageError(f"--output_dir {output_dir} already holds a trained model; pass --overwrite_output_dir to "
-                     "replace it, or choose another --output_dir")
-
-
-def interrupted_before_first_checkpoint(output_dir: Path, config: TrainConfig) -> bool:
-    """The folder's export is an intermediate one of a run with the same settings (data, model, objective)."""
-    state_file, config_file = output_dir / STATE_FILE, output_dir / RUN_CONFIG_FILE
-    if not state_file.is_file() or not config_file.is_file() or json.loads(state_file.read_text()).get("finished"):
-        return False
-    saved, current = json.loads(config_file.read_text()), config.to_dict()
-    return all(saved.get(key) == current[key] for key in SAME_RUN_KEYS)
-
-
-def set_aside_previous_run(output_dir: Path, artefacts: tuple[str, ...]) -> list[str]:
-    """--overwrite_output_dir without resuming: what an earlier run wrote is moved into REPLACED_DIR, so that its
-    checkpoints are neither rotated with nor resumed instead of the new ones, and removed once the new run has
-    saved a checkpoint or its pipeline (remove_replaced_run): a new run that fails before (on unreadable
-    images, say) leaves the earlier model to be moved back. Files uncond did not write are left alone.
-    Returns the names set aside."""
-    items = [path for _, path in list_checkpoints(output_dir)]
-    for name in (*PIPELINE_ITEMS, *artefacts):
-        path = output_dir / name
-        # --logging_dir may be absolute or lead out of the folder (../tb): other runs' logs are not ours to move
-        if path.exists() and output_dir.resolve() in path.resolve().parents:
-            items.append(path)
-    items += hub.stale_snapshots(output_dir)  # its failed uploads: retrying them would upload the old model
-    replaced = output_dir / REPLACED_DIR
-    earlier_attempt = replaced.exists()  # set aside by an --overwrite_output_dir run that saved nothing
-    for path in items:
-        if earlier_attempt:  # what the folder holds besides is that attempt's: no model
-            remove(path)
-        else:
-            target = replaced / path.relative_to(output_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            path.rename(target)
-    return [path.relative_to(output_dir).as_posix() for path in items]
-
-
-def remove_replaced_run(output_dir: Path) -> bool:
-    """The run set aside by --overwrite_output_dir removed, now that this one has saved. Whether there was one."""
-    replaced = output_dir / REPLACED_DIR
-    if replaced.exists():
-        remove(replaced)
-        return True
-    return False
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -558,7 +376,7 @@ def export_pipeline(unet: UNet2DModel, noise_scheduler: DDPMScheduler, output_di
 
 def replace_path(source: Path, destination: Path) -> None:
     """Move `source` to `destination`, replacing it. The old one is renamed away first and deleted after;
-    a kill between the two renames is undone by clean_up_interrupted_writes."""
+    a kill between the two renames is undone by run_folder.clean_up_interrupted_writes."""
     if destination.exists():
         old = destination.with_name(f"{STAGING_PREFIX}old-{destination.name}")
         if old.exists():

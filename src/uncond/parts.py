@@ -19,7 +19,7 @@ from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, gather_obj
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 
-from . import checkpoint, data, environment, hub, metrics, models, sharding, sources, streaming, tracking
+from . import checkpoint, data, environment, hub, metrics, models, run_folder, sharding, sources, streaming, tracking
 from .config import RunFailed, TrainConfig, UsageError
 from .objective import Objective
 from .plan import Plan, refuse_mismatched_resume, warmup_outlasts_run
@@ -293,9 +293,9 @@ def resume(run: Run, path: Path) -> None:
 
 def drop_replaced_run(run: Run) -> None:
     """After this run's first save: the earlier run --overwrite_output_dir set aside is removed."""
-    if run.accelerator.is_main_process and checkpoint.remove_replaced_run(run.output_dir):
+    if run.accelerator.is_main_process and run_folder.remove_replaced_run(run.output_dir):
         logger.info(f"removed the earlier run set aside by --overwrite_output_dir "
-                    f"({run.output_dir / checkpoint.REPLACED_DIR})")
+                    f"({run.output_dir / run_folder.REPLACED_DIR})")
 
 
 def epoch_start_step(run: Run) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from . import checkpoint, models, sampling, sources
+from . import checkpoint, models, run_folder, sampling, sources
 from .config import TrainConfig, UsageError
 
 logger = logging.getLogger("uncond")
@@ -94,8 +94,8 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
                          "without the flag, PyTorch's own fused attention is used")
     check_launch(config)
     check_fsdp_units(unet_config)
-    resume_from, message = checkpoint.find_resume_checkpoint(config)
-    message = checkpoint.check_output_dir(config, resuming=resume_from is not None) or message
+    resume_from, message = run_folder.find_resume_checkpoint(config)
+    message = run_folder.check_output_dir(config, resuming=resume_from is not None) or message
     if resume_from is not None:  # the channel count is compared once the data has decided it
         refuse_mismatched_resume(resume_from, config, unet_config)
     resume_state = checkpoint.read_training_state(resume_from) if resume_from is not None else {}

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, environment, hub, models, sharding, tracking
+from . import checkpoint, data, environment, hub, models, run_folder, sharding, tracking
 from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line, public_argv
 from .objective import training_loss
 from .monitoring import REFERENCE_STATS_FILE, evaluate, open_feature_extractor, save_sample_grid
@@ -88,7 +88,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     accelerator.end_training()
     if run.uploads is not None:
         run.uploads.wait()
-    checkpoint.unlock_output_dir(output_dir)
+    run_folder.unlock_output_dir(output_dir)
     if finished:
         logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
     else:
@@ -107,18 +107,18 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # what plan's check cannot see (a root user in /proc, a full or read-only mount)
         raise UsageError(f"--output_dir {output_dir}: cannot create it ({error.strerror})") from None
-    checkpoint.lock_output_dir(output_dir)
-    for message in checkpoint.clean_up_interrupted_writes(output_dir):
+    run_folder.lock_output_dir(output_dir)
+    for message in run_folder.clean_up_interrupted_writes(output_dir):
         logger.warning(message)
     if plan.resume_from is not None:
-        message = checkpoint.set_aside_later_checkpoints(output_dir, plan.resume_step)
+        message = run_folder.set_aside_later_checkpoints(output_dir, plan.resume_step)
         if message:
             logger.warning(message)
     if config.overwrite_output_dir and plan.resume_from is None:
-        set_aside = checkpoint.set_aside_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
+        set_aside = run_folder.set_aside_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
         if set_aside:
             logger.info(f"--overwrite_output_dir: moved the earlier run's {', '.join(set_aside)} into "
-                        f"{output_dir / checkpoint.REPLACED_DIR}; they are removed once this run saves a checkpoint "
+                        f"{output_dir / run_folder.REPLACED_DIR}; they are removed once this run saves a checkpoint "
                         "or its pipeline (until then they can be moved back)")
     config.save(output_dir / RUN_CONFIG_FILE)
 
