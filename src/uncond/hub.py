@@ -142,8 +142,8 @@ class BackgroundUploads:
 
 def stale_snapshots(output_dir: Path, before: float = float("inf")) -> list[Path]:
     """The copies kept of failed uploads (for their retry command) of steps before `before`."""
-    return sorted(path for path in output_dir.glob(f"{SNAPSHOT_PREFIX}*")
-                  if path.name[len(SNAPSHOT_PREFIX):].isdigit() and int(path.name[len(SNAPSHOT_PREFIX):]) < before)
+    steps = {path: path.name.removeprefix(SNAPSHOT_PREFIX) for path in output_dir.glob(f"{SNAPSHOT_PREFIX}*")}
+    return sorted(path for path, step in steps.items() if step.isdigit() and int(step) < before)
 
 
 def written_by_uncond(card: Path) -> bool:

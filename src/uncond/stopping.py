@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from . import environment
 
@@ -50,9 +51,6 @@ class StopAgreement:
     kill their processes soon after a signal (torchrun and accelerate launch: 30 s), so it must come quickly."""
 
     def __init__(self) -> None:
-        import torch.distributed as dist
-
-        self.dist = dist
         self.group = dist.new_group(backend="gloo")  # every process creates it, at the same point
         self.pending: tuple[Any, torch.Tensor] | None = None
 
@@ -63,7 +61,7 @@ class StopAgreement:
             work.wait()
             agreed = flags.item() > 0
         flags = torch.tensor([float(asked_here)])
-        self.pending = (self.dist.all_reduce(flags, group=self.group, async_op=True), flags)
+        self.pending = (dist.all_reduce(flags, group=self.group, async_op=True), flags)
         return agreed
 
     def finish(self) -> None:
