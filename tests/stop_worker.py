@@ -1,5 +1,6 @@
-"""uncond's CLI, where the process of rank STOP_RANK sends itself SIGTERM just before optimizer step STOP_AT, for
-test_distributed.py's stop test (a signal that reaches one process of a launch, at a known step)."""
+"""uncond's CLI, where the process of rank STOP_RANK sends itself SIGTERM just before optimizer step STOP_AT (or,
+with STOP_AT=preview, as its first sample grid starts), for test_distributed.py's stop tests (a signal that
+reaches one process of a launch, at a known point)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ import os
 import signal
 import sys
 
-from uncond import cli, train
+from uncond import cli, sampling, train
 
 
 def main(argv: list[str]) -> int:
-    step_function, rank, stop_at = train.train_step, os.environ["STOP_RANK"], int(os.environ["STOP_AT"])
+    rank, stop_at = os.environ["STOP_RANK"], os.environ["STOP_AT"]
+    if stop_at == "preview":
+        generate = sampling.generate
+
+        def signalled_in_preview(*args, **kwargs):
+            if os.environ.get("RANK") == rank:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return generate(*args, **kwargs)
+
+        sampling.generate = signalled_in_preview
+        return cli.main(argv)
+    step_function, stop_at = train.train_step, int(stop_at)
 
     def signalled_before_step(run, micro_batches):
         if os.environ.get("RANK") == rank and run.step + 1 == stop_at:

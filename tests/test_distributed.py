@@ -193,6 +193,21 @@ def test_a_signal_to_one_process_stops_every_process_at_the_next_step(color_fold
         (out / "checkpoint-4" / "training_state.json").read_text())["step"] == 4
 
 
+def test_a_stop_during_an_epochs_preview_stops_there_and_the_resume_makes_it(color_folder, tiny_unet, tmp_path):
+    """Agreed one step late, the processes stopped after the next step, and the checkpoint went on without the
+    given-up preview of the epoch's end (the resume then drew a grid of the wrong step)."""
+    out = tmp_path / "run"  # 12 images, 2 processes x batch 2: 3 steps an epoch, a grid at each epoch's end
+    args = fast_train_args(color_folder, tiny_unet, out, "--train_batch_size", "2", "--max_train_steps", "6",
+                           "--save_images_epochs", "1", "--logging_steps", "100")
+    result = launch_processes(TESTS / "stop_worker.py", *args, STOP_RANK="0", STOP_AT="preview")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the sample grid of step 3 is left out" in result.stderr
+    assert "stopped by SIGTERM at step 3, checkpoint-3 saved" in result.stderr
+    result = launch_processes("-m", "uncond", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in (out / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+
+
 def checkpoints_in(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.glob("checkpoint-*"))
 

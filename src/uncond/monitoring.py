@@ -45,9 +45,9 @@ def save_sample_grid(run: Run, unet: UNet2DModel) -> Path | None:
                                    cancelled=(lambda: stop.received is not None) if stop else None)
     except sampling.SamplingCancelled:  # a preview can take minutes; launchers kill a stopping run after 30 s
         logger.info(f"the sample grid of step {run.step} is left out: the run is stopping")
-        run.preview_owed = True
+        run.preview_owed = run.step
         return None
-    run.preview_owed = False
+    run.preview_owed = None
     folder = run.output_dir / PREVIEWS_DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"step-{run.step:07d}.png"

@@ -70,7 +70,7 @@ class Run:
     feature_extractor: metrics.FeatureExtractor | None = None  # for --eval_every_steps; None: no evaluation
     best_fid: float = math.inf
     stop: StopSignal | None = None  # while training: a preview under way gives up when a stop is asked for
-    preview_owed: bool = False  # this step's sample grid was given up by a stop: the resumed run makes it
+    preview_owed: int | None = None  # the step whose sample grid a stop gave up: a run resumed there makes it
     stop_agreement: StopAgreement | None = None  # with several processes
 
     @property
@@ -242,7 +242,7 @@ class Position:
     # The running means of the steps since the last log line, so that the resumed run logs what the
     # uninterrupted one would have (None for checkpoints without them)
     log_window: dict[str, Any] | None = None
-    preview_owed: bool = False  # see Run.preview_owed
+    preview_owed: int | None = None  # see Run.preview_owed
 
 
 def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
@@ -264,7 +264,7 @@ def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, globa
                 f"{images_into_epoch} images already seen in epoch {epoch}")
     return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
                     epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note,
-                    log_window=state.get("log_window"), preview_owed=state.get("preview_owed", False))
+                    log_window=state.get("log_window"), preview_owed=state.get("preview_owed"))
 
 
 def resume(run: Run, path: Path) -> None:

@@ -54,14 +54,21 @@ class StopAgreement:
         self.group = dist.new_group(backend="gloo")  # every process creates it, at the same point
         self.pending: tuple[Any, torch.Tensor] | None = None
 
-    def __call__(self, asked_here: bool) -> bool:
+    def __call__(self, asked_here: bool, at_once: bool = False) -> bool:
+        """Whether a process was asked to stop by the previous call (or, `at_once`, by this one: the all-reduce
+        is then waited for, where the processes wait for each other anyway). Every process calls it alike."""
         agreed = False
         if self.pending is not None:
             work, flags = self.pending
             work.wait()
             agreed = flags.item() > 0
+            self.pending = None
         flags = torch.tensor([float(asked_here)])
-        self.pending = (dist.all_reduce(flags, group=self.group, async_op=True), flags)
+        work = dist.all_reduce(flags, group=self.group, async_op=True)
+        if at_once:
+            work.wait()
+            return agreed or flags.item() > 0
+        self.pending = (work, flags)
         return agreed
 
     def finish(self) -> None:

@@ -188,9 +188,9 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
         logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
                     "raise --max_train_steps or --num_epochs to train it further")
         return True
-    if run.preview_owed:
+    if run.preview_owed == run.step:
         make_owed_preview(run)
-        if stop_requested(run, stop):
+        if stop_requested(run, stop, at_once=True):
             return stopped(run)
     run.last_log = (time.perf_counter(), run.step)
     exported_at = None
@@ -223,7 +223,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 # Written after the epoch's end, so a resume from it goes on in the next epoch and does not
                 # make the preview and export again.
                 checkpoint_unless_written(run)
-            if run.step < run.max_train_steps and stop_requested(run, stop):
+            if run.step < run.max_train_steps and stop_requested(run, stop, at_once=True):
                 return stopped(run)  # a signal during the epoch's preview: no step after it
     if exported_at != run.step:  # resumed at the very end
         with averaged_unet(run) as unet:
@@ -282,11 +282,13 @@ def end_epoch(run: Run, complete: bool) -> int | None:
     return exported_at
 
 
-def stop_requested(run: Run, stop: StopSignal) -> bool:
-    """Whether to stop after this step (every process must stop at the same one)."""
+def stop_requested(run: Run, stop: StopSignal, at_once: bool = False) -> bool:
+    """Whether to stop after this step (every process must stop at the same one). `at_once`: where the
+    processes wait for each other anyway (an epoch's end), a signal received by now stops the run here, not
+    one step later: the checkpoint is then of the step whose preview the stop gave up."""
     if run.stop_agreement is None:
         return stop.received is not None
-    return run.stop_agreement(stop.received is not None)
+    return run.stop_agreement(stop.received is not None, at_once)
 
 
 def stopped(run: Run) -> bool:
