@@ -291,23 +291,25 @@ def read_training_state(path: Path) -> dict[str, Any]:
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
 
 
+def saved_run_config(path: Path) -> dict[str, Any]:
+    """The settings of the run that wrote checkpoint `path` (empty for train_unconditional.py's checkpoints)."""
+    saved_file = path / RUN_CONFIG_FILE
+    return json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+
+
 def resume_differences(path: Path, config: TrainConfig, unet_config: dict[str, Any]) -> list[str]:
     """What differs between the run that wrote `path` and this one, in what a resume cannot change."""
     differences = config_differences(checkpoint_unet_config(path) or {}, unet_config)
-    saved_file = path / RUN_CONFIG_FILE
-    if saved_file.is_file():
-        saved = json.loads(saved_file.read_text())
-        current = config.to_dict()
-        differences += [f"{key}: {saved[key]} -> {current[key]}" for key in RESUME_MUST_MATCH
-                        if key in saved and saved[key] != current[key]]
+    saved, current = saved_run_config(path), config.to_dict()
+    differences += [f"{key}: {saved[key]} -> {current[key]}" for key in RESUME_MUST_MATCH
+                    if key in saved and saved[key] != current[key]]
     return sorted(set(differences))
 
 
 def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list[str]:
     """What a resume from `path` changes that it may change, to be said: the seed, the EMA on or off, and the
     settings of CHANGEABLE_ON_RESUME."""
-    saved_file = path / RUN_CONFIG_FILE
-    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    saved = saved_run_config(path)
     notes = []
     saved_seed = state.get("seed", saved.get("seed"))
     if config.seed is not None and saved_seed is not None and config.seed != saved_seed:
@@ -328,10 +330,7 @@ def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list
 
 def data_differences(path: Path, config: TrainConfig) -> list[str]:
     """Where the images of the run that wrote `path` came from, if not from where this run's come."""
-    saved_file = path / RUN_CONFIG_FILE
-    if not saved_file.is_file():
-        return []
-    saved, current = json.loads(saved_file.read_text()), config.to_dict()
+    saved, current = saved_run_config(path), config.to_dict()
     same = lambda a, b: a == b or bool(a and b and os.path.normpath(a) == os.path.normpath(b))  # noqa: E731
     return [f"{key}: {saved[key] or 'none'} -> {current[key] or 'none'}" for key in DATA_KEYS
             if key in saved and not same(saved[key], current[key])]
