@@ -4,7 +4,6 @@ or RGB, and resized so its shorter side is the training resolution, as train_unc
 
 from __future__ import annotations
 
-
 import errno
 import os
 import warnings
@@ -16,7 +15,6 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .config import RunFailed
-
 from .sources import Record
 
 

@@ -3,7 +3,6 @@ reads) or the built-in digits, each a Source of Records that open as PIL images 
 
 from __future__ import annotations
 
-
 import functools
 import gzip
 import hashlib
@@ -28,7 +27,6 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS = ("mnist",)
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "pixel_values")
-
 
 
 @dataclass
