@@ -32,6 +32,7 @@ def test_sample_writes_numbered_pngs_the_same_whatever_the_batch_size(run_cli, p
     assert Image.open(tmp_path / "a" / "000000.png").size == (16, 16)
     assert Image.open(tmp_path / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)  # 3 x 2 tiles with borders
     assert "wrote 5 images (16x16, RGB)" in err and "3 network evaluations per image" in err
+    assert "Loading pipeline components" not in err  # diffusers' bar, a flash of two components
     code, _, err = run_cli("sample", pipeline, "--num_images", 5, "--batch_size", 5, "--steps", 3, "--device", "cpu",
                            "--output_dir", tmp_path / "b")
     assert code == 0, err

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import re
 import socket
+import sys
 import warnings
 from typing import Iterator
 
@@ -35,9 +36,14 @@ RETRY_LOGGER = "huggingface_hub.utils._http"
 
 @contextlib.contextmanager
 def quiet_hub_clients() -> Iterator[None]:
-    """While loading: huggingface_hub's and diffusers' loggers at ERROR, and huggingface_hub's deprecation
-    warnings about how diffusers calls it (nothing a user can act on) not shown. Its first retry becomes one
-    line of uncond's: without a network its retries wait about half a minute before the load fails."""
+    """While loading: huggingface_hub's and diffusers' loggers at ERROR, diffusers' "Loading pipeline
+    components" bar (a flash for a UNet and a scheduler) hidden, and huggingface_hub's deprecation warnings
+    about how diffusers calls it (nothing a user can act on) not shown. Its first retry becomes one line of
+    uncond's: without a network its retries wait about half a minute before the load fails."""
+    diffusers_logging = sys.modules.get("diffusers.utils.logging")  # loaded by whoever loads with diffusers
+    bars_shown = diffusers_logging is not None and diffusers_logging.is_progress_bar_enabled()
+    if bars_shown:
+        diffusers_logging.disable_progress_bar()
     loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -55,6 +61,8 @@ def quiet_hub_clients() -> Iterator[None]:
         retry_logger.setLevel(retry_level)
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+        if bars_shown:
+            diffusers_logging.enable_progress_bar()
 
 
 class RetryNotice(logging.Filter):
