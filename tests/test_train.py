@@ -718,6 +718,39 @@ def test_a_stop_at_the_last_step_ends_the_run(run_cli, color_folder, tiny_unet, 
     assert "the sample grid of step 3 is left out: the run is stopping" in err  # a preview can take minutes
 
 
+def test_loss_png_follows_the_run_between_exports(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    """It was drawn at exports only (every --save_model_epochs epochs, hours apart), so a stopped run's was stale or
+    missing. Here the run stops at step 2, before the first epoch's end and its export."""
+    import os
+    import signal
+
+    from uncond import outputs, train
+
+    drawn_steps = []
+    draw = outputs.draw_loss_plot
+
+    def drawing(run):
+        drawn_steps.append(run.step)
+        return draw(run)
+
+    train_step = train.train_step
+
+    def stopped_during_the_second(run, micro_batches):
+        if run.step + 1 == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(run, micro_batches)
+
+    monkeypatch.setattr(train, "draw_loss_plot", drawing)
+    monkeypatch.setattr(train, "train_step", stopped_during_the_second)
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "9",
+                                            "--logging_steps", "1"))
+    assert code == 0 and "stopped by SIGTERM at step 2" in err, err
+    assert drawn_steps == [1, 2]  # the first log line (then at most once a minute), and the stop
+    assert not (out / "model_index.json").exists() and (out / "loss.png").is_file()
+    assert Image.open(out / "loss.png").size == (700, 500)
+
+
 @pytest.mark.parametrize("flag", ["--output_dir", "--cache_dir"])
 def test_folders_that_cannot_be_made_are_refused_before_any_work(run_cli, color_folder, tiny_unet, tmp_path, flag):
     (tmp_path / "notes.txt").write_text("a file where the folder would go")

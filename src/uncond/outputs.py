@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,14 @@ from diffusers import UNet2DModel
 
 from . import checkpoint, data, hub, metrics, sampling, sources, streaming, tracking
 from .config import PREVIEWS_DIR, TrainConfig
-from .parts import Run, drop_replaced_run, training_state
+from .parts import Run, drop_replaced_run, off_the_clock, training_state
 from .plan import FSDP_CONFIG
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
 
 BEST_DIR = "best"  # --keep_best: the export with the lowest FID
+LOSS_PLOT_EVERY_SECONDS = 60  # loss.png is redrawn at a log line at most this often (a drawing takes ~0.2 s)
 
 
 def export_best(run: Run, unet: UNet2DModel, scores: metrics.Scores) -> None:
@@ -37,8 +39,7 @@ def export(run: Run, unet: UNet2DModel) -> None:
     checkpoint.export_pipeline(unet, run.noise_scheduler, run.output_dir,
                                {**training_state(run), "finished": run.step >= run.max_train_steps})
     drop_replaced_run(run)
-    records = run.metrics_file.read() if run.metrics_file else []
-    tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
+    records = draw_loss_plot(run)
     write_card(run, records)
     logger.info(f"exported the pipeline at step {run.step} to {run.output_dir}")
     if isinstance(run.batches, streaming.StreamedBatches):  # what the stream held is known only as it goes
@@ -46,6 +47,17 @@ def export(run: Run, unet: UNet2DModel) -> None:
         logger.info(run.batches.summary())
     if run.uploads is not None:
         run.uploads.submit(run.step)
+
+
+@off_the_clock
+def draw_loss_plot(run: Run) -> list[dict[str, Any]]:
+    """loss.png from metrics.jsonl, on the main process (the others have no metrics file); returns the records.
+    Drawn at exports, at a stop, and as training goes (LOSS_PLOT_EVERY_SECONDS): exports can be hours apart."""
+    records = run.metrics_file.read() if run.metrics_file else []
+    if run.metrics_file:
+        tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
+    run.loss_plot_drawn = time.perf_counter()
+    return records
 
 
 def write_card(run: Run, records: list[dict[str, Any]]) -> None:

@@ -64,6 +64,8 @@ class Run:
     running_loss: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     running_grad_norm: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous log line, for images/s
+    loss_plot_drawn: float = -math.inf  # when loss.png was last drawn (time.perf_counter)
+    clock_stopped: bool = False  # within work between steps, which images/s leaves out (off_the_clock)
     noise_generator: torch.Generator | None = None
     skipped_steps: int = 0  # non-finite steps skipped under --skip_nonfinite
     memory_format: torch.memory_format = torch.contiguous_format  # the UNet's, given to its inputs too
@@ -341,9 +343,12 @@ def off_the_clock(work: Callable[..., T]) -> Callable[..., T]:
     out of the images/s of the logging interval it falls in, which would otherwise count it as training."""
     @functools.wraps(work)
     def timed(run: Run, *args: Any, **kwargs: Any) -> T:
-        started = time.perf_counter()
+        if run.clock_stopped:  # called by other work off the clock (an export's loss plot): counted there
+            return work(run, *args, **kwargs)
+        started, run.clock_stopped = time.perf_counter(), True
         try:
             return work(run, *args, **kwargs)
         finally:
+            run.clock_stopped = False
             run.last_log = (run.last_log[0] + time.perf_counter() - started, run.last_log[1])
     return timed

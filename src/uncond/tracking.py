@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -111,8 +112,10 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:
         return False
     import matplotlib.pyplot as plt
 
-    figure.savefig(path, dpi=100)
+    partial = path.with_name(f".{path.name}.partial")  # renamed into place: a viewer never reads half a file
+    figure.savefig(partial, dpi=100, format="png")
     plt.close(figure)
+    os.replace(partial, path)
     return True
 
 

@@ -20,8 +20,8 @@ from . import checkpoint, data, environment, hub, models, run_folder, sharding, 
 from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line, public_argv
 from .objective import training_loss
 from .monitoring import REFERENCE_STATS_FILE, evaluate, open_feature_extractor, save_sample_grid
-from .outputs import (BEST_DIR, Launch, commands_so_far, export, names_a_checkpoint, reproduce_command,
-                      resuming_latest, tracker_config)
+from .outputs import (BEST_DIR, LOSS_PLOT_EVERY_SECONDS, Launch, commands_so_far, draw_loss_plot, export,
+                      names_a_checkpoint, reproduce_command, resuming_latest, tracker_config)
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
                     off_the_clock, resume, training_state)
 from .plan import Plan, check_processes, dry_run, plan_run
@@ -295,6 +295,7 @@ def stopped(run: Run) -> bool:
     """Stop at this step boundary, with a checkpoint of it (which keeps the losses since the last log line:
     the resumed run logs them with its next line, as the uninterrupted run would have)."""
     checkpoint_unless_written(run)
+    draw_loss_plot(run)  # the losses logged up to the stop, for a run that may not be resumed
     return False
 
 
@@ -400,6 +401,8 @@ def log_metrics(run: Run, progress: tqdm) -> None:
     accelerator.log({k: v for k, v in values.items() if k != "step" and v is not None}, step=run.step)
     if run.metrics_file is not None:
         run.metrics_file.write(values)
+        if time.perf_counter() - run.loss_plot_drawn >= LOSS_PLOT_EVERY_SECONDS:
+            draw_loss_plot(run)
 
 
 def diverged(run: Run, what: str) -> RunFailed:
