@@ -116,8 +116,8 @@ class Launch:
         """As the launcher (torchrun, or accelerate launch through it) describes it in the environment."""
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
         num_machines = max(1, num_processes // max(1, per_machine))
-        address = (os.environ.get("MASTER_ADDR", "MAIN_IP"), os.environ.get("MASTER_PORT", "29500"))
-        return cls(num_processes, sharded, num_machines, address if num_machines > 1 else None)
+        address = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        return cls(num_processes, sharded, num_machines, address if num_machines > 1 and all(address) else None)
 
     def launcher(self) -> str:
         if self.num_processes == 1 and not self.sharded:
