@@ -266,15 +266,15 @@ def test_images_per_second_leave_out_previews(run_cli, color_folder, tiny_unet, 
     from uncond import train
 
     original_grid = train.save_sample_grid
-    slow_grid = lambda run, unet: (time.sleep(3.0 if run.step == 3 else 0), original_grid(run, unet))  # noqa: E731
+    slow_grid = lambda run, unet: (time.sleep(8.0 if run.step == 3 else 0), original_grid(run, unet))  # noqa: E731
     monkeypatch.setattr(train, "save_sample_grid", slow_grid)
     out = tmp_path / "run"
     args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4", "--logging_steps", "1")
     assert run_cli(*args)[0] == 0
     rates = {record["step"]: record["images_per_sec"] for record in map(json.loads, (out / "metrics.jsonl").open())}
-    # The interval after the step-3 preview (4 images): with the preview's 3 s counted, under 1.4 images/s;
-    # the margin is for a loaded machine's hiccups.
-    assert rates[4] > 2.5, rates
+    # The interval after the step-3 preview, one step of 4 images: with the preview's 8 s counted, over 8 s. A
+    # step of this tiny model takes under 0.1 s on a quiet machine, 2.3 s on the most loaded one seen.
+    assert 4 / rates[4] < 5, rates
 
 
 def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_unet, tmp_path):

@@ -23,7 +23,9 @@ logger = logging.getLogger("uncond")  # cli shows its records on the main proces
 
 
 BEST_DIR = "best"  # --keep_best: the export with the lowest FID
-LOSS_PLOT_EVERY_SECONDS = 60  # loss.png is redrawn at a log line at most this often (a drawing takes ~0.2 s)
+# loss.png is redrawn at a log line at most once a minute, and at most 2% of the time: a long run's metrics.jsonl
+# (a million lines) takes seconds to read and draw.
+LOSS_PLOT_EVERY_SECONDS, LOSS_PLOT_SHARE = 60, 0.02
 
 
 def export_best(run: Run, unet: UNet2DModel, scores: metrics.Scores) -> None:
@@ -52,11 +54,13 @@ def export(run: Run, unet: UNet2DModel) -> None:
 @off_the_clock
 def draw_loss_plot(run: Run) -> list[dict[str, Any]]:
     """loss.png from metrics.jsonl, on the main process (the others have no metrics file); returns the records.
-    Drawn at exports, at a stop, and as training goes (LOSS_PLOT_EVERY_SECONDS): exports can be hours apart."""
+    Drawn at exports, at a stop, and as training goes (Run.loss_plot_due): exports can be hours apart."""
+    started = time.perf_counter()
     records = run.metrics_file.read() if run.metrics_file else []
     if run.metrics_file:
         tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
-    run.loss_plot_drawn = time.perf_counter()
+    took = time.perf_counter() - started
+    run.loss_plot_due = started + max(LOSS_PLOT_EVERY_SECONDS, took / LOSS_PLOT_SHARE)
     return records
 
 

@@ -64,7 +64,7 @@ class Run:
     running_loss: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     running_grad_norm: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous log line, for images/s
-    loss_plot_drawn: float = -math.inf  # when loss.png was last drawn (time.perf_counter)
+    loss_plot_due: float = -math.inf  # when loss.png is next redrawn at a log line (time.perf_counter)
     clock_stopped: bool = False  # within work between steps, which images/s leaves out (off_the_clock)
     noise_generator: torch.Generator | None = None
     skipped_steps: int = 0  # non-finite steps skipped under --skip_nonfinite

@@ -20,8 +20,8 @@ from . import checkpoint, data, environment, hub, models, run_folder, sharding, 
 from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line, public_argv
 from .objective import training_loss
 from .monitoring import REFERENCE_STATS_FILE, evaluate, open_feature_extractor, save_sample_grid
-from .outputs import (BEST_DIR, LOSS_PLOT_EVERY_SECONDS, Launch, commands_so_far, draw_loss_plot, export,
-                      names_a_checkpoint, reproduce_command, resuming_latest, tracker_config)
+from .outputs import (BEST_DIR, Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
+                      reproduce_command, resuming_latest, tracker_config)
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
                     off_the_clock, resume, training_state)
 from .plan import Plan, check_processes, dry_run, plan_run
@@ -401,7 +401,7 @@ def log_metrics(run: Run, progress: tqdm) -> None:
     accelerator.log({k: v for k, v in values.items() if k != "step" and v is not None}, step=run.step)
     if run.metrics_file is not None:
         run.metrics_file.write(values)
-        if time.perf_counter() - run.loss_plot_drawn >= LOSS_PLOT_EVERY_SECONDS:
+        if time.perf_counter() >= run.loss_plot_due:
             draw_loss_plot(run)
 
 
