@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from uncond.tracking import metrics_figure, plot_metrics
@@ -22,7 +23,16 @@ def test_a_single_logged_point_is_drawn(tmp_path):
     assert pixels_of(left_of_the_legend, BLUE) > 10 and pixels_of(image, ORANGE) > 10
 
 
-def test_a_few_logged_points_are_drawn_as_they_are(tmp_path):
+@pytest.fixture(autouse=True)
+def closed_figures():
+    """matplotlib keeps every figure it made until closed: the tests' figures are closed after each test."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_a_few_logged_points_are_drawn_as_they_are():
     """Two log lines drew a flat 'smoothed' line at their mean over the real curve: a falling loss looked flat."""
     records = [{"step": 1, "loss": 1.12, "lr": 1e-4}, {"step": 2, "loss": 1.05, "lr": 1e-4}]
     figure = metrics_figure(records)
