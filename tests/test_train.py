@@ -751,6 +751,23 @@ def test_loss_png_follows_the_run_between_exports(run_cli, color_folder, tiny_un
     assert Image.open(out / "loss.png").size == (700, 500)
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite_output_dir"]])
+def test_a_folder_of_the_users_own_files_is_not_taken_for_an_earlier_run(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                        overwrite):
+    """A project folder holding samples/, logs/ and loss.png of its own: a first run replaced loss.png and
+    appended to metrics.jsonl, and --overwrite_output_dir moved samples/ and logs/ aside, then deleted them."""
+    project = tmp_path / "project"
+    (project / "samples").mkdir(parents=True)
+    (project / "logs").mkdir()
+    for path in (project / "samples" / "favourite.png", project / "logs" / "server.log", project / "loss.png"):
+        path.write_text("mine")
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, project, "--max_train_steps", "2"), *overwrite)
+    one_line_error(code, err, f"--output_dir {project} holds samples/, loss.png, logs/, which no training run wrote")
+    assert sorted(p.relative_to(project).as_posix() for p in project.rglob("*")) == [
+        "logs", "logs/server.log", "loss.png", "samples", "samples/favourite.png"]
+    assert all(path.read_text() == "mine" for path in project.rglob("*") if path.is_file())
+
+
 @pytest.mark.parametrize("flag", ["--output_dir", "--cache_dir"])
 def test_folders_that_cannot_be_made_are_refused_before_any_work(run_cli, color_folder, tiny_unet, tmp_path, flag):
     (tmp_path / "notes.txt").write_text("a file where the folder would go")

@@ -336,6 +336,8 @@ GROUP_TITLES = {  # in the order --help shows them
 RUN_CONFIG_FILE = "training_config.json"  # in every run's output folder and checkpoints: it marks them
 SAMPLE_SETTINGS_FILE = "sample_settings.json"  # in every folder `uncond sample` writes: it marks them
 PREVIEWS_DIR = "samples"  # a run's preview grids, in its output folder (a run artefact)
+BEST_DIR = "best"  # --keep_best: the export with the lowest FID
+REFERENCE_STATS_FILE = "fid_reference.npz"  # feature statistics of the training images, for FID during training
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # a run's checkpoint folders (checkpoint.py writes them)
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -14,14 +14,13 @@ from accelerate.utils import gather_object
 from diffusers import UNet2DModel
 
 from . import data, metrics, sampling, tracking
-from .config import PREVIEWS_DIR, TrainConfig, UsageError
+from .config import PREVIEWS_DIR, REFERENCE_STATS_FILE, TrainConfig, UsageError
 from .outputs import export_best
 from .parts import Run, averaged_unet, off_the_clock
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
 
-REFERENCE_STATS_FILE = "fid_reference.npz"  # feature statistics of the training images, for FID during training
 
 
 MAX_REFERENCE_IMAGES = 50_000  # the usual size of an FID reference set

@@ -15,14 +15,13 @@ from typing import Any
 from diffusers import UNet2DModel
 
 from . import checkpoint, data, hub, metrics, sampling, sources, streaming, tracking
-from .config import PREVIEWS_DIR, TrainConfig
+from .config import BEST_DIR, PREVIEWS_DIR, TrainConfig
 from .parts import Run, drop_replaced_run, off_the_clock, training_state
 from .plan import FSDP_CONFIG
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
 
-BEST_DIR = "best"  # --keep_best: the export with the lowest FID
 # loss.png is redrawn at a log line at most once a minute, and at most 2% of the time: a long run's metrics.jsonl
 # (a million lines) takes seconds to read and draw.
 LOSS_PLOT_EVERY_SECONDS, LOSS_PLOT_SHARE = 60, 0.02

@@ -10,12 +10,17 @@ import socket
 from pathlib import Path
 from typing import IO
 
-from . import hub
+from . import data, hub, tracking
 from .checkpoint import (PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
                          complete_checkpoints, list_checkpoints, remove)
-from .config import CHECKPOINT_NAME, RUN_CONFIG_FILE, TrainConfig, UsageError
+from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, TrainConfig,
+                     UsageError)
 
 REPLACED_DIR = ".replaced-run"  # --overwrite_output_dir: the earlier run, kept until the new one has saved
+# What a run writes into its output folder besides checkpoints, the pipeline and its --logging_dir:
+# --overwrite_output_dir sets it aside.
+RUN_ARTEFACTS = (PREVIEWS_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, RUN_CONFIG_FILE, hub.CARD_FILE,
+                 data.REPORT_FILE, BEST_DIR, REFERENCE_STATS_FILE)
 
 
 def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
@@ -146,6 +151,10 @@ def check_output_dir(config: TrainConfig, resuming: bool) -> str:
     if readme.is_file() and not hub.written_by_uncond(readme):
         raise UsageError(f"--output_dir {output_dir} holds a README.md that uncond did not write, which the model "
                          "card would replace; move it, or choose another --output_dir")
+    found = others_outputs(output_dir, config)
+    if found:  # with --overwrite_output_dir too: it replaces an earlier run, not the user's own files
+        raise UsageError(f"--output_dir {output_dir} holds {', '.join(found)}, which no training run wrote and this "
+                         "run would replace or add to; move them, or choose another --output_dir")
     if not holds_trained_model(output_dir) or resuming or config.overwrite_output_dir:
         return ""
     if interrupted_before_first_checkpoint(output_dir, config):
@@ -153,6 +162,19 @@ def check_output_dir(config: TrainConfig, resuming: bool) -> str:
                 "from step 0")
     raise UsageError(f"--output_dir {output_dir} already holds a trained model; pass --overwrite_output_dir to "
                      "replace it, or choose another --output_dir")
+
+
+def others_outputs(output_dir: Path, config: TrainConfig) -> list[str]:
+    """The names a run writes that `output_dir` already holds though no training run wrote the folder (no lock
+    file of uncond's, no checkpoint, no pipeline of uncond's or train_unconditional.py's): the user's own files
+    (a project folder's samples/, logs/, loss.png), which a run would replace or mix with its own."""
+    if not output_dir.is_dir() or (output_dir / LOCK_FILE).exists() or list_checkpoints(output_dir) \
+            or holds_trained_model(output_dir):
+        return []
+    names = [name for name in (*RUN_ARTEFACTS, *PIPELINE_ITEMS, config.logging_dir) if name != hub.CARD_FILE]
+    inside = [output_dir / name for name in names
+              if output_dir.resolve() in (output_dir / name).resolve().parents]  # not an absolute --logging_dir
+    return [path.name + "/" * path.is_dir() for path in inside if path.exists()]
 
 
 def interrupted_before_first_checkpoint(output_dir: Path, config: TrainConfig) -> bool:

@@ -17,10 +17,10 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, tracking
-from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line, public_argv
+from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line, public_argv
 from .objective import training_loss
-from .monitoring import REFERENCE_STATS_FILE, evaluate, open_feature_extractor, save_sample_grid
-from .outputs import (BEST_DIR, Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
+from .monitoring import evaluate, open_feature_extractor, save_sample_grid
+from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
                       reproduce_command, resuming_latest, tracker_config)
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
                     off_the_clock, resume, training_state)
@@ -30,9 +30,6 @@ from .stopping import StopAgreement, StopSignal
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
 T = TypeVar("T")
-# What a run writes into its output folder besides checkpoints and the pipeline: --overwrite_output_dir removes it.
-RUN_ARTEFACTS = (PREVIEWS_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, RUN_CONFIG_FILE, hub.CARD_FILE,
-                 "data_report.json", BEST_DIR, REFERENCE_STATS_FILE)
 
 
 def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset(),
@@ -115,7 +112,7 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> None:
         if message:
             logger.warning(message)
     if config.overwrite_output_dir and plan.resume_from is None:
-        set_aside = run_folder.set_aside_previous_run(output_dir, RUN_ARTEFACTS + (config.logging_dir,))
+        set_aside = run_folder.set_aside_previous_run(output_dir, run_folder.RUN_ARTEFACTS + (config.logging_dir,))
         if set_aside:
             logger.info(f"--overwrite_output_dir: moved the earlier run's {', '.join(set_aside)} into "
                         f"{output_dir / run_folder.REPLACED_DIR}; they are removed once this run saves a checkpoint "
