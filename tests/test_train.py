@@ -576,6 +576,15 @@ def test_resuming_with_another_channel_count_is_refused(run_cli, gray_folder, tm
 # ---------------------------------------------------------------------------------------- entry points
 
 
+def test_output_piped_into_head_ends_quietly():
+    """`uncond presets | head -1` ended in a BrokenPipeError traceback."""
+    import shlex
+
+    piped = subprocess.run(f"{shlex.quote(sys.executable)} -m uncond presets | head -1", shell=True,
+                           capture_output=True, text=True)
+    assert piped.stdout.startswith("preset") and "Traceback" not in piped.stderr, piped.stderr
+
+
 def test_console_command_and_module_run(tmp_path):
     presets = subprocess.run([sys.executable, "-m", "uncond", "presets"], capture_output=True, text=True, check=True)
     assert "tiny" in presets.stdout and "seed" in presets.stdout

@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             print(f"uncond: stopped: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `uncond presets | head -1`: the reader has all it wanted
+        # Python's own advice: point stdout at /dev/null, or the flush at exit raises the same error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
