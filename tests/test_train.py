@@ -688,6 +688,22 @@ def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     assert checkpoint.ema_updates(3, tmp_path / "seed-script-checkpoint", ema) == 1  # every step, 3 steps
 
 
+def test_resuming_a_seed_checkpoint_says_whether_its_ema_goes_on(tmp_path):
+    """train_unconditional.py's checkpoints have no training_config.json: its EMA (unet_ema/) was dropped without
+    a word when resumed without --use_ema, and the export switched from EMA to trained weights."""
+    from uncond.config import TrainConfig
+
+    seed_checkpoint = tmp_path / "checkpoint-500"
+    (seed_checkpoint / "unet").mkdir(parents=True)
+    (seed_checkpoint / "unet_ema").mkdir()
+    notes = checkpoint.resume_notes(seed_checkpoint, TrainConfig(), {})
+    assert any("checkpoint-500's run kept an EMA of the weights; without --use_ema it is dropped" in n for n in notes)
+    assert checkpoint.resume_notes(seed_checkpoint, TrainConfig(use_ema=True), {}) == []
+    (seed_checkpoint / "unet_ema").rmdir()
+    notes = checkpoint.resume_notes(seed_checkpoint, TrainConfig(use_ema=True), {})
+    assert any("--use_ema: checkpoint-500's run had no EMA" in note for note in notes)
+
+
 def test_resume_commands_go_on_from_the_newest_checkpoint(tmp_path):
     """The stop message's command: a named --resume_from_checkpoint in it would take the run back there."""
     from uncond import outputs

@@ -315,10 +315,11 @@ def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list
     if config.seed is not None and saved_seed is not None and config.seed != saved_seed:
         notes.append(f"--seed {config.seed}: {path.name}'s run used seed {saved_seed}; its data order, crops and "
                      f"noise follow seed {config.seed} from here (leave --seed out to keep {saved_seed})")
-    if saved.get("use_ema") and not config.use_ema:
+    had_ema = saved.get("use_ema", (path / "unet_ema").is_dir())  # train_unconditional.py's: its unet_ema/
+    if had_ema and not config.use_ema:
         notes.append(f"{path.name}'s run kept an EMA of the weights; without --use_ema it is dropped, and exports "
                      "hold the trained weights")
-    elif "use_ema" in saved and not saved["use_ema"] and config.use_ema:
+    elif not had_ema and config.use_ema:
         notes.append(f"--use_ema: {path.name}'s run had no EMA; it starts here from the checkpoint's weights")
     current = config.to_dict()
     changed = [f"{key} {saved[key]} -> {current[key]}" for key in CHANGEABLE_ON_RESUME + EMA_KEYS * config.use_ema
