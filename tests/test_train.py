@@ -353,6 +353,11 @@ def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tm
                                                  "--ddpm_num_inference_steps", "50"))
     assert code == 0, err
     assert '"sampler": "ddpm"' in stdout and '"ddpm_num_inference_steps": 50' in stdout
+    # with another --sampler too (a migrated script and a new flag): the steps flag does not apply, and is said so
+    code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--sampler", "unipc",
+                                                 "--ddpm_num_inference_steps", "50"))
+    assert code == 0 and "--ddpm_num_inference_steps 50 is for the ddpm sampler; the previews use --sampler " \
+                         "unipc with --sample_steps 2" in err, err
     assert not out.exists()
 
 

@@ -62,6 +62,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     if "ddpm_num_inference_steps" in explicit and "sampler" not in explicit:
         # The seed script's flag, given: its grids were DDPM's, with that many steps.
         config = config.replace(sampler="ddpm")
+    elif "ddpm_num_inference_steps" in explicit and config.sampler != "ddpm":  # a migrated script, and a new flag
+        logger.warning(f"--ddpm_num_inference_steps {config.ddpm_num_inference_steps} is for the ddpm sampler; the "
+                       f"previews use --sampler {config.sampler} with --sample_steps {config.sample_steps}")
     sources.check_source(config)
     check_creatable(config.output_dir, "--output_dir")
     if config.cache_dir:
