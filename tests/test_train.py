@@ -578,6 +578,16 @@ def test_resuming_with_another_channel_count_is_refused(run_cli, gray_folder, tm
     one_line_error(code, err, "in_channels: 1 -> 3")
 
 
+def test_a_one_channel_model_config_on_colour_images_says_the_colour_goes(run_cli, color_folder, tmp_path):
+    """A config copied from an MNIST model (in_channels 1) trained colour images as grayscale without a word."""
+    gray_unet = tmp_path / "gray_unet.json"
+    gray_unet.write_text(json.dumps({**TINY_UNET, "in_channels": 1, "out_channels": 1}))
+    code, _, err = run_cli(*fast_train_args(color_folder, gray_unet, tmp_path / "run", "--max_train_steps", "1"))
+    assert code == 0, err
+    assert f"--model_config_name_or_path {gray_unet} has in_channels 1: the colour images are trained as " \
+           "grayscale" in err
+
+
 # ---------------------------------------------------------------------------------------- entry points
 
 

@@ -149,6 +149,10 @@ def check_same_images(accelerator: Accelerator, count: int) -> None:
 def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str = "") -> int:
     config = plan.config
     if plan.channels_from_model_config:
+        if plan.channels_from_model_config == 1 and not all_gray():  # e.g. a config copied from an MNIST model
+            logger.warning(f"--model_config_name_or_path {config.model_config_name_or_path} has in_channels 1: the "
+                           f"colour images are trained as grayscale{judged_from}; a config with in_channels 3 keeps "
+                           "their colour")
         return plan.channels_from_model_config
     if config.num_channels != "auto":
         return int(config.num_channels)
