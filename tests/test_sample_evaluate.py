@@ -277,6 +277,7 @@ def test_evaluate_measures_the_numbered_images_of_a_sample_folder_and_skips_unre
     assert code == 0, err
     result = json.loads(stdout)
     assert result["num_generated"] == 2 and "1 unreadable images skipped" in result["generated"]
+    assert result["generated"].startswith("3 image files from")  # "3 images", of which 2 were measured
 
 
 def test_evaluate_says_why_kid_and_precision_recall_are_missing_with_few_images(run_cli, stand_in_inception,

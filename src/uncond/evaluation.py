@@ -121,7 +121,8 @@ def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
     count = min(len(source.records), config.num_images)
     skipped: list[tuple[str, str]] = []  # filled as the batches are read
     batches = data.image_batches(source, resolution, config.batch_size, config.num_images, skipped)
-    return Generated(batches, count, resolution, f"{count} images from {what}, {resizing(resolution)}", skipped)
+    # Files, not images: which of them can be read is known once they are (skipped_note says how many could not).
+    return Generated(batches, count, resolution, f"{count} image files from {what}, {resizing(resolution)}", skipped)
 
 
 def native_size(source: sources.Source, path: Path) -> int:
