@@ -178,6 +178,8 @@ def test_inception_comes_from_torch_fidelity_without_torchvision(tmp_path):
     features = metrics.extract_features(extractor, [images])
     assert features.shape == (2, 2048) and np.isfinite(features).all()
     assert extractor.name == metrics.INCEPTION_NAME and "299x299" in extractor.input_note
+    # random values: the report says these are not the standard weights (it called them the TensorFlow FID ones)
+    assert "NOT the standard FID weights" in extractor.input_note and "not comparable" in extractor.input_note
     assert "torchvision" not in sys.modules
     assert "torch_fidelity" not in sys.modules  # the bare package entry is gone again
 
