@@ -507,8 +507,7 @@ def test_push_to_hub_offline_fails_before_training_and_hides_the_token(run_cli, 
                                                  "--hub_token", "hf_do_not_show_me"))
     one_line_error(code, err, "--push_to_hub: cannot create the Hub repository")
     assert "hf_do_not_show_me" not in stdout + err
-    assert not (out / "unet").exists() and not (out / "data_report.json").exists()
-    assert "hf_do_not_show_me" not in (out / "training_config.json").read_text()
+    assert not out.exists()  # nothing is written before the Hub has answered (it left logs/ and its settings)
 
 
 def test_folder_without_readable_images(run_cli, tiny_unet, tmp_path):

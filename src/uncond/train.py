@@ -45,11 +45,12 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     check_processes(plan, accelerator)
     plan.config = settle_seed(plan, accelerator)
     config = plan.config
+    # --push_to_hub: the repository is created before any heavy work (offline, not logged in, no write access),
+    # and before anything is written into the output folder
+    repo_id = on_main_process(accelerator, lambda: hub.create_repository(config)) if config.push_to_hub else None
     # Before the data: a folder that cannot be used, or a tracker that cannot start, says so at once.
     on_main_process(accelerator, lambda: (prepare_output_dir(plan, output_dir),
                                           init_trackers(config, accelerator, output_dir)))
-    # --push_to_hub: the repository is created before any heavy work (offline, not logged in, no write access)
-    repo_id = on_main_process(accelerator, lambda: hub.create_repository(config)) if config.push_to_hub else None
 
     run = build_run(plan, accelerator)
     run.repo_id = repo_id
