@@ -224,8 +224,8 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
     code, _, err = run_cli("sample", run / "checkpoint-12")
     one_line_error(code, err, "(it is a training checkpoint; its run folder holds the pipeline)")
     code, _, err = run_cli("evaluate", run / "checkpoint-12", "--reference", reference)  # it said "no image files"
-    one_line_error(code, err, "a training checkpoint, neither images nor a pipeline (it is a training checkpoint; "
-                              "its run folder holds the pipeline)")
+    one_line_error(code, err, "a training checkpoint, neither images nor a pipeline; its run folder holds the "
+                              f"pipeline ({run})")  # it said "training checkpoint" twice
     for run_folder in (run, run / "checkpoint-12"):  # its grids and loss.png were measured as real images
         code, _, err = run_cli("evaluate", reference, "--reference", run_folder)
         one_line_error(code, err, f"--reference {run_folder}: a training run's output folder")

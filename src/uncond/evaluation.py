@@ -55,8 +55,8 @@ def evaluate(config: EvaluateConfig) -> Report:
                          "-m uncond sample MODEL --output_dir DIR`, then `uncond evaluate DIR`")
     generated = Path(config.generated).expanduser()
     if sampling.is_checkpoint(generated) and not (generated / "model_index.json").is_file():
-        raise UsageError(f"GENERATED {config.generated}: a training checkpoint, neither images nor a pipeline "
-                         f"{sampling.not_a_pipeline_hint(generated).strip()}")
+        raise UsageError(f"GENERATED {config.generated}: a training checkpoint, neither images nor a pipeline; its "
+                         f"run folder holds the pipeline ({generated.parent})")
     sampling.refuse_unexported_run(generated, f"GENERATED {config.generated}",
                                    ", or pass the folder of images to measure")
     device = sampling.pick_device(config.device)
