@@ -659,8 +659,11 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_cli, 
                            "--checkpoints_total_limit", "1")
     assert code == 0, err
     aside = out / "abandoned-after-step-4"
-    assert f"checkpoint-6, checkpoint-8, of the run's later steps, moved to {aside}" in err
+    assert f"checkpoint-6, checkpoint-8, of the run's later steps, moved to {aside} with their 1 sample grid(s)" in err
     assert checkpoints(out) == {"checkpoint-6"} and checkpoints(aside) == {"checkpoint-6", "checkpoint-8"}
+    # the abandoned steps' grids go with them (step 8's stayed beside the new run's, as if it were its own)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    assert sorted(p.name for p in (aside / "samples").iterdir()) == ["step-0000008.png"]  # the first run's last
     code, _, err = run_cli(*args, "--max_train_steps", "8")  # the same command goes on from this run's newest
     assert code == 0 and "resuming from checkpoint-6 at step 6" in err, err
 

@@ -47,8 +47,8 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> str:
     """Resuming from step `step` of a folder holding checkpoints of later steps (a run taken back, e.g. after
     its loss diverged): those are the abandoned continuation's. Left in place they would pass for this run's:
     `latest` would resume them, and --checkpoints_total_limit, which keeps the highest steps, would remove each
-    new checkpoint as soon as it is written. They are moved, whole, into a folder of their own.
-    Returns a line to log, or ''."""
+    new checkpoint as soon as it is written. They are moved, whole, into a folder of their own, with the sample
+    grids of those steps (beside the new run's, they would pass for its own). Returns a line to log, or ''."""
     later = [path for later_step, path in list_checkpoints(output_dir) if later_step > step]
     if not later:
         return ""
@@ -59,8 +59,15 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> str:
     aside.mkdir()
     for path in later:
         os.replace(path, aside / path.name)
+    grids = [path for path in (output_dir / PREVIEWS_DIR).glob("step-*.png")
+             if path.stem.removeprefix("step-").isdigit() and int(path.stem.removeprefix("step-")) > step]
+    if grids:
+        (aside / PREVIEWS_DIR).mkdir()
+        for path in grids:
+            os.replace(path, aside / PREVIEWS_DIR / path.name)
+    with_grids = f" with their {len(grids)} sample grid(s)" if grids else ""
     return (f"resuming from step {step}: {', '.join(path.name for path in later)}, of the run's later steps, moved "
-            f"to {aside} (delete it when you no longer need them)")
+            f"to {aside}{with_grids} (delete it when you no longer need them)")
 
 
 LOCK_FILE = ".uncond-lock"
