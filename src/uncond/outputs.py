@@ -54,9 +54,9 @@ def export(run: Run, unet: UNet2DModel) -> None:
 def draw_loss_plot(run: Run) -> list[dict[str, Any]]:
     """loss.png from metrics.jsonl, on the main process (the others have no metrics file); returns the records.
     Drawn at exports, at a stop, and as training goes (Run.loss_plot_due): exports can be hours apart."""
-    started = time.perf_counter()
-    records = run.metrics_file.read() if run.metrics_file else []
+    started, records = time.perf_counter(), []
     if run.metrics_file:
+        records = run.metrics_file.read()
         tracking.plot_metrics(records, run.output_dir / tracking.LOSS_PLOT_FILE)
     took = time.perf_counter() - started
     run.loss_plot_due = started + max(LOSS_PLOT_EVERY_SECONDS, took / LOSS_PLOT_SHARE)

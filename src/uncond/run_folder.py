@@ -8,7 +8,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterable
 
 from . import data, hub, tracking
 from .checkpoint import (PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
@@ -179,9 +179,14 @@ def others_outputs(output_dir: Path, config: TrainConfig) -> list[str]:
             or holds_trained_model(output_dir):
         return []
     names = [name for name in (*RUN_ARTEFACTS, *PIPELINE_ITEMS, config.logging_dir) if name != hub.CARD_FILE]
-    inside = [output_dir / name for name in names
-              if output_dir.resolve() in (output_dir / name).resolve().parents]  # not an absolute --logging_dir
-    return [path.name + "/" * path.is_dir() for path in inside if path.exists()]
+    return [path.name + "/" * path.is_dir() for path in existing_inside(output_dir, names)]
+
+
+def existing_inside(output_dir: Path, names: Iterable[str]) -> list[Path]:
+    """The paths of `names` that exist in `output_dir`. --logging_dir may be absolute or lead out of the folder
+    (../tb): other runs' logs are not this folder's."""
+    paths = [output_dir / name for name in names]
+    return [path for path in paths if path.exists() and output_dir.resolve() in path.resolve().parents]
 
 
 def interrupted_before_first_checkpoint(output_dir: Path, config: TrainConfig) -> bool:
@@ -200,11 +205,7 @@ def set_aside_previous_run(output_dir: Path, artefacts: tuple[str, ...]) -> list
     images, say) leaves the earlier model to be moved back. Files uncond did not write are left alone.
     Returns the names set aside."""
     items = [path for _, path in list_checkpoints(output_dir)]
-    for name in (*PIPELINE_ITEMS, *artefacts):
-        path = output_dir / name
-        # --logging_dir may be absolute or lead out of the folder (../tb): other runs' logs are not ours to move
-        if path.exists() and output_dir.resolve() in path.resolve().parents:
-            items.append(path)
+    items += existing_inside(output_dir, (*PIPELINE_ITEMS, *artefacts))
     items += hub.stale_snapshots(output_dir)  # its failed uploads: retrying them would upload the old model
     replaced = output_dir / REPLACED_DIR
     earlier_attempt = replaced.exists()  # set aside by an --overwrite_output_dir run that saved nothing
