@@ -84,7 +84,7 @@ def test_two_processes_train_to_completion_and_resume_on_one(run_cli, color_fold
     assert len(hub.created) == 1 and [c.message for c in hub.commits] == ["uncond: step 2", "uncond: step 4"]
     assert not [path for path in out.rglob("*") if path.is_file() and b"hf_standin_token" in path.read_bytes()]
     log = result.stderr
-    assert "2 process(es) on cpu" in log and "batch 2 per device x 2 process(es) x 2 accumulation = 8" in log
+    assert "2 processes on cpu" in log and "batch 2 per device x 2 processes x 2 accumulation = 8" in log
     assert "2 per epoch" in log  # 12 images: 6 per process, 3 micro-batches of 2, 2 optimizer steps
     for rank in (0, 1):  # each process saved its own random state: two processes really ran
         assert (out / "checkpoint-4" / f"random_states_{rank}.pkl").is_file()
@@ -104,7 +104,7 @@ def test_two_processes_train_to_completion_and_resume_on_one(run_cli, color_fold
     # The two-process checkpoint goes on in one process, after the 12 images (one epoch) already seen.
     code, _, err = run_cli(*args, "--max_train_steps", "6")
     assert code == 0, err
-    assert "checkpoint-4 was written by 2 process(es) with a global batch of 8; going on with 1 process(es)" in err
+    assert "checkpoint-4 was written by 2 processes with a global batch of 8; going on with 1 process" in err
     records = metrics(out)
     assert [r["step"] for r in records] == list(range(1, 7))
     assert [r["epoch"] for r in records[-2:]] == [2, 2] and records[-1]["images_seen"] == 24 + 2 * 4
@@ -118,7 +118,7 @@ def test_one_process_checkpoint_resumes_on_two(run_cli, color_folder, tiny_unet,
     assert not (out / "checkpoint-3" / "random_states_1.pkl").exists()
     result = launch_processes("-m", "uncond", *args, "--max_train_steps", "6")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from checkpoint-3" in result.stderr and "going on with 2 process(es)" in result.stderr
+    assert "resuming from checkpoint-3" in result.stderr and "going on with 2 processes" in result.stderr
     assert (out / "checkpoint-6" / "random_states_1.pkl").is_file()
     records = metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -139,7 +139,7 @@ def test_two_processes_share_the_evaluation_images(color_folder, tiny_unet, tmp_
                            "--eval_num_images", "6", "--use_ema")
     result = launch_processes(TESTS / "eval_worker.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "evaluation at step 2 (6 images from 2 process(es)" in result.stderr
+    assert "evaluation at step 2 (6 images from 2 processes" in result.stderr
     [evaluation] = [r for r in metrics(out) if "fid" in r]
     assert evaluation["eval_images"] == 6
 
@@ -273,7 +273,7 @@ def test_fsdp_trains_the_same_model_as_ddp_and_resumes_on_three_processes(color_
             torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-4, atol=atol, msg=f"{folder}: {name}")
 
     log = train("fsdp", 2, 4)
-    assert "2 process(es) on cpu, weights sharded with FSDP2" in log
+    assert "2 processes on cpu, weights sharded with FSDP2" in log
     train("ddp", 2, 4)
     out = runs["fsdp"]
     assert (out / "checkpoint-4" / "pytorch_model_fsdp.bin").is_file()
@@ -293,7 +293,7 @@ def test_fsdp_trains_the_same_model_as_ddp_and_resumes_on_three_processes(color_
 
     # 2 -> 3 processes: the checkpoint's shards are cut again (the tiny UNet's sizes do not divide by 3)
     log = train("fsdp", 3, 6)
-    assert "resuming from checkpoint-4" in log and "going on with 3 process(es)" in log
+    assert "resuming from checkpoint-4" in log and "going on with 3 processes" in log
     train("ddp", 3, 6)
     for folder in ("checkpoint-6/unet", "checkpoint-6/unet_ema"):
         assert_same_weights(folder)

@@ -112,7 +112,7 @@ def test_failed_upload_is_reported_and_its_files_kept_to_retry(run_cli, standin,
     assert not list(out.glob(".hub-upload-*"))
     # and --overwrite_output_dir sets a failed upload's copy aside with the rest of the earlier run
     kept.mkdir()
-    assert kept.name in run_folder.set_aside_previous_run(out, ()) and not kept.exists()
+    assert kept.name in run_folder.set_aside_previous_run(out, "logs") and not kept.exists()
 
 
 def test_model_card_describes_the_run(run_cli, color_folder, tiny_unet, tmp_path):

@@ -276,7 +276,7 @@ def test_evaluate_measures_the_numbered_images_of_a_sample_folder_and_skips_unre
     code, stdout, err = run_cli("evaluate", out, "--reference", write_images(tmp_path / "real", 4), "--json")
     assert code == 0, err
     result = json.loads(stdout)
-    assert result["num_generated"] == 2 and "1 unreadable images skipped" in result["generated"]
+    assert result["num_generated"] == 2 and "1 unreadable image skipped" in result["generated"]
     assert result["generated"].startswith("3 image files from")  # "3 images", of which 2 were measured
 
 
@@ -302,14 +302,14 @@ def test_evaluate_says_which_set_is_too_small_or_unreadable_before_measuring_the
     extract = metrics.extract_features
     monkeypatch.setattr(metrics, "extract_features", lambda *args: measured.append(1) or extract(*args))
     code, _, err = run_cli("evaluate", write_images(tmp_path / "one", 1), "--reference", reference)
-    one_line_error(code, err, f"GENERATED {tmp_path / 'one'}: 1 image(s); FID needs at least 2")
+    one_line_error(code, err, f"GENERATED {tmp_path / 'one'}: 1 image; FID needs at least 2")
     assert not measured  # the whole reference set was measured first
     unreadable = tmp_path / "unreadable"
     unreadable.mkdir()
     for name in ("a.png", "b.png"):
         (unreadable / name).write_text("not an image")
     code, _, err = run_cli("evaluate", reference, "--reference", unreadable)
-    one_line_error(code, err, f"--reference {unreadable}: 0 readable image(s); 2 unreadable images skipped")
+    one_line_error(code, err, f"--reference {unreadable}: 0 readable images; 2 unreadable images skipped")
     code, _, err = run_cli("evaluate", unreadable, "--reference", reference)
     one_line_error(code, err, f"GENERATED {unreadable}: none of its 2 image files can be read")
 
@@ -319,7 +319,7 @@ def test_evaluate_refuses_a_reference_of_one_image_and_caches_nothing(run_cli, s
     code, _, err = run_cli("evaluate", write_images(tmp_path / "generated", 3),
                            "--reference", write_images(tmp_path / "one", 1))
     one_line_error(code, err, "--reference")
-    assert "1 readable image(s); FID needs at least 2" in err
+    assert "1 readable image; FID needs at least 2" in err
     assert not list(decoded_image_cache.rglob("*.npz"))
 
 

@@ -100,6 +100,7 @@ def test_mixed_precision_comes_from_the_flag_else_the_launcher(run_cli, color_fo
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1", *flag))
     assert code == 0, err
     assert f"precision {expected}" in err
+    assert "on 12 images | 1 process on cpu" in err and "1 optimizer step (3 per epoch, 1 epoch)" in err
     assert json.loads((out / "training_config.json").read_text())["mixed_precision"] == expected
     assert f"--mixed_precision {expected}" in (out / "README.md").read_text()  # its commands run as it did
 
@@ -389,10 +390,15 @@ def test_overwrite_output_dir_starts_afresh(run_cli, color_folder, tiny_unet, tm
     out = tmp_path / "run"
     args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--logging_steps", "1")
     assert run_cli(*args, "--max_train_steps", "4")[0] == 0
+    favourite = (out / "samples" / "step-0000004.png").read_bytes()
+    (out / "samples" / "favourite.png").write_bytes(favourite)  # the user's, kept (it went with the earlier run)
     code, _, err = run_cli(*args, "--max_train_steps", "2", "--overwrite_output_dir")
     assert code == 0, err
     assert checkpoints(out) == {"checkpoint-2"} and metric_steps(out) == [1, 2]
     assert not (out / ".replaced-run").exists() and "removed the earlier run set aside" in err
+    assert "2 sample grids from samples/" in err
+    assert sorted(path.name for path in (out / "samples").iterdir()) == ["favourite.png", "step-0000002.png"]
+    assert (out / "samples" / "favourite.png").read_bytes() == favourite
 
 
 def test_overwrite_output_dir_keeps_the_earlier_run_until_the_new_one_saves(run_cli, color_folder, tiny_unet,
@@ -587,6 +593,14 @@ def test_a_one_channel_model_config_on_colour_images_says_the_colour_goes(run_cl
            "grayscale" in err
 
 
+def test_a_three_channel_model_config_on_grayscale_images_says_so(run_cli, gray_folder, tiny_unet, tmp_path):
+    """A colour model's config on a grayscale set trained RGB copies of it without a word."""
+    code, _, err = run_cli(*fast_train_args(gray_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1"))
+    assert code == 0, err
+    assert f"--model_config_name_or_path {tiny_unet} has in_channels 3: the grayscale images are trained as RGB " \
+           "with three equal channels; a config with in_channels 1" in err
+
+
 # ---------------------------------------------------------------------------------------- entry points
 
 
@@ -629,7 +643,7 @@ def test_two_processes_decode_once_and_train(tiny_unet, tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "decodes-0.txt").read_text() == "1" * 12 and not (tmp_path / "decodes-1.txt").exists()
-    assert "2 process(es)" in result.stderr and (out / "unet").is_dir()
+    assert "2 processes" in result.stderr and (out / "unet").is_dir()
 
 
 def test_num_epochs_count_the_whole_run_when_a_resume_changes_the_batch(run_cli, color_folder, tiny_unet, tmp_path):
@@ -642,7 +656,7 @@ def test_num_epochs_count_the_whole_run_when_a_resume_changes_the_batch(run_cli,
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *common, "--train_batch_size", "4",
                                             "--num_epochs", "3"))
     assert code == 0, err
-    assert "global batch of 2; going on with 1 process(es) and a global batch of 4" in err
+    assert "global batch of 2; going on with 1 process and a global batch of 4" in err
     state = json.loads((out / "training_state.json").read_text())
     assert (state["step"], state["epoch"], state["images_seen"]) == (12, 2, 36)
     assert metric_steps(out) == list(range(1, 13))
@@ -659,7 +673,7 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_cli, 
                            "--checkpoints_total_limit", "1")
     assert code == 0, err
     aside = out / "abandoned-after-step-4"
-    assert f"checkpoint-6, checkpoint-8, of the run's later steps, moved to {aside} with their 1 sample grid(s)" in err
+    assert f"checkpoint-6, checkpoint-8, of the run's later steps, moved to {aside} with their 1 sample grid" in err
     assert checkpoints(out) == {"checkpoint-6"} and checkpoints(aside) == {"checkpoint-6", "checkpoint-8"}
     # the abandoned steps' grids go with them (step 8's stayed beside the new run's, as if it were its own)
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]

@@ -44,6 +44,11 @@ def size_text(size: int) -> str:
     return f"{round(size / 2**10)} KiB" if size >= 2**10 else f"{size} bytes"
 
 
+def counted(count: int, noun: str) -> str:
+    """"1 epoch", "3 epochs", "2 processes", "1,200 images": a number with its noun agreeing."""
+    return f"{count:,} {noun if count == 1 else noun + ('es' if noun.endswith('s') else 's')}"
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message cut to one line, for a UsageError that gives the reason."""
     text = str(error).strip()
@@ -166,10 +171,11 @@ class TrainConfig:
                               group="outputs", seed=True)
     overwrite_output_dir: bool = setting(False, "replace a trained model already in --output_dir and start afresh",
                                          group="outputs", seed=True)
-    save_images_epochs: int = setting(10, "write a sample grid every this many epochs (and at the end)",
+    save_images_epochs: int = setting(10, "write a sample grid after epoch 1 and every this many epochs after it "
+                                      "(1, 11, 21, ... for 10, as the seed script), and at the end",
                                       group="outputs", seed=True)
-    save_model_epochs: int = setting(10, "export the pipeline every this many epochs (and at the end)",
-                                     group="outputs", seed=True)
+    save_model_epochs: int = setting(10, "export the pipeline after epoch 1 and every this many epochs after it, "
+                                     "and at the end", group="outputs", seed=True)
     eval_batch_size: int = setting(16, "images in each sample grid", group="outputs", seed=True)
     sampler: str = setting("sde-dpmsolver++", "sampler for the sample grids (stochastic DPM-Solver++(2M): "
                            "clearer previews of a young model than the ODE solvers); `uncond sample --help` lists "

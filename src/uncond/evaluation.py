@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import data, environment, metrics, sampling, sources
 from .cache import REFERENCE_STATS_DIR
-from .config import RUN_CONFIG_FILE, EvaluateConfig, UsageError
+from .config import RUN_CONFIG_FILE, EvaluateConfig, UsageError, counted
 
 logger = logging.getLogger("uncond")
 
@@ -64,7 +64,7 @@ def evaluate(config: EvaluateConfig) -> Report:
     extractor = metrics.inception_extractor(config.inception_weights, device)
     generated = open_generated(config)
     if generated.count < 2:  # said before the reference images are measured (minutes on a large set)
-        raise UsageError(f"GENERATED {config.generated}: {generated.count} image(s); FID needs at least 2")
+        raise UsageError(f"GENERATED {config.generated}: {counted(generated.count, 'image')}; FID needs at least 2")
     resolution = config.resolution or generated.resolution
     reference, reference_note = reference_stats(config, reference_source, resolution, extractor)
     if reference.extractor not in (None, extractor.name):
@@ -73,7 +73,7 @@ def evaluate(config: EvaluateConfig) -> Report:
     batches = metrics.with_progress(generated.batches, generated.count, "generated")
     features = metrics.extract_features(extractor, batches)
     if len(features) < 2:
-        raise UsageError(f"GENERATED {config.generated}: {len(features)} readable image(s)"
+        raise UsageError(f"GENERATED {config.generated}: {counted(len(features), 'readable image')}"
                          f"{skipped_note(generated.skipped)}; FID needs at least 2")
     scores = metrics.compare(features, reference, device)
     return Report(scores, generated.description + skipped_note(generated.skipped), reference_note,
@@ -137,7 +137,9 @@ def native_size(source: sources.Source, path: Path) -> int:
 
 
 def skipped_note(skipped: list[tuple[str, str]]) -> str:
-    return f"; {len(skipped)} unreadable images skipped ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+    if not skipped:
+        return ""
+    return f"; {counted(len(skipped), 'unreadable image')} skipped ({skipped[0][0]}: {skipped[0][1]})"
 
 
 def resizing(resolution: int) -> str:
@@ -180,8 +182,8 @@ def reference_stats(config: EvaluateConfig, source: sources.Source | None, resol
         batches = metrics.with_progress(batches, count, "reference")
         features = metrics.extract_features(extractor, batches)
         if len(features) < 2:  # a covariance needs two; nothing is cached
-            raise UsageError(f"--reference {config.reference}: {len(features)} readable image(s){skipped_note(skipped)}"
-                             "; FID needs at least 2")
+            raise UsageError(f"--reference {config.reference}: {counted(len(features), 'readable image')}"
+                             f"{skipped_note(skipped)}; FID needs at least 2")
         return metrics.feature_stats(features, extractor.name)
 
     stats, from_cache = metrics.cached_stats(cache, key, compute)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import remote
-from .config import RunFailed, TrainConfig, UsageError, first_line
+from .config import RunFailed, TrainConfig, UsageError, counted, first_line
 
 logger = logging.getLogger("uncond")
 
@@ -168,7 +168,6 @@ def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
                               datasets=[details["hub_dataset"]] if details.get("hub_dataset") else None)
     grid = f"![samples]({details['grid']})\n\n" if details.get("grid") else ""
     metrics = "".join(f"| {name} | {value} |\n" for name, value in details.get("metrics", {}).items())
-    channels = "channels" if details["channels"] > 1 else "channel"
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -176,9 +175,9 @@ def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
 # {details['title']}
 
 An unconditional image diffusion model ({details['parameters']} parameters,
-{details['resolution']}x{details['resolution']} px, {details['channels']} {channels})
+{details['resolution']}x{details['resolution']} px, {counted(details['channels'], 'channel')})
 trained with uncond on {details['dataset']}
-for {details['steps']} optimizer steps ({details['images_seen']} images seen).
+for {counted(details['steps'], 'optimizer step')} ({counted(details['images_seen'], 'image')} seen).
 
 {grid}## Use
 

@@ -13,8 +13,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from diffusers import UNet2DModel
 
-from . import data, metrics, sampling, tracking
-from .config import PREVIEWS_DIR, REFERENCE_STATS_FILE, TrainConfig, UsageError
+from . import data, metrics, run_folder, sampling, tracking
+from .config import REFERENCE_STATS_FILE, TrainConfig, UsageError, counted
 from .outputs import export_best
 from .parts import Run, averaged_unet, off_the_clock
 
@@ -47,9 +47,8 @@ def save_sample_grid(run: Run, unet: UNet2DModel) -> Path | None:
         run.preview_owed = run.step
         return None
     run.preview_owed = None
-    folder = run.output_dir / PREVIEWS_DIR
-    folder.mkdir(exist_ok=True)
-    path = folder / f"step-{run.step:07d}.png"
+    path = run_folder.preview_path(run.output_dir, run.step)
+    path.parent.mkdir(exist_ok=True)
     sampling.image_grid(images).save(path)
     tracking.log_sample_images(run.accelerator.trackers, images, run.step)
     logger.info(f"samples ({config.sampler}, {steps} steps): {path}")
@@ -103,9 +102,9 @@ def evaluate(run: Run) -> None:
                                                                                         "num_reference")}
         accelerator.log(values, step=run.step)
         run.metrics_file.write({"step": run.step, **values, "eval_images": scores.num_generated})
-        logger.info(f"evaluation at step {run.step} ({scores.num_generated} images from {accelerator.num_processes} "
-                    f"process(es), {config.sampler}, {steps} steps, against {scores.num_reference} training "
-                    f"images): {scores}")
+        logger.info(f"evaluation at step {run.step} ({scores.num_generated} images from "
+                    f"{counted(accelerator.num_processes, 'process')}, {config.sampler}, {steps} steps, against "
+                    f"{scores.num_reference} training images): {scores}")
     accelerator.wait_for_everyone()
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from diffusers import UNet2DModel
 
-from . import checkpoint, data, hub, metrics, sampling, sources, streaming, tracking
-from .config import BEST_DIR, PREVIEWS_DIR, TrainConfig
+from . import checkpoint, data, hub, metrics, run_folder, sampling, sources, streaming, tracking
+from .config import BEST_DIR, TrainConfig, counted
 from .parts import Run, drop_replaced_run, off_the_clock, training_state
 from .plan import FSDP_CONFIG
 
@@ -65,13 +65,13 @@ def draw_loss_plot(run: Run) -> list[dict[str, Any]]:
 
 def write_card(run: Run, records: list[dict[str, Any]]) -> None:
     config = run.config
-    grids = sorted((run.output_dir / PREVIEWS_DIR).glob("step-*.png"))
+    grids = run_folder.preview_grids(run.output_dir)
     last = records[-1] if records else {}
     facts = {"dataset": data_description(config), "resolution": config.resolution,
              "optimizer steps": run.step, "images seen": run.images_seen,
              "global batch": f"{run.global_batch_size} ({config.train_batch_size} per device x "
-                             f"{run.accelerator.num_processes} process(es) x {config.gradient_accumulation_steps} "
-                             "accumulation)",
+                             f"{counted(run.accelerator.num_processes, 'process')} x "
+                             f"{config.gradient_accumulation_steps} accumulation)",
              "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, "
                               f"{config.lr_warmup_steps} warmup steps)",
              "prediction type": config.prediction_type, "EMA": config.use_ema,
@@ -89,7 +89,7 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
         "parameters": run.parameters_in_millions,
         "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
         "steps": run.step, "images_seen": run.images_seen,
-        "grid": grids[-1].relative_to(run.output_dir).as_posix() if grids else None,
+        "grid": grids[-1][1].relative_to(run.output_dir).as_posix() if grids else None,
         "metrics": facts, "reproduce": reproduce_section(run.commands, run.step), "usage_code": usage_code,
     })
 

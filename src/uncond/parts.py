@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 
 from . import checkpoint, data, environment, hub, metrics, models, run_folder, sharding, sources, streaming, tracking
-from .config import RunFailed, TrainConfig, UsageError
+from .config import RunFailed, TrainConfig, UsageError, counted
 from .objective import Objective
 from .plan import Plan, refuse_mismatched_resume, warmup_outlasts_run
 from .stopping import StopAgreement, StopSignal
@@ -153,6 +153,10 @@ def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str =
             logger.warning(f"--model_config_name_or_path {config.model_config_name_or_path} has in_channels 1: the "
                            f"colour images are trained as grayscale{judged_from}; a config with in_channels 3 keeps "
                            "their colour")
+        if plan.channels_from_model_config == 3 and all_gray():  # the seed script's way: gray copied to RGB
+            logger.warning(f"--model_config_name_or_path {config.model_config_name_or_path} has in_channels 3: the "
+                           f"grayscale images are trained as RGB with three equal channels{judged_from}; a config "
+                           "with in_channels 1 trains a 1-channel model of them")
         return plan.channels_from_model_config
     if config.num_channels != "auto":
         return int(config.num_channels)
@@ -265,8 +269,9 @@ def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, globa
     if saved_batch != global_batch_size or saved_processes != num_processes:
         images_into_epoch = steps_into_epoch * saved_batch
         steps_into_epoch = min(images_into_epoch // global_batch_size, steps_per_epoch)
-        note = (f"checkpoint-{step} was written by {saved_processes} process(es) with a global batch of {saved_batch}; "
-                f"going on with {num_processes} process(es) and a global batch of {global_batch_size} after the "
+        note = (f"checkpoint-{step} was written by {counted(saved_processes, 'process')} with a global batch of "
+                f"{saved_batch}; going on with {counted(num_processes, 'process')} and a global batch of "
+                f"{global_batch_size} after the "
                 f"{images_into_epoch} images already seen in epoch {epoch}")
     return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
                     epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note,

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from . import checkpoint, models, run_folder, sampling, sources
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, counted
 
 logger = logging.getLogger("uncond")
 
@@ -214,7 +214,7 @@ def dry_run(plan: Plan) -> None:
     channel_options = [plan.channels_from_model_config] if plan.channels_from_model_config else (
         [1, 3] if config.num_channels == "auto" else [int(config.num_channels)])
     sizes = ", ".join(f"{models.count_parameters(models.with_channels(plan.unet_config, c)):,} parameters with "
-                      f"{c} channel{'s' if c > 1 else ''}" for c in channel_options)
+                      f"{counted(c, 'channel')}" for c in channel_options)
     batches = (math.ceil(len(source.records) / config.train_batch_size) if source  # a stream: one epoch
                else config.max_train_steps * config.gradient_accumulation_steps)
     steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
@@ -222,7 +222,8 @@ def dry_run(plan: Plan) -> None:
     print(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
     print(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
     total_steps = config.max_train_steps or steps_per_epoch * config.num_epochs
-    print(f"schedule: {steps_per_epoch} optimizer steps per epoch on one process; {total_steps} steps in all")
+    print(f"schedule: {counted(steps_per_epoch, 'optimizer step')} per epoch on one process; "
+          f"{counted(total_steps, 'step')} in all")
     if warning := warmup_outlasts_run(config, total_steps):
         print(f"warning: {warning}")
     if plan.resume_message:

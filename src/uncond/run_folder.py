@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import IO, Iterable
@@ -14,13 +15,25 @@ from . import data, hub, tracking
 from .checkpoint import (PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
                          complete_checkpoints, list_checkpoints, remove)
 from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, TrainConfig,
-                     UsageError)
+                     UsageError, counted)
 
 REPLACED_DIR = ".replaced-run"  # --overwrite_output_dir: the earlier run, kept until the new one has saved
 # What a run writes into its output folder besides checkpoints, the pipeline and its --logging_dir:
 # --overwrite_output_dir sets it aside.
 RUN_ARTEFACTS = (PREVIEWS_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, RUN_CONFIG_FILE, hub.CARD_FILE,
                  data.REPORT_FILE, BEST_DIR, REFERENCE_STATS_FILE)
+PREVIEW_NAME = re.compile(r"^step-(\d+)\.png$")  # a run's sample grids, in PREVIEWS_DIR
+
+
+def preview_path(output_dir: Path, step: int) -> Path:
+    return output_dir / PREVIEWS_DIR / f"step-{step:07d}.png"
+
+
+def preview_grids(output_dir: Path) -> list[tuple[int, Path]]:
+    """The run's sample grids in step order; other files in PREVIEWS_DIR (the user's) are not the run's."""
+    found = [(int(match[1]), path) for path in (output_dir / PREVIEWS_DIR).glob("step-*.png")
+             if (match := PREVIEW_NAME.match(path.name))]
+    return sorted(found)
 
 
 def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
@@ -59,13 +72,12 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> str:
     aside.mkdir()
     for path in later:
         os.replace(path, aside / path.name)
-    grids = [path for path in (output_dir / PREVIEWS_DIR).glob("step-*.png")
-             if path.stem.removeprefix("step-").isdigit() and int(path.stem.removeprefix("step-")) > step]
+    grids = [path for grid_step, path in preview_grids(output_dir) if grid_step > step]
     if grids:
         (aside / PREVIEWS_DIR).mkdir()
         for path in grids:
             os.replace(path, aside / PREVIEWS_DIR / path.name)
-    with_grids = f" with their {len(grids)} sample grid(s)" if grids else ""
+    with_grids = f" with their {counted(len(grids), 'sample grid')}" if grids else ""
     return (f"resuming from step {step}: {', '.join(path.name for path in later)}, of the run's later steps, moved "
             f"to {aside}{with_grids} (delete it when you no longer need them)")
 
@@ -198,25 +210,30 @@ def interrupted_before_first_checkpoint(output_dir: Path, config: TrainConfig) -
     return all(saved.get(key) == current[key] for key in SAME_RUN_KEYS)
 
 
-def set_aside_previous_run(output_dir: Path, artefacts: tuple[str, ...]) -> list[str]:
+def set_aside_previous_run(output_dir: Path, logging_dir: str) -> list[str]:
     """--overwrite_output_dir without resuming: what an earlier run wrote is moved into REPLACED_DIR, so that its
     checkpoints are neither rotated with nor resumed instead of the new ones, and removed once the new run has
     saved a checkpoint or its pipeline (remove_replaced_run): a new run that fails before (on unreadable
-    images, say) leaves the earlier model to be moved back. Files uncond did not write are left alone.
-    Returns the names set aside."""
+    images, say) leaves the earlier model to be moved back. Files uncond did not write are left alone, also
+    among the sample grids. Returns the names set aside."""
     items = [path for _, path in list_checkpoints(output_dir)]
-    items += existing_inside(output_dir, (*PIPELINE_ITEMS, *artefacts))
+    artefacts = [name for name in RUN_ARTEFACTS if name != PREVIEWS_DIR]
+    items += existing_inside(output_dir, (*PIPELINE_ITEMS, *artefacts, logging_dir))
     items += hub.stale_snapshots(output_dir)  # its failed uploads: retrying them would upload the old model
+    grids = [path for _, path in preview_grids(output_dir)]
     replaced = output_dir / REPLACED_DIR
     earlier_attempt = replaced.exists()  # set aside by an --overwrite_output_dir run that saved nothing
-    for path in items:
+    for path in items + grids:
         if earlier_attempt:  # what the folder holds besides is that attempt's: no model
             remove(path)
         else:
             target = replaced / path.relative_to(output_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             path.rename(target)
-    return [path.relative_to(output_dir).as_posix() for path in items]
+    if grids and not any((output_dir / PREVIEWS_DIR).iterdir()):
+        (output_dir / PREVIEWS_DIR).rmdir()
+    return [path.relative_to(output_dir).as_posix() for path in items] + \
+        [f"{counted(len(grids), 'sample grid')} from {PREVIEWS_DIR}/"] * bool(grids)
 
 
 def remove_replaced_run(output_dir: Path) -> bool:

@@ -29,7 +29,6 @@ from .sampling import (image_grid, is_numbered_image, network_evaluations, numbe
 
 logger = logging.getLogger("uncond")
 
-SETTINGS_FILE = SAMPLE_SETTINGS_FILE
 PARTIAL_SUFFIX = ".partial"  # an image being written; renamed to its number once whole
 GRID_SIZE = 256  # the first images tiled into --grid
 COMPARED = ("weights", "schedule", "sampler", "steps", "seed", "dtype")  # the settings a folder's images share
@@ -203,12 +202,12 @@ def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any])
     # earlier run's, so that asking for it again later is recognised as this folder's.
     kept_grid = None if config.overwrite else (recorded_settings(folder) or {}).get("grid")
     record = {**settings, "grid": grid_name(config.grid) or kept_grid}
-    (folder / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / SAMPLE_SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def recorded_settings(folder: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / SETTINGS_FILE).read_text())
+        return json.loads((folder / SAMPLE_SETTINGS_FILE).read_text())
     except (OSError, ValueError):
         return None
 

@@ -17,7 +17,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, tracking
-from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line, public_argv
+from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, counted, first_line, public_argv
 from .objective import training_loss
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
 from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
@@ -113,7 +113,7 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> None:
         if message:
             logger.warning(message)
     if config.overwrite_output_dir and plan.resume_from is None:
-        set_aside = run_folder.set_aside_previous_run(output_dir, run_folder.RUN_ARTEFACTS + (config.logging_dir,))
+        set_aside = run_folder.set_aside_previous_run(output_dir, config.logging_dir)
         if set_aside:
             logger.info(f"--overwrite_output_dir: moved the earlier run's {', '.join(set_aside)} into "
                         f"{output_dir / run_folder.REPLACED_DIR}; they are removed once this run saves a checkpoint "
@@ -167,14 +167,15 @@ def log_run_summary(run: Run) -> None:
     config, accelerator = run.config, run.accelerator
     logger.info(
         f"training {run.parameters_in_millions}-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
-        f"{run.unwrapped_unet.config.in_channels} channel(s), {config.resolution} px, "
-        f"on {run.batches.num_images or 'a stream of'} images | "
-        f"{accelerator.num_processes} process(es) on {accelerator.device.type}"
+        f"{counted(run.unwrapped_unet.config.in_channels, 'channel')}, {config.resolution} px, "
+        f"on {counted(run.batches.num_images, 'image') if run.batches.num_images else 'a stream of images'} | "
+        f"{counted(accelerator.num_processes, 'process')} on {accelerator.device.type}"
         f"{', weights sharded with FSDP2' if sharding.is_sharded(run.unwrapped_unet) else ''}, "
         f"precision {config.mixed_precision} | "
-        f"batch {config.train_batch_size} per device x {accelerator.num_processes} process(es) x "
-        f"{config.gradient_accumulation_steps} accumulation = {run.global_batch_size} | "
-        f"{run.max_train_steps} optimizer steps ({run.steps_per_epoch} per epoch, {run.num_epochs} epochs) | "
+        f"batch {config.train_batch_size} per device x {counted(accelerator.num_processes, 'process')}"
+        f" x {config.gradient_accumulation_steps} accumulation = {run.global_batch_size} | "
+        f"{counted(run.max_train_steps, 'optimizer step')} ({run.steps_per_epoch} per epoch, "
+        f"{counted(run.num_epochs, 'epoch')}) | "
         f"seed {config.seed} | output {run.output_dir}")
 
 
