@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
-from .config import TrainConfig, UsageError, size_text
+from .config import TrainConfig, UsageError, counted, size_text
 from .decoding import decode_records
 from .sources import Source
 
@@ -72,7 +72,7 @@ def first_reasons(skipped: Sequence[Sequence[str]], count: int = 3) -> str:
 def summary(cache: ImageCache, source: Source) -> str:
     """The one line a run prints about its data."""
     how = "decoded into" if cache.built_now else "read from"
-    line = (f"data: {len(cache)} images from {source.description}, {how} the cache {cache.folder} "
+    line = (f"data: {counted(len(cache), 'image')} from {source.description}, {how} the cache {cache.folder} "
             f"({size_text(cache.nbytes)})")
     skipped = cache.meta["skipped"]
     if skipped:

@@ -122,7 +122,8 @@ def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
     skipped: list[tuple[str, str]] = []  # filled as the batches are read
     batches = data.image_batches(source, resolution, config.batch_size, config.num_images, skipped)
     # Files, not images: which of them can be read is known once they are (skipped_note says how many could not).
-    return Generated(batches, count, resolution, f"{count} image files from {what}, {resizing(resolution)}", skipped)
+    description = f"{counted(count, 'image file')} from {what}, {resizing(resolution)}"
+    return Generated(batches, count, resolution, description, skipped)
 
 
 def native_size(source: sources.Source, path: Path) -> int:

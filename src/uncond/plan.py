@@ -234,5 +234,6 @@ def warmup_outlasts_run(config: TrainConfig, total_steps: int) -> str | None:
     """The seed's 500 warmup steps in a shorter run keep the learning rate below --learning_rate throughout."""
     if config.lr_scheduler == "constant" or config.lr_warmup_steps <= total_steps:
         return None
-    return (f"--lr_warmup_steps {config.lr_warmup_steps} is longer than the run's {total_steps} optimizer steps: "
+    return (f"--lr_warmup_steps {config.lr_warmup_steps} is longer than the run's "
+            f"{counted(total_steps, 'optimizer step')}: "
             f"the learning rate never reaches --learning_rate {config.learning_rate:g}; lower --lr_warmup_steps")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from . import environment
-from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, SampleConfig, UsageError
+from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, SampleConfig, UsageError, counted
 from .sampling import (image_grid, is_numbered_image, network_evaluations, numbered_name, open_for_sampling,
                        sample_batches, sampling_options, to_pil)
 
@@ -68,7 +68,7 @@ def sample_to_folder(config: SampleConfig) -> Path:
             logger.info(f"grid of {min(config.num_images, GRID_SIZE)} images: {config.grid}")
         if missing:
             elapsed = time.perf_counter() - started
-            logger.info(f"wrote {len(missing)} images ({model_shape_text(model.unet)}) to {folder} in "
+            logger.info(f"wrote {counted(len(missing), 'image')} ({model_shape_text(model.unet)}) to {folder} in "
                         f"{elapsed:.1f} s ({len(missing) / elapsed:.1f} images/s{on_processes(processes)}; "
                         f"{config.sampler}, {steps} steps, {network_evaluations(scheduler, steps)} network "
                         "evaluations per image)")

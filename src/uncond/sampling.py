@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import remote
-from .config import CHECKPOINT_NAME, RUN_CONFIG_FILE, SamplingSettings, UsageError, first_line
+from .config import CHECKPOINT_NAME, RUN_CONFIG_FILE, SamplingSettings, UsageError, counted, first_line
 
 logger = logging.getLogger("uncond")
 
@@ -375,8 +375,8 @@ def open_for_sampling(settings: SamplingSettings, model_name: str) -> tuple[Mode
                                   model.scheduler_config.get("num_train_timesteps", DDPM_STEPS))
     check_sampler_fits(settings.sampler, model.scheduler_config, steps)
     scheduler = make_sampler(settings.sampler, model.scheduler_config)
-    logger.info(f"sampling {settings.num_images} images from {model.description} on {device} ({settings.dtype}) "
-                f"with {settings.sampler}, {steps} steps, seed {settings.seed}")
+    logger.info(f"sampling {counted(settings.num_images, 'image')} from {model.description} on {device} "
+                f"({settings.dtype}) with {settings.sampler}, {steps} steps, seed {settings.seed}")
     return model, scheduler, steps
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from . import remote
-from .config import RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, TrainConfig, UsageError
+from .config import RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, TrainConfig, UsageError, counted
 
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
@@ -179,7 +179,7 @@ def folder_source(folder: Path) -> Source:
     left_out = (f"; uncond run and sample folders left out: {', '.join(str(p) for p in run_folders)}"
                 if run_folders else "")
     # The absolute path: the description is also what `uncond cache` lists as an entry's source.
-    return Source(f"folder {os.path.abspath(folder)} ({len(paths)} image files{left_out})",
+    return Source(f"folder {os.path.abspath(folder)} ({counted(len(paths), 'image file')}{left_out})",
                   Records(paths, Image.open, lambda _, path: path), fingerprint.hexdigest(), ignored)
 
 
@@ -265,7 +265,7 @@ def dataset_source(config: TrainConfig) -> Source:
         raise UsageError(f"--dataset_name {name}: {error} (column {', '.join(columns)})") from None
     except Exception:  # noqa: BLE001 - a bad first image is skipped and reported with the others
         pass
-    return Source(f"{name} ({len(dataset)} images, column{'s' * (len(columns) > 1)} "
+    return Source(f"{name} ({counted(len(dataset), 'image')}, column{'s' * (len(columns) > 1)} "
                   f"{', '.join(repr(c) for c in columns)})",
                   Records(items, opener, lambda i, _: f"{name}[{i}]"), fingerprint)
 
