@@ -403,18 +403,33 @@ def test_overwrite_output_dir_starts_afresh(run_cli, color_folder, tiny_unet, tm
 
 def test_overwrite_output_dir_keeps_the_earlier_run_until_the_new_one_saves(run_cli, color_folder, tiny_unet,
                                                                             tmp_path):
-    """It removed the earlier run at once: a new run failing on its images left neither model."""
+    """It removed the earlier run at once: a new run failing on its images left neither model. Then it left the
+    earlier run set aside, and re-running the earlier command started afresh and deleted it."""
     out, broken = tmp_path / "run", tmp_path / "broken"
-    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2")
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
     assert run_cli(*args)[0] == 0
     weights = (out / "unet" / WEIGHTS).read_bytes()
     broken.mkdir()
     (broken / "a.png").write_text("not an image")
-    for attempt in range(2):  # the second attempt keeps the first one's copy of the earlier run
-        code, _, err = run_cli(*fast_train_args(broken, tiny_unet, out, "--overwrite_output_dir"))
-        assert code != 0 and "could be read" in err, err
-        assert (out / ".replaced-run" / "unet" / WEIGHTS).read_bytes() == weights
-        assert (out / ".replaced-run" / "checkpoint-2").is_dir() and not (out / "unet").exists()
+    code, _, err = run_cli(*fast_train_args(broken, tiny_unet, out, "--overwrite_output_dir"))
+    assert code != 0 and "could be read" in err, err
+    assert "this run ended before saving anything, so the earlier run it set aside is back" in err
+    assert (out / "unet" / WEIGHTS).read_bytes() == weights and not (out / ".replaced-run").exists()
+    assert json.loads((out / "training_config.json").read_text())["train_data_dir"] == str(color_folder)
+    code, _, err = run_cli(*args, "--max_train_steps", "4")  # the earlier command, extended, goes on
+    assert code == 0 and "resuming from checkpoint-2" in err, err
+    assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
+
+
+def test_a_replacement_killed_before_it_saved_leaves_the_earlier_run_to_keep_or_replace(run_cli, color_folder,
+                                                                                        tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2")
+    assert run_cli(*args)[0] == 0
+    run_folder.set_aside_previous_run(out, "logs")  # as an --overwrite_output_dir run killed by SIGKILL leaves it
+    code, _, err = run_cli(*args)
+    one_line_error(code, err, f"--output_dir {out}: an --overwrite_output_dir run was killed before it saved")
+    assert (out / ".replaced-run" / "unet" / WEIGHTS).is_file()
     code, _, err = run_cli(*args, "--overwrite_output_dir", "--seed", "1")
     assert code == 0 and not (out / ".replaced-run").exists(), err
 

@@ -170,6 +170,10 @@ def check_output_dir(config: TrainConfig, resuming: bool) -> str:
     if readme.is_file() and not hub.written_by_uncond(readme):
         raise UsageError(f"--output_dir {output_dir} holds a README.md that uncond did not write, which the model "
                          "card would replace; move it, or choose another --output_dir")
+    if (output_dir / REPLACED_DIR).exists() and not config.overwrite_output_dir:
+        raise UsageError(f"--output_dir {output_dir}: an --overwrite_output_dir run was killed before it saved, "
+                         f"leaving the run it replaced in {output_dir / REPLACED_DIR}; pass --overwrite_output_dir "
+                         "to replace that run, or move its files back into the folder to go on with it")
     found = others_outputs(output_dir, config)
     if found:  # with --overwrite_output_dir too: it replaces an earlier run, not the user's own files
         raise UsageError(f"--output_dir {output_dir} holds {', '.join(found)}, which no training run wrote and this "
@@ -210,19 +214,24 @@ def interrupted_before_first_checkpoint(output_dir: Path, config: TrainConfig) -
     return all(saved.get(key) == current[key] for key in SAME_RUN_KEYS)
 
 
-def set_aside_previous_run(output_dir: Path, logging_dir: str) -> list[str]:
-    """--overwrite_output_dir without resuming: what an earlier run wrote is moved into REPLACED_DIR, so that its
-    checkpoints are neither rotated with nor resumed instead of the new ones, and removed once the new run has
-    saved a checkpoint or its pipeline (remove_replaced_run): a new run that fails before (on unreadable
-    images, say) leaves the earlier model to be moved back. Files uncond did not write are left alone, also
-    among the sample grids. Returns the names set aside."""
+def run_outputs(output_dir: Path, logging_dir: str) -> tuple[list[Path], list[Path]]:
+    """What runs wrote into `output_dir`: checkpoints, pipeline, artefacts, logs and failed uploads; and apart,
+    the sample grids (PREVIEWS_DIR may hold the user's own files too, which are left alone)."""
     items = [path for _, path in list_checkpoints(output_dir)]
     artefacts = [name for name in RUN_ARTEFACTS if name != PREVIEWS_DIR]
     items += existing_inside(output_dir, (*PIPELINE_ITEMS, *artefacts, logging_dir))
-    items += hub.stale_snapshots(output_dir)  # its failed uploads: retrying them would upload the old model
-    grids = [path for _, path in preview_grids(output_dir)]
+    items += hub.stale_snapshots(output_dir)  # failed uploads: retrying them would upload the old model
+    return items, [path for _, path in preview_grids(output_dir)]
+
+
+def set_aside_previous_run(output_dir: Path, logging_dir: str) -> list[str]:
+    """--overwrite_output_dir without resuming: what an earlier run wrote is moved into REPLACED_DIR, so that its
+    checkpoints are neither rotated with nor resumed instead of the new ones, and removed once the new run has
+    saved a checkpoint or its pipeline (remove_replaced_run); a new run that fails before (on unreadable
+    images, say) puts it back (restore_replaced_run). Returns the names set aside."""
+    items, grids = run_outputs(output_dir, logging_dir)
     replaced = output_dir / REPLACED_DIR
-    earlier_attempt = replaced.exists()  # set aside by an --overwrite_output_dir run that saved nothing
+    earlier_attempt = replaced.exists()  # set aside by an --overwrite_output_dir run killed before it saved
     for path in items + grids:
         if earlier_attempt:  # what the folder holds besides is that attempt's: no model
             remove(path)
@@ -230,10 +239,37 @@ def set_aside_previous_run(output_dir: Path, logging_dir: str) -> list[str]:
             target = replaced / path.relative_to(output_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             path.rename(target)
-    if grids and not any((output_dir / PREVIEWS_DIR).iterdir()):
-        (output_dir / PREVIEWS_DIR).rmdir()
+    if grids:
+        remove_if_empty(output_dir / PREVIEWS_DIR)
     return [path.relative_to(output_dir).as_posix() for path in items] + \
         [f"{counted(len(grids), 'sample grid')} from {PREVIEWS_DIR}/"] * bool(grids)
+
+
+def restore_replaced_run(output_dir: Path, logging_dir: str) -> str:
+    """The earlier run that --overwrite_output_dir set aside, put back: this run failed before it saved, and
+    what it wrote so far (its settings, logs, perhaps a grid; no model) goes. Returns a line to log, or ''."""
+    replaced = output_dir / REPLACED_DIR
+    if not replaced.is_dir():
+        return ""
+    items, grids = run_outputs(output_dir, logging_dir)
+    for path in items + grids:
+        remove(path)
+    for path in replaced.iterdir():
+        if path.name == PREVIEWS_DIR:  # the grids go back beside the user's files
+            (output_dir / PREVIEWS_DIR).mkdir(exist_ok=True)
+            for grid in path.iterdir():
+                os.replace(grid, output_dir / PREVIEWS_DIR / grid.name)
+        else:
+            os.replace(path, output_dir / path.name)
+    remove(replaced)
+    remove_if_empty(output_dir / PREVIEWS_DIR)
+    return (f"--overwrite_output_dir: this run ended before saving anything, so the earlier run it set aside is "
+            f"back in {output_dir}")
+
+
+def remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def remove_replaced_run(output_dir: Path) -> bool:

@@ -49,9 +49,24 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     # and before anything is written into the output folder
     repo_id = on_main_process(accelerator, lambda: hub.create_repository(config)) if config.push_to_hub else None
     # Before the data: a folder that cannot be used, or a tracker that cannot start, says so at once.
-    on_main_process(accelerator, lambda: (prepare_output_dir(plan, output_dir),
-                                          init_trackers(config, accelerator, output_dir)))
+    replacing = on_main_process(accelerator, lambda: prepare_output_dir(plan, output_dir))
+    try:
+        on_main_process(accelerator, lambda: init_trackers(config, accelerator, output_dir))
+        return run_training(plan, accelerator, explicit, repo_id, command)
+    except BaseException:
+        # --overwrite_output_dir, failing (unreadable images, Ctrl-C while decoding) before this run saved
+        # anything: the earlier run is put back, as if this one had never started.
+        if replacing and accelerator.is_main_process:
+            message = run_folder.restore_replaced_run(output_dir, config.logging_dir)
+            if message:
+                logger.warning(message)
+        raise
 
+
+def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | frozenset[str], repo_id: str | None,
+                 command: list[str] | None) -> Path:
+    """The parts built, the checkpoint resumed, the loop run and the run's end said; returns the output folder."""
+    config, output_dir = plan.config, Path(plan.config.output_dir)
     run = build_run(plan, accelerator)
     run.repo_id = repo_id
     argv = public_argv(sys.argv[1:] if command is None else command, config)
@@ -96,10 +111,10 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     return output_dir
 
 
-def prepare_output_dir(plan: Plan, output_dir: Path) -> None:
+def prepare_output_dir(plan: Plan, output_dir: Path) -> bool:
     """On the main process: the folder made and locked for this run, what interrupted writes left removed,
-    later checkpoints set aside when going back, an earlier run's outputs removed with --overwrite_output_dir,
-    and this run's settings written."""
+    later checkpoints set aside when going back, an earlier run's outputs set aside with --overwrite_output_dir,
+    and this run's settings written. Whether an earlier run is set aside (until this one saves)."""
     config = plan.config
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -112,13 +127,15 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> None:
         message = run_folder.set_aside_later_checkpoints(output_dir, plan.resume_step)
         if message:
             logger.warning(message)
-    if config.overwrite_output_dir and plan.resume_from is None:
+    replacing = config.overwrite_output_dir and plan.resume_from is None
+    if replacing:
         set_aside = run_folder.set_aside_previous_run(output_dir, config.logging_dir)
         if set_aside:
             logger.info(f"--overwrite_output_dir: moved the earlier run's {', '.join(set_aside)} into "
                         f"{output_dir / run_folder.REPLACED_DIR}; they are removed once this run saves a checkpoint "
-                        "or its pipeline (until then they can be moved back)")
+                        "or its pipeline (if this run fails before, they are put back)")
     config.save(output_dir / RUN_CONFIG_FILE)
+    return replacing and (output_dir / run_folder.REPLACED_DIR).exists()
 
 
 def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None:
