@@ -134,6 +134,21 @@ def test_resume_from_a_named_checkpoint_and_from_latest(run_cli, color_folder, t
     assert metric_steps(out) == list(range(1, 11))
 
 
+def test_resuming_past_the_runs_last_step_is_refused(run_cli, color_folder, tiny_unet, tmp_path):
+    """A checkpoint at step 6 resumed with --max_train_steps 2 trained "-13 epochs" and exported its weights."""
+    first = tmp_path / "first"
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, first, "--max_train_steps", "6"))[0] == 0
+    resume = ["--resume_from_checkpoint", str(first / "checkpoint-6")]
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "a", "--max_train_steps", "2",
+                                            *resume))
+    one_line_error(code, err, "checkpoint-6 is at step 6, past this run's last step 2: nothing to train "
+                              "(--max_train_steps counts the whole run, the checkpoint's steps included)")
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "b", "--num_epochs", "1", *resume))
+    one_line_error(code, err, "checkpoint-6 is at step 6, past this run's last step 3: nothing to train "
+                              "(--num_epochs counts")
+    assert not (tmp_path / "a" / "unet").exists() and not (tmp_path / "b" / "unet").exists()
+
+
 def test_rerunning_the_same_command_continues_the_run(run_cli, color_folder, tiny_unet, tmp_path):
     out = tmp_path / "run"
     args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "3", "--logging_steps", "1")
@@ -734,6 +749,20 @@ def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     assert checkpoint.ema_updates(3, tmp_path / "seed-script-checkpoint", ema) == 1  # every step, 3 steps
 
 
+def test_a_rerun_without_use_ema_keeps_the_ema_unless_told_to_drop_it(run_cli, color_folder, tiny_unet, tmp_path):
+    """The same command typed without --use_ema resumed, dropped the EMA (the weights the exports held), and
+    --checkpoints_total_limit rotated away the checkpoints that still had it."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--checkpoints_total_limit", "1")
+    assert run_cli(*args, "--max_train_steps", "2", "--use_ema")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "4")
+    one_line_error(code, err, "checkpoint-2's run kept an EMA of the weights (its exports hold it): pass --use_ema "
+                              "to go on with it, or --no-use_ema to drop it")
+    assert (out / "checkpoint-2" / "unet_ema").is_dir()
+    code, _, err = run_cli(*args, "--max_train_steps", "4", "--no-use_ema")
+    assert code == 0 and "--no-use_ema: the EMA of the weights that checkpoint-2's run kept is dropped" in err, err
+
+
 def test_resuming_a_seed_checkpoint_says_whether_its_ema_goes_on(tmp_path):
     """train_unconditional.py's checkpoints have no training_config.json: its EMA (unet_ema/) was dropped without
     a word when resumed without --use_ema, and the export switched from EMA to trained weights."""
@@ -743,7 +772,7 @@ def test_resuming_a_seed_checkpoint_says_whether_its_ema_goes_on(tmp_path):
     (seed_checkpoint / "unet").mkdir(parents=True)
     (seed_checkpoint / "unet_ema").mkdir()
     notes = checkpoint.resume_notes(seed_checkpoint, TrainConfig(), {})
-    assert any("checkpoint-500's run kept an EMA of the weights; without --use_ema it is dropped" in n for n in notes)
+    assert any("--no-use_ema: the EMA of the weights that checkpoint-500's run kept is dropped" in n for n in notes)
     assert checkpoint.resume_notes(seed_checkpoint, TrainConfig(use_ema=True), {}) == []
     (seed_checkpoint / "unet_ema").rmdir()
     notes = checkpoint.resume_notes(seed_checkpoint, TrainConfig(use_ema=True), {})
@@ -923,7 +952,7 @@ def test_a_resume_says_what_it_changes_that_it_may_change(run_cli, color_folder,
     out = tmp_path / "run"
     args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2")
     assert run_cli(*args, "--max_train_steps", "2", "--seed", "1", "--use_ema")[0] == 0
-    code, _, err = run_cli(*args, "--max_train_steps", "4", "--seed", "2", "--dry_run")
+    code, _, err = run_cli(*args, "--max_train_steps", "4", "--seed", "2", "--no-use_ema", "--dry_run")
     assert code == 0, err
     assert "--seed 2: checkpoint-2's run used seed 1; its data order, crops and noise follow seed 2 from here" in err
-    assert "checkpoint-2's run kept an EMA of the weights; without --use_ema it is dropped" in err
+    assert "--no-use_ema: the EMA of the weights that checkpoint-2's run kept is dropped" in err

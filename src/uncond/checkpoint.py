@@ -306,6 +306,12 @@ def resume_differences(path: Path, config: TrainConfig, unet_config: dict[str, A
     return sorted(set(differences))
 
 
+def kept_ema(path: Path) -> bool:
+    """Whether the run that wrote checkpoint `path` kept an EMA of the weights (train_unconditional.py's
+    checkpoints say it by their unet_ema/ alone)."""
+    return saved_run_config(path).get("use_ema", (path / "unet_ema").is_dir())
+
+
 def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list[str]:
     """What a resume from `path` changes that it may change, to be said: the seed, the EMA on or off, and the
     settings of CHANGEABLE_ON_RESUME."""
@@ -315,10 +321,10 @@ def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list
     if config.seed is not None and saved_seed is not None and config.seed != saved_seed:
         notes.append(f"--seed {config.seed}: {path.name}'s run used seed {saved_seed}; its data order, crops and "
                      f"noise follow seed {config.seed} from here (leave --seed out to keep {saved_seed})")
-    had_ema = saved.get("use_ema", (path / "unet_ema").is_dir())  # train_unconditional.py's: its unet_ema/
+    had_ema = kept_ema(path)
     if had_ema and not config.use_ema:
-        notes.append(f"{path.name}'s run kept an EMA of the weights; without --use_ema it is dropped, and exports "
-                     "hold the trained weights")
+        notes.append(f"--no-use_ema: the EMA of the weights that {path.name}'s run kept is dropped; exports hold "
+                     "the trained weights")
     elif not had_ema and config.use_ema:
         notes.append(f"--use_ema: {path.name}'s run had no EMA; it starts here from the checkpoint's weights")
     current = config.to_dict()

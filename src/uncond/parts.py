@@ -22,7 +22,7 @@ from diffusers.optimization import get_scheduler
 from . import checkpoint, data, environment, hub, metrics, models, run_folder, sharding, sources, streaming, tracking
 from .config import RunFailed, TrainConfig, UsageError, counted
 from .objective import Objective
-from .plan import Plan, refuse_mismatched_resume, warmup_outlasts_run
+from .plan import Plan, refuse_mismatched_resume, refuse_resume_past_end, warmup_outlasts_run
 from .stopping import StopAgreement, StopSignal
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -193,6 +193,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
         plan.resume_step, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes)
     epoch_offset = position.epoch_offset if position else 0
     max_train_steps = config.max_train_steps or epoch_offset + config.num_epochs * steps_per_epoch
+    refuse_resume_past_end(plan, max_train_steps)
     if accelerator.is_main_process and (warning := warmup_outlasts_run(config, max_train_steps)):
         logger.warning(warning)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,

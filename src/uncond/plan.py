@@ -101,11 +101,29 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     message = run_folder.check_output_dir(config, resuming=resume_from is not None) or message
     if resume_from is not None:  # the channel count is compared once the data has decided it
         refuse_mismatched_resume(resume_from, config, unet_config)
+        if checkpoint.kept_ema(resume_from) and not config.use_ema and "use_ema" not in explicit:
+            # A re-run typed without --use_ema would drop the EMA, the weights the exports hold, and rotate away
+            # the checkpoints that keep it.
+            raise UsageError(f"{resume_from.name}'s run kept an EMA of the weights (its exports hold it): pass "
+                             "--use_ema to go on with it, or --no-use_ema to drop it")
     resume_state = checkpoint.read_training_state(resume_from) if resume_from is not None else {}
+    plan = Plan(config, unet_config, channels_from_model_config, resume_from, message, resume_state)
     if resume_from is not None:
+        if config.max_train_steps:  # else the last step is known once the data is
+            refuse_resume_past_end(plan, config.max_train_steps)
         for note in checkpoint.resume_notes(resume_from, config, resume_state):
             logger.warning(note)
-    return Plan(config, unet_config, channels_from_model_config, resume_from, message, resume_state)
+    return plan
+
+
+def refuse_resume_past_end(plan: Plan, last_step: int) -> None:
+    """A checkpoint beyond the run's last step leaves nothing to train (it trained -13 epochs, and exported the
+    checkpoint's weights as if trained to its end): --max_train_steps counts the whole run, not what is added."""
+    if plan.resume_step is not None and plan.resume_step > last_step:
+        flag = "--max_train_steps" if plan.config.max_train_steps else "--num_epochs"
+        raise UsageError(f"{plan.resume_from.name} is at step {plan.resume_step}, past this run's last step "
+                         f"{last_step}: nothing to train ({flag} counts the whole run, the checkpoint's steps "
+                         f"included); raise {flag}")
 
 
 def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[str, Any]) -> None:
