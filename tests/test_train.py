@@ -596,6 +596,15 @@ def test_resuming_with_another_model_is_refused(run_cli, color_folder, tiny_unet
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "new", "--resolution", "8",
                                             "--resume_from_checkpoint", out / "checkpoint-2"))
     assert err.rstrip().endswith("use the same ones, or leave --resume_from_checkpoint out to start a new run")
+    # ... and where --output_dir has checkpoints of its own, leaving the flag out goes on from those
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--resolution", "8",
+                                            "--resume_from_checkpoint", out / "checkpoint-2"))
+    assert err.rstrip().endswith("leave --resume_from_checkpoint out and pass --overwrite_output_dir to start a new "
+                                 "run")
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--resume_from_checkpoint", "checkpoint-9"))
+    one_line_error(code, err, "--resume_from_checkpoint checkpoint-9: no such checkpoint (in "
+                              f"{out}: checkpoint-2); use `latest` (or leave the flag out) to go on from the newest, "
+                              "or --overwrite_output_dir to start afresh")
     monkeypatch.chdir(tmp_path)
     for given in (out, "run"):  # the run's folder for its checkpoint
         code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "new",

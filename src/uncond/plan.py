@@ -129,9 +129,12 @@ def refuse_resume_past_end(plan: Plan, last_step: int) -> None:
 def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[str, Any]) -> None:
     differences = checkpoint.resume_differences(path, config, unet_config)
     if differences:
-        # A checkpoint named from elsewhere is left by dropping the flag; one found in --output_dir by starting afresh
-        fresh = ("leave --resume_from_checkpoint out to start a new run" if config.resume_from_checkpoint
-                 and config.resume_from_checkpoint != "latest" else "--overwrite_output_dir to start afresh")
+        # A named checkpoint is left by dropping the flag, and --output_dir's own (which a run without the flag
+        # goes on from) by starting afresh.
+        named = config.resume_from_checkpoint not in (None, "", "latest")
+        afresh = " and pass --overwrite_output_dir" * bool(checkpoint.complete_checkpoints(Path(config.output_dir)))
+        fresh = (f"leave --resume_from_checkpoint out{afresh} to start a new run" if named
+                 else "--overwrite_output_dir to start afresh")
         raise UsageError(f"cannot resume from {path}: it was trained with other settings "
                          f"({'; '.join(differences)}); use the same ones, or {fresh}")
     other_data = checkpoint.data_differences(path, config)

@@ -150,8 +150,10 @@ def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:
                                      "use `latest` for the newest complete one")
                 return candidate, f"resuming from {candidate}"
         available = ", ".join(p.name for _, p in checkpoints) or "none"
+        instead = ("use `latest` (or leave the flag out) to go on from the newest, or --overwrite_output_dir to "
+                   "start afresh" if checkpoints else "leave it out to start a new run")
         raise UsageError(f"--resume_from_checkpoint {request}: no such checkpoint (in {output_dir}: {available}); "
-                         "use `latest` for the newest, or leave it out to start a new run")
+                         f"{instead}")
     if checkpoints and (request == "latest" or not config.overwrite_output_dir):
         step, path = checkpoints[-1]
         why = "" if request else " (re-running on a folder with checkpoints continues the run; " \
