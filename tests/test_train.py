@@ -551,8 +551,10 @@ def test_folder_without_readable_images(run_cli, tiny_unet, tmp_path):
     folder.mkdir()
     (folder / "a.png").write_text("not a png")
     (folder / "b.jpg").write_bytes(b"")
-    code, _, err = run_cli(*fast_train_args(folder, tiny_unet, tmp_path / "out"))
+    code, _, err = run_cli(*fast_train_args(folder, tiny_unet, tmp_path / "out" / "run"))
     one_line_error(code, err, "none of the 2 images")
+    # the folder it made is gone (it held an empty TensorBoard run and the settings of no model)
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / "run").exists()
 
 
 def test_a_finished_run_is_kept_and_goes_on_with_a_larger_max_train_steps(run_cli, color_folder, tiny_unet,

@@ -49,15 +49,15 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     # and before anything is written into the output folder
     repo_id = on_main_process(accelerator, lambda: hub.create_repository(config)) if config.push_to_hub else None
     # Before the data: a folder that cannot be used, or a tracker that cannot start, says so at once.
-    replacing = on_main_process(accelerator, lambda: prepare_output_dir(plan, output_dir))
+    created, replacing = on_main_process(accelerator, lambda: prepare_output_dir(plan, output_dir))
     try:
         on_main_process(accelerator, lambda: init_trackers(config, accelerator, output_dir))
         return run_training(plan, accelerator, explicit, repo_id, command)
     except BaseException:
-        # --overwrite_output_dir, failing (unreadable images, Ctrl-C while decoding) before this run saved
-        # anything: the earlier run is put back, as if this one had never started.
-        if replacing and accelerator.is_main_process:
-            message = run_folder.restore_replaced_run(output_dir, config.logging_dir)
+        # A run failing (unreadable images, Ctrl-C while decoding) before it saved anything leaves the folder as
+        # it found it: none made, or the earlier run that --overwrite_output_dir set aside put back.
+        if accelerator.is_main_process:
+            message = run_folder.undo_unsaved_start(output_dir, config.logging_dir, created, replacing)
             if message:
                 logger.warning(message)
         raise
@@ -111,11 +111,13 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     return output_dir
 
 
-def prepare_output_dir(plan: Plan, output_dir: Path) -> bool:
+def prepare_output_dir(plan: Plan, output_dir: Path) -> tuple[bool, bool]:
     """On the main process: the folder made and locked for this run, what interrupted writes left removed,
     later checkpoints set aside when going back, an earlier run's outputs set aside with --overwrite_output_dir,
-    and this run's settings written. Whether an earlier run is set aside (until this one saves)."""
+    and this run's settings written. Whether the folder was made, and whether an earlier run is set aside
+    (until this one saves)."""
     config = plan.config
+    created = not output_dir.exists()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # what plan's check cannot see (a root user in /proc, a full or read-only mount)
@@ -135,7 +137,7 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> bool:
                         f"{output_dir / run_folder.REPLACED_DIR}; they are removed once this run saves a checkpoint "
                         "or its pipeline (if this run fails before, they are put back)")
     config.save(output_dir / RUN_CONFIG_FILE)
-    return replacing and (output_dir / run_folder.REPLACED_DIR).exists()
+    return created, replacing and (output_dir / run_folder.REPLACED_DIR).exists()
 
 
 def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None:
