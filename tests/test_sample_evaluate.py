@@ -168,6 +168,11 @@ def test_sample_does_not_overwrite_a_grid_unless_asked(run_cli, pipeline, tmp_pa
     assert grid.read_bytes() == b"mine" and not (tmp_path / "out").exists()
     assert run_cli(*args, "--overwrite")[0] == 0
     assert Image.open(grid).size[0] > 16
+    # the folder's own grid, since replaced by another one (another folder's sampling), is that one's now
+    grid.write_bytes(b"another sampling's grid")
+    code, _, err = run_cli(*args)
+    one_line_error(code, err, "--grid")
+    assert grid.read_bytes() == b"another sampling's grid"
 
 
 @pytest.mark.parametrize("make_args, expected", [

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from . import environment
+from .checkpoint import file_digest
 from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, SampleConfig, UsageError, counted
 from .sampling import (image_grid, is_numbered_image, network_evaluations, numbered_name, open_for_sampling,
                        sample_batches, sampling_options, to_pil)
@@ -65,6 +66,7 @@ def sample_to_folder(config: SampleConfig) -> Path:
     if processes.is_main_process:
         if config.grid:  # redone each time: images added by a run without --grid are in it too
             image_grid(read_images(folder, min(config.num_images, GRID_SIZE))).save(config.grid)
+            record_grid(folder, config.grid)
             logger.info(f"grid of {min(config.num_images, GRID_SIZE)} images: {config.grid}")
         if missing:
             elapsed = time.perf_counter() - started
@@ -119,8 +121,16 @@ def refuse_other_outputs(folder: Path, config: SampleConfig) -> None:
 
 
 def is_own_grid(folder: Path, grid: str) -> bool:
-    """Whether `grid` is the one an earlier run of this folder wrote (a re-run completing it may redo it)."""
-    return (recorded_settings(folder) or {}).get("grid") == grid_name(grid)
+    """Whether `grid` is the one an earlier run of this folder wrote, unchanged since (a re-run completing it may
+    redo it; another run's grid written there since may not be replaced)."""
+    recorded = recorded_settings(folder) or {}
+    return recorded.get("grid") == grid_name(grid) and recorded.get("grid_sha256") == file_digest(Path(grid))
+
+
+def record_grid(folder: Path, grid: str) -> None:
+    """The grid just written, with its digest, in the folder's settings (is_own_grid)."""
+    record = {**(recorded_settings(folder) or {}), "grid": grid_name(grid), "grid_sha256": file_digest(Path(grid))}
+    (folder / SAMPLE_SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def grid_name(grid: str | None) -> str | None:
@@ -200,8 +210,9 @@ def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any])
             path.unlink()
     # The grid is not compared (any may be asked for), but a run adding images without --grid keeps the
     # earlier run's, so that asking for it again later is recognised as this folder's.
-    kept_grid = None if config.overwrite else (recorded_settings(folder) or {}).get("grid")
-    record = {**settings, "grid": grid_name(config.grid) or kept_grid}
+    recorded = {} if config.overwrite else recorded_settings(folder) or {}
+    grid = {"grid": None} if config.grid else {key: recorded.get(key) for key in ("grid", "grid_sha256")}
+    record = {**settings, **grid}  # a new grid is recorded once written (record_grid)
     (folder / SAMPLE_SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
