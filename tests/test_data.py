@@ -417,6 +417,23 @@ def test_array_columns_of_every_usual_range_are_read(tmp_path, pixels, expected)
     assert cache.image(0)[0, :, 0].tolist() == expected
 
 
+@pytest.mark.parametrize("images, expected", [
+    # [-1, 1]: a dark image and a bright one (no value below 0 in it: alone, it passed for [0, 1] and went white)
+    ([np.full((3, 3), -0.5, np.float32), np.full((3, 3), 0.5, np.float32)], [64, 191]),
+    # 16-bit frames: a dark one (no value above 255: alone, it passed for 8-bit and came out 200 times brighter)
+    ([np.full((3, 3, 3), 30000, np.uint16), np.full((3, 3, 3), 200, np.uint16)], [117, 1]),
+])
+def test_an_array_columns_range_is_one_for_all_its_images(tmp_path, images, expected):
+    import datasets
+
+    datasets.Dataset.from_dict({"pixel_values": images}).save_to_disk(str(tmp_path / "arrays"))
+    config = TrainConfig(dataset_name=str(tmp_path / "arrays"), resolution=3, cache_dir=str(tmp_path / "cache"))
+    source = open_source(config)
+    cache = load_images(source, config, progress=False)
+    assert [int(cache.image(i)[1, 1, 0]) for i in range(2)] == expected
+    assert "read as black to white" in source.description
+
+
 def to_pixels(batch: torch.Tensor) -> np.ndarray:
     """The model's input back to 0-255 pixel values, NCHW."""
     return ((batch + 1) * 127.5).numpy()

@@ -8,12 +8,13 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import math
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -27,6 +28,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS = ("mnist",)
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "pixel_values")
+RANGE_SAMPLE = 256  # images of an array column whose values decide its range (array_value_range)
 
 
 @dataclass
@@ -254,8 +256,13 @@ def dataset_source(config: TrainConfig) -> Source:
     encoded = any(isinstance(dataset.features[c], (dict, datasets.Image))
                   or getattr(dataset.features[c], "dtype", "") in ("binary", "large_binary") for c in columns)
     view = dataset if encoded else dataset.with_format("numpy")
+    value_range, range_note = None, ""
     if len(columns) == 1:  # a lazy column: rows are read from the memory-mapped table as the decoder reaches them
         items, opener = view[columns[0]], open_image_cell
+        if not encoded and len(items):
+            value_range = array_value_range(items[i] for i in range(min(len(items), RANGE_SAMPLE)))
+            opener, range_note = functools.partial(open_image_cell, value_range=value_range), \
+                f", values {value_range[0]:g} to {value_range[1]:g} read as black to white"
     else:  # WebDataset shards have one column per file extension: each row's non-empty one
         items, opener = view.select_columns(columns), functools.partial(open_first_image, columns)
     try:
@@ -266,7 +273,7 @@ def dataset_source(config: TrainConfig) -> Source:
     except Exception:  # noqa: BLE001 - a bad first image is skipped and reported with the others
         pass
     return Source(f"{name} ({counted(len(dataset), 'image')}, column{'s' * (len(columns) > 1)} "
-                  f"{', '.join(repr(c) for c in columns)})",
+                  f"{', '.join(repr(c) for c in columns)}{range_note})",
                   Records(items, opener, lambda i, _: f"{name}[{i}]"), fingerprint)
 
 
@@ -287,8 +294,9 @@ def open_encoded(item: dict[str, Any]) -> Image.Image:
     return Image.open(item["path"])
 
 
-def open_image_cell(item: Any) -> Image.Image:
-    """One cell of an image column: encoded ({bytes, path}, or raw bytes) or an array of pixels."""
+def open_image_cell(item: Any, value_range: tuple[float, float] | None = None) -> Image.Image:
+    """One cell of an image column: encoded ({bytes, path}, or raw bytes) or an array of pixels, whose values
+    `value_range` maps to black and white (None: guessed from the array's own values)."""
     if isinstance(item, dict):
         return open_encoded(item)
     if isinstance(item, (bytes, bytearray)):
@@ -298,7 +306,7 @@ def open_image_cell(item: Any) -> Image.Image:
         held = f"a list of {array.size} values" if array.ndim else "no value" if item is None else \
             type(array.item()).__name__
         raise TypeError(f"the column holds {held}, not an image; check --image_column")
-    return array_to_image(array)
+    return array_to_image(array, value_range or array_value_range([array]))
 
 
 def open_first_image(columns: Sequence[str], row: dict[str, Any]) -> Image.Image:
@@ -309,23 +317,38 @@ def open_first_image(columns: Sequence[str], row: dict[str, Any]) -> Image.Image
     return open_image_cell(item)
 
 
-def array_to_image(array: Any) -> Image.Image:
-    array = np.asarray(array)
+def as_hwc(array: np.ndarray) -> np.ndarray:
+    """An array of pixels as height x width (x channels): CHW tensors' layout turned, one channel dropped."""
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = array.transpose(1, 2, 0)  # CHW -> HWC
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.dtype == np.uint8:
+    return array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
+
+
+def array_value_range(arrays: Iterable[Any]) -> tuple[float, float]:
+    """The values that mean black and white in arrays of pixels, guessed from their dtype and values: floats in
+    [-1, 1] (already normalised, as pixel_values columns often are) or [0, 1] or [0, 255]; integers in
+    [0, 255] or, above that, 16-bit. Guessed for a whole column from a sample of its images, not per image:
+    alone, a bright [-1, 1] image looks like [0, 1], and a dark 16-bit frame like 8-bit."""
+    low, high, floating = math.inf, -math.inf, False
+    for array in arrays:
+        array = np.asarray(array)
+        if array.ndim < 2 or array.size == 0:
+            continue
+        low, high = min(low, float(array.min())), max(high, float(array.max()))
+        floating = floating or np.issubdtype(array.dtype, np.floating)
+    if floating:
+        return (-1.0, 1.0) if low < 0 else (0.0, 1.0) if high <= 1.0 else (0.0, 255.0)
+    return (0.0, 65535.0) if high > 255 else (0.0, 255.0)
+
+
+def array_to_image(array: Any, value_range: tuple[float, float]) -> Image.Image:
+    """Pixels of `value_range` (black to white) as an 8-bit image, or a 16-bit one for 16-bit gray."""
+    array = as_hwc(np.asarray(array))
+    if array.dtype == np.uint8 and value_range == (0.0, 255.0):
         return Image.fromarray(array)
-    # The range is guessed from each image's values: floats in [-1, 1] (already normalised, as pixel_values
-    # columns often are) or [0, 1] or [0, 255]; integers in [0, 255] or, above that, 16-bit.
-    low, high = float(array.min()), float(array.max())
-    if np.issubdtype(array.dtype, np.floating) and low < 0:
-        array = (array + 1.0) * 127.5
-    elif high <= 1.0:
-        array = array * 255.0
-    elif high > 255 and np.issubdtype(array.dtype, np.integer):
-        if array.ndim == 2:  # 16-bit gray: decode_image keeps its precision (--preserve_input_precision)
-            return Image.fromarray(array.clip(0, 65535).astype(np.uint16))
-        array = array / 257.0
-    return Image.fromarray(np.rint(array).clip(0, 255).astype(np.uint8))
+    low, high = value_range
+    if high == 65535.0 and array.ndim == 2:  # 16-bit gray: decode_image keeps its precision
+        # (--preserve_input_precision)
+        return Image.fromarray(np.rint(array).clip(0, 65535).astype(np.uint16))
+    scaled = (array.astype(np.float64) - low) * (255.0 / (high - low))
+    return Image.fromarray(np.rint(scaled).clip(0, 255).astype(np.uint8))
