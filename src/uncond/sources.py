@@ -256,13 +256,14 @@ def dataset_source(config: TrainConfig) -> Source:
     encoded = any(isinstance(dataset.features[c], (dict, datasets.Image))
                   or getattr(dataset.features[c], "dtype", "") in ("binary", "large_binary") for c in columns)
     view = dataset if encoded else dataset.with_format("numpy")
-    value_range, range_note = None, ""
+    range_note = ""
     if len(columns) == 1:  # a lazy column: rows are read from the memory-mapped table as the decoder reaches them
         items, opener = view[columns[0]], open_image_cell
-        if not encoded and len(items):
-            value_range = array_value_range(items[i] for i in range(min(len(items), RANGE_SAMPLE)))
-            opener, range_note = functools.partial(open_image_cell, value_range=value_range), \
-                f", values {value_range[0]:g} to {value_range[1]:g} read as black to white"
+        if not encoded and len(items):  # arrays: one range for the column, said, and part of the cache's key
+            low, high = value_range = array_value_range(items[i] for i in range(min(len(items), RANGE_SAMPLE)))
+            opener = functools.partial(open_image_cell, value_range=value_range)
+            range_note = f", values {low:g} to {high:g} read as black to white"
+            fingerprint += f" values {low:g} to {high:g}"
     else:  # WebDataset shards have one column per file extension: each row's non-empty one
         items, opener = view.select_columns(columns), functools.partial(open_first_image, columns)
     try:
