@@ -434,6 +434,19 @@ def test_an_array_columns_range_is_one_for_all_its_images(tmp_path, images, expe
     assert "read as black to white" in source.description
 
 
+def test_a_row_without_an_image_is_skipped_even_the_first(tmp_path):
+    """A gap in the first row refused the whole column ("holds no value, not an image; check --image_column")."""
+    import datasets
+
+    images = [Image.new("RGB", (4, 4), (value, 0, 0)) for value in (10, 20)]
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": [None, *images]}, features=features).save_to_disk(str(tmp_path / "gaps"))
+    config = TrainConfig(dataset_name=str(tmp_path / "gaps"), resolution=4, cache_dir=str(tmp_path / "cache"))
+    cache = load_images(open_source(config), config, progress=False)
+    assert [int(cache.image(i)[0, 0, 0]) for i in range(len(cache))] == [10, 20]
+    assert [reason for _, reason in cache.meta["skipped"]] == ["ValueError: the row has no image"]
+
+
 def to_pixels(batch: torch.Tensor) -> np.ndarray:
     """The model's input back to 0-255 pixel values, NCHW."""
     return ((batch + 1) * 127.5).numpy()

@@ -298,14 +298,15 @@ def open_encoded(item: dict[str, Any]) -> Image.Image:
 def open_image_cell(item: Any, value_range: tuple[float, float] | None = None) -> Image.Image:
     """One cell of an image column: encoded ({bytes, path}, or raw bytes) or an array of pixels, whose values
     `value_range` maps to black and white (None: guessed from the array's own values)."""
+    if item is None:  # a gap in the column: skipped and reported like an unreadable file
+        raise ValueError("the row has no image")
     if isinstance(item, dict):
         return open_encoded(item)
     if isinstance(item, (bytes, bytearray)):
         return Image.open(io.BytesIO(item))
     array = np.asarray(item)
     if array.ndim < 2:  # a label, a caption, a path or a vector: --image_column names the wrong column
-        held = f"a list of {array.size} values" if array.ndim else "no value" if item is None else \
-            type(array.item()).__name__
+        held = f"a list of {array.size} values" if array.ndim else type(array.item()).__name__
         raise TypeError(f"the column holds {held}, not an image; check --image_column")
     return array_to_image(array, value_range or array_value_range([array]))
 
