@@ -234,8 +234,6 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
     for run_folder in (run, run / "checkpoint-12"):  # its grids and loss.png were measured as real images
         code, _, err = run_cli("evaluate", reference, "--reference", run_folder)
         one_line_error(code, err, f"--reference {run_folder}: a training run's output folder")
-    code, _, err = run_cli("evaluate", run / "samples", "--reference", reference)
-    assert code == 0, err  # the images themselves can be measured
 
 
 def test_float16_on_a_cpu_is_said_to_be_slow(run_cli, pipeline, tmp_path):
@@ -277,12 +275,24 @@ def test_evaluate_measures_the_numbered_images_of_a_sample_folder_and_skips_unre
     assert code == 0, err
     result = json.loads(stdout)
     assert result["num_generated"] == 3 and "the numbered images of the folder" in result["generated"]
+    assert result["num_reference"] == 3  # as --reference too: its grid.png was measured as a fourth image
     (out / "000000.png").write_text("not an image")  # the first file: it set the native size, and crashed
     code, stdout, err = run_cli("evaluate", out, "--reference", write_images(tmp_path / "real", 4), "--json")
     assert code == 0, err
     result = json.loads(stdout)
     assert result["num_generated"] == 2 and "1 unreadable image skipped" in result["generated"]
     assert result["generated"].startswith("3 image files from")  # "3 images", of which 2 were measured
+
+
+def test_evaluate_refuses_a_runs_sample_grids_as_samples(run_cli, tmp_path):
+    """A run's samples/ folder was measured as GENERATED: grids of 16 small samples each, at the grid's size."""
+    run, real = tmp_path / "run", write_images(tmp_path / "real", 2)
+    write_images(run / "samples", 2)
+    (run / "training_config.json").write_text("{}")
+    for args, name in ((["evaluate", run / "samples", "--reference", real], "GENERATED"),
+                       (["evaluate", real, "--reference", run / "samples"], "--reference")):
+        code, _, err = run_cli(*args)
+        one_line_error(code, err, f"{name} {run / 'samples'}: the sample grids of a training run")
 
 
 def test_evaluate_says_why_kid_and_precision_recall_are_missing_with_few_images(run_cli, stand_in_inception,

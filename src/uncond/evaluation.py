@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from . import data, environment, metrics, sampling, sources
+from . import data, environment, metrics, run_folder, sampling, sources
 from .cache import REFERENCE_STATS_DIR
 from .config import RUN_CONFIG_FILE, EvaluateConfig, UsageError, counted
 
@@ -59,6 +59,8 @@ def evaluate(config: EvaluateConfig) -> Report:
                          f"run folder holds the pipeline ({generated.parent})")
     sampling.refuse_unexported_run(generated, f"GENERATED {config.generated}",
                                    ", or pass the folder of images to measure")
+    refuse_preview_folder(generated, "GENERATED", f"pass the run's folder {generated.resolve().parent} to sample "
+                          "its model")
     device = sampling.pick_device(config.device)
     reference_source = open_reference(config.reference)
     extractor = metrics.inception_extractor(config.inception_weights, device)
@@ -110,13 +112,7 @@ def resized_squares(batches: Iterator[np.ndarray], resolution: int) -> Iterator[
 
 def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
     """A folder's images; of a folder `uncond sample` wrote, only its numbered images (not a --grid put there)."""
-    source = sources.open_named_source(str(path), "GENERATED")
-    numbered = [record for record in source.records
-                if Path(record.name).parent == path and sampling.is_numbered_image(Path(record.name))]
-    what = f"the folder {path}"
-    if numbered and len(numbered) < len(source.records):
-        source = dataclasses.replace(source, records=numbered)
-        what = f"the numbered images of {what} (as `uncond sample` names them; its other images left out)"
+    source, what = numbered_images_only(sources.open_named_source(str(path), "GENERATED"), path)
     resolution = config.resolution or native_size(source, path)
     count = min(len(source.records), config.num_images)
     skipped: list[tuple[str, str]] = []  # filled as the batches are read
@@ -124,6 +120,23 @@ def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
     # Files, not images: which of them can be read is known once they are (skipped_note says how many could not).
     description = f"{counted(count, 'image file')} from {what}, {resizing(resolution)}"
     return Generated(batches, count, resolution, description, skipped)
+
+
+def refuse_preview_folder(path: Path, name: str, instead: str) -> None:
+    if run_folder.is_preview_folder(path):
+        raise UsageError(f"{name} {path}: the sample grids of a training run, each tiling many small samples, not "
+                         f"samples; {instead}")
+
+
+def numbered_images_only(source: sources.Source, path: Path) -> tuple[sources.Source, str]:
+    """Of a folder `uncond sample` wrote, its numbered images (not a --grid put there); and the source in words."""
+    numbered = [record for record in source.records
+                if Path(record.name).parent == path and sampling.is_numbered_image(Path(record.name))]
+    if numbered and len(numbered) < len(source.records):
+        return (dataclasses.replace(source, records=numbered),
+                f"the numbered images of the folder {path} (as `uncond sample` names them; its other images left "
+                "out)")
+    return source, f"the folder {path}"
 
 
 def native_size(source: sources.Source, path: Path) -> int:
@@ -161,7 +174,9 @@ def open_reference(reference: str) -> sources.Source | None:
     if path.is_dir() and (path / RUN_CONFIG_FILE).is_file():  # checkpoints hold one too
         raise UsageError(f"--reference {reference}: a training run's output folder (its images are sample grids and "
                          "plots, not real images); pass the training images' folder or dataset")
-    return sources.open_named_source(reference, "--reference")
+    refuse_preview_folder(path, "--reference", "pass the training images' folder or dataset")
+    source = sources.open_named_source(reference, "--reference")
+    return numbered_images_only(source, path)[0] if path.is_dir() else source
 
 
 def reference_stats(config: EvaluateConfig, source: sources.Source | None, resolution: int,

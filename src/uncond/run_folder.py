@@ -29,6 +29,11 @@ def preview_path(output_dir: Path, step: int) -> Path:
     return output_dir / PREVIEWS_DIR / f"step-{step:07d}.png"
 
 
+def is_preview_folder(path: Path) -> bool:
+    """A training run's PREVIEWS_DIR: its images are sample grids, not samples."""
+    return path.resolve().name == PREVIEWS_DIR and (path.resolve().parent / RUN_CONFIG_FILE).is_file()
+
+
 def preview_grids(output_dir: Path) -> list[tuple[int, Path]]:
     """The run's sample grids in step order; other files in PREVIEWS_DIR (the user's) are not the run's."""
     found = [(int(match[1]), path) for path in (output_dir / PREVIEWS_DIR).glob("step-*.png")

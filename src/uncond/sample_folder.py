@@ -24,7 +24,8 @@ from PIL import Image
 
 from . import environment
 from .checkpoint import file_digest
-from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, SampleConfig, UsageError, counted
+from .config import RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, SampleConfig, UsageError, counted
+from .run_folder import is_preview_folder
 from .sampling import (image_grid, is_numbered_image, network_evaluations, numbered_name, open_for_sampling,
                        sample_batches, sampling_options, to_pil)
 
@@ -106,7 +107,7 @@ def refuse_other_outputs(folder: Path, config: SampleConfig) -> None:
         # The images would lie among the model's files, and evaluate would measure its preview grids with them.
         raise UsageError(f"--output_dir {folder} holds a model (a pipeline or a training run); choose another "
                          "--output_dir")
-    if folder.resolve().name == PREVIEWS_DIR and (folder.resolve().parent / RUN_CONFIG_FILE).is_file():
+    if is_preview_folder(folder):
         # `cd run && uncond sample .` put them there, by the default --output_dir: the next
         # `uncond train --overwrite_output_dir` of the run removes that folder with the previews
         raise UsageError(f"--output_dir {folder} is the preview folder of the training run in "
