@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import TINY_UNET
-from uncond import models
+from uncond import models, sampling
 from uncond.config import TrainConfig
 from uncond.objective import Objective, denoising_loss
 
@@ -35,7 +35,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def unet_and_scheduler() -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)  # the same initial weights everywhere
-    return models.build_unet(dict(TINY_UNET)), models.build_noise_scheduler(TrainConfig())
+    return models.build_unet(dict(TINY_UNET)), sampling.training_noise_scheduler(TrainConfig().to_dict())
 
 
 def shard_loss(unet: torch.nn.Module, scheduler: object, rows: slice) -> torch.Tensor:

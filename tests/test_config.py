@@ -9,7 +9,7 @@ import pytest
 
 from uncond.config import (BETA_SCHEDULES, DEMO_SETTINGS, SETTINGS, TrainConfig, UsageError, add_train_arguments,
                            build_config)
-from uncond.models import build_noise_scheduler
+from uncond.sampling import training_noise_scheduler
 
 # Every flag of diffusers' examples/unconditional_image_generation/train_unconditional.py with its default,
 # copied from its parse_args() (diffusers main, 2026-08).
@@ -170,7 +170,7 @@ def test_demo_layer_sits_under_flags():
 
 @pytest.mark.parametrize("schedule", BETA_SCHEDULES)
 def test_every_beta_schedule_builds(schedule):
-    scheduler = build_noise_scheduler(TrainConfig(dataset_name="x", ddpm_beta_schedule=schedule))
+    scheduler = training_noise_scheduler(TrainConfig(dataset_name="x", ddpm_beta_schedule=schedule).to_dict())
     assert scheduler.config.beta_schedule == schedule and len(scheduler.betas) == 1000
 
 

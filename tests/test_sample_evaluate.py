@@ -214,11 +214,12 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
     (run / "training_config.json").write_text("{}")
     (run / "samples" / "image_000.jpg").rename(run / "loss.png")
     reference = write_images(tmp_path / "real", 4)
-    for found in ("training_config.json", "checkpoint-12"):
+    checkpoint = run / "checkpoint-12"
+    for found, advice in (("training_config.json", ""), ("checkpoint-12", f"pass its checkpoint ({checkpoint}), or ")):
         code, _, err = run_cli("sample", run)
         one_line_error(code, err, f"{run}: a training run that has not exported a pipeline yet (it has {found}, "
-                                  "no model_index.json); training exports it every --save_model_epochs epochs and "
-                                  "at the end: wait for the export")
+                                  "no model_index.json; training exports it every --save_model_epochs epochs and "
+                                  f"at the end): {advice}wait for the export")
         code, _, err = run_cli("evaluate", run, "--reference", reference)
         one_line_error(code, err, f"GENERATED {run}: a training run that has not exported a pipeline yet (it has "
                                   f"{found}, ")
@@ -226,11 +227,14 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
         for step in (3, 12):
             (run / f"checkpoint-{step}" / "unet").mkdir(parents=True, exist_ok=True)
             (run / f"checkpoint-{step}" / "training_config.json").write_text("{}")
-    code, _, err = run_cli("sample", run / "checkpoint-12")
-    one_line_error(code, err, "(it is a training checkpoint; its run folder holds the pipeline)")
-    code, _, err = run_cli("evaluate", run / "checkpoint-12", "--reference", reference)  # it said "no image files"
-    one_line_error(code, err, "a training checkpoint, neither images nor a pipeline; its run folder holds the "
-                              f"pipeline ({run})")  # it said "training checkpoint" twice
+    # checkpoints are models (test_a_checkpoint_is_sampled_and_measured_as_its_export); this one's is missing
+    for args in (["sample", checkpoint], ["evaluate", checkpoint, "--reference", reference]):
+        code, _, err = run_cli(*args)
+        one_line_error(code, err, f"{checkpoint}: could not load the checkpoint's unet/")
+    (run / "checkpoint-3" / "training_config.json").unlink()  # as train_unconditional.py's checkpoints
+    code, _, err = run_cli("sample", run / "checkpoint-3")
+    one_line_error(code, err, "(a train_unconditional.py checkpoint, which does not record its noise schedule; "
+                              f"resume it with `uncond train --resume_from_checkpoint {run / 'checkpoint-3'}`")
     for run_folder in (run, run / "checkpoint-12"):  # its grids and loss.png were measured as real images
         code, _, err = run_cli("evaluate", reference, "--reference", run_folder)
         one_line_error(code, err, f"--reference {run_folder}: a training run's output folder")
@@ -282,6 +286,23 @@ def test_evaluate_measures_the_numbered_images_of_a_sample_folder_and_skips_unre
     result = json.loads(stdout)
     assert result["num_generated"] == 2 and "1 unreadable image skipped" in result["generated"]
     assert result["generated"].startswith("3 image files from")  # "3 images", of which 2 were measured
+
+
+def test_a_checkpoint_is_sampled_and_measured_as_its_export(run_cli, stand_in_inception, tiny_unet, tmp_path):
+    """A checkpoint could not be sampled at all: a run stopped before its first export left no model to look at."""
+    run, images = tmp_path / "run", write_images(tmp_path / "real", 4)
+    assert run_cli(*fast_train_args(images, tiny_unet, run, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                                    "--use_ema"))[0] == 0
+    sample = ["--num_images", 3, "--steps", 2, "--batch_size", 3]
+    code, _, err = run_cli("sample", run / "checkpoint-2", "--output_dir", tmp_path / "from-checkpoint", *sample)
+    assert code == 0 and f"the checkpoint {run / 'checkpoint-2'} (EMA weights)" in err, err
+    assert run_cli("sample", run, "--output_dir", tmp_path / "from-export", *sample)[0] == 0
+    for name in ("000000.png", "000002.png"):  # the export at step 2 holds the EMA weights of checkpoint-2
+        assert (np.asarray(Image.open(tmp_path / "from-checkpoint" / name)) ==
+                np.asarray(Image.open(tmp_path / "from-export" / name))).all()
+    code, stdout, err = run_cli("evaluate", run / "checkpoint-2", "--reference", images, "--num_images", 4,
+                                "--steps", 2, "--json")
+    assert code == 0 and json.loads(stdout)["num_generated"] == 4, err
 
 
 def test_evaluate_refuses_a_runs_sample_grids_as_samples(run_cli, tmp_path):

@@ -292,8 +292,8 @@ class SamplingSettings:
 @dataclass(kw_only=True)
 class SampleConfig(SamplingSettings):
     """`uncond sample MODEL`: numbered PNGs, and a grid if asked."""
-    model: str = setting(REQUIRED, "a pipeline folder (uncond's, or any diffusers DDPMPipeline or DDIMPipeline) "
-                         "or a Hub model id", group="inputs", positional=True)
+    model: str = setting(REQUIRED, "a pipeline folder (uncond's, or any diffusers DDPMPipeline or DDIMPipeline), "
+                         "a Hub model id, or a training run's checkpoint-N folder", group="inputs", positional=True)
     output_dir: str = setting("samples", "the folder the numbered PNGs go to", group="results")
     overwrite: bool = setting(False, "replace the numbered images already in --output_dir (all of them) and the "
                                      "--grid file",

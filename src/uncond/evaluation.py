@@ -54,9 +54,6 @@ def evaluate(config: EvaluateConfig) -> Report:
         raise UsageError("uncond evaluate runs as one process; to sample on several GPUs, run `accelerate launch "
                          "-m uncond sample MODEL --output_dir DIR`, then `uncond evaluate DIR`")
     generated = Path(config.generated).expanduser()
-    if sampling.is_checkpoint(generated) and not (generated / "model_index.json").is_file():
-        raise UsageError(f"GENERATED {config.generated}: a training checkpoint, neither images nor a pipeline; its "
-                         f"run folder holds the pipeline ({generated.parent})")
     sampling.refuse_unexported_run(generated, f"GENERATED {config.generated}",
                                    ", or pass the folder of images to measure")
     refuse_preview_folder(generated, "GENERATED", f"pass the run's folder {generated.resolve().parent} to sample "
@@ -88,7 +85,7 @@ def evaluate(config: EvaluateConfig) -> Report:
 def open_generated(config: EvaluateConfig) -> Generated:
     """GENERATED as image batches: a folder's images, or a model's samples (drawn lazily, as they are measured)."""
     path = Path(config.generated).expanduser()
-    if path.is_dir() and not (path / "model_index.json").is_file():
+    if path.is_dir() and not (path / "model_index.json").is_file() and not sampling.is_checkpoint(path):
         return generated_folder(path, config)
     model, scheduler, steps = sampling.open_for_sampling(config, config.generated)
     size = model.unet.config.sample_size

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.training_utils import EMAModel
 
@@ -163,16 +163,6 @@ def weightless_unet(unet_config: dict[str, Any]) -> UNet2DModel:
 
 def count_parameters(unet_config: dict[str, Any]) -> int:
     return sum(parameter.numel() for parameter in weightless_unet(unet_config).parameters())
-
-
-def build_noise_scheduler(config: TrainConfig) -> DDPMScheduler:
-    """The training noise schedule; it is also the scheduler written into the exported pipeline."""
-    try:
-        return DDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule,
-                             prediction_type=config.prediction_type)
-    except NotImplementedError:
-        raise UsageError(f"--ddpm_beta_schedule {config.ddpm_beta_schedule}: this diffusers version's "
-                         "DDPMScheduler does not implement it") from None
 
 
 class EMA(EMAModel):

@@ -19,7 +19,8 @@ from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, gather_obj
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 
-from . import checkpoint, data, environment, hub, metrics, models, run_folder, sharding, sources, streaming, tracking
+from . import (checkpoint, data, environment, hub, metrics, models, run_folder, sampling, sharding, sources,
+               streaming, tracking)
 from .config import RunFailed, TrainConfig, UsageError, counted
 from .objective import Objective
 from .plan import Plan, refuse_mismatched_resume, refuse_resume_past_end, warmup_outlasts_run
@@ -202,7 +203,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     # After prepare: on the device already, and under FSDP over this process's shards.
     ema = models.make_ema(accelerator.unwrap_model(unet, keep_torch_compile=False), config) if config.use_ema else None
     checkpoint.register_state_hooks(accelerator, unet, ema)
-    noise_scheduler = models.build_noise_scheduler(config)
+    noise_scheduler = sampling.training_noise_scheduler(config.to_dict())
     # On the device once: add_noise and compute_snr would otherwise copy it from the host every step.
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
     return Run(config=config, accelerator=accelerator, output_dir=Path(config.output_dir), batches=batches,

@@ -77,7 +77,8 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
                          "would be read as training images; choose another --output_dir")
     # The preview sampler on the training schedule: a sampler that cannot take it would fail at the first preview.
     preview_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
-    sampling.check_sampler_fits(config.sampler, dict(models.build_noise_scheduler(config).config), preview_steps,
+    training_schedule = dict(sampling.training_noise_scheduler(config.to_dict()).config)
+    sampling.check_sampler_fits(config.sampler, training_schedule, preview_steps,
                                 "--ddpm_num_inference_steps" if config.sampler == "ddpm" else "--sample_steps")
     unet_config = models.unet_config_for(config, config.resolution, model_config)
     channels_from_model_config = None

@@ -2,12 +2,14 @@
 
 Image i of a run with seed s always starts from the same noise (and draws the same noise at every
 stochastic step), whatever the batch size, because every image has its own generator seeded s + i.
-`load_model` and `open_for_sampling` load any diffusers pipeline folder or Hub model for sampling.
+`load_model` and `open_for_sampling` load any diffusers pipeline folder or Hub model, or a checkpoint of uncond's,
+for sampling.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import re
@@ -50,6 +52,18 @@ SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
     "lms": (LMSDiscreteScheduler, {}),
 }
 DEFAULT_STEPS, DDPM_STEPS = 25, 1000  # `uncond sample` without --steps
+
+
+def training_noise_scheduler(run_config: dict[str, Any]) -> DDPMScheduler:
+    """The noise schedule a run trains with (its settings, as TrainConfig.to_dict() or a run's saved
+    training_config.json give them); it is also the scheduler written into the exported pipeline."""
+    beta_schedule = run_config["ddpm_beta_schedule"]
+    try:
+        return DDPMScheduler(num_train_timesteps=run_config["ddpm_num_steps"], beta_schedule=beta_schedule,
+                             prediction_type=run_config["prediction_type"])
+    except NotImplementedError:
+        raise UsageError(f"--ddpm_beta_schedule {beta_schedule}: this diffusers version's DDPMScheduler does not "
+                         "implement it") from None
 
 
 def check_sampler(name: str) -> None:
@@ -290,11 +304,14 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> Model:
-    """The UNet and noise schedule of a diffusers pipeline folder (uncond's export, DDPMPipeline, DDIMPipeline)
-    or Hub id. Weights load as safetensors, or .bin with weights_only (diffusers' loader); no remote code runs."""
+    """The UNet and noise schedule of a diffusers pipeline folder (uncond's export, DDPMPipeline,
+    DDIMPipeline), Hub id, or training checkpoint of uncond's. Weights load as safetensors, or .bin with
+    weights_only (diffusers' loader); no remote code runs."""
     from diffusers import DiffusionPipeline, UNet2DModel
 
     path = Path(name_or_path).expanduser()
+    if is_checkpoint(path) and (path / RUN_CONFIG_FILE).is_file() and not (path / "model_index.json").is_file():
+        return load_checkpoint(path, name_or_path, device, dtype)
     if path.exists():
         if not (path / "model_index.json").is_file():
             refuse_unexported_run(path, name_or_path)
@@ -318,6 +335,23 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     return Model(unet.to(device).eval(), dict(scheduler.config), f"{where} ({type(pipeline).__name__})")
 
 
+def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dtype) -> Model:
+    """A training checkpoint of uncond's as a model: its EMA weights where the run kept an EMA (what its exports
+    hold), else its trained ones, with the noise schedule of its training_config.json. Any checkpoint can so
+    be sampled and evaluated, also of a run stopped before its first export."""
+    from diffusers import UNet2DModel
+
+    weights = "unet_ema" if (path / "unet_ema").is_dir() else "unet"
+    try:
+        with remote.quiet_hub_clients():  # the EMA's own settings in its config.json are ignored with a warning
+            unet = UNet2DModel.from_pretrained(str(path / weights), torch_dtype=dtype)  # safetensors
+        scheduler = training_noise_scheduler(json.loads((path / RUN_CONFIG_FILE).read_text()))
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"{name}: could not load the checkpoint's {weights}/ ({first_line(error)})") from None
+    kind = "EMA" if weights == "unet_ema" else "trained"
+    return Model(unet.to(device).eval(), dict(scheduler.config), f"the checkpoint {path} ({kind} weights)")
+
+
 def unexported_run(path: Path) -> str | None:
     """What shows `path` to be a training run's output folder without an exported pipeline yet: its newest
     checkpoint-N, or its training_config.json before the first checkpoint; None for any other path."""
@@ -334,9 +368,10 @@ def refuse_unexported_run(path: Path, name: str, instead: str = "") -> None:
     """A run's output folder is no pipeline until its first export: its samples/ and loss.png are no model's images."""
     found = unexported_run(path)
     if found:
+        checkpoint = f"pass its checkpoint ({path / found}), or " if found != RUN_CONFIG_FILE else ""
         raise UsageError(f"{name}: a training run that has not exported a pipeline yet (it has {found}, no "
-                         "model_index.json); training exports it every --save_model_epochs epochs and at the end: "
-                         f"wait for the export{instead}")
+                         "model_index.json; training exports it every --save_model_epochs epochs and at the end): "
+                         f"{checkpoint}wait for the export{instead}")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -347,8 +382,9 @@ def is_checkpoint(path: Path) -> bool:
 
 def not_a_pipeline_hint(path: Path) -> str:
     """What to pass instead of a path that exists but is not a pipeline folder, where that can be told."""
-    if is_checkpoint(path):
-        return " (it is a training checkpoint; its run folder holds the pipeline)"
+    if is_checkpoint(path):  # train_unconditional.py's: no training_config.json, so no known noise schedule
+        return (" (a train_unconditional.py checkpoint, which does not record its noise schedule; resume it with "
+                f"`uncond train --resume_from_checkpoint {path}` and the run's flags to export a pipeline)")
     if (path.parent / "model_index.json").is_file():
         return (f" (it is {'a file' if path.is_file() else 'a component folder'} of the pipeline folder "
                 f"{path.parent}; pass that folder)")
