@@ -84,8 +84,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_command(commands, "sample", run_sample, SampleConfig, "generate images from a trained model",
                 "Generate numbered PNGs from a diffusers pipeline folder (uncond's, or any DDPMPipeline or "
-                "DDIMPipeline), a Hub model or a training checkpoint, with any of diffusers' samplers. Image i starts from noise seeded "
-                "seed + i, so it is the same whatever the batch size.")
+                "DDIMPipeline), a Hub model or a training checkpoint, with any of diffusers' samplers. Image i "
+                "starts from noise seeded seed + i, so it is the same whatever the batch size.")
     add_command(commands, "evaluate", run_evaluate, EvaluateConfig,
                 "FID, KID, precision and recall against real images",
                 "Measure generated images (a folder, or a MODEL to sample from) against real ones with FID and KID "
