@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable
 
 from .config import (CacheConfig, EvaluateConfig, RunFailed, SampleConfig, UsageError, add_arguments,
-                     add_train_arguments, build_command_config, build_config, public_argv, size_text)
+                     add_train_arguments, build_command_config, build_config, counted, public_argv, size_text)
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
 
@@ -163,16 +163,20 @@ def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"--cache_dir {config.cache_dir}: no uncond cache there ({root} is not a folder); runs "
                          "given --cache_dir DIR keep theirs in DIR/uncond")
     entries, stats = cache.entries(root), cache.reference_stats(root)
+    width = max((len(entry.folder.name) for entry in entries + stats), default=0)  # sizes in one column
     print(f"decoded-image cache: {root}")
     for entry in entries:
         meta = entry.meta
-        print(f"  {entry.folder.name}  {meta.get('images', '?'):>8} images  {meta.get('resolution', '?'):>4} px  "
+        images = counted(meta["images"], "image") if "images" in meta else "? images"
+        print(f"  {entry.folder.name:<{width}}  {images:>13}  {meta.get('resolution', '?'):>4} px  "
               f"{size_text(entry.size):>10}  last used {when(entry.last_used)}  {meta.get('source', '')}")
-    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {size_text(sum(e.size for e in entries))}")
     if stats:
         print(f"reference statistics of uncond evaluate: {root / cache.REFERENCE_STATS_DIR}")
         for entry in stats:
-            print(f"  {entry.folder.name}  {size_text(entry.size):>10}  last used {when(entry.last_used)}")
+            print(f"  {entry.folder.name:<{width}}  {'':>13}  {'':>7}  {size_text(entry.size):>10}  last used "
+                  f"{when(entry.last_used)}")
+    print(f"{counted(len(entries), 'entry')} and {counted(len(stats), 'reference statistics file')}, "
+          f"{size_text(sum(e.size for e in entries + stats))} in all")
     unused_since = None if config.remove_unused_days is None else time.time() - config.remove_unused_days * 86400
     doomed = [entry for entry in entries + stats
               if config.remove_all or (unused_since is not None and entry.last_used < unused_since)]
@@ -182,7 +186,8 @@ def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
     if doomed:
         print(f"freed {size_text(sum(e.size for e in doomed))}")
     elif config.remove_all or unused_since is not None:
-        print("nothing to remove" + (f": every entry was read in the last {config.remove_unused_days} days"
+        days = counted(config.remove_unused_days or 0, "day")
+        print("nothing to remove" + (f": every entry was read in the last {days}"
                                      if unused_since is not None and entries + stats else ""))
     return 0
 

@@ -45,8 +45,12 @@ def size_text(size: int) -> str:
 
 
 def counted(count: int, noun: str) -> str:
-    """"1 epoch", "3 epochs", "2 processes", "1,200 images": a number with its noun agreeing."""
-    return f"{count:,} {noun if count == 1 else noun + ('es' if noun.endswith('s') else 's')}"
+    """"1 epoch", "3 epochs", "2 processes", "4 entries": a number with its noun agreeing."""
+    if count == 1:
+        return f"{count} {noun}"
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        return f"{count} {noun[:-1]}ies"
+    return f"{count} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def first_line(error: BaseException) -> str:

@@ -27,7 +27,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
                     ".pnm", ".jfif"}
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS = ("mnist",)
-IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "pixel_values")
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "pixel_values", "pixels")
 RANGE_SAMPLE = 256  # images of an array column whose values decide its range (array_value_range)
 
 
