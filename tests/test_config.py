@@ -81,7 +81,7 @@ def test_config_file_yaml_and_json_with_flags_winning(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("dataset_name: x\nlearning_rat: 1e-3\n", "unknown setting 'learning_rat'; did you mean learning_rate?"),
-    ("dataset_name: x\ntrain_batch_size: many\n", "--train_batch_size expects int, got 'many'"),
+    ("dataset_name: x\ntrain_batch_size: many\n", "bad.yaml: train_batch_size expects int, got 'many'"),
     ("- just\n- a list\n", "must hold a mapping"),
     ("dataset_name: [unclosed\n", "could not be read"),
 ])

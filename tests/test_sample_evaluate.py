@@ -267,6 +267,9 @@ def test_sample_from_inside_a_run_folder_stays_out_of_its_previews(run_cli, pipe
     assert not list((run / "samples").iterdir())
     code, _, err = run_cli("sample", ".", "--num_images", 2, "--steps", 1, "--output_dir", ".")  # the run itself
     one_line_error(code, err, "--output_dir . holds a model (a pipeline or a training run); choose another")
+    code, _, err = run_cli("sample", ".", "--num_images", 2, "--steps", 1, "--output_dir", "unet")  # among its files
+    one_line_error(code, err, f"--output_dir unet is the unet folder of the pipeline in {run}; choose another")
+    assert {path.name for path in (run / "unet").iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
     assert run_cli("sample", ".", "--num_images", 2, "--steps", 1, "--output_dir", "generated")[0] == 0
 
 

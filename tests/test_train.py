@@ -111,6 +111,7 @@ def test_checkpoint_rotation_keeps_the_newest(run_cli, color_folder, tiny_unet, 
                                             "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"))
     assert code == 0, err
     assert checkpoints(out) == {"checkpoint-4", "checkpoint-6"}
+    assert "checkpoint-6 (removed checkpoint-2: --checkpoints_total_limit 2)" in err  # it was removed unsaid
 
 
 def test_resume_from_a_named_checkpoint_and_from_latest(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):

@@ -228,8 +228,9 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict[str, Any],
-                    config: TrainConfig, total_limit: int | None) -> Path:
+                    config: TrainConfig, total_limit: int | None) -> tuple[Path, list[str]]:
     """Write checkpoint-`step` (all processes call this), then drop the oldest beyond `total_limit`.
+    Returns the checkpoint and the names of those dropped (on the main process).
 
     A failed write (a full disk, say) removes what it wrote and leaves the earlier checkpoints as they were.
     """
@@ -255,11 +256,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
         kept = f"{previous[-1][1].name} is intact" if previous else "no earlier checkpoint exists"
         raise RunFailed(f"could not write {final.name} ({write_error(error)}); {kept}; free some space and "
                         "re-run the same command to resume") from None
+    dropped = []
     if accelerator.is_main_process and total_limit is not None:
         for _, old in complete_checkpoints(output_dir)[:-total_limit]:
             remove(old)
+            dropped.append(old.name)
     accelerator.wait_for_everyone()
-    return final
+    return final, dropped
 
 
 def write_error(error: Exception) -> str:

@@ -461,7 +461,10 @@ def read_config_file(path: str) -> dict[str, Any]:
             close = difflib.get_close_matches(name, SETTINGS, n=1)
             hint = f"; did you mean {close[0]}?" if close else "; `uncond train --help` lists the settings"
             raise UsageError(f"--config {path}: unknown setting {key!r}{hint}")
-        settings[name] = coerce(name, value)
+        try:
+            settings[name] = coerce(name, value)
+        except UsageError as error:  # said as of the file, where the value is
+            raise UsageError(f"--config {path}: {str(error).removeprefix('--')}") from None
     return settings
 
 

@@ -107,6 +107,9 @@ def refuse_other_outputs(folder: Path, config: SampleConfig) -> None:
         # The images would lie among the model's files, and evaluate would measure its preview grids with them.
         raise UsageError(f"--output_dir {folder} holds a model (a pipeline or a training run); choose another "
                          "--output_dir")
+    if is_pipeline_component(folder):
+        raise UsageError(f"--output_dir {folder} is the {folder.resolve().name} folder of the pipeline in "
+                         f"{folder.resolve().parent}; choose another --output_dir")
     if is_preview_folder(folder):
         # `cd run && uncond sample .` put them there, by the default --output_dir: the next
         # `uncond train --overwrite_output_dir` of the run removes that folder with the previews
@@ -119,6 +122,15 @@ def refuse_other_outputs(folder: Path, config: SampleConfig) -> None:
         # It would be counted as one of the samples: by the next run's checks and by `uncond evaluate`.
         raise UsageError(f"--grid {config.grid} is named like the numbered images in --output_dir; give it another "
                          "name, such as grid.png")
+
+
+def is_pipeline_component(folder: Path) -> bool:
+    """A folder of a pipeline's (unet/, scheduler/), as its model_index.json names them."""
+    index = folder.resolve().parent / "model_index.json"
+    try:
+        return index.is_file() and folder.resolve().name in json.loads(index.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def is_own_grid(folder: Path, grid: str) -> bool:

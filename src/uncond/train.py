@@ -443,11 +443,12 @@ def save_checkpoint(run: Run) -> None:
         # Each process goes on from the mean of their sums: the mean its log line takes is then the same.
         loss["total"] = summed / run.accelerator.num_processes
     window = {"loss": loss, "grad_norm": run.running_grad_norm.state()}  # the grad norm is the same everywhere
-    path = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step,
-                                      {**training_state(run), "log_window": window}, run.config,
-                                      run.config.checkpoints_total_limit)
+    path, dropped = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step,
+                                               {**training_state(run), "log_window": window}, run.config,
+                                               run.config.checkpoints_total_limit)
     run.checkpointed_step = run.step
-    logger.info(f"saved {path}")
+    limit = f" (removed {', '.join(dropped)}: --checkpoints_total_limit {run.config.checkpoints_total_limit})"
+    logger.info(f"saved {path}{limit if dropped else ''}")
     drop_replaced_run(run)
 
 
