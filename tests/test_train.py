@@ -715,11 +715,21 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_cli, 
                            "--checkpoints_total_limit", "1")
     assert code == 0, err
     aside = out / "abandoned-after-step-4"
-    assert f"checkpoint-6, checkpoint-8, of the run's later steps, moved to {aside} with their 1 sample grid" in err
+    assert f"checkpoint-6, checkpoint-8, of the run's later steps, moved to {aside} with their 1 sample grid and " \
+           "metrics" in err
     assert checkpoints(out) == {"checkpoint-6"} and checkpoints(aside) == {"checkpoint-6", "checkpoint-8"}
     # the abandoned steps' grids go with them (step 8's stayed beside the new run's, as if it were its own)
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
     assert sorted(p.name for p in (aside / "samples").iterdir()) == ["step-0000008.png"]  # the first run's last
+    assert metric_steps(aside) == [5, 6, 7, 8] and metric_steps(out) == [1, 2, 3, 4, 5, 6]  # they were lost
+    # going on with the abandoned branch in this folder would mix the two (its checkpoint-8 beside this
+    # branch's checkpoint-6, the metrics of both): it goes on in another folder
+    code, _, err = run_cli(*args, "--max_train_steps", "10", "--resume_from_checkpoint", aside / "checkpoint-8")
+    one_line_error(code, err, "is of a branch that")
+    assert "pass another --output_dir to go on with it" in err and checkpoints(out) == {"checkpoint-6"}
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "branch", "--max_train_steps", "10",
+                                            "--resume_from_checkpoint", aside / "checkpoint-8"))
+    assert code == 0 and checkpoints(tmp_path / "branch") == {"checkpoint-10"}, err
     code, _, err = run_cli(*args, "--max_train_steps", "8")  # the same command goes on from this run's newest
     assert code == 0 and "resuming from checkpoint-6 at step 6" in err, err
 

@@ -17,6 +17,7 @@ from .checkpoint import (PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FI
 from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, TrainConfig,
                      UsageError, counted)
 
+ABANDONED_PREFIX = "abandoned-after-step-"  # the later checkpoints a resume from an earlier one sets aside
 REPLACED_DIR = ".replaced-run"  # --overwrite_output_dir: the earlier run, kept until the new one has saved
 # What a run writes into its output folder besides checkpoints, the pipeline and its --logging_dir:
 # --overwrite_output_dir sets it aside.
@@ -70,10 +71,10 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> str:
     later = [path for later_step, path in list_checkpoints(output_dir) if later_step > step]
     if not later:
         return ""
-    aside, count = output_dir / f"abandoned-after-step-{step}", 1
+    aside, count = output_dir / f"{ABANDONED_PREFIX}{step}", 1
     while aside.exists():
         count += 1
-        aside = output_dir / f"abandoned-after-step-{step}-{count}"
+        aside = output_dir / f"{ABANDONED_PREFIX}{step}-{count}"
     aside.mkdir()
     for path in later:
         os.replace(path, aside / path.name)
@@ -82,9 +83,15 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> str:
         (aside / PREVIEWS_DIR).mkdir()
         for path in grids:
             os.replace(path, aside / PREVIEWS_DIR / path.name)
-    with_grids = f" with their {counted(len(grids), 'sample grid')}" if grids else ""
+    # Their logged metrics too: the resumed run drops them from metrics.jsonl (tracking.MetricsFile).
+    records = [record for record in tracking.read_metrics(output_dir / tracking.METRICS_FILE)
+               if record.get("step", 0) > step]
+    if records:
+        (aside / tracking.METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
+    kept = [f"{counted(len(grids), 'sample grid')}"] * bool(grids) + ["metrics"] * bool(records)
+    with_them = f" with their {' and '.join(kept)}" if kept else ""
     return (f"resuming from step {step}: {', '.join(path.name for path in later)}, of the run's later steps, moved "
-            f"to {aside}{with_grids} (delete it when you no longer need them)")
+            f"to {aside}{with_them} (delete it when you no longer need them)")
 
 
 LOCK_FILE = ".uncond-lock"
@@ -148,6 +155,12 @@ def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:
             raise UsageError(f"--resume_from_checkpoint {request} is a run's output folder, not one of its "
                              f"checkpoints ({inside}); pass {run_folder / 'checkpoint-N'}")
         for candidate in candidates:
+            if candidate.is_dir() and candidate.parent.name.startswith(ABANDONED_PREFIX) \
+                    and candidate.parent.parent.resolve() == output_dir.resolve():
+                # The folder's files (checkpoints, metrics.jsonl, sample grids) are of the branch it went on with.
+                raise UsageError(f"--resume_from_checkpoint {request} is of a branch that {output_dir} left when "
+                                 f"it went back to an earlier step; resuming it there would mix the two branches' "
+                                 "checkpoints, metrics and grids: pass another --output_dir to go on with it")
             if candidate.is_dir():
                 problem = checkpoint_problem(candidate)
                 if problem:
