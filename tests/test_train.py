@@ -317,6 +317,7 @@ def test_a_messy_folder_trains_and_a_second_run_decodes_nothing(run_cli, tiny_un
     assert f"{len(MESSY_SKIPPED)} skipped (" in summary[0] and "all in data_report.json" in summary[0]
     report = json.loads((first / "data_report.json").read_text())
     assert report["used"] == len(MESSY_USED) and report["upscaled"] == 1
+    assert [Path(name).name for name in report["upscaled_images"]] == ["small.png"]  # it said only how many
     assert sorted(Path(item["name"]).name for item in report["skipped"]) == MESSY_SKIPPED
     assert all(item["reason"] for item in report["skipped"])
 

@@ -26,6 +26,7 @@ from .decoding import decode_records
 from .sources import Source
 
 REPORT_FILE = "data_report.json"
+UPSCALED_NAMED = 100  # upscaled images named in data_report.json
 
 # ---------------------------------------------------------------------------------------------- the cache
 
@@ -42,7 +43,7 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, progress: boo
 
     started = time.perf_counter()
     writer = CacheWriter(folder, np.uint16 if config.preserve_input_precision else np.uint8)
-    skipped, upscaled = [], 0
+    skipped, upscaled = [], []
     try:
         results = decode_records(source.records, config.resolution, config.preserve_input_precision,
                                  config.dataloader_num_workers)
@@ -52,7 +53,8 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, progress: boo
                 skipped.append((record.name, result))
                 continue
             writer.append(result[0])
-            upscaled += result[2]
+            if result[2]:
+                upscaled.append(record.name)
         if not len(writer):
             raise UsageError(f"none of the {len(source.records)} images in {source.description} could be read "
                              f"({first_reasons(skipped)})")
@@ -60,7 +62,8 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, progress: boo
         writer.abort()
         raise
     return writer.finish({"source": source.description, "resolution": config.resolution,
-                          "preserve_input_precision": config.preserve_input_precision, "upscaled": upscaled,
+                          "preserve_input_precision": config.preserve_input_precision, "upscaled": len(upscaled),
+                          "upscaled_examples": upscaled[:UPSCALED_NAMED],
                           "skipped": skipped, "decode_seconds": round(time.perf_counter() - started, 1)})
 
 
@@ -86,10 +89,11 @@ def summary(cache: ImageCache, source: Source) -> str:
 
 
 def write_report(path: Path, used: int, skipped: Sequence[Sequence[str]], upscaled: int,
-                 **details: Any) -> None:
-    """data_report.json: how many images were used, and every skipped one with its reason."""
+                 upscaled_examples: Sequence[str] = (), **details: Any) -> None:
+    """data_report.json: how many images were used, every skipped one with its reason, and which were upscaled
+    (the first UPSCALED_NAMED: a set of thumbnails would otherwise list every image)."""
     report = {"used": used, "skipped": [{"name": name, "reason": reason} for name, reason in skipped],
-              "upscaled": upscaled, **details}
+              "upscaled": upscaled, "upscaled_images": list(upscaled_examples), **details}
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
