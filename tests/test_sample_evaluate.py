@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import fast_train_args, save_tiny_pipeline, write_images
+from uncond.config import TrainConfig
 from test_train import one_line_error
 
 
@@ -226,7 +227,7 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
         assert "or pass the folder of images to measure" in err
         for step in (3, 12):
             (run / f"checkpoint-{step}" / "unet").mkdir(parents=True, exist_ok=True)
-            (run / f"checkpoint-{step}" / "training_config.json").write_text("{}")
+            (run / f"checkpoint-{step}" / "training_config.json").write_text(json.dumps(TrainConfig().to_dict()))
     # checkpoints are models (test_a_checkpoint_is_sampled_and_measured_as_its_export); this one's is missing
     for args in (["sample", checkpoint], ["evaluate", checkpoint, "--reference", reference]):
         code, _, err = run_cli(*args)

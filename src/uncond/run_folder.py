@@ -267,9 +267,11 @@ def set_aside_previous_run(output_dir: Path, logging_dir: str) -> list[str]:
 
 def undo_unsaved_start(output_dir: Path, logging_dir: str, created: bool, replacing: bool) -> str:
     """A run that failed before it saved a checkpoint or its pipeline leaves `output_dir` as it found it: a
-    folder it made is removed (an empty TensorBoard run, a training_config.json of no model), and an earlier
-    run set aside by --overwrite_output_dir is put back. Returns a line to log, or ''."""
-    if created and not list_checkpoints(output_dir) and not holds_trained_model(output_dir):
+    folder it made is removed (an empty TensorBoard run, a training_config.json of no model) unless it logged
+    losses (a loss that diverged is worth seeing), and an earlier run set aside by --overwrite_output_dir is put
+    back. Returns a line to log, or ''."""
+    if created and not list_checkpoints(output_dir) and not holds_trained_model(output_dir) \
+            and not (output_dir / tracking.METRICS_FILE).exists():
         remove(output_dir)  # said by nothing: the error is the news, and the folder is as before the run
         return ""
     return restore_replaced_run(output_dir, logging_dir) if replacing else ""

@@ -341,12 +341,16 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
     be sampled and evaluated, also of a run stopped before its first export."""
     from diffusers import UNet2DModel
 
+    try:
+        scheduler = training_noise_scheduler(json.loads((path / RUN_CONFIG_FILE).read_text()))
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"{name}: its {RUN_CONFIG_FILE} does not give the noise schedule ({first_line(error)})") \
+            from None
     weights = "unet_ema" if (path / "unet_ema").is_dir() else "unet"
     try:
         with remote.quiet_hub_clients():  # the EMA's own settings in its config.json are ignored with a warning
             unet = UNet2DModel.from_pretrained(str(path / weights), torch_dtype=dtype)  # safetensors
-        scheduler = training_noise_scheduler(json.loads((path / RUN_CONFIG_FILE).read_text()))
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError) as error:
         raise UsageError(f"{name}: could not load the checkpoint's {weights}/ ({first_line(error)})") from None
     kind = "EMA" if weights == "unet_ema" else "trained"
     return Model(unet.to(device).eval(), dict(scheduler.config), f"the checkpoint {path} ({kind} weights)")
