@@ -183,7 +183,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     speedups += tune_cuda(config, accelerator.device)
     speedups += ["torch.compile" + " with CUDA graphs" * (accelerator.device.type == "cuda")] * config.compile
     if config.use_ema:
-        speedups.append(f"foreach EMA every {config.ema_update_every} step(s)")
+        speedups.append(f"foreach EMA every {counted(config.ema_update_every, 'step')}")
     logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")
 
     steps_per_epoch = math.ceil(batches.batches_per_epoch / config.gradient_accumulation_steps)
