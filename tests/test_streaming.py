@@ -107,6 +107,23 @@ def test_processes_read_disjoint_shards_and_the_stream_wraps_around(tmp_path):
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(8))
 
 
+def test_a_streamed_array_columns_range_is_one_for_all_its_images(tmp_path):
+    """As on disk (test_data): a bright [-1, 1] image alone passed for [0, 1] and went white."""
+    import datasets
+    import numpy as np
+
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    images = [np.full((4, 4), value, np.float32) for value in (-0.5, 0.5)]
+    datasets.Dataset.from_dict({"pixel_values": images}).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    config = TrainConfig(dataset_name=str(folder), streaming=True, resolution=4, train_batch_size=2,
+                         max_train_steps=1, seed=0)
+    stream = Stream(config)
+    assert stream.value_range == (-1.0, 1.0)
+    batch = next(iter(StreamedBatches(stream, config, channels=1).epoch(0)))[1]
+    assert sorted(round((float(image[0, 0, 0]) + 1) * 127.5) for image in batch) == [64, 191]
+
+
 def test_streaming_needs_max_train_steps(run_cli, tmp_path):
     code, _, err = run_cli("train", "--dataset_name", tmp_path, "--streaming", "--output_dir", tmp_path / "out")
     assert code == 2 and "--streaming needs --max_train_steps" in err and len(err.strip().splitlines()) == 1

@@ -311,12 +311,13 @@ def open_image_cell(item: Any, value_range: tuple[float, float] | None = None) -
     return array_to_image(array, value_range or array_value_range([array]))
 
 
-def open_first_image(columns: Sequence[str], row: dict[str, Any]) -> Image.Image:
-    """The first of `columns` that holds an image in this row."""
+def open_first_image(columns: Sequence[str], row: dict[str, Any],
+                     value_range: tuple[float, float] | None = None) -> Image.Image:
+    """The first of `columns` that holds an image in this row (arrays read with `value_range`)."""
     item = next((row[column] for column in columns if row.get(column) is not None), None)
     if item is None:
         raise ValueError(f"no image in column(s) {', '.join(columns)}")
-    return open_image_cell(item)
+    return open_image_cell(item, value_range)
 
 
 def as_hwc(array: np.ndarray) -> np.ndarray:

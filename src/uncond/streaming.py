@@ -32,7 +32,8 @@ import torch
 from .config import TrainConfig, UsageError
 from .data import Augmentation, augmentation_rng, first_reasons, mix_seed, prefetch, write_report
 from .decoding import decode_records
-from .sources import Record, find_image_columns, load_dataset_or_explain, open_first_image
+from .sources import (RANGE_SAMPLE, Record, array_value_range, find_image_columns, load_dataset_or_explain,
+                      open_first_image)
 
 logger = logging.getLogger("uncond")
 
@@ -60,12 +61,28 @@ class Stream:
         self.name = config.dataset_name
         splits = dataset.info.splits
         self.num_examples = splits["train"].num_examples if splits and "train" in splits else None
+        encoded = dataset.features is not None and all(isinstance(dataset.features[column], datasets.Image)
+                                                       for column in self.columns)
+        self.value_range = None if encoded else self.array_value_range()
+
+    def array_value_range(self) -> tuple[float, float] | None:
+        """One range for arrays of pixels (sources.array_value_range), from the stream's first RANGE_SAMPLE
+        examples, as for a dataset on disk; None for encoded images."""
+        cells = [example.get(column) for example in itertools.islice(self.dataset, RANGE_SAMPLE)
+                 for column in self.columns]
+        arrays = [cell for cell in cells if cell is not None and not isinstance(cell, (dict, bytes, bytearray))]
+        if not arrays:
+            return None
+        low, high = value_range = array_value_range(arrays)
+        logger.info(f"--streaming: the arrays of {self.name} are read with values {low:g} to {high:g} as black to "
+                    f"white (judged from its first {RANGE_SAMPLE} examples)")
+        return value_range
 
     def records(self, dataset: Any) -> Iterator[Record]:
         """Each example's first non-empty image column (WebDataset shards have one per file extension)."""
         for i, example in enumerate(dataset):
             name = f"{self.name}:{example.get('__key__') or i}"
-            yield Record(name, functools.partial(open_first_image, self.columns, example))
+            yield Record(name, functools.partial(open_first_image, self.columns, example, self.value_range))
 
     def all_gray(self, config: TrainConfig) -> bool:
         """Whether the first CHANNELS_PEEK images are all grayscale; every process sees the same ones."""
