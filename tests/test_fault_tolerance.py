@@ -324,6 +324,22 @@ def test_divergence_stops_with_the_last_good_checkpoint(run_cli, color_folder, t
     assert all(torch.isfinite(t).all() for t in load_file(last / "unet" / WEIGHTS).values())
 
 
+def test_weights_that_diverged_are_never_exported(run_cli, color_folder, tiny_unet, tmp_path):
+    """A loss that diverged between log lines was found only at the next one: the epoch's export came first, wrote
+    NaN weights as the model, and, as this run's first save, deleted the earlier run it replaced."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_grad_norm", "0", "--logging_steps", "100")
+    assert run_cli(*args, "--max_train_steps", "2")[0] == 0
+    earlier = (out / "unet" / WEIGHTS).read_bytes()
+    code, _, err = run_cli(*args, "--max_train_steps", "6", "--learning_rate", "1e12", "--overwrite_output_dir",
+                           "--save_model_epochs", "1", "--checkpointing_steps", "100")
+    assert code == 1, err[-2000:]
+    message = next(line for line in err.splitlines() if line.startswith("uncond: stopped:"))
+    assert "the weights became NaN or inf by step 3" in message and "run the command again" in message
+    assert (out / "unet" / WEIGHTS).read_bytes() == earlier
+    assert [path.name for _, path in checkpoint.complete_checkpoints(out)] == ["checkpoint-2"]
+
+
 @pytest.mark.parametrize("max_grad_norm", ["1.0", "0"])
 def test_skip_nonfinite_trains_through_with_fp16_loss_scaling(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch,
                                                               max_grad_norm):

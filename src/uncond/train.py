@@ -244,6 +244,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
             if run.step < run.max_train_steps and stop_requested(run, stop, at_once=True):
                 return stopped(run)  # a signal during the epoch's preview: no step after it
     if exported_at != run.step:  # resumed at the very end
+        refuse_nonfinite_weights(run)
         with averaged_unet(run) as unet:
             if unet is not None:
                 export(run, unet)
@@ -288,6 +289,7 @@ def end_epoch(run: Run, complete: bool) -> int | None:
     grid = run.epoch % config.save_images_epochs == 0 or last_epoch
     exported_at = run.step if run.epoch % config.save_model_epochs == 0 or last_epoch else None
     if grid or exported_at:
+        refuse_nonfinite_weights(run)
         with averaged_unet(run) as unet:
             if unet is not None:
                 if grid:
@@ -425,11 +427,23 @@ def log_metrics(run: Run, progress: tqdm) -> None:
 
 def diverged(run: Run, what: str) -> RunFailed:
     saved = checkpoint.complete_checkpoints(run.output_dir)
-    last = f"{saved[-1][1].name} is the last good checkpoint" if saved else "no checkpoint was saved yet"
+    if not saved:
+        return RunFailed(f"{what}; stopped, no checkpoint was saved yet. Lower --learning_rate (or pass "
+                         "--skip_nonfinite) and run the command again")
     rerun = "the command with --resume_from_checkpoint latest" if names_a_checkpoint(run.config) else \
         "the same command"
-    return RunFailed(f"{what}; stopped, {last}. Lower --learning_rate (or pass --skip_nonfinite) and re-run {rerun} "
-                     "to resume from it")
+    return RunFailed(f"{what}; stopped, {saved[-1][1].name} is the last good checkpoint. Lower --learning_rate (or "
+                     f"pass --skip_nonfinite) and re-run {rerun} to resume from it")
+
+
+def refuse_nonfinite_weights(run: Run) -> None:
+    """Before a sample grid or export: weights that became NaN or inf since the last log line (the loss is
+    looked at only there) are never drawn or exported; an export is the save that replaces an earlier run.
+    One sync, at an epoch's end; every process takes part (under FSDP each holds a shard)."""
+    weights = [*run.unwrapped_unet.parameters(), *(run.ema.shadow_params if run.ema is not None else [])]
+    bad = torch.stack([(~torch.isfinite(weight)).sum() for weight in weights]).sum()
+    if run.accelerator.reduce(bad, reduction="sum").item():
+        raise diverged(run, f"the weights became NaN or inf by step {run.step}")
 
 
 @off_the_clock
