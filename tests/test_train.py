@@ -772,6 +772,41 @@ def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     assert checkpoint.ema_updates(3, tmp_path / "seed-script-checkpoint", ema) == 1  # every step, 3 steps
 
 
+def test_a_failed_go_back_puts_the_later_checkpoints_and_settings_back(run_cli, color_folder, tiny_unet, tmp_path):
+    """Going back to checkpoint-4 with a --num_epochs that ends before it was refused only once the data was
+    read: by then checkpoint-6 was set aside and training_config.json held the refused settings, so the same
+    command as before went on from step 4 and trained steps 5 and 6 again."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--logging_steps", "1")
+    assert run_cli(*args, "--max_train_steps", "6")[0] == 0
+    settings, metrics = (out / "training_config.json").read_text(), (out / "metrics.jsonl").read_text()
+    code, _, err = run_cli(*args, "--resume_from_checkpoint", "checkpoint-4", "--num_epochs", "1")
+    one_line_error(code, err, "checkpoint-4 is at step 4, past this run's last step 3")
+    assert "checkpoint-6 put back from" in err
+    assert checkpoints(out) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
+    assert not list(out.glob("abandoned-*")) and (out / "samples" / "step-0000006.png").is_file()
+    assert (out / "training_config.json").read_text() == settings and (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_failed_start_removes_only_its_own_files_from_the_folder_it_made(run_cli, color_folder, tiny_unet,
+                                                                          tmp_path, monkeypatch):
+    """A file the user put into the new output folder while the run read its images went with the folder."""
+    out = tmp_path / "run"
+
+    def fail_after_the_user_wrote(*args, **kwargs):
+        (out / "notes.txt").write_text("mine")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "load_images", fail_after_the_user_wrote)
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1"))
+    assert code != 0 and "interrupted" in err, err
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    monkeypatch.setattr(data, "load_images", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out / "new", "--max_train_steps", "1"))[0] != 0
+    assert not (out / "new").exists()  # with nothing else in it, the folder goes too
+
+
 def test_a_rerun_without_use_ema_keeps_the_ema_unless_told_to_drop_it(run_cli, color_folder, tiny_unet, tmp_path):
     """The same command typed without --use_ema resumed, dropped the EMA (the weights the exports held), and
     --checkpoints_total_limit rotated away the checkpoints that still had it."""

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable
 
@@ -62,15 +63,16 @@ def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
     return messages
 
 
-def set_aside_later_checkpoints(output_dir: Path, step: int) -> str:
+def set_aside_later_checkpoints(output_dir: Path, step: int) -> tuple[str, Path | None]:
     """Resuming from step `step` of a folder holding checkpoints of later steps (a run taken back, e.g. after
     its loss diverged): those are the abandoned continuation's. Left in place they would pass for this run's:
     `latest` would resume them, and --checkpoints_total_limit, which keeps the highest steps, would remove each
     new checkpoint as soon as it is written. They are moved, whole, into a folder of their own, with the sample
-    grids of those steps (beside the new run's, they would pass for its own). Returns a line to log, or ''."""
+    grids of those steps (beside the new run's, they would pass for its own). Returns a line to log (or '') and
+    the folder they went into (or None)."""
     later = [path for later_step, path in list_checkpoints(output_dir) if later_step > step]
     if not later:
-        return ""
+        return "", None
     aside, count = output_dir / f"{ABANDONED_PREFIX}{step}", 1
     while aside.exists():
         count += 1
@@ -91,7 +93,7 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> str:
     kept = [f"{counted(len(grids), 'sample grid')}"] * bool(grids) + ["metrics"] * bool(records)
     with_them = f" with their {' and '.join(kept)}" if kept else ""
     return (f"resuming from step {step}: {', '.join(path.name for path in later)}, of the run's later steps, moved "
-            f"to {aside}{with_them} (delete it when you no longer need them)")
+            f"to {aside}{with_them} (delete it when you no longer need them)"), aside
 
 
 LOCK_FILE = ".uncond-lock"
@@ -265,16 +267,65 @@ def set_aside_previous_run(output_dir: Path, logging_dir: str) -> list[str]:
         [f"{counted(len(grids), 'sample grid')} from {PREVIEWS_DIR}/"] * bool(grids)
 
 
-def undo_unsaved_start(output_dir: Path, logging_dir: str, created: bool, replacing: bool) -> str:
-    """A run that failed before it saved a checkpoint or its pipeline leaves `output_dir` as it found it: a
-    folder it made is removed (an empty TensorBoard run, a training_config.json of no model) unless it logged
-    losses (a loss that diverged is worth seeing), and an earlier run set aside by --overwrite_output_dir is put
-    back. Returns a line to log, or ''."""
-    if created and not list_checkpoints(output_dir) and not holds_trained_model(output_dir) \
-            and not (output_dir / tracking.METRICS_FILE).exists():
-        remove(output_dir)  # said by nothing: the error is the news, and the folder is as before the run
+@dataclass
+class FolderStart:
+    """What a run changed in its output folder before training (train.prepare_output_dir), to be undone if it
+    fails before it saves (undo_unsaved_start)."""
+    created: bool  # the folder did not exist
+    replacing: bool  # --overwrite_output_dir set an earlier run aside
+    resume_step: int | None = None
+    abandoned: Path | None = None  # where going back set the later checkpoints aside
+    settings: str | None = None  # the training_config.json the folder held
+    export_step: int | None = None  # the step of the folder's exported pipeline
+
+
+def export_step(output_dir: Path) -> int | None:
+    state = output_dir / STATE_FILE
+    return json.loads(state.read_text()).get("step") if state.is_file() else None
+
+
+def undo_unsaved_start(output_dir: Path, logging_dir: str, start: FolderStart) -> str:
+    """A run that failed before it saved a checkpoint or its pipeline leaves `output_dir` as it found it: what
+    it wrote into a folder it made is removed (an empty TensorBoard run, a training_config.json of no model;
+    the folder too if nothing else is in it) unless it logged losses (a loss that diverged is worth seeing); an
+    earlier run set aside by --overwrite_output_dir is put back, and so are the later checkpoints going back
+    set aside, and the folder's training_config.json. Returns a line to log, or ''."""
+    newest = max((step for step, _ in list_checkpoints(output_dir)), default=None)
+    if (newest is not None and newest > (start.resume_step or -1)) or export_step(output_dir) != start.export_step:
+        return ""  # it saved: the folder is this run's now
+    if start.created:
+        if not (output_dir / tracking.METRICS_FILE).exists():
+            items, grids = run_outputs(output_dir, logging_dir)
+            for path in [*items, *grids, *existing_inside(output_dir, [LOCK_FILE])]:
+                remove(path)
+            remove_if_empty(output_dir / PREVIEWS_DIR)
+            remove_if_empty(output_dir)  # said by nothing: the error is the news
         return ""
-    return restore_replaced_run(output_dir, logging_dir) if replacing else ""
+    if start.replacing:
+        return restore_replaced_run(output_dir, logging_dir)
+    if start.settings is not None:
+        (output_dir / RUN_CONFIG_FILE).write_text(start.settings)
+    return restore_abandoned(output_dir, start.abandoned, start.resume_step) if start.abandoned else ""
+
+
+def restore_abandoned(output_dir: Path, aside: Path, step: int) -> str:
+    """The later checkpoints, grids and metrics that going back to `step` set aside, put back."""
+    names = []
+    for path in sorted(aside.iterdir()):
+        if path.name == PREVIEWS_DIR:
+            (output_dir / PREVIEWS_DIR).mkdir(exist_ok=True)
+            for grid in path.iterdir():
+                os.replace(grid, output_dir / PREVIEWS_DIR / grid.name)
+        elif CHECKPOINT_NAME.match(path.name):
+            os.replace(path, output_dir / path.name)
+            names.append(path.name)
+    metrics = output_dir / tracking.METRICS_FILE
+    records = [record for record in tracking.read_metrics(metrics) if record.get("step", 0) <= step]
+    records += tracking.read_metrics(aside / tracking.METRICS_FILE)
+    if records:
+        metrics.write_text("".join(json.dumps(record) + "\n" for record in records))
+    remove(aside)
+    return f"this run ended before saving anything: {', '.join(names)} put back from {aside}"
 
 
 def restore_replaced_run(output_dir: Path, logging_dir: str) -> str:

@@ -49,7 +49,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     # and before anything is written into the output folder
     repo_id = on_main_process(accelerator, lambda: hub.create_repository(config)) if config.push_to_hub else None
     # Before the data: a folder that cannot be used, or a tracker that cannot start, says so at once.
-    created, replacing = on_main_process(accelerator, lambda: prepare_output_dir(plan, output_dir))
+    start = on_main_process(accelerator, lambda: prepare_output_dir(plan, output_dir))
     try:
         on_main_process(accelerator, lambda: init_trackers(config, accelerator, output_dir))
         return run_training(plan, accelerator, explicit, repo_id, command)
@@ -57,7 +57,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         # A run failing (unreadable images, Ctrl-C while decoding) before it saved anything leaves the folder as
         # it found it: none made, or the earlier run that --overwrite_output_dir set aside put back.
         if accelerator.is_main_process:
-            message = run_folder.undo_unsaved_start(output_dir, config.logging_dir, created, replacing)
+            message = run_folder.undo_unsaved_start(output_dir, config.logging_dir, start)
             if message:
                 logger.warning(message)
         raise
@@ -111,13 +111,12 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     return output_dir
 
 
-def prepare_output_dir(plan: Plan, output_dir: Path) -> tuple[bool, bool]:
+def prepare_output_dir(plan: Plan, output_dir: Path) -> run_folder.FolderStart:
     """On the main process: the folder made and locked for this run, what interrupted writes left removed,
     later checkpoints set aside when going back, an earlier run's outputs set aside with --overwrite_output_dir,
-    and this run's settings written. Whether the folder was made, and whether an earlier run is set aside
-    (until this one saves)."""
+    and this run's settings written. Returns what changed, to be undone if the run fails before it saves."""
     config = plan.config
-    created = not output_dir.exists()
+    start = run_folder.FolderStart(created=not output_dir.exists(), replacing=False, resume_step=plan.resume_step)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # what plan's check cannot see (a root user in /proc, a full or read-only mount)
@@ -126,18 +125,21 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> tuple[bool, bool]:
     for message in run_folder.clean_up_interrupted_writes(output_dir):
         logger.warning(message)
     if plan.resume_from is not None:
-        message = run_folder.set_aside_later_checkpoints(output_dir, plan.resume_step)
+        message, start.abandoned = run_folder.set_aside_later_checkpoints(output_dir, plan.resume_step)
         if message:
             logger.warning(message)
-    replacing = config.overwrite_output_dir and plan.resume_from is None
-    if replacing:
+    if config.overwrite_output_dir and plan.resume_from is None:
         set_aside = run_folder.set_aside_previous_run(output_dir, config.logging_dir)
         if set_aside:
             logger.info(f"--overwrite_output_dir: moved the earlier run's {', '.join(set_aside)} into "
                         f"{output_dir / run_folder.REPLACED_DIR}; they are removed once this run saves a checkpoint "
                         "or its pipeline (if this run fails before, they are put back)")
-    config.save(output_dir / RUN_CONFIG_FILE)
-    return created, replacing and (output_dir / run_folder.REPLACED_DIR).exists()
+        start.replacing = (output_dir / run_folder.REPLACED_DIR).exists()
+    settings = output_dir / RUN_CONFIG_FILE
+    start.settings = settings.read_text() if settings.is_file() else None
+    start.export_step = run_folder.export_step(output_dir)
+    config.save(settings)
+    return start
 
 
 def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None:
