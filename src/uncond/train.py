@@ -443,7 +443,7 @@ def refuse_nonfinite_weights(run: Run) -> None:
     looked at only there) are never drawn or exported; an export is the save that replaces an earlier run.
     One sync, at an epoch's end; every process takes part (under FSDP each holds a shard)."""
     weights = [*run.unwrapped_unet.parameters(), *(run.ema.shadow_params if run.ema is not None else [])]
-    bad = torch.stack([(~torch.isfinite(weight)).sum() for weight in weights]).sum()
+    bad = torch.stack([(~torch.isfinite(weight)).sum() for weight in sharding.local_tensors(weights)]).sum()
     if run.accelerator.reduce(bad, reduction="sum").item():
         raise diverged(run, f"the weights became NaN or inf by step {run.step}")
 
