@@ -313,9 +313,7 @@ def restore_abandoned(output_dir: Path, aside: Path, step: int) -> str:
     names = []
     for path in sorted(aside.iterdir()):
         if path.name == PREVIEWS_DIR:
-            (output_dir / PREVIEWS_DIR).mkdir(exist_ok=True)
-            for grid in path.iterdir():
-                os.replace(grid, output_dir / PREVIEWS_DIR / grid.name)
+            move_grids_back(path, output_dir)
         elif CHECKPOINT_NAME.match(path.name):
             os.replace(path, output_dir / path.name)
             names.append(path.name)
@@ -338,16 +336,21 @@ def restore_replaced_run(output_dir: Path, logging_dir: str) -> str:
     for path in items + grids:
         remove(path)
     for path in replaced.iterdir():
-        if path.name == PREVIEWS_DIR:  # the grids go back beside the user's files
-            (output_dir / PREVIEWS_DIR).mkdir(exist_ok=True)
-            for grid in path.iterdir():
-                os.replace(grid, output_dir / PREVIEWS_DIR / grid.name)
+        if path.name == PREVIEWS_DIR:
+            move_grids_back(path, output_dir)
         else:
             os.replace(path, output_dir / path.name)
     remove(replaced)
     remove_if_empty(output_dir / PREVIEWS_DIR)
     return (f"--overwrite_output_dir: this run ended before saving anything, so the earlier run it set aside is "
             f"back in {output_dir}")
+
+
+def move_grids_back(previews: Path, output_dir: Path) -> None:
+    """Sample grids set aside, back into the output folder's PREVIEWS_DIR, beside the user's files there."""
+    (output_dir / PREVIEWS_DIR).mkdir(exist_ok=True)
+    for grid in previews.iterdir():
+        os.replace(grid, output_dir / PREVIEWS_DIR / grid.name)
 
 
 def remove_if_empty(folder: Path) -> None:
