@@ -14,7 +14,7 @@ from typing import IO, Iterable
 
 from . import data, hub, tracking
 from .checkpoint import (PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
-                         complete_checkpoints, list_checkpoints, remove)
+                         complete_checkpoints, list_checkpoints, read_training_state, remove)
 from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, TrainConfig,
                      UsageError, counted)
 
@@ -89,7 +89,7 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> tuple[str, Path 
     records = [record for record in tracking.read_metrics(output_dir / tracking.METRICS_FILE)
                if record.get("step", 0) > step]
     if records:
-        (aside / tracking.METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
+        tracking.write_metrics(aside / tracking.METRICS_FILE, records)
     kept = [f"{counted(len(grids), 'sample grid')}"] * bool(grids) + ["metrics"] * bool(records)
     with_them = f" with their {' and '.join(kept)}" if kept else ""
     return (f"resuming from step {step}: {', '.join(path.name for path in later)}, of the run's later steps, moved "
@@ -279,11 +279,6 @@ class FolderStart:
     export_step: int | None = None  # the step of the folder's exported pipeline
 
 
-def export_step(output_dir: Path) -> int | None:
-    state = output_dir / STATE_FILE
-    return json.loads(state.read_text()).get("step") if state.is_file() else None
-
-
 def undo_unsaved_start(output_dir: Path, logging_dir: str, start: FolderStart) -> str:
     """A run that failed before it saved a checkpoint or its pipeline leaves `output_dir` as it found it: what
     it wrote into a folder it made is removed (an empty TensorBoard run, a training_config.json of no model;
@@ -291,7 +286,8 @@ def undo_unsaved_start(output_dir: Path, logging_dir: str, start: FolderStart) -
     earlier run set aside by --overwrite_output_dir is put back, and so are the later checkpoints going back
     set aside, and the folder's training_config.json. Returns a line to log, or ''."""
     newest = max((step for step, _ in list_checkpoints(output_dir)), default=None)
-    if (newest is not None and newest > (start.resume_step or -1)) or export_step(output_dir) != start.export_step:
+    exported = read_training_state(output_dir).get("step")
+    if (newest is not None and newest > (start.resume_step or -1)) or exported != start.export_step:
         return ""  # it saved: the folder is this run's now
     if start.created:
         if not (output_dir / tracking.METRICS_FILE).exists():
@@ -321,7 +317,7 @@ def restore_abandoned(output_dir: Path, aside: Path, step: int) -> str:
     records = [record for record in tracking.read_metrics(metrics) if record.get("step", 0) <= step]
     records += tracking.read_metrics(aside / tracking.METRICS_FILE)
     if records:
-        metrics.write_text("".join(json.dumps(record) + "\n" for record in records))
+        tracking.write_metrics(metrics, records)
     remove(aside)
     return f"this run ended before saving anything: {', '.join(names)} put back from {aside}"
 

@@ -142,8 +142,8 @@ def is_own_grid(folder: Path, grid: str) -> bool:
 
 def record_grid(folder: Path, grid: str) -> None:
     """The grid just written, with its digest, in the folder's settings (is_own_grid)."""
-    record = {**(recorded_settings(folder) or {}), "grid": grid_name(grid), "grid_sha256": file_digest(Path(grid))}
-    (folder / SAMPLE_SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_settings(folder, {**(recorded_settings(folder) or {}), "grid": grid_name(grid),
+                            "grid_sha256": file_digest(Path(grid))})
 
 
 def grid_name(grid: str | None) -> str | None:
@@ -225,7 +225,10 @@ def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any])
     # earlier run's, so that asking for it again later is recognised as this folder's.
     recorded = {} if config.overwrite else recorded_settings(folder) or {}
     grid = {"grid": None} if config.grid else {key: recorded.get(key) for key in ("grid", "grid_sha256")}
-    record = {**settings, **grid}  # a new grid is recorded once written (record_grid)
+    write_settings(folder, {**settings, **grid})  # a new grid is recorded once written (record_grid)
+
+
+def write_settings(folder: Path, record: dict[str, Any]) -> None:
     (folder / SAMPLE_SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -350,8 +350,7 @@ def array_to_image(array: Any, value_range: tuple[float, float]) -> Image.Image:
     if array.dtype == np.uint8 and value_range == (0.0, 255.0):
         return Image.fromarray(array)
     low, high = value_range
-    if high == 65535.0 and array.ndim == 2:  # 16-bit gray: decode_image keeps its precision
-        # (--preserve_input_precision)
+    if high == 65535.0 and array.ndim == 2:  # 16-bit gray: decode_image keeps it (--preserve_input_precision)
         return Image.fromarray(np.rint(array).clip(0, 65535).astype(np.uint16))
     scaled = (array.astype(np.float64) - low) * (255.0 / (high - low))
     return Image.fromarray(np.rint(scaled).clip(0, 255).astype(np.uint8))

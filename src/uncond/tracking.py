@@ -55,8 +55,7 @@ class MetricsFile:
     def __init__(self, output_dir: Path, resume_step: int = 0):
         self.path = output_dir / METRICS_FILE
         if self.path.exists():
-            kept = [record for record in self.read() if record.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            write_metrics(self.path, [record for record in self.read() if record.get("step", 0) <= resume_step])
 
     def write(self, values: dict[str, Any]) -> None:
         with self.path.open("a") as file:
@@ -77,6 +76,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return records
+
+
+def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
+    """A metrics.jsonl of these records, one JSON object per line."""
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
 def log_sample_images(trackers: Iterable[Any], images: np.ndarray, step: int) -> None:

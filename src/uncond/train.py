@@ -55,7 +55,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         return run_training(plan, accelerator, explicit, repo_id, command)
     except BaseException:
         # A run failing (unreadable images, Ctrl-C while decoding) before it saved anything leaves the folder as
-        # it found it: none made, or the earlier run that --overwrite_output_dir set aside put back.
+        # it found it (run_folder.undo_unsaved_start).
         if accelerator.is_main_process:
             message = run_folder.undo_unsaved_start(output_dir, config.logging_dir, start)
             if message:
@@ -137,7 +137,7 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> run_folder.FolderStart:
         start.replacing = (output_dir / run_folder.REPLACED_DIR).exists()
     settings = output_dir / RUN_CONFIG_FILE
     start.settings = settings.read_text() if settings.is_file() else None
-    start.export_step = run_folder.export_step(output_dir)
+    start.export_step = checkpoint.read_training_state(output_dir).get("step")
     config.save(settings)
     return start
 
