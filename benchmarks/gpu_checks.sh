@@ -3,14 +3,17 @@
 #   1. benchmarks/train_throughput.py --device cuda: the seed's step against uncond's, bf16, batch 16 and 64
 #      (issue 5's 2x goal and MFU);
 #   2. FSDP2 on CUDA/NCCL with bf16 (accelerate's mixed-precision policy), one process: 20 steps with a
-#      checkpoint at 10, then a resume to 30; the pipeline must load (CI tests FSDP on CPU processes only).
+#      checkpoint at 10, then a resume to 30; the pipeline must load (CI tests FSDP on CPU processes only);
+#   3. the throughput at batch 64 with uncond's --compile, once, in the time left of 9 minutes (compiling
+#      takes minutes, so it goes last: the figures above come back even when it does not finish).
 # Usage, from the repository root (diffusers, datasets and their needs as wheels in .whl/ if the machine
-# lacks them):  bash benchmarks/gpu_checks.sh OUT_DIR [throughput|fsdp]   (both when not named; worst case
-# about 9 minutes, under the device's 10-minute limit per command)
+# lacks them):  bash benchmarks/gpu_checks.sh OUT_DIR [throughput|fsdp|compile]   (all when not named;
+# at most 9 minutes, under the device's 10-minute limit per command)
 set -uo pipefail
 out=${1:?give a folder for the results}
 part=${2:-all}
-mkdir -p "$out"
+work=/tmp/uncond-gpu-checks  # training folders stay out of OUT_DIR, which gets the logs
+mkdir -p "$out" "$work"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
@@ -21,14 +24,14 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 git log -1 --format='commit %H' 2>/dev/null | tee -a "$out/gpu.txt"
 
-if [ "$part" != fsdp ]; then
+if [ "$part" = all ] || [ "$part" = throughput ]; then
   echo "== 1. training throughput"
-  timeout 380 python3 benchmarks/train_throughput.py --device cuda --repeats 2 2>&1 | tee "$out/train_throughput.txt"
+  timeout 280 python3 benchmarks/train_throughput.py --device cuda --repeats 2 2>&1 | tee "$out/train_throughput.txt"
 fi
-[ "$part" = throughput ] && exit 0
 
+if [ "$part" = all ] || [ "$part" = fsdp ]; then
 echo "== 2. FSDP2 on one GPU, bf16, checkpoint and resume"
-python3 - "$out/images" <<'EOF'
+python3 - "$work/images" <<'EOF'
 import sys
 from pathlib import Path
 
@@ -43,16 +46,23 @@ for i in range(64):
 EOF
 fsdp() {
   timeout 90 accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 1 -m uncond train \
-    --train_data_dir "$out/images" --model_preset tiny --resolution 32 --train_batch_size 16 --use_ema \
-    --mixed_precision bf16 --checkpointing_steps 10 --logger none --seed 0 --output_dir "$out/fsdp" "$@"
+    --train_data_dir "$work/images" --model_preset tiny --resolution 32 --train_batch_size 16 --use_ema \
+    --mixed_precision bf16 --checkpointing_steps 10 --logger none --seed 0 --output_dir "$work/fsdp" "$@"
 }
 fsdp --max_train_steps 20 > "$out/fsdp_train.log" 2>&1; echo "train: exit $?"
 fsdp --max_train_steps 30 > "$out/fsdp_resume.log" 2>&1; echo "resume: exit $?"
 grep -h "weights sharded\|resuming from\|uncond: error\|Error" "$out"/fsdp_*.log | cut -c1-300
-ls "$out/fsdp/checkpoint-30" 2>&1
+ls "$work/fsdp/checkpoint-30" 2>&1
 python3 -c "
 import sys
 from diffusers import DiffusionPipeline
 pipeline = DiffusionPipeline.from_pretrained(sys.argv[1]).to('cuda')
 print('pipeline loads and samples:', pipeline(batch_size=2, num_inference_steps=5, output_type='np').images.shape)
-" "$out/fsdp" 2>&1 | tail -1
+" "$work/fsdp" 2>&1 | tail -1
+fi
+
+if [ "$part" = all ] || [ "$part" = compile ]; then
+  echo "== 3. training throughput with --compile, batch 64 ($((540 - SECONDS)) s left)"
+  timeout $((540 - SECONDS)) python3 benchmarks/train_throughput.py --device cuda --repeats 1 --compile \
+    --configs seed64-b64 2>&1 | tee "$out/train_throughput_compile.txt"
+fi
