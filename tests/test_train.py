@@ -555,8 +555,13 @@ def test_folder_without_readable_images(run_cli, tiny_unet, tmp_path):
     (folder / "b.jpg").write_bytes(b"")
     code, _, err = run_cli(*fast_train_args(folder, tiny_unet, tmp_path / "out" / "run"))
     one_line_error(code, err, "none of the 2 images")
-    # the folder it made is gone (it held an empty TensorBoard run and the settings of no model)
-    assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / "run").exists()
+    # the folders it made are gone (they held an empty TensorBoard run and the settings of no model)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir()  # a folder above that was there stays, and so does an empty output folder
+    (tmp_path / "empty").mkdir()
+    for out in tmp_path / "mine" / "a" / "run", tmp_path / "empty":
+        one_line_error(*run_cli(*fast_train_args(folder, tiny_unet, out))[::2], "none of the 2 images")
+    assert not any((tmp_path / "mine").iterdir()) and not any((tmp_path / "empty").iterdir())
 
 
 def test_a_finished_run_is_kept_and_goes_on_with_a_larger_max_train_steps(run_cli, color_folder, tiny_unet,

@@ -271,8 +271,9 @@ def set_aside_previous_run(output_dir: Path, logging_dir: str) -> list[str]:
 class FolderStart:
     """What a run changed in its output folder before training (train.prepare_output_dir), to be undone if it
     fails before it saves (undo_unsaved_start)."""
-    created: bool  # the folder did not exist
+    created: Path | None  # the highest folder the run made: the output folder or one above it (None: it existed)
     replacing: bool  # --overwrite_output_dir set an earlier run aside
+    was_empty: bool = False  # the output folder existed with nothing in it
     resume_step: int | None = None
     abandoned: Path | None = None  # where going back set the later checkpoints aside
     settings: str | None = None  # the training_config.json the folder held
@@ -281,21 +282,24 @@ class FolderStart:
 
 def undo_unsaved_start(output_dir: Path, logging_dir: str, start: FolderStart) -> str:
     """A run that failed before it saved a checkpoint or its pipeline leaves `output_dir` as it found it: what
-    it wrote into a folder it made is removed (an empty TensorBoard run, a training_config.json of no model;
-    the folder too if nothing else is in it) unless it logged losses (a loss that diverged is worth seeing); an
+    it wrote into a folder it made or found empty is removed (an empty TensorBoard run, a training_config.json of
+    no model; the folders it made too, the ones above included, if nothing else is in them) unless it logged losses (a loss that diverged is worth seeing); an
     earlier run set aside by --overwrite_output_dir is put back, and so are the later checkpoints going back
     set aside, and the folder's training_config.json. Returns a line to log, or ''."""
     newest = max((step for step, _ in list_checkpoints(output_dir)), default=None)
     exported = read_training_state(output_dir).get("step")
     if (newest is not None and newest > (start.resume_step or -1)) or exported != start.export_step:
         return ""  # it saved: the folder is this run's now
-    if start.created:
+    if start.created or start.was_empty:
         if not (output_dir / tracking.METRICS_FILE).exists():
             items, grids = run_outputs(output_dir, logging_dir)
             for path in [*items, *grids, *existing_inside(output_dir, [LOCK_FILE])]:
                 remove(path)
             remove_if_empty(output_dir / PREVIEWS_DIR)
-            remove_if_empty(output_dir)  # said by nothing: the error is the news
+            for folder in [output_dir, *output_dir.parents] if start.created else []:
+                remove_if_empty(folder)  # said by nothing: the error is the news
+                if folder == start.created:
+                    break
         return ""
     if start.replacing:
         return restore_replaced_run(output_dir, logging_dir)
@@ -347,6 +351,16 @@ def move_grids_back(previews: Path, output_dir: Path) -> None:
     (output_dir / PREVIEWS_DIR).mkdir(exist_ok=True)
     for grid in previews.iterdir():
         os.replace(grid, output_dir / PREVIEWS_DIR / grid.name)
+
+
+def highest_missing(folder: Path) -> Path | None:
+    """The highest of `folder` and the folders above it that do not exist: what making `folder` makes."""
+    missing = None
+    for path in [folder, *folder.parents]:
+        if path.exists():
+            break
+        missing = path
+    return missing
 
 
 def remove_if_empty(folder: Path) -> None:

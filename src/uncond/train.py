@@ -116,7 +116,9 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> run_folder.FolderStart:
     later checkpoints set aside when going back, an earlier run's outputs set aside with --overwrite_output_dir,
     and this run's settings written. Returns what changed, to be undone if the run fails before it saves."""
     config = plan.config
-    start = run_folder.FolderStart(created=not output_dir.exists(), replacing=False, resume_step=plan.resume_step)
+    start = run_folder.FolderStart(created=run_folder.highest_missing(output_dir), replacing=False,
+                                   was_empty=output_dir.is_dir() and not any(output_dir.iterdir()),
+                                   resume_step=plan.resume_step)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # what plan's check cannot see (a root user in /proc, a full or read-only mount)
