@@ -105,6 +105,7 @@ def test_sample_never_mixes_images_of_other_settings_unless_overwriting(run_cli,
     code, _, err = run_cli(*args, "--seed", 5)
     one_line_error(code, err, f"--output_dir {out} holds 2 images sampled with other settings (seed 0); choose "
                               "another --output_dir, or pass --overwrite")
+    assert "sampling 2 images" not in err  # a refused sampling does not say it starts
     unet = UNet2DModel.from_pretrained(model / "unet")  # the model trained on, in the same folder
     with torch.no_grad():
         unet.conv_out.bias += 0.1
@@ -232,6 +233,9 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
     for args in (["sample", checkpoint], ["evaluate", checkpoint, "--reference", reference]):
         code, _, err = run_cli(*args)
         one_line_error(code, err, f"{checkpoint}: could not load the checkpoint's unet/")
+    code, _, err = run_cli("sample", run / "checkpoint-1")  # removed by --checkpoints_total_limit, say
+    one_line_error(code, err, f"{run / 'checkpoint-1'}: no such folder ({run} holds checkpoint-3, checkpoint-12; "
+                              "--checkpoints_total_limit removes a run's oldest checkpoints")
     (run / "checkpoint-3" / "training_config.json").unlink()  # as train_unconditional.py's checkpoints
     code, _, err = run_cli("sample", run / "checkpoint-3")
     one_line_error(code, err, "(a train_unconditional.py checkpoint, which does not record its noise schedule; "
@@ -378,6 +382,9 @@ def test_evaluate_without_inception_weights_says_where_to_put_them(run_cli, no_i
                               "not on this machine (offline: HF_HUB_OFFLINE is set): download https://github.com/"
                               "mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d"
                               f".pth and put it at {no_inception_weights}, or pass --inception_weights PATH")
+    (tmp_path / "old-checkpoint" / "unet").mkdir(parents=True)  # a model that cannot be sampled is said first
+    code, _, err = run_cli("evaluate", tmp_path / "old-checkpoint", "--reference", images)
+    one_line_error(code, err, "a train_unconditional.py checkpoint, which does not record its noise schedule")
 
 
 def test_evaluate_a_folder_against_itself_and_its_cached_statistics(run_cli, stand_in_inception, tmp_path):

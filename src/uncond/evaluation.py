@@ -60,8 +60,8 @@ def evaluate(config: EvaluateConfig) -> Report:
                           "its model")
     device = sampling.pick_device(config.device)
     reference_source = open_reference(config.reference)
+    generated = open_generated(config)  # a model that cannot be loaded is said before the Inception weights
     extractor = metrics.inception_extractor(config.inception_weights, device)
-    generated = open_generated(config)
     if generated.count < 2:  # said before the reference images are measured (minutes on a large set)
         raise UsageError(f"GENERATED {config.generated}: {counted(generated.count, 'image')}; FID needs at least 2")
     resolution = config.resolution or generated.resolution
@@ -88,6 +88,7 @@ def open_generated(config: EvaluateConfig) -> Generated:
     if path.is_dir() and not (path / "model_index.json").is_file() and not sampling.is_checkpoint(path):
         return generated_folder(path, config)
     model, scheduler, steps = sampling.open_for_sampling(config, config.generated)
+    sampling.log_sampling(config, model, steps)
     size = model.unet.config.sample_size
     size = size if isinstance(size, int) else min(size)
     batches = sampling.sample_batches(model.unet, scheduler, **{**sampling.sampling_options(config, steps),

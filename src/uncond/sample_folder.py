@@ -26,8 +26,8 @@ from . import environment
 from .checkpoint import file_digest
 from .config import RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, SampleConfig, UsageError, counted
 from .run_folder import is_preview_folder
-from .sampling import (image_grid, is_numbered_image, network_evaluations, numbered_name, open_for_sampling,
-                       sample_batches, sampling_options, to_pil)
+from .sampling import (image_grid, is_numbered_image, log_sampling, network_evaluations, numbered_name,
+                       open_for_sampling, sample_batches, sampling_options, to_pil)
 
 logger = logging.getLogger("uncond")
 
@@ -50,6 +50,7 @@ def sample_to_folder(config: SampleConfig) -> Path:
     model, scheduler, steps = open_for_sampling(config, config.model)
     settings = sample_settings(config, model, scheduler, steps)
     missing = images_missing(folder, settings, config)
+    log_sampling(config, model, steps)
     processes.wait_for_everyone()  # every process has looked at the folder before the main one changes it
     if processes.is_main_process:
         prepare_folder(folder, config, settings)

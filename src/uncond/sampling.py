@@ -320,7 +320,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
         where = f"the pipeline folder {path}"
     elif (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or name_or_path.endswith("/")
           or Path(name_or_path).parent.is_dir()):  # runs/exp1 with runs/ here: a mistyped folder, not owner/name
-        raise UsageError(f"{name_or_path}: no such folder (a Hub model id has the form owner/name)")
+        raise UsageError(f"{name_or_path}: no such folder ({missing_checkpoint_hint(path)})")
     else:
         where = f"the Hub model {name_or_path}"
     try:
@@ -384,6 +384,19 @@ def is_checkpoint(path: Path) -> bool:
     return (path / "unet_ema").is_dir() or (path / "unet").is_dir()
 
 
+def missing_checkpoint_hint(path: Path) -> str:
+    """What a run folder holds instead of a checkpoint that is not there (--checkpoints_total_limit removes the
+    oldest ones); for other missing paths, the form of a Hub model id."""
+    if not CHECKPOINT_NAME.match(path.name) or not path.parent.is_dir():
+        return "a Hub model id has the form owner/name"
+    steps = sorted(int(match[1]) for match in map(CHECKPOINT_NAME.match, (p.name for p in path.parent.iterdir()))
+                   if match)
+    held = ", ".join(f"checkpoint-{step}" for step in steps) if steps else "no checkpoints"
+    pipeline = "; its exported pipeline is the folder itself" if (path.parent / "model_index.json").is_file() else ""
+    return (f"{path.parent} holds {held}{pipeline}; --checkpoints_total_limit removes a run's oldest checkpoints "
+            "as it saves new ones")
+
+
 def not_a_pipeline_hint(path: Path) -> str:
     """What to pass instead of a path that exists but is not a pipeline folder, where that can be told."""
     if is_checkpoint(path):  # train_unconditional.py's: no training_config.json, so no known noise schedule
@@ -415,9 +428,13 @@ def open_for_sampling(settings: SamplingSettings, model_name: str) -> tuple[Mode
                                   model.scheduler_config.get("num_train_timesteps", DDPM_STEPS))
     check_sampler_fits(settings.sampler, model.scheduler_config, steps)
     scheduler = make_sampler(settings.sampler, model.scheduler_config)
-    logger.info(f"sampling {counted(settings.num_images, 'image')} from {model.description} on {device} "
-                f"({settings.dtype}) with {settings.sampler}, {steps} steps, seed {settings.seed}")
     return model, scheduler, steps
+
+
+def log_sampling(settings: SamplingSettings, model: Model, steps: int) -> None:
+    """The line that starts a sampling: said once its checks have passed."""
+    logger.info(f"sampling {counted(settings.num_images, 'image')} from {model.description} on {model.unet.device} "
+                f"({settings.dtype}) with {settings.sampler}, {steps} steps, seed {settings.seed}")
 
 
 def sampling_options(settings: SamplingSettings, steps: int) -> dict[str, Any]:
