@@ -283,9 +283,10 @@ class FolderStart:
 def undo_unsaved_start(output_dir: Path, logging_dir: str, start: FolderStart) -> str:
     """A run that failed before it saved a checkpoint or its pipeline leaves `output_dir` as it found it: what
     it wrote into a folder it made or found empty is removed (an empty TensorBoard run, a training_config.json of
-    no model; the folders it made too, the ones above included, if nothing else is in them) unless it logged losses (a loss that diverged is worth seeing); an
-    earlier run set aside by --overwrite_output_dir is put back, and so are the later checkpoints going back
-    set aside, and the folder's training_config.json. Returns a line to log, or ''."""
+    no model; the folders it made too, the ones above included, if nothing else is in them) unless it logged
+    losses (a loss that diverged is worth seeing); an earlier run set aside by --overwrite_output_dir is put
+    back, and so are the later checkpoints going back set aside, and the folder's training_config.json.
+    Returns a line to log, or ''."""
     newest = max((step for step, _ in list_checkpoints(output_dir)), default=None)
     exported = read_training_state(output_dir).get("step")
     if (newest is not None and newest > (start.resume_step or -1)) or exported != start.export_step:
