@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The checks that need one NVIDIA GPU, in one go, for a lent device session:
-#   1. benchmarks/train_throughput.py --device cuda: the seed's step against uncond's, bf16, batch 16 and 64
-#      (issue 5's 2x goal and MFU);
-#   2. FSDP2 on CUDA/NCCL with bf16 (accelerate's mixed-precision policy), one process: 20 steps with a
-#      checkpoint at 10, then a resume to 30; the pipeline must load (CI tests FSDP on CPU processes only);
-#   3. the throughput at batch 64 with uncond's --compile, once, in the time left of 9 minutes (compiling
-#      takes minutes, so it goes last: the figures above come back even when it does not finish).
+# The checks that need one NVIDIA GPU, for a lent device session. The parts named run in this order:
+#   throughput  benchmarks/train_throughput.py --device cuda: the seed's step against uncond's, bf16, batch 16
+#               and 64 (issue 5's 2x goal and MFU); about 5 minutes (each measurement is a new process);
+#   fsdp        FSDP2 on CUDA/NCCL with bf16 (accelerate's mixed-precision policy), one process: 20 steps with
+#               a checkpoint at 10, then a resume to 30; the pipeline must load; about 1.5 minutes;
+#   diagnose    where uncond's eager step at batch 64 spends its time: the bare step (benchmarks/bare_step.py)
+#               at batch 64 and 1 beside uncond's step with its host synchronisations and a profile; ~3 minutes;
+#   compile     the throughput at batch 64 with uncond's --compile, once, in what is left of 9 minutes
+#               (compiling takes minutes: it goes last, so the figures before it come back either way).
 # Usage, from the repository root (diffusers, datasets and their needs as wheels in .whl/ if the machine
-# lacks them):  bash benchmarks/gpu_checks.sh OUT_DIR [throughput|fsdp|compile]   (all when not named;
-# at most 9 minutes, under the device's 10-minute limit per command)
+# lacks them):  bash benchmarks/gpu_checks.sh OUT_DIR [PART,PART...]   (default: diagnose,compile, what
+# the last GPU session, 2026-11-27, left to measure; at most 9 minutes, under the device's 10 per command)
 set -uo pipefail
 out=${1:?give a folder for the results}
-part=${2:-all}
+parts=",${2:-diagnose,compile},"
 work=/tmp/uncond-gpu-checks  # training folders stay out of OUT_DIR, which gets the logs
 mkdir -p "$out" "$work"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -24,13 +26,13 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 git log -1 --format='commit %H' 2>/dev/null | tee -a "$out/gpu.txt"
 
-if [ "$part" = all ] || [ "$part" = throughput ]; then
-  echo "== 1. training throughput"
+if [[ $parts == *,throughput,* ]]; then
+  echo "== training throughput"
   timeout 280 python3 benchmarks/train_throughput.py --device cuda --repeats 2 2>&1 | tee "$out/train_throughput.txt"
 fi
 
-if [ "$part" = all ] || [ "$part" = fsdp ]; then
-echo "== 2. FSDP2 on one GPU, bf16, checkpoint and resume"
+if [[ $parts == *,fsdp,* ]]; then
+echo "== FSDP2 on one GPU, bf16, checkpoint and resume"
 python3 - "$work/images" <<'EOF'
 import sys
 from pathlib import Path
@@ -61,8 +63,15 @@ print('pipeline loads and samples:', pipeline(batch_size=2, num_inference_steps=
 " "$work/fsdp" 2>&1 | tail -1
 fi
 
-if [ "$part" = all ] || [ "$part" = compile ]; then
-  echo "== 3. training throughput with --compile, batch 64 ($((540 - SECONDS)) s left)"
+if [[ $parts == *,diagnose,* ]]; then
+  echo "== where the eager step's time goes, batch 64"
+  timeout 120 python3 benchmarks/bare_step.py --device cuda --variants eager 2>&1 | tee "$out/bare_step.txt"
+  timeout 200 python3 benchmarks/train_throughput.py --device cuda --repeats 1 --configs seed64-b64 --diagnose \
+    2>&1 | tee "$out/diagnose.txt"
+fi
+
+if [[ $parts == *,compile,* ]]; then
+  echo "== training throughput with --compile, batch 64 ($((540 - SECONDS)) s left)"
   timeout $((540 - SECONDS)) python3 benchmarks/train_throughput.py --device cuda --repeats 1 --compile \
     --configs seed64-b64 2>&1 | tee "$out/train_throughput_compile.txt"
 fi

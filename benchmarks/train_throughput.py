@@ -23,6 +23,7 @@ process environment (the glibc allocator setting uncond makes is made in the bas
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -155,7 +156,7 @@ def batches(loader):
 
 
 def uncond_worker(config_name: str, device: str, precision: str, data: Path, steps: int, warmup: int,
-                  compile_unet: bool) -> dict:
+                  compile_unet: bool, diagnose: bool = False) -> dict:
     """uncond's own loop body: train.train_step on a Run built by parts.build_run, as `uncond train` runs it."""
     from uncond import parts, train
     from uncond.config import TrainConfig
@@ -185,9 +186,44 @@ def uncond_worker(config_name: str, device: str, precision: str, data: Path, ste
             yield from train.optimizer_steps(run)
             run.epoch += 1
 
-    result = timed(step, micro_batch_groups(), steps, warmup, batch_size, device)
+    batches = micro_batch_groups()
+    result = timed(step, batches, steps, warmup, batch_size, device)
     result["prepare_seconds"] = round(prepare_seconds, 2)
+    if diagnose:
+        diagnose_steps(step, batches, device)
     return result
+
+
+def diagnose_steps(step, batches, device: str, steps: int = 5) -> None:
+    """Where a step's time goes: the host synchronisations it makes (CUDA's sync debug
+    mode) and the operations taking the most host time, against the device's time (torch.profiler)."""
+    import warnings
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                step(next(batches))
+        torch.cuda.set_sync_debug_mode("default")
+        syncs = collections.Counter(f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:100]}" for w in caught)
+        print(f"host synchronisations in {steps} steps: {sum(syncs.values())}")
+        for message, count in syncs.most_common(5):
+            print(f"  {count} x {message}")
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device == "cuda")
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step(next(batches))
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = profiler.key_averages()
+    host = sum(e.self_cpu_time_total for e in events) / steps / 1000
+    gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps / 1000
+    print(f"per step: {host:.1f} ms of host time in operations, {gpu:.1f} ms of device time in kernels")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
 
 
 def timed(step, source, steps: int, warmup: int, batch_size: int, device: str) -> dict:
@@ -270,6 +306,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per measurement")
     parser.add_argument("--compile", action="store_true", help="uncond with --compile")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="after uncond's timed steps, print its host synchronisations and a profile of 5 steps")
     parser.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "uncond-train-bench"))
     parser.add_argument("--worker", choices=("baseline", "uncond"), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -284,7 +322,8 @@ def main() -> None:
         if args.worker == "baseline":
             result = baseline_worker(args.config, args.device, precision, data, args.steps, warmup)
         else:
-            result = uncond_worker(args.config, args.device, precision, data, args.steps, warmup, args.compile)
+            result = uncond_worker(args.config, args.device, precision, data, args.steps, warmup, args.compile,
+                                   args.diagnose)
         print("RESULT " + json.dumps(result))
         return
 
@@ -319,12 +358,21 @@ def run_worker(variant: str, name: str, args: argparse.Namespace, steps: int) ->
     command += ["--precision", args.precision] if args.precision else []
     command += ["--warmup", str(args.warmup)] if args.warmup is not None else []
     command += ["--compile"] if args.compile else []
+    command += ["--diagnose"] if args.diagnose and variant == "uncond" else []
+    start = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
     if finished.returncode or not lines:
         print(f"{variant} {name} failed:\n{finished.stderr[-3000:]}", flush=True)
         return {"images_per_sec": math.nan, "peak_bytes": math.nan, "seconds": math.nan}
-    return json.loads(lines[-1][len("RESULT "):])
+    if args.diagnose and variant == "uncond":  # what diagnose_steps printed
+        print("\n".join(line for line in finished.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
+    result = json.loads(lines[-1][len("RESULT "):])
+    # where a lent GPU's minutes go: the process (imports, data, cuDNN autotuning, compiling) against the timing
+    print(f"  {variant} {name}: {result['images_per_sec']:.1f} images/s; process {time.perf_counter() - start:.0f} s"
+          f", timed steps {result['seconds']:.0f} s" + (f", building the run {result['prepare_seconds']:.0f} s"
+                                                       if "prepare_seconds" in result else ""), flush=True)
+    return result
 
 
 def format_row(row: dict) -> str:

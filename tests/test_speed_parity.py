@@ -88,3 +88,13 @@ def test_sparse_ema_spans_the_same_horizon(unet):
     lag_fourth = (weights[0] - every_fourth.shadow_params[0]).mean().item()
     assert lag_every == pytest.approx(lag_fourth, rel=0.05)  # same lag: same horizon
     assert 0.05 < lag_every < 0.2  # about 0.001 * d / (1 - d) = 0.099
+
+
+def test_adamw_is_fused_on_cpus_unless_turned_off(unet):
+    """torch's per-tensor default on CPUs took three times as long a step (benchmarks/step_ops.py)."""
+    from uncond.parts import make_optimizer
+
+    optimizer, fused = make_optimizer(unet, TrainConfig(dataset_name="x"), torch.device("cpu"))
+    assert fused and optimizer.defaults["fused"]
+    optimizer, fused = make_optimizer(unet, TrainConfig(dataset_name="x", fused_adamw=False), torch.device("cpu"))
+    assert not fused and not optimizer.defaults["fused"]

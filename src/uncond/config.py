@@ -224,7 +224,7 @@ class TrainConfig:
                                   "UNets it measured 1.4x slower on an H100, docs/benchmarks.md)", group="speed")
     allow_tf32: bool = setting(True, "let fp32 matrix products use TF32 tensor cores on NVIDIA GPUs",
                                group="speed")
-    fused_adamw: bool = setting(True, "use PyTorch's fused AdamW kernel on GPUs", group="speed")
+    fused_adamw: bool = setting(True, "use PyTorch's fused AdamW kernel (GPUs and CPUs)", group="speed")
     compile: bool = setting(False, "torch.compile the UNet, with CUDA graphs on GPUs (about 1.5 minutes of "
                             "compiling, then 1.8x faster steps on an H100; exports and checkpoints hold the plain "
                             "module)", group="speed")
