@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -187,7 +188,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_next_step(color_fold
     args = fast_train_args(color_folder, tiny_unet, out, "--train_batch_size", "1", "--max_train_steps", "12",
                            "--logging_steps", "100")
     result = launch_processes(TESTS / "stop_worker.py", *args, STOP_RANK="1", STOP_AT="3")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert stopped_processes(result) == ["0"], result.stderr[-3000:]
     assert "stopped by a signal to another process at step 4, checkpoint-4 saved" in result.stderr
     assert checkpoints_in(out) == ["checkpoint-4"] and json.loads(
         (out / "checkpoint-4" / "training_state.json").read_text())["step"] == 4
@@ -200,12 +201,19 @@ def test_a_stop_during_an_epochs_preview_stops_there_and_the_resume_makes_it(col
     args = fast_train_args(color_folder, tiny_unet, out, "--train_batch_size", "2", "--max_train_steps", "6",
                            "--save_images_epochs", "1", "--logging_steps", "100")
     result = launch_processes(TESTS / "stop_worker.py", *args, STOP_RANK="0", STOP_AT="preview")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert stopped_processes(result) == ["0"], result.stderr[-3000:]
     assert "the sample grid of step 3 is left out" in result.stderr
     assert "stopped by SIGTERM at step 3, checkpoint-3 saved" in result.stderr
     result = launch_processes("-m", "uncond", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(path.name for path in (out / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+
+
+def stopped_processes(result: subprocess.CompletedProcess) -> list[str]:
+    """The ranks that exited with SIGTERM's status (143), as the launcher reports them: a stopped run is not a
+    finished one. The main process says it, last (a launcher ends the others once one fails)."""
+    return re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*exitcode\s*:\s*143\b", result.stderr) \
+        if result.returncode else []
 
 
 def checkpoints_in(folder: Path) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -272,7 +273,7 @@ def test_ctrl_c_during_a_preview_stops_at_that_step(run_cli, color_folder, tiny_
     original_grid = train.save_sample_grid
     monkeypatch.setattr(train, "save_sample_grid", interrupted_grid)
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "12"))
-    assert code == 0, err
+    assert code == 130, err  # the shell's status for SIGINT: `uncond train ... && next` goes no further
     assert "SIGINT: stopping with a checkpoint after the current step" in err
     assert "stopped by SIGINT at step 3, checkpoint-3 saved" in err
 
@@ -294,13 +295,35 @@ def test_images_per_second_leave_out_previews(run_cli, color_folder, tiny_unet, 
     assert 4 / rates[4] < 5, rates
 
 
-def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_unet, tmp_path):
+def test_images_per_second_count_the_images_trained_on(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    """--train_batch_size 1000 on 12 images trains 12 a step: images/s counted 1000 a step (83 times too many)."""
+    import time
+
+    from uncond import train
+
+    train_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda run, batches: (time.sleep(0.5), train_step(run, batches))[1])
     out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--train_batch_size", "1000", "--max_train_steps", "2",
+                           "--logging_steps", "1")
+    code, _, err = run_cli(*args)
+    assert code == 0 and "--train_batch_size 1000 x 1 process is more than the 12 images: each step trains on the 12 " \
+        "there are" in err, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [record["images_seen"] for record in records] == [12, 24]
+    assert all(record["images_per_sec"] <= 12 / 0.5 for record in records), records  # each step took over 0.5 s
+
+
+def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_unet, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # on a terminal, the grid's bar shows (below)
     code, _, err = run_cli(*fast_train_args(gray_folder, tiny_unet, out, "--max_train_steps", "2",
                                             "--model_config_name_or_path", "", "--model_preset", "tiny",
                                             "--resolution", "16"))
     assert code == 0, err
     assert "every image is grayscale, training a 1-channel model" in err
+    assert re.search(r"sampling: +0%.* 0/2 \[.*step/s", err)  # the grid's bar counts its steps (DDPM's 1,000 take
+    # minutes; it was silent on a terminal too)
     config = json.loads((out / "unet" / "config.json").read_text())
     assert config["in_channels"] == config["out_channels"] == 1
     grid = (out / "samples" / "step-0000002.png")
@@ -570,9 +593,12 @@ def test_a_finished_run_is_kept_and_goes_on_with_a_larger_max_train_steps(run_cl
     args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "100")
     assert run_cli(*args, "--max_train_steps", "1")[0] == 0
     assert (out / "checkpoint-1").is_dir()  # the end is a checkpoint, though not a multiple of 100
-    before = (out / "unet" / WEIGHTS).read_bytes()
+    assert not (out / "logs").exists()  # --logger none: no empty logs/ in the pipeline folder
+    before, settings = (out / "unet" / WEIGHTS).read_bytes(), (out / "training_config.json").read_text()
     code, _, err = run_cli(*args, "--max_train_steps", "1")  # the same command again: nothing to do
     assert code == 0 and "is complete at step 1" in err and (out / "unet" / WEIGHTS).read_bytes() == before
+    code, _, err = run_cli(*args, "--max_train_steps", "1", "--learning_rate", "5e-3")  # settings no step took
+    assert code == 0 and "is complete at step 1" in err and (out / "training_config.json").read_text() == settings
     code, _, err = run_cli(*args, "--max_train_steps", "3")
     assert code == 0 and "resuming from checkpoint-1 at step 1" in err and metric_steps(out) == [1, 3]
     for path in out.glob("checkpoint-*"):  # a trained model without checkpoints is never overwritten
@@ -908,7 +934,7 @@ def test_loss_png_follows_the_run_between_exports(run_cli, color_folder, tiny_un
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "9",
                                             "--logging_steps", "1"))
-    assert code == 0 and "stopped by SIGTERM at step 2" in err, err
+    assert code == 143 and "stopped by SIGTERM at step 2" in err, err
     assert drawn_steps == [1, 2]  # the first log line (then at most once a minute), and the stop
     assert not (out / "model_index.json").exists() and (out / "loss.png").is_file()
     assert Image.open(out / "loss.png").size == (700, 500)
@@ -971,7 +997,7 @@ def test_a_stop_during_a_preview_gives_the_preview_up(run_cli, color_folder, tin
     out, straight = tmp_path / "run", tmp_path / "straight"
     args = ("--max_train_steps", "9", "--save_images_epochs", "1", "--logging_steps", "5")
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *args))
-    assert code == 0, err
+    assert code == 143, err
     assert "the sample grid of step 3 is left out: the run is stopping" in err
     assert "stopped by SIGTERM at step 3" in err and checkpoints(out) == {"checkpoint-3"}
     assert not (out / "samples").exists() or not list((out / "samples").iterdir())

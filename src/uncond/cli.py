@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from .config import (CacheConfig, EvaluateConfig, RunFailed, SampleConfig, UsageError, add_arguments,
+from .config import (CacheConfig, EvaluateConfig, RunFailed, RunStopped, SampleConfig, UsageError, add_arguments,
                      add_train_arguments, build_command_config, build_config, counted, public_argv, size_text)
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             print(f"uncond: stopped: {error}", file=sys.stderr)
         return 1
+    except RunStopped as stop:  # said in the log, with the command that resumes
+        # On the main process only, which finishes last (uploads): a launcher ends the other processes as soon
+        # as one exits with an error status.
+        return 128 + stop.signal_number if is_main_process() else 0
     except BrokenPipeError:  # `uncond presets | head -1`: the reader has all it wanted
         # Python's own advice: point stdout at /dev/null, or the flush at exit raises the same error again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

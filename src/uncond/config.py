@@ -35,6 +35,16 @@ class RunFailed(Exception):
     what is safe on disk."""
 
 
+class RunStopped(Exception):
+    """A run stopped by a signal, its checkpoint saved and the way to resume said: the command exits with the
+    shell's status for that signal (128 + its number), so `uncond train ... && next` goes no further and a
+    scheduler that restarts failed jobs restarts a preempted one."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
 def size_text(size: int) -> str:
     """Bytes in the unit people read them in: 1.2 GiB, 35.0 MiB, 512 KiB, 300 bytes."""
     if size >= 2**30:
@@ -529,16 +539,17 @@ def validate(config: TrainConfig) -> None:
                    "save_images_epochs", "save_model_epochs", "checkpointing_steps", "checkpoints_total_limit",
                    "ddpm_num_inference_steps", "sample_steps", "max_train_steps", "logging_steps",
                    "ema_update_every", "eval_every_steps")
-    check_at_least(config, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "noise_offset",
-                   "max_grad_norm")
+    check_at_least(config, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon",
+                   "noise_offset", "max_grad_norm")
     check_at_least(config, 2, "ddpm_num_steps", "eval_num_images")
     check_at_least(config, 8, "resolution")
     check_step_rules(config.lr_scheduler, config.lr_step_rules)
     if config.keep_best and not config.eval_every_steps:
         raise UsageError("--keep_best needs --eval_every_steps N: the best export is chosen by FID")
     check_weights_file(config.inception_weights)
-    if config.learning_rate <= 0:
-        raise UsageError(f"--learning_rate is {config.learning_rate}; it must be positive")
+    for name in ("learning_rate", "ema_inv_gamma", "ema_power"):  # the EMA's warmup divides by one, and
+        if getattr(config, name) <= 0:                               # a power of 0 or less makes its decay 0
+            raise UsageError(f"--{name} is {getattr(config, name)}; it must be positive")
     if config.snr_gamma is not None and config.snr_gamma <= 0:
         raise UsageError(f"--snr_gamma is {config.snr_gamma}; it must be positive (5.0 is usual)")
     for name in ("adam_beta1", "adam_beta2", "ema_max_decay"):

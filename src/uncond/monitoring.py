@@ -41,6 +41,7 @@ def save_sample_grid(run: Run, unet: UNet2DModel) -> Path | None:
     try:
         images = sampling.generate(unet, scheduler, num_images=config.eval_batch_size, num_steps=steps, seed=0,
                                    batch_size=config.eval_batch_size, device=run.accelerator.device,
+                                   progress=shows_inner_bars(run),  # 1,000 DDPM steps take minutes
                                    cancelled=(lambda: stop.received is not None) if stop else None)
     except sampling.SamplingCancelled:  # a preview can take minutes; launchers kill a stopping run after 30 s
         logger.info(f"the sample grid of step {run.step} is left out: the run is stopping")

@@ -64,7 +64,7 @@ class Run:
     metrics_file: tracking.MetricsFile | None = None
     running_loss: tracking.RunningMean = field(default_factory=tracking.RunningMean)
     running_grad_norm: tracking.RunningMean = field(default_factory=tracking.RunningMean)
-    last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous log line, for images/s
+    last_log: tuple[float, int, int] = (0.0, 0, 0)  # (time, step, images seen) at the previous log line
     loss_plot_due: float = -math.inf  # when loss.png is next redrawn at a log line (time.perf_counter)
     clock_stopped: bool = False  # within work between steps, which images/s leaves out (off_the_clock)
     noise_generator: torch.Generator | None = None
@@ -363,5 +363,5 @@ def off_the_clock(work: Callable[..., T]) -> Callable[..., T]:
             return work(run, *args, **kwargs)
         finally:
             run.clock_stopped = False
-            run.last_log = (run.last_log[0] + time.perf_counter() - started, run.last_log[1])
+            run.last_log = (run.last_log[0] + time.perf_counter() - started, *run.last_log[1:])
     return timed

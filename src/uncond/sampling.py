@@ -223,7 +223,10 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
     shape = (config.in_channels, *size)
     step_kwargs = step_options(scheduler)
     indices = range(num_images) if indices is None else indices
-    with tqdm(total=len(indices), desc="sampling", unit="img", disable=not progress, leave=False) as bar:
+    scheduler.set_timesteps(num_steps, device=device)
+    by_step = len(indices) <= batch_size  # one batch (a training run's grid): its steps are the progress to show
+    total, unit = (len(scheduler.timesteps), "step") if by_step else (len(indices), "img")
+    with tqdm(total=total, desc="sampling", unit=unit, disable=not progress, leave=False) as bar:
         for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
             count = len(batch)
@@ -239,8 +242,11 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
                 model_input = scheduler.scale_model_input(sample, timestep)
                 model_output = unet(model_input, timestep).sample
                 sample = scheduler.step(model_output, timestep, sample, **step_kwargs).prev_sample
+                if by_step:
+                    bar.update(1)
             yield to_uint8(sample)
-            bar.update(count)
+            if not by_step:
+                bar.update(count)
 
 
 def generate(unet: torch.nn.Module, scheduler: Any, **options: Any) -> np.ndarray:

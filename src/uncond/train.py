@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, tracking
-from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, counted, first_line, public_argv
+from .config import RUN_CONFIG_FILE, RunFailed, RunStopped, TrainConfig, UsageError, counted, first_line, public_argv
 from .objective import training_loss
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
 from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
@@ -52,7 +53,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     start = on_main_process(accelerator, lambda: prepare_output_dir(plan, output_dir))
     try:
         on_main_process(accelerator, lambda: init_trackers(config, accelerator, output_dir))
-        return run_training(plan, accelerator, explicit, repo_id, command)
+        trained, stop_signal = run_training(plan, accelerator, explicit, repo_id, command)
     except BaseException:
         # A run failing (unreadable images, Ctrl-C while decoding) before it saved anything leaves the folder as
         # it found it (run_folder.undo_unsaved_start).
@@ -61,11 +62,19 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
             if message:
                 logger.warning(message)
         raise
+    if not trained and accelerator.is_main_process and start.settings is not None:
+        # The run was complete: no step took this command's settings, so the folder keeps the record of those
+        # its model was trained with.
+        (output_dir / RUN_CONFIG_FILE).write_text(start.settings)
+    if stop_signal is not None:
+        raise RunStopped(stop_signal)
+    return output_dir
 
 
 def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | frozenset[str], repo_id: str | None,
-                 command: list[str] | None) -> Path:
-    """The parts built, the checkpoint resumed, the loop run and the run's end said; returns the output folder."""
+                 command: list[str] | None) -> tuple[bool, int | None]:
+    """The parts built, the checkpoint resumed, the loop run and the run's end said. Returns whether it trained
+    any step, and the number of the signal that stopped it early (None if it ran to its end)."""
     config, output_dir = plan.config, Path(plan.config.output_dir)
     run = build_run(plan, accelerator)
     run.repo_id = repo_id
@@ -84,6 +93,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     elif plan.resume_message:
         logger.info(plan.resume_message)
     run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command)
+    first_step = run.step
     if accelerator.is_main_process:
         run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step)
         run.best_fid = min((r["fid"] for r in run.metrics_file.read() if "fid" in r), default=math.inf)
@@ -104,11 +114,12 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     run_folder.unlock_output_dir(output_dir)
     if finished:
         logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
-    else:
-        logger.info(f"stopped by {stop.received or 'a signal to another process'} at step {run.step}, "
-                    f"checkpoint-{run.step} saved; to resume, run: "
-                    f"{run.resume_command}")
-    return output_dir
+        return run.step > first_step, None
+    logger.info(f"stopped by {stop.received or 'a signal to another process'} at step {run.step}, "
+                f"checkpoint-{run.step} saved; to resume, run: "
+                f"{run.resume_command}")
+    # Another process's signal is not known here: SIGTERM is what schedulers and launchers send on preemption.
+    return run.step > first_step, signal.Signals[stop.received] if stop.received else signal.SIGTERM
 
 
 def prepare_output_dir(plan: Plan, output_dir: Path) -> run_folder.FolderStart:
@@ -162,6 +173,8 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None
 
 def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> None:
     """On the main process: --logger's tracker started, or one line saying why it cannot be."""
+    if config.logger == "none":  # no tracker: no empty logs/ folder in the run's pipeline folder
+        return
     logging_dir = output_dir / config.logging_dir
     logging_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -188,6 +201,10 @@ def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
 
 def log_run_summary(run: Run) -> None:
     config, accelerator = run.config, run.accelerator
+    images = run.batches.num_images
+    if images and config.train_batch_size * accelerator.num_processes > images:
+        logger.warning(f"--train_batch_size {config.train_batch_size} x {counted(accelerator.num_processes, 'process')}"
+                       f" is more than the {counted(images, 'image')}: each step trains on the {images} there are")
     logger.info(
         f"training {run.parameters_in_millions}-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
         f"{counted(run.unwrapped_unet.config.in_channels, 'channel')}, {config.resolution} px, "
@@ -214,7 +231,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
         make_owed_preview(run)
         if stop_requested(run, stop, at_once=True):
             return stopped(run)
-    run.last_log = (time.perf_counter(), run.step)
+    run.last_log = (time.perf_counter(), run.step, run.images_seen)
     exported_at = None
     with tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
               disable=not run.accelerator.is_local_main_process) as progress:
@@ -408,10 +425,12 @@ def log_metrics(run: Run, progress: tqdm) -> None:
     loss = accelerator.reduce(mean_loss, reduction="mean").item()
     grad_norm = run.running_grad_norm.pop()
     now = time.perf_counter()
-    elapsed, steps = now - run.last_log[0], run.step - run.last_log[1]
-    run.last_log = (now, run.step)
+    # the images trained on: fewer than the batch settings say where an epoch's last batch is short, or the
+    # data is smaller than a batch
+    elapsed, steps, images = (now - run.last_log[0], run.step - run.last_log[1], run.images_seen - run.last_log[2])
+    run.last_log = (now, run.step, run.images_seen)
     values = {"step": run.step, "epoch": run.epoch, "loss": loss, "lr": run.lr_scheduler.get_last_lr()[0],
-              "images_per_sec": round(steps * run.global_batch_size / elapsed, 2) if elapsed > 0 else None,
+              "images_per_sec": round(images / elapsed, 2) if elapsed > 0 else None,
               "images_seen": run.images_seen}
     if grad_norm is not None:
         values["grad_norm"] = grad_norm.item()
