@@ -456,6 +456,32 @@ def write_digits(folder: Path, count: int) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("during", ["sampling", "reference statistics"])
+def test_a_stop_during_an_evaluation_gives_it_up(run_cli, stand_in_inception, color_folder, tiny_unet, tmp_path,
+                                                 monkeypatch, during):
+    """It ran to its end (minutes the first time: the training images are measured too), past the 30 s after
+    which launchers kill a stopping run, so no checkpoint was saved."""
+    import os
+    import signal
+
+    from uncond import data, sampling
+
+    name, module = ("sample_batches", sampling) if during == "sampling" else ("centre_crops", data)
+    original = getattr(module, name)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, signalled)
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "6",
+                                            "--eval_every_steps", "2", "--eval_num_images", "4"))
+    assert code == 143, err
+    assert "the evaluation of step 2 is left out: the run is stopping" in err and "evaluation at step" not in err
+    assert "stopped by SIGTERM at step 2, checkpoint-2 saved" in err and not (out / "fid_reference.npz").exists()
+
+
 def test_training_evaluates_logs_and_keeps_the_best(run_cli, stand_in_inception, color_folder, tiny_unet, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",

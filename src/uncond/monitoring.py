@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from accelerate import Accelerator
@@ -19,6 +19,8 @@ from .outputs import export_best
 from .parts import Run, averaged_unet, off_the_clock
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
+
+T = TypeVar("T")
 
 
 
@@ -86,18 +88,28 @@ def evaluate(run: Run) -> None:
     config, accelerator = run.config, run.accelerator
     first, end = evaluation_share(config.eval_num_images, accelerator.num_processes, accelerator.process_index)
     scheduler, steps = preview_sampler(run)
-    with averaged_unet(run, everywhere=True) as unet:
-        batches = sampling.sample_batches(unet, scheduler, num_images=end - first, num_steps=steps, seed=first,
-                                          batch_size=config.eval_batch_size, device=accelerator.device,
-                                          progress=shows_inner_bars(run))
-        shares = [metrics.extract_features(run.feature_extractor, batches)] if end > first else []
-        if accelerator.num_processes > 1:
-            shares = gather_object(shares)  # in process order: images 0..N-1
-        if accelerator.is_main_process:
-            scores = metrics.compare(np.concatenate(shares), training_reference(run), accelerator.device)
-            if config.keep_best and scores.fid < run.best_fid:
-                run.best_fid = scores.fid
-                export_best(run, unet, scores)
+    # On one process a stop gives the evaluation up: it takes minutes (the first one also measures the training
+    # images), and launchers kill a stopping run 30 s after the signal. Under several, the evaluation is
+    # collective, and a process giving up alone would leave the others waiting: they finish it.
+    stop = run.stop if accelerator.num_processes == 1 else None
+    cancelled = (lambda: stop.received is not None) if stop else None
+    try:
+        with averaged_unet(run, everywhere=True) as unet:
+            batches = sampling.sample_batches(unet, scheduler, num_images=end - first, num_steps=steps, seed=first,
+                                              batch_size=config.eval_batch_size, device=accelerator.device,
+                                              progress=shows_inner_bars(run), cancelled=cancelled)
+            shares = [metrics.extract_features(run.feature_extractor, batches)] if end > first else []
+            if accelerator.num_processes > 1:
+                shares = gather_object(shares)  # in process order: images 0..N-1
+            if accelerator.is_main_process:
+                reference = training_reference(run, cancelled)
+                scores = metrics.compare(np.concatenate(shares), reference, accelerator.device)
+                if config.keep_best and scores.fid < run.best_fid:
+                    run.best_fid = scores.fid
+                    export_best(run, unet, scores)
+    except sampling.SamplingCancelled:
+        logger.info(f"the evaluation of step {run.step} is left out: the run is stopping")
+        return
     if accelerator.is_main_process:
         values = {key: value for key, value in scores.as_dict().items() if key not in ("num_generated",
                                                                                         "num_reference")}
@@ -115,13 +127,21 @@ def shows_inner_bars(run: Run) -> bool:
     return run.accelerator.is_local_main_process and sys.stderr.isatty()
 
 
+def until_cancelled(batches: Iterable[T], cancelled: Callable[[], bool] | None) -> Iterator[T]:
+    for batch in batches:
+        if cancelled is not None and cancelled():
+            raise sampling.SamplingCancelled
+        yield batch
+
+
 def evaluation_share(num_images: int, num_processes: int, process_index: int) -> tuple[int, int]:
     """The images [first, end) this process samples for an evaluation: contiguous, nearly equal shares."""
     return process_index * num_images // num_processes, (process_index + 1) * num_images // num_processes
 
 
-def training_reference(run: Run) -> metrics.FeatureStats:
-    """Feature statistics of the training images (centre crops), computed once and kept in the output folder."""
+def training_reference(run: Run, cancelled: Callable[[], bool] | None = None) -> metrics.FeatureStats:
+    """Feature statistics of the training images (centre crops), computed once and kept in the output folder.
+    Raises sampling.SamplingCancelled between two batches once `cancelled()` says so."""
     cache = run.batches.images.cache  # --streaming runs are refused --eval_every_steps (config.validate)
     indices = data.spread_choice(range(len(cache)), MAX_REFERENCE_IMAGES)
     key = f"{run.feature_extractor.identity}|{cache.folder.name}|{len(indices)} images|{run.config.resolution}px"
@@ -130,7 +150,8 @@ def training_reference(run: Run) -> metrics.FeatureStats:
         logger.info(f"computing FID reference statistics of {len(indices)} training images")
         batches = data.centre_crops((cache.image(i) for i in indices), run.config.resolution,
                                     run.config.eval_batch_size)
-        batches = metrics.with_progress(batches, len(indices), "training", shown=shows_inner_bars(run))
+        batches = metrics.with_progress(until_cancelled(batches, cancelled), len(indices), "training",
+                                        shown=shows_inner_bars(run))
         return metrics.feature_stats(metrics.extract_features(run.feature_extractor, batches),
                                      run.feature_extractor.name)
 
