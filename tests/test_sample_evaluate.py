@@ -474,12 +474,19 @@ def test_a_stop_during_an_evaluation_gives_it_up(run_cli, stand_in_inception, co
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, name, signalled)
-    out = tmp_path / "run"
-    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "6",
-                                            "--eval_every_steps", "2", "--eval_num_images", "4"))
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    args = ("--max_train_steps", "4", "--eval_every_steps", "2", "--eval_num_images", "4")
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *args))
     assert code == 143, err
     assert "the evaluation of step 2 is left out: the run is stopping" in err and "evaluation at step" not in err
     assert "stopped by SIGTERM at step 2, checkpoint-2 saved" in err and not (out / "fid_reference.npz").exists()
+    monkeypatch.setattr(module, name, original)
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *args))  # the resume makes it first
+    assert code == 0 and err.index("evaluation at step 2") < err.index("evaluation at step 4"), err
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, straight, *args))[0] == 0
+    scores = [[(r["step"], r["fid"]) for r in map(json.loads, (folder / "metrics.jsonl").open()) if "fid" in r]
+              for folder in (out, straight)]
+    assert scores[0] == scores[1] and [step for step, _ in scores[0]] == [2, 4]  # the uninterrupted run's
 
 
 def test_training_evaluates_logs_and_keeps_the_best(run_cli, stand_in_inception, color_folder, tiny_unet, tmp_path):

@@ -108,8 +108,10 @@ def evaluate(run: Run) -> None:
                     run.best_fid = scores.fid
                     export_best(run, unet, scores)
     except sampling.SamplingCancelled:
-        logger.info(f"the evaluation of step {run.step} is left out: the run is stopping")
+        logger.info(f"the evaluation of step {run.step} is left out: the run is stopping (its resume makes it)")
+        run.evaluation_owed = run.step
         return
+    run.evaluation_owed = None
     if accelerator.is_main_process:
         values = {key: value for key, value in scores.as_dict().items() if key not in ("num_generated",
                                                                                         "num_reference")}

@@ -74,6 +74,7 @@ class Run:
     best_fid: float = math.inf
     stop: StopSignal | None = None  # while training: a preview under way gives up when a stop is asked for
     preview_owed: int | None = None  # the step whose sample grid a stop gave up: a run resumed there makes it
+    evaluation_owed: int | None = None  # likewise, the step whose --eval_every_steps evaluation a stop gave up
     stop_agreement: StopAgreement | None = None  # with several processes
 
     @property
@@ -257,6 +258,7 @@ class Position:
     # uninterrupted one would have (None for checkpoints without them)
     log_window: dict[str, Any] | None = None
     preview_owed: int | None = None  # see Run.preview_owed
+    evaluation_owed: int | None = None  # see Run.evaluation_owed
 
 
 def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
@@ -279,7 +281,8 @@ def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, globa
                 f"{images_into_epoch} images already seen in epoch {epoch}")
     return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
                     epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note,
-                    log_window=state.get("log_window"), preview_owed=state.get("preview_owed"))
+                    log_window=state.get("log_window"), preview_owed=state.get("preview_owed"),
+                    evaluation_owed=state.get("evaluation_owed"))
 
 
 def resume(run: Run, path: Path) -> None:
@@ -300,7 +303,7 @@ def resume(run: Run, path: Path) -> None:
         logger.info(position.note)
     run.step, run.epoch, run.images_seen = position.step, position.epoch, position.images_seen
     run.epoch_offset, run.checkpointed_step = position.epoch_offset, position.step
-    run.preview_owed = position.preview_owed
+    run.preview_owed, run.evaluation_owed = position.preview_owed, position.evaluation_owed
     if position.log_window:
         run.running_loss.restore(position.log_window["loss"], run.accelerator.device)
         run.running_grad_norm.restore(position.log_window["grad_norm"], run.accelerator.device)
@@ -321,7 +324,7 @@ def training_state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
             "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
             "global_batch_size": run.global_batch_size, "fsdp": sharding.is_sharded(run.unwrapped_unet),
-            "commands": run.commands, "preview_owed": run.preview_owed,
+            "commands": run.commands, "preview_owed": run.preview_owed, "evaluation_owed": run.evaluation_owed,
             **({"data_order": run.batches.order.seeding} if isinstance(run.batches, data.CachedBatches) else {})}
 
 

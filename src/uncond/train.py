@@ -227,6 +227,10 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
         logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
                     "raise --max_train_steps or --num_epochs to train it further")
         return True
+    if run.evaluation_owed == run.step:  # before the preview, as the uninterrupted run made them
+        evaluate(run)
+        if stop_requested(run, stop, at_once=True):
+            return stopped(run)
     if run.preview_owed == run.step:
         make_owed_preview(run)
         if stop_requested(run, stop, at_once=True):
