@@ -26,7 +26,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from . import models, sharding
-from .config import CHECKPOINT_NAME, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line
+from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line,
+                     list_checkpoints)
 
 logger = logging.getLogger("uncond")
 
@@ -50,18 +51,6 @@ SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What EMAModel.save_pretrained writes into unet_ema/config.json besides the UNet's own settings.
 EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma",
                   "power")
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Folders named checkpoint-N in `output_dir`, complete or not, oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for path in output_dir.iterdir():
-        match = CHECKPOINT_NAME.match(path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

@@ -362,6 +362,19 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # a run's checkpoint folder
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Folders named checkpoint-N in `output_dir`, complete or not, oldest first (here, below the modules that
+    read run folders: checkpoint, run_folder, sampling)."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def value_type(name: str, config_class: type = TrainConfig) -> type:
     """The scalar type of a setting (`int | None` -> int)."""
     hint = typing.get_type_hints(config_class)[name]

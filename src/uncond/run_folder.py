@@ -14,9 +14,9 @@ from typing import IO, Iterable
 
 from . import data, hub, tracking
 from .checkpoint import (PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
-                         complete_checkpoints, list_checkpoints, read_training_state, remove)
+                         complete_checkpoints, read_training_state, remove)
 from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, TrainConfig,
-                     UsageError, counted)
+                     UsageError, counted, list_checkpoints)
 
 ABANDONED_PREFIX = "abandoned-after-step-"  # the later checkpoints a resume from an earlier one sets aside
 REPLACED_DIR = ".replaced-run"  # --overwrite_output_dir: the earlier run, kept until the new one has saved

@@ -28,7 +28,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import remote
-from .config import CHECKPOINT_NAME, RUN_CONFIG_FILE, SamplingSettings, UsageError, counted, first_line
+from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, SamplingSettings, UsageError, counted, first_line,
+                     list_checkpoints)
 
 logger = logging.getLogger("uncond")
 
@@ -367,10 +368,9 @@ def unexported_run(path: Path) -> str | None:
     checkpoint-N, or its training_config.json before the first checkpoint; None for any other path."""
     if not path.is_dir() or (path / "model_index.json").is_file() or is_checkpoint(path):
         return None
-    steps = [int(match[1]) for child in path.iterdir()
-             if child.is_dir() and (match := CHECKPOINT_NAME.match(child.name))]
-    if steps:
-        return f"checkpoint-{max(steps)}"
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return checkpoints[-1][1].name
     return RUN_CONFIG_FILE if (path / RUN_CONFIG_FILE).is_file() else None
 
 
@@ -395,9 +395,7 @@ def missing_checkpoint_hint(path: Path) -> str:
     oldest ones); for other missing paths, the form of a Hub model id."""
     if not CHECKPOINT_NAME.match(path.name) or not path.parent.is_dir():
         return "a Hub model id has the form owner/name"
-    steps = sorted(int(match[1]) for match in map(CHECKPOINT_NAME.match, (p.name for p in path.parent.iterdir()))
-                   if match)
-    held = ", ".join(f"checkpoint-{step}" for step in steps) if steps else "no checkpoints"
+    held = ", ".join(found.name for _, found in list_checkpoints(path.parent)) or "no checkpoints"
     pipeline = "; its exported pipeline is the folder itself" if (path.parent / "model_index.json").is_file() else ""
     return (f"{path.parent} holds {held}{pipeline}; --checkpoints_total_limit removes a run's oldest checkpoints "
             "as it saves new ones")
