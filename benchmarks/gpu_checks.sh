@@ -5,7 +5,8 @@
 #   fsdp        FSDP2 on CUDA/NCCL with bf16 (accelerate's mixed-precision policy), one process: 20 steps with
 #               a checkpoint at 10, then a resume to 30; the pipeline must load; about 1.5 minutes;
 #   diagnose    where uncond's eager step at batch 64 spends its time: the bare step (benchmarks/bare_step.py)
-#               at batch 64 and 1 beside uncond's step with its host synchronisations and a profile; ~3 minutes;
+#               at batch 64 and 1 beside uncond's step, with and without its loader, its host synchronisations
+#               and a profile; ~3 minutes;
 #   compile     the throughput at batch 64 with uncond's --compile, once, in what is left of 9 minutes
 #               (compiling takes minutes: it goes last, so the figures before it come back either way).
 # Usage, from the repository root (diffusers, datasets and their needs as wheels in .whl/ if the machine

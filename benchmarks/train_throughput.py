@@ -190,18 +190,23 @@ def uncond_worker(config_name: str, device: str, precision: str, data: Path, ste
     result = timed(step, batches, steps, warmup, batch_size, device)
     result["prepare_seconds"] = round(prepare_seconds, 2)
     if diagnose:
-        diagnose_steps(step, batches, device)
+        diagnose_steps(step, batches, device, batch_size, result["images_per_sec"], steps)
     return result
 
 
-def diagnose_steps(step, batches, device: str, steps: int = 5) -> None:
-    """Where a step's time goes: the host synchronisations it makes (CUDA's sync debug
-    mode) and the operations taking the most host time, against the device's time (torch.profiler)."""
+def diagnose_steps(step, batches, device: str, batch_size: int, images_per_sec: float, timed_steps: int,
+                   steps: int = 5) -> None:
+    """Where a step's time goes: the loader's share (the same step on one batch held in memory), the host
+    synchronisations it makes (CUDA's sync debug mode) and the operations taking the most host time, against
+    the device's time (torch.profiler)."""
+    import itertools
     import warnings
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    held = timed(step, itertools.repeat(next(batches)), timed_steps, 2, batch_size, device)["images_per_sec"]
+    print(f"one batch held in memory (no loader): {held:.1f} images/s, against {images_per_sec:.1f} with the loader")
     if device == "cuda":
         torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:

@@ -37,6 +37,9 @@ class Run:
     output_dir: Path
     batches: data.CachedBatches | streaming.StreamedBatches
     unet: torch.nn.Module
+    # unet's parameters, listed once: each walk of the module tree costs about 1 ms of host time, and the eager
+    # step on a GPU is bound by host time (docs/benchmarks.md). Under FSDP2 the same sharded tensors throughout.
+    parameters: list[torch.nn.Parameter]
     ema: models.EMA | None
     noise_scheduler: DDPMScheduler
     objective: Objective
@@ -208,7 +211,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     # On the device once: add_noise and compute_snr would otherwise copy it from the host every step.
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
     return Run(config=config, accelerator=accelerator, output_dir=Path(config.output_dir), batches=batches,
-               unet=unet, ema=ema, noise_scheduler=noise_scheduler,
+               unet=unet, parameters=list(unet.parameters()), ema=ema, noise_scheduler=noise_scheduler,
                objective=Objective(config.prediction_type, config.snr_gamma, config.noise_offset),
                optimizer=optimizer, lr_scheduler=lr_scheduler, max_train_steps=max_train_steps,
                steps_per_epoch=steps_per_epoch,

@@ -387,7 +387,7 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
         total_loss += loss.detach()
     grad_norm = None
     if run.config.max_grad_norm:  # under FSDP the norm comes back as a (replicated) DTensor
-        grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(unet.parameters(), run.config.max_grad_norm))
+        grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(run.parameters, run.config.max_grad_norm))
     if run.config.skip_nonfinite and not everywhere_finite(run, total_loss, grad_norm):
         # fp16: the loss scaler must close its step (its next unscale would raise otherwise) and lower its
         # scale if the gradients overflowed. It checks them as it unscales them; with the gradients then
@@ -406,7 +406,7 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None and (run.step + 1) % run.config.ema_update_every == 0:
-        run.ema.step(sharding.local_tensors(unet.parameters()))
+        run.ema.step(sharding.local_tensors(run.parameters))
     return total_loss / len(micro_batches)
 
 
