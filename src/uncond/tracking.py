@@ -49,13 +49,16 @@ class RunningMean:
 
 
 class MetricsFile:
-    """metrics.jsonl: one JSON object per log interval. Lines past `resume_step` are dropped on resume,
-    so the file never shows the same step twice."""
+    """metrics.jsonl: one JSON object per log interval. Lines past `resume_step` are dropped on resume, and
+    with `evaluation_owed` its evaluation's line too (a run stopped again before its next checkpoint may have
+    made it; the resume makes it again), so the file never shows the same record twice."""
 
-    def __init__(self, output_dir: Path, resume_step: int = 0):
+    def __init__(self, output_dir: Path, resume_step: int = 0, evaluation_owed: bool = False):
         self.path = output_dir / METRICS_FILE
         if self.path.exists():
-            write_metrics(self.path, [record for record in self.read() if record.get("step", 0) <= resume_step])
+            write_metrics(self.path, [record for record in self.read() if record.get("step", 0) < resume_step
+                                      or record.get("step", 0) == resume_step
+                                      and not (evaluation_owed and "fid" in record)])
 
     def write(self, values: dict[str, Any]) -> None:
         with self.path.open("a") as file:

@@ -95,7 +95,8 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command)
     first_step = run.step
     if accelerator.is_main_process:
-        run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step)
+        run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step,
+                                                evaluation_owed=run.evaluation_owed == run.step)
         run.best_fid = min((r["fid"] for r in run.metrics_file.read() if "fid" in r), default=math.inf)
         if repo_id:
             run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
