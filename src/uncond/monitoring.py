@@ -44,7 +44,7 @@ def save_sample_grid(run: Run, unet: UNet2DModel) -> Path | None:
         images = sampling.generate(unet, scheduler, num_images=config.eval_batch_size, num_steps=steps, seed=0,
                                    batch_size=config.eval_batch_size, device=run.accelerator.device,
                                    progress=shows_inner_bars(run),  # 1,000 DDPM steps take minutes
-                                   cancelled=(lambda: stop.received is not None) if stop else None)
+                                   cancelled=stop.asked if stop else None)
     except sampling.SamplingCancelled:  # a preview can take minutes; launchers kill a stopping run after 30 s
         logger.info(f"the sample grid of step {run.step} is left out: the run is stopping")
         run.preview_owed = run.step
@@ -92,7 +92,7 @@ def evaluate(run: Run) -> None:
     # images), and launchers kill a stopping run 30 s after the signal. Under several, the evaluation is
     # collective, and a process giving up alone would leave the others waiting: they finish it.
     stop = run.stop if accelerator.num_processes == 1 else None
-    cancelled = (lambda: stop.received is not None) if stop else None
+    cancelled = stop.asked if stop else None
     try:
         with averaged_unet(run, everywhere=True) as unet:
             batches = sampling.sample_batches(unet, scheduler, num_images=end - first, num_steps=steps, seed=first,

@@ -279,6 +279,11 @@ class FolderStart:
     settings: str | None = None  # the training_config.json the folder held
     export_step: int | None = None  # the step of the folder's exported pipeline
 
+    def put_back_settings(self, output_dir: Path) -> None:
+        """The training_config.json the folder held, in place of this run's."""
+        if self.settings is not None:
+            (output_dir / RUN_CONFIG_FILE).write_text(self.settings)
+
 
 def undo_unsaved_start(output_dir: Path, logging_dir: str, start: FolderStart) -> str:
     """A run that failed before it saved a checkpoint or its pipeline leaves `output_dir` as it found it: what
@@ -304,8 +309,7 @@ def undo_unsaved_start(output_dir: Path, logging_dir: str, start: FolderStart) -
         return ""
     if start.replacing:
         return restore_replaced_run(output_dir, logging_dir)
-    if start.settings is not None:
-        (output_dir / RUN_CONFIG_FILE).write_text(start.settings)
+    start.put_back_settings(output_dir)
     return restore_abandoned(output_dir, start.abandoned, start.resume_step) if start.abandoned else ""
 
 

@@ -35,6 +35,10 @@ class StopSignal:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
 
+    def asked(self) -> bool:
+        """Whether a signal asked this process to stop."""
+        return self.received is not None
+
     def handle(self, number: int, frame: Any) -> None:
         if self.received and number == signal.SIGINT:
             raise KeyboardInterrupt

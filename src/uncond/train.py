@@ -62,10 +62,10 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
             if message:
                 logger.warning(message)
         raise
-    if not trained and accelerator.is_main_process and start.settings is not None:
+    if not trained and accelerator.is_main_process:
         # The run was complete: no step took this command's settings, so the folder keeps the record of those
         # its model was trained with.
-        (output_dir / RUN_CONFIG_FILE).write_text(start.settings)
+        start.put_back_settings(output_dir)
     if stop_signal is not None:
         raise RunStopped(stop_signal)
     return output_dir
@@ -333,8 +333,8 @@ def stop_requested(run: Run, stop: StopSignal, at_once: bool = False) -> bool:
     processes wait for each other anyway (an epoch's end), a signal received by now stops the run here, not
     one step later: the checkpoint is then of the step whose preview the stop gave up."""
     if run.stop_agreement is None:
-        return stop.received is not None
-    return run.stop_agreement(stop.received is not None, at_once)
+        return stop.asked()
+    return run.stop_agreement(stop.asked(), at_once)
 
 
 def stopped(run: Run) -> bool:
