@@ -1045,3 +1045,29 @@ def test_a_resume_says_what_it_changes_that_it_may_change(run_cli, color_folder,
     assert code == 0, err
     assert "--seed 2: checkpoint-2's run used seed 1; its data order, crops and noise follow seed 2 from here" in err
     assert "--no-use_ema: the EMA of the weights that checkpoint-2's run kept is dropped" in err
+
+
+def test_compile_trains_as_eager_and_saves_the_plain_unet(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    """--compile wraps the UNet for training only: its checkpoints and export hold the plain UNet's weights
+    (no torch.compile prefix), which load without compiling, and a run resumed from them compiles again.
+    Compiled with dynamo's eager backend here (the same operations, seconds instead of inductor's minutes
+    on this CPU), so the weights must match an uncompiled run's."""
+    from uncond import parts
+
+    plugin = parts.TorchDynamoPlugin
+    monkeypatch.setattr(parts, "TorchDynamoPlugin", lambda **settings: plugin(**{**settings, "backend": "eager"}))
+    compiled, eager = tmp_path / "compiled", tmp_path / "eager"
+    for out, extra in ((compiled, ["--compile"]), (eager, [])):
+        code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
+                                                "--checkpointing_steps", "2", "--use_ema", *extra))
+        assert code == 0 and ("torch.compile" in err) == (out == compiled), err
+    for folder in ("unet", "checkpoint-2/unet", "checkpoint-4/unet_ema"):
+        weights = load_file(compiled / folder / "diffusion_pytorch_model.safetensors")
+        reference = load_file(eager / folder / "diffusion_pytorch_model.safetensors")
+        assert weights.keys() == reference.keys()
+        assert all(torch.allclose(weights[name], reference[name], atol=1e-6) for name in weights), folder
+    DiffusionPipeline.from_pretrained(compiled)  # the export loads as any pipeline
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, compiled, "--max_train_steps", "6",
+                                            "--checkpointing_steps", "2", "--use_ema", "--compile"))
+    assert code == 0 and "resuming from" in err and "torch.compile" in err, err
+    assert (compiled / "checkpoint-6").is_dir()
