@@ -37,8 +37,9 @@ class Run:
     output_dir: Path
     batches: data.CachedBatches | streaming.StreamedBatches
     unet: torch.nn.Module
-    # unet's parameters, listed once: each walk of the module tree costs about 1 ms of host time, and the eager
-    # step on a GPU is bound by host time (docs/benchmarks.md). Under FSDP2 the same sharded tensors throughout.
+    # unet's parameters, listed once: a walk of the seed UNet's module tree takes 0.7 ms of host time (2-core CPU,
+    # benchmarks/host_time.py), and an eager step on a GPU is bound by host time. Under FSDP2, its sharded tensors
+    # (the optimizer holds the same ones).
     parameters: list[torch.nn.Parameter]
     ema: models.EMA | None
     noise_scheduler: DDPMScheduler
