@@ -10,7 +10,8 @@
 #   compile     the throughput at batch 64 with uncond's --compile, once, in what is left of 9 minutes
 #               (compiling takes minutes: it goes last, so the figures before it come back either way).
 # Usage, from the repository root (diffusers, datasets and their needs as wheels in .whl/ if the machine
-# lacks them):  bash benchmarks/gpu_checks.sh OUT_DIR [PART,PART...]   (default: diagnose,compile, what
+# lacks them: `bash benchmarks/gpu_wheels.sh` here downloads them; carry .whl):
+#   bash benchmarks/gpu_checks.sh OUT_DIR [PART,PART...]   (default: diagnose,compile, what
 # the last GPU session, 2026-11-27, left to measure; at most 9 minutes, under the device's 10 per command)
 set -uo pipefail
 out=${1:?give a folder for the results}
