@@ -87,10 +87,25 @@ def test_an_interrupted_sample_is_completed_by_the_same_command(run_cli, pipelin
     # more images extend the set the same way
     code, _, err = run_cli(*args[:3], 8, *args[4:], "--output_dir", out)
     assert code == 0 and "sampling the other 2" in err and len(list(out.glob("0*.png"))) == 8
-    # an --overwrite interrupted at once leaves none of the earlier images under its settings
+    # --overwrite keeps the images of these settings as they are; with fewer images, the first ones
+    code, _, err = run_cli(*args[:3], 8, *args[4:], "--output_dir", out, "--overwrite")
+    assert code == 0 and "already holds the 8 images of these settings; nothing to sample" in err
+    kept = {path.name: path.stat().st_mtime_ns for path in out.glob("0*.png") if int(path.stem) < 4}
+    one_line_error(*run_cli(*args[:3], 4, *args[4:], "--output_dir", out)[::2], "pass --overwrite to keep only 4")
+    code, _, err = run_cli(*args[:3], 4, *args[4:], "--output_dir", out, "--overwrite")
+    assert code == 0 and "nothing to sample" in err
+    assert {path.name: path.stat().st_mtime_ns for path in out.glob("0*.png")} == kept
+    # an --overwrite interrupted at once leaves none of the earlier images under its settings...
     monkeypatch.setattr(sample_folder, "write_whole", interrupted_after_three)
     assert run_cli(*args, "--output_dir", out, "--overwrite", "--seed", 9)[0] == 130
     assert not list(out.glob("0*.png"))
+    # ...and one interrupted later is completed by the same command, --overwrite and all
+    written.clear()
+    code, _, err = run_cli(*args, "--output_dir", out, "--overwrite", "--seed", 9)
+    assert code == 130 and "run the same command again" in err and len(list(out.glob("0*.png"))) == 3
+    monkeypatch.setattr(sample_folder, "write_whole", write_whole)
+    code, _, err = run_cli(*args, "--output_dir", out, "--overwrite", "--seed", 9)
+    assert code == 0 and "already holds 3 of the 6 images of these settings; sampling the other 3" in err
 
 
 def test_sample_never_mixes_images_of_other_settings_unless_overwriting(run_cli, pipeline, tmp_path):

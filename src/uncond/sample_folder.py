@@ -3,8 +3,9 @@
 Image i of a sampling always starts from the same noise (`sampling` seeds it seed + i), so an interrupted
 run loses nothing: the folder records what made its images (`sample_settings.json`: model, its weights'
 fingerprint, its noise schedule, sampler, steps, seed, dtype), each image is written whole or not at all,
-and a re-run with the same settings samples only the images that are missing. Images of any other sampling
-are never mixed in: a folder holding them is refused unless --overwrite.
+and a re-run with the same settings samples only the images that are missing (with --overwrite too: it
+replaces images of other settings, and keeps those of these). Images of any other sampling are never mixed
+in: a folder holding them is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ def sample_to_folder(config: SampleConfig) -> Path:
     refuse_other_outputs(folder, config)
     model, scheduler, steps = open_for_sampling(config, config.model)
     settings = sample_settings(config, model, scheduler, steps)
-    missing = images_missing(folder, settings, config)
+    replacing = config.overwrite and not holds_these_settings(folder, settings)
+    missing = images_missing(folder, settings, config, replacing)
     log_sampling(config, model, steps)
     processes.wait_for_everyone()  # every process has looked at the folder before the main one changes it
     if processes.is_main_process:
-        prepare_folder(folder, config, settings)
+        prepare_folder(folder, config, settings, replacing)
         if len(missing) < config.num_images:
             logger.info(f"{folder} already holds {config.num_images - len(missing)} of the {config.num_images} "
                         f"images of these settings; sampling the other {len(missing)}" if missing else
@@ -178,11 +180,19 @@ def weights_fingerprint(unet: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def images_missing(folder: Path, settings: dict[str, Any], config: SampleConfig) -> list[int]:
-    """Which of images 0..N-1 are still to be sampled: those an earlier run of these settings did not write;
-    a folder holding other images is refused unless --overwrite."""
+def holds_these_settings(folder: Path, settings: dict[str, Any]) -> bool:
+    """Whether the folder's images were sampled with these settings (so that they are the images this run
+    would write)."""
+    recorded = recorded_settings(folder)
+    return recorded is not None and not changed_settings(recorded, settings)
+
+
+def images_missing(folder: Path, settings: dict[str, Any], config: SampleConfig, replacing: bool) -> list[int]:
+    """Which of images 0..N-1 are still to be sampled: those an earlier run of these settings did not write
+    (all of them when `replacing` the folder's images); a folder holding other images is refused unless
+    --overwrite."""
     taken = numbered_images(folder)
-    if config.overwrite or not taken:
+    if replacing or not taken:
         return list(range(config.num_images))
     recorded = recorded_settings(folder)
     if recorded is None:
@@ -193,7 +203,7 @@ def images_missing(folder: Path, settings: dict[str, Any], config: SampleConfig)
     if changed:
         raise UsageError(f"--output_dir {folder} holds {len(taken)} images sampled with other settings ({changed}); "
                          "choose another --output_dir, or pass --overwrite to replace them")
-    if len(taken) > config.num_images:
+    if len(taken) > config.num_images and not config.overwrite:
         raise UsageError(f"--output_dir {folder} holds {len(taken)} images of these settings, more than "
                          f"--num_images {config.num_images}; pass --overwrite to keep only {config.num_images}")
     return [index for index in range(config.num_images) if not (folder / numbered_name(index)).is_file()]
@@ -211,16 +221,19 @@ def changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
     return ", ".join(words.get(key, f"{key} {recorded[key]}") for key in changed)
 
 
-def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any]) -> None:
-    """Make the folders, remove what this run replaces (with --overwrite, every numbered image; unfinished
-    images of an interrupted run), then record its settings."""
+def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any], replacing: bool) -> None:
+    """Make the folders, remove what this run replaces (when `replacing`, every numbered image; with
+    --overwrite, those of these settings past --num_images; unfinished images of an interrupted run), then
+    record its settings."""
     folder.mkdir(parents=True, exist_ok=True)
     if config.grid:
         Path(config.grid).parent.mkdir(parents=True, exist_ok=True)
     for path in folder.iterdir():
-        # With --overwrite every numbered image goes before the settings are recorded: an interrupted run must
-        # not leave the earlier sampling's images under this one's settings.
-        if path.name.endswith(PARTIAL_SUFFIX) or (config.overwrite and is_numbered_image(path)):
+        # Replaced images go before the settings are recorded: an interrupted run must not leave the earlier
+        # sampling's images under this one's settings.
+        numbered = is_numbered_image(path)
+        if (path.name.endswith(PARTIAL_SUFFIX) or (replacing and numbered)
+                or (config.overwrite and numbered and int(path.stem) >= config.num_images)):
             path.unlink()
     # The grid is not compared (any may be asked for), but a run adding images without --grid keeps the
     # earlier run's, so that asking for it again later is recognised as this folder's.
