@@ -422,6 +422,14 @@ def test_evaluate_a_folder_against_itself_and_its_cached_statistics(run_cli, sta
     code, out, err = run_cli("evaluate", images, "--reference", cached, "--resolution", "16")
     assert code == 0, err
     assert "FID 0.000" in out and "KID" in out and "resized (shorter side to 16 px" in out
+    assert "(10 images at 16 px; with features)" in out
+    # statistics uncond wrote record what they were computed from: others would give a wrong FID without a word
+    code, _, err = run_cli("evaluate", images, "--reference", cached, "--resolution", "8")
+    one_line_error(code, err, f"--reference {cached}: its statistics are of images at 16 px, and this evaluation "
+                              "measures at 8 px; pass --resolution 16, or the images themselves as --reference")
+    code, _, err = run_cli("evaluate", images, "--reference", cached, "--resolution", "16",
+                           "--inception_weights", tmp_path / "other.pth")
+    one_line_error(code, err, f"--reference {cached}: its statistics were computed with other Inception weights")
     with np.load(cached) as stats:  # as pytorch-fid writes them: mu and sigma alone
         np.savez(tmp_path / "pytorch_fid.npz", mu=stats["mu"], sigma=stats["sigma"])
     code, out, err = run_cli("evaluate", images, "--reference", tmp_path / "pytorch_fid.npz", "--resolution", 16,

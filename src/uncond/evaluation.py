@@ -182,8 +182,10 @@ def reference_stats(config: EvaluateConfig, source: sources.Source | None, resol
     """Statistics of the reference images at `resolution`, from a file, the cache, or computed and cached."""
     if source is None:
         stats = metrics.load_stats(Path(config.reference).expanduser())
+        made_at = check_statistics_file(config.reference, stats, resolution, extractor)
         kind = "mu and sigma only: FID alone" if stats.features is None else "with features"
-        return stats, f"statistics file {config.reference} ({stats.count or 'an unknown number of'} images; {kind})"
+        return stats, (f"statistics file {config.reference} ({stats.count or 'an unknown number of'} images"
+                       f"{f' at {made_at} px' if made_at else ''}; {kind})")
     count = min(len(source.records), config.reference_num_images)
     key = "|".join([extractor.identity, source.fingerprint, f"{resolution}px",
                     f"{config.reference_num_images} at most"])
@@ -204,6 +206,27 @@ def reference_stats(config: EvaluateConfig, source: sources.Source | None, resol
     note = (f"{stats.count} images of {source.description}, {resizing(resolution)}; statistics "
             f"{'read from the cache' if from_cache else 'cached in'} {cache}")
     return stats, note + skipped_note(skipped)
+
+
+def check_statistics_file(reference: str, stats: metrics.FeatureStats, resolution: int,
+                          extractor: metrics.FeatureExtractor) -> int | None:
+    """A statistics file uncond wrote (a cached one, or a run's fid_reference.npz) records what it was computed
+    from: statistics of images at another size, or of other weights' features, would give a wrong FID without a
+    word. Returns the resolution it was computed at (None for pytorch-fid's files, which do not say)."""
+    if not stats.key:
+        return None
+    if not stats.key.startswith(f"{extractor.identity}|"):
+        raise UsageError(f"--reference {reference}: its statistics were computed with other Inception weights than "
+                         "this evaluation's; pass the same --inception_weights, or the images themselves as "
+                         "--reference")
+    made_at = re.search(r"\|(\d+)px(\||$)", stats.key)
+    if made_at is None:
+        return None
+    if int(made_at.group(1)) != resolution:
+        raise UsageError(f"--reference {reference}: its statistics are of images at {made_at.group(1)} px, and "
+                         f"this evaluation measures at {resolution} px; pass --resolution {made_at.group(1)}, or the "
+                         "images themselves as --reference")
+    return int(made_at.group(1))
 
 
 def cache_folder() -> Path:
