@@ -323,6 +323,11 @@ def test_a_checkpoint_is_sampled_and_measured_as_its_export(run_cli, stand_in_in
     for name in ("000000.png", "000002.png"):  # the export at step 2 holds the EMA weights of checkpoint-2
         assert (np.asarray(Image.open(tmp_path / "from-checkpoint" / name)) ==
                 np.asarray(Image.open(tmp_path / "from-export" / name))).all()
+    # the same model, so the same settings: either continues a folder the other began (it was refused: the
+    # samplers' recorded configurations differed in settings no sampler reads)
+    for model, folder in ((run, "from-checkpoint"), (run / "checkpoint-2", "from-export")):
+        code, _, err = run_cli("sample", model, "--output_dir", tmp_path / folder, *sample[:1], 4, *sample[2:])
+        assert code == 0 and "already holds 3 of the 4 images of these settings" in err, err
     code, stdout, err = run_cli("evaluate", run / "checkpoint-2", "--reference", images, "--num_images", 4,
                                 "--steps", 2, "--json")
     assert code == 0 and json.loads(stdout)["num_generated"] == 4, err

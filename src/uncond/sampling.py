@@ -353,6 +353,10 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"{name}: its {RUN_CONFIG_FILE} does not give the noise schedule ({first_line(error)})") \
             from None
+    # As an export's scheduler_config.json reads back, every setting written out (diffusers hands the ones left
+    # at their defaults to another sampler class as that class's defaults): the samplers made from it are then
+    # the export's to the last setting, so a sample folder begun from either is continued from the other.
+    scheduler = DDPMScheduler.from_config(json.loads(scheduler.to_json_string()))
     weights = "unet_ema" if (path / "unet_ema").is_dir() else "unet"
     try:
         with remote.quiet_hub_clients():  # the EMA's own settings in its config.json are ignored with a warning
