@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fast_train_args, save_tiny_pipeline, write_images
+from conftest import TINY_UNET, fast_train_args, save_tiny_pipeline, write_images
 from uncond.config import TrainConfig
 from test_train import one_line_error
 
@@ -460,6 +460,27 @@ def test_evaluate_samples_of_a_model_against_builtin_digits(run_cli, stand_in_in
                              "--resolution", 16, "--json")
     assert code == 0, err
     assert json.loads(out)["fid"] < untrained["fid"]  # real digits are closer to digits than noise is
+
+
+def test_a_non_square_model_measures_as_the_folder_of_its_samples(run_cli, stand_in_inception, tmp_path):
+    """Any diffusers pipeline may have a (height, width) sample size: its samples were measured whole, while
+    the same samples in a folder were centre-cropped as every folder's images are (another FID)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{**{k: v for k, v in TINY_UNET.items() if not k.startswith("_")}, "sample_size": (16, 24)})
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "wide")
+    sampling = ("--num_images", 4, "--steps", 2, "--batch_size", 4)
+    assert run_cli("sample", tmp_path / "wide", *sampling, "--output_dir", tmp_path / "samples")[0] == 0
+    assert Image.open(tmp_path / "samples" / "000000.png").size == (24, 16)
+    real = write_images(tmp_path / "real", 4)
+    results = []
+    for generated in (tmp_path / "wide", tmp_path / "samples"):
+        code, out, err = run_cli("evaluate", generated, *sampling, "--reference", real, "--json")
+        assert code == 0, err
+        results.append(json.loads(out))
+    assert "at the model's 24x16 px, resized (shorter side to 16 px" in results[0]["generated"]
+    assert results[0]["fid"] == pytest.approx(results[1]["fid"], rel=1e-6)
 
 
 def test_evaluate_compares_a_model_at_another_resolution(run_cli, stand_in_inception, pipeline, tmp_path):

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from . import data, environment, metrics, run_folder, sampling, sources
+from . import data, decoding, environment, metrics, run_folder, sampling, sources
 from .cache import REFERENCE_STATS_DIR
 from .config import RUN_CONFIG_FILE, EvaluateConfig, UsageError, counted
 
@@ -90,22 +90,31 @@ def open_generated(config: EvaluateConfig) -> Generated:
     model, scheduler, steps = sampling.open_for_sampling(config, config.generated)
     sampling.log_sampling(config, model, steps)
     size = model.unet.config.sample_size
-    size = size if isinstance(size, int) else min(size)
+    height, width = (size, size) if isinstance(size, int) else size
     batches = sampling.sample_batches(model.unet, scheduler, **{**sampling.sampling_options(config, steps),
                                                                 "progress": False})
-    resolution = config.resolution or size
-    return Generated(batches if resolution == size else resized_squares(batches, resolution), config.num_images,
-                     resolution, f"{config.num_images} images sampled from {model.description} with "
-                     f"{config.sampler}, {steps} steps, seed {config.seed}, at the model's {size}x{size} px"
-                     + ("" if resolution == size else f", {resizing(resolution)}"))
+    resolution = config.resolution or min(height, width)
+    as_they_are = height == width == resolution
+    return Generated(batches if as_they_are else as_folders_are(batches, resolution, config.batch_size),
+                     config.num_images, resolution, f"{config.num_images} images sampled from {model.description} "
+                     f"with {config.sampler}, {steps} steps, seed {config.seed}, at the model's {width}x{height} px"
+                     + ("" if as_they_are else f", {resizing(resolution)}"))
 
 
-def resized_squares(batches: Iterator[np.ndarray], resolution: int) -> Iterator[np.ndarray]:
-    """Square uint8 NHWC batches at another size, resized as the reference images are (bilinear, data.py)."""
-    for batch in batches:
-        images = [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in batch]
-        yield np.stack([np.asarray(image.resize((resolution, resolution), Image.BILINEAR)) for image in images]
-                       ).reshape(len(batch), resolution, resolution, batch.shape[-1])
+def as_folders_are(batches: Iterator[np.ndarray], resolution: int, batch_size: int) -> Iterator[np.ndarray]:
+    """A model's uint8 NHWC samples resized and cropped as the images of a folder are (data.image_batches: the
+    shorter side to `resolution`, bilinear, then the centre square), so that a model and the folder of its
+    samples measure the same; a non-square model's samples were measured whole."""
+    def resized() -> Iterator[np.ndarray]:
+        for batch in batches:
+            for image in batch:
+                height, width, channels = image.shape
+                size = decoding.resized_size(width, height, resolution)
+                if size != (width, height):
+                    picture = Image.fromarray(image[..., 0] if channels == 1 else image).resize(size, Image.BILINEAR)
+                    image = np.asarray(picture).reshape(size[1], size[0], channels)
+                yield image
+    return data.centre_crops(resized(), resolution, batch_size)
 
 
 def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
