@@ -589,3 +589,35 @@ def test_training_without_inception_weights_warns_once_and_goes_on(run_cli, no_i
 def test_keep_best_needs_evaluations(run_cli, color_folder, tiny_unet, tmp_path):
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--keep_best"))
     one_line_error(code, err, "--keep_best needs --eval_every_steps N")
+
+
+class RunsCode:
+    """A pickled object that runs code when unpickled (a file written), as a malicious weights file would."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+def test_pickled_weights_load_as_tensors_only(run_cli, tmp_path):
+    """A pipeline saved with safe_serialization=False (.bin weights) samples; one whose .bin holds anything but
+    tensors is refused with the reason, and the code in it never runs."""
+    from diffusers import DDPMPipeline
+
+    plain = save_tiny_pipeline(tmp_path / "plain")
+    pipeline = DDPMPipeline.from_pretrained(plain)
+    pipeline.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert not list((tmp_path / "bin" / "unet").glob("*.safetensors"))
+    code, _, err = run_cli("sample", tmp_path / "bin", "--num_images", 1, "--steps", 1, "--output_dir", tmp_path / "a")
+    assert code == 0 and "the UNet's weights are the pickled unet/diffusion_pytorch_model.bin, read as tensors" in err
+    assert "An error occurred" not in err  # diffusers' note that it found no safetensors file, before loading it
+    weights = tmp_path / "bin" / "unet" / "diffusion_pytorch_model.bin"
+    state = torch.load(weights, weights_only=True)
+    torch.save({**state, "payload": RunsCode(tmp_path / "marker")}, weights)
+    code, _, err = run_cli("sample", tmp_path / "bin", "--num_images", 1, "--steps", 1, "--output_dir", tmp_path / "b")
+    one_line_error(code, err, f"{tmp_path / 'bin'}: could not load the pipeline folder {tmp_path / 'bin'}: its UNet's "
+                              "weights, unet/diffusion_pytorch_model.bin, are pickled and hold more than tensors, or "
+                              "are damaged (uncond reads pickled weights as tensors only: no code in them runs)")
+    assert not (tmp_path / "marker").exists()

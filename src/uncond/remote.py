@@ -20,6 +20,9 @@ from .config import first_line
 # and diffusers a line per file it could not fetch, before raising; the caller's one-line error says it once.
 # datasets' logger is left alone: its "using the latest cached version" is worth seeing offline.
 CHATTY_LOGGERS = ("huggingface_hub", "diffusers")
+# Logs an error for a model folder with .bin weights and no safetensors before it loads the .bin (with
+# weights_only) as it should: uncond says what it loaded instead (sampling.load_model).
+FALLBACK_LOGGER = "diffusers.models.modeling_utils"
 
 # The HTTP clients' connection errors, by name: huggingface_hub moved from requests to httpx (packaged here as
 # httpx2), and neither needs importing to be recognised. A refused connection, an unknown host or a timeout.
@@ -44,10 +47,10 @@ def quiet_hub_clients() -> Iterator[None]:
     bars_shown = diffusers_logging is not None and diffusers_logging.is_progress_bar_enabled()
     if bars_shown:
         diffusers_logging.disable_progress_bar()
-    loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
+    loggers = [logging.getLogger(name) for name in (*CHATTY_LOGGERS, FALLBACK_LOGGER)]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL if logger.name == FALLBACK_LOGGER else logging.ERROR)
     retry_logger, retry_notice = logging.getLogger(RETRY_LOGGER), RetryNotice()
     retry_level = retry_logger.level
     retry_logger.setLevel(logging.WARNING)

@@ -330,16 +330,33 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
         raise UsageError(f"{name_or_path}: no such folder ({missing_checkpoint_hint(path)})")
     else:
         where = f"the Hub model {name_or_path}"
+    pickled = pickled_unet_weights(path)
     try:
         with remote.quiet_hub_clients():
             pipeline = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
     except Exception as error:  # noqa: BLE001 - offline, missing, private or malformed: one line with the reason
+        if pickled:
+            raise UsageError(f"{name_or_path}: could not load {where}: its UNet's weights, {pickled}, are pickled and "
+                             "hold more than tensors, or are damaged (uncond reads pickled weights as tensors only: no "
+                             "code in them runs); save the model with safetensors, save_pretrained's default "
+                             f"({remote.load_failure(error)})") from None
         raise UsageError(f"{name_or_path}: could not load {where} ({remote.load_failure(error)})") from None
+    if pickled:
+        logger.info(f"{name_or_path}: the UNet's weights are the pickled {pickled}, read as tensors only "
+                    "(torch.load's weights_only: no code in it runs)")
     unet, scheduler = getattr(pipeline, "unet", None), getattr(pipeline, "scheduler", None)
     if not isinstance(unet, UNet2DModel) or scheduler is None or getattr(pipeline, "vqvae", None) is not None:
         raise UsageError(f"{name_or_path} is a {type(pipeline).__name__}; uncond samples unconditional pixel-space "
                          "UNet2DModel pipelines (DDPMPipeline, DDIMPipeline)")
     return Model(unet.to(device).eval(), dict(scheduler.config), f"{where} ({type(pipeline).__name__})")
+
+
+def pickled_unet_weights(path: Path) -> str | None:
+    """A local pipeline's UNet weights file when it is a pickled .bin and no safetensors file is beside it."""
+    unet = path / "unet"
+    if not unet.is_dir() or any(unet.glob("*.safetensors")):
+        return None
+    return next((f"unet/{file.name}" for file in sorted(unet.glob("*.bin"))), None)
 
 
 def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dtype) -> Model:
