@@ -136,8 +136,8 @@ def test_sample_never_mixes_images_of_other_settings_unless_overwriting(run_cli,
     other.mkdir()
     Image.new("RGB", (16, 16)).save(other / "000000.png")
     code, _, err = run_cli(*args[:-1], other)
-    one_line_error(code, err, "already holds 1 numbered images of an earlier run; choose another --output_dir, or "
-                              "pass --overwrite")
+    one_line_error(code, err, "already holds 1 numbered images that no `uncond sample` recorded there (yours, "
+                              "another tool's or an older uncond's); choose another --output_dir, or pass --overwrite")
     assert len(list(other.iterdir())) == 1
 
 
@@ -251,6 +251,14 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
     code, _, err = run_cli("sample", run / "checkpoint-1")  # removed by --checkpoints_total_limit, say
     one_line_error(code, err, f"{run / 'checkpoint-1'}: no such folder ({run} holds checkpoint-3, checkpoint-12; "
                               "--checkpoints_total_limit removes a run's oldest checkpoints")
+    code, _, err = run_cli("sample", run / "latest")  # as `uncond train --resume_from_checkpoint latest` says it
+    one_line_error(code, err, f"{run / 'latest'}: no such folder (`latest` names a checkpoint for `uncond train` "
+                              f"only; pass {run / 'checkpoint-12'})")
+    code, _, err = run_cli("sample", run / "checkpoint-12" / "unet")
+    one_line_error(code, err, f"(it is a folder of the checkpoint {run / 'checkpoint-12'}; pass that folder)")
+    model = save_tiny_pipeline(tmp_path / "model")
+    code, _, err = run_cli("evaluate", reference, "--reference", model)
+    one_line_error(code, err, f"--reference {model}: a model; the reference is real images: pass a folder or dataset")
     (run / "checkpoint-3" / "training_config.json").unlink()  # as train_unconditional.py's checkpoints
     code, _, err = run_cli("sample", run / "checkpoint-3")
     one_line_error(code, err, "(a train_unconditional.py checkpoint, which does not record its noise schedule; "

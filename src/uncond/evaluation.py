@@ -182,6 +182,9 @@ def open_reference(reference: str) -> sources.Source | None:
         raise UsageError(f"--reference {reference}: a training run's output folder (its images are sample grids and "
                          "plots, not real images); pass the training images' folder or dataset")
     refuse_preview_folder(path, "--reference", "pass the training images' folder or dataset")
+    if (path / "model_index.json").is_file() or sampling.is_checkpoint(path):
+        raise UsageError(f"--reference {reference}: a model; the reference is real images: pass a folder or dataset of "
+                         "them (a model's samples go as GENERATED)")
     source = sources.open_named_source(reference, "--reference")
     return numbered_images_only(source, path)[0] if path.is_dir() else source
 

@@ -197,8 +197,9 @@ def images_missing(folder: Path, settings: dict[str, Any], config: SampleConfig,
     recorded = recorded_settings(folder)
     if recorded is None:
         # A folder mixing two samplings would be measured as one set by `uncond evaluate`.
-        raise UsageError(f"--output_dir {folder} already holds {len(taken)} numbered images of an earlier run; "
-                         "choose another --output_dir, or pass --overwrite to replace them")
+        raise UsageError(f"--output_dir {folder} already holds {len(taken)} numbered images that no `uncond sample` "
+                         "recorded there (yours, another tool's or an older uncond's); choose another --output_dir, or "
+                         "pass --overwrite to replace them")
     changed = changed_settings(recorded, settings)
     if changed:
         raise UsageError(f"--output_dir {folder} holds {len(taken)} images sampled with other settings ({changed}); "

@@ -225,9 +225,9 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
     step_kwargs = step_options(scheduler)
     indices = range(num_images) if indices is None else indices
     scheduler.set_timesteps(num_steps, device=device)
-    by_step = len(indices) <= batch_size  # one batch (a training run's grid): its steps are the progress to show
-    total, unit = (len(scheduler.timesteps), "step") if by_step else (len(indices), "img")
-    with tqdm(total=total, desc="sampling", unit=unit, disable=not progress, leave=False) as bar:
+    # Network evaluations are the progress to show: a batch of 1,000 DDPM steps takes minutes.
+    total = math.ceil(len(indices) / batch_size) * len(scheduler.timesteps)
+    with tqdm(total=total, desc="sampling", unit="step", disable=not progress, leave=False) as bar:
         for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
             count = len(batch)
@@ -243,11 +243,8 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
                 model_input = scheduler.scale_model_input(sample, timestep)
                 model_output = unet(model_input, timestep).sample
                 sample = scheduler.step(model_output, timestep, sample, **step_kwargs).prev_sample
-                if by_step:
-                    bar.update(1)
+                bar.update(1)
             yield to_uint8(sample)
-            if not by_step:
-                bar.update(count)
 
 
 def generate(unet: torch.nn.Module, scheduler: Any, **options: Any) -> np.ndarray:
@@ -414,6 +411,8 @@ def is_checkpoint(path: Path) -> bool:
 def missing_checkpoint_hint(path: Path) -> str:
     """What a run folder holds instead of a checkpoint that is not there (--checkpoints_total_limit removes the
     oldest ones); for other missing paths, the form of a Hub model id."""
+    if path.name == "latest" and list_checkpoints(path.parent):  # `uncond train --resume_from_checkpoint latest`
+        return f"`latest` names a checkpoint for `uncond train` only; pass {list_checkpoints(path.parent)[-1][1]}"
     if not CHECKPOINT_NAME.match(path.name) or not path.parent.is_dir():
         return "a Hub model id has the form owner/name"
     held = ", ".join(found.name for _, found in list_checkpoints(path.parent)) or "no checkpoints"
@@ -430,6 +429,8 @@ def not_a_pipeline_hint(path: Path) -> str:
     if (path.parent / "model_index.json").is_file():
         return (f" (it is {'a file' if path.is_file() else 'a component folder'} of the pipeline folder "
                 f"{path.parent}; pass that folder)")
+    if is_checkpoint(path.parent) and (path.parent / RUN_CONFIG_FILE).is_file():
+        return f" (it is a folder of the checkpoint {path.parent}; pass that folder)"
     return ""
 
 
