@@ -629,3 +629,18 @@ def test_pickled_weights_load_as_tensors_only(run_cli, tmp_path):
                               "weights, unet/diffusion_pytorch_model.bin, are pickled and hold more than tensors, or "
                               "are damaged (uncond reads pickled weights as tensors only: no code in them runs)")
     assert not (tmp_path / "marker").exists()
+
+
+def test_evaluate_says_it_samples_only_once_the_reference_is_measured(run_cli, stand_in_inception, pipeline,
+                                                                     tmp_path):
+    """"sampling N images" came before a reference of unreadable images was refused: nothing had been sampled."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for index in range(3):
+        (broken / f"{index}.png").write_bytes(b"not a PNG")
+    code, _, err = run_cli("evaluate", pipeline, "--reference", broken, "--num_images", 2, "--steps", 1)
+    one_line_error(code, err, f"--reference {broken}: 0 readable images")
+    assert "sampling 2 images" not in err
+    code, _, err = run_cli("evaluate", pipeline, "--reference", write_images(tmp_path / "real", 3), "--num_images", 2,
+                           "--steps", 1)
+    assert code == 0 and "sampling 2 images" in err, err

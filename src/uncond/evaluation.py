@@ -88,11 +88,14 @@ def open_generated(config: EvaluateConfig) -> Generated:
     if path.is_dir() and not (path / "model_index.json").is_file() and not sampling.is_checkpoint(path):
         return generated_folder(path, config)
     model, scheduler, steps = sampling.open_for_sampling(config, config.generated)
-    sampling.log_sampling(config, model, steps)
     size = model.unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
-    batches = sampling.sample_batches(model.unet, scheduler, **{**sampling.sampling_options(config, steps),
-                                                                "progress": False})
+
+    def sampled() -> Iterator[np.ndarray]:  # said when it starts, after the reference's checks and statistics
+        sampling.log_sampling(config, model, steps)
+        yield from sampling.sample_batches(model.unet, scheduler, **{**sampling.sampling_options(config, steps),
+                                                                     "progress": False})
+    batches = sampled()
     resolution = config.resolution or min(height, width)
     as_they_are = height == width == resolution
     return Generated(batches if as_they_are else as_folders_are(batches, resolution, config.batch_size),
