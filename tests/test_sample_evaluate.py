@@ -254,8 +254,10 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
     code, _, err = run_cli("sample", run / "latest")  # as `uncond train --resume_from_checkpoint latest` says it
     one_line_error(code, err, f"{run / 'latest'}: no such folder (`latest` names a checkpoint for `uncond train` "
                               f"only; pass {run / 'checkpoint-12'})")
-    code, _, err = run_cli("sample", run / "checkpoint-12" / "unet")
-    one_line_error(code, err, f"(it is a folder of the checkpoint {run / 'checkpoint-12'}; pass that folder)")
+    (run / "checkpoint-12" / "samples").mkdir()
+    code, _, err = run_cli("sample", run / "checkpoint-12" / "samples")
+    one_line_error(code, err, f"(it is a folder of the checkpoint {run / 'checkpoint-12'}; pass that folder, or its "
+                              "unet/ for the weights without EMA)")
     model = save_tiny_pipeline(tmp_path / "model")
     code, _, err = run_cli("evaluate", reference, "--reference", model)
     one_line_error(code, err, f"--reference {model}: a model; the reference is real images: pass a folder or dataset")
@@ -331,6 +333,13 @@ def test_a_checkpoint_is_sampled_and_measured_as_its_export(run_cli, stand_in_in
     for name in ("000000.png", "000002.png"):  # the export at step 2 holds the EMA weights of checkpoint-2
         assert (np.asarray(Image.open(tmp_path / "from-checkpoint" / name)) ==
                 np.asarray(Image.open(tmp_path / "from-export" / name))).all()
+    # its unet/ (the trained weights, without EMA) and unet_ema/ can be named
+    for weights, kind in (("unet", "trained"), ("unet_ema", "EMA")):
+        code, _, err = run_cli("sample", run / "checkpoint-2" / weights, "--output_dir", tmp_path / weights, *sample)
+        assert code == 0 and f"the checkpoint {run / 'checkpoint-2'} ({kind} weights)" in err, err
+    same = [[(a == b).all() for a, b in zip(pixels(tmp_path / weights), pixels(tmp_path / "from-checkpoint"),
+                                             strict=True)] for weights in ("unet_ema", "unet")]
+    assert all(same[0]) and not any(same[1])
     # the same model, so the same settings: either continues a folder the other began (it was refused: the
     # samplers' recorded configurations differed in settings no sampler reads)
     for model, folder in ((run, "from-checkpoint"), (run / "checkpoint-2", "from-export")):

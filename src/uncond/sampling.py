@@ -316,6 +316,9 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     path = Path(name_or_path).expanduser()
     if is_checkpoint(path) and (path / RUN_CONFIG_FILE).is_file() and not (path / "model_index.json").is_file():
         return load_checkpoint(path, name_or_path, device, dtype)
+    if path.name in CHECKPOINT_WEIGHTS and path.is_dir() and (path.parent / RUN_CONFIG_FILE).is_file() \
+            and is_checkpoint(path.parent):  # one of its two sets of weights: unet/ is the trained one, without EMA
+        return load_checkpoint(path.parent, name_or_path, device, dtype, weights=path.name)
     if path.exists():
         if not (path / "model_index.json").is_file():
             refuse_unexported_run(path, name_or_path)
@@ -348,6 +351,9 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     return Model(unet.to(device).eval(), dict(scheduler.config), f"{where} ({type(pipeline).__name__})")
 
 
+CHECKPOINT_WEIGHTS = ("unet", "unet_ema")  # the folders of a checkpoint's trained and averaged weights
+
+
 def pickled_unet_weights(path: Path) -> str | None:
     """A local pipeline's UNet weights file when it is a pickled .bin and no safetensors file is beside it."""
     unet = path / "unet"
@@ -356,10 +362,12 @@ def pickled_unet_weights(path: Path) -> str | None:
     return next((f"unet/{file.name}" for file in sorted(unet.glob("*.bin"))), None)
 
 
-def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dtype) -> Model:
+def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dtype,
+                    weights: str | None = None) -> Model:
     """A training checkpoint of uncond's as a model: its EMA weights where the run kept an EMA (what its exports
-    hold), else its trained ones, with the noise schedule of its training_config.json. Any checkpoint can so
-    be sampled and evaluated, also of a run stopped before its first export."""
+    hold), else its trained ones, or the `weights` folder named (unet, unet_ema), with the noise schedule of its
+    training_config.json. Any checkpoint can so be sampled and evaluated, also of a run stopped before its
+    first export."""
     from diffusers import UNet2DModel
 
     try:
@@ -371,7 +379,7 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
     # at their defaults to another sampler class as that class's defaults): the samplers made from it are then
     # the export's to the last setting, so a sample folder begun from either is continued from the other.
     scheduler = DDPMScheduler.from_config(json.loads(scheduler.to_json_string()))
-    weights = "unet_ema" if (path / "unet_ema").is_dir() else "unet"
+    weights = weights or ("unet_ema" if (path / "unet_ema").is_dir() else "unet")
     try:
         with remote.quiet_hub_clients():  # the EMA's own settings in its config.json are ignored with a warning
             unet = UNet2DModel.from_pretrained(str(path / weights), torch_dtype=dtype)  # safetensors
@@ -430,7 +438,8 @@ def not_a_pipeline_hint(path: Path) -> str:
         return (f" (it is {'a file' if path.is_file() else 'a component folder'} of the pipeline folder "
                 f"{path.parent}; pass that folder)")
     if is_checkpoint(path.parent) and (path.parent / RUN_CONFIG_FILE).is_file():
-        return f" (it is a folder of the checkpoint {path.parent}; pass that folder)"
+        return (f" (it is a folder of the checkpoint {path.parent}; pass that folder, or its unet/ for the weights "
+                "without EMA)")
     return ""
 
 
