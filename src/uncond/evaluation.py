@@ -108,16 +108,12 @@ def as_folders_are(batches: Iterator[np.ndarray], resolution: int, batch_size: i
     """A model's uint8 NHWC samples resized and cropped as the images of a folder are (data.image_batches: the
     shorter side to `resolution`, bilinear, then the centre square), so that a model and the folder of its
     samples measure the same; a non-square model's samples were measured whole."""
-    def resized() -> Iterator[np.ndarray]:
+    def decoded() -> Iterator[np.ndarray]:
         for batch in batches:
             for image in batch:
-                height, width, channels = image.shape
-                size = decoding.resized_size(width, height, resolution)
-                if size != (width, height):
-                    picture = Image.fromarray(image[..., 0] if channels == 1 else image).resize(size, Image.BILINEAR)
-                    image = np.asarray(picture).reshape(size[1], size[0], channels)
-                yield image
-    return data.centre_crops(resized(), resolution, batch_size)
+                picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+                yield decoding.decode_image(picture, resolution, preserve_precision=False)[0]
+    return data.centre_crops(decoded(), resolution, batch_size)
 
 
 def generated_folder(path: Path, config: EvaluateConfig) -> Generated:

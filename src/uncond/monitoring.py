@@ -22,9 +22,6 @@ logger = logging.getLogger("uncond")  # cli shows its records on the main proces
 
 T = TypeVar("T")
 
-
-
-
 MAX_REFERENCE_IMAGES = 50_000  # the usual size of an FID reference set
 
 

@@ -50,8 +50,10 @@ def sample_to_folder(config: SampleConfig) -> Path:
     refuse_other_outputs(folder, config)
     model, scheduler, steps = open_for_sampling(config, config.model)
     settings = sample_settings(config, model, scheduler, steps)
-    replacing = config.overwrite and not holds_these_settings(folder, settings)
-    missing = images_missing(folder, settings, config, replacing)
+    recorded = recorded_settings(folder)
+    # --overwrite replaces the images of other settings; those of these are the images this run would write
+    replacing = config.overwrite and (recorded is None or bool(changed_settings(recorded, settings)))
+    missing = images_missing(folder, settings, recorded, config, replacing)
     log_sampling(config, model, steps)
     processes.wait_for_everyone()  # every process has looked at the folder before the main one changes it
     if processes.is_main_process:
@@ -180,21 +182,14 @@ def weights_fingerprint(unet: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def holds_these_settings(folder: Path, settings: dict[str, Any]) -> bool:
-    """Whether the folder's images were sampled with these settings (so that they are the images this run
-    would write)."""
-    recorded = recorded_settings(folder)
-    return recorded is not None and not changed_settings(recorded, settings)
-
-
-def images_missing(folder: Path, settings: dict[str, Any], config: SampleConfig, replacing: bool) -> list[int]:
-    """Which of images 0..N-1 are still to be sampled: those an earlier run of these settings did not write
-    (all of them when `replacing` the folder's images); a folder holding other images is refused unless
-    --overwrite."""
+def images_missing(folder: Path, settings: dict[str, Any], recorded: dict[str, Any] | None, config: SampleConfig,
+                   replacing: bool) -> list[int]:
+    """Which of images 0..N-1 are still to be sampled: those an earlier run of these settings (`recorded` in the
+    folder) did not write (all of them when `replacing` the folder's images); a folder holding other images is
+    refused unless --overwrite."""
     taken = numbered_images(folder)
     if replacing or not taken:
         return list(range(config.num_images))
-    recorded = recorded_settings(folder)
     if recorded is None:
         # A folder mixing two samplings would be measured as one set by `uncond evaluate`.
         raise UsageError(f"--output_dir {folder} already holds {len(taken)} numbered images that no `uncond sample` "

@@ -419,11 +419,12 @@ def is_checkpoint(path: Path) -> bool:
 def missing_checkpoint_hint(path: Path) -> str:
     """What a run folder holds instead of a checkpoint that is not there (--checkpoints_total_limit removes the
     oldest ones); for other missing paths, the form of a Hub model id."""
-    if path.name == "latest" and list_checkpoints(path.parent):  # `uncond train --resume_from_checkpoint latest`
-        return f"`latest` names a checkpoint for `uncond train` only; pass {list_checkpoints(path.parent)[-1][1]}"
+    checkpoints = list_checkpoints(path.parent)  # none where the parent is not a folder
+    if path.name == "latest" and checkpoints:  # as `uncond train --resume_from_checkpoint latest` says it
+        return f"`latest` names a checkpoint for `uncond train` only; pass {checkpoints[-1][1]}"
     if not CHECKPOINT_NAME.match(path.name) or not path.parent.is_dir():
         return "a Hub model id has the form owner/name"
-    held = ", ".join(found.name for _, found in list_checkpoints(path.parent)) or "no checkpoints"
+    held = ", ".join(found.name for _, found in checkpoints) or "no checkpoints"
     pipeline = "; its exported pipeline is the folder itself" if (path.parent / "model_index.json").is_file() else ""
     return (f"{path.parent} holds {held}{pipeline}; --checkpoints_total_limit removes a run's oldest checkpoints "
             "as it saves new ones")
