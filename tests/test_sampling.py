@@ -107,6 +107,25 @@ def test_every_sampler_follows_the_training_schedule(name, schedule):
 
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_previews_and_checkpoints_sample_as_the_export_does(name, tmp_path):
+    """The training schedule (previews, a checkpoint's samples) and the export's scheduler_config.json read back
+    make the same sampler, to the settings a sample folder records: diffusers gave Heun and KDPM2 their own
+    clip_sample default (False) from the one and DDPM's (True) from the other, so previews went unclipped where
+    the export's samples are clipped."""
+    from uncond.config import TrainConfig
+    from uncond.sample_folder import schedule_of
+    from uncond.sampling import training_noise_scheduler
+
+    training = training_noise_scheduler(TrainConfig().to_dict())
+    training.save_pretrained(tmp_path)
+    exported = DDPMScheduler.from_pretrained(tmp_path)
+    made = [schedule_of(make_sampler(name, scheduler.config)) for scheduler in (training, exported)]
+    assert made[0] == made[1]
+    if "clip_sample" in made[0]:
+        assert made[0]["clip_sample"] is True
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_model_card_code_samples_like_uncond_with_every_sampler(name, monkeypatch):
     """The card's code, run as written with plain diffusers: through DDPMPipeline where the sampler fits its loop,
     else its own loop (DDPMPipeline with Euler-type samplers gave wrong images, with PNDM or UniPC a TypeError)."""

@@ -60,11 +60,16 @@ def training_noise_scheduler(run_config: dict[str, Any]) -> DDPMScheduler:
     training_config.json give them); it is also the scheduler written into the exported pipeline."""
     beta_schedule = run_config["ddpm_beta_schedule"]
     try:
-        return DDPMScheduler(num_train_timesteps=run_config["ddpm_num_steps"], beta_schedule=beta_schedule,
-                             prediction_type=run_config["prediction_type"])
+        scheduler = DDPMScheduler(num_train_timesteps=run_config["ddpm_num_steps"], beta_schedule=beta_schedule,
+                                  prediction_type=run_config["prediction_type"])
     except NotImplementedError:
         raise UsageError(f"--ddpm_beta_schedule {beta_schedule}: this diffusers version's DDPMScheduler does not "
                          "implement it") from None
+    # As the export's scheduler_config.json reads back, every setting written out. diffusers hands the settings
+    # left at their defaults to another sampler class as that class's defaults: Heun's and KDPM2's clip_sample is
+    # False, DDPM's True, so previews and a checkpoint's samples went unclipped where the export's are clipped.
+    # The samplers made from it are now the export's to the last setting (tests/test_sampling.py).
+    return DDPMScheduler.from_config(json.loads(scheduler.to_json_string()))
 
 
 def check_sampler(name: str) -> None:
@@ -375,10 +380,6 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"{name}: its {RUN_CONFIG_FILE} does not give the noise schedule ({first_line(error)})") \
             from None
-    # As an export's scheduler_config.json reads back, every setting written out (diffusers hands the ones left
-    # at their defaults to another sampler class as that class's defaults): the samplers made from it are then
-    # the export's to the last setting, so a sample folder begun from either is continued from the other.
-    scheduler = DDPMScheduler.from_config(json.loads(scheduler.to_json_string()))
     weights = weights or ("unet_ema" if (path / "unet_ema").is_dir() else "unet")
     try:
         with remote.quiet_hub_clients():  # the EMA's own settings in its config.json are ignored with a warning
