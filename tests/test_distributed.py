@@ -44,8 +44,9 @@ def launch_processes(*args: object, timeout: float = 300, processes: int = 2, fs
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS),
            "HF_HUB_OFFLINE": "1", **env_vars}
-    kind = ["--config_file", str(FSDP_CONFIG)] if fsdp else ["--multi_gpu", "--num_machines", "1",
-                                                              "--dynamo_backend", "no"]
+    # the config file as a user in the repository names it: relative (the resume command makes it absolute)
+    kind = (["--config_file", str(FSDP_CONFIG.relative_to(TESTS.parent))] if fsdp
+            else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"])
     command = [str(accelerate), "launch", *kind, "--num_processes", str(processes), "--mixed_precision", "no",
                "--main_process_port", str(free_port()), *[str(a) for a in args]]
     try:
@@ -98,7 +99,10 @@ def test_two_processes_train_to_completion_and_resume_on_one(run_cli, color_fold
     assert len(writers) == 1  # TensorBoard files of one process id only
     for name in ("README.md", "loss.png", "samples/step-0000004.png"):
         assert (out / name).is_file(), name
-    assert "accelerate launch --multi_gpu --num_processes 2 -m uncond train" in (out / "README.md").read_text()
+    # the launch as it was typed (the card named --multi_gpu and the count alone, dropping the rest)
+    card = (out / "README.md").read_text()
+    assert "accelerate launch --multi_gpu --num_machines 1 --dynamo_backend no --num_processes 2 --mixed_precision " \
+           "no --main_process_port " in card and " -m uncond train " in card
     pipeline = DiffusionPipeline.from_pretrained(out)
     assert pipeline(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
 
@@ -294,8 +298,11 @@ def test_fsdp_trains_the_same_model_as_ddp_and_resumes_on_three_processes(color_
     assert json.loads((out / "checkpoint-4" / "unet_ema" / "config.json").read_text())["optimization_step"] == 4
     for name in ("loss.png", "samples/step-0000004.png"):
         assert (out / name).is_file(), name
-    assert "accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 2 -m uncond train" in \
-        (out / "README.md").read_text()
+    # the launch's own config file, by a path that works from any folder (it was examples/accelerate/fsdp.yaml
+    # whatever file was launched, and relative)
+    card = (out / "README.md").read_text()
+    assert f"accelerate launch --config_file {FSDP_CONFIG} --num_processes 2 --mixed_precision no " in card
+    assert " -m uncond train " in card
     pipeline = DiffusionPipeline.from_pretrained(out)
     assert pipeline(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
 
