@@ -174,12 +174,14 @@ def uncond_worker(config_name: str, device: str, precision: str, data: Path, ste
     run = parts.build_run(plan, accelerator)
     prepare_seconds = time.perf_counter() - start
 
+    losses = []
+
     def step(micro_batches) -> None:
         loss = train.train_step(run, micro_batches)
         run.step += 1
         run.running_loss.add(loss)
         if run.step % run.config.logging_steps == 0:  # the loop's one sync, at log intervals
-            run.running_loss.pop().item()
+            losses.append(run.running_loss.pop().item())
 
     def micro_batch_groups():
         while True:
@@ -189,6 +191,8 @@ def uncond_worker(config_name: str, device: str, precision: str, data: Path, ste
     batches = micro_batch_groups()
     result = timed(step, batches, steps, warmup, batch_size, device)
     result["prepare_seconds"] = round(prepare_seconds, 2)
+    # a speed is worth nothing if the step computes garbage (torch 2.13 compiles NaN gradients on CPUs under bf16)
+    result["last_logged_loss"] = losses[-1] if losses else None
     if diagnose:
         diagnose_steps(step, batches, device, batch_size, result["images_per_sec"], steps)
     return result
@@ -376,7 +380,9 @@ def run_worker(variant: str, name: str, args: argparse.Namespace, steps: int) ->
     # where a lent GPU's minutes go: the process (imports, data, cuDNN autotuning, compiling) against the timing
     print(f"  {variant} {name}: {result['images_per_sec']:.1f} images/s; process {time.perf_counter() - start:.0f} s"
           f", timed steps {result['seconds']:.0f} s" + (f", building the run {result['prepare_seconds']:.0f} s"
-                                                       if "prepare_seconds" in result else ""), flush=True)
+                                                       if "prepare_seconds" in result else "")
+          + (f", last logged loss {result['last_logged_loss']:.4f}" if result.get("last_logged_loss") is not None
+             else ""), flush=True)
     return result
 
 

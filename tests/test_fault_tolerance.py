@@ -210,6 +210,7 @@ def test_preemption_saves_a_checkpoint_and_exits_with_the_signals_status(inputs,
     step = int(line.split("at step ")[1].split(",")[0])
     assert step < STEPS and f"checkpoint-{step} saved; to resume, run: uncond train " in line
     assert err.count(f"{signal.Signals(signal_number).name}: stopping with a checkpoint after the current step") == 1
+    assert ("Ctrl-C again stops at once" in err) == (signal_number == signal.SIGINT)  # a job's SIGTERM: no terminal
     assert checkpoint.checkpoint_problem(out / f"checkpoint-{step}") is None
     resume_to_the_end(inputs, out)
     assert_same_result(out, reference)
@@ -324,6 +325,22 @@ def test_divergence_stops_with_the_last_good_checkpoint(run_cli, color_folder, t
     assert "became" in message and "is the last good checkpoint" in message and "--skip_nonfinite" in message
     last = checkpoint.complete_checkpoints(out)[-1][1]
     assert all(torch.isfinite(t).all() for t in load_file(last / "unet" / WEIGHTS).values())
+
+
+def test_divergence_in_a_compiled_unets_first_steps_points_at_compile(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                      monkeypatch):
+    """A loss that is NaN by the first log line of a compiled run is more likely the compiler's (as torch 2.13's on
+    CPUs under bf16) than a learning rate still warming up: the message says to drop --compile, not to lower it."""
+    from uncond import parts
+
+    plugin = parts.TorchDynamoPlugin  # dynamo's eager backend: seconds, where inductor takes minutes here
+    monkeypatch.setattr(parts, "TorchDynamoPlugin", lambda **settings: plugin(**{**settings, "backend": "eager"}))
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "30",
+                                            "--learning_rate", "1e12", "--max_grad_norm", "0", "--compile",
+                                            "--logging_steps", "5"))
+    message = next(line for line in err.splitlines() if line.startswith("uncond: stopped:"))
+    assert code == 1 and "became" in message and "drop --compile" in message, err[-2000:]
+    assert "--learning_rate" not in message
 
 
 def test_weights_that_diverged_are_never_exported(run_cli, color_folder, tiny_unet, tmp_path):

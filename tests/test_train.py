@@ -295,6 +295,18 @@ def test_images_per_second_leave_out_previews(run_cli, color_folder, tiny_unet, 
     assert 4 / rates[4] < 5, rates
 
 
+def test_a_batch_beyond_the_data_says_what_each_step_trains_on():
+    """3 images on 4 processes: each process takes one, so a step trains on 4, one image twice (the warning said
+    each step trained on the 3)."""
+    from uncond.train import batch_beyond_data
+
+    assert batch_beyond_data(4, 4, 3) == ("--train_batch_size 4 x 4 processes is more than the 3 images: each step "
+                                          "trains on the 3 there are, 1 of them twice so that each process "
+                                          "has 1")
+    assert batch_beyond_data(8, 2, 12).endswith("each step trains on the 12 there are")  # 6 each
+    assert batch_beyond_data(4, 2, 8) is None
+
+
 def test_images_per_second_count_the_images_trained_on(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     """--train_batch_size 1000 on 12 images trains 12 a step: images/s counted 1000 a step (83 times too many)."""
     import time
@@ -371,13 +383,21 @@ def test_a_model_config_sets_the_resolution_unless_given(run_cli, color_folder, 
     assert code == 0 and '"resolution": 32' in stdout and "sample_size of" not in err
 
 
-def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tmp_path):
+def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     out = tmp_path / "run"
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))
     assert code == 0, err
     assert '"train_batch_size": 4' in stdout
     assert "12 image files" in stdout and "parameters with 3 channels" in stdout  # the config file says 3
-    assert "schedule: 3 optimizer steps per epoch" in stdout and "warning" not in stdout
+    assert "schedule: 3 optimizer steps per epoch on 1 process" in stdout and "warning" not in stdout
+    # under a launcher of two processes (the environment torchrun gives each): said once, for two
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, stdout, _ = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))
+    assert code == 0 and "schedule: 2 optimizer steps per epoch on 2 processes" in stdout
+    monkeypatch.setenv("RANK", "1")
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))[:2] == (0, "")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
     code, stdout, _ = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--lr_warmup_steps", "500",
                                                "--max_train_steps", "10"))  # the seed's warmup in a short run
     assert "warning: --lr_warmup_steps 500 is longer than the run's 10 optimizer steps: the learning rate never " \
@@ -737,6 +757,33 @@ def test_num_epochs_count_the_whole_run_when_a_resume_changes_the_batch(run_cli,
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["lr"] == 0.0
 
 
+def test_a_resume_with_another_batch_says_which_images_it_trains_on_again():
+    """Steps cover the start of each epoch's order: 6 images seen at batch 2, then whole steps of 4 go on after 4
+    of them, and the note said training went on after all 6."""
+    from uncond.parts import position_after
+
+    state = {"epoch": 0, "epoch_start_step": 0, "num_processes": 1, "global_batch_size": 2}
+    position = position_after(3, state, steps_per_epoch=3, global_batch_size=4, num_processes=1)
+    assert (position.step, position.epoch_offset) == (3, 2)  # one step of 4 into the epoch: 4 images
+    assert position.note.endswith("after the 6 images already seen in epoch 0 (in whole steps of 4: the last 2 "
+                                  "images of those are trained on again)")
+    position = position_after(3, state, steps_per_epoch=4, global_batch_size=3, num_processes=1)
+    assert position.epoch_offset == 1 and position.note.endswith("after the 6 images already seen in epoch 0")
+
+
+def test_tensorboard_curves_go_on_from_the_checkpoint_resumed(run_cli, color_folder, tiny_unet, tmp_path):
+    """Taken back to checkpoint-4 after step 8: TensorBoard showed steps 1-8 and then 5-6 again, a curve doubling
+    back, where metrics.jsonl drops the abandoned steps."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "4", "--logging_steps", "1",
+                           "--logger", "tensorboard")
+    assert run_cli(*args, "--max_train_steps", "8")[0] == 0
+    assert run_cli(*args, "--max_train_steps", "6", "--resume_from_checkpoint", "checkpoint-4")[0] == 0
+    events = EventAccumulator(str(out / "logs" / "uncond"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == metric_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_cli, color_folder, tiny_unet, tmp_path):
     """Taking a run back (after its loss diverged, say): the later checkpoints of the abandoned continuation were
     taken for the new run's, and the rotation, which keeps the highest steps, removed each new checkpoint."""
@@ -1045,6 +1092,15 @@ def test_a_resume_says_what_it_changes_that_it_may_change(run_cli, color_folder,
     assert code == 0, err
     assert "--seed 2: checkpoint-2's run used seed 1; its data order, crops and noise follow seed 2 from here" in err
     assert "--no-use_ema: the EMA of the weights that checkpoint-2's run kept is dropped" in err
+
+
+def test_compile_with_bf16_on_a_cpu_is_refused_before_compiling(run_cli, color_folder, tiny_unet, tmp_path):
+    """torch 2.13's CPU compiler gives NaN gradients for the UNet under bf16 autocast (a bare compiled UNet too):
+    the run failed after minutes of compiling, blaming the learning rate."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--compile", "--mixed_precision", "bf16"))
+    one_line_error(code, err, "--compile with --mixed_precision bf16 on a CPU")
+    assert "drop --compile" in err and not out.exists()
 
 
 def test_compile_trains_as_eager_and_saves_the_plain_unet(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import functools
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -187,6 +188,10 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     speedups += ["fused AdamW"] * fused + [f"{config.mixed_precision} autocast"] * (config.mixed_precision != "no")
     speedups += tune_cuda(config, accelerator.device)
     speedups += ["torch.compile" + " with CUDA graphs" * (accelerator.device.type == "cuda")] * config.compile
+    if config.compile:
+        # diffusers' upsampling asks for the torch version through an lru_cache'd function, which dynamo warns
+        # about in six lines from every process; that function is pure, so tracing through its cache is exact.
+        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped")
     if config.use_ema:
         speedups.append(f"foreach EMA every {counted(config.ema_update_every, 'step')}")
     logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")
@@ -279,10 +284,14 @@ def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, globa
     if saved_batch != global_batch_size or saved_processes != num_processes:
         images_into_epoch = steps_into_epoch * saved_batch
         steps_into_epoch = min(images_into_epoch // global_batch_size, steps_per_epoch)
+        # Steps cover the start of the epoch's order whatever the batch: whole steps of the new batch reach
+        # back to the last step boundary before the images seen, which are seen again.
+        again = images_into_epoch - steps_into_epoch * global_batch_size if steps_into_epoch < steps_per_epoch else 0
         note = (f"checkpoint-{step} was written by {counted(saved_processes, 'process')} with a global batch of "
                 f"{saved_batch}; going on with {counted(num_processes, 'process')} and a global batch of "
-                f"{global_batch_size} after the "
-                f"{images_into_epoch} images already seen in epoch {epoch}")
+                f"{global_batch_size} after the {images_into_epoch} images already seen in epoch {epoch}"
+                + (f" (in whole steps of {global_batch_size}: the last {counted(again, 'image')} of those are "
+                   "trained on again)" if again > 0 else ""))
     return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
                     epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note,
                     log_window=state.get("log_window"), preview_owed=state.get("preview_owed"),

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from diffusers.utils import is_torch_version
 
-from . import checkpoint, models, run_folder, sampling, sources
+from . import checkpoint, data, models, run_folder, sampling, sources
 from .config import TrainConfig, UsageError, counted
 
 logger = logging.getLogger("uncond")
@@ -217,7 +219,15 @@ def check_fsdp_units(unet_config: dict[str, Any]) -> None:
 
 def check_processes(plan: Plan, accelerator: Accelerator) -> None:
     """The checks that need the launched processes (made before any data is read): FSDP given where it
-    was asked for, and a checkpoint resumed by the kind of run that wrote it."""
+    was asked for, a checkpoint resumed by the kind of run that wrote it, and --compile where it trains."""
+    if plan.config.compile and accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16" \
+            and is_torch_version("<", "2.15"):
+        # Measured with torch 2.13 (2.14 assumed alike): inductor's vectorised CPU code for the UNet's middle
+        # block under bf16 autocast gives NaN gradients from the first step (its scalar code and aot_eager do
+        # not), after minutes of compiling. uncond's own code is not involved: a bare compiled UNet does it too.
+        raise UsageError(f"--compile with --mixed_precision bf16 on a CPU: torch {torch.__version__}'s compiler "
+                         "gives NaN gradients for this UNet there; drop --compile (on a CPU it gains little), or "
+                         "train in fp32")
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if fsdp_launch() and accelerator.num_processes > 1 and not sharded:
         raise UsageError(f"this launch asks for FSDP, but accelerate runs {accelerator.device.type} processes "
@@ -230,21 +240,25 @@ def check_processes(plan: Plan, accelerator: Accelerator) -> None:
 
 
 def dry_run(plan: Plan) -> None:
-    """--dry_run: what would be trained on what, without decoding images or building weights."""
+    """--dry_run: what would be trained on what, without decoding images or building weights. Under a launcher,
+    said once, for its number of processes (from the environment torchrun sets: no process group is started)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     config = plan.config
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     source = None if config.streaming else sources.open_source(config)
     channel_options = [plan.channels_from_model_config] if plan.channels_from_model_config else (
         [1, 3] if config.num_channels == "auto" else [int(config.num_channels)])
     sizes = ", ".join(f"{models.count_parameters(models.with_channels(plan.unet_config, c)):,} parameters with "
                       f"{counted(c, 'channel')}" for c in channel_options)
-    batches = (math.ceil(len(source.records) / config.train_batch_size) if source  # a stream: one epoch
-               else config.max_train_steps * config.gradient_accumulation_steps)
+    batches = (data.Order(len(source.records), config.train_batch_size, 0, processes).batches_per_epoch
+               if source else config.max_train_steps * config.gradient_accumulation_steps)  # a stream: one epoch
     steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
     print(json.dumps(config.to_dict(), indent=2))
     print(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
     print(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
     total_steps = config.max_train_steps or steps_per_epoch * config.num_epochs
-    print(f"schedule: {counted(steps_per_epoch, 'optimizer step')} per epoch on one process; "
+    print(f"schedule: {counted(steps_per_epoch, 'optimizer step')} per epoch on {counted(processes, 'process')}; "
           f"{counted(total_steps, 'step')} in all")
     if warning := warmup_outlasts_run(config, total_steps):
         print(f"warning: {warning}")

@@ -44,8 +44,10 @@ class StopSignal:
             raise KeyboardInterrupt
         self.received = signal.Signals(number).name
         if self.announce:  # a preview or export under way can take a while: say at once what happens
+            # SIGTERM comes from a job scheduler or `kill`, whose user is at no terminal to press Ctrl-C
+            again = "; Ctrl-C again stops at once, without one" if number == signal.SIGINT else ""
             logger.warning(f"{self.received}: stopping with a checkpoint after the current step (an export under "
-                           "way is finished, a preview left out); Ctrl-C again stops at once, without one")
+                           f"way is finished, a preview left out){again}")
 
 
 class StopAgreement:

@@ -52,7 +52,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     # Before the data: a folder that cannot be used, or a tracker that cannot start, says so at once.
     start = on_main_process(accelerator, lambda: prepare_output_dir(plan, output_dir))
     try:
-        on_main_process(accelerator, lambda: init_trackers(config, accelerator, output_dir))
+        on_main_process(accelerator, lambda: init_trackers(config, accelerator, output_dir, plan.resume_step))
         trained, stop_signal = run_training(plan, accelerator, explicit, repo_id, command)
     except BaseException:
         # A run failing (unreadable images, Ctrl-C while decoding) before it saved anything leaves the folder as
@@ -172,16 +172,20 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None
     return outcome[0]
 
 
-def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> None:
-    """On the main process: --logger's tracker started, or one line saying why it cannot be."""
+def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Path, resume_step: int | None) -> None:
+    """On the main process: --logger's tracker started, or one line saying why it cannot be. Resumed from a
+    checkpoint, TensorBoard hides what the folder's logs hold after its step (a run killed after its last
+    checkpoint, or the later steps of one taken back to an earlier checkpoint), as metrics.jsonl drops them:
+    its curves would double back."""
     if config.logger == "none":  # no tracker: no empty logs/ folder in the run's pipeline folder
         return
     logging_dir = output_dir / config.logging_dir
     logging_dir.mkdir(parents=True, exist_ok=True)
     try:
         # W&B writes into the working directory unless told; the other trackers get logging_dir from accelerate.
+        tensorboard = {} if resume_step is None else {"purge_step": resume_step + 1}
         accelerator.init_trackers("uncond", config=tracker_config(config),
-                                  init_kwargs={"wandb": {"dir": str(logging_dir)}})
+                                  init_kwargs={"wandb": {"dir": str(logging_dir)}, "tensorboard": tensorboard})
     except Exception as error:  # noqa: BLE001 - not logged in, no server...: each tracker raises its own kind
         hint = ("; run `wandb login`, or set WANDB_MODE=offline to log into the output folder"
                 if config.logger == "wandb" else "")
@@ -203,9 +207,8 @@ def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
 def log_run_summary(run: Run) -> None:
     config, accelerator = run.config, run.accelerator
     images = run.batches.num_images
-    if images and config.train_batch_size * accelerator.num_processes > images:
-        logger.warning(f"--train_batch_size {config.train_batch_size} x {counted(accelerator.num_processes, 'process')}"
-                       f" is more than the {counted(images, 'image')}: each step trains on the {images} there are")
+    if images and (warning := batch_beyond_data(config.train_batch_size, accelerator.num_processes, images)):
+        logger.warning(warning)
     logger.info(
         f"training {run.parameters_in_millions}-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
         f"{counted(run.unwrapped_unet.config.in_channels, 'channel')}, {config.resolution} px, "
@@ -218,6 +221,19 @@ def log_run_summary(run: Run) -> None:
         f"{counted(run.max_train_steps, 'optimizer step')} ({run.steps_per_epoch} per epoch, "
         f"{counted(run.num_epochs, 'epoch')}) | "
         f"seed {config.seed} | output {run.output_dir}")
+
+
+def batch_beyond_data(batch_size: int, processes: int, images: int) -> str | None:
+    """The warning for batches larger than the data: each step trains on all of it, some images twice where
+    the processes cannot have as many each (data.Order gives every process as many, wrapping around)."""
+    if batch_size * processes <= images:
+        return None
+    per_process = -(-images // processes)
+    repeated = per_process * processes - images
+    return (f"--train_batch_size {batch_size} x {counted(processes, 'process')} is more than the "
+            f"{counted(images, 'image')}: each step trains on the {images} there are"
+            + (f", {repeated} of them twice so that each process has {per_process}" if repeated
+               else ""))
 
 
 def train_loop(run: Run, stop: StopSignal) -> bool:
@@ -455,13 +471,17 @@ def log_metrics(run: Run, progress: tqdm) -> None:
 
 def diverged(run: Run, what: str) -> RunFailed:
     saved = checkpoint.complete_checkpoints(run.output_dir)
+    advice = "Lower --learning_rate (or pass --skip_nonfinite)"
+    if run.config.compile and run.step <= run.config.logging_steps:
+        # By the first log line the learning rate has barely warmed up: wrong gradients from the compiled code
+        # are the likelier cause (torch 2.13's on CPUs under bf16 autocast, plan.check_processes).
+        advice = "This happened in the compiled UNet's first steps: drop --compile"
     if not saved:
-        return RunFailed(f"{what}; stopped, no checkpoint was saved yet. Lower --learning_rate (or pass "
-                         "--skip_nonfinite) and run the command again")
+        return RunFailed(f"{what}; stopped, no checkpoint was saved yet. {advice} and run the command again")
     rerun = "the command with --resume_from_checkpoint latest" if names_a_checkpoint(run.config) else \
         "the same command"
-    return RunFailed(f"{what}; stopped, {saved[-1][1].name} is the last good checkpoint. Lower --learning_rate (or "
-                     f"pass --skip_nonfinite) and re-run {rerun} to resume from it")
+    return RunFailed(f"{what}; stopped, {saved[-1][1].name} is the last good checkpoint. {advice} and re-run "
+                     f"{rerun} to resume from it")
 
 
 def refuse_nonfinite_weights(run: Run) -> None:
