@@ -389,11 +389,12 @@ def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tm
     assert code == 0, err
     assert '"train_batch_size": 4' in stdout
     assert "12 image files" in stdout and "parameters with 3 channels" in stdout  # the config file says 3
-    assert "schedule: 3 optimizer steps per epoch on 1 process" in stdout and "warning" not in stdout
+    assert "schedule: batch 4 per device x 1 process x 1 accumulation = 4; 3 optimizer steps per epoch" in stdout
+    assert "warning" not in stdout
     # under a launcher of two processes (the environment torchrun gives each): said once, for two
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, stdout, _ = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))
-    assert code == 0 and "schedule: 2 optimizer steps per epoch on 2 processes" in stdout
+    assert code == 0 and "x 2 processes x 1 accumulation = 8; 2 optimizer steps per epoch" in stdout
     monkeypatch.setenv("RANK", "1")
     assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))[:2] == (0, "")
     monkeypatch.delenv("WORLD_SIZE")
