@@ -4,7 +4,11 @@ HTTP API (tests/hub_standin.py), which answers what huggingface_hub's create_rep
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -190,6 +194,35 @@ def test_reproduce_command_names_the_launcher_and_the_random_seed(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert Launch.of_this_run(2, sharded=True).launcher() == \
         "accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 2 -m uncond"
+
+
+def test_resume_command_repeats_accelerate_launchs_options_as_typed(tmp_path, monkeypatch):
+    """The options are read from the launcher's command line (the parent process's): a config file by its full
+    path, whatever else was typed kept, and a machine's rank left to each machine."""
+    from uncond.outputs import Launch, accelerate_launch_options
+
+    launcher = tmp_path / "accelerate"  # a stand-in with accelerate's command line, which only waits
+    launcher.write_text("import time\ntime.sleep(60)\n")
+    typed = ["launch", "--config_file", "my fsdp.yaml", "--num_processes", "2", "--gpu_ids", "0,1", "-m", "uncond",
+             "train", "--use_ema"]
+    parent = subprocess.Popen([sys.executable, str(launcher), *typed], cwd=tmp_path)
+    try:
+        monkeypatch.setattr("os.getppid", lambda: parent.pid)
+        deadline = time.monotonic() + 30
+        while not Path(f"/proc/{parent.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)  # exec gives the process its new command line a moment after Popen returns
+        options = accelerate_launch_options()
+    finally:
+        parent.kill()
+        parent.wait()
+    assert options == ("--config_file", str(tmp_path / "my fsdp.yaml"), "--num_processes", "2", "--gpu_ids", "0,1")
+    assert Launch(2, sharded=True, options=options).launcher() == \
+        f"accelerate launch --config_file '{tmp_path / 'my fsdp.yaml'}' --num_processes 2 --gpu_ids 0,1 -m uncond"
+    several = Launch(8, num_machines=2, options=("--num_machines", "2", "--machine_rank", "0", "--machine_rank=0"))
+    assert several.launcher() == "accelerate launch --num_machines 2 --machine_rank $MACHINE_RANK " \
+                                 "--machine_rank=$MACHINE_RANK -m uncond"
+    monkeypatch.setattr("os.getppid", lambda: os.getpid())  # pytest: no accelerate launch above it
+    assert accelerate_launch_options() is None
 
 
 def test_trackers_never_see_the_token_on_the_command_line(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):

@@ -131,7 +131,8 @@ class Launch:
         if self.options is not None:  # the launch as typed: its config file, GPU ids, ports and precision kept
             words = [shlex.quote(word) for word in self.options]
             if self.num_machines > 1:  # the same command on every machine, each with its rank in MACHINE_RANK
-                words = [("$MACHINE_RANK" if previous == "--machine_rank" else word)
+                words = [("$MACHINE_RANK" if previous == "--machine_rank" else
+                          "--machine_rank=$MACHINE_RANK" if word.startswith("--machine_rank=") else word)
                          for previous, word in zip(["", *words], words)]
             return " ".join(["accelerate launch", *words, "-m uncond"])
         if self.num_processes == 1 and not self.sharded:

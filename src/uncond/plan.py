@@ -258,10 +258,10 @@ def dry_run(plan: Plan) -> None:
     print(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
     print(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
     total_steps = config.max_train_steps or steps_per_epoch * config.num_epochs
-    batch = config.train_batch_size
-    print(f"schedule: batch {batch} per device x {counted(processes, 'process')} x "
-          f"{config.gradient_accumulation_steps} accumulation = {batch * processes * config.gradient_accumulation_steps}"
-          f"; {counted(steps_per_epoch, 'optimizer step')} per epoch; {counted(total_steps, 'step')} in all")
+    batch, accumulation = config.train_batch_size, config.gradient_accumulation_steps
+    print(f"schedule: batch {batch} per device x {counted(processes, 'process')} x {accumulation} accumulation = "
+          f"{batch * processes * accumulation}; {counted(steps_per_epoch, 'optimizer step')} per epoch; "
+          f"{counted(total_steps, 'step')} in all")
     if warning := warmup_outlasts_run(config, total_steps):
         print(f"warning: {warning}")
     if plan.resume_message:
