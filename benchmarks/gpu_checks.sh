@@ -7,15 +7,17 @@
 #   diagnose    where uncond's eager step at batch 64 spends its time: the bare step (benchmarks/bare_step.py)
 #               at batch 64 and 1 beside uncond's step, with and without its loader, its host synchronisations
 #               and a profile; ~3 minutes;
+#   parity      benchmarks/compile_parity.py --device cuda: whether the compiled UNet's gradients are right (torch
+#               2.13's CPU code computes them wrongly); about a minute;
 #   compile     the throughput at batch 64 with uncond's --compile, once, in what is left of 9 minutes
 #               (compiling takes minutes: it goes last, so the figures before it come back either way).
 # Usage, from the repository root (diffusers, datasets and their needs as wheels in .whl/ if the machine
 # lacks them: `bash benchmarks/gpu_wheels.sh` here downloads them; carry .whl):
-#   bash benchmarks/gpu_checks.sh OUT_DIR [PART,PART...]   (default: diagnose,compile, what
+#   bash benchmarks/gpu_checks.sh OUT_DIR [PART,PART...]   (default: diagnose,parity,compile, what
 # the last GPU session, 2026-11-27, left to measure; at most 9 minutes, under the device's 10 per command)
 set -uo pipefail
 out=${1:?give a folder for the results}
-parts=",${2:-diagnose,compile},"
+parts=",${2:-diagnose,parity,compile},"
 work=/tmp/uncond-gpu-checks  # training folders stay out of OUT_DIR, which gets the logs
 mkdir -p "$out" "$work"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -70,6 +72,11 @@ if [[ $parts == *,diagnose,* ]]; then
   timeout 120 python3 benchmarks/bare_step.py --device cuda --variants eager 2>&1 | tee "$out/bare_step.txt"
   timeout 200 python3 benchmarks/train_throughput.py --device cuda --repeats 1 --configs seed64-b64 --diagnose \
     2>&1 | tee "$out/diagnose.txt"
+fi
+
+if [[ $parts == *,parity,* ]]; then
+  echo "== compiled gradients against eager float64"
+  timeout 150 python3 benchmarks/compile_parity.py --device cuda 2>&1 | tee "$out/compile_parity.txt"
 fi
 
 if [[ $parts == *,compile,* ]]; then

@@ -235,9 +235,9 @@ class TrainConfig:
     allow_tf32: bool = setting(True, "let fp32 matrix products use TF32 tensor cores on NVIDIA GPUs",
                                group="speed")
     fused_adamw: bool = setting(True, "use PyTorch's fused AdamW kernel (GPUs and CPUs)", group="speed")
-    compile: bool = setting(False, "torch.compile the UNet, with CUDA graphs on GPUs (about 1.5 minutes of "
+    compile: bool = setting(False, "torch.compile the UNet, with CUDA graphs, on GPUs (about 1.5 minutes of "
                             "compiling, then 1.8x faster steps on an H100; exports and checkpoints hold the plain "
-                            "module)", group="speed")
+                            "module); refused on CPUs, where torch 2.13 compiles wrong gradients", group="speed")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
                                            "about a third more compute", group="speed")
     ema_update_every: int = setting(1, "update the EMA every this many steps, with the decay raised to that "

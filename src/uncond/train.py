@@ -474,7 +474,7 @@ def diverged(run: Run, what: str) -> RunFailed:
     advice = "Lower --learning_rate (or pass --skip_nonfinite)"
     if run.config.compile and run.step <= run.config.logging_steps:
         # By the first log line the learning rate has barely warmed up: wrong gradients from the compiled code
-        # are the likelier cause (torch 2.13's on CPUs under bf16 autocast, plan.check_processes).
+        # are the likelier cause (as torch 2.13's CPU code gives, plan.CPU_COMPILER_MISCOMPUTES_GRADIENTS).
         advice = "This happened in the compiled UNet's first steps: drop --compile"
     if not saved:
         return RunFailed(f"{what}; stopped, no checkpoint was saved yet. {advice} and run the command again")
