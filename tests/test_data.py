@@ -363,6 +363,55 @@ def test_a_column_without_images_is_named_as_such(tmp_path, values, held):
         open_source(config)
 
 
+def test_a_dataset_of_several_configurations_names_them(tmp_path):
+    """datasets lists them on the lines after its first, which was all the message kept ("Config name is missing.")."""
+    import datasets
+
+    repository = tmp_path / "repository"
+    dataset = datasets.Dataset.from_dict({"image": [Image.new("RGB", (12, 12), (i, 0, 0)) for i in range(4)]})
+    dataset = dataset.cast_column("image", datasets.Image())
+    for name, part in (("small", dataset.select(range(2))), ("big", dataset)):
+        (repository / "data" / name).mkdir(parents=True)
+        part.to_parquet(str(repository / "data" / name / "train.parquet"))
+    (repository / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {name}\n  data_files:\n  - split: train\n    path: data/{name}/*.parquet\n"
+        for name in ("small", "big")) + "---\n")
+    cache = str(tmp_path / "cache")
+    with pytest.raises(UsageError, match=r"has several configurations \(small, big\): pass one with "
+                                         r"--dataset_config_name$"):
+        open_source(TrainConfig(dataset_name=str(repository), cache_dir=cache))
+    with pytest.raises(UsageError, match=r"^--dataset_config_name huge: .* has no such configuration; it has "
+                                         r"small, big$"):
+        open_source(TrainConfig(dataset_name=str(repository), dataset_config_name="huge", cache_dir=cache))
+    source = open_source(TrainConfig(dataset_name=str(repository), dataset_config_name="small", cache_dir=cache))
+    assert len(source.records) == 2
+
+
+def test_of_several_image_columns_the_image_is_trained_on_not_its_mask(tmp_path):
+    """A segmentation dataset saves a mask beside each image (here first): the masks were trained on, silently."""
+    import datasets
+
+    def images(value: int, mode: str) -> list[Image.Image]:
+        return [Image.new(mode, (12, 12), value) for _ in range(3)]
+
+    for columns, expected in ((("mask", "image"), "column 'image'"), (("mask", "photo"), None)):
+        folder = tmp_path / "-".join(columns)
+        dataset = datasets.Dataset.from_dict({columns[0]: images(255, "L"), columns[1]: images((0, 90, 0), "RGB")})
+        for column in columns:
+            dataset = dataset.cast_column(column, datasets.Image())
+        dataset.save_to_disk(str(folder))
+        config = TrainConfig(dataset_name=str(folder), resolution=8)
+        if expected is None:  # no usual name to go by: asked, not guessed
+            with pytest.raises(UsageError, match="2 image columns \\(mask, photo\\); name the one to train on with "
+                                                 "--image_column"):
+                open_source(config)
+            continue
+        source = open_source(config)
+        assert expected in source.description
+        cache = load_images(source, config, progress=False)
+        assert cache.image(0).shape[-1] == 3 and int(cache.image(0)[0, 0, 1]) == 90
+
+
 def test_rows_with_their_image_in_one_of_several_columns_are_all_used(tmp_path):
     """WebDataset shards have one image column per file extension; each row fills one of them."""
     import datasets

@@ -953,6 +953,14 @@ def test_a_stop_at_the_last_step_ends_the_run(run_cli, color_folder, tiny_unet, 
     assert code == 0 and "done: the pipeline is in" in err, err
     assert json.loads((out / "training_state.json").read_text())["step"] == 3 and checkpoints(out) == {"checkpoint-3"}
     assert "the sample grid of step 3 is left out: the run is stopping" in err  # a preview can take minutes
+    # The same command again makes what the stop left out (it only said the run was complete: the grid was lost)
+    monkeypatch.setattr(train, "train_step", train_step)
+    for _ in range(2):  # the second time, nothing is owed any more
+        code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "3"))
+        assert code == 0 and "is complete at step 3" in err, err
+        assert [path.name for path in (out / "samples").iterdir()] == ["step-0000003.png"]
+        assert "samples/step-0000003.png" in (out / "README.md").read_text()
+    assert "samples (" not in err and checkpoints(out) == {"checkpoint-3"}
 
 
 def test_loss_png_follows_the_run_between_exports(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):

@@ -226,6 +226,15 @@ def load_dataset_or_explain(config: TrainConfig, **options: Any) -> Any:
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - offline, auth, missing or malformed: one line with the reason
+        # datasets lists a repository's configurations on the lines after the first (no name, or an unknown one)
+        configurations = re.search(r"[Aa]vailable(?: configs)?: \[(.*?)\]", str(error))
+        if configurations:
+            names = configurations.group(1).replace("'", "")
+            if config.dataset_config_name:
+                raise UsageError(f"--dataset_config_name {config.dataset_config_name}: {name} has no such "
+                                 f"configuration; it has {names}") from None
+            raise UsageError(f"--dataset_name {name} has several configurations ({names}): pass one with "
+                             "--dataset_config_name") from None
         raise UsageError(f"--dataset_name {name}: could not load it ({remote.load_failure(error)})") from None
 
 
@@ -279,10 +288,19 @@ def dataset_source(config: TrainConfig) -> Source:
 
 
 def find_image_columns(features: Any) -> list[str]:
-    """Columns of image type (WebDataset shards have one per file extension), else a column with a usual name."""
+    """The column of image type, else one with a usual name. Of several image columns: the one with a usual
+    name (an image beside its mask or conditioning image), or all of them where they are named after image
+    file extensions (WebDataset shards have one per extension, each row filling one)."""
     import datasets
 
     found = [column for column, feature in (features or {}).items() if isinstance(feature, datasets.Image)]
+    if len(found) > 1:
+        usual = [column for column in IMAGE_COLUMN_NAMES if column in found]
+        if usual:
+            return usual[:1]
+        if not all(f".{column.lower()}" in IMAGE_EXTENSIONS for column in found):
+            raise UsageError(f"{len(found)} image columns ({', '.join(found)}); name the one to train on with "
+                             "--image_column")
     found = found or [column for column in IMAGE_COLUMN_NAMES if column in (features or {})]
     if not found:
         raise UsageError(f"no image column found among {', '.join(features or ())}; name it with --image_column")

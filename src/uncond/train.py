@@ -240,10 +240,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
     """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points.
     Returns False when a stop signal ended it early (after saving a checkpoint)."""
     config = run.config
-    if already_complete(run):
-        logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
-                    "raise --max_train_steps or --num_epochs to train it further")
-        return True
+    complete, owed = already_complete(run), run.step in (run.evaluation_owed, run.preview_owed)
     if run.evaluation_owed == run.step:  # before the preview, as the uninterrupted run made them
         evaluate(run)
         if stop_requested(run, stop, at_once=True):
@@ -252,6 +249,15 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
         make_owed_preview(run)
         if stop_requested(run, stop, at_once=True):
             return stopped(run)
+    if complete:
+        if owed:  # a stop in the run's last step left them out: its checkpoint no longer owes them, its card shows them
+            save_checkpoint(run)
+            with averaged_unet(run) as unet:
+                if unet is not None:
+                    export(run, unet)
+        logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
+                    "raise --max_train_steps or --num_epochs to train it further")
+        return True
     run.last_log = (time.perf_counter(), run.step, run.images_seen)
     exported_at = None
     with tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
