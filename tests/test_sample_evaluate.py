@@ -522,6 +522,22 @@ def write_digits(folder: Path, count: int) -> Path:
     return folder
 
 
+def test_training_evaluations_with_other_inception_weights_say_so(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                    monkeypatch):
+    """`uncond evaluate` says that such scores are not comparable with published FID; training logged them bare."""
+    import dataclasses
+
+    import uncond.metrics
+    from conftest import make_tiny_extractor
+
+    note = "a stand-in. NOT the standard FID weights: x.pth's SHA-256 begins 0123abcd; these scores are not comparable"
+    monkeypatch.setattr(uncond.metrics, "inception_extractor", lambda weights, device: dataclasses.replace(
+        make_tiny_extractor(weights), input_note=note))
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "2",
+                                            "--eval_every_steps", "2", "--eval_num_images", "4"))
+    assert code == 0 and err.count("--eval_every_steps: NOT the standard FID weights: x.pth's SHA-256 begins") == 1
+
+
 @pytest.mark.parametrize("during", ["sampling", "reference statistics"])
 def test_a_stop_during_an_evaluation_gives_it_up(run_cli, stand_in_inception, color_folder, tiny_unet, tmp_path,
                                                  monkeypatch, during):

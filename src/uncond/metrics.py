@@ -114,9 +114,12 @@ def inception_extractor(weights: str | None, device: torch.device) -> FeatureExt
     fingerprint, sha256 = file_digests(path)
     note = INCEPTION_NOTE
     if not sha256.startswith(INCEPTION_SHA256_PREFIX):  # a file of the right shape, but other values
-        note += (f". NOT the standard FID weights: {path}'s SHA-256 begins {sha256[:8]}, the standard file's "
+        note += (f". {NOT_STANDARD}: {path}'s SHA-256 begins {sha256[:8]}, the standard file's "
                  f"{INCEPTION_SHA256_PREFIX}; these scores are not comparable with published FID")
     return FeatureExtractor(INCEPTION_NAME, lambda pixels: network(pixels)[0], device, note, weights=fingerprint)
+
+
+NOT_STANDARD = "NOT the standard FID weights"  # in a FeatureExtractor's note
 
 
 def file_digests(path: Path) -> tuple[str, str]:
