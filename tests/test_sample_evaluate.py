@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_UNET, fast_train_args, save_tiny_pipeline, write_images
-from uncond.config import TrainConfig
+from uncond.config import TrainConfig, UsageError
 from test_train import one_line_error
 
 
@@ -419,6 +419,17 @@ def test_evaluate_without_inception_weights_says_where_to_put_them(run_cli, no_i
                               "not on this machine (offline: HF_HUB_OFFLINE is set): download https://github.com/"
                               "mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d"
                               f".pth and put it at {no_inception_weights}, or pass --inception_weights PATH")
+    # without torch-fidelity too: both said at once (the second came out only once the first was mended)
+    from uncond import metrics
+
+    def no_torch_fidelity():
+        raise UsageError("FID needs torch-fidelity's InceptionV3 network: pip install --no-deps torch-fidelity")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "torch_fidelity_inception", no_torch_fidelity)
+        code, _, err = run_cli("evaluate", images, "--reference", images)
+    one_line_error(code, err, "FID needs torch-fidelity's InceptionV3 network: pip install --no-deps torch-fidelity; "
+                              "and FID needs the Inception weights file pt_inception-2015-12-05-6726825d.pth")
     (tmp_path / "old-checkpoint" / "unet").mkdir(parents=True)  # a model that cannot be sampled is said first
     code, _, err = run_cli("evaluate", tmp_path / "old-checkpoint", "--reference", images)
     one_line_error(code, err, "a train_unconditional.py checkpoint, which does not record its noise schedule")

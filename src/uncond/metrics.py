@@ -91,9 +91,19 @@ def with_progress(batches: Iterable[np.ndarray], total: int, what: str, shown: b
 
 
 def inception_extractor(weights: str | None, device: torch.device) -> FeatureExtractor:
-    """The FID InceptionV3 with the standard weights (found, downloaded or given), on `device`."""
-    path = find_inception_weights(weights)
-    module = torch_fidelity_inception()
+    """The FID InceptionV3 with the standard weights (found, downloaded or given), on `device`. Both of its parts
+    missing are said together: one at a time, the second came out in a second run."""
+    problems = []
+    try:
+        module = torch_fidelity_inception()
+    except UsageError as error:
+        problems.append(str(error))
+    try:
+        path = find_inception_weights(weights)
+    except UsageError as error:
+        problems.append(str(error))
+    if problems:
+        raise UsageError("; and ".join(problems))
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - not a weights file, truncated, or pickled code: refused
