@@ -149,6 +149,27 @@ def test_a_storage_fault_stops_the_build_instead_of_skipping_the_image_for_good(
     assert len(load_images(source, config, progress=False)) == 4  # nothing half-built or skipped was kept
 
 
+def test_ctrl_c_while_decoding_says_the_decoded_images_are_not_kept(tmp_path, capsys):
+    """It said only "uncond: interrupted"; the next run decoded everything again without a word of why."""
+    folder = write_images(tmp_path / "images", 4, nested=False)
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
+    source = open_source(config)
+    items = source.records.items
+
+    def interrupted_at_the_third(path):
+        if path == items[2]:
+            raise KeyboardInterrupt
+        return Image.open(path)
+
+    config = dataclasses.replace(config, dataloader_num_workers=1)  # decoded in turn: two before the third
+    with pytest.raises(KeyboardInterrupt):
+        load_images(dataclasses.replace(source, records=sources.Records(items, interrupted_at_the_third,
+                                                                         source.records.name)), config)
+    assert "decoding stopped after 2 of 4 images; they are not kept: the next run decodes them all again" in \
+        capsys.readouterr().err
+    assert len(load_images(source, config, progress=False)) == 4
+
+
 def test_a_build_left_by_a_dead_process_is_removed_only_once_it_stops_changing(tmp_path):
     """Containers sharing a hostname and a cache volume do not see each other's processes: a staging folder
     of a process id that is not alive here may be another container's live build."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -58,8 +59,12 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, progress: boo
         if not len(writer):
             raise UsageError(f"none of the {len(source.records)} images in {source.description} could be read "
                              f"({first_reasons(skipped)})")
-    except BaseException:
+    except BaseException as error:
+        done = len(writer) + len(skipped)
         writer.abort()
+        if isinstance(error, KeyboardInterrupt) and progress:  # said where the bar was, before cli's "interrupted"
+            print(f"decoding stopped after {done} of {len(source.records)} images; they are not kept: the next run "
+                  "decodes them all again", file=sys.stderr)
         raise
     return writer.finish({"source": source.description, "resolution": config.resolution,
                           "preserve_input_precision": config.preserve_input_precision, "upscaled": len(upscaled),
