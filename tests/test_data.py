@@ -363,6 +363,14 @@ def test_saved_dataset_and_datasets_folder_load(tmp_path):
     source = open_source(TrainConfig(dataset_name=str(tmp_path / "imagefolder"), cache_dir=str(tmp_path / "cache")))
     assert len(source.records) == 5
 
+    import datasets
+
+    splits = tmp_path / "splits"
+    saved = datasets.load_from_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"validation": saved, "test": saved}).save_to_disk(str(splits))
+    with pytest.raises(UsageError, match=r"has no 'train' split \(it has validation, test\); to train on one of "
+                                         r"those, save it with `datasets.load_dataset\(...\)\['validation'\]"):
+        open_source(TrainConfig(dataset_name=str(splits)))
     with pytest.raises(UsageError, match="--image_column nope: no such column"):
         open_source(TrainConfig(dataset_name=str(tmp_path / "saved"), image_column="nope"))
     with pytest.raises(UsageError, match="has no configurations; drop --dataset_config_name flowers"):

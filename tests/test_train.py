@@ -383,6 +383,18 @@ def test_a_model_config_sets_the_resolution_unless_given(run_cli, color_folder, 
     assert code == 0 and '"resolution": 32' in stdout and "sample_size of" not in err
 
 
+def test_flags_that_do_nothing_here_are_said_to(run_cli, color_folder, tiny_unet, tmp_path):
+    """--image_column and --dataset_config_name with a --train_data_dir folder, and --hub_token without
+    --push_to_hub, were accepted without a word (the run then trained on the folder, and uploaded nothing)."""
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--dry_run", "--image_column",
+                                            "img", "--dataset_config_name", "small", "--hub_token", "hf_secret123"))
+    assert code == 0, err
+    assert f"--image_column img is ignored: it applies to --dataset_name, and --train_data_dir {color_folder}'s " \
+           "files are the images" in err and "--dataset_config_name small is ignored" in err
+    assert "--hub_token is used only to upload the model, and --push_to_hub is not given" in err
+    assert "hf_secret123" not in err
+
+
 def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     out = tmp_path / "run"
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))

@@ -71,6 +71,13 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     check_creatable(config.output_dir, "--output_dir")
     if config.cache_dir:
         check_creatable(config.cache_dir, "--cache_dir")
+    for name in ("image_column", "dataset_config_name"):  # ignored, as in the seed script, but said
+        if getattr(config, name) and not config.dataset_name:
+            logger.warning(f"--{name} {getattr(config, name)} is ignored: it applies to --dataset_name, and "
+                           f"--train_data_dir {config.train_data_dir}'s files are the images")
+    if config.hub_token and not config.push_to_hub:  # --push_to_hub forgotten, most likely
+        logger.warning("--hub_token is used only to upload the model, and --push_to_hub is not given: nothing will "
+                       "be uploaded")
     if config.dataset_name and config.train_data_dir:  # as in the seed script, but said
         logger.warning(f"--train_data_dir {config.train_data_dir} is ignored: --dataset_name {config.dataset_name} "
                        "is given")

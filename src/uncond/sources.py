@@ -250,7 +250,9 @@ def dataset_source(config: TrainConfig) -> Source:
         elif len(dataset) == 1:
             dataset = next(iter(dataset.values()))
         else:
-            raise UsageError(f"--dataset_name {name} has no 'train' split (it has {', '.join(dataset)})")
+            raise UsageError(f"--dataset_name {name} has no 'train' split (it has {', '.join(dataset)}); to train "
+                             f"on one of those, save it with `datasets.load_dataset(...)['{next(iter(dataset))}']"
+                             ".save_to_disk(FOLDER)` and pass --dataset_name FOLDER")
     columns = [config.image_column] if config.image_column else find_image_columns(dataset.features)
     if columns[0] not in dataset.column_names:
         raise UsageError(f"--image_column {columns[0]}: no such column; the dataset has "
