@@ -628,6 +628,14 @@ def test_training_without_inception_weights_warns_once_and_goes_on(run_cli, no_i
     assert err.count("no FID/KID in this run; training goes on") == 1 and "--inception_weights PATH" in err
     assert (out / "model_index.json").is_file()
     assert not any("fid" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+    # a weights file given that cannot be used is bad input: an error, before the data (it warned, and trained on
+    # without the evaluations asked for)
+    (tmp_path / "damaged.pth").write_bytes(b"not weights")
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "other", "--max_train_steps", "4",
+                                            "--eval_every_steps", "1", "--inception_weights", tmp_path / "damaged.pth"))
+    errors = [line for line in err.splitlines() if line.startswith("uncond: error:")]
+    assert code == 2 and len(errors) == 1 and "training goes on" not in err and "data:" not in err, err
+    assert not (tmp_path / "other").exists()
 
 
 def test_keep_best_needs_evaluations(run_cli, color_folder, tiny_unet, tmp_path):

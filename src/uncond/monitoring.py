@@ -57,7 +57,8 @@ def save_sample_grid(run: Run, unet: UNet2DModel) -> Path | None:
 
 def open_feature_extractor(config: TrainConfig, accelerator: Accelerator) -> metrics.FeatureExtractor | None:
     """The FID network for --eval_every_steps, on every process (each measures its share of the samples).
-    Without it (no weights, no torch-fidelity) on any process: a warning, once, and no evaluations."""
+    Without it (no weights, no torch-fidelity) on any process: a warning, once, and no evaluations; but a
+    weights file given with --inception_weights that cannot be used is an error, as any bad input."""
     if not config.eval_every_steps:
         return None
     extractor, problem = None, None
@@ -68,6 +69,8 @@ def open_feature_extractor(config: TrainConfig, accelerator: Accelerator) -> met
             problem = str(error)
     if accelerator.num_processes > 1:  # evaluations are collective: every process takes part, or none
         problem = next((p for p in gather_object([problem]) if p), None)
+    if problem and config.inception_weights:
+        raise UsageError(problem)  # it names the file
     if problem:
         logger.warning(f"--eval_every_steps: no FID/KID in this run; training goes on. {problem}")
         return None

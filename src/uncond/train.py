@@ -76,7 +76,9 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     """The parts built, the checkpoint resumed, the loop run and the run's end said. Returns whether it trained
     any step, and the number of the signal that stopped it early (None if it ran to its end)."""
     config, output_dir = plan.config, Path(plan.config.output_dir)
+    feature_extractor = open_feature_extractor(config, accelerator)  # before the data: a given file is checked
     run = build_run(plan, accelerator)
+    run.feature_extractor = feature_extractor
     run.repo_id = repo_id
     argv = public_argv(sys.argv[1:] if command is None else command, config)
     if os.environ.get("ACCELERATE_MIXED_PRECISION") and "mixed_precision" not in explicit:
@@ -100,7 +102,6 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
         run.best_fid = min((r["fid"] for r in run.metrics_file.read() if "fid" in r), default=math.inf)
         if repo_id:
             run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
-    run.feature_extractor = open_feature_extractor(config, accelerator)
     log_run_summary(run)
     run.stop_agreement = StopAgreement() if accelerator.num_processes > 1 else None
     with StopSignal(announce=accelerator.is_main_process) as stop:
