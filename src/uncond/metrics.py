@@ -33,6 +33,7 @@ INCEPTION_FILES = (INCEPTION_FILE, "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
 INCEPTION_SHA256_PREFIX = "6726825d"
 INCEPTION_NAME = "inception-v3-2015-12-05/pool3"
+NOT_STANDARD = "NOT the standard FID weights"  # in a FeatureExtractor's note of other weights
 INCEPTION_NOTE = ("InceptionV3 pool3 features (2048-d; TensorFlow FID weights pt_inception-2015-12-05, "
                   "torch-fidelity's network); each image enters as 8-bit RGB (grayscale repeated) and is resized "
                   "to 299x299 inside the network with TensorFlow-1-compatible bilinear interpolation, as in the "
@@ -127,9 +128,6 @@ def inception_extractor(weights: str | None, device: torch.device) -> FeatureExt
         note += (f". {NOT_STANDARD}: {path}'s SHA-256 begins {sha256[:8]}, the standard file's "
                  f"{INCEPTION_SHA256_PREFIX}; these scores are not comparable with published FID")
     return FeatureExtractor(INCEPTION_NAME, lambda pixels: network(pixels)[0], device, note, weights=fingerprint)
-
-
-NOT_STANDARD = "NOT the standard FID weights"  # in a FeatureExtractor's note
 
 
 def file_digests(path: Path) -> tuple[str, str]:

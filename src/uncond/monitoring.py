@@ -74,7 +74,7 @@ def open_feature_extractor(config: TrainConfig, accelerator: Accelerator) -> met
     if problem:
         logger.warning(f"--eval_every_steps: no FID/KID in this run; training goes on. {problem}")
         return None
-    note = extractor.input_note if extractor else ""
+    note = extractor.input_note
     if metrics.NOT_STANDARD in note:  # said once here; `uncond evaluate` says it with every report
         logger.warning(f"--eval_every_steps: {note[note.index(metrics.NOT_STANDARD):]}")
     return extractor

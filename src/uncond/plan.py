@@ -267,14 +267,19 @@ def dry_run(plan: Plan) -> None:
     print(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
     print(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
     total_steps = config.max_train_steps or steps_per_epoch * config.num_epochs
-    batch, accumulation = config.train_batch_size, config.gradient_accumulation_steps
-    print(f"schedule: batch {batch} per device x {counted(processes, 'process')} x {accumulation} accumulation = "
-          f"{batch * processes * accumulation}; {counted(steps_per_epoch, 'optimizer step')} per epoch; "
-          f"{counted(total_steps, 'step')} in all")
+    print(f"schedule: {batch_description(config, processes)}; {counted(steps_per_epoch, 'optimizer step')} per "
+          f"epoch; {counted(total_steps, 'step')} in all")
     if warning := warmup_outlasts_run(config, total_steps):
         print(f"warning: {warning}")
     if plan.resume_message:
         print(plan.resume_message)
+
+
+def batch_description(config: TrainConfig, processes: int) -> str:
+    """The global batch and what makes it, as the run's log and --dry_run say it."""
+    batch, accumulation = config.train_batch_size, config.gradient_accumulation_steps
+    return (f"batch {batch} per device x {counted(processes, 'process')} x {accumulation} accumulation = "
+            f"{batch * processes * accumulation}")
 
 
 def warmup_outlasts_run(config: TrainConfig, total_steps: int) -> str | None:

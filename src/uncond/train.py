@@ -25,7 +25,7 @@ from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_c
                       reproduce_command, resuming_latest, tracker_config)
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
                     off_the_clock, resume, training_state)
-from .plan import Plan, check_processes, dry_run, plan_run
+from .plan import Plan, batch_description, check_processes, dry_run, plan_run
 from .stopping import StopAgreement, StopSignal
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -183,8 +183,8 @@ def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
     logging_dir = output_dir / config.logging_dir
     logging_dir.mkdir(parents=True, exist_ok=True)
     try:
-        # W&B writes into the working directory unless told; the other trackers get logging_dir from accelerate.
         tensorboard = {} if resume_step is None else {"purge_step": resume_step + 1}
+        # W&B writes into the working directory unless told; the other trackers get logging_dir from accelerate.
         accelerator.init_trackers("uncond", config=tracker_config(config),
                                   init_kwargs={"wandb": {"dir": str(logging_dir)}, "tensorboard": tensorboard})
     except Exception as error:  # noqa: BLE001 - not logged in, no server...: each tracker raises its own kind
@@ -217,8 +217,7 @@ def log_run_summary(run: Run) -> None:
         f"{counted(accelerator.num_processes, 'process')} on {accelerator.device.type}"
         f"{', weights sharded with FSDP2' if sharding.is_sharded(run.unwrapped_unet) else ''}, "
         f"precision {config.mixed_precision} | "
-        f"batch {config.train_batch_size} per device x {counted(accelerator.num_processes, 'process')}"
-        f" x {config.gradient_accumulation_steps} accumulation = {run.global_batch_size} | "
+        f"{batch_description(config, accelerator.num_processes)} | "
         f"{counted(run.max_train_steps, 'optimizer step')} ({run.steps_per_epoch} per epoch, "
         f"{counted(run.num_epochs, 'epoch')}) | "
         f"seed {config.seed} | output {run.output_dir}")
@@ -229,7 +228,7 @@ def batch_beyond_data(batch_size: int, processes: int, images: int) -> str | Non
     the processes cannot have as many each (data.Order gives every process as many, wrapping around)."""
     if batch_size * processes <= images:
         return None
-    per_process = -(-images // processes)
+    per_process = data.Order(images, batch_size, 0, processes).images_per_process
     repeated = per_process * processes - images
     return (f"--train_batch_size {batch_size} x {counted(processes, 'process')} is more than the "
             f"{counted(images, 'image')}: each step trains on the {images} there are"
