@@ -196,33 +196,49 @@ def test_reproduce_command_names_the_launcher_and_the_random_seed(monkeypatch):
         "accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 2 -m uncond"
 
 
-def test_resume_command_repeats_accelerate_launchs_options_as_typed(tmp_path, monkeypatch):
-    """The options are read from the launcher's command line (the parent process's): a config file by its full
-    path, whatever else was typed kept, and a machine's rank left to each machine."""
-    from uncond.outputs import Launch, accelerate_launch_options
+def typed_launch_of(program: Path, typed: list[str], monkeypatch) -> tuple[str, ...] | None:
+    """What uncond reads of a launcher's command line: a stand-in named as the launcher, which only waits, is
+    made this process's parent."""
+    from uncond.outputs import typed_launch
 
-    launcher = tmp_path / "accelerate"  # a stand-in with accelerate's command line, which only waits
-    launcher.write_text("import time\ntime.sleep(60)\n")
-    typed = ["launch", "--config_file", "my fsdp.yaml", "--num_processes", "2", "--gpu_ids", "0,1", "-m", "uncond",
-             "train", "--use_ema"]
-    parent = subprocess.Popen([sys.executable, str(launcher), *typed], cwd=tmp_path)
+    program.write_text("import time\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, str(program), *typed], cwd=program.parent)
     try:
         monkeypatch.setattr("os.getppid", lambda: parent.pid)
         deadline = time.monotonic() + 30
         while not Path(f"/proc/{parent.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
             time.sleep(0.01)  # exec gives the process its new command line a moment after Popen returns
-        options = accelerate_launch_options()
+        return typed_launch()
     finally:
         parent.kill()
         parent.wait()
-    assert options == ("--config_file", str(tmp_path / "my fsdp.yaml"), "--num_processes", "2", "--gpu_ids", "0,1")
-    assert Launch(2, sharded=True, options=options).launcher() == \
+
+
+def test_resume_command_repeats_the_launchers_options_as_typed(tmp_path, monkeypatch):
+    """The options are read from the launcher's command line (the parent process's): a config file by its full
+    path, whatever else was typed kept, and a machine's rank left to each machine."""
+    from uncond.outputs import Launch, typed_launch
+
+    typed = typed_launch_of(tmp_path / "accelerate", [
+        "launch", "--config_file", "my fsdp.yaml", "--num_processes", "2", "--gpu_ids", "0,1", "-m", "uncond",
+        "train", "--use_ema"], monkeypatch)
+    assert typed == ("accelerate", "launch", "--config_file", str(tmp_path / "my fsdp.yaml"), "--num_processes", "2",
+                     "--gpu_ids", "0,1")
+    assert Launch(2, sharded=True, typed=typed).launcher() == \
         f"accelerate launch --config_file '{tmp_path / 'my fsdp.yaml'}' --num_processes 2 --gpu_ids 0,1 -m uncond"
-    several = Launch(8, num_machines=2, options=("--num_machines", "2", "--machine_rank", "0", "--machine_rank=0"))
+    several = Launch(8, num_machines=2, typed=("accelerate", "launch", "--num_machines", "2", "--machine_rank", "0",
+                                               "--machine_rank=0"))
     assert several.launcher() == "accelerate launch --num_machines 2 --machine_rank $MACHINE_RANK " \
                                  "--machine_rank=$MACHINE_RANK -m uncond"
-    monkeypatch.setattr("os.getppid", lambda: os.getpid())  # pytest: no accelerate launch above it
-    assert accelerate_launch_options() is None
+    # torchrun on the second of two machines, running uncond's console script: its options kept, the rank left
+    # to each machine, and uncond run as a module
+    typed = typed_launch_of(tmp_path / "torchrun", [
+        "--nnodes", "2", "--node_rank", "1", "--nproc-per-node=4", "--rdzv_endpoint", "10.0.0.1:29400",
+        "--no-python", "uncond", "train", "--use_ema"], monkeypatch)
+    assert Launch(8, num_machines=2, typed=typed).launcher() == (
+        "torchrun --nnodes 2 --node_rank $MACHINE_RANK --nproc-per-node=4 --rdzv_endpoint 10.0.0.1:29400 -m uncond")
+    monkeypatch.setattr("os.getppid", lambda: os.getpid())  # pytest: no launcher above it
+    assert typed_launch() is None
 
 
 def test_trackers_never_see_the_token_on_the_command_line(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):

@@ -115,26 +115,24 @@ class Launch:
     sharded: bool = False
     num_machines: int = 1
     main_process: tuple[str, str] | None = None  # the main process's address and port, with several machines
-    options: tuple[str, ...] | None = None  # accelerate launch's options as they were typed, where they are known
+    typed: tuple[str, ...] | None = None  # the launcher's command as it was typed, up to the script, where known
 
     @classmethod
     def of_this_run(cls, num_processes: int, sharded: bool) -> Launch:
         """As the launcher (torchrun, or accelerate launch through it) describes it in the environment, and
-        accelerate launch's own options where it is this process's parent."""
+        its command as typed where it is this process's parent."""
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
         num_machines = max(1, num_processes // max(1, per_machine))
         address = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         return cls(num_processes, sharded, num_machines, address if num_machines > 1 and all(address) else None,
-                   accelerate_launch_options())
+                   typed_launch())
 
     def launcher(self) -> str:
-        if self.options is not None:  # the launch as typed: its config file, GPU ids, ports and precision kept
-            words = [shlex.quote(word) for word in self.options]
+        if self.typed is not None:  # the launch as typed: its config file, GPU ids, ports and precision kept
+            words = [shlex.quote(word) for word in self.typed]
             if self.num_machines > 1:  # the same command on every machine, each with its rank in MACHINE_RANK
-                words = [("$MACHINE_RANK" if previous == "--machine_rank" else
-                          "--machine_rank=$MACHINE_RANK" if word.startswith("--machine_rank=") else word)
-                         for previous, word in zip(["", *words], words)]
-            return " ".join(["accelerate launch", *words, "-m uncond"])
+                words = [machine_rank_left_out(previous, word) for previous, word in zip(["", *words], words)]
+            return " ".join([*words, "-m uncond"])
         if self.num_processes == 1 and not self.sharded:
             return "uncond"
         kind = f"--config_file {FSDP_CONFIG}" if self.sharded else "--multi_gpu"
@@ -146,39 +144,59 @@ class Launch:
         return f"accelerate launch {kind}{machines} --num_processes {self.num_processes} -m uncond"
 
 
-def accelerate_launch_options() -> tuple[str, ...] | None:
-    """The options `accelerate launch` was given, read from its command line where it is this process's parent
-    (Linux's /proc), its config file's path made absolute so that the command runs from any folder; None under
-    any other launcher (torchrun, a job scheduler's), or none."""
+RANK_OPTIONS = ("--machine_rank", "--node_rank", "--node-rank")  # accelerate launch's, torchrun's
+
+
+def machine_rank_left_out(previous: str, word: str) -> str:
+    """`word` of a launch command, with a machine's rank given as $MACHINE_RANK."""
+    if previous in RANK_OPTIONS:
+        return "$MACHINE_RANK"
+    name, equals, _ = word.partition("=")
+    return f"{name}=$MACHINE_RANK" if equals and name in RANK_OPTIONS else word
+
+
+# Options that say how the script is run: the commands run uncond as `-m uncond`
+SCRIPT_KIND_OPTIONS = ("-m", "--module", "--no_python", "--no-python", "--run-path", "--run_path")
+
+
+def typed_launch() -> tuple[str, ...] | None:
+    """The launcher's command up to the script, as it was typed, where the launcher is `accelerate launch` or
+    torchrun and is this process's parent (read from Linux's /proc): its config file's path made absolute so that
+    the command runs from any folder. None under any other launcher (a job scheduler's), or none."""
     parent = Path(f"/proc/{os.getppid()}")
     try:
         words = (parent / "cmdline").read_bytes().decode().split("\0")[:-1]
         folder = Path(os.readlink(parent / "cwd"))
     except (OSError, UnicodeDecodeError):
         return None
-    for i, word in enumerate(words[1:], start=1):  # `accelerate launch ...` or `python -m accelerate.commands.launch`
-        if (word == "launch" and Path(words[i - 1]).name == "accelerate") or \
-                (word == "accelerate.commands.launch" and words[i - 1] == "-m"):
-            rest = words[i + 1:]
+    for i, word in enumerate(words):  # `accelerate launch`, `python -m accelerate.commands.launch`, torchrun, ...
+        previous = words[i - 1] if i else ""
+        if (word == "launch" and Path(previous).name == "accelerate") or \
+                (word == "accelerate.commands.launch" and previous == "-m"):
+            from accelerate.commands.launch import launch_command_parser as parser
+            program = ("accelerate", "launch")
+            break
+        if Path(word).name == "torchrun" or (word == "torch.distributed.run" and previous == "-m"):
+            from torch.distributed.run import get_args_parser as parser
+            program = ("torchrun",)
             break
     else:
         return None
-    from accelerate.commands.launch import launch_command_parser
-
+    rest = words[i + 1:]
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            parsed = launch_command_parser().parse_args(rest)
+            parsed = parser().parse_args(rest)
     except SystemExit:
         return None
     options = rest[:len(rest) - len(parsed.training_script_args) - 1]  # up to the script (or -m's module)
-    options = [word for word in options if word not in ("-m", "--module")]  # the command adds `-m uncond`
+    options = [word for word in options if word not in SCRIPT_KIND_OPTIONS]  # the command adds `-m uncond`
     for i, word in enumerate(options):
         if word in ("--config_file", "--config-file") and i + 1 < len(options):
             options[i + 1] = str(folder / options[i + 1])
         elif word.startswith(("--config_file=", "--config-file=")):
             name, _, path = word.partition("=")
             options[i] = f"{name}={folder / path}"
-    return tuple(options)
+    return (*program, *options)
 
 
 def reproduce_command(argv: list[str], launch: Launch, chosen_seed: int | None) -> str:

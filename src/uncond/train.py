@@ -87,7 +87,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     chosen_seed = None if "seed" in explicit else config.seed
     command = reproduce_command(argv, launch, chosen_seed)
     run.resume_command = reproduce_command(resuming_latest(argv, config), launch, chosen_seed)
-    if launch.num_machines > 1:
+    if "$MACHINE_RANK" in run.resume_command:
         run.resume_command = f"{run.resume_command} (on every machine, its rank in MACHINE_RANK)"
     if plan.resume_from is not None:
         logger.info(plan.resume_message)
