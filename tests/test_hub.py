@@ -4,6 +4,7 @@ HTTP API (tests/hub_standin.py), which answers what huggingface_hub's create_rep
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def test_reproduce_command_names_the_launcher_and_the_random_seed(monkeypatch):
 def typed_launch_of(program: Path, typed: list[str], monkeypatch) -> tuple[str, ...] | None:
     """What uncond reads of a launcher's command line: a stand-in named as the launcher, which only waits, is
     made this process's parent."""
-    from uncond.outputs import typed_launch
+    from uncond.environment import typed_launch
 
     program.write_text("import time\ntime.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, str(program), *typed], cwd=program.parent)
@@ -217,7 +218,8 @@ def typed_launch_of(program: Path, typed: list[str], monkeypatch) -> tuple[str, 
 def test_resume_command_repeats_the_launchers_options_as_typed(tmp_path, monkeypatch):
     """The options are read from the launcher's command line (the parent process's): a config file by its full
     path, whatever else was typed kept, and a machine's rank left to each machine."""
-    from uncond.outputs import Launch, typed_launch
+    from uncond.environment import typed_launch
+    from uncond.outputs import Launch
 
     typed = typed_launch_of(tmp_path / "accelerate", [
         "launch", "--config_file", "my fsdp.yaml", "--num_processes", "2", "--gpu_ids", "0,1", "-m", "uncond",
@@ -239,6 +241,26 @@ def test_resume_command_repeats_the_launchers_options_as_typed(tmp_path, monkeyp
         "torchrun --nnodes 2 --node_rank $MACHINE_RANK --nproc-per-node=4 --rdzv_endpoint 10.0.0.1:29400 -m uncond")
     monkeypatch.setattr("os.getppid", lambda: os.getpid())  # pytest: no launcher above it
     assert typed_launch() is None
+
+
+def test_a_cpu_launch_asking_for_several_processes_and_getting_one_is_told_how_to_get_them(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """accelerate 1.15 starts `accelerate launch --cpu --num_processes 2` as one process: the run says so."""
+    from uncond import environment, plan
+
+    typed = typed_launch_of(tmp_path / "accelerate", ["launch", "--cpu", "--num_processes", "2", "-m", "uncond",
+                                                      "train"], monkeypatch)
+    monkeypatch.setattr(environment, "typed_launch", lambda: typed)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="uncond"):
+        plan.warn_one_cpu_process()
+    assert "accelerate launch --cpu --num_processes 2 started one process" in caplog.text
+    assert "--multi_gpu --num_processes 2" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two processes were started: nothing to say
+    with caplog.at_level(logging.WARNING, logger="uncond"):
+        plan.warn_one_cpu_process()
+    assert not caplog.text
 
 
 def test_trackers_never_see_the_token_on_the_command_line(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):

@@ -1,11 +1,14 @@
 """Process-wide settings: made once at start-up, before the first large allocation, and the end of the
-process group."""
+process group; and how the launcher started this process."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import io
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,6 +50,50 @@ def cpu_processes() -> bool:
     """Whether this is one of several processes on a machine without CUDA (torchrun, or `accelerate launch
     --multi_gpu`): accelerate runs them on the CPU with gloo only when told so (`cpu=True`)."""
     return launched_processes() > 1 and not torch.cuda.is_available()
+
+
+# Options that say how the script is run: the commands run uncond as `-m uncond`
+SCRIPT_KIND_OPTIONS = ("-m", "--module", "--no_python", "--no-python", "--run-path", "--run_path")
+
+
+def typed_launch() -> tuple[str, ...] | None:
+    """The launcher's command up to the script, as it was typed, where the launcher is `accelerate launch` or
+    torchrun and is this process's parent (read from Linux's /proc): its config file's path made absolute so that
+    the command runs from any folder. None under any other launcher (a job scheduler's), or none."""
+    parent = Path(f"/proc/{os.getppid()}")
+    try:
+        words = (parent / "cmdline").read_bytes().decode().split("\0")[:-1]
+        folder = Path(os.readlink(parent / "cwd"))
+    except (OSError, UnicodeDecodeError):
+        return None
+    for i, word in enumerate(words):  # `accelerate launch`, `python -m accelerate.commands.launch`, torchrun, ...
+        previous = words[i - 1] if i else ""
+        if (word == "launch" and Path(previous).name == "accelerate") or \
+                (word == "accelerate.commands.launch" and previous == "-m"):
+            from accelerate.commands.launch import launch_command_parser as parser
+            program = ("accelerate", "launch")
+            break
+        if Path(word).name == "torchrun" or (word == "torch.distributed.run" and previous == "-m"):
+            from torch.distributed.run import get_args_parser as parser
+            program = ("torchrun",)
+            break
+    else:
+        return None
+    rest = words[i + 1:]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parsed = parser().parse_args(rest)
+    except SystemExit:
+        return None
+    options = rest[:len(rest) - len(parsed.training_script_args) - 1]  # up to the script (or -m's module)
+    options = [word for word in options if word not in SCRIPT_KIND_OPTIONS]  # the command adds `-m uncond`
+    for i, word in enumerate(options):
+        if word in ("--config_file", "--config-file") and i + 1 < len(options):
+            options[i + 1] = str(folder / options[i + 1])
+        elif word.startswith(("--config_file=", "--config-file=")):
+            name, _, path = word.partition("=")
+            options[i] = f"{name}={folder / path}"
+    return (*program, *options)
 
 
 # The last collective of each multi-process gloo run, kept until the process exits (see finish_collectives).

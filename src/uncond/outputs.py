@@ -3,8 +3,6 @@ the command lines that reproduce the run and go on from its newest checkpoint.""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -16,7 +14,7 @@ from typing import Any
 
 from diffusers import UNet2DModel
 
-from . import checkpoint, data, hub, metrics, run_folder, sampling, sources, streaming, tracking
+from . import checkpoint, data, environment, hub, metrics, run_folder, sampling, sources, streaming, tracking
 from .config import BEST_DIR, TrainConfig, counted
 from .parts import Run, drop_replaced_run, off_the_clock, training_state
 from .plan import FSDP_CONFIG
@@ -125,7 +123,7 @@ class Launch:
         num_machines = max(1, num_processes // max(1, per_machine))
         address = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         return cls(num_processes, sharded, num_machines, address if num_machines > 1 and all(address) else None,
-                   typed_launch())
+                   environment.typed_launch())
 
     def launcher(self) -> str:
         if self.typed is not None:  # the launch as typed: its config file, GPU ids, ports and precision kept
@@ -153,50 +151,6 @@ def machine_rank_left_out(previous: str, word: str) -> str:
         return "$MACHINE_RANK"
     name, equals, _ = word.partition("=")
     return f"{name}=$MACHINE_RANK" if equals and name in RANK_OPTIONS else word
-
-
-# Options that say how the script is run: the commands run uncond as `-m uncond`
-SCRIPT_KIND_OPTIONS = ("-m", "--module", "--no_python", "--no-python", "--run-path", "--run_path")
-
-
-def typed_launch() -> tuple[str, ...] | None:
-    """The launcher's command up to the script, as it was typed, where the launcher is `accelerate launch` or
-    torchrun and is this process's parent (read from Linux's /proc): its config file's path made absolute so that
-    the command runs from any folder. None under any other launcher (a job scheduler's), or none."""
-    parent = Path(f"/proc/{os.getppid()}")
-    try:
-        words = (parent / "cmdline").read_bytes().decode().split("\0")[:-1]
-        folder = Path(os.readlink(parent / "cwd"))
-    except (OSError, UnicodeDecodeError):
-        return None
-    for i, word in enumerate(words):  # `accelerate launch`, `python -m accelerate.commands.launch`, torchrun, ...
-        previous = words[i - 1] if i else ""
-        if (word == "launch" and Path(previous).name == "accelerate") or \
-                (word == "accelerate.commands.launch" and previous == "-m"):
-            from accelerate.commands.launch import launch_command_parser as parser
-            program = ("accelerate", "launch")
-            break
-        if Path(word).name == "torchrun" or (word == "torch.distributed.run" and previous == "-m"):
-            from torch.distributed.run import get_args_parser as parser
-            program = ("torchrun",)
-            break
-    else:
-        return None
-    rest = words[i + 1:]
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            parsed = parser().parse_args(rest)
-    except SystemExit:
-        return None
-    options = rest[:len(rest) - len(parsed.training_script_args) - 1]  # up to the script (or -m's module)
-    options = [word for word in options if word not in SCRIPT_KIND_OPTIONS]  # the command adds `-m uncond`
-    for i, word in enumerate(options):
-        if word in ("--config_file", "--config-file") and i + 1 < len(options):
-            options[i + 1] = str(folder / options[i + 1])
-        elif word.startswith(("--config_file=", "--config-file=")):
-            name, _, path = word.partition("=")
-            options[i] = f"{name}={folder / path}"
-    return (*program, *options)
 
 
 def reproduce_command(argv: list[str], launch: Launch, chosen_seed: int | None) -> str:

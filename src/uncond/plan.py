@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from diffusers.utils import is_torch_version
 
-from . import checkpoint, data, models, run_folder, sampling, sources
+from . import checkpoint, data, environment, models, run_folder, sampling, sources
 from .config import TrainConfig, UsageError, counted
 
 logger = logging.getLogger("uncond")
@@ -106,6 +106,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
                          "without the flag, PyTorch's own fused attention is used")
     check_launch(config)
+    warn_one_cpu_process()
     check_fsdp_units(unet_config)
     resume_from, message = run_folder.find_resume_checkpoint(config)
     message = run_folder.check_output_dir(config, resuming=resume_from is not None) or message
@@ -209,6 +210,22 @@ def check_launch(config: TrainConfig) -> None:
         for flag in ("compile", "channels_last"):  # FSDP2 takes neither CUDA graphs nor non-contiguous weights
             if getattr(config, flag):
                 raise UsageError(f"--{flag} does not work with FSDP; drop it, or launch data-parallel (--multi_gpu)")
+
+
+def warn_one_cpu_process() -> None:
+    """`accelerate launch --cpu --num_processes 2` starts one process (accelerate 1.15 starts several CPU processes
+    only through MPI): where a typed launch asked for several and got one, say so and how to get them."""
+    typed = environment.typed_launch()
+    if environment.launched_processes() > 1 or not typed or typed[:2] != ("accelerate", "launch"):
+        return
+    from accelerate.commands.launch import launch_command_parser
+
+    asked = launch_command_parser().parse_args([*typed[2:], "uncond"])
+    if asked.cpu and (asked.num_processes or 1) > 1 and not asked.mpirun_hostfile:
+        count = asked.num_processes
+        logger.warning(f"accelerate launch --cpu --num_processes {count} started one process (accelerate starts "
+                       f"several CPU processes only through MPI): for {count} CPU processes, launch with --multi_gpu "
+                       f"--num_processes {count} and CUDA_VISIBLE_DEVICES='', or torchrun --nproc_per_node {count}")
 
 
 def check_fsdp_units(unet_config: dict[str, Any]) -> None:
