@@ -5,6 +5,7 @@ Most tests here run `python -m uncond train` as a subprocess and kill it for rea
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -214,6 +215,31 @@ def test_preemption_saves_a_checkpoint_and_exits_with_the_signals_status(inputs,
     assert checkpoint.checkpoint_problem(out / f"checkpoint-{step}") is None
     resume_to_the_end(inputs, out)
     assert_same_result(out, reference)
+
+
+def test_a_killed_launcher_stops_the_run_with_a_checkpoint(inputs, tmp_path):
+    """`accelerate launch` of one process passes no signal on: SIGTERM to it alone (`kill`, a sweep tool ending a
+    trial) left the run training on, unseen, until its end. The run now stops as for a signal of its own."""
+    out = tmp_path / "run"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    arguments = fast_train_args(*inputs, out, "--max_train_steps", "100000", "--logging_steps", "1")
+    launcher = subprocess.Popen([str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "uncond",
+                                 *map(str, arguments)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        wait_for_training(launcher, out)
+        run = int(Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()[0])
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)  # the pipes close when the run, which shares them, exits
+    finally:
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(run, signal.SIGKILL)  # the run left training on: not beyond the test
+    assert f"the launcher (pid {launcher.pid}) exited: stopping with a checkpoint after the current step" in err
+    line = next(line for line in err.splitlines() if line.startswith("stopped by the launcher's exit at step "))
+    step = int(line.split("at step ")[1].split(",")[0])
+    assert f"checkpoint-{step} saved; to resume, run: accelerate launch --num_processes 1 " in line
+    assert checkpoint.checkpoint_problem(out / f"checkpoint-{step}") is None
 
 
 # ---------------------------------------------------------------------------------------- damaged checkpoints

@@ -4,6 +4,7 @@ and under several processes they agree, at every step, to stop at the same one."
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -18,12 +19,15 @@ logger = logging.getLogger("uncond")  # cli shows its records on the main proces
 
 class StopSignal:
     """SIGTERM or SIGINT (a preempted job, Ctrl-C) asks the run to save a checkpoint at the next step
-    boundary and exit cleanly; a second SIGINT stops at once."""
+    boundary and exit cleanly; a second SIGINT stops at once. So does the exit of the launcher that started
+    this process (`launcher`, its pid): `accelerate launch` of one process passes no signal on, and dies of
+    SIGTERM alone (`kill`, a sweep tool ending a trial), which would leave the run training on unseen."""
 
-    def __init__(self, announce: bool = True) -> None:
-        self.received: str | None = None
+    def __init__(self, announce: bool = True, launcher: int | None = None) -> None:
+        self.received: str | None = None  # the signal's name, or what else asked to stop
         self.previous: dict[int, Any] = {}
         self.announce = announce  # on one process: every process of the launch gets a terminal's Ctrl-C
+        self.launcher = launcher
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
@@ -36,7 +40,12 @@ class StopSignal:
             signal.signal(number, handler)
 
     def asked(self) -> bool:
-        """Whether a signal asked this process to stop."""
+        """Whether a signal, or the launcher's exit, asked this process to stop."""
+        if self.received is None and self.launcher is not None and os.getppid() != self.launcher:
+            self.received = "the launcher's exit"  # this process was handed to another parent
+            if self.announce:
+                logger.warning(f"the launcher (pid {self.launcher}) exited: stopping with a checkpoint after the "
+                               "current step")
         return self.received is not None
 
     def handle(self, number: int, frame: Any) -> None:

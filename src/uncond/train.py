@@ -104,7 +104,8 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
             run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
     log_run_summary(run)
     run.stop_agreement = StopAgreement() if accelerator.num_processes > 1 else None
-    with StopSignal(announce=accelerator.is_main_process) as stop:
+    launcher = os.getppid() if environment.typed_launch() is not None else None  # a shell's exit stops nothing
+    with StopSignal(announce=accelerator.is_main_process, launcher=launcher) as stop:
         run.stop = stop
         finished = train_loop(run, stop)
     if run.stop_agreement is not None:
@@ -121,7 +122,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
                 f"checkpoint-{run.step} saved; to resume, run: "
                 f"{run.resume_command}")
     # Another process's signal is not known here: SIGTERM is what schedulers and launchers send on preemption.
-    return run.step > first_step, signal.Signals[stop.received] if stop.received else signal.SIGTERM
+    return run.step > first_step, signal.Signals.__members__.get(stop.received or "", signal.SIGTERM)
 
 
 def prepare_output_dir(plan: Plan, output_dir: Path) -> run_folder.FolderStart:
