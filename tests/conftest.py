@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+import subprocess
+import sys
 import types
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -227,3 +231,17 @@ def save_tiny_pipeline(folder: Path, channels: int = 3, scheduler: str = "ddpm")
     else:
         DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A tmpfs at `folder` with mount `options` (size=1500k, ro), for a really full or read-only disk; the test is
+    skipped where mounting needs a permission it lacks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if sys.platform != "linux" or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                                 capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

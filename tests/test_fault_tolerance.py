@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_UNET, fast_train_args, write_images
+from conftest import TINY_UNET, fast_train_args, mounted_tmpfs, write_images
 from uncond import checkpoint
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -316,16 +316,10 @@ def test_disk_full_leaves_the_previous_checkpoint_intact(run_cli, color_folder, 
     assert not list(out.glob(".tmp-*")) and checkpoint.checkpoint_problem(out / "checkpoint-2") is None
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="tmpfs")
 def test_a_really_full_disk(inputs, tmp_path):
     """A 1.5 MB tmpfs holds the first checkpoints but not the whole run: the write that does not fit fails
     with a clear message and the checkpoints before it stay loadable. Needs permission to mount."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(disk)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here; the patched-write test covers the logic")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "size=1500k") as disk:
         out = disk / "run"
         failed = subprocess.run(command(inputs, out, "--checkpoints_total_limit", "5"), env=ENV,
                                 capture_output=True, text=True)
@@ -334,8 +328,6 @@ def test_a_really_full_disk(inputs, tmp_path):
         assert len(message) == 1 and "No space left on device" in message[0], failed.stderr[-2000:]
         assert checkpoint.complete_checkpoints(out), "at least one checkpoint fitted"
         assert_every_checkpoint_loads(out)
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 # ---------------------------------------------------------------------------------------- divergence

@@ -3,6 +3,7 @@ during training, with a tiny stand-in for the Inception network."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_UNET, fast_train_args, save_tiny_pipeline, write_images
+from conftest import TINY_UNET, fast_train_args, mounted_tmpfs, save_tiny_pipeline, write_images
 from uncond.config import TrainConfig, UsageError
 from test_train import one_line_error
 
@@ -190,6 +191,47 @@ def test_sample_does_not_overwrite_a_grid_unless_asked(run_cli, pipeline, tmp_pa
     code, _, err = run_cli(*args)
     one_line_error(code, err, "--grid")
     assert grid.read_bytes() == b"another sampling's grid"
+
+
+def test_a_full_disk_keeps_the_earlier_grid_and_the_same_command_finishes(run_cli, pipeline, tmp_path,
+                                                                            monkeypatch):
+    """The grid is written under another name and renamed: a disk that fills while it is written leaves the
+    earlier grid whole, which the same command, run again, may then replace."""
+    grid = tmp_path / "grid.png"
+    args = ("sample", pipeline, "--steps", 1, "--output_dir", tmp_path / "out", "--grid", grid)
+    assert run_cli(*args, "--num_images", 2)[0] == 0
+    earlier = grid.read_bytes()
+    save = Image.Image.save
+
+    def save_on_a_full_disk(image, path, *rest, **options):
+        if str(path).endswith("grid.png.partial"):
+            Path(path).write_bytes(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(image, path, *rest, **options)
+
+    monkeypatch.setattr(Image.Image, "save", save_on_a_full_disk)
+    code, _, err = run_cli(*args, "--num_images", 4)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        f"uncond: stopped: no space left on the device writing {grid}; the images already written are whole (a "
+        "re-run samples the others); free some space and re-run the same command")
+    assert grid.read_bytes() == earlier and not list(tmp_path.glob("*.partial"))
+    monkeypatch.setattr(Image.Image, "save", save)
+    code, _, err = run_cli(*args, "--num_images", 4)
+    assert code == 0, err
+    assert Image.open(grid).size == (2 * 18 + 2, 2 * 18 + 2)  # the four images, 2 x 2
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_sampling(run_cli, pipeline, tmp_path):
+    (tmp_path / "a file").write_text("")
+    code, _, err = run_cli("sample", pipeline, "--output_dir", tmp_path / "a file" / "out")
+    one_line_error(code, err, "--output_dir")
+    assert "is a file, not a folder" in err
+    with mounted_tmpfs(tmp_path / "read-only", "ro,size=64k") as read_only:
+        for flag, path in (("--output_dir", read_only / "out"), ("--grid", read_only / "grid.png")):
+            code, _, err = run_cli("sample", pipeline, "--output_dir", tmp_path / "out", flag, path)
+            one_line_error(code, err, f"{flag} {path}: {read_only} is not writable; choose another {flag}")
+            assert "Loading" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("make_args, expected", [

@@ -47,12 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
-        print(f"uncond: stopped: no space left on the device writing {error.filename or 'a file'}; checkpoints "
-              "already written are intact; free some space and re-run the same command to resume", file=sys.stderr)
+        kept = AFTER_A_FULL_DISK.get(args.command.__name__, "")
+        print(f"uncond: stopped: no space left on the device writing {error.filename or 'a file'}{kept}; free some "
+              "space and re-run the same command", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("uncond: interrupted", file=sys.stderr)
         return 130
+
+
+# What a command that stopped on a full disk kept, and a re-run goes on from
+AFTER_A_FULL_DISK = {"run_train": "; checkpoints already written are intact (a re-run resumes from the newest)",
+                     "run_sample": "; the images already written are whole (a re-run samples the others)"}
 
 
 class Parser(argparse.ArgumentParser):

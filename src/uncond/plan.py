@@ -68,9 +68,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         logger.warning(f"--ddpm_num_inference_steps {config.ddpm_num_inference_steps} is for the ddpm sampler; the "
                        f"previews use --sampler {config.sampler} with --sample_steps {config.sample_steps}")
     sources.check_source(config)
-    check_creatable(config.output_dir, "--output_dir")
+    run_folder.check_creatable(config.output_dir, "--output_dir")
     if config.cache_dir:
-        check_creatable(config.cache_dir, "--cache_dir")
+        run_folder.check_creatable(config.cache_dir, "--cache_dir")
     for name in ("image_column", "dataset_config_name"):  # ignored, as in the seed script, but said
         if getattr(config, name) and not config.dataset_name:
             logger.warning(f"--{name} {getattr(config, name)} is ignored: it applies to --dataset_name, and "
@@ -153,18 +153,6 @@ def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[
         raise UsageError(f"{path.parent} holds a run on other images ({'; '.join(other_data)}); pass "
                          "--resume_from_checkpoint latest to go on training it on these, --overwrite_output_dir to "
                          "start afresh, or choose another --output_dir")
-
-
-def check_creatable(folder: str, flag: str) -> None:
-    """A folder the run makes (or writes in) must be makeable: its nearest existing part a folder it may write
-    in. Checked here, on every process, rather than failing on the one that makes it while the others wait."""
-    existing = Path(folder).expanduser().absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {folder}: {existing} is a file, not a folder; choose another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {folder}: {existing} is not writable; choose another {flag}")
 
 
 def module_available(name: str) -> bool:

@@ -26,7 +26,7 @@ from PIL import Image
 from . import environment
 from .checkpoint import file_digest
 from .config import RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, SampleConfig, UsageError, counted
-from .run_folder import is_preview_folder
+from .run_folder import check_creatable, is_preview_folder
 from .sampling import (image_grid, is_numbered_image, log_sampling, network_evaluations, numbered_name,
                        open_for_sampling, sample_batches, sampling_options, to_pil)
 
@@ -71,7 +71,7 @@ def sample_to_folder(config: SampleConfig) -> Path:
     processes.wait_for_everyone()
     if processes.is_main_process:
         if config.grid:  # redone each time: images added by a run without --grid are in it too
-            image_grid(read_images(folder, min(config.num_images, GRID_SIZE))).save(config.grid)
+            write_whole(image_grid(read_images(folder, min(config.num_images, GRID_SIZE))), Path(config.grid))
             record_grid(folder, config.grid)
             logger.info(f"grid of {min(config.num_images, GRID_SIZE)} images: {config.grid}")
         if missing:
@@ -108,6 +108,9 @@ def refuse_other_outputs(folder: Path, config: SampleConfig) -> None:
     """Before loading the model: a file where the folder goes, or a --grid file of someone else's."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--output_dir {folder} is a file; choose a folder")
+    check_creatable(str(folder), "--output_dir")
+    if config.grid:
+        check_creatable(config.grid, "--grid", file=True)
     if (folder / "model_index.json").is_file() or (folder / RUN_CONFIG_FILE).is_file():
         # The images would lie among the model's files, and evaluate would measure its preview grids with them.
         raise UsageError(f"--output_dir {folder} holds a model (a pipeline or a training run); choose another "
@@ -231,11 +234,11 @@ def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any],
         if (path.name.endswith(PARTIAL_SUFFIX) or (replacing and numbered)
                 or (config.overwrite and numbered and int(path.stem) >= config.num_images)):
             path.unlink()
-    # The grid is not compared (any may be asked for), but a run adding images without --grid keeps the
-    # earlier run's, so that asking for it again later is recognised as this folder's.
+    # The grid is not compared (any may be asked for), but the earlier run's is kept until a new one is written
+    # (record_grid), so that asking for it again later, or after a stop before the grid, is recognised as this
+    # folder's.
     recorded = {} if config.overwrite else recorded_settings(folder) or {}
-    grid = {"grid": None} if config.grid else {key: recorded.get(key) for key in ("grid", "grid_sha256")}
-    write_settings(folder, {**settings, **grid})  # a new grid is recorded once written (record_grid)
+    write_settings(folder, {**settings, **{key: recorded.get(key) for key in ("grid", "grid_sha256")}})
 
 
 def write_settings(folder: Path, record: dict[str, Any]) -> None:
@@ -250,10 +253,17 @@ def recorded_settings(folder: Path) -> dict[str, Any] | None:
 
 
 def write_whole(image: Image.Image, path: Path) -> None:
-    """Written under another name and renamed, so an interrupted run leaves no half-written image."""
+    """Written under another name and renamed, so an interrupted run (or a full disk) leaves no half-written image,
+    and the earlier one whole."""
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    image.save(partial, format="PNG")
-    os.replace(partial, path)
+    try:
+        image.save(partial, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+        os.replace(partial, path)
+    except BaseException as error:
+        partial.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # Pillow's failed write names no file: cli's message names this one
+        raise
 
 
 def numbered_images(folder: Path) -> list[Path]:

@@ -124,9 +124,14 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     partial = path.with_name(f".{path.name}.partial")  # renamed into place: a viewer never reads half a file
-    figure.savefig(partial, dpi=100, format="png")
-    plt.close(figure)
-    os.replace(partial, path)
+    try:
+        figure.savefig(partial, dpi=100, format="png")
+        os.replace(partial, path)
+    except BaseException:  # a full disk: nothing half-written left behind
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
     return True
 
 
