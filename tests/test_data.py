@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MESSY_SKIPPED, MESSY_USED, write_images, write_messy_folder
+from conftest import MESSY_SKIPPED, MESSY_USED, mounted_tmpfs, write_images, write_messy_folder
 from uncond import data, decoding, metrics, sources
 from uncond.cache import CacheWriter, ImageCache
 from uncond.config import RunFailed, TrainConfig, UsageError
@@ -208,6 +208,18 @@ def test_a_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     os.utime(folder / "image_000.jpg", ns=(1, 1))  # a changed file changes the fingerprint
     load(config)
     assert len(decodes) == 12
+
+
+def test_a_full_cache_disk_is_named_with_the_room_needed(tmp_path):
+    """The cache's disk, not the output's, is the one to free (or to move with --cache_dir)."""
+    folder = write_images(tmp_path / "images", 40, size=(64, 64))
+    with mounted_tmpfs(tmp_path / "disk", "size=8k") as disk:
+        config = TrainConfig(train_data_dir=str(folder), resolution=32, cache_dir=str(disk))
+        with pytest.raises(RunFailed, match=re.escape(
+                f"no space left on the device for the decoded-image cache in {disk / 'uncond'} (about 120 KiB for "
+                "these 40 images); free some space there, or give --cache_dir a disk with room")):
+            load(config)
+        assert not any((disk / "uncond").iterdir())  # no partial entry left
 
 
 def test_uncond_cache_lists_entries_and_removes_the_unused_ones(tmp_path, run_cli, monkeypatch):

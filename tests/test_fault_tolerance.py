@@ -330,6 +330,14 @@ def test_a_really_full_disk(inputs, tmp_path):
         assert_every_checkpoint_loads(out)
 
 
+def test_torch_saves_failed_write_is_said_to_be_a_full_disk(tmp_path):
+    """accelerate writes the optimizer's state with torch.save, whose error on a full disk names no errno."""
+    with mounted_tmpfs(tmp_path / "disk", "size=64k") as disk:
+        with pytest.raises(RuntimeError) as failed:
+            torch.save({"state": torch.zeros(100_000)}, disk / "optimizer.bin")
+    assert checkpoint.write_error(failed.value).startswith("No space left on device, or a disk quota reached")
+
+
 # ---------------------------------------------------------------------------------------- divergence
 
 

@@ -192,7 +192,10 @@ class CacheWriter:
         return cache
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # its buffer did not fit on a full disk: the file goes anyway
+            pass
         shutil.rmtree(self.staging, ignore_errors=True)
 
 

@@ -259,7 +259,11 @@ def write_error(error: Exception) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     text = first_line(error)
-    return os.strerror(errno.ENOSPC) if "os error 28" in text else text
+    if "os error 28" in text:  # safetensors' Rust error
+        return os.strerror(errno.ENOSPC)
+    if "unexpected pos" in text:  # torch.save's writer on a short write: "[enforce fail at inline_container.cc..."
+        return f"{os.strerror(errno.ENOSPC)}, or a disk quota reached (torch.save wrote less than it was given)"
+    return text
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> None:

@@ -9,6 +9,7 @@ are a pure function of the position in training: resuming needs no replay. `--st
 
 from __future__ import annotations
 
+import errno
 import json
 import queue
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
-from .config import TrainConfig, UsageError, counted, size_text
+from .config import RunFailed, TrainConfig, UsageError, counted, size_text
 from .decoding import decode_records
 from .sources import Source
 
@@ -61,10 +62,16 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, progress: boo
                              f"({first_reasons(skipped)})")
     except BaseException as error:
         done = len(writer) + len(skipped)
+        written = writer.offset * writer.dtype.itemsize
         writer.abort()
         if isinstance(error, KeyboardInterrupt) and progress:  # said where the bar was, before cli's "interrupted"
             print(f"decoding stopped after {done} of {len(source.records)} images; they are not kept: the next run "
                   "decodes them all again", file=sys.stderr)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:  # the cache's disk, not the output's
+            needed = (f" (about {size_text(written * len(source.records) // len(writer))} for these "
+                      f"{len(source.records)} images)" if len(writer) else "")
+            raise RunFailed(f"no space left on the device for the decoded-image cache in {folder.parent}{needed}; "
+                            "free some space there, or give --cache_dir a disk with room") from None
         raise
     return writer.finish({"source": source.description, "resolution": config.resolution,
                           "preserve_input_precision": config.preserve_input_precision, "upscaled": len(upscaled),
