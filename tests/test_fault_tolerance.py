@@ -256,14 +256,33 @@ def stopped_run(inputs, tmp_path) -> Path:
     return out
 
 
-def test_truncated_checkpoint_is_skipped_with_a_warning(inputs, stopped_run):
+def test_truncated_checkpoint_is_set_aside_with_a_warning(inputs, stopped_run):
+    """A damaged checkpoint is moved out of the way, not deleted: its weights may be whole."""
     optimizer = stopped_run / "checkpoint-12" / "optimizer.bin"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
+    weights = (stopped_run / "checkpoint-12" / "unet" / WEIGHTS).read_bytes()
     (stopped_run / ".tmp-checkpoint-16").mkdir()
     log = resume_to_the_end(inputs, stopped_run)
-    assert "removed incomplete checkpoint-12 (optimizer.bin has 100 bytes" in log
+    assert ("set aside incomplete checkpoint-12 as incomplete-checkpoint-12 (optimizer.bin has 100 bytes" in log
+            and "delete it when you no longer need it" in log)
+    assert (stopped_run / "incomplete-checkpoint-12" / "unet" / WEIGHTS).read_bytes() == weights
     assert "removed .tmp-checkpoint-16, left by an interrupted write" in log
     assert "resuming from checkpoint-8 at step 8" in log
+
+
+def test_a_run_whose_checkpoints_are_all_incomplete_says_so(inputs, stopped_run):
+    """Rather than start again from step 0, or say it holds a trained model."""
+    for step in (4, 8, 12):
+        (stopped_run / f"checkpoint-{step}" / "optimizer.bin").unlink()
+    for extra in ((), ("--resume_from_checkpoint", "latest")):
+        failed = subprocess.run(command(inputs, stopped_run, *extra), env=ENV, capture_output=True, text=True)
+        error = [line for line in failed.stderr.splitlines() if line.startswith("uncond: error:")]
+        assert failed.returncode == 2 and len(error) == 1, failed.stderr[-2000:]
+        assert error[0].startswith(f"uncond: error: --output_dir {stopped_run}: none of its checkpoints is complete "
+                                   "(checkpoint-4: optimizer.bin is missing;")
+        assert error[0].endswith("restore the missing files to go on, or pass --overwrite_output_dir to start afresh")
+    assert [path.name for _, path in checkpoint.list_checkpoints(stopped_run)] == [
+        "checkpoint-4", "checkpoint-8", "checkpoint-12"]
 
 
 def test_corrupted_checkpoint_file_is_named(inputs, stopped_run):

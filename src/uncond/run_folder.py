@@ -19,6 +19,7 @@ from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FI
                      UsageError, counted, list_checkpoints)
 
 ABANDONED_PREFIX = "abandoned-after-step-"  # the later checkpoints a resume from an earlier one sets aside
+INCOMPLETE_PREFIX = "incomplete-"  # a checkpoint found incomplete, set aside by the next run
 REPLACED_DIR = ".replaced-run"  # --overwrite_output_dir: the earlier run, kept until the new one has saved
 # What a run writes into its output folder besides checkpoints, the pipeline and its --logging_dir:
 # --overwrite_output_dir sets it aside.
@@ -70,11 +71,24 @@ def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
         remove(path)
         messages.append(f"removed {path.name}, left by an interrupted write")
     for _, path in list_checkpoints(output_dir):
+        # Moved out of the way, not deleted: uncond writes checkpoints whole, so one that is not was damaged later
+        # (a file deleted, a partial copy) or written in place by train_unconditional.py; its weights may be fine.
         problem = checkpoint_problem(path)
         if problem:
-            remove(path)
-            messages.append(f"removed incomplete {path.name} ({problem})")
+            aside = unused_name(output_dir / f"{INCOMPLETE_PREFIX}{path.name}")
+            os.replace(path, aside)
+            messages.append(f"set aside incomplete {path.name} as {aside.name} ({problem}); delete it when you no "
+                            "longer need it")
     return messages
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or with -2, -3... where it exists."""
+    candidate, count = path, 1
+    while candidate.exists():
+        count += 1
+        candidate = path.with_name(f"{path.name}-{count}")
+    return candidate
 
 
 def set_aside_later_checkpoints(output_dir: Path, step: int) -> tuple[str, Path | None]:
@@ -87,10 +101,7 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> tuple[str, Path 
     later = [path for later_step, path in list_checkpoints(output_dir) if later_step > step]
     if not later:
         return "", None
-    aside, count = output_dir / f"{ABANDONED_PREFIX}{step}", 1
-    while aside.exists():
-        count += 1
-        aside = output_dir / f"{ABANDONED_PREFIX}{step}-{count}"
+    aside = unused_name(output_dir / f"{ABANDONED_PREFIX}{step}")
     aside.mkdir()
     for path in later:
         os.replace(path, aside / path.name)
@@ -214,7 +225,14 @@ def check_output_dir(config: TrainConfig, resuming: bool) -> str:
     if found:  # with --overwrite_output_dir too: it replaces an earlier run, not the user's own files
         raise UsageError(f"--output_dir {output_dir} holds {', '.join(found)}, which no training run wrote and this "
                          "run would replace or add to; move them, or choose another --output_dir")
-    if not holds_trained_model(output_dir) or resuming or config.overwrite_output_dir:
+    if resuming or config.overwrite_output_dir:
+        return ""
+    incomplete = [f"{path.name}: {problem}" for _, path in list_checkpoints(output_dir)
+                  if (problem := checkpoint_problem(path))]
+    if incomplete:  # and none complete, or it would be resumed: the run is not started again from step 0
+        raise UsageError(f"--output_dir {output_dir}: none of its checkpoints is complete ({'; '.join(incomplete)}); "
+                         "restore the missing files to go on, or pass --overwrite_output_dir to start afresh")
+    if not holds_trained_model(output_dir):
         return ""
     if interrupted_before_first_checkpoint(output_dir, config):
         return (f"the run that wrote {output_dir} was stopped before its first checkpoint; starting it again "
