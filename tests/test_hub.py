@@ -232,6 +232,10 @@ def test_resume_command_repeats_the_launchers_options_as_typed(tmp_path, monkeyp
                                                "--machine_rank=0"))
     assert several.launcher() == "accelerate launch --num_machines 2 --machine_rank $MACHINE_RANK " \
                                  "--machine_rank=$MACHINE_RANK -m uncond"
+    # the rank in an accelerate config file: each machine's own, given on the command line
+    from_a_file = Launch(8, num_machines=2, typed=("accelerate", "launch", "--config_file", "/jobs/two-machines.yaml"))
+    assert from_a_file.launcher() == \
+        "accelerate launch --config_file /jobs/two-machines.yaml --machine_rank $MACHINE_RANK -m uncond"
     # torchrun on the second of two machines, running uncond's console script: its options kept, the rank left
     # to each machine, and uncond run as a module
     typed = typed_launch_of(tmp_path / "torchrun", [

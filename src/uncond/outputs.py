@@ -130,6 +130,8 @@ class Launch:
             words = [shlex.quote(word) for word in self.typed]
             if self.num_machines > 1:  # the same command on every machine, each with its rank in MACHINE_RANK
                 words = [machine_rank_left_out(previous, word) for previous, word in zip(["", *words], words)]
+                if words[:2] == ["accelerate", "launch"] and "$MACHINE_RANK" not in " ".join(words):
+                    words.append("--machine_rank $MACHINE_RANK")  # the config file's rank is machine 0's, or 1's
             return " ".join([*words, "-m uncond"])
         if self.num_processes == 1 and not self.sharded:
             return "uncond"
