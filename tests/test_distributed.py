@@ -234,6 +234,21 @@ def test_machines_holding_different_images_stop_at_once(color_folder, tiny_unet,
     assert "uncond: stopped: the processes hold different numbers of images (12, 11, by process)" in result.stderr
 
 
+def test_machines_given_different_settings_are_refused_before_any_work(color_folder, tiny_unet, tmp_path):
+    """Each machine types its own command: a different --max_train_steps crashed the run in a collective at the
+    first machine's last step, and a different --learning_rate trained on silently."""
+    out = tmp_path / "run"
+    result = launch_processes("tests/rank_arguments_launch.py",
+                              *fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4"),
+                              "--rank1", "--max_train_steps", "6", "--learning_rate", "0.01", timeout=120)
+    assert result.returncode != 0
+    error = [line for line in result.stderr.splitlines() if line.startswith("uncond: error:")]
+    assert error == ["uncond: error: the processes were started with different settings (--max_train_steps 4, 6; "
+                     "--learning_rate 0.0001, 0.01, by process): give every machine the same command, its rank "
+                     "aside"]
+    assert not out.exists()  # before the output folder and the data
+
+
 def test_one_process_batch_8_equals_two_processes_batch_4(tmp_path):
     """Same images, noise and timesteps: the loss and the DDP-averaged gradients of 2 x 4 match 1 x 8."""
     result = launch_processes(TESTS / "ddp_worker.py", tmp_path)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from diffusers.utils import is_torch_version
 
 from . import checkpoint, data, environment, models, run_folder, sampling, sources
@@ -246,11 +246,35 @@ def check_processes(plan: Plan, accelerator: Accelerator) -> None:
     if fsdp_launch() and accelerator.num_processes > 1 and not sharded:
         raise UsageError(f"this launch asks for FSDP, but accelerate runs {accelerator.device.type} processes "
                          "data-parallel (it shards on GPUs only); launch with --multi_gpu instead")
+    check_same_settings(plan, accelerator)
     written_sharded = plan.resume_from is not None and checkpoint.written_by_fsdp(plan.resume_from)
     if plan.resume_from is not None and written_sharded != sharded:
         kind = "an FSDP run" if written_sharded else "a data-parallel or one-process run"
         raise UsageError(f"{plan.resume_from} was written by {kind}, whose optimizer state is laid out "
                          "differently; resume it with the same kind of launch (any process count)")
+
+
+# Settings each machine may have its own of: where its copy of the data and its cache lie (the image counts are
+# compared once read), and the token, never compared (it would be printed).
+PER_MACHINE_SETTINGS = {"local_rank", "cache_dir", "train_data_dir", "dataset_name", "hub_token"}
+RESUMED_STEP = "the step resumed from"
+
+
+def check_same_settings(plan: Plan, accelerator: Accelerator) -> None:
+    """Each machine is started with a command of its own. Where their settings differ, the run crashes where
+    they first matter (a collective mismatch when one machine stops at another step) or trains a model that no
+    machine's settings describe; so do checkpoints of different steps on machines that do not share a folder."""
+    if accelerator.num_processes == 1:
+        return
+    mine = {key: value for key, value in plan.config.to_dict().items() if key not in PER_MACHINE_SETTINGS}
+    mine[RESUMED_STEP] = plan.resume_step
+    everyone = gather_object([mine])
+    differing = [key for key in mine if any(other.get(key) != mine[key] for other in everyone)]
+    if differing:
+        said = "; ".join(f"{key if key == RESUMED_STEP else '--' + key} "
+                         f"{', '.join(str(other.get(key)) for other in everyone)}" for key in differing)
+        raise UsageError(f"the processes were started with different settings ({said}, by process): give every "
+                         "machine the same command, its rank aside")
 
 
 def dry_run(plan: Plan) -> None:
