@@ -77,6 +77,39 @@ def test_wandb_offline_logs_metrics_and_samples_in_the_logging_dir(run_cli, colo
     assert not (tmp_path / "wandb").exists()  # nothing in the working directory
 
 
+def test_logger_all_names_the_tracker_that_did_not_start_and_leaves_no_folder(run_cli, color_folder, tiny_unet,
+                                                                              tmp_path, monkeypatch):
+    """Of several trackers, the one that failed is named, and those started before it are ended before the folder
+    is cleaned up (W&B wrote its files into it at exit)."""
+    import accelerate.tracking as trackers
+    from accelerate.utils import LoggerType
+
+    ended = []
+
+    class Unreachable(trackers.GeneralTracker):
+        name, requires_logging_directory, main_process_only = "mlflow", False, True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+
+        def start(self):  # accelerate starts every tracker made, in turn
+            raise RuntimeError("no tracking server at http://mlflow:5000")
+
+        @property
+        def tracker(self):
+            return None
+
+    finish = trackers.TensorBoardTracker.finish
+    monkeypatch.setattr(trackers, "get_available_trackers", lambda: [LoggerType.TENSORBOARD, LoggerType.MLFLOW])
+    monkeypatch.setitem(trackers.LOGGER_TYPE_TO_CLASS, "mlflow", Unreachable)
+    monkeypatch.setattr(trackers.TensorBoardTracker, "finish", lambda self: ended.append(1) or finish(self))
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1"), "--logger", "all")
+    one_line_error(code, err, "--logger all: mlflow did not start (no tracking server at http://mlflow:5000); choose "
+                              "another --logger")
+    assert ended == [1] and not out.exists()
+
+
 def test_a_tracker_that_cannot_start_is_one_line_before_the_data_is_read(run_cli, color_folder, tiny_unet, tmp_path,
                                                                           monkeypatch):
     """--logger wandb without `wandb login` was a traceback, after the images were decoded."""

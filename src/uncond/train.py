@@ -189,9 +189,29 @@ def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
         accelerator.init_trackers("uncond", config=tracker_config(config),
                                   init_kwargs={"wandb": {"dir": str(logging_dir)}, "tensorboard": tensorboard})
     except Exception as error:  # noqa: BLE001 - not logged in, no server...: each tracker raises its own kind
+        failed = failed_tracker(error)
+        for tracker in accelerator.trackers:  # before the folder is cleaned up: W&B writes its files at the end
+            with contextlib.suppress(Exception):
+                tracker.finish()
+        accelerator.trackers = []
         hint = ("; run `wandb login`, or set WANDB_MODE=offline to log into the output folder"
-                if config.logger == "wandb" else "")
-        raise UsageError(f"--logger {config.logger}: the tracker did not start ({first_line(error)}){hint}") from None
+                if "wandb" in (failed, config.logger) else "")
+        if config.logger == "all" and failed:
+            hint += "; or choose another --logger" if hint else "; choose another --logger"
+        which = f"{failed} did not start" if config.logger == "all" and failed else "the tracker did not start"
+        raise UsageError(f"--logger {config.logger}: {which} ({first_line(error)}){hint}") from None
+
+
+def failed_tracker(error: Exception) -> str | None:
+    """The name of the tracker whose code raised `error`: accelerate makes and starts them in turn in one call."""
+    from accelerate.tracking import GeneralTracker
+
+    name, frame = None, error.__traceback__
+    while frame is not None:
+        owner = frame.tb_frame.f_locals.get("self")
+        name = owner.name if isinstance(owner, GeneralTracker) else name
+        frame = frame.tb_next
+    return name
 
 
 def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
