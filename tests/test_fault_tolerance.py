@@ -349,6 +349,21 @@ def test_a_really_full_disk(inputs, tmp_path):
         assert_every_checkpoint_loads(out)
 
 
+def test_a_full_disk_under_tensorboard_is_one_line(inputs, tmp_path):
+    """TensorBoard's writer thread failed too, and Python printed its traceback under uncond's line."""
+    with mounted_tmpfs(tmp_path / "disk", "size=1m") as disk:
+        args = [sys.executable, "-m", "uncond", *map(str, fast_train_args(*inputs, disk / "run", "--max_train_steps",
+                                                                           "2", "--logger", "tensorboard"))]
+        subprocess.run(args, env=ENV, check=True, capture_output=True)
+        with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:  # until the disk is full
+                filler.write(b"\0" * 4096)
+        failed = subprocess.run([*args[:-6], "--max_train_steps", "4", "--logger", "tensorboard"], env=ENV,
+                                capture_output=True, text=True)
+    assert failed.returncode in (1, 2) and "No space left on device" in failed.stderr, failed.stderr[-2000:]
+    assert "Traceback" not in failed.stderr and "Exception in thread" not in failed.stderr, failed.stderr[-3000:]
+
+
 def test_torch_saves_failed_write_is_said_to_be_a_full_disk(tmp_path):
     """accelerate writes the optimizer's state with torch.save, whose error on a full disk names no errno."""
     with mounted_tmpfs(tmp_path / "disk", "size=64k") as disk:

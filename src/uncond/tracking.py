@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -185,3 +186,21 @@ def metrics_figure(records: list[dict[str, Any]]) -> Any:
     axes[-1].xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # steps are whole: no tick at 1.5
     figure.tight_layout()
     return figure
+
+
+def quiet_tensorboard_writer_errors() -> None:
+    """TensorBoard's writer thread keeps a failed write (a full disk) for the training thread, which raises it at
+    its next log or at the tracker's start, where uncond says it in one line; the thread raises it too, and Python
+    prints that thread's traceback besides. Those tracebacks are left out (once per process)."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+

@@ -183,6 +183,7 @@ def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
         return
     logging_dir = output_dir / config.logging_dir
     logging_dir.mkdir(parents=True, exist_ok=True)
+    tracking.quiet_tensorboard_writer_errors()
     try:
         tensorboard = {} if resume_step is None else {"purge_step": resume_step + 1}
         # W&B writes into the working directory unless told; the other trackers get logging_dir from accelerate.
