@@ -93,7 +93,9 @@ def summary(cache: ImageCache, source: Source) -> str:
     if skipped:
         line += f"; {len(skipped)} skipped ({first_reasons(skipped)}; all in {REPORT_FILE})"
     if cache.meta["upscaled"]:
-        line += f"; {cache.meta['upscaled']} smaller than {cache.meta['resolution']} px were upscaled"
+        upscaled = cache.meta["upscaled"]
+        line += (f"; {counted(upscaled, 'image')} smaller than {cache.meta['resolution']} px "
+                 f"{'was' if upscaled == 1 else 'were'} upscaled")
     if source.ignored:
         line += "; not images by their extension, passed over: " + ", ".join(
             f"{count} {extension}" for extension, count in source.ignored.most_common(5))
