@@ -818,6 +818,24 @@ def test_a_resume_with_another_batch_says_which_images_it_trains_on_again():
     assert position.epoch_offset == 1 and position.note.endswith("after the 6 images already seen in epoch 0")
 
 
+def test_a_resume_on_changed_data_goes_on_from_the_next_epoch_and_says_so(run_cli, color_folder, tiny_unet,
+                                                                          tmp_path):
+    """12 images at batch 4 (3 steps an epoch), stopped 2 steps into epoch 1; then 8 images removed from the folder.
+    The checkpoint's place in its epoch means nothing over 4 images: the run goes on at the start of epoch 2 (one
+    step an epoch) and says so, where it skipped to epoch 3 without a word."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "5", "--logging_steps", "1")
+    assert run_cli(*args, "--max_train_steps", "5")[0] == 0
+    for path in sorted(path for path in color_folder.rglob("*") if path.is_file())[4:]:
+        path.unlink()
+    code, _, err = run_cli(*args, "--max_train_steps", "8")
+    assert code == 0, err
+    assert ("the data changed since checkpoint-5 (12 images then, 4 now): going on from the start of epoch 2, in "
+            "the new images' order") in err
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 0, 0, 1, 1, 2, 3, 4]
+
+
 def test_tensorboard_curves_go_on_from_the_checkpoint_resumed(run_cli, color_folder, tiny_unet, tmp_path):
     """Taken back to checkpoint-4 after step 8: TensorBoard showed steps 1-8 and then 5-6 again, a curve doubling
     back, where metrics.jsonl drops the abandoned steps."""

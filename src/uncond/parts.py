@@ -201,7 +201,8 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     # --num_epochs counts the whole run's epochs; those before a resume with another global batch had
     # another length (the schedule must know the total before it is built).
     position = None if plan.resume_from is None else position_after(
-        plan.resume_step, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes)
+        plan.resume_step, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes,
+        batches.num_images)
     epoch_offset = position.epoch_offset if position else 0
     max_train_steps = config.max_train_steps or epoch_offset + config.num_epochs * steps_per_epoch
     refuse_resume_past_end(plan, max_train_steps)
@@ -271,12 +272,23 @@ class Position:
 
 
 def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
-                   num_processes: int) -> Position:
+                   num_processes: int, num_images: int | None = None) -> Position:
     """The place in the run and in the data order to go on from after the checkpoint of `step` (whose
     training state is `state`). With another process count or batch size, the epoch goes on after the
-    images it had already seen (the rest of that epoch's order then differs from an uninterrupted run's)."""
+    images it had already seen (the rest of that epoch's order then differs from an uninterrupted run's).
+    With another number of images (files added to the folder or removed), the checkpoint's epoch has no
+    meaning in the new order: the run goes on at the start of the next epoch."""
     epoch = state.get("epoch", step // steps_per_epoch)
     steps_into_epoch = step - state.get("epoch_start_step", epoch * steps_per_epoch)
+    saved_images = state.get("num_images")
+    if saved_images is not None and num_images is not None and saved_images != num_images:
+        epoch += steps_into_epoch > 0
+        return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
+                        epoch_offset=step - epoch * steps_per_epoch,
+                        note=f"the data changed since checkpoint-{step} ({saved_images} images then, {num_images} "
+                             f"now): going on from the start of epoch {epoch}, in the new images' order",
+                        log_window=state.get("log_window"), preview_owed=state.get("preview_owed"),
+                        evaluation_owed=state.get("evaluation_owed"))
     saved_processes = state.get("num_processes", num_processes)
     saved_batch = state.get("global_batch_size", global_batch_size // num_processes
                             * saved_processes)  # older checkpoints: the same batch per device
@@ -336,7 +348,8 @@ def epoch_start_step(run: Run) -> int:
 def training_state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
             "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
-            "global_batch_size": run.global_batch_size, "fsdp": sharding.is_sharded(run.unwrapped_unet),
+            "global_batch_size": run.global_batch_size, "num_images": run.batches.num_images,
+            "fsdp": sharding.is_sharded(run.unwrapped_unet),
             "commands": run.commands, "preview_owed": run.preview_owed, "evaluation_owed": run.evaluation_owed,
             **({"data_order": run.batches.order.seeding} if isinstance(run.batches, data.CachedBatches) else {})}
 
