@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -834,6 +835,21 @@ def test_a_resume_on_changed_data_goes_on_from_the_next_epoch_and_says_so(run_cl
             "the new images' order") in err
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 0, 0, 1, 1, 2, 3, 4]
+
+
+def test_the_model_files_are_as_readable_as_the_umask_allows(run_cli, color_folder, tiny_unet, tmp_path):
+    """safetensors writes its files private (0600): others on a shared machine could not load the model."""
+    out = tmp_path / "run"
+    previous = os.umask(0o022)
+    try:
+        assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2",
+                                        "--checkpointing_steps", "2", "--use_ema"))[0] == 0
+    finally:
+        os.umask(previous)
+    modes = {str(path.relative_to(out)): oct(path.stat().st_mode & 0o777) for path in out.rglob("*") if path.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in modes
+    assert "checkpoint-2/unet_ema/diffusion_pytorch_model.safetensors" in modes
+    assert {mode for name, mode in modes.items() if not name.startswith(".")} == {"0o644"}, modes
 
 
 def test_tensorboard_curves_go_on_from_the_checkpoint_resumed(run_cli, color_folder, tiny_unet, tmp_path):

@@ -115,6 +115,19 @@ def write_manifest(folder: Path, step: int) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
 
 
+def open_as_umask_allows(folder: Path) -> None:
+    """Give the files below `folder` that were made private (0600: safetensors 0.8 writes its files through a
+    temporary file, which is) the mode the umask gives a new file, as every other file of a run has: on a
+    shared machine, people who may read the run's folder could not load its model."""
+    probe = folder / ".mode-probe"
+    probe.touch()
+    usual = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600 != usual:
+            path.chmod(usual)
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file and folder below `folder` to the disk, so a rename after it never points at
     data still in the page cache (a power cut would otherwise leave empty files behind)."""
@@ -235,6 +248,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
             config.save(staging / RUN_CONFIG_FILE)
             (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
             write_manifest(staging, step)
+            open_as_umask_allows(staging)
             fsync_tree(staging)
             replace_path(staging, final)
             fsync_path(output_dir)
@@ -366,6 +380,7 @@ def export_pipeline(unet: UNet2DModel, noise_scheduler: DDPMScheduler, output_di
             remove(staging)
         DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(str(staging))
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        open_as_umask_allows(staging)
         fsync_tree(staging)
     except Exception as error:  # noqa: BLE001 - as in save_checkpoint
         shutil.rmtree(staging, ignore_errors=True)
