@@ -267,6 +267,23 @@ def test_a_cpu_launch_asking_for_several_processes_and_getting_one_is_told_how_t
     assert not caplog.text
 
 
+def test_slurm_tasks_without_a_launcher_are_told_how_to_make_one_run(monkeypatch, caplog):
+    """`srun -n 2 uncond train` ran two one-process runs; the second stopped on the folder the first had locked."""
+    from uncond import plan
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with caplog.at_level(logging.WARNING, logger="uncond"):
+        plan.warn_slurm_tasks_without_launcher()
+    assert "SLURM started 2 tasks, each a run of one process" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # srun with RANK and WORLD_SIZE set for each task: one run
+    with caplog.at_level(logging.WARNING, logger="uncond"):
+        plan.warn_slurm_tasks_without_launcher()
+    assert not caplog.text
+
+
 def test_trackers_never_see_the_token_on_the_command_line(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     """W&B, Comet and others record sys.argv; the token is masked there before they start."""
     args = [str(a) for a in fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1",

@@ -107,6 +107,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
                          "without the flag, PyTorch's own fused attention is used")
     check_launch(config)
     warn_one_cpu_process()
+    warn_slurm_tasks_without_launcher()
     check_fsdp_units(unet_config)
     resume_from, message = run_folder.find_resume_checkpoint(config)
     message = run_folder.check_output_dir(config, resuming=resume_from is not None) or message
@@ -214,6 +215,16 @@ def warn_one_cpu_process() -> None:
         logger.warning(f"accelerate launch --cpu --num_processes {count} started one process (accelerate starts "
                        f"several CPU processes only through MPI): for {count} CPU processes, launch with --multi_gpu "
                        f"--num_processes {count} and CUDA_VISIBLE_DEVICES='', or torchrun --nproc_per_node {count}")
+
+
+def warn_slurm_tasks_without_launcher() -> None:
+    """`srun -n 2 uncond train ...` starts two runs of one process each, not one run of two (the second then
+    finds the output folder in use): say how to start one run of several."""
+    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if tasks > 1 and environment.launched_processes() == 1 and "SLURM_PROCID" in os.environ:
+        logger.warning(f"SLURM started {tasks} tasks, each a run of one process: for one run of several processes, "
+                       "start one launcher per machine (srun --ntasks-per-node 1 accelerate launch ... or torchrun), "
+                       "or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each task")
 
 
 def check_fsdp_units(unet_config: dict[str, Any]) -> None:
