@@ -111,6 +111,27 @@ def test_logger_all_names_the_tracker_that_did_not_start_and_leaves_no_folder(ru
     assert ended == [1] and not out.exists()
 
 
+def test_a_resumed_run_goes_on_in_the_same_wandb_run(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    """Each resume after a preemption started one more W&B run; it now goes on with the checkpoint's (by its id),
+    and a run started afresh gets its own."""
+    from accelerate import Accelerator
+
+    asked, init_trackers = [], Accelerator.init_trackers
+
+    def recording(self, project_name, config=None, init_kwargs=None):
+        asked.append(init_kwargs["wandb"])
+        return init_trackers(self, project_name, config, init_kwargs)
+
+    monkeypatch.setattr(Accelerator, "init_trackers", recording)
+    out = tmp_path / "cats-64"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--logger", "tensorboard")
+    assert run_cli(*args, "--max_train_steps", "2")[0] == 0
+    assert run_cli(*args, "--max_train_steps", "4")[0] == 0  # resumed from checkpoint-2
+    assert run_cli(*args, "--max_train_steps", "2", "--overwrite_output_dir")[0] == 0
+    assert asked[0]["id"] == asked[1]["id"] != asked[2]["id"]
+    assert {(kwargs["name"], kwargs["resume"]) for kwargs in asked} == {("cats-64", "allow")}
+
+
 def test_a_tracker_that_cannot_start_is_one_line_before_the_data_is_read(run_cli, color_folder, tiny_unet, tmp_path,
                                                                           monkeypatch):
     """--logger wandb without `wandb login` was a traceback, after the images were decoded."""

@@ -65,6 +65,7 @@ class Run:
     # The command lines that trained the model, each with the step it went on from (several after resumes with
     # other commands), for the model card; recorded in checkpoints.
     commands: list[dict[str, Any]] = field(default_factory=list)
+    tracker_run_id: str = ""  # Plan.tracker_run_id
     resume_command: str = ""  # the command that goes on from this run's newest checkpoint
     metrics_file: tracking.MetricsFile | None = None
     running_loss: tracking.RunningMean = field(default_factory=tracking.RunningMean)
@@ -350,7 +351,8 @@ def training_state(run: Run) -> dict[str, Any]:
             "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
             "global_batch_size": run.global_batch_size, "num_images": run.batches.num_images,
             "fsdp": sharding.is_sharded(run.unwrapped_unet),
-            "commands": run.commands, "preview_owed": run.preview_owed, "evaluation_owed": run.evaluation_owed,
+            "commands": run.commands, "tracker_run_id": run.tracker_run_id, "preview_owed": run.preview_owed,
+            "evaluation_owed": run.evaluation_owed,
             **({"data_order": run.batches.order.seeding} if isinstance(run.batches, data.CachedBatches) else {})}
 
 

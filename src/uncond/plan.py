@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ class Plan:
     resume_from: Path | None
     resume_message: str
     resume_state: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training_state.json
+    # The run's id in trackers that resume a run by id (W&B): the checkpoint's, so a resumed run goes on in the
+    # same tracker run, else a new one
+    tracker_run_id: str = field(default_factory=lambda: secrets.token_hex(4))
 
     @property
     def resume_step(self) -> int | None:
@@ -120,6 +124,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
                              "--use_ema to go on with it, or --no-use_ema to drop it")
     resume_state = checkpoint.read_training_state(resume_from) if resume_from is not None else {}
     plan = Plan(config, unet_config, channels_from_model_config, resume_from, message, resume_state)
+    plan.tracker_run_id = resume_state.get("tracker_run_id", plan.tracker_run_id)
     if resume_from is not None:
         if config.max_train_steps:  # else the last step is known once the data is
             refuse_resume_past_end(plan, config.max_train_steps)

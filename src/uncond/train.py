@@ -52,7 +52,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     # Before the data: a folder that cannot be used, or a tracker that cannot start, says so at once.
     start = on_main_process(accelerator, lambda: prepare_output_dir(plan, output_dir))
     try:
-        on_main_process(accelerator, lambda: init_trackers(config, accelerator, output_dir, plan.resume_step))
+        on_main_process(accelerator, lambda: init_trackers(config, accelerator, output_dir, plan.resume_step,
+                                                           plan.tracker_run_id))
         trained, stop_signal = run_training(plan, accelerator, explicit, repo_id, command)
     except BaseException:
         # A run failing (unreadable images, Ctrl-C while decoding) before it saved anything leaves the folder as
@@ -94,6 +95,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
         resume(run, plan.resume_from)
     elif plan.resume_message:
         logger.info(plan.resume_message)
+    run.tracker_run_id = plan.tracker_run_id
     run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command)
     first_step = run.step
     if accelerator.is_main_process:
@@ -174,11 +176,13 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None
     return outcome[0]
 
 
-def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Path, resume_step: int | None) -> None:
+def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Path, resume_step: int | None,
+                  run_id: str) -> None:
     """On the main process: --logger's tracker started, or one line saying why it cannot be. Resumed from a
     checkpoint, TensorBoard hides what the folder's logs hold after its step (a run killed after its last
     checkpoint, or the later steps of one taken back to an earlier checkpoint), as metrics.jsonl drops them:
-    its curves would double back."""
+    its curves would double back; and W&B goes on with the run of that checkpoint (`run_id`), named as the
+    output folder, rather than starting one more run at each resume."""
     if config.logger == "none":  # no tracker: no empty logs/ folder in the run's pipeline folder
         return
     logging_dir = output_dir / config.logging_dir
@@ -188,7 +192,9 @@ def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
         tensorboard = {} if resume_step is None else {"purge_step": resume_step + 1}
         # W&B writes into the working directory unless told; the other trackers get logging_dir from accelerate.
         accelerator.init_trackers("uncond", config=tracker_config(config),
-                                  init_kwargs={"wandb": {"dir": str(logging_dir)}, "tensorboard": tensorboard})
+                                  init_kwargs={"wandb": {"dir": str(logging_dir), "id": run_id, "resume": "allow",
+                                                         "name": output_dir.resolve().name},
+                                               "tensorboard": tensorboard})
     except Exception as error:  # noqa: BLE001 - not logged in, no server...: each tracker raises its own kind
         failed = failed_tracker(error)
         for tracker in accelerator.trackers:  # before the folder is cleaned up: W&B writes its files at the end
