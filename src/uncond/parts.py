@@ -348,10 +348,10 @@ def epoch_start_step(run: Run) -> int:
 
 def training_state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
-            "images_seen": run.images_seen, "seed": run.config.seed, "num_processes": run.accelerator.num_processes,
-            "global_batch_size": run.global_batch_size, "num_images": run.batches.num_images,
-            "fsdp": sharding.is_sharded(run.unwrapped_unet),
-            "commands": run.commands, "tracker_run_id": run.tracker_run_id, "preview_owed": run.preview_owed,
+            "images_seen": run.images_seen, "num_images": run.batches.num_images, "seed": run.config.seed,
+            "num_processes": run.accelerator.num_processes, "global_batch_size": run.global_batch_size,
+            "fsdp": sharding.is_sharded(run.unwrapped_unet), "commands": run.commands,
+            "tracker_run_id": run.tracker_run_id, "preview_owed": run.preview_owed,
             "evaluation_owed": run.evaluation_owed,
             **({"data_order": run.batches.order.seeding} if isinstance(run.batches, data.CachedBatches) else {})}
 

@@ -270,9 +270,11 @@ def check_processes(plan: Plan, accelerator: Accelerator) -> None:
                          "differently; resume it with the same kind of launch (any process count)")
 
 
-# Settings each machine may have its own of: where its copy of the data and its cache lie (the image counts are
-# compared once read), and the token, never compared (it would be printed).
-PER_MACHINE_SETTINGS = {"local_rank", "cache_dir", "train_data_dir", "dataset_name", "hub_token"}
+# Settings each machine may have its own of: where its copies of the data (the image counts are compared once
+# read), its cache and the Inception weights lie, how many threads decode, and the token, never compared (it
+# would be printed).
+PER_MACHINE_SETTINGS = {"local_rank", "cache_dir", "train_data_dir", "dataset_name", "inception_weights",
+                        "dataloader_num_workers", "hub_token"}
 RESUMED_STEP = "the step resumed from"
 
 

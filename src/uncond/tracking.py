@@ -203,4 +203,3 @@ def quiet_tensorboard_writer_errors() -> None:
 
     hook.quiets_tensorboard = True  # type: ignore[attr-defined]
     threading.excepthook = hook
-

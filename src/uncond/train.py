@@ -106,7 +106,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
             run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
     log_run_summary(run)
     run.stop_agreement = StopAgreement() if accelerator.num_processes > 1 else None
-    launcher = os.getppid() if environment.typed_launch() is not None else None  # a shell's exit stops nothing
+    launcher = os.getppid() if launch.typed is not None else None  # a shell's exit stops nothing
     with StopSignal(announce=accelerator.is_main_process, launcher=launcher) as stop:
         run.stop = stop
         finished = train_loop(run, stop)
