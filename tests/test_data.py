@@ -117,7 +117,8 @@ def test_every_kind_of_messy_file_is_used_or_skipped_with_a_reason(tmp_path):
     assert "truncated" in reasons["truncated.jpg"] and "truncated" in reasons["truncated.png"]
     assert "cannot identify image file" in reasons["empty.png"]
     line = data.summary(cache, source)
-    assert f"data: {len(MESSY_USED)} images" in line and "6 skipped" in line and "1 image smaller than 16 px was upscaled" in line
+    assert f"data: {len(MESSY_USED)} images" in line and "6 skipped" in line
+    assert "1 image smaller than 16 px was upscaled" in line
     assert "1 .txt" in line and "\n" not in line
     assert cache.nbytes < 2**20 and re.search(r"\(\d+ KiB\)", line)  # not "(0.0 MiB)"
     assert {cache.image(i).shape[2] for i in range(len(cache))} == {1, 3}  # gray kept as one channel

@@ -872,6 +872,21 @@ def test_the_model_files_are_as_readable_as_the_umask_allows(run_cli, color_fold
     assert {mode for name, mode in modes.items() if not name.startswith(".")} == {"0o644"}, modes
 
 
+def test_runs_logging_into_one_shared_folder_keep_their_curves_apart(run_cli, color_folder, tiny_unet, tmp_path):
+    """A job array's runs with one absolute --logging_dir all wrote into its uncond/ run: one TensorBoard run whose
+    curves zig-zagged between theirs."""
+    shared = tmp_path / "all-runs-tb"
+    for name in ("cats-a", "cats-b"):
+        assert run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / name, "--max_train_steps", "2",
+                                        "--logging_steps", "1", "--logger", "tensorboard", "--logging_dir",
+                                        shared))[0] == 0
+    for name in ("cats-a", "cats-b"):
+        events = EventAccumulator(str(shared / name / "uncond"), size_guidance={"scalars": 0})
+        events.Reload()
+        assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert not (shared / "uncond").exists()
+
+
 def test_tensorboard_curves_go_on_from_the_checkpoint_resumed(run_cli, color_folder, tiny_unet, tmp_path):
     """Taken back to checkpoint-4 after step 8: TensorBoard showed steps 1-8 and then 5-6 again, a curve doubling
     back, where metrics.jsonl drops the abandoned steps."""

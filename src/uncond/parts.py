@@ -101,7 +101,8 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
             mixed_precision=config.mixed_precision,
             log_with=None if config.logger == "none" else config.logger,
             project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                                logging_dir=str(output_dir / config.logging_dir)),
+                                                logging_dir=str(run_folder.trackers_folder(output_dir,
+                                                                                           config.logging_dir))),
             # The LR schedule counts optimizer steps; we step it once per optimizer step ourselves.
             step_scheduler_with_optimizer=False,
             # Decoding a large dataset on the main process must not time out the others.

@@ -252,6 +252,16 @@ def others_outputs(output_dir: Path, config: TrainConfig) -> list[str]:
     return [path.name + "/" * path.is_dir() for path in existing_inside(output_dir, names)]
 
 
+def trackers_folder(output_dir: Path, logging_dir: str) -> Path:
+    """Where the trackers write: --logging_dir in the output folder, as the seed script joins them. One outside it
+    (absolute, or ../tb) is where several runs' logs go, for one `tensorboard --logdir`: each run gets a folder of
+    its own there, named as its output folder (in one folder, their curves merged into one run)."""
+    folder = output_dir / logging_dir
+    if folder.resolve().is_relative_to(output_dir.resolve()):
+        return folder
+    return folder / output_dir.resolve().name
+
+
 def existing_inside(output_dir: Path, names: Iterable[str]) -> list[Path]:
     """The paths of `names` that exist in `output_dir`. --logging_dir may be absolute or lead out of the folder
     (../tb): other runs' logs are not this folder's."""

@@ -185,7 +185,7 @@ def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
     output folder, rather than starting one more run at each resume."""
     if config.logger == "none":  # no tracker: no empty logs/ folder in the run's pipeline folder
         return
-    logging_dir = output_dir / config.logging_dir
+    logging_dir = run_folder.trackers_folder(output_dir, config.logging_dir)
     logging_dir.mkdir(parents=True, exist_ok=True)
     tracking.quiet_tensorboard_writer_errors()
     try:
