@@ -364,6 +364,17 @@ def test_a_full_disk_under_tensorboard_is_one_line(inputs, tmp_path):
     assert "Traceback" not in failed.stderr and "Exception in thread" not in failed.stderr, failed.stderr[-3000:]
 
 
+def test_trackers_logs_filling_their_disk_are_named(inputs, tmp_path):
+    """TensorBoard's failed write names no file: the message said 'writing a file'."""
+    with mounted_tmpfs(tmp_path / "logs", "size=16k") as logs:
+        failed = subprocess.run([sys.executable, "-m", "uncond", *map(str, fast_train_args(
+            *inputs, tmp_path / "run", "--max_train_steps", "200", "--logging_steps", "1", "--logger", "tensorboard",
+            "--logging_dir", logs))], env=ENV, capture_output=True, text=True)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    assert failed.stderr.strip().splitlines()[-1].startswith(
+        f"uncond: stopped: no space left on the device writing the trackers' logs in {logs / 'run'};")
+
+
 def test_torch_saves_failed_write_is_said_to_be_a_full_disk(tmp_path):
     """accelerate writes the optimizer's state with torch.save, whose error on a full disk names no errno."""
     with mounted_tmpfs(tmp_path / "disk", "size=64k") as disk:

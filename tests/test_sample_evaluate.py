@@ -213,8 +213,8 @@ def test_a_full_disk_keeps_the_earlier_grid_and_the_same_command_finishes(run_cl
     code, _, err = run_cli(*args, "--num_images", 4)
     assert code == 1
     assert err.strip().splitlines()[-1] == (
-        f"uncond: stopped: no space left on the device writing {grid}; the images already written are whole (a "
-        "re-run samples the others); free some space and re-run the same command")
+        f"uncond: stopped: no space left on the device writing the grid {grid}; the 4 images are written, and an "
+        "earlier grid is kept whole; free some space and re-run the same command to write the grid")
     assert grid.read_bytes() == earlier and not list(tmp_path.glob("*.partial"))
     monkeypatch.setattr(Image.Image, "save", save)
     code, _, err = run_cli(*args, "--num_images", 4)

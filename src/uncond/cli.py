@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # What a command that stopped on a full disk kept, and a re-run goes on from
-AFTER_A_FULL_DISK = {"run_train": "; checkpoints already written are intact (a re-run resumes from the newest)",
+AFTER_A_FULL_DISK = {"run_train": "; the checkpoints written before are intact (a re-run resumes from the newest, if "
+                                  "any)",
                      "run_sample": "; the images already written are whole (a re-run samples the others)"}
 
 

@@ -11,10 +11,10 @@ in: a folder holding them is refused unless --overwrite.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,13 @@ from PIL import Image
 
 from . import environment
 from .checkpoint import file_digest
-from .config import RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, SampleConfig, UsageError, counted
+from .config import RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, RunFailed, SampleConfig, UsageError, counted
 from .run_folder import check_creatable, is_preview_folder
-from .sampling import (image_grid, is_numbered_image, log_sampling, network_evaluations, numbered_name,
-                       open_for_sampling, sample_batches, sampling_options, to_pil)
+from .sampling import (PARTIAL_SUFFIX, image_grid, is_numbered_image, log_sampling, network_evaluations,
+                       numbered_name, open_for_sampling, sample_batches, sampling_options, to_pil, write_whole)
 
 logger = logging.getLogger("uncond")
 
-PARTIAL_SUFFIX = ".partial"  # an image being written; renamed to its number once whole
 GRID_SIZE = 256  # the first images tiled into --grid
 COMPARED = ("weights", "schedule", "sampler", "steps", "seed", "dtype")  # the settings a folder's images share
 
@@ -71,7 +70,14 @@ def sample_to_folder(config: SampleConfig) -> Path:
     processes.wait_for_everyone()
     if processes.is_main_process:
         if config.grid:  # redone each time: images added by a run without --grid are in it too
-            write_whole(image_grid(read_images(folder, min(config.num_images, GRID_SIZE))), Path(config.grid))
+            try:
+                write_whole(image_grid(read_images(folder, min(config.num_images, GRID_SIZE))), Path(config.grid))
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                raise RunFailed(f"no space left on the device writing the grid {config.grid}; the {config.num_images} "
+                                "images are written, and an earlier grid is kept whole; free some space and re-run "
+                                "the same command to write the grid") from None
             record_grid(folder, config.grid)
             logger.info(f"grid of {min(config.num_images, GRID_SIZE)} images: {config.grid}")
         if missing:
@@ -250,20 +256,6 @@ def recorded_settings(folder: Path) -> dict[str, Any] | None:
         return json.loads((folder / SAMPLE_SETTINGS_FILE).read_text())
     except (OSError, ValueError):
         return None
-
-
-def write_whole(image: Image.Image, path: Path) -> None:
-    """Written under another name and renamed, so an interrupted run (or a full disk) leaves no half-written image,
-    and the earlier one whole."""
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    try:
-        image.save(partial, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-        os.replace(partial, path)
-    except BaseException as error:
-        partial.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:
-            error.filename = str(path)  # Pillow's failed write names no file: cli's message names this one
-        raise
 
 
 def numbered_images(folder: Path) -> list[Path]:

@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import re
 import textwrap
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from PIL import Image
 from . import remote
 from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, SamplingSettings, UsageError, counted, first_line,
                      list_checkpoints)
+
+PARTIAL_SUFFIX = ".partial"  # an image being written; renamed into place once whole
 
 logger = logging.getLogger("uncond")
 
@@ -266,6 +269,20 @@ def to_uint8(sample: torch.Tensor) -> np.ndarray:
 def to_pil(image: np.ndarray) -> Image.Image:
     """One HWC uint8 array -> a PIL image, grayscale for one channel."""
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def write_whole(image: Image.Image, path: Path) -> None:
+    """Written under another name and renamed, so an interrupted run (or a full disk) leaves no half-written image,
+    and the earlier one whole."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        image.save(partial, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+        os.replace(partial, path)
+    except BaseException as error:
+        partial.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # Pillow's failed write names no file: cli's message names this one
+        raise
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> Image.Image:

@@ -3,6 +3,7 @@ and the experiment trackers, and drawn as a loss-curve picture."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -186,6 +187,18 @@ def metrics_figure(records: list[dict[str, Any]]) -> Any:
     axes[-1].xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # steps are whole: no tick at 1.5
     figure.tight_layout()
     return figure
+
+
+@contextlib.contextmanager
+def tracker_writes(folder: Path):
+    """Around a log to the trackers: a failed write there (a full disk) names their folder, as TensorBoard's
+    writer does not."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            error.filename = f"the trackers' logs in {folder}"
+        raise
 
 
 def quiet_tensorboard_writer_errors() -> None:

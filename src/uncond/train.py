@@ -496,7 +496,8 @@ def log_metrics(run: Run, progress: tqdm) -> None:
     if not math.isfinite(loss) and not run.config.skip_nonfinite:
         raise diverged(run, f"the loss became {loss} between steps {run.step - steps} and {run.step}")
     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
-    accelerator.log({k: v for k, v in values.items() if k != "step" and v is not None}, step=run.step)
+    with tracking.tracker_writes(run_folder.trackers_folder(run.output_dir, run.config.logging_dir)):
+        accelerator.log({k: v for k, v in values.items() if k != "step" and v is not None}, step=run.step)
     if run.metrics_file is not None:
         run.metrics_file.write(values)
         if time.perf_counter() >= run.loss_plot_due:
