@@ -284,6 +284,28 @@ def test_slurm_tasks_without_a_launcher_are_told_how_to_make_one_run(monkeypatch
     assert not caplog.text
 
 
+def test_errors_and_the_resume_command_reach_every_machines_log(run_cli, tmp_path, monkeypatch, capsys):
+    """The second machine of a launch printed nothing of why the run stopped, nor the command that resumes it."""
+    from uncond.config import EVERY_MACHINE
+    from uncond.outputs import Launch, reproduce_section
+
+    monkeypatch.setenv("RANK", "2")  # the first process of the second machine
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    code, _, err = run_cli("train", "--output_dir", tmp_path / "run")
+    assert code == 2 and "uncond: error: no dataset given" in err
+    logging.getLogger("uncond").info("said on every machine", extra=EVERY_MACHINE)  # as cli set logging up
+    logging.getLogger("uncond").info("said by the main process")
+    err = capsys.readouterr().err
+    assert "said on every machine" in err and "said by the main process" not in err
+    monkeypatch.setenv("LOCAL_RANK", "1")  # any other process of that machine: silent
+    code, _, err = run_cli("train", "--output_dir", tmp_path / "run")
+    assert code == 2 and "uncond: error" not in err
+    # the model card says what $MACHINE_RANK is
+    command = Launch(4, num_machines=2, typed=("accelerate", "launch", "--machine_rank", "1")).launcher()
+    card = reproduce_section([{"from_step": 0, "command": f"{command} train"}], 10)
+    assert "--machine_rank $MACHINE_RANK" in card and "with the machine's rank in `MACHINE_RANK`" in card
+
+
 def test_trackers_never_see_the_token_on_the_command_line(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     """W&B, Comet and others record sys.argv; the token is masked there before they start."""
     args = [str(a) for a in fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1",

@@ -28,12 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return args.command(args, argv)
-    except UsageError as error:
-        if is_main_process():
+    except UsageError as error:  # said on every machine, whose log may be the only one its user reads
+        if is_local_main_process():
             print(f"uncond: error: {error}", file=sys.stderr)
         return 2
     except RunFailed as error:
-        if is_main_process():
+        if is_local_main_process():
             print(f"uncond: stopped: {error}", file=sys.stderr)
         return 1
     except RunStopped as stop:  # said in the log, with the command that resumes
@@ -229,10 +229,17 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "-1")
 
 
+def is_local_main_process() -> bool:
+    """The first process of this machine (the main one with a single machine)."""
+    return os.environ.get("LOCAL_RANK", "0") in ("0", "-1")
+
+
 def setup_logging() -> None:
-    """Plain messages, from the main process only (each process runs the same code)."""
+    """Plain messages, from the main process only (each process runs the same code); those logged with
+    extra=EVERY_MACHINE from each machine's first process."""
     logging.basicConfig(format="%(message)s", level=logging.INFO, force=True)
-    logging.getLogger("uncond").addFilter(lambda record: is_main_process())
+    logging.getLogger("uncond").addFilter(lambda record: is_main_process() or (
+        getattr(record, "every_machine", False) and is_local_main_process()))
     for noisy in ("diffusers", "datasets", "accelerate", "huggingface_hub", "torch", "matplotlib", "PIL", "urllib3",
                   "fsspec", "filelock", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -26,6 +26,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+# A log record's extra= for a line each machine's first process says (cli.setup_logging): where every machine must
+# act on it, as on the command that resumes a stopped run
+EVERY_MACHINE = {"every_machine": True}
+
+
 class UsageError(Exception):
     """Bad input. The message is one line that says what is wrong and what to do instead."""
 

@@ -176,8 +176,10 @@ def commands_so_far(state: dict[str, Any], step: int, command: str) -> list[dict
 def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
     """The model card's way to train the model again: its command, or each of the commands that trained it
     in turn when it was resumed with other ones."""
+    machines = ("Run it on every machine, with the machine's rank in `MACHINE_RANK`.\n\n"
+                if any("$MACHINE_RANK" in entry["command"] for entry in commands) else "")
     if len(commands) == 1 and commands[0]["from_step"] == 0:
-        return (f"Reproduce with:\n\n```bash\n{commands[0]['command']}\n```\n\n"
+        return (f"Reproduce with:\n\n```bash\n{commands[0]['command']}\n```\n\n{machines}"
                 "Every resolved setting, the seed included, is in `training_config.json`.\n")
     lines = ["Trained in turns, each going on from the previous one's newest checkpoint:\n"]
     if commands[0]["from_step"] > 0:  # resumed from a checkpoint that does not record its commands
@@ -185,7 +187,8 @@ def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
     ends = [entry["from_step"] for entry in commands[1:]] + [step]
     for entry, end in zip(commands, ends):
         lines.append(f"- steps {entry['from_step']} to {end}:\n\n  ```bash\n  {entry['command']}\n  ```\n")
-    lines.append("Every resolved setting of the last turn, the seed included, is in `training_config.json`.\n")
+    lines.append(f"{machines}Every resolved setting of the last turn, the seed included, is in "
+                 "`training_config.json`.\n")
     return "\n".join(lines)
 
 

@@ -18,7 +18,8 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, tracking
-from .config import RUN_CONFIG_FILE, RunFailed, RunStopped, TrainConfig, UsageError, counted, first_line, public_argv
+from .config import (EVERY_MACHINE, RUN_CONFIG_FILE, RunFailed, RunStopped, TrainConfig, UsageError, counted,
+                     first_line, public_argv)
 from .objective import training_loss
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
 from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
@@ -121,8 +122,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
         logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
         return run.step > first_step, None
     logger.info(f"stopped by {stop.received or 'a signal to another process'} at step {run.step}, "
-                f"checkpoint-{run.step} saved; to resume, run: "
-                f"{run.resume_command}")
+                f"checkpoint-{run.step} saved; to resume, run: {run.resume_command}", extra=EVERY_MACHINE)
     # Another process's signal is not known here: SIGTERM is what schedulers and launchers send on preemption.
     return run.step > first_step, signal.Signals.__members__.get(stop.received or "", signal.SIGTERM)
 
