@@ -265,6 +265,29 @@ def test_a_cpu_launch_asking_for_several_processes_and_getting_one_is_told_how_t
     with caplog.at_level(logging.WARNING, logger="uncond"):
         plan.warn_one_cpu_process()
     assert not caplog.text
+    monkeypatch.delenv("WORLD_SIZE")  # without --cpu, on a machine without GPUs: one process too
+    monkeypatch.setattr(environment, "typed_launch", lambda: ("accelerate", "launch", "--num_processes", "3"))
+    with caplog.at_level(logging.WARNING, logger="uncond"):
+        plan.warn_one_cpu_process()
+    assert "accelerate launch --num_processes 3 started one process" in caplog.text
+
+
+def test_the_same_folder_named_two_ways_is_the_same_setting(tmp_path, monkeypatch):
+    """Each machine compares its settings with the others'; `run` and /path/to/run are one output folder."""
+    from types import SimpleNamespace
+
+    from uncond import plan
+    from uncond.config import TrainConfig
+
+    def sent_by(output_dir: str) -> dict:  # what a process given this --output_dir sends the others to compare
+        sent = []
+        monkeypatch.setattr(plan, "gather_object", lambda mine: sent.extend(mine) or mine * 2)
+        plan.check_same_settings(plan.Plan(TrainConfig(output_dir=output_dir), {}, None, None, ""),
+                                 SimpleNamespace(num_processes=2))
+        return sent[0]
+
+    monkeypatch.chdir(tmp_path)
+    assert sent_by("run") == sent_by(str(tmp_path / "run")) != sent_by(str(tmp_path / "other"))
 
 
 def test_slurm_tasks_without_a_launcher_are_told_how_to_make_one_run(monkeypatch, caplog):

@@ -207,19 +207,21 @@ def check_launch(config: TrainConfig) -> None:
 
 
 def warn_one_cpu_process() -> None:
-    """`accelerate launch --cpu --num_processes 2` starts one process (accelerate 1.15 starts several CPU processes
-    only through MPI): where a typed launch asked for several and got one, say so and how to get them."""
+    """`accelerate launch [--cpu] --num_processes 2` on a machine without GPUs starts one process (accelerate 1.15
+    starts several CPU processes only with --multi_gpu, or through MPI): where a typed launch asked for several and
+    got one, say so and how to get them."""
     typed = environment.typed_launch()
     if environment.launched_processes() > 1 or not typed or typed[:2] != ("accelerate", "launch"):
         return
     from accelerate.commands.launch import launch_command_parser
 
     asked = launch_command_parser().parse_args([*typed[2:], "uncond"])
-    if asked.cpu and (asked.num_processes or 1) > 1 and not asked.mpirun_hostfile:
+    if (asked.num_processes or 1) > 1 and not asked.mpirun_hostfile:
         count = asked.num_processes
-        logger.warning(f"accelerate launch --cpu --num_processes {count} started one process (accelerate starts "
-                       f"several CPU processes only through MPI): for {count} CPU processes, launch with --multi_gpu "
-                       f"--num_processes {count} and CUDA_VISIBLE_DEVICES='', or torchrun --nproc_per_node {count}")
+        logger.warning(f"accelerate launch {'--cpu ' * asked.cpu}--num_processes {count} started one process "
+                       "(without GPUs, accelerate starts several only with --multi_gpu, or through MPI): for "
+                       f"{count} CPU processes, launch with --multi_gpu --num_processes {count} and "
+                       f"CUDA_VISIBLE_DEVICES='', or torchrun --nproc_per_node {count}")
 
 
 def warn_slurm_tasks_without_launcher() -> None:
@@ -275,6 +277,7 @@ def check_processes(plan: Plan, accelerator: Accelerator) -> None:
 # would be printed).
 PER_MACHINE_SETTINGS = {"local_rank", "cache_dir", "train_data_dir", "dataset_name", "inception_weights",
                         "dataloader_num_workers", "hub_token"}
+PATH_SETTINGS = ("output_dir", "model_config_name_or_path", "resume_from_checkpoint")  # compared where they lead
 RESUMED_STEP = "the step resumed from"
 
 
@@ -285,6 +288,9 @@ def check_same_settings(plan: Plan, accelerator: Accelerator) -> None:
     if accelerator.num_processes == 1:
         return
     mine = {key: value for key, value in plan.config.to_dict().items() if key not in PER_MACHINE_SETTINGS}
+    for key in PATH_SETTINGS:  # `run` on one machine, /jobs/run on the other: the same folder where both are
+        if mine[key] and (key == "output_dir" or Path(mine[key]).expanduser().exists()):
+            mine[key] = str(Path(mine[key]).expanduser().resolve())
     mine[RESUMED_STEP] = plan.resume_step
     everyone = gather_object([mine])
     differing = [key for key in mine if any(other.get(key) != mine[key] for other in everyone)]
