@@ -855,6 +855,11 @@ def test_a_resume_on_changed_data_goes_on_from_the_next_epoch_and_says_so(run_cl
             "the new images' order") in err
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 0, 0, 1, 1, 2, 3, 4]
+    first = sorted(path for path in color_folder.rglob("*") if path.is_file())[0]
+    first.rename(first.with_name("renamed" + first.suffix))  # as many images, other files: said, order kept
+    code, _, err = run_cli(*args, "--max_train_steps", "9")
+    assert code == 0, err
+    assert "the image files changed since checkpoint-8, as many as then (replaced, or copied anew)" in err
 
 
 def test_the_model_files_are_as_readable_as_the_umask_allows(run_cli, color_folder, tiny_unet, tmp_path):

@@ -300,6 +300,12 @@ class CachedBatches:
     def num_images(self) -> int:
         return len(self.images)
 
+    @property
+    def images_key(self) -> str:
+        """Which decoded images these are: their cache entry's key, a hash of the source's content fingerprint
+        and the decoding settings."""
+        return self.images.cache.folder.name
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
         """(batch index, the model's input on the CPU) for one epoch from `start_batch` on."""
         def batches() -> Iterator[tuple[int, torch.Tensor]]:

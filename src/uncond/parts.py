@@ -202,9 +202,9 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     global_batch_size = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
     # --num_epochs counts the whole run's epochs; those before a resume with another global batch had
     # another length (the schedule must know the total before it is built).
+    images = (batches.num_images, getattr(batches, "images_key", None))
     position = None if plan.resume_from is None else position_after(
-        plan.resume_step, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes,
-        batches.num_images)
+        plan.resume_step, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes, images)
     epoch_offset = position.epoch_offset if position else 0
     max_train_steps = config.max_train_steps or epoch_offset + config.num_epochs * steps_per_epoch
     refuse_resume_past_end(plan, max_train_steps)
@@ -274,21 +274,24 @@ class Position:
 
 
 def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
-                   num_processes: int, num_images: int | None = None) -> Position:
+                   num_processes: int, images: tuple[int | None, str | None] = (None, None)) -> Position:
     """The place in the run and in the data order to go on from after the checkpoint of `step` (whose
     training state is `state`). With another process count or batch size, the epoch goes on after the
     images it had already seen (the rest of that epoch's order then differs from an uninterrupted run's).
-    With another number of images (files added to the folder or removed), the checkpoint's epoch has no
-    meaning in the new order: the run goes on at the start of the next epoch."""
+    With another number of images (`images`: their number and CachedBatches.images_key; files added to the
+    folder or removed), the checkpoint's place in its epoch means nothing: the run goes on at the start of the
+    next. Other files as many as before (replaced, or only copied anew: the key hashes modification times) go on
+    in the epoch's order, and are said."""
     epoch = state.get("epoch", step // steps_per_epoch)
     steps_into_epoch = step - state.get("epoch_start_step", epoch * steps_per_epoch)
-    saved_images = state.get("num_images")
-    if saved_images is not None and num_images is not None and saved_images != num_images:
+    saved_count, saved_key = state.get("num_images"), state.get("images_key")
+    count, key = images
+    if None not in (saved_count, count) and saved_count != count:
         epoch += steps_into_epoch > 0
         return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
                         epoch_offset=step - epoch * steps_per_epoch,
-                        note=f"the data changed since checkpoint-{step} ({saved_images} images then, {num_images} "
-                             f"now): going on from the start of epoch {epoch}, in the new images' order",
+                        note=f"the data changed since checkpoint-{step} ({saved_count} images then, {count} now): "
+                             f"going on from the start of epoch {epoch}, in the new images' order",
                         log_window=state.get("log_window"), preview_owed=state.get("preview_owed"),
                         evaluation_owed=state.get("evaluation_owed"))
     saved_processes = state.get("num_processes", num_processes)
@@ -306,6 +309,9 @@ def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, globa
                 f"{global_batch_size} after the {images_into_epoch} images already seen in epoch {epoch}"
                 + (f" (in whole steps of {global_batch_size}: the last {counted(again, 'image')} of those are "
                    "trained on again)" if again > 0 else ""))
+    if None not in (saved_key, key) and saved_key != key:
+        note = "; ".join(filter(None, [note, f"the image files changed since checkpoint-{step}, as many as then "
+                                             "(replaced, or copied anew): going on in the epoch's order"]))
     return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
                     epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note,
                     log_window=state.get("log_window"), preview_owed=state.get("preview_owed"),
@@ -354,7 +360,8 @@ def training_state(run: Run) -> dict[str, Any]:
             "fsdp": sharding.is_sharded(run.unwrapped_unet), "commands": run.commands,
             "tracker_run_id": run.tracker_run_id, "preview_owed": run.preview_owed,
             "evaluation_owed": run.evaluation_owed,
-            **({"data_order": run.batches.order.seeding} if isinstance(run.batches, data.CachedBatches) else {})}
+            **({"data_order": run.batches.order.seeding, "images_key": run.batches.images_key}
+               if isinstance(run.batches, data.CachedBatches) else {})}
 
 
 @contextlib.contextmanager
