@@ -50,7 +50,7 @@ def save_sample_grid(run: Run, unet: UNet2DModel) -> Path | None:
     path = run_folder.preview_path(run.output_dir, run.step)
     path.parent.mkdir(exist_ok=True)
     sampling.write_whole(sampling.image_grid(images), path)
-    with tracking.tracker_writes(run_folder.trackers_folder(run.output_dir, config.logging_dir)):
+    with tracking.tracker_writes(run.accelerator.logging_dir):
         tracking.log_sample_images(run.accelerator.trackers, images, run.step)
     logger.info(f"samples ({config.sampler}, {steps} steps): {path}")
     return path
@@ -119,7 +119,7 @@ def evaluate(run: Run) -> None:
     if accelerator.is_main_process:
         values = {key: value for key, value in scores.as_dict().items() if key not in ("num_generated",
                                                                                         "num_reference")}
-        with tracking.tracker_writes(run_folder.trackers_folder(run.output_dir, config.logging_dir)):
+        with tracking.tracker_writes(run.accelerator.logging_dir):
             accelerator.log(values, step=run.step)
         run.metrics_file.write({"step": run.step, **values, "eval_images": scores.num_generated})
         logger.info(f"evaluation at step {run.step} ({scores.num_generated} images from "

@@ -286,19 +286,15 @@ def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, globa
     steps_into_epoch = step - state.get("epoch_start_step", epoch * steps_per_epoch)
     saved_count, saved_key = state.get("num_images"), state.get("images_key")
     count, key = images
-    if None not in (saved_count, count) and saved_count != count:
-        epoch += steps_into_epoch > 0
-        return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
-                        epoch_offset=step - epoch * steps_per_epoch,
-                        note=f"the data changed since checkpoint-{step} ({saved_count} images then, {count} now): "
-                             f"going on from the start of epoch {epoch}, in the new images' order",
-                        log_window=state.get("log_window"), preview_owed=state.get("preview_owed"),
-                        evaluation_owed=state.get("evaluation_owed"))
     saved_processes = state.get("num_processes", num_processes)
     saved_batch = state.get("global_batch_size", global_batch_size // num_processes
                             * saved_processes)  # older checkpoints: the same batch per device
     note = ""
-    if saved_batch != global_batch_size or saved_processes != num_processes:
+    if None not in (saved_count, count) and saved_count != count:
+        epoch, steps_into_epoch = epoch + (steps_into_epoch > 0), 0
+        note = (f"the data changed since checkpoint-{step} ({saved_count} images then, {count} now): going on from "
+                f"the start of epoch {epoch}, in the new images' order")
+    elif saved_batch != global_batch_size or saved_processes != num_processes:
         images_into_epoch = steps_into_epoch * saved_batch
         steps_into_epoch = min(images_into_epoch // global_batch_size, steps_per_epoch)
         # Steps cover the start of the epoch's order whatever the batch: whole steps of the new batch reach
@@ -309,7 +305,7 @@ def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, globa
                 f"{global_batch_size} after the {images_into_epoch} images already seen in epoch {epoch}"
                 + (f" (in whole steps of {global_batch_size}: the last {counted(again, 'image')} of those are "
                    "trained on again)" if again > 0 else ""))
-    if None not in (saved_key, key) and saved_key != key:
+    if saved_count == count and None not in (saved_key, key) and saved_key != key:
         note = "; ".join(filter(None, [note, f"the image files changed since checkpoint-{step}, as many as then "
                                              "(replaced, or copied anew): going on in the epoch's order"]))
     return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),

@@ -123,8 +123,8 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
             raise UsageError(f"{resume_from.name}'s run kept an EMA of the weights (its exports hold it): pass "
                              "--use_ema to go on with it, or --no-use_ema to drop it")
     resume_state = checkpoint.read_training_state(resume_from) if resume_from is not None else {}
-    plan = Plan(config, unet_config, channels_from_model_config, resume_from, message, resume_state)
-    plan.tracker_run_id = resume_state.get("tracker_run_id", plan.tracker_run_id)
+    plan = Plan(config, unet_config, channels_from_model_config, resume_from, message, resume_state,
+                resume_state.get("tracker_run_id") or secrets.token_hex(4))
     if resume_from is not None:
         if config.max_train_steps:  # else the last step is known once the data is
             refuse_resume_past_end(plan, config.max_train_steps)
@@ -307,7 +307,7 @@ def dry_run(plan: Plan) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     config = plan.config
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = environment.launched_processes()
     source = None if config.streaming else sources.open_source(config)
     channel_options = [plan.channels_from_model_config] if plan.channels_from_model_config else (
         [1, 3] if config.num_channels == "auto" else [int(config.num_channels)])

@@ -190,7 +190,7 @@ def metrics_figure(records: list[dict[str, Any]]) -> Any:
 
 
 @contextlib.contextmanager
-def tracker_writes(folder: Path):
+def tracker_writes(folder: str | Path):
     """Around a log to the trackers: a failed write there (a full disk) names their folder, as TensorBoard's
     writer does not."""
     try:

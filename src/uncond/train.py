@@ -185,7 +185,7 @@ def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
     output folder, rather than starting one more run at each resume."""
     if config.logger == "none":  # no tracker: no empty logs/ folder in the run's pipeline folder
         return
-    logging_dir = run_folder.trackers_folder(output_dir, config.logging_dir)
+    logging_dir = Path(accelerator.logging_dir)  # run_folder.trackers_folder, as make_accelerator set it
     logging_dir.mkdir(parents=True, exist_ok=True)
     tracking.quiet_tensorboard_writer_errors()
     try:
@@ -496,7 +496,7 @@ def log_metrics(run: Run, progress: tqdm) -> None:
     if not math.isfinite(loss) and not run.config.skip_nonfinite:
         raise diverged(run, f"the loss became {loss} between steps {run.step - steps} and {run.step}")
     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
-    with tracking.tracker_writes(run_folder.trackers_folder(run.output_dir, run.config.logging_dir)):
+    with tracking.tracker_writes(accelerator.logging_dir):
         accelerator.log({k: v for k, v in values.items() if k != "step" and v is not None}, step=run.step)
     if run.metrics_file is not None:
         run.metrics_file.write(values)
