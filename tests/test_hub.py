@@ -55,7 +55,15 @@ def test_push_to_hub_uploads_the_pipeline_card_and_pictures_in_the_background(ru
     uploaded = standin.commits[-1].files
     assert set(uploaded) == PIPELINE_FILES | {"README.md", "loss.png", "training_config.json",
                                               "samples/step-0000003.png", "samples/step-0000006.png"}
-    assert all(uploaded[name] == (out / name).read_bytes() for name in uploaded)  # the final export, whole
+    assert all(uploaded[name] == (out / name).read_bytes() for name in uploaded  # the final export, whole...
+               if name != "training_config.json")
+    # ...and its settings, without the local paths that lead nowhere elsewhere (and may name one's own folders)
+    settings = json.loads(uploaded["training_config.json"])
+    local = json.loads((out / "training_config.json").read_text())
+    assert local["train_data_dir"] == str(color_folder) and settings["train_data_dir"] == color_folder.name
+    assert str(tmp_path) not in uploaded["training_config.json"].decode()
+    assert {k: v for k, v in settings.items() if not str(local[k]).startswith(str(tmp_path))} == \
+           {k: v for k, v in local.items() if not str(v).startswith(str(tmp_path))}
     assert (out / "checkpoint-6").is_dir() and (out / "logs").is_dir()  # written locally, never uploaded
     card = ModelCard(uploaded["README.md"].decode())
     assert 'DiffusionPipeline.from_pretrained("someone/tiny-ddpm")' in card.text

@@ -1259,3 +1259,24 @@ def test_compile_trains_as_eager_and_saves_the_plain_unet(run_cli, color_folder,
                                             "--checkpointing_steps", "2", "--use_ema", "--compile"))
     assert code == 0 and "resuming from" in err and "torch.compile" in err, err
     assert (compiled / "checkpoint-6").is_dir()
+
+
+def test_the_same_run_is_known_from_any_working_folder(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    """A Makefile or CI job re-runs its command from another folder, or with paths written otherwise: the run is
+    the same, complete; and its training_config.json is reused with --config from anywhere."""
+    (tmp_path / "jobs" / "nightly").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "jobs" / "nightly")
+    args = fast_train_args("../../color", tiny_unet, "../run", "--max_train_steps", "1")
+    assert run_cli(*args)[0] == 0
+    settings = json.loads((tmp_path / "jobs" / "run" / "training_config.json").read_text())
+    assert settings["train_data_dir"] == str(color_folder)  # as it leads, not as typed
+    monkeypatch.chdir(tmp_path)
+    for data in "color", str(color_folder), "./jobs/../color/":
+        code, _, err = run_cli(*fast_train_args(data, tiny_unet, "jobs/run", "--max_train_steps", "1"))
+        assert code == 0 and "is complete at step 1" in err, err
+    monkeypatch.chdir(tmp_path / "jobs")  # the recorded settings, from yet another folder: the same data
+    code, _, err = run_cli("train", "--config", "run/training_config.json", "--output_dir", "again",
+                           "--max_train_steps", "1")
+    assert code == 0, err
+    assert json.loads((tmp_path / "jobs" / "again" / "training_config.json").read_text())["train_data_dir"] == \
+        str(color_folder)

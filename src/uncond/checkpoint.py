@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel
 
 from . import models, sharding
 from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line,
-                     list_checkpoints)
+                     list_checkpoints, same_place)
 
 logger = logging.getLogger("uncond")
 
@@ -348,9 +348,8 @@ def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list
 def data_differences(path: Path, config: TrainConfig) -> list[str]:
     """Where the images of the run that wrote `path` came from, if not from where this run's come."""
     saved, current = saved_run_config(path), config.to_dict()
-    same = lambda a, b: a == b or bool(a and b and os.path.normpath(a) == os.path.normpath(b))  # noqa: E731
     return [f"{key}: {saved[key] or 'none'} -> {current[key] or 'none'}" for key in DATA_KEYS
-            if key in saved and not same(saved[key], current[key])]
+            if key in saved and not same_place(saved[key], current[key])]
 
 
 def checkpoint_unet_config(path: Path) -> dict[str, Any] | None:

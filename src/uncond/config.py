@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -265,7 +266,11 @@ class TrainConfig:
         return values
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """training_config.json: local paths made absolute, so that the run is known for the same (and the file
+        reused with --config) from any working folder."""
+        values = self.to_dict()
+        values.update({key: absolute_if_local(values[key]) for key in LOCAL_PATH_SETTINGS})
+        path.write_text(json.dumps(values, indent=2) + "\n")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -365,6 +370,24 @@ BEST_DIR = "best"  # --keep_best: the export with the lowest FID
 REFERENCE_STATS_FILE = "fid_reference.npz"  # feature statistics of the training images, for FID during training
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # a run's checkpoint folders (checkpoint.py writes them)
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+# Settings that may name a local file or folder (dataset_name a Hub id too, as for `datasets`)
+LOCAL_PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path", "cache_dir", "inception_weights")
+
+
+def absolute_if_local(value: Any) -> Any:
+    """A path that exists here, made absolute; anything else (a Hub id, None) as it is."""
+    return os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+
+
+def same_place(saved: Any, current: Any) -> bool:
+    """Two values of a setting are the same: equal, or paths that lead to the same place from here (`../data`
+    and `/jobs/data`, the same folder)."""
+    if saved == current:
+        return True
+    both_paths = isinstance(saved, str) and isinstance(current, str) and bool(saved and current)
+    return both_paths and os.path.realpath(saved) == os.path.realpath(current)
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

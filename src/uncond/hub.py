@@ -3,6 +3,7 @@ The token is passed through to huggingface_hub and never printed, logged or writ
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import shutil
@@ -11,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from . import remote
-from .config import RunFailed, TrainConfig, UsageError, counted, first_line
+from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, counted, first_line
 
 logger = logging.getLogger("uncond")
 
 # Only the exported pipeline, its card, pictures and settings go up: never checkpoints, tracker logs,
-# metrics or the data report (which names local files).
+# metrics or the data report (which names local files); the settings without the local paths.
 UPLOAD_PATTERNS = ["model_index.json", "unet/*", "scheduler/*", "README.md", "samples/*.png", "loss.png",
-                   "training_config.json"]
+                   RUN_CONFIG_FILE]
 SNAPSHOT_PREFIX = ".hub-upload-step-"
 CARD_FILE = "README.md"  # where the Hub looks for a model card
 CARD_TAG = "uncond"  # in the metadata of the cards uncond writes, which tells them from a user's README.md
@@ -100,7 +101,10 @@ class BackgroundUploads:
                        if path.is_file() and not path.relative_to(self.output_dir).parts[0].startswith("."))
         for name in filter_repo_objects(files, allow_patterns=UPLOAD_PATTERNS):
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(self.output_dir / name, folder / name)
+            if name == RUN_CONFIG_FILE:
+                (folder / name).write_text(shareable_settings((self.output_dir / name).read_text()))
+            else:
+                shutil.copy2(self.output_dir / name, folder / name)
         return folder
 
     def upload(self, step: int, snapshot: Path) -> None:
@@ -138,6 +142,16 @@ class BackgroundUploads:
             raise RunFailed(f"the upload of step {step} to the Hub ({self.repo_id}) failed ({first_line(error)}); "
                               f"the model is saved; retry with: hf upload {self.repo_id} "
                               f"{shlex.quote(str(snapshot))} .")
+
+
+def shareable_settings(text: str) -> str:
+    """training_config.json as uploaded: its absolute paths (the data's, the output folder's) cut to their last part,
+    the folder's name: elsewhere they lead nowhere, and they may name a person's own folders."""
+    settings = json.loads(text)
+    for key, value in settings.items():
+        if isinstance(value, str) and Path(value).is_absolute():
+            settings[key] = Path(value).name
+    return json.dumps(settings, indent=2) + "\n"
 
 
 def stale_snapshots(output_dir: Path, before: float = float("inf")) -> list[Path]:

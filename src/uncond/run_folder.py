@@ -16,7 +16,7 @@ from . import data, hub, tracking
 from .checkpoint import (PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
                          complete_checkpoints, read_training_state, remove)
 from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, TrainConfig,
-                     UsageError, counted, list_checkpoints)
+                     UsageError, counted, list_checkpoints, same_place)
 
 ABANDONED_PREFIX = "abandoned-after-step-"  # the later checkpoints a resume from an earlier one sets aside
 INCOMPLETE_PREFIX = "incomplete-"  # a checkpoint found incomplete, set aside by the next run
@@ -275,7 +275,7 @@ def interrupted_before_first_checkpoint(output_dir: Path, config: TrainConfig) -
     if not state_file.is_file() or not config_file.is_file() or json.loads(state_file.read_text()).get("finished"):
         return False
     saved, current = json.loads(config_file.read_text()), config.to_dict()
-    return all(saved.get(key) == current[key] for key in SAME_RUN_KEYS)
+    return all(same_place(saved.get(key), current[key]) for key in SAME_RUN_KEYS)
 
 
 def run_outputs(output_dir: Path, logging_dir: str) -> tuple[list[Path], list[Path]]:
