@@ -73,6 +73,10 @@ def test_config_file_yaml_and_json_with_flags_winning(tmp_path):
     assert config.train_batch_size == 32 and config.use_ema is True
     assert {"learning_rate", "train_batch_size", "dataset_name"} <= explicit
 
+    yaml_file.write_text("dataset_name: builtin:mnist\nmixed_precision: no\nmax_train_steps: null\n")
+    config, _ = parse("--config", yaml_file)  # YAML reads `no` as false: it was refused as "False"
+    assert config.mixed_precision == "no" and config.max_train_steps is None
+
     json_file = tmp_path / "run.json"
     json_file.write_text(json.dumps({"dataset_name": "builtin:mnist", "num_channels": 1}))
     config, _ = parse("--config", json_file)
@@ -84,6 +88,14 @@ def test_config_file_yaml_and_json_with_flags_winning(tmp_path):
     ("dataset_name: x\ntrain_batch_size: many\n", "bad.yaml: train_batch_size expects int, got 'many'"),
     ("- just\n- a list\n", "must hold a mapping"),
     ("dataset_name: [unclosed\n", "could not be read"),
+    # left empty, or null: tracebacks later (None % 8), for settings that must have a value
+    ("dataset_name: x\nresolution:\n", "bad.yaml: resolution is given no value; give one, or leave it out for "
+                                       "the default 64"),
+    ("dataset_name: x\ntrain_batch_size: null\n", "train_batch_size is given no value"),
+    # YAML 1.1 reads no and yes as booleans: true was taken as resolution 1
+    ("dataset_name: x\nresolution: true\n", "resolution expects int, got True (YAML reads no, yes, off and on as "
+                                            "false and true; quote the value)"),
+    ("dataset_name: x\noutput_dir: no\n", "output_dir expects str, got False"),
 ])
 def test_config_file_errors_are_one_line(tmp_path, content, message):
     path = tmp_path / "bad.yaml"
@@ -115,6 +127,10 @@ def test_config_file_errors_are_one_line(tmp_path, content, message):
     (("--dataset_name", "x", "--max_grad_norm", "inf"), "--max_grad_norm is inf; give a finite number"),
     (("--dataset_name", "x", "--seed", "-1"), "--seed is -1; use a whole number from 0 to 4294967295"),
     (("--train_data_dir", ""), "--train_data_dir is empty (an unset shell variable?)"),  # it read the current folder
+    # diffusers' polynomial decay ends at 1e-7: it raised after the images were decoded
+    (("--dataset_name", "x", "--lr_scheduler", "polynomial", "--learning_rate", "1e-8"),
+     "--lr_scheduler polynomial decays to 1e-07, so --learning_rate 1e-08 must be above that"),
+    (("--dataset_name", "x", "--lr_num_cycles", "0"), "--lr_num_cycles is 0; it must be at least 1"),
 ])
 def test_invalid_settings_are_refused(argv, message):
     with pytest.raises(UsageError) as error:
@@ -193,3 +209,13 @@ def test_version_is_the_installed_packages(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([flag])
     assert exit_info.value.code == 0 and capsys.readouterr().out == f"uncond {version('uncond')}\n"
+
+
+def test_the_demo_on_ones_own_images(tmp_path):
+    """--demo --train_data_dir DIR: the demo's settings on DIR's images (it trained on the digits, saying that
+    DIR was ignored for a --dataset_name the user never gave)."""
+    config, _ = parse("--demo", "--train_data_dir", str(tmp_path))
+    assert config.train_data_dir == str(tmp_path) and config.dataset_name is None
+    assert config.model_preset == "tiny" and config.use_ema
+    config, _ = parse("--demo", "--train_data_dir", str(tmp_path), "--dataset_name", "builtin:mnist")
+    assert config.dataset_name == "builtin:mnist"  # both given: as without --demo

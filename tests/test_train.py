@@ -429,6 +429,37 @@ def test_model_config_can_come_from_a_pipeline_folder(run_cli, color_folder, tin
     assert json.loads((second / "unet" / "config.json").read_text())["block_out_channels"] == [8, 16]
 
 
+@pytest.mark.parametrize("changes, expected", [
+    ({"num_class_embeds": 10}, "describes a class-conditional UNet2DModel (num_class_embeds 10, class_embed_type "
+                               "None); uncond trains unconditional networks"),  # it crashed at the first step
+    ({"time_embedding_type": "fourier"}, "time_embedding_type fourier takes the logarithm of the timestep"),  # NaN
+    ({"time_embedding_type": "learned", "num_train_timesteps": 100}, "its learned time embedding has 100 "
+     "timesteps, fewer than --ddpm_num_steps 1000; set its num_train_timesteps to 1000"),  # an index error
+    ({"sample_size": [32, 16]}, "its sample_size [32, 16] is not square, and uncond trains square images; pass "
+                                "--resolution N"),  # it trained at 64 px without a word
+    ({"sample_size": 15}, "'s sample_size 15 is not divisible by 2 (the model halves it 1 times); pass "
+                          "--resolution 14 or 16"),
+])
+def test_model_configs_uncond_cannot_train_are_refused_before_any_work(run_cli, color_folder, tmp_path, changes,
+                                                                       expected):
+    config = tmp_path / "unet.json"
+    config.write_text(json.dumps({**TINY_UNET, **changes}))
+    code, _, err = run_cli("train", "--train_data_dir", color_folder, "--model_config_name_or_path", config,
+                           "--output_dir", tmp_path / "run", "--dry_run")
+    one_line_error(code, err, expected)
+    code, _, err = run_cli("train", "--train_data_dir", color_folder, "--model_config_name_or_path",
+                           tmp_path / "missing.json", "--output_dir", tmp_path / "run", "--dry_run")
+    one_line_error(code, err, "missing.json: no such file")
+
+
+def test_a_square_sample_size_given_as_a_list_sets_the_resolution(run_cli, color_folder, tmp_path):
+    config = tmp_path / "unet.json"
+    config.write_text(json.dumps({**TINY_UNET, "sample_size": [16, 16]}))  # as diffusers writes some configs
+    code, stdout, err = run_cli("train", "--train_data_dir", color_folder, "--model_config_name_or_path", config,
+                                "--output_dir", tmp_path / "run", "--dry_run")
+    assert code == 0 and '"resolution": 16' in stdout, err
+
+
 def test_a_model_config_sets_the_resolution_unless_given(run_cli, color_folder, tiny_unet, tmp_path):
     args = ("train", "--train_data_dir", color_folder, "--model_config_name_or_path", tiny_unet, "--output_dir",
             tmp_path / "run", "--dry_run")
@@ -446,8 +477,15 @@ def test_flags_that_do_nothing_here_are_said_to(run_cli, color_folder, tiny_unet
     assert code == 0, err
     assert f"--image_column img is ignored: it applies to --dataset_name, and --train_data_dir {color_folder}'s " \
            "files are the images" in err and "--dataset_config_name small is ignored" in err
-    assert "--hub_token is used only to upload the model, and --push_to_hub is not given" in err
+    assert "--hub_token: used only to upload the model, and --push_to_hub is not given" in err
     assert "hf_secret123" not in err
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--dry_run", "--hub_model_id",
+                                            "me/model", "--hub_private_repo", "--ema_power", "0.5", "--lr_num_cycles",
+                                            "3"))
+    assert code == 0, err
+    assert "--hub_model_id, --hub_private_repo: used only to upload the model, and --push_to_hub is not given" in err
+    assert "--ema_power: ignored without --use_ema" in err
+    assert "--lr_num_cycles is ignored: it applies to --lr_scheduler cosine_with_restarts, not cosine" in err
 
 
 def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
@@ -512,6 +550,21 @@ def test_piecewise_constant_schedule_follows_its_step_rules(run_cli, color_folde
     assert code == 0, err
     rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([1e-4, 1e-5, 1e-5, 1e-5])
+    assert "--lr_warmup_steps 1 is ignored: --lr_scheduler piecewise_constant has no warmup" in err
+
+
+@pytest.mark.parametrize("schedule, option, rates", [
+    ("cosine_with_restarts", ("--lr_num_cycles", "2"), [5e-5, 1e-4, 5e-5, 0]),  # back at the peak halfway
+    ("polynomial", ("--lr_power", "2"), [(1e-4 - 1e-7) * (1 - step / 4) ** 2 + 1e-7 for step in range(1, 5)])])
+def test_schedule_options_shape_the_learning_rate(run_cli, color_folder, tiny_unet, tmp_path, schedule, option, rates):
+    """diffusers' other training scripts' --lr_num_cycles and --lr_power: without them, cosine_with_restarts was the
+    plain cosine, and polynomial linear."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4", "--logging_steps",
+                                            "1", "--lr_warmup_steps", "0", "--lr_scheduler", schedule, *option))
+    assert code == 0, err
+    logged = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(rates, abs=1e-9)
 
 
 def test_overwrite_output_dir_starts_afresh(run_cli, color_folder, tiny_unet, tmp_path):
@@ -1271,8 +1324,8 @@ def test_the_same_run_is_known_from_any_working_folder(run_cli, color_folder, ti
     settings = json.loads((tmp_path / "jobs" / "run" / "training_config.json").read_text())
     assert settings["train_data_dir"] == str(color_folder)  # as it leads, not as typed
     monkeypatch.chdir(tmp_path)
-    for data in "color", str(color_folder), "./jobs/../color/":
-        code, _, err = run_cli(*fast_train_args(data, tiny_unet, "jobs/run", "--max_train_steps", "1"))
+    for images in "color", str(color_folder), "./jobs/../color/":
+        code, _, err = run_cli(*fast_train_args(images, tiny_unet, "jobs/run", "--max_train_steps", "1"))
         assert code == 0 and "is complete at step 1" in err, err
     monkeypatch.chdir(tmp_path / "jobs")  # the recorded settings, from yet another folder: the same data
     code, _, err = run_cli("train", "--config", "run/training_config.json", "--output_dir", "again",

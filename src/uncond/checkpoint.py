@@ -42,9 +42,9 @@ SAME_RUN_KEYS = RESUME_MUST_MATCH + DATA_KEYS + ("model_preset", "model_config_n
 # How the training goes on, which a resume takes from its own command (the optimizer's and EMA's included, over
 # what the checkpoint's state holds): said when it differs from the checkpoint's run.
 CHANGEABLE_ON_RESUME = ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
-                        "lr_warmup_steps", "lr_step_rules", "adam_beta1", "adam_beta2", "adam_weight_decay",
-                        "adam_epsilon", "max_grad_norm", "skip_nonfinite", "mixed_precision", "snr_gamma",
-                        "noise_offset", "random_flip", "center_crop")
+                        "lr_warmup_steps", "lr_step_rules", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2",
+                        "adam_weight_decay", "adam_epsilon", "max_grad_norm", "skip_nonfinite", "mixed_precision",
+                        "snr_gamma", "noise_offset", "random_flip", "center_crop")
 EMA_KEYS = ("ema_max_decay", "ema_inv_gamma", "ema_power", "ema_update_every")
 PIPELINE_ITEMS = ("unet", "scheduler", "model_index.json", STATE_FILE)
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"

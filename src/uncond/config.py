@@ -166,6 +166,10 @@ class TrainConfig:
     lr_step_rules: str | None = setting(None, "for --lr_scheduler piecewise_constant: multipliers of the learning "
                                         "rate and the optimizer step each lasts until, then the last multiplier, "
                                         "as diffusers reads them: 1:1000,0.1:2000,0.01", group="training")
+    lr_num_cycles: int = setting(1, "for --lr_scheduler cosine_with_restarts: how many times the cosine starts "
+                                 "again from the peak", group="training")
+    lr_power: float = setting(1.0, "for --lr_scheduler polynomial: the power of its decay to 1e-7 (1: linear)",
+                              group="training")
     adam_beta1: float = setting(0.95, "AdamW beta1", group="training", seed=True)
     adam_beta2: float = setting(0.999, "AdamW beta2", group="training", seed=True)
     adam_weight_decay: float = setting(1e-6, "AdamW weight decay", group="training", seed=True)
@@ -413,9 +417,19 @@ def value_type(name: str, config_class: type = TrainConfig) -> type:
 
 def coerce(name: str, value: Any, config_class: type = TrainConfig) -> Any:
     """Turn a config-file or flag value into the setting's type, or say what is wrong."""
-    if value is None:
-        return None
+    if value is None:  # `resolution:` left empty in YAML, or JSON's null
+        if type(None) in typing.get_args(typing.get_type_hints(config_class)[name]):
+            return None
+        default = next(spec.default for spec in fields(config_class) if spec.name == name)
+        leave_out = f", or leave it out for the default {default}" * (default is not REQUIRED)
+        raise UsageError(f"--{name} is given no value; give one{leave_out}")
     kind = value_type(name, config_class)
+    if isinstance(value, bool) and kind is not bool:  # YAML 1.1 reads no, yes, off and on as false and true
+        choices = next(spec.metadata["choices"] for spec in fields(config_class) if spec.name == name) or ()
+        if kind is str and ("yes" if value else "no") in choices:
+            return "yes" if value else "no"
+        raise UsageError(f"--{name} expects {kind.__name__}, got {value!r} (YAML reads no, yes, off and on as false "
+                         "and true; quote the value)")
     try:
         if kind is bool:
             if isinstance(value, str):
@@ -526,10 +540,12 @@ def build_config(cli_values: dict[str, Any], *, use_demo: bool = False) -> tuple
     file_values = read_config_file(config_file) if config_file else {}
     demo = use_demo or cli_values.get("demo") or file_values.get("demo")
     layered: dict[str, Any] = {}
-    if demo:
+    given = {**file_values, **cli_values}
+    if demo:  # the demo's settings, on one's own images where a --train_data_dir is given
         layered.update(DEMO_SETTINGS, demo=True)
-    layered.update(file_values)
-    layered.update(cli_values)
+        if given.get("train_data_dir") and "dataset_name" not in given:
+            del layered["dataset_name"]
+    layered.update(given)
     config = TrainConfig(**layered)
     validate(config)
     return config, set(layered)
@@ -550,6 +566,7 @@ def check_at_least(config: Any, low: float, *names: str) -> None:
             raise UsageError(f"--{name} is {value}; it must be at least {low}")
 
 
+POLYNOMIAL_LR_END = 1e-7  # what diffusers' get_scheduler gives its polynomial decay to end at
 SEED_LIMIT = 2**32  # numpy's seeds (accelerate's set_seed seeds numpy too)
 
 
@@ -577,6 +594,7 @@ def validate(config: TrainConfig) -> None:
     check_choices(config)
     check_numbers(config)
     check_at_least(config, 1, "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
+                   "lr_num_cycles",
                    "save_images_epochs", "save_model_epochs", "checkpointing_steps", "checkpoints_total_limit",
                    "ddpm_num_inference_steps", "sample_steps", "max_train_steps", "logging_steps",
                    "ema_update_every", "eval_every_steps")
@@ -588,7 +606,10 @@ def validate(config: TrainConfig) -> None:
     if config.keep_best and not config.eval_every_steps:
         raise UsageError("--keep_best needs --eval_every_steps N: the best export is chosen by FID")
     check_weights_file(config.inception_weights)
-    for name in ("learning_rate", "ema_inv_gamma", "ema_power"):  # the EMA's warmup divides by one, and
+    if config.lr_scheduler == "polynomial" and config.learning_rate <= POLYNOMIAL_LR_END:
+        raise UsageError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_LR_END:g}, so --learning_rate "
+                         f"{config.learning_rate:g} must be above that; raise it or choose another --lr_scheduler")
+    for name in ("learning_rate", "ema_inv_gamma", "ema_power", "lr_power"):  # the EMA's warmup divides by one, and
         if getattr(config, name) <= 0:                               # a power of 0 or less makes its decay 0
             raise UsageError(f"--{name} is {getattr(config, name)}; it must be positive")
     if config.snr_gamma is not None and config.snr_gamma <= 0:

@@ -71,13 +71,15 @@ def downsampling_factor(unet_config: dict[str, Any]) -> int:
     return 2 ** (len(unet_config["down_block_types"]) - 1)
 
 
-def check_resolution(unet_config: dict[str, Any], resolution: int) -> None:
+def check_resolution(unet_config: dict[str, Any], resolution: int, what: str = "--resolution") -> None:
     factor = downsampling_factor(unet_config)
     if resolution % factor:
         below, above = resolution // factor * factor, (resolution // factor + 1) * factor
         suggestion = f"use {below} or {above}" if below else f"use {above}"
+        if what != "--resolution":
+            suggestion = f"pass --resolution {below or above}" + f" or {above}" * bool(below)
         halvings = len(unet_config["down_block_types"]) - 1
-        raise UsageError(f"--resolution {resolution} is not divisible by {factor} (the model halves it "
+        raise UsageError(f"{what} {resolution} is not divisible by {factor} (the model halves it "
                          f"{halvings} times); {suggestion}")
 
 
@@ -90,7 +92,8 @@ def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[st
         path = path / "config.json"
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
-            raise UsageError(f"--model_config_name_or_path {name_or_path}: no config.json there")
+            missing = "no config.json there" if path.parent.is_dir() and path.name == "config.json" else "no such file"
+            raise UsageError(f"--model_config_name_or_path {name_or_path}: {missing}")
         try:
             unet_config = json.loads(path.read_text())
         except json.JSONDecodeError as error:
@@ -107,6 +110,15 @@ def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[st
     if class_name != "UNet2DModel":
         raise UsageError(f"--model_config_name_or_path {name_or_path} describes a {class_name}; uncond trains "
                          "UNet2DModel (unconditional) networks")
+    if unet_config.get("num_class_embeds") is not None or unet_config.get("class_embed_type") is not None:
+        raise UsageError(f"--model_config_name_or_path {name_or_path} describes a class-conditional UNet2DModel "
+                         f"(num_class_embeds {unet_config.get('num_class_embeds')}, class_embed_type "
+                         f"{unet_config.get('class_embed_type')}); uncond trains unconditional networks: set both "
+                         "to null")
+    if unet_config.get("time_embedding_type") == "fourier":  # GaussianFourierProjection takes log(t): NaN at t=0
+        raise UsageError(f"--model_config_name_or_path {name_or_path}: time_embedding_type fourier takes the "
+                         "logarithm of the timestep (it is made for continuous noise levels), and DDPM's timestep 0 "
+                         "makes it NaN; use positional")
     # A config written by another diffusers version may name settings this one lacks: UNet2DModel.from_config
     # (the seed script's way) drops them with a warning, as here; UNet2DModel(**config) would raise.
     known = inspect.signature(UNet2DModel.__init__).parameters
@@ -133,6 +145,12 @@ def unet_config_for(config: TrainConfig, resolution: int, loaded: dict[str, Any]
         unet_config = dict(preset_named(config.model_preset or "seed").unet)
     unet_config["sample_size"] = resolution
     check_resolution(unet_config, resolution)
+    learned = unet_config.get("time_embedding_type") == "learned"  # one embedding per timestep, looked up
+    if learned and (unet_config.get("num_train_timesteps") or 0) < config.ddpm_num_steps:
+        raise UsageError(f"--model_config_name_or_path {config.model_config_name_or_path}: its learned time "
+                         f"embedding has {unet_config.get('num_train_timesteps')} timesteps, fewer than "
+                         f"--ddpm_num_steps {config.ddpm_num_steps}; set its num_train_timesteps to "
+                         f"{config.ddpm_num_steps}")
     try:  # on the meta device: the structure only, in milliseconds, before the data is decoded
         weightless_unet(unet_config)
     except (ValueError, TypeError, KeyError, IndexError) as error:

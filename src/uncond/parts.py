@@ -211,7 +211,8 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     if accelerator.is_main_process and (warning := warmup_outlasts_run(config, max_train_steps)):
         logger.warning(warning)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, step_rules=config.lr_step_rules)
+                                 num_training_steps=max_train_steps, step_rules=config.lr_step_rules,
+                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     # After prepare: on the device already, and under FSDP over this process's shards.
     ema = models.make_ema(accelerator.unwrap_model(unet, keep_torch_compile=False), config) if config.use_ema else None

@@ -56,6 +56,15 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         # As a preset's: the model is trained at the size it was made for (the seed script trained a 32 px config
         # on 64 px images, and its pipeline then generated at 32 px)
         size = model_config.get("sample_size")
+        if isinstance(size, (list, tuple)) and len(set(size)) == 1:  # [64, 64], as diffusers also writes it
+            size = size[0]
+        if isinstance(size, (list, tuple)):
+            raise UsageError(f"--model_config_name_or_path {config.model_config_name_or_path}: its sample_size "
+                             f"{list(size)} is not square, and uncond trains square images; pass --resolution N "
+                             "to train it at N x N")
+        if isinstance(size, int):
+            models.check_resolution(model_config, size, f"--model_config_name_or_path "
+                                                        f"{config.model_config_name_or_path}'s sample_size")
         if isinstance(size, int) and size != config.resolution:
             logger.info(f"--resolution {size}: the sample_size of --model_config_name_or_path "
                         f"{config.model_config_name_or_path} (give --resolution to train at another size)")
@@ -79,9 +88,8 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         if getattr(config, name) and not config.dataset_name:
             logger.warning(f"--{name} {getattr(config, name)} is ignored: it applies to --dataset_name, and "
                            f"--train_data_dir {config.train_data_dir}'s files are the images")
-    if config.hub_token and not config.push_to_hub:  # --push_to_hub forgotten, most likely
-        logger.warning("--hub_token is used only to upload the model, and --push_to_hub is not given: nothing will "
-                       "be uploaded")
+    for warning in ignored_settings(config, explicit):
+        logger.warning(warning)
     if config.dataset_name and config.train_data_dir:  # as in the seed script, but said
         logger.warning(f"--train_data_dir {config.train_data_dir} is ignored: --dataset_name {config.dataset_name} "
                        "is given")
@@ -131,6 +139,32 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         for note in checkpoint.resume_notes(resume_from, config, resume_state):
             logger.warning(note)
     return plan
+
+
+SCHEDULES_WITHOUT_WARMUP = ("constant", "piecewise_constant")  # diffusers' get_scheduler gives them none
+SCHEDULE_OPTIONS = {"lr_step_rules": "piecewise_constant", "lr_num_cycles": "cosine_with_restarts",
+                    "lr_power": "polynomial"}
+
+
+def ignored_settings(config: TrainConfig, explicit: set[str] | frozenset[str]) -> list[str]:
+    """Flags given that this run has no use for, as the seed script ignored them, but said."""
+    warnings = []
+    hub_flags = [name for name in ("hub_token", "hub_model_id", "hub_private_repo") if getattr(config, name)]
+    if hub_flags and not config.push_to_hub:  # --push_to_hub forgotten, most likely
+        warnings.append(f"{', '.join('--' + name for name in hub_flags)}: used only to upload the model, and "
+                        "--push_to_hub is not given: nothing will be uploaded")
+    ema_flags = [name for name in ("ema_max_decay", "ema_inv_gamma", "ema_power", "ema_update_every")
+                 if name in explicit]
+    if ema_flags and not config.use_ema:
+        warnings.append(f"{', '.join('--' + name for name in ema_flags)}: ignored without --use_ema (no EMA of the "
+                        "weights is kept)")
+    if "lr_warmup_steps" in explicit and config.lr_warmup_steps and config.lr_scheduler in SCHEDULES_WITHOUT_WARMUP:
+        warnings.append(f"--lr_warmup_steps {config.lr_warmup_steps} is ignored: --lr_scheduler {config.lr_scheduler} "
+                        "has no warmup" + " (constant_with_warmup has)" * (config.lr_scheduler == "constant"))
+    warnings += [f"--{name} is ignored: it applies to --lr_scheduler {schedule}, not {config.lr_scheduler}"
+                 for name, schedule in SCHEDULE_OPTIONS.items()
+                 if name in explicit and name != "lr_step_rules" and config.lr_scheduler != schedule]
+    return warnings
 
 
 def refuse_resume_past_end(plan: Plan, last_step: int) -> None:
@@ -337,7 +371,7 @@ def batch_description(config: TrainConfig, processes: int) -> str:
 
 def warmup_outlasts_run(config: TrainConfig, total_steps: int) -> str | None:
     """The seed's 500 warmup steps in a shorter run keep the learning rate below --learning_rate throughout."""
-    if config.lr_scheduler == "constant" or config.lr_warmup_steps <= total_steps:
+    if config.lr_scheduler in SCHEDULES_WITHOUT_WARMUP or config.lr_warmup_steps <= total_steps:
         return None
     return (f"--lr_warmup_steps {config.lr_warmup_steps} is longer than the run's "
             f"{counted(total_steps, 'optimizer step')}: "
