@@ -1333,3 +1333,18 @@ def test_the_same_run_is_known_from_any_working_folder(run_cli, color_folder, ti
     assert code == 0, err
     assert json.loads((tmp_path / "jobs" / "again" / "training_config.json").read_text())["train_data_dir"] == \
         str(color_folder)
+
+
+def test_a_log_file_gets_progress_as_lines(run_cli, color_folder, tiny_unet, tmp_path):
+    """stderr redirected (a batch job's log, `> log.txt`): the bars' carriage-return redraws were all kept in the
+    file, and the log's own lines glued onto them."""
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "3",
+                                            "--logging_steps", "1"))
+    assert code == 0, err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert any(line.startswith("exported the pipeline at step 3 to ") for line in lines)
+    progress = [line for line in lines if line.startswith("training: ")]
+    assert progress[0].startswith("training: 0/3 steps (0%)")
+    assert re.match(r"training: 3/3 steps \(100%\), .* elapsed, .* left, .*step/s, loss=\d", progress[-1])
+    assert len(progress) == 2  # seconds apart: the start and the end (a line a minute in between)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import errno
 import logging
@@ -132,13 +133,15 @@ def add_command(commands: Any, name: str, handler: Callable[[argparse.Namespace,
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from . import progress
     from .train import train
 
     config, explicit = build_config(command_values(args), use_demo=argv == ["train"])
     command = public_argv(argv, config)
     # Trackers (W&B, Comet, ClearML...) record the process's command line: never with the token in it.
     sys.argv[1:] = public_argv(sys.argv[1:], config)
-    with logging_redirect_tqdm():
+    # On a terminal, log lines are written above the progress bar; a log file gets both as lines (progress.py).
+    with logging_redirect_tqdm() if progress.on_terminal() else contextlib.nullcontext():
         train(config, explicit, command=command)
     return 0
 
@@ -244,6 +247,9 @@ def setup_logging() -> None:
                   "fsspec", "filelock", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # in a log file the libraries' download bars are carriage returns (progress.py)
+        for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(bars, "1")
 
 
 if __name__ == "__main__":

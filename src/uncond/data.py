@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
+from .progress import progress_bar
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
 from .config import RunFailed, TrainConfig, UsageError, counted, size_text
 from .decoding import decode_records
@@ -41,7 +42,6 @@ def load_images(source: Source, config: TrainConfig, progress: bool = True) -> I
 
 
 def build_cache(source: Source, folder: Path, config: TrainConfig, progress: bool) -> ImageCache:
-    from tqdm.auto import tqdm
 
     started = time.perf_counter()
     writer = CacheWriter(folder, np.uint16 if config.preserve_input_precision else np.uint8)
@@ -49,8 +49,8 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, progress: boo
     try:
         results = decode_records(source.records, config.resolution, config.preserve_input_precision,
                                  config.dataloader_num_workers)
-        for record, result in tqdm(results, total=len(source.records), desc="decoding images (once)", unit="img",
-                                   disable=not progress, leave=False, dynamic_ncols=True):
+        for record, result in progress_bar(results, total=len(source.records), desc="decoding images (once)",
+                                           unit="img", disable=not progress, leave=False, dynamic_ncols=True):
             if isinstance(result, str):
                 skipped.append((record.name, result))
                 continue

@@ -24,6 +24,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+from .progress import progress_bar
 from .cache import mark_used
 from .config import UsageError, first_line
 
@@ -83,9 +84,9 @@ def extract_features(extractor: FeatureExtractor, batches: Iterable[np.ndarray])
 
 def with_progress(batches: Iterable[np.ndarray], total: int, what: str, shown: bool = True) -> Iterator[np.ndarray]:
     """`batches` of images, with a progress bar (and ETA) over their feature extraction if `shown`."""
-    from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=f"features of {what} images", unit="img", leave=False, disable=not shown) as bar:
+    with progress_bar(total=total, desc=f"features of {what} images", unit="img", leave=False,
+                      disable=not shown) as bar:
         for batch in batches:
             yield batch
             bar.update(len(batch))

@@ -31,6 +31,7 @@ from PIL import Image
 from . import remote
 from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, SamplingSettings, UsageError, counted, first_line,
                      list_checkpoints)
+from .progress import progress_bar
 
 PARTIAL_SUFFIX = ".partial"  # an image being written; renamed into place once whole
 
@@ -223,7 +224,6 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
                    cancelled: Callable[[], bool] | None = None) -> Iterator[np.ndarray]:
     """Sample images 0..num_images-1 (or those of `indices`), yielded batch by batch as uint8 NHWC arrays.
     Raises SamplingCancelled between two network evaluations once `cancelled()` says so."""
-    from tqdm.auto import tqdm
 
     config = unet.config
     device = torch.device(device) if device is not None else next(unet.parameters()).device
@@ -235,7 +235,7 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
     scheduler.set_timesteps(num_steps, device=device)
     # Network evaluations are the progress to show: a batch of 1,000 DDPM steps takes minutes.
     total = math.ceil(len(indices) / batch_size) * len(scheduler.timesteps)
-    with tqdm(total=total, desc="sampling", unit="step", disable=not progress, leave=False) as bar:
+    with progress_bar(total=total, desc="sampling", unit="step", disable=not progress, leave=False) as bar:
         for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
             count = len(batch)

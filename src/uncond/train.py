@@ -15,12 +15,13 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, tracking
 from .config import (EVERY_MACHINE, RUN_CONFIG_FILE, RunFailed, RunStopped, TrainConfig, UsageError, counted,
                      first_line, public_argv)
 from .objective import training_loss
+from .progress import progress_bar
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
 from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
                       reproduce_command, resuming_latest, tracker_config)
@@ -288,7 +289,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
         return True
     run.last_log = (time.perf_counter(), run.step, run.images_seen)
     exported_at = None
-    with tqdm(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
+    with progress_bar(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
               disable=not run.accelerator.is_local_main_process) as progress:
         while run.step < run.max_train_steps:
             for micro_batches, ends_epoch in marking_last(optimizer_steps(run)):

@@ -1,0 +1,53 @@
+"""Progress bars: tqdm's on a terminal; in a log file (stderr redirected: a batch job, `> log.txt`, `| tee`) a
+plain line now and then instead, since a bar redrawn with carriage returns leaves every redraw in the file and
+glues the log's own lines onto them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+LOG_PERIOD = 60.0  # seconds between a log file's progress lines; tqdm's TQDM_MININTERVAL changes it
+LINE_FORMAT = ("{desc}: {n_fmt}/{total_fmt} {unit}s ({percentage:.0f}%), {elapsed} elapsed, {remaining} left, "
+               "{rate_fmt}{postfix}")
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def progress_bar(iterable: Any = None, **options: Any) -> tqdm:
+    """A progress bar (tqdm's arguments) that a log file gets as lines; a notebook, as its widget."""
+    if on_terminal() or "ipykernel" in sys.modules:
+        from tqdm.auto import tqdm as drawn
+
+        return drawn(iterable, **options)
+    return ProgressLines(iterable, **options)
+
+
+class ProgressLines(tqdm):
+    """tqdm's bar as a line of its own: at the start, at most every LOG_PERIOD seconds, and at the end."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        options.update(mininterval=float(os.environ.get("TQDM_MININTERVAL", LOG_PERIOD)), bar_format=LINE_FORMAT,
+                       dynamic_ncols=False)
+        super().__init__(*args, **options)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if msg == "":  # tqdm clears a bar by drawing an empty one: a file has nothing to clear
+            return False
+        self.fp.write((str(self) if msg is None else msg) + "\n")
+        self.fp.flush()
+        return True
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **values: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **values)  # shown in the next line, not a line of its own
+
+    def close(self) -> None:
+        if not self.disable and self.n != self.last_print_n:  # the end, if the last line was not of it
+            self.display()
+        self.leave = False  # else tqdm draws the last line again
+        super().close()
