@@ -355,6 +355,11 @@ def test_evaluate_measures_the_numbered_images_of_a_sample_folder_and_skips_unre
     result = json.loads(stdout)
     assert result["num_generated"] == 3 and "the numbered images of the folder" in result["generated"]
     assert result["num_reference"] == 3  # as --reference too: its grid.png was measured as a fourth image
+    # the same keys whatever was computed, for scripts: scores left out are null, and so is how a folder was sampled
+    assert list(result) == ["fid", "kid", "kid_std", "precision", "recall", "num_generated", "num_reference", "note",
+                            "resolution", "sampler", "steps", "seed", "generated", "reference", "features"]
+    assert result["kid"] is None and "KID and precision/recall need more than 3 images" in result["note"]
+    assert result["resolution"] == 16 and result["sampler"] is None
     (out / "000000.png").write_text("not an image")  # the first file: it set the native size, and crashed
     code, stdout, err = run_cli("evaluate", out, "--reference", write_images(tmp_path / "real", 4), "--json")
     assert code == 0, err
@@ -390,6 +395,8 @@ def test_a_checkpoint_is_sampled_and_measured_as_its_export(run_cli, stand_in_in
     code, stdout, err = run_cli("evaluate", run / "checkpoint-2", "--reference", images, "--num_images", 4,
                                 "--steps", 2, "--json")
     assert code == 0 and json.loads(stdout)["num_generated"] == 4, err
+    assert {key: json.loads(stdout)[key] for key in ("sampler", "steps", "seed")} == \
+        {"sampler": "sde-dpmsolver++", "steps": 2, "seed": 0}
 
 
 def test_evaluate_refuses_a_runs_sample_grids_as_samples(run_cli, tmp_path):

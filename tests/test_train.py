@@ -492,29 +492,29 @@ def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tm
     out = tmp_path / "run"
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))
     assert code == 0, err
-    assert '"train_batch_size": 4' in stdout
-    assert "12 image files" in stdout and "parameters with 3 channels" in stdout  # the config file says 3
-    assert "schedule: batch 4 per device x 1 process x 1 accumulation = 4; 3 optimizer steps per epoch" in stdout
-    assert "warning" not in stdout
+    assert json.loads(stdout)["train_batch_size"] == 4  # stdout is the settings alone, for a script to read
+    assert "12 image files" in err and "parameters with 3 channels" in err  # the config file says 3
+    assert "schedule: batch 4 per device x 1 process x 1 accumulation = 4; 3 optimizer steps per epoch" in err
+    assert "warning" not in err
     # under a launcher of two processes (the environment torchrun gives each): said once, for two
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code, stdout, _ = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))
-    assert code == 0 and "x 2 processes x 1 accumulation = 8; 2 optimizer steps per epoch" in stdout
+    code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))
+    assert code == 0 and "x 2 processes x 1 accumulation = 8; 2 optimizer steps per epoch" in err
     monkeypatch.setenv("RANK", "1")
     assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run"))[:2] == (0, "")
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
-    code, stdout, _ = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--lr_warmup_steps", "500",
-                                               "--max_train_steps", "10"))  # the seed's warmup in a short run
-    assert "warning: --lr_warmup_steps 500 is longer than the run's 10 optimizer steps: the learning rate never " \
-           "reaches --learning_rate 0.0001" in stdout
+    code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--lr_warmup_steps",
+                                                 "500", "--max_train_steps", "10"))  # the seed's warmup in a short run
+    assert "--lr_warmup_steps 500 is longer than the run's 10 optimizer steps: the learning rate never " \
+           "reaches --learning_rate 0.0001" in err and json.loads(stdout)["lr_warmup_steps"] == 500
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "warmup", "--lr_warmup_steps", "500",
                                             "--num_epochs", "1"))  # the run says it too, with steps from epochs
     assert code == 0 and "--lr_warmup_steps 500 is longer than the run's 3 optimizer steps" in err
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--model_preset", "tiny",
                                                  "--model_config_name_or_path", ""))
     assert code == 0, err
-    assert "parameters with 1 channel;" in stdout or "parameters with 1 channel," in stdout  # auto: either
+    assert "parameters with 1 channel;" in err or "parameters with 1 channel," in err  # auto: either
     # the seed's --ddpm_num_inference_steps, given: its sample grids were DDPM's
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run",
                                                  "--ddpm_num_inference_steps", "50"))

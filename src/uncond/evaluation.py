@@ -22,6 +22,8 @@ from .config import RUN_CONFIG_FILE, EvaluateConfig, UsageError, counted
 
 logger = logging.getLogger("uncond")
 
+SCORES = ("fid", "kid", "kid_std", "precision", "recall", "num_generated", "num_reference")  # --json's numbers
+
 
 @dataclass
 class Report:
@@ -29,11 +31,15 @@ class Report:
     generated: str  # what was measured and how it was resized
     reference: str
     features: str
+    resolution: int  # the size both sides were measured at, before Inception's 299 px
+    sampled: dict[str, Any] | None = None  # sampler, steps, seed: where GENERATED was a model
 
     def as_dict(self) -> dict[str, Any]:
-        note = {"note": self.scores.note} if self.scores.note else {}
-        return {**self.scores.as_dict(), **note, "generated": self.generated, "reference": self.reference,
-                "features": self.features}
+        """`--json`: every key always there (null where a score was not computed, or nothing was sampled), so that
+        a script reads them without checking."""
+        return {**{name: getattr(self.scores, name) for name in SCORES}, "note": self.scores.note,
+                "resolution": self.resolution, **(self.sampled or dict.fromkeys(("sampler", "steps", "seed"))),
+                "generated": self.generated, "reference": self.reference, "features": self.features}
 
     def __str__(self) -> str:
         return (f"generated: {self.generated}\nreference: {self.reference}\nfeatures: {self.features}\n"
@@ -47,6 +53,7 @@ class Generated:
     resolution: int
     description: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files of a folder, filled as read
+    sampled: dict[str, Any] | None = None  # sampler, steps and seed, where the images are a model's samples
 
 
 def evaluate(config: EvaluateConfig) -> Report:
@@ -76,7 +83,7 @@ def evaluate(config: EvaluateConfig) -> Report:
                          f"{skipped_note(generated.skipped)}; FID needs at least 2")
     scores = metrics.compare(features, reference, device)
     return Report(scores, generated.description + skipped_note(generated.skipped), reference_note,
-                  extractor.input_note)
+                  extractor.input_note, resolution, generated.sampled)
 
 
 # ------------------------------------------------------------------------------------------------ generated
@@ -101,7 +108,8 @@ def open_generated(config: EvaluateConfig) -> Generated:
     return Generated(batches if as_they_are else as_folders_are(batches, resolution, config.batch_size),
                      config.num_images, resolution, f"{config.num_images} images sampled from {model.description} "
                      f"with {config.sampler}, {steps} steps, seed {config.seed}, at the model's {width}x{height} px"
-                     + ("" if as_they_are else f", {resizing(resolution)}"))
+                     + ("" if as_they_are else f", {resizing(resolution)}"),
+                     sampled={"sampler": config.sampler, "steps": steps, "seed": config.seed})
 
 
 def as_folders_are(batches: Iterator[np.ndarray], resolution: int, batch_size: int) -> Iterator[np.ndarray]:

@@ -350,16 +350,16 @@ def dry_run(plan: Plan) -> None:
     batches = (data.Order(len(source.records), config.train_batch_size, 0, processes).batches_per_epoch
                if source else config.max_train_steps * config.gradient_accumulation_steps)  # a stream: one epoch
     steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
-    print(json.dumps(config.to_dict(), indent=2))
-    print(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
-    print(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
+    print(json.dumps(config.to_dict(), indent=2))  # stdout holds the settings alone: `--dry_run > settings.json`
+    logger.info(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
+    logger.info(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
     total_steps = config.max_train_steps or steps_per_epoch * config.num_epochs
-    print(f"schedule: {batch_description(config, processes)}; {counted(steps_per_epoch, 'optimizer step')} per "
-          f"epoch; {counted(total_steps, 'step')} in all")
+    logger.info(f"schedule: {batch_description(config, processes)}; {counted(steps_per_epoch, 'optimizer step')} "
+                f"per epoch; {counted(total_steps, 'step')} in all")
     if warning := warmup_outlasts_run(config, total_steps):
-        print(f"warning: {warning}")
+        logger.warning(warning)
     if plan.resume_message:
-        print(plan.resume_message)
+        logger.info(plan.resume_message)
 
 
 def batch_description(config: TrainConfig, processes: int) -> str:
