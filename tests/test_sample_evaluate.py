@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,29 @@ def test_an_interrupted_sample_is_completed_by_the_same_command(run_cli, pipelin
     monkeypatch.setattr(sample_folder, "write_whole", write_whole)
     code, _, err = run_cli(*args, "--output_dir", out, "--overwrite", "--seed", 9)
     assert code == 0 and "already holds 3 of the 6 images of these settings; sampling the other 3" in err
+
+
+def test_a_sample_ended_by_sigterm_says_how_far_it_got(run_cli, pipeline, tmp_path, monkeypatch):
+    """A batch job's end (SIGTERM) ended `uncond sample` without a word; now as Ctrl-C, with the shell's 143."""
+    from uncond import sample_folder
+
+    out, write_whole, written = tmp_path / "out", sample_folder.write_whole, []
+
+    def terminated_after_two(image, path):
+        if len(written) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        written.append(path)
+        write_whole(image, path)
+
+    monkeypatch.setattr(sample_folder, "write_whole", terminated_after_two)
+    args = ("sample", pipeline, "--num_images", 4, "--batch_size", 4, "--steps", 1, "--output_dir", out)
+    code, _, err = run_cli(*args)
+    assert code == 143 and "stopped by SIGTERM with 2 of 4 images written; run the same command again" in err, err
+    assert sorted(path.name for path in out.glob("0*.png")) == ["000000.png", "000001.png"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was
+    monkeypatch.setattr(sample_folder, "write_whole", write_whole)
+    code, _, err = run_cli(*args)
+    assert code == 0 and "sampling the other 2" in err, err
 
 
 def test_sample_never_mixes_images_of_other_settings_unless_overwriting(run_cli, pipeline, tmp_path):

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:  # said on every machine, whose log may be the only one its user reads
         if is_local_main_process():
             print(f"uncond: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_status", 2)
     except RunFailed as error:
         if is_local_main_process():
             print(f"uncond: stopped: {error}", file=sys.stderr)

@@ -36,6 +36,12 @@ class UsageError(Exception):
     """Bad input. The message is one line that says what is wrong and what to do instead."""
 
 
+class FolderInUse(UsageError):
+    """The output folder is another run's: nothing is wrong with the command, which can be tried again later. Its
+    exit status is sysexits' EX_TEMPFAIL, so that a job script tells "retry later" from bad input (2)."""
+    exit_status = 75
+
+
 class RunFailed(Exception):
     """A run that had to stop (diverged, disk full). The message is one line saying what happened and
     what is safe on disk."""

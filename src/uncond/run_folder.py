@@ -15,8 +15,8 @@ from typing import IO, Iterable
 from . import data, hub, tracking
 from .checkpoint import (PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
                          complete_checkpoints, read_training_state, remove)
-from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, TrainConfig,
-                     UsageError, counted, list_checkpoints, same_place)
+from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, FolderInUse,
+                     TrainConfig, UsageError, counted, list_checkpoints, same_place)
 
 ABANDONED_PREFIX = "abandoned-after-step-"  # the later checkpoints a resume from an earlier one sets aside
 INCOMPLETE_PREFIX = "incomplete-"  # a checkpoint found incomplete, set aside by the next run
@@ -141,7 +141,7 @@ def lock_output_dir(output_dir: Path) -> None:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise UsageError(f"--output_dir {output_dir} is in use by another uncond run (process {holder}); wait "
+        raise FolderInUse(f"--output_dir {output_dir} is in use by another uncond run (process {holder}); wait "
                          "for it to end, or choose another --output_dir") from None
     handle.seek(0)
     handle.truncate()

@@ -10,14 +10,17 @@ in: a folder holding them is refused unless --overwrite.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +28,8 @@ from PIL import Image
 
 from . import environment
 from .checkpoint import file_digest
-from .config import RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, RunFailed, SampleConfig, UsageError, counted
+from .config import (RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, RunFailed, RunStopped, SampleConfig, UsageError,
+                     counted)
 from .run_folder import check_creatable, is_preview_folder
 from .sampling import (PARTIAL_SUFFIX, image_grid, is_numbered_image, log_sampling, network_evaluations,
                        numbered_name, open_for_sampling, sample_batches, sampling_options, to_pil, write_whole)
@@ -92,18 +96,38 @@ def sample_to_folder(config: SampleConfig) -> Path:
 
 def write_images(unet: torch.nn.Module, scheduler: Any, indices: list[int], folder: Path, options: dict[str, Any],
                  already: int | None) -> None:
-    """Sample images `indices` into `folder`. On Ctrl-C, says how far it got (`already` + those written, when
-    this is the only process) and how to go on."""
+    """Sample images `indices` into `folder`. On Ctrl-C or SIGTERM (a job's end), says how far it got (`already` +
+    those written, when this is the only process) and how to go on."""
     written = 0
     try:
-        for batch in sample_batches(unet, scheduler, **options, indices=indices) if indices else ():
-            for image in batch:
-                write_whole(to_pil(image), folder / numbered_name(indices[written]))
-                written += 1
-    except KeyboardInterrupt:
+        with stopped_by_sigterm():
+            for batch in sample_batches(unet, scheduler, **options, indices=indices) if indices else ():
+                for image in batch:
+                    write_whole(to_pil(image), folder / numbered_name(indices[written]))
+                    written += 1
+    except (KeyboardInterrupt, RunStopped) as stop:
         so_far = "" if already is None else f" with {already + written} of {options['num_images']} images written"
-        logger.info(f"interrupted{so_far}; run the same command again to sample the rest")
+        how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "stopped by SIGTERM"
+        logger.info(f"{how}{so_far}; run the same command again to sample the rest")
         raise
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM as Ctrl-C is: an exception where sampling is (each image is written whole or not at all), which
+    the command ends with, status 143. Python's default ended the process with no word."""
+    if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
+        yield
+        return
+
+    def stop(number: int, frame: Any) -> None:
+        raise RunStopped(number)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def on_processes(processes: Any) -> str:

@@ -168,12 +168,12 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None
     if accelerator.is_main_process:
         try:
             outcome[0] = work()
-        except UsageError as error:
-            outcome[1] = str(error)
+        except UsageError as error:  # of its kind: a folder in use has an exit status of its own
+            outcome[1] = type(error)(str(error))
     if accelerator.num_processes > 1:
         outcome = broadcast_object_list(outcome)
     if outcome[1]:
-        raise UsageError(outcome[1])
+        raise outcome[1]
     return outcome[0]
 
 
