@@ -211,6 +211,11 @@ def test_version_is_the_installed_packages(flag, capsys):
     assert exit_info.value.code == 0 and capsys.readouterr().out == f"uncond {version('uncond')}\n"
 
 
+def test_the_rank_flag_as_torch_distributed_launch_spells_it():
+    assert parse("--dataset_name", "x", "--local-rank=1")[0].local_rank == 1  # refused as unrecognized
+    assert parse("--dataset_name", "x", "--local_rank", "0")[0].local_rank == 0
+
+
 def test_the_demo_on_ones_own_images(tmp_path):
     """--demo --train_data_dir DIR: the demo's settings on DIR's images (it trained on the digits, saying that
     DIR was ignored for a --dataset_name the user never gave)."""

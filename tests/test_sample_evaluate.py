@@ -762,3 +762,18 @@ def test_evaluate_says_it_samples_only_once_the_reference_is_measured(run_cli, s
     code, _, err = run_cli("evaluate", pipeline, "--reference", write_images(tmp_path / "real", 3), "--num_images", 2,
                            "--steps", 1)
     assert code == 0 and "sampling 2 images" in err, err
+
+
+def test_evaluate_with_an_unwritable_cache_gives_its_scores(run_cli, stand_in_inception, pipeline, tmp_path,
+                                                             monkeypatch):
+    """The reference statistics could not be cached: a traceback after they were computed, and no scores."""
+    from uncond import cache, data
+
+    monkeypatch.setattr(data, "cache_root", cache.cache_root)
+    (tmp_path / "cache-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-file"))
+    code, stdout, err = run_cli("evaluate", write_images(tmp_path / "generated", 4),
+                                "--reference", write_images(tmp_path / "real", 4, seed=1), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["num_generated"] == 4 and json.loads(stdout)["fid"] > 0
+    assert f"could not keep the statistics in {tmp_path / 'cache-file'}" in err and "Traceback" not in err

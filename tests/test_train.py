@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import MESSY_SKIPPED, MESSY_USED, TINY_UNET, fast_train_args, write_images, write_messy_folder
+from conftest import (MESSY_SKIPPED, MESSY_USED, TINY_UNET, fast_train_args, mounted_tmpfs, write_images,
+                      write_messy_folder)
 from uncond import checkpoint, data, decoding, run_folder
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -520,6 +522,10 @@ def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tm
                                                  "--ddpm_num_inference_steps", "50"))
     assert code == 0, err
     assert '"sampler": "ddpm"' in stdout and '"ddpm_num_inference_steps": 50' in stdout
+    # a shorter schedule: DDPM's previews take each of its timesteps (the default 1000 was refused as too many)
+    code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--sampler", "ddpm",
+                                                 "--ddpm_num_steps", "200"))
+    assert code == 0 and json.loads(stdout)["ddpm_num_inference_steps"] == 200, err
     # with another --sampler too (a migrated script and a new flag): the steps flag does not apply, and is said so
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--sampler", "unipc",
                                                  "--ddpm_num_inference_steps", "50"))
@@ -565,6 +571,17 @@ def test_schedule_options_shape_the_learning_rate(run_cli, color_folder, tiny_un
     assert code == 0, err
     logged = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == pytest.approx(rates, abs=1e-9)
+
+
+def test_overwrite_output_dir_beside_a_resume_is_said_to_be_ignored(run_cli, color_folder, tiny_unet, tmp_path):
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--logging_steps", "1")
+    assert run_cli(*args, "--max_train_steps", "2")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                           "--overwrite_output_dir")  # it resumed without a word about the flag
+    assert code == 0 and "--overwrite_output_dir is ignored: --resume_from_checkpoint latest goes on from " \
+                         "checkpoint-2" in err, err
+    assert metric_steps(out) == [1, 2, 3]
 
 
 def test_overwrite_output_dir_starts_afresh(run_cli, color_folder, tiny_unet, tmp_path):
@@ -1349,3 +1366,29 @@ def test_a_log_file_gets_progress_as_lines(run_cli, color_folder, tiny_unet, tmp
     assert progress[0].startswith("training: 0/3 steps (0%)")
     assert re.match(r"training: 3/3 steps \(100%\), .* elapsed, .* left, .*step/s, loss=\d", progress[-1])
     assert len(progress) == 2  # seconds apart: the start and the end (a line a minute in between)
+
+
+@pytest.mark.parametrize("unwritable", ["a file", "a read-only disk"])
+def test_an_unwritable_default_cache_is_said_before_any_work(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch,
+                                                            unwritable):
+    """$XDG_CACHE_HOME (or a home) that cannot be written: a traceback from the cache's mkdir, after the listing."""
+    from uncond import cache, data
+
+    monkeypatch.setattr(data, "cache_root", cache.cache_root)  # the real default, not the tests' folder
+    if unwritable == "a file":
+        (tmp_path / "cache-file").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-file"))
+        reason = "is a file, not a folder"
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro"))
+        reason = "is not writable"
+    args = [arg for arg in fast_train_args(color_folder, tiny_unet, tmp_path / "run") if arg != "--cache_dir"]
+    args.remove(color_folder.parent / "image-cache")
+    with contextlib.ExitStack() as stack:
+        if unwritable != "a file":
+            stack.enter_context(mounted_tmpfs(tmp_path / "ro", "ro,size=64k"))
+        code, _, err = run_cli(*args)
+    one_line_error(code, err, f"the decoded-image cache {tmp_path}")
+    one_line_error(code, err, f"{reason}; pass --cache_dir DIR on a writable disk")
+    assert not (tmp_path / "run").exists()
+    assert run_cli(*args, "--cache_dir", tmp_path / "writable", "--max_train_steps", "1")[0] == 0

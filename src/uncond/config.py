@@ -478,7 +478,9 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
             group.add_argument(f"--{name}", dest=name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
         else:
-            group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, choices=meta["choices"],
+            # torch.distributed.launch passes --local-rank=N since torch 2.0; the seed's --local_rank is the same
+            spelled = (f"--{name}", "--local-rank") if name == "local_rank" else (f"--{name}",)
+            group.add_argument(*spelled, dest=name, default=argparse.SUPPRESS, choices=meta["choices"],
                                required=required, help=help_text,
                                type=flag_type(name, config_class),
                                metavar=None if meta["choices"] else kind.__name__.upper())

@@ -22,10 +22,10 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .progress import progress_bar
 from .cache import CacheWriter, ImageCache, cache_root, entry_folder
 from .config import RunFailed, TrainConfig, UsageError, counted, size_text
 from .decoding import decode_records
+from .progress import progress_bar
 from .sources import Source
 
 REPORT_FILE = "data_report.json"

@@ -10,9 +10,11 @@ the features added for KID and precision/recall.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -24,9 +26,11 @@ from unittest import mock
 import numpy as np
 import torch
 
-from .progress import progress_bar
 from .cache import mark_used
 from .config import UsageError, first_line
+from .progress import progress_bar
+
+logger = logging.getLogger("uncond")
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # torch-fidelity (and torchmetrics, through it) keeps the same file under its own name.
@@ -259,7 +263,13 @@ def cached_stats(path: Path, key: str, compute: Callable[[], FeatureStats]) -> t
             pass  # unreadable: computed afresh and replaced
     stats = compute()
     stats.key = key
-    save_stats(stats, path)
+    try:
+        save_stats(stats, path)
+    except OSError as error:  # a read-only or full cache: the statistics, minutes of work, are used all the same
+        with contextlib.suppress(OSError):  # a part written before a full disk
+            path.with_name(f".tmp-{path.name}").unlink(missing_ok=True)
+        logger.warning(f"could not keep the statistics in {path.parent} ({error.strerror or error}); they are used "
+                       "without being kept (set XDG_CACHE_HOME to a writable folder to keep them)")
     return stats, False
 
 

@@ -80,10 +80,16 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     elif "ddpm_num_inference_steps" in explicit and config.sampler != "ddpm":  # a migrated script, and a new flag
         logger.warning(f"--ddpm_num_inference_steps {config.ddpm_num_inference_steps} is for the ddpm sampler; the "
                        f"previews use --sampler {config.sampler} with --sample_steps {config.sample_steps}")
+    if "ddpm_num_inference_steps" not in explicit and config.ddpm_num_inference_steps > config.ddpm_num_steps:
+        # the default 1000 on a shorter schedule: every timestep, as `uncond sample --sampler ddpm` takes it
+        config = config.replace(ddpm_num_inference_steps=config.ddpm_num_steps)
     sources.check_source(config)
     run_folder.check_creatable(config.output_dir, "--output_dir")
     if config.cache_dir:
         run_folder.check_creatable(config.cache_dir, "--cache_dir")
+    elif not config.streaming:  # $XDG_CACHE_HOME/uncond or ~/.cache/uncond: a read-only home, a job's odd setting
+        run_folder.check_creatable(str(data.cache_root(None)), "the decoded-image cache",
+                                   instead="pass --cache_dir DIR on a writable disk")
     for name in ("image_column", "dataset_config_name"):  # ignored, as in the seed script, but said
         if getattr(config, name) and not config.dataset_name:
             logger.warning(f"--{name} {getattr(config, name)} is ignored: it applies to --dataset_name, and "
@@ -122,6 +128,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     warn_slurm_tasks_without_launcher()
     check_fsdp_units(unet_config)
     resume_from, message = run_folder.find_resume_checkpoint(config)
+    if resume_from is not None and config.overwrite_output_dir:  # a script passing both, as the seed allowed
+        logger.warning(f"--overwrite_output_dir is ignored: --resume_from_checkpoint {config.resume_from_checkpoint} "
+                       f"goes on from {resume_from.name}")
     message = run_folder.check_output_dir(config, resuming=resume_from is not None) or message
     if resume_from is not None:  # the channel count is compared once the data has decided it
         refuse_mismatched_resume(resume_from, config, unet_config)

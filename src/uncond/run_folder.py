@@ -28,18 +28,20 @@ RUN_ARTEFACTS = (PREVIEWS_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, R
 PREVIEW_NAME = re.compile(r"^step-(\d+)\.png$")  # a run's sample grids, in PREVIEWS_DIR
 
 
-def check_creatable(path: str, flag: str, file: bool = False) -> None:
+def check_creatable(path: str, flag: str, file: bool = False, instead: str | None = None) -> None:
     """A folder a command makes (or writes in), or the folder of a `file` it writes, must be makeable: its nearest
     existing part a folder it may write in. Checked before any work, on every process, rather than failing on the
-    one that makes it while the others wait (or after minutes of sampling)."""
+    one that makes it while the others wait (or after minutes of sampling). `instead`: what to do, if not to
+    give `flag` another value."""
+    instead = instead or f"choose another {flag}"
     existing = Path(path).expanduser().absolute()
     existing = existing.parent if file else existing
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; {instead}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: {existing} is not writable; choose another {flag}")
+        raise UsageError(f"{flag} {path}: {existing} is not writable; {instead}")
 
 
 def preview_path(output_dir: Path, step: int) -> Path:
