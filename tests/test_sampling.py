@@ -106,8 +106,9 @@ def test_every_sampler_follows_the_training_schedule(name, schedule):
     assert np.abs(images.astype(int) - ExactNoise.LEVEL).max() <= ExactNoise.TOLERANCE
 
 
+@pytest.mark.parametrize("schedule", ["linear", "sigmoid"])
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
-def test_previews_and_checkpoints_sample_as_the_export_does(name, tmp_path):
+def test_previews_and_checkpoints_sample_as_the_export_does(name, schedule, tmp_path):
     """The training schedule (previews, a checkpoint's samples) and the export's scheduler_config.json read back
     make the same sampler, to the settings a sample folder records: diffusers gave Heun and KDPM2 their own
     clip_sample default (False) from the one and DDPM's (True) from the other, so previews went unclipped where
@@ -116,13 +117,31 @@ def test_previews_and_checkpoints_sample_as_the_export_does(name, tmp_path):
     from uncond.sample_folder import schedule_of
     from uncond.sampling import training_noise_scheduler
 
-    training = training_noise_scheduler(TrainConfig().to_dict())
+    training = training_noise_scheduler(TrainConfig(ddpm_beta_schedule=schedule).to_dict())
     training.save_pretrained(tmp_path)
     exported = DDPMScheduler.from_pretrained(tmp_path)
     made = [schedule_of(make_sampler(name, scheduler.config)) for scheduler in (training, exported)]
     assert made[0] == made[1]
     if "clip_sample" in made[0]:
         assert made[0]["clip_sample"] is True
+
+
+@pytest.mark.parametrize("schedule", ["sigmoid", "laplace"])
+def test_an_export_of_ddpms_own_betas_takes_any_diffusers_sampler(schedule, tmp_path):
+    """DDIMScheduler.from_config(pipeline.scheduler.config), diffusers' way to swap samplers, raised
+    NotImplementedError for a sigmoid or laplace export: the export now writes its betas out."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                           UniPCMultistepScheduler)
+
+    from uncond.config import TrainConfig
+    from uncond.sampling import training_noise_scheduler
+
+    training = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule)  # what the run trains on
+    training_noise_scheduler(TrainConfig(ddpm_beta_schedule=schedule).to_dict()).save_pretrained(tmp_path)
+    exported = DDPMScheduler.from_pretrained(tmp_path)
+    for sampler in (exported, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                    UniPCMultistepScheduler):
+        assert torch.equal(sampler.from_config(exported.config).betas, training.betas), sampler
 
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)

@@ -526,6 +526,8 @@ def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tm
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--sampler", "ddpm",
                                                  "--ddpm_num_steps", "200"))
     assert code == 0 and json.loads(stdout)["ddpm_num_inference_steps"] == 200, err
+    assert "--ddpm_num_steps 200 with --ddpm_beta_schedule linear keeps 36% of the image in the noisiest training " \
+           "input, but sampling starts from pure noise; raise --ddpm_num_steps, or use" in err
     # with another --sampler too (a migrated script and a new flag): the steps flag does not apply, and is said so
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--sampler", "unipc",
                                                  "--ddpm_num_inference_steps", "50"))
@@ -667,7 +669,7 @@ def one_line_error(code: int, err: str, expected: str) -> None:
     (lambda d, u, o: fast_train_args(d, u, d), "--train_data_dir and --output_dir are both"),
     (lambda d, u, o: fast_train_args(d, u, o, "--prediction_type", "sample", "--sampler", "euler-ancestral"),
      "--sampler euler-ancestral cannot sample this model"),  # it failed at the first preview
-    (lambda d, u, o: fast_train_args(d, u, o, "--ddpm_num_steps", "100", "--sampler", "ddpm"),
+    (lambda d, u, o: fast_train_args(d, u, o, "--ddpm_num_steps", "100", "--ddpm_num_inference_steps", "1000"),
      "1000 sampling steps with ddpm: the model was trained with 100 timesteps; use at most 100 steps "
      "(--ddpm_num_inference_steps)"),
     (lambda d, u, o: fast_train_args(d, u, o, "--model_preset", "huge", "--model_config_name_or_path", ""),

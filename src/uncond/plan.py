@@ -104,7 +104,10 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
                          "would be read as training images; choose another --output_dir")
     # The preview sampler on the training schedule: a sampler that cannot take it would fail at the first preview.
     preview_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
-    training_schedule = dict(sampling.training_noise_scheduler(config.to_dict()).config)
+    noise_scheduler = sampling.training_noise_scheduler(config.to_dict())
+    training_schedule = dict(noise_scheduler.config)
+    if warning := signal_left_at_the_end(config, noise_scheduler):
+        logger.warning(warning)
     sampling.check_sampler_fits(config.sampler, training_schedule, preview_steps,
                                 "--ddpm_num_inference_steps" if config.sampler == "ddpm" else "--sample_steps")
     unet_config = models.unet_config_for(config, config.resolution, model_config)
@@ -148,6 +151,18 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         for note in checkpoint.resume_notes(resume_from, config, resume_state):
             logger.warning(note)
     return plan
+
+
+def signal_left_at_the_end(config: TrainConfig, noise_scheduler: Any) -> str | None:
+    """A short schedule (--ddpm_num_steps 20 with linear betas) keeps much of the image in its noisiest training
+    input, while sampling starts from pure noise: the model never learns that first step."""
+    signal = float(noise_scheduler.alphas_cumprod[-1]) ** 0.5  # the image's share at the last timestep
+    if signal < 0.1:
+        return None
+    longer = "raise --ddpm_num_steps, or " * (config.ddpm_beta_schedule != "laplace")  # laplace's is fixed
+    return (f"--ddpm_num_steps {config.ddpm_num_steps} with --ddpm_beta_schedule {config.ddpm_beta_schedule} keeps "
+            f"{signal:.0%} of the image in the noisiest training input, but sampling starts from pure noise; "
+            f"{longer}use --ddpm_beta_schedule squaredcos_cap_v2, which ends in noise")
 
 
 SCHEDULES_WITHOUT_WARMUP = ("constant", "piecewise_constant")  # diffusers' get_scheduler gives them none

@@ -73,7 +73,12 @@ def training_noise_scheduler(run_config: dict[str, Any]) -> DDPMScheduler:
     # left at their defaults to another sampler class as that class's defaults: Heun's and KDPM2's clip_sample is
     # False, DDPM's True, so previews and a checkpoint's samples went unclipped where the export's are clipped.
     # The samplers made from it are now the export's to the last setting (tests/test_sampling.py).
-    return DDPMScheduler.from_config(json.loads(scheduler.to_json_string()))
+    written = json.loads(scheduler.to_json_string())
+    if beta_schedule not in SHARED_BETA_SCHEDULES:
+        # Written out as trained_betas too, which every diffusers sampler takes: DDIMScheduler.from_config(
+        # pipeline.scheduler.config) raised NotImplementedError for sigmoid, and so did the other samplers.
+        written["trained_betas"] = scheduler.betas.tolist()
+    return DDPMScheduler.from_config(written)
 
 
 def check_sampler(name: str) -> None:
