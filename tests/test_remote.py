@@ -20,6 +20,10 @@ def loads(folder, tiny_unet, tmp_path):
         "dataset": (["evaluate", folder, "--reference", "someone/some-dataset"],
                     "--reference someone/some-dataset: could not load it (not in the local cache, and the Hub cannot "
                     "be reached: "),
+        "pretrained": (fast_train_args(folder, "", tmp_path / "run", "--pretrained_model_name_or_path",
+                                       "someone/some-model", "--dry_run"),
+                       "--pretrained_model_name_or_path someone/some-model: could not load the Hub model "
+                       "someone/some-model (not in the local cache, and the Hub cannot be reached: "),
         "unet config": (fast_train_args(folder, tiny_unet, tmp_path / "run", "--model_config_name_or_path",
                                         "someone/some-unet", "--dry_run"),
                         "--model_config_name_or_path someone/some-unet: could not load a UNet config from the Hub (not "
@@ -27,7 +31,7 @@ def loads(folder, tiny_unet, tmp_path):
     }
 
 
-@pytest.mark.parametrize("what", ["pipeline", "dataset", "unet config"])
+@pytest.mark.parametrize("what", ["pipeline", "dataset", "unet config", "pretrained"])
 def test_an_unreachable_hub_is_one_quiet_line(run_cli, unreachable_hub, stand_in_inception, tiny_unet, tmp_path,
                                               recwarn, what):
     args, expected = loads(write_images(tmp_path / "images", 2), tiny_unet, tmp_path)[what]
@@ -38,10 +42,10 @@ def test_an_unreachable_hub_is_one_quiet_line(run_cli, unreachable_hub, stand_in
     # the retries' wait (skipped here, half a minute without a network) is said once, as it starts (loading a
     # pipeline, diffusers asks once and gives up without retrying)
     said = err.count("the Hub does not answer; huggingface_hub retries for about half a minute")
-    assert said == 1 or (what == "pipeline" and said == 0), err
+    assert said == 1 or (what in ("pipeline", "pretrained") and said == 0), err
 
 
-@pytest.mark.parametrize("what", ["pipeline", "dataset", "unet config"])
+@pytest.mark.parametrize("what", ["pipeline", "dataset", "unet config", "pretrained"])
 def test_offline_mode_is_named_as_the_reason(run_cli, stand_in_inception, tiny_unet, tmp_path, recwarn, what):
     args, expected = loads(write_images(tmp_path / "images", 2), tiny_unet, tmp_path)[what]
     code, _, err = run_cli(*args)  # HF_HUB_OFFLINE is set for every test

@@ -1394,3 +1394,42 @@ def test_an_unwritable_default_cache_is_said_before_any_work(run_cli, color_fold
     one_line_error(code, err, f"{reason}; pass --cache_dir DIR on a writable disk")
     assert not (tmp_path / "run").exists()
     assert run_cli(*args, "--cache_dir", tmp_path / "writable", "--max_train_steps", "1")[0] == 0
+
+
+def test_fine_tuning_starts_from_a_models_weights_and_schedule(run_cli, color_folder, tiny_unet, tmp_path):
+    """--pretrained_model_name_or_path: there was no way to start from a trained model (google/ddpm-cifar10-32,
+    one's own earlier run); --model_config_name_or_path takes the architecture alone."""
+    first = tmp_path / "first"
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, first, "--max_train_steps", "2", "--prediction_type",
+                                    "v_prediction", "--ddpm_num_steps", "500", "--checkpointing_steps", "2"))[0] == 0
+    trained = load_file(first / "unet" / WEIGHTS)
+    # barely moved by one step at a learning rate of 1e-12: the weights it starts from are the model's
+    still = ("--max_train_steps", "1", "--learning_rate", "1e-12", "--lr_scheduler", "constant", "--lr_warmup_steps",
+             "0")
+    for start in (first, first / "checkpoint-2"):
+        out = tmp_path / f"tuned-{start.name}"
+        code, _, err = run_cli(*fast_train_args(color_folder, "", out, "--pretrained_model_name_or_path", start,
+                                                *still))
+        assert code == 0 and "starting from the weights of " in err, err
+        tuned = load_file(out / "unet" / WEIGHTS)
+        assert all(torch.allclose(tuned[name], trained[name], atol=1e-6) for name in trained)
+        settings = json.loads((out / "training_config.json").read_text())
+        assert (settings["prediction_type"], settings["ddpm_num_steps"], settings["resolution"]) == \
+               ("v_prediction", 500, 16)  # the model's schedule and size, not the defaults (epsilon, 1000, 64)
+        assert "starting from the weights of" in (out / "README.md").read_text()
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "fresh", *still))  # other weights
+    assert code == 0, err
+    fresh = load_file(tmp_path / "fresh" / "unet" / WEIGHTS)
+    assert not torch.allclose(fresh["conv_in.weight"], trained["conv_in.weight"])
+    # given otherwise, said; with another model's description, refused
+    code, _, err = run_cli(*fast_train_args(color_folder, "", tmp_path / "eps", "--pretrained_model_name_or_path",
+                                            first, "--prediction_type", "epsilon", "--dry_run"))
+    assert code == 0 and f"--prediction_type epsilon: {first} was trained with prediction_type v_prediction; the " \
+                         "fine-tuning changes it" in err, err
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "both",
+                                            "--pretrained_model_name_or_path", first, "--dry_run"))
+    one_line_error(code, err, "--pretrained_model_name_or_path gives the UNet: leave out --model_preset and "
+                              "--model_config_name_or_path")
+    code, _, err = run_cli(*fast_train_args(color_folder, "", tmp_path / "none", "--pretrained_model_name_or_path",
+                                            tmp_path / "missing", "--dry_run"))
+    one_line_error(code, err, f"--pretrained_model_name_or_path {tmp_path / 'missing'}: no such folder")

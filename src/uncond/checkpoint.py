@@ -38,7 +38,8 @@ STAGING_PREFIX = ".tmp-"
 RESUME_MUST_MATCH = ("resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule")
 # The training images: a checkpoint found in --output_dir is resumed only on the same ones, unless asked for.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "train_data_dir")
-SAME_RUN_KEYS = RESUME_MUST_MATCH + DATA_KEYS + ("model_preset", "model_config_name_or_path", "num_channels")
+SAME_RUN_KEYS = RESUME_MUST_MATCH + DATA_KEYS + ("model_preset", "model_config_name_or_path",
+                                                 "pretrained_model_name_or_path", "num_channels")
 # How the training goes on, which a resume takes from its own command (the optimizer's and EMA's included, over
 # what the checkpoint's state holds): said when it differs from the checkpoint's run.
 CHANGEABLE_ON_RESUME = ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",

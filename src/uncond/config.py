@@ -146,6 +146,10 @@ class TrainConfig:
         None, "a UNet2DModel config: Hub id, local folder, pipeline folder or config.json (weights are not loaded)",
         group="model", seed=True)
     model_preset: str | None = setting(None, "a named UNet size; `uncond presets` lists them", group="model")
+    pretrained_model_name_or_path: str | None = setting(
+        None, "start from this model's weights, to fine-tune it on your images: a pipeline folder, a Hub id "
+        "(google/ddpm-cifar10-32) or a checkpoint-N; its UNet, resolution and noise schedule are kept unless given",
+        group="model")
     enable_xformers_memory_efficient_attention: bool = setting(False, "use xformers attention (needs xformers)",
                                                                group="model", seed=True)
 
@@ -383,7 +387,8 @@ IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 # Settings that may name a local file or folder (dataset_name a Hub id too, as for `datasets`)
-LOCAL_PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path", "cache_dir", "inception_weights")
+LOCAL_PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path", "pretrained_model_name_or_path",
+                       "cache_dir", "inception_weights")
 
 
 def absolute_if_local(value: Any) -> Any:

@@ -179,7 +179,9 @@ def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
                               pipeline_tag="unconditional-image-generation",
                               tags=["unconditional-image-generation", "diffusers", "diffusers:DDPMPipeline",
                                     CARD_TAG, "ddpm"],
-                              datasets=[details["hub_dataset"]] if details.get("hub_dataset") else None)
+                              datasets=[details["hub_dataset"]] if details.get("hub_dataset") else None,
+                              base_model=details.get("hub_base_model"))
+    start = f", starting from the weights of {details['pretrained']}," if details.get("pretrained") else ""
     grid = f"![samples]({details['grid']})\n\n" if details.get("grid") else ""
     metrics = "".join(f"| {name} | {value} |\n" for name, value in details.get("metrics", {}).items())
     content = f"""---
@@ -190,7 +192,7 @@ def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
 
 An unconditional image diffusion model ({details['parameters']} parameters,
 {details['resolution']}x{details['resolution']} px, {counted(details['channels'], 'channel')})
-trained with uncond on {details['dataset']}
+trained with uncond on {details['dataset']}{start}
 for {counted(details['steps'], 'optimizer step')} ({counted(details['images_seen'], 'image')} seen).
 
 {grid}## Use

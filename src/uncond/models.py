@@ -110,15 +110,7 @@ def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[st
     if class_name != "UNet2DModel":
         raise UsageError(f"--model_config_name_or_path {name_or_path} describes a {class_name}; uncond trains "
                          "UNet2DModel (unconditional) networks")
-    if unet_config.get("num_class_embeds") is not None or unet_config.get("class_embed_type") is not None:
-        raise UsageError(f"--model_config_name_or_path {name_or_path} describes a class-conditional UNet2DModel "
-                         f"(num_class_embeds {unet_config.get('num_class_embeds')}, class_embed_type "
-                         f"{unet_config.get('class_embed_type')}); uncond trains unconditional networks: set both "
-                         "to null")
-    if unet_config.get("time_embedding_type") == "fourier":  # GaussianFourierProjection takes log(t): NaN at t=0
-        raise UsageError(f"--model_config_name_or_path {name_or_path}: time_embedding_type fourier takes the "
-                         "logarithm of the timestep (it is made for continuous noise levels), and DDPM's timestep 0 "
-                         "makes it NaN; use positional")
+    check_trainable(unet_config, f"--model_config_name_or_path {name_or_path}")
     # A config written by another diffusers version may name settings this one lacks: UNet2DModel.from_config
     # (the seed script's way) drops them with a warning, as here; UNet2DModel(**config) would raise.
     known = inspect.signature(UNet2DModel.__init__).parameters
@@ -133,12 +125,31 @@ def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[st
     return {**defaults, **given}
 
 
+def check_trainable(unet_config: dict[str, Any], given_as: str) -> None:
+    """What a UNet2DModel config can describe that uncond's unconditional DDPM training cannot train."""
+    if unet_config.get("num_class_embeds") is not None or unet_config.get("class_embed_type") is not None:
+        raise UsageError(f"{given_as} describes a class-conditional UNet2DModel (num_class_embeds "
+                         f"{unet_config.get('num_class_embeds')}, class_embed_type "
+                         f"{unet_config.get('class_embed_type')}); uncond trains unconditional networks: set both "
+                         "to null")
+    if unet_config.get("time_embedding_type") == "fourier":  # GaussianFourierProjection takes log(t): NaN at t=0
+        raise UsageError(f"{given_as}: time_embedding_type fourier takes the logarithm of the timestep (it is made "
+                         "for continuous noise levels), and DDPM's timestep 0 makes it NaN; use positional")
+
+
+def model_source(config: TrainConfig) -> str:
+    """The flag that gave the run's UNet config, with its value, for messages."""
+    if config.pretrained_model_name_or_path:
+        return f"--pretrained_model_name_or_path {config.pretrained_model_name_or_path}"
+    return f"--model_config_name_or_path {config.model_config_name_or_path}"
+
+
 def unet_config_for(config: TrainConfig, resolution: int, loaded: dict[str, Any] | None = None) -> dict[str, Any]:
     """The UNet config this run trains, before the channel count is known (channels are set later). `loaded`:
-    --model_config_name_or_path's config when the caller has read it already."""
+    --model_config_name_or_path's config (or the pretrained model's) when the caller has read it already."""
     if config.model_config_name_or_path and config.model_preset:
         raise UsageError("give either --model_preset or --model_config_name_or_path, not both")
-    if config.model_config_name_or_path:
+    if loaded is not None or config.model_config_name_or_path:
         unet_config = dict(loaded) if loaded is not None else load_unet_config(config.model_config_name_or_path,
                                                                                config.cache_dir)
     else:
@@ -147,14 +158,14 @@ def unet_config_for(config: TrainConfig, resolution: int, loaded: dict[str, Any]
     check_resolution(unet_config, resolution)
     learned = unet_config.get("time_embedding_type") == "learned"  # one embedding per timestep, looked up
     if learned and (unet_config.get("num_train_timesteps") or 0) < config.ddpm_num_steps:
-        raise UsageError(f"--model_config_name_or_path {config.model_config_name_or_path}: its learned time "
+        raise UsageError(f"{model_source(config)}: its learned time "
                          f"embedding has {unet_config.get('num_train_timesteps')} timesteps, fewer than "
                          f"--ddpm_num_steps {config.ddpm_num_steps}; set its num_train_timesteps to "
                          f"{config.ddpm_num_steps}")
     try:  # on the meta device: the structure only, in milliseconds, before the data is decoded
         weightless_unet(unet_config)
     except (ValueError, TypeError, KeyError, IndexError) as error:
-        raise UsageError(f"--model_config_name_or_path {config.model_config_name_or_path}: UNet2DModel cannot be "
+        raise UsageError(f"{model_source(config)}: UNet2DModel cannot be "
                          f"built from it ({first_line(error)})") from None
     return unet_config
 

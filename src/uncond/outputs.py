@@ -86,6 +86,8 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
         "title": run.repo_id or run.output_dir.resolve().name,
         "dataset": data_description(config),
         "hub_dataset": hub_dataset_id(config),
+        "pretrained": config.pretrained_model_name_or_path,
+        "hub_base_model": hub_model_id(config.pretrained_model_name_or_path),
         "parameters": run.parameters_in_millions,
         "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
         "steps": run.step, "images_seen": run.images_seen,
@@ -104,6 +106,11 @@ def hub_dataset_id(config: TrainConfig) -> str | None:
     if not name or name.startswith(sources.BUILTIN_PREFIX) or Path(name).exists():
         return None
     return name
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """A Hub model id for the card's base_model; None for a local folder or checkpoint."""
+    return name if name and not Path(name).expanduser().exists() else None
 
 
 @dataclass(frozen=True)

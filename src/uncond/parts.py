@@ -159,11 +159,11 @@ def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str =
     config = plan.config
     if plan.channels_from_model_config:
         if plan.channels_from_model_config == 1 and not all_gray():  # e.g. a config copied from an MNIST model
-            logger.warning(f"--model_config_name_or_path {config.model_config_name_or_path} has in_channels 1: the "
+            logger.warning(f"{models.model_source(config)} has in_channels 1: the "
                            f"colour images are trained as grayscale{judged_from}; a config with in_channels 3 keeps "
                            "their colour")
         if plan.channels_from_model_config == 3 and all_gray():  # the seed script's way: gray copied to RGB
-            logger.warning(f"--model_config_name_or_path {config.model_config_name_or_path} has in_channels 3: the "
+            logger.warning(f"{models.model_source(config)} has in_channels 3: the "
                            f"grayscale images are trained as RGB with three equal channels{judged_from}; a config "
                            "with in_channels 1 trains a 1-channel model of them")
         return plan.channels_from_model_config
@@ -185,6 +185,9 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
 
     set_seed(config.seed)  # identical initial weights on every process
     unet = models.build_unet(unet_config)
+    if plan.pretrained is not None and plan.resume_from is None:  # a resume takes the checkpoint's weights
+        unet.load_state_dict(plan.pretrained.state_dict())
+    plan.pretrained = None  # its copy of the weights is not needed again
     speedups += models.speed_up(unet, config, accelerator.device)
     optimizer, fused = make_optimizer(unet, config, accelerator.device)
     speedups += ["fused AdamW"] * fused + [f"{config.mixed_precision} autocast"] * (config.mixed_precision != "no")

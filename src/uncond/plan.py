@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
+from diffusers import DDPMScheduler
 from diffusers.utils import is_torch_version
 
 from . import checkpoint, data, environment, models, run_folder, sampling, sources
-from .config import TrainConfig, UsageError, counted
+from .config import BETA_SCHEDULES, TrainConfig, UsageError, counted
 
 logger = logging.getLogger("uncond")
 
@@ -36,6 +37,7 @@ class Plan:
     # The run's id in trackers that resume a run by id (W&B): the checkpoint's, so a resumed run goes on in the
     # same tracker run, else a new one
     tracker_run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    pretrained: Any = None  # --pretrained_model_name_or_path's UNet2DModel, whose weights a new run starts from
 
     @property
     def resume_step(self) -> int | None:
@@ -50,7 +52,11 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     if config.model_preset and "resolution" not in explicit:
         config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
     model_config = None  # --model_config_name_or_path's, read once (from the Hub, perhaps)
-    if config.model_config_name_or_path and not config.model_preset:
+    pretrained = None  # --pretrained_model_name_or_path's UNet, with its weights
+    if config.pretrained_model_name_or_path:
+        config, pretrained = adopt_pretrained(config, explicit)
+        model_config = {key: value for key, value in pretrained.config.items() if not key.startswith("_")}
+    elif config.model_config_name_or_path and not config.model_preset:
         model_config = models.load_unet_config(config.model_config_name_or_path, config.cache_dir)
     if model_config is not None and "resolution" not in explicit:
         # As a preset's: the model is trained at the size it was made for (the seed script trained a 32 px config
@@ -59,15 +65,13 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         if isinstance(size, (list, tuple)) and len(set(size)) == 1:  # [64, 64], as diffusers also writes it
             size = size[0]
         if isinstance(size, (list, tuple)):
-            raise UsageError(f"--model_config_name_or_path {config.model_config_name_or_path}: its sample_size "
-                             f"{list(size)} is not square, and uncond trains square images; pass --resolution N "
-                             "to train it at N x N")
+            raise UsageError(f"{models.model_source(config)}: its sample_size {list(size)} is not square, and "
+                             "uncond trains square images; pass --resolution N to train it at N x N")
         if isinstance(size, int):
-            models.check_resolution(model_config, size, f"--model_config_name_or_path "
-                                                        f"{config.model_config_name_or_path}'s sample_size")
+            models.check_resolution(model_config, size, f"{models.model_source(config)}'s sample_size")
         if isinstance(size, int) and size != config.resolution:
-            logger.info(f"--resolution {size}: the sample_size of --model_config_name_or_path "
-                        f"{config.model_config_name_or_path} (give --resolution to train at another size)")
+            logger.info(f"--resolution {size}: the sample_size of {models.model_source(config)} (give --resolution "
+                        "to train at another size)")
             config = config.replace(resolution=size)
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch`
     if launcher_precision and "mixed_precision" not in explicit:
@@ -112,16 +116,16 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
                                 "--ddpm_num_inference_steps" if config.sampler == "ddpm" else "--sample_steps")
     unet_config = models.unet_config_for(config, config.resolution, model_config)
     channels_from_model_config = None
-    if config.model_config_name_or_path:
+    if model_config is not None:
         channels_from_model_config = int(unet_config.get("in_channels", 3))
         out_channels = int(unet_config.get("out_channels", 3))
         if channels_from_model_config not in (1, 3) or out_channels != channels_from_model_config:
-            raise UsageError(f"--model_config_name_or_path {config.model_config_name_or_path}: in_channels "
+            raise UsageError(f"{models.model_source(config)}: in_channels "
                              f"{channels_from_model_config} and out_channels {out_channels}; uncond trains on "
                              "grayscale (1) or RGB (3) images, the same count in and out")
         if config.num_channels != "auto" and int(config.num_channels) != channels_from_model_config:
-            raise UsageError(f"--num_channels {config.num_channels} contradicts --model_config_name_or_path, whose "
-                             f"in_channels is {channels_from_model_config}; drop one of them")
+            raise UsageError(f"--num_channels {config.num_channels} contradicts {models.model_source(config)}, "
+                             f"whose in_channels is {channels_from_model_config}; drop one of them")
     check_tracker(config.logger)
     if config.enable_xformers_memory_efficient_attention and not module_available("xformers"):
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
@@ -144,13 +148,53 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
                              "--use_ema to go on with it, or --no-use_ema to drop it")
     resume_state = checkpoint.read_training_state(resume_from) if resume_from is not None else {}
     plan = Plan(config, unet_config, channels_from_model_config, resume_from, message, resume_state,
-                resume_state.get("tracker_run_id") or secrets.token_hex(4))
+                resume_state.get("tracker_run_id") or secrets.token_hex(4), pretrained)
     if resume_from is not None:
         if config.max_train_steps:  # else the last step is known once the data is
             refuse_resume_past_end(plan, config.max_train_steps)
         for note in checkpoint.resume_notes(resume_from, config, resume_state):
             logger.warning(note)
     return plan
+
+
+# The noise-schedule settings a pretrained model's scheduler gives, unless they are given
+SCHEDULE_OF_THE_MODEL = {"ddpm_num_steps": "num_train_timesteps", "ddpm_beta_schedule": "beta_schedule",
+                         "prediction_type": "prediction_type"}
+
+
+def adopt_pretrained(config: TrainConfig, explicit: set[str] | frozenset[str]) -> tuple[TrainConfig, Any]:
+    """--pretrained_model_name_or_path: its UNet (weights on the CPU) and, unless given, its noise schedule. Loaded
+    here, before the data, so that a model that cannot be fine-tuned is said before any work."""
+    name = config.pretrained_model_name_or_path
+    if config.model_preset or config.model_config_name_or_path:
+        raise UsageError("--pretrained_model_name_or_path gives the UNet: leave out --model_preset and "
+                         "--model_config_name_or_path")
+    try:
+        model = sampling.load_model(name, torch.device("cpu"), torch.float32)
+    except UsageError as error:
+        raise UsageError(f"--pretrained_model_name_or_path {error}") from None
+    models.check_trainable(dict(model.unet.config), f"--pretrained_model_name_or_path {name}")
+    schedule = model.scheduler_config
+    given = {setting: schedule.get(key) for setting, key in SCHEDULE_OF_THE_MODEL.items()
+             if setting not in explicit and schedule.get(key) is not None}
+    for setting, key in SCHEDULE_OF_THE_MODEL.items():
+        if setting in explicit and schedule.get(key) not in (None, getattr(config, setting)):
+            logger.warning(f"--{setting} {getattr(config, setting)}: {name} was trained with {key} "
+                           f"{schedule.get(key)}; the fine-tuning changes it")
+    if given.get("ddpm_beta_schedule", config.ddpm_beta_schedule) not in BETA_SCHEDULES:
+        raise UsageError(f"--pretrained_model_name_or_path {name}: its noise schedule's beta_schedule "
+                         f"{given['ddpm_beta_schedule']} is not one uncond trains with; pass --ddpm_beta_schedule")
+    config = config.replace(**given)
+    ours = sampling.training_noise_scheduler(config.to_dict()).betas
+    theirs = DDPMScheduler.from_config(schedule).betas
+    chosen = explicit & {"ddpm_num_steps", "ddpm_beta_schedule"}  # other betas, asked for
+    if not chosen and (len(ours) != len(theirs) or not torch.allclose(ours, theirs)):
+        raise UsageError(f"--pretrained_model_name_or_path {name}: its noise schedule's betas (beta_start "
+                         f"{schedule.get('beta_start')}, beta_end {schedule.get('beta_end')}) are not those uncond "
+                         f"trains with for --ddpm_beta_schedule {config.ddpm_beta_schedule}; fine-tuning on other "
+                         "betas would change what the model does: pass --ddpm_beta_schedule to choose them anyway")
+    logger.info(f"starting from the weights of {model.description}")
+    return config, model.unet
 
 
 def signal_left_at_the_end(config: TrainConfig, noise_scheduler: Any) -> str | None:
@@ -335,7 +379,8 @@ def check_processes(plan: Plan, accelerator: Accelerator) -> None:
 # would be printed).
 PER_MACHINE_SETTINGS = {"local_rank", "cache_dir", "train_data_dir", "dataset_name", "inception_weights",
                         "dataloader_num_workers", "hub_token"}
-PATH_SETTINGS = ("output_dir", "model_config_name_or_path", "resume_from_checkpoint")  # compared where they lead
+PATH_SETTINGS = ("output_dir", "model_config_name_or_path", "pretrained_model_name_or_path",
+                 "resume_from_checkpoint")  # compared where they lead
 RESUMED_STEP = "the step resumed from"
 
 
