@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -285,11 +286,14 @@ def test_evaluate_under_several_processes_points_to_sampling_on_them_first(run_c
                               "launch -m uncond sample MODEL --output_dir DIR`, then `uncond evaluate DIR`")
 
 
-def test_sample_of_a_file_or_component_of_a_pipeline_names_the_pipeline_folder(run_cli, pipeline):
-    for inside, kind in (("model_index.json", "a file"), ("unet", "a component folder")):
-        code, _, err = run_cli("sample", pipeline / inside)
-        one_line_error(code, err, f"not a diffusers pipeline folder (no model_index.json) (it is {kind} of the "
-                                  f"pipeline folder {pipeline}; pass that folder)")
+def test_sample_of_a_file_or_component_of_a_pipeline_names_the_pipeline_folder(run_cli, pipeline, tmp_path):
+    run = shutil.copytree(pipeline, tmp_path / "run")  # a training run's export: its unet/ was taken for a
+    (run / "training_config.json").write_text("{}")    # checkpoint's trained weights (they are the EMA's)
+    for folder in pipeline, run:
+        for inside, kind in (("model_index.json", "a file"), ("unet", "a component folder")):
+            code, _, err = run_cli("sample", folder / inside)
+            one_line_error(code, err, f"not a diffusers pipeline folder (no model_index.json) (it is {kind} of the "
+                                      f"pipeline folder {folder}; pass that folder)")
 
 
 def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_in_inception, tmp_path):

@@ -344,7 +344,9 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     if is_checkpoint(path) and (path / RUN_CONFIG_FILE).is_file() and not (path / "model_index.json").is_file():
         return load_checkpoint(path, name_or_path, device, dtype)
     if path.name in CHECKPOINT_WEIGHTS and path.is_dir() and (path.parent / RUN_CONFIG_FILE).is_file() \
-            and is_checkpoint(path.parent):  # one of its two sets of weights: unet/ is the trained one, without EMA
+            and is_checkpoint(path.parent) and not (path.parent / "model_index.json").is_file():
+        # one of a checkpoint's two sets of weights: unet/ is the trained one, without EMA (a run folder's unet/ is
+        # its export's, which holds the EMA weights where the run kept them)
         return load_checkpoint(path.parent, name_or_path, device, dtype, weights=path.name)
     if path.exists():
         if not (path / "model_index.json").is_file():
