@@ -48,7 +48,8 @@ class Plan:
 
 
 def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> Plan:
-    """Every check that needs no decoding and no model weights. Raises UsageError with one clear line."""
+    """Every check that needs no decoding and no model weights (but a model to fine-tune, loaded here once).
+    Raises UsageError with one clear line."""
     if config.model_preset and "resolution" not in explicit:
         config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
     model_config = None  # --model_config_name_or_path's, read once (from the Hub, perhaps)
