@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1339,17 +1340,20 @@ def test_the_same_run_is_known_from_any_working_folder(run_cli, color_folder, ti
     the same, complete; and its training_config.json is reused with --config from anywhere."""
     (tmp_path / "jobs" / "nightly").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "jobs" / "nightly")
-    args = fast_train_args("../../color", tiny_unet, "../run", "--max_train_steps", "1")
+    args = fast_train_args("../../color", tiny_unet, "../run", "--max_train_steps", "1", "--overwrite_output_dir")
     assert run_cli(*args)[0] == 0
     settings = json.loads((tmp_path / "jobs" / "run" / "training_config.json").read_text())
     assert settings["train_data_dir"] == str(color_folder)  # as it leads, not as typed
+    assert settings["output_dir"] == str(tmp_path / "jobs" / "run") and "overwrite_output_dir" not in settings
     monkeypatch.chdir(tmp_path)
     for images in "color", str(color_folder), "./jobs/../color/":
         code, _, err = run_cli(*fast_train_args(images, tiny_unet, "jobs/run", "--max_train_steps", "1"))
         assert code == 0 and "is complete at step 1" in err, err
-    monkeypatch.chdir(tmp_path / "jobs")  # the recorded settings, from yet another folder: the same data
-    code, _, err = run_cli("train", "--config", "run/training_config.json", "--output_dir", "again",
-                           "--max_train_steps", "1")
+    monkeypatch.chdir(tmp_path / "jobs")  # the recorded settings, from yet another folder: the same run, complete
+    code, _, err = run_cli("train", "--config", "run/training_config.json")  # (it started another run here, or with
+    assert code == 0 and "is complete at step 1" in err, err                 # --overwrite_output_dir replaced it)
+    assert "ignored" not in err  # every setting in the file is given, but not otherwise than by default
+    code, _, err = run_cli("train", "--config", "run/training_config.json", "--output_dir", "again")
     assert code == 0, err
     assert json.loads((tmp_path / "jobs" / "again" / "training_config.json").read_text())["train_data_dir"] == \
         str(color_folder)
@@ -1402,18 +1406,19 @@ def test_fine_tuning_starts_from_a_models_weights_and_schedule(run_cli, color_fo
     one's own earlier run); --model_config_name_or_path takes the architecture alone."""
     first = tmp_path / "first"
     assert run_cli(*fast_train_args(color_folder, tiny_unet, first, "--max_train_steps", "2", "--prediction_type",
-                                    "v_prediction", "--ddpm_num_steps", "500", "--checkpointing_steps", "2"))[0] == 0
-    trained = load_file(first / "unet" / WEIGHTS)
+                                    "v_prediction", "--ddpm_num_steps", "500", "--checkpointing_steps", "2",
+                                    "--use_ema"))[0] == 0
+    exported = load_file(first / "unet" / WEIGHTS)  # the EMA weights, as are checkpoint-2's by default
     # barely moved by one step at a learning rate of 1e-12: the weights it starts from are the model's
     still = ("--max_train_steps", "1", "--learning_rate", "1e-12", "--lr_scheduler", "constant", "--lr_warmup_steps",
              "0")
-    for start in (first, first / "checkpoint-2"):
+    for start in (first, first / "checkpoint-2"):  # (an EMA checkpoint's config: a TypeError on its `decay`)
         out = tmp_path / f"tuned-{start.name}"
         code, _, err = run_cli(*fast_train_args(color_folder, "", out, "--pretrained_model_name_or_path", start,
                                                 *still))
         assert code == 0 and "starting from the weights of " in err, err
         tuned = load_file(out / "unet" / WEIGHTS)
-        assert all(torch.allclose(tuned[name], trained[name], atol=1e-6) for name in trained)
+        assert all(torch.allclose(tuned[name], exported[name], atol=1e-6) for name in exported)
         settings = json.loads((out / "training_config.json").read_text())
         assert (settings["prediction_type"], settings["ddpm_num_steps"], settings["resolution"]) == \
                ("v_prediction", 500, 16)  # the model's schedule and size, not the defaults (epsilon, 1000, 64)
@@ -1421,12 +1426,23 @@ def test_fine_tuning_starts_from_a_models_weights_and_schedule(run_cli, color_fo
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "fresh", *still))  # other weights
     assert code == 0, err
     fresh = load_file(tmp_path / "fresh" / "unet" / WEIGHTS)
-    assert not torch.allclose(fresh["conv_in.weight"], trained["conv_in.weight"])
+    assert not torch.allclose(fresh["conv_in.weight"], exported["conv_in.weight"])
+    # the model gone, its fine-tuning goes on from its checkpoint, with the settings it took from the model
+    base = Path(shutil.copytree(first, tmp_path / "base"))
+    tuned_args = fast_train_args(color_folder, "", tmp_path / "tuned-base", "--pretrained_model_name_or_path", base,
+                                 *still)
+    assert run_cli(*tuned_args)[0] == 0
+    shutil.rmtree(base)
+    code, _, err = run_cli(*tuned_args)
+    assert code == 0 and "is complete at step 1" in err, err
+    code, _, err = run_cli(*tuned_args, "--max_train_steps", "2")
+    assert code == 0 and "resuming from checkpoint-1 at step 1" in err, err
     # given otherwise, said; with another model's description, refused
     code, _, err = run_cli(*fast_train_args(color_folder, "", tmp_path / "eps", "--pretrained_model_name_or_path",
-                                            first, "--prediction_type", "epsilon", "--dry_run"))
+                                            first, "--prediction_type", "epsilon", "--resolution", "32", "--dry_run"))
     assert code == 0 and f"--prediction_type epsilon: {first} was trained with prediction_type v_prediction; the " \
                          "fine-tuning changes it" in err, err
+    assert f"--resolution 32: {first} was trained at 16 px; the fine-tuning changes it" in err
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "both",
                                             "--pretrained_model_name_or_path", first, "--dry_run"))
     one_line_error(code, err, "--pretrained_model_name_or_path gives the UNet: leave out --model_preset and "

@@ -279,12 +279,18 @@ class TrainConfig:
             values.pop("hub_token")
         return values
 
+    def to_record(self) -> dict[str, Any]:
+        """training_config.json, and --dry_run's stdout: the settings with local paths made absolute, so that the run
+        is known for the same (and the file passed back with --config) from any working folder; without what a
+        command does once (--overwrite_output_dir, --resume_from_checkpoint), which the file passed back would do
+        again: replace the finished run, or go back to an old checkpoint."""
+        values = {key: value for key, value in self.to_dict().items() if key not in ONE_TIME_SETTINGS}
+        values.update({key: absolute_if_local(values[key]) for key in LOCAL_PATH_SETTINGS},
+                      output_dir=os.path.abspath(self.output_dir))
+        return values
+
     def save(self, path: Path) -> None:
-        """training_config.json: local paths made absolute, so that the run is known for the same (and the file
-        reused with --config) from any working folder."""
-        values = self.to_dict()
-        values.update({key: absolute_if_local(values[key]) for key in LOCAL_PATH_SETTINGS})
-        path.write_text(json.dumps(values, indent=2) + "\n")
+        path.write_text(json.dumps(self.to_record(), indent=2) + "\n")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -386,6 +392,8 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # a run's checkpoint folder
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+# What one command does, not a setting of the run: left out of training_config.json (TrainConfig.to_record)
+ONE_TIME_SETTINGS = ("overwrite_output_dir", "resume_from_checkpoint", "dry_run", "local_rank")
 # Settings that may name a local file or folder (dataset_name a Hub id too, as for `datasets`)
 LOCAL_PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path", "pretrained_model_name_or_path",
                        "cache_dir", "inception_weights")

@@ -118,7 +118,13 @@ def load_unet_config(name_or_path: str, cache_dir: str | None = None) -> dict[st
     if unknown:
         logger.warning(f"--model_config_name_or_path {name_or_path}: ignoring {', '.join(unknown)}, which this "
                        f"diffusers version's UNet2DModel does not take")
-    # Settings the file leaves out take UNet2DModel's defaults, as from_config gives them.
+    return unet_settings(unet_config)
+
+
+def unet_settings(unet_config: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a saved UNet config that UNet2DModel takes, those it leaves out at UNet2DModel's defaults (as
+    from_config gives them): without diffusers' _keys, or an EMA's own (decay, inv_gamma...) in a checkpoint's."""
+    known = inspect.signature(UNet2DModel.__init__).parameters
     defaults = {name: parameter.default for name, parameter in known.items()
                 if name != "self" and parameter.default is not inspect.Parameter.empty}
     given = {key: value for key, value in unet_config.items() if not key.startswith("_") and key in known}
@@ -158,10 +164,10 @@ def unet_config_for(config: TrainConfig, resolution: int, loaded: dict[str, Any]
     check_resolution(unet_config, resolution)
     learned = unet_config.get("time_embedding_type") == "learned"  # one embedding per timestep, looked up
     if learned and (unet_config.get("num_train_timesteps") or 0) < config.ddpm_num_steps:
-        raise UsageError(f"{model_source(config)}: its learned time "
-                         f"embedding has {unet_config.get('num_train_timesteps')} timesteps, fewer than "
-                         f"--ddpm_num_steps {config.ddpm_num_steps}; set its num_train_timesteps to "
-                         f"{config.ddpm_num_steps}")
+        has = f"{unet_config['num_train_timesteps']} timesteps" if unet_config.get("num_train_timesteps") else \
+            "no num_train_timesteps"
+        raise UsageError(f"{model_source(config)}: its learned time embedding has {has}, fewer than --ddpm_num_steps "
+                         f"{config.ddpm_num_steps}; set its num_train_timesteps to {config.ddpm_num_steps}")
     try:  # on the meta device: the structure only, in milliseconds, before the data is decoded
         weightless_unet(unet_config)
     except (ValueError, TypeError, KeyError, IndexError) as error:

@@ -158,14 +158,14 @@ def check_same_images(accelerator: Accelerator, count: int) -> None:
 def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str = "") -> int:
     config = plan.config
     if plan.channels_from_model_config:
+        other = "a model" if config.pretrained_model_name_or_path else "a config"
         if plan.channels_from_model_config == 1 and not all_gray():  # e.g. a config copied from an MNIST model
-            logger.warning(f"{models.model_source(config)} has in_channels 1: the "
-                           f"colour images are trained as grayscale{judged_from}; a config with in_channels 3 keeps "
-                           "their colour")
+            logger.warning(f"{models.model_source(config)} has in_channels 1: the colour images are trained as "
+                           f"grayscale{judged_from}; {other} with in_channels 3 keeps their colour")
         if plan.channels_from_model_config == 3 and all_gray():  # the seed script's way: gray copied to RGB
-            logger.warning(f"{models.model_source(config)} has in_channels 3: the "
-                           f"grayscale images are trained as RGB with three equal channels{judged_from}; a config "
-                           "with in_channels 1 trains a 1-channel model of them")
+            logger.warning(f"{models.model_source(config)} has in_channels 3: the grayscale images are trained as "
+                           f"RGB with three equal channels{judged_from}; {other} with in_channels 1 trains a "
+                           "1-channel model of them")
         return plan.channels_from_model_config
     if config.num_channels != "auto":
         return int(config.num_channels)

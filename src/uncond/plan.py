@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 from diffusers.utils import is_torch_version
 
 from . import checkpoint, data, environment, models, run_folder, sampling, sources
-from .config import BETA_SCHEDULES, TrainConfig, UsageError, counted
+from .config import BETA_SCHEDULES, SETTINGS, TrainConfig, UsageError, counted
 
 logger = logging.getLogger("uncond")
 
@@ -55,8 +55,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     model_config = None  # --model_config_name_or_path's, read once (from the Hub, perhaps)
     pretrained = None  # --pretrained_model_name_or_path's UNet, with its weights
     if config.pretrained_model_name_or_path:
-        config, pretrained = adopt_pretrained(config, explicit)
-        model_config = {key: value for key, value in pretrained.config.items() if not key.startswith("_")}
+        config, pretrained, model_config = adopt_pretrained(config, explicit)
     elif config.model_config_name_or_path and not config.model_preset:
         model_config = models.load_unet_config(config.model_config_name_or_path, config.cache_dir)
     if model_config is not None and "resolution" not in explicit:
@@ -65,6 +64,8 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         size = model_config.get("sample_size")
         if isinstance(size, (list, tuple)) and len(set(size)) == 1:  # [64, 64], as diffusers also writes it
             size = size[0]
+        if size is not None and not isinstance(size, (int, list, tuple)):  # "16" was ignored: 64 px
+            raise UsageError(f"{models.model_source(config)}: its sample_size {size!r} is not a number of pixels")
         if isinstance(size, (list, tuple)):
             raise UsageError(f"{models.model_source(config)}: its sample_size {list(size)} is not square, and "
                              "uncond trains square images; pass --resolution N to train it at N x N")
@@ -82,7 +83,8 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     if "ddpm_num_inference_steps" in explicit and "sampler" not in explicit:
         # The seed script's flag, given: its grids were DDPM's, with that many steps.
         config = config.replace(sampler="ddpm")
-    elif "ddpm_num_inference_steps" in explicit and config.sampler != "ddpm":  # a migrated script, and a new flag
+    elif given_otherwise(config, explicit, "ddpm_num_inference_steps") and config.sampler != "ddpm":
+        # a migrated script, and a new flag
         logger.warning(f"--ddpm_num_inference_steps {config.ddpm_num_inference_steps} is for the ddpm sampler; the "
                        f"previews use --sampler {config.sampler} with --sample_steps {config.sample_steps}")
     if "ddpm_num_inference_steps" not in explicit and config.ddpm_num_inference_steps > config.ddpm_num_steps:
@@ -163,13 +165,21 @@ SCHEDULE_OF_THE_MODEL = {"ddpm_num_steps": "num_train_timesteps", "ddpm_beta_sch
                          "prediction_type": "prediction_type"}
 
 
-def adopt_pretrained(config: TrainConfig, explicit: set[str] | frozenset[str]) -> tuple[TrainConfig, Any]:
-    """--pretrained_model_name_or_path: its UNet (weights on the CPU) and, unless given, its noise schedule. Loaded
-    here, before the data, so that a model that cannot be fine-tuned is said before any work."""
+def adopt_pretrained(config: TrainConfig, explicit: set[str] | frozenset[str]
+                     ) -> tuple[TrainConfig, Any, dict[str, Any]]:
+    """--pretrained_model_name_or_path: its UNet (weights on the CPU), its UNet config and, unless given, its noise
+    schedule. Loaded here, before the data, so that a model that cannot be fine-tuned is said before any work. A
+    run that goes on from a checkpoint takes those of its checkpoint: the model need not be there any more."""
     name = config.pretrained_model_name_or_path
     if config.model_preset or config.model_config_name_or_path:
         raise UsageError("--pretrained_model_name_or_path gives the UNet: leave out --model_preset and "
                          "--model_config_name_or_path")
+    resume_from, _ = run_folder.find_resume_checkpoint(config)
+    saved_unet = checkpoint.checkpoint_unet_config(resume_from) if resume_from is not None else None
+    if saved_unet is not None:
+        saved = checkpoint.saved_run_config(resume_from)
+        return (config.replace(**{key: saved[key] for key in SCHEDULE_OF_THE_MODEL
+                                  if key in saved and key not in explicit}), None, models.unet_settings(saved_unet))
     try:
         model = sampling.load_model(name, torch.device("cpu"), torch.float32)
     except UsageError as error:
@@ -190,12 +200,18 @@ def adopt_pretrained(config: TrainConfig, explicit: set[str] | frozenset[str]) -
     theirs = DDPMScheduler.from_config(schedule).betas
     chosen = explicit & {"ddpm_num_steps", "ddpm_beta_schedule"}  # other betas, asked for
     if not chosen and (len(ours) != len(theirs) or not torch.allclose(ours, theirs)):
-        raise UsageError(f"--pretrained_model_name_or_path {name}: its noise schedule's betas (beta_start "
-                         f"{schedule.get('beta_start')}, beta_end {schedule.get('beta_end')}) are not those uncond "
-                         f"trains with for --ddpm_beta_schedule {config.ddpm_beta_schedule}; fine-tuning on other "
-                         "betas would change what the model does: pass --ddpm_beta_schedule to choose them anyway")
+        betas = "trained_betas" if schedule.get("trained_betas") is not None else \
+            f"beta_start {schedule.get('beta_start')}, beta_end {schedule.get('beta_end')}"
+        raise UsageError(f"--pretrained_model_name_or_path {name}: its noise schedule's betas ({betas}) are not "
+                         f"those uncond trains with for --ddpm_beta_schedule {config.ddpm_beta_schedule}; fine-tuning "
+                         "on other betas would change what the model does: pass --ddpm_beta_schedule to choose them "
+                         "anyway")
+    size = model.unet.config.sample_size
+    if "resolution" in explicit and size not in (config.resolution, [config.resolution] * 2):
+        logger.warning(f"--resolution {config.resolution}: {name} was trained at {size} px; the fine-tuning "
+                       "changes it")
     logger.info(f"starting from the weights of {model.description}")
-    return config, model.unet
+    return config, model.unet, models.unet_settings(dict(model.unet.config))
 
 
 def signal_left_at_the_end(config: TrainConfig, noise_scheduler: Any) -> str | None:
@@ -223,17 +239,25 @@ def ignored_settings(config: TrainConfig, explicit: set[str] | frozenset[str]) -
         warnings.append(f"{', '.join('--' + name for name in hub_flags)}: used only to upload the model, and "
                         "--push_to_hub is not given: nothing will be uploaded")
     ema_flags = [name for name in ("ema_max_decay", "ema_inv_gamma", "ema_power", "ema_update_every")
-                 if name in explicit]
+                 if given_otherwise(config, explicit, name)]
     if ema_flags and not config.use_ema:
         warnings.append(f"{', '.join('--' + name for name in ema_flags)}: ignored without --use_ema (no EMA of the "
                         "weights is kept)")
-    if "lr_warmup_steps" in explicit and config.lr_warmup_steps and config.lr_scheduler in SCHEDULES_WITHOUT_WARMUP:
+    if given_otherwise(config, explicit, "lr_warmup_steps") and config.lr_warmup_steps \
+            and config.lr_scheduler in SCHEDULES_WITHOUT_WARMUP:
         warnings.append(f"--lr_warmup_steps {config.lr_warmup_steps} is ignored: --lr_scheduler {config.lr_scheduler} "
                         "has no warmup" + " (constant_with_warmup has)" * (config.lr_scheduler == "constant"))
     warnings += [f"--{name} is ignored: it applies to --lr_scheduler {schedule}, not {config.lr_scheduler}"
                  for name, schedule in SCHEDULE_OPTIONS.items()
-                 if name in explicit and name != "lr_step_rules" and config.lr_scheduler != schedule]
+                 if name != "lr_step_rules" and given_otherwise(config, explicit, name)
+                 and config.lr_scheduler != schedule]
     return warnings
+
+
+def given_otherwise(config: TrainConfig, explicit: set[str] | frozenset[str], name: str) -> bool:
+    """A setting given a value other than its default: a config file that lists every setting (a run's
+    training_config.json passed back) does not give them all."""
+    return name in explicit and getattr(config, name) != SETTINGS[name].default
 
 
 def refuse_resume_past_end(plan: Plan, last_step: int) -> None:
@@ -420,7 +444,7 @@ def dry_run(plan: Plan) -> None:
     batches = (data.Order(len(source.records), config.train_batch_size, 0, processes).batches_per_epoch
                if source else config.max_train_steps * config.gradient_accumulation_steps)  # a stream: one epoch
     steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
-    print(json.dumps(config.to_dict(), indent=2))  # stdout holds the settings alone: `--dry_run > settings.json`
+    print(json.dumps(config.to_record(), indent=2))  # stdout holds the settings alone: `--dry_run > settings.json`
     logger.info(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
     logger.info(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
     total_steps = config.max_train_steps or steps_per_epoch * config.num_epochs
