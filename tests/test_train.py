@@ -1450,3 +1450,17 @@ def test_fine_tuning_starts_from_a_models_weights_and_schedule(run_cli, color_fo
     code, _, err = run_cli(*fast_train_args(color_folder, "", tmp_path / "none", "--pretrained_model_name_or_path",
                                             tmp_path / "missing", "--dry_run"))
     one_line_error(code, err, f"--pretrained_model_name_or_path {tmp_path / 'missing'}: no such folder")
+
+def test_progress_lines_are_not_repeated(capsys, monkeypatch):
+    """tqdm's monitor thread redraws a bar not drawn for 10 s: in a log file, an extra line 19 s after each, and
+    the last line twice."""
+    from uncond import progress
+
+    monkeypatch.setenv("TQDM_MININTERVAL", "3600")
+    bar = progress.progress_bar(total=4, desc="training", unit="step")
+    assert isinstance(bar, progress.ProgressLines) and bar.miniters == 1  # the monitor redraws only miniters > 1
+    bar.update(4)
+    bar.refresh()  # as the monitor, or a log line written through tqdm, redraws it
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["training: 0/4 steps (0%)", "training: 4/4 steps (100%)"]

@@ -32,8 +32,11 @@ class ProgressLines(tqdm):
     """tqdm's bar as a line of its own: at the start, at most every LOG_PERIOD seconds, and at the end."""
 
     def __init__(self, *args: Any, **options: Any) -> None:
-        options.update(mininterval=float(os.environ.get("TQDM_MININTERVAL", LOG_PERIOD)), bar_format=LINE_FORMAT,
-                       dynamic_ncols=False)
+        # miniters=1: each update looks at the clock (cheap), and tqdm's monitor thread, which redraws a bar that
+        # has not been drawn for 10 s, leaves this one alone (it added a line 19 s after each).
+        options.update(mininterval=float(os.environ.get("TQDM_MININTERVAL", LOG_PERIOD)), miniters=1,
+                       bar_format=LINE_FORMAT, dynamic_ncols=False)
+        self.shown: int | None = None  # the count of the last line written
         super().__init__(*args, **options)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
@@ -41,13 +44,14 @@ class ProgressLines(tqdm):
             return False
         self.fp.write((str(self) if msg is None else msg) + "\n")
         self.fp.flush()
+        self.shown = self.n
         return True
 
     def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **values: Any) -> None:
         super().set_postfix(ordered_dict, refresh=False, **values)  # shown in the next line, not a line of its own
 
     def close(self) -> None:
-        if not self.disable and self.n != self.last_print_n:  # the end, if the last line was not of it
+        if not self.disable and self.n != self.shown:  # the end, if the last line was not of it
             self.display()
         self.leave = False  # else tqdm draws the last line again
         super().close()
