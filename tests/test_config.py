@@ -131,6 +131,8 @@ def test_config_file_errors_are_one_line(tmp_path, content, message):
     (("--dataset_name", "x", "--lr_scheduler", "polynomial", "--learning_rate", "1e-8"),
      "--lr_scheduler polynomial decays to 1e-07, so --learning_rate 1e-08 must be above that"),
     (("--dataset_name", "x", "--lr_num_cycles", "0"), "--lr_num_cycles is 0; it must be at least 1"),
+    (("--dataset_name", "x", "--ddpm_beta_start", "0.03"), "--ddpm_beta_start 0.03 and --ddpm_beta_end 0.02: they "
+                                                           "must rise from above 0 to below 1"),
 ])
 def test_invalid_settings_are_refused(argv, message):
     with pytest.raises(UsageError) as error:

@@ -489,6 +489,9 @@ def test_flags_that_do_nothing_here_are_said_to(run_cli, color_folder, tiny_unet
     assert "--hub_model_id, --hub_private_repo: used only to upload the model, and --push_to_hub is not given" in err
     assert "--ema_power: ignored without --use_ema" in err
     assert "--lr_num_cycles is ignored: it applies to --lr_scheduler cosine_with_restarts, not cosine" in err
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--dry_run",
+                                            "--ddpm_beta_schedule", "squaredcos_cap_v2", "--ddpm_beta_end", "0.03"))
+    assert code == 0 and "--ddpm_beta_end: ignored by --ddpm_beta_schedule squaredcos_cap_v2" in err, err
 
 
 def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
@@ -1464,3 +1467,23 @@ def test_progress_lines_are_not_repeated(capsys, monkeypatch):
     bar.close()
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(",")[0] for line in lines] == ["training: 0/4 steps (0%)", "training: 4/4 steps (100%)"]
+
+
+def test_a_schedule_of_other_betas_trains_and_is_fine_tuned_with_them(run_cli, color_folder, tiny_unet, tmp_path):
+    """Stable Diffusion's scaled_linear betas (0.00085 to 0.012): no flag gave them, so a model trained on them
+    could not be fine-tuned (refused: its betas were not those of --ddpm_beta_schedule)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    betas = ("--ddpm_beta_schedule", "scaled_linear", "--ddpm_beta_start", "0.00085", "--ddpm_beta_end", "0.012")
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "sd", "--max_train_steps", "1", *betas))[0] == 0
+    exported = DDPMScheduler.from_pretrained(tmp_path / "sd" / "scheduler")
+    assert (exported.config.beta_start, exported.config.beta_end) == (0.00085, 0.012)
+    expected = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).betas
+    assert torch.equal(exported.betas, expected) and torch.equal(DDIMScheduler.from_config(exported.config).betas,
+                                                                 expected)
+    code, stdout, err = run_cli(*fast_train_args(color_folder, "", tmp_path / "tuned", "--dry_run",
+                                                 "--pretrained_model_name_or_path", tmp_path / "sd"))
+    assert code == 0, err
+    settings = json.loads(stdout)
+    assert (settings["ddpm_beta_schedule"], settings["ddpm_beta_start"], settings["ddpm_beta_end"]) == \
+           ("scaled_linear", 0.00085, 0.012)

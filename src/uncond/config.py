@@ -158,6 +158,9 @@ class TrainConfig:
                                    choices=PREDICTION_TYPES, seed=True)
     ddpm_num_steps: int = setting(1000, "diffusion timesteps in training", group="diffusion", seed=True)
     ddpm_beta_schedule: str = setting("linear", "noise schedule", group="diffusion", choices=BETA_SCHEDULES, seed=True)
+    ddpm_beta_start: float = setting(0.0001, "the first beta of the linear, scaled_linear and sigmoid schedules "
+                                     "(Stable Diffusion's scaled_linear: 0.00085)", group="diffusion")
+    ddpm_beta_end: float = setting(0.02, "their last beta (Stable Diffusion's: 0.012)", group="diffusion")
     snr_gamma: float | None = setting(None, "min-SNR loss weighting with this gamma (5.0 is usual; Hang et al. 2023)",
                                       group="diffusion")
     noise_offset: float | None = setting(None, "add this much per-channel offset noise (0.05-0.1 helps very dark or "
@@ -635,6 +638,9 @@ def validate(config: TrainConfig) -> None:
             raise UsageError(f"--{name} is {getattr(config, name)}; it must be positive")
     if config.snr_gamma is not None and config.snr_gamma <= 0:
         raise UsageError(f"--snr_gamma is {config.snr_gamma}; it must be positive (5.0 is usual)")
+    if not 0 < config.ddpm_beta_start < config.ddpm_beta_end < 1:
+        raise UsageError(f"--ddpm_beta_start {config.ddpm_beta_start} and --ddpm_beta_end {config.ddpm_beta_end}: "
+                         "they must rise from above 0 to below 1 (0.0001 and 0.02 are DDPM's)")
     for name in ("adam_beta1", "adam_beta2", "ema_max_decay"):
         if not 0 <= getattr(config, name) < 1:
             raise UsageError(f"--{name} is {getattr(config, name)}; it must be in [0, 1)")

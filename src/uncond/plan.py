@@ -162,6 +162,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
 
 # The noise-schedule settings a pretrained model's scheduler gives, unless they are given
 SCHEDULE_OF_THE_MODEL = {"ddpm_num_steps": "num_train_timesteps", "ddpm_beta_schedule": "beta_schedule",
+                         "ddpm_beta_start": "beta_start", "ddpm_beta_end": "beta_end",
                          "prediction_type": "prediction_type"}
 
 
@@ -198,14 +199,14 @@ def adopt_pretrained(config: TrainConfig, explicit: set[str] | frozenset[str]
     config = config.replace(**given)
     ours = sampling.training_noise_scheduler(config.to_dict()).betas
     theirs = DDPMScheduler.from_config(schedule).betas
-    chosen = explicit & {"ddpm_num_steps", "ddpm_beta_schedule"}  # other betas, asked for
+    chosen = explicit & {"ddpm_num_steps", "ddpm_beta_schedule", "ddpm_beta_start", "ddpm_beta_end"}  # asked for
     if not chosen and (len(ours) != len(theirs) or not torch.allclose(ours, theirs)):
         betas = "trained_betas" if schedule.get("trained_betas") is not None else \
             f"beta_start {schedule.get('beta_start')}, beta_end {schedule.get('beta_end')}"
         raise UsageError(f"--pretrained_model_name_or_path {name}: its noise schedule's betas ({betas}) are not "
                          f"those uncond trains with for --ddpm_beta_schedule {config.ddpm_beta_schedule}; fine-tuning "
-                         "on other betas would change what the model does: pass --ddpm_beta_schedule to choose them "
-                         "anyway")
+                         "on other betas would change what the model does: pass --ddpm_beta_schedule (and "
+                         "--ddpm_beta_start, --ddpm_beta_end) to choose them anyway")
     size = model.unet.config.sample_size
     if "resolution" in explicit and size not in (config.resolution, [config.resolution] * 2):
         logger.warning(f"--resolution {config.resolution}: {name} was trained at {size} px; the fine-tuning "
@@ -243,6 +244,11 @@ def ignored_settings(config: TrainConfig, explicit: set[str] | frozenset[str]) -
     if ema_flags and not config.use_ema:
         warnings.append(f"{', '.join('--' + name for name in ema_flags)}: ignored without --use_ema (no EMA of the "
                         "weights is kept)")
+    if config.ddpm_beta_schedule in ("squaredcos_cap_v2", "laplace"):  # their betas come from a formula of their own
+        betas = [name for name in ("ddpm_beta_start", "ddpm_beta_end") if given_otherwise(config, explicit, name)]
+        if betas:
+            warnings.append(f"{', '.join('--' + name for name in betas)}: ignored by --ddpm_beta_schedule "
+                            f"{config.ddpm_beta_schedule}")
     if given_otherwise(config, explicit, "lr_warmup_steps") and config.lr_warmup_steps \
             and config.lr_scheduler in SCHEDULES_WITHOUT_WARMUP:
         warnings.append(f"--lr_warmup_steps {config.lr_warmup_steps} is ignored: --lr_scheduler {config.lr_scheduler} "

@@ -277,7 +277,8 @@ def interrupted_before_first_checkpoint(output_dir: Path, config: TrainConfig) -
     if not state_file.is_file() or not config_file.is_file() or json.loads(state_file.read_text()).get("finished"):
         return False
     saved, current = json.loads(config_file.read_text()), config.to_dict()
-    return all(same_place(saved.get(key), current[key]) for key in SAME_RUN_KEYS)
+    # (settings added since a run was written are not in its file, and were then at their defaults' values)
+    return all(same_place(saved[key], current[key]) for key in SAME_RUN_KEYS if key in saved)
 
 
 def run_outputs(output_dir: Path, logging_dir: str) -> tuple[list[Path], list[Path]]:

@@ -65,7 +65,10 @@ def training_noise_scheduler(run_config: dict[str, Any]) -> DDPMScheduler:
     beta_schedule = run_config["ddpm_beta_schedule"]
     try:
         scheduler = DDPMScheduler(num_train_timesteps=run_config["ddpm_num_steps"], beta_schedule=beta_schedule,
-                                  prediction_type=run_config["prediction_type"])
+                                  prediction_type=run_config["prediction_type"],
+                                  # runs before these settings recorded none: DDPM's
+                                  beta_start=run_config.get("ddpm_beta_start", 0.0001),
+                                  beta_end=run_config.get("ddpm_beta_end", 0.02))
     except NotImplementedError:
         raise UsageError(f"--ddpm_beta_schedule {beta_schedule}: this diffusers version's DDPMScheduler does not "
                          "implement it") from None
