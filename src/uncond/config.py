@@ -439,15 +439,15 @@ def value_type(name: str, config_class: type = TrainConfig) -> type:
 
 def coerce(name: str, value: Any, config_class: type = TrainConfig) -> Any:
     """Turn a config-file or flag value into the setting's type, or say what is wrong."""
+    spec = next(spec for spec in fields(config_class) if spec.name == name)
     if value is None:  # `resolution:` left empty in YAML, or JSON's null
         if type(None) in typing.get_args(typing.get_type_hints(config_class)[name]):
             return None
-        default = next(spec.default for spec in fields(config_class) if spec.name == name)
-        leave_out = f", or leave it out for the default {default}" * (default is not REQUIRED)
+        leave_out = f", or leave it out for the default {spec.default}" * (spec.default is not REQUIRED)
         raise UsageError(f"--{name} is given no value; give one{leave_out}")
     kind = value_type(name, config_class)
     if isinstance(value, bool) and kind is not bool:  # YAML 1.1 reads no, yes, off and on as false and true
-        choices = next(spec.metadata["choices"] for spec in fields(config_class) if spec.name == name) or ()
+        choices = spec.metadata["choices"] or ()
         if kind is str and ("yes" if value else "no") in choices:
             return "yes" if value else "no"
         raise UsageError(f"--{name} expects {kind.__name__}, got {value!r} (YAML reads no, yes, off and on as false "

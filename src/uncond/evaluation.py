@@ -22,8 +22,6 @@ from .config import RUN_CONFIG_FILE, EvaluateConfig, UsageError, counted
 
 logger = logging.getLogger("uncond")
 
-SCORES = ("fid", "kid", "kid_std", "precision", "recall", "num_generated", "num_reference")  # --json's numbers
-
 
 @dataclass
 class Report:
@@ -37,8 +35,8 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         """`--json`: every key always there (null where a score was not computed, or nothing was sampled), so that
         a script reads them without checking."""
-        return {**{name: getattr(self.scores, name) for name in SCORES}, "note": self.scores.note,
-                "resolution": self.resolution, **(self.sampled or dict.fromkeys(("sampler", "steps", "seed"))),
+        return {**vars(self.scores), "resolution": self.resolution,
+                **(self.sampled or dict.fromkeys(("sampler", "steps", "seed"))),
                 "generated": self.generated, "reference": self.reference, "features": self.features}
 
     def __str__(self) -> str:

@@ -228,10 +228,15 @@ def save_stats(stats: FeatureStats, path: Path) -> None:
     """pytorch-fid's .npz (mu, sigma), plus count, extractor, key and features; written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".tmp-{path.name}")
-    with staging.open("wb") as file:
-        np.savez(file, mu=stats.mu, sigma=stats.sigma, count=stats.count, extractor=stats.extractor or "",
-                 key=stats.key, **({"features": stats.features} if stats.features is not None else {}))
-    os.replace(staging, path)
+    try:
+        with staging.open("wb") as file:
+            np.savez(file, mu=stats.mu, sigma=stats.sigma, count=stats.count, extractor=stats.extractor or "",
+                     key=stats.key, **({"features": stats.features} if stats.features is not None else {}))
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a part written before a full disk, or an interrupt
+            staging.unlink(missing_ok=True)
+        raise
 
 
 def load_stats(path: Path) -> FeatureStats:
@@ -266,8 +271,6 @@ def cached_stats(path: Path, key: str, compute: Callable[[], FeatureStats]) -> t
     try:
         save_stats(stats, path)
     except OSError as error:  # a read-only or full cache: the statistics, minutes of work, are used all the same
-        with contextlib.suppress(OSError):  # a part written before a full disk
-            path.with_name(f".tmp-{path.name}").unlink(missing_ok=True)
         logger.warning(f"could not keep the statistics in {path.parent} ({error.strerror or error}); they are used "
                        "without being kept (set XDG_CACHE_HOME to a writable folder to keep them)")
     return stats, False
