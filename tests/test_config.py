@@ -90,7 +90,7 @@ def test_config_file_yaml_and_json_with_flags_winning(tmp_path):
     ("dataset_name: [unclosed\n", "could not be read"),
     # left empty, or null: tracebacks later (None % 8), for settings that must have a value
     ("dataset_name: x\nresolution:\n", "bad.yaml: resolution is given no value; give one, or leave it out for "
-                                       "the default 64"),
+                                       "the default"),
     ("dataset_name: x\ntrain_batch_size: null\n", "train_batch_size is given no value"),
     # YAML 1.1 reads no and yes as booleans: true was taken as resolution 1
     ("dataset_name: x\nresolution: true\n", "resolution expects int, got True (YAML reads no, yes, off and on as "

@@ -247,7 +247,9 @@ def setup_logging() -> None:
                   "fsspec", "filelock", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not sys.stderr.isatty():  # in a log file the libraries' download bars are carriage returns (progress.py)
+    from . import progress
+
+    if not progress.on_terminal():  # in a log file the libraries' download bars are carriage returns
         for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
             os.environ.setdefault(bars, "1")
 

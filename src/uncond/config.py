@@ -443,7 +443,8 @@ def coerce(name: str, value: Any, config_class: type = TrainConfig) -> Any:
     if value is None:  # `resolution:` left empty in YAML, or JSON's null
         if type(None) in typing.get_args(typing.get_type_hints(config_class)[name]):
             return None
-        leave_out = f", or leave it out for the default {spec.default}" * (spec.default is not REQUIRED)
+        # not naming the default: a preset, the demo or a model to fine-tune may give another
+        leave_out = ", or leave it out for the default" * (spec.default is not REQUIRED)
         raise UsageError(f"--{name} is given no value; give one{leave_out}")
     kind = value_type(name, config_class)
     if isinstance(value, bool) and kind is not bool:  # YAML 1.1 reads no, yes, off and on as false and true

@@ -4,7 +4,6 @@ samples against the training images."""
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -13,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from diffusers import UNet2DModel
 
-from . import data, metrics, run_folder, sampling, tracking
+from . import data, metrics, progress, run_folder, sampling, tracking
 from .config import REFERENCE_STATS_FILE, TrainConfig, UsageError, counted
 from .outputs import export_best
 from .parts import Run, averaged_unet, off_the_clock
@@ -131,7 +130,7 @@ def evaluate(run: Run) -> None:
 def shows_inner_bars(run: Run) -> bool:
     """Progress bars inside the training bar: on each machine's main process, and only on a terminal (a second
     bar is drawn with cursor movements, which a redirected log keeps as escape codes in its text)."""
-    return run.accelerator.is_local_main_process and sys.stderr.isatty()
+    return run.accelerator.is_local_main_process and progress.on_terminal()
 
 
 def until_cancelled(batches: Iterable[T], cancelled: Callable[[], bool] | None) -> Iterator[T]:

@@ -54,8 +54,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
         config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
     model_config = None  # --model_config_name_or_path's, read once (from the Hub, perhaps)
     pretrained = None  # --pretrained_model_name_or_path's UNet, with its weights
+    resume_from, message = run_folder.find_resume_checkpoint(config)
     if config.pretrained_model_name_or_path:
-        config, pretrained, model_config = adopt_pretrained(config, explicit)
+        config, pretrained, model_config = adopt_pretrained(config, explicit, resume_from)
     elif config.model_config_name_or_path and not config.model_preset:
         model_config = models.load_unet_config(config.model_config_name_or_path, config.cache_dir)
     if model_config is not None and "resolution" not in explicit:
@@ -113,8 +114,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     preview_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
     noise_scheduler = sampling.training_noise_scheduler(config.to_dict())
     training_schedule = dict(noise_scheduler.config)
-    if warning := signal_left_at_the_end(config, noise_scheduler):
-        logger.warning(warning)
+    schedule_of_a_model = config.pretrained_model_name_or_path and not explicit & set(SCHEDULE_OF_THE_MODEL)
+    if not schedule_of_a_model and (warning := signal_left_at_the_end(config, noise_scheduler)):
+        logger.warning(warning)  # a model's own schedule is kept as it was trained, whatever it leaves
     sampling.check_sampler_fits(config.sampler, training_schedule, preview_steps,
                                 "--ddpm_num_inference_steps" if config.sampler == "ddpm" else "--sample_steps")
     unet_config = models.unet_config_for(config, config.resolution, model_config)
@@ -137,7 +139,6 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     warn_one_cpu_process()
     warn_slurm_tasks_without_launcher()
     check_fsdp_units(unet_config)
-    resume_from, message = run_folder.find_resume_checkpoint(config)
     if resume_from is not None and config.overwrite_output_dir:  # a script passing both, as the seed allowed
         logger.warning(f"--overwrite_output_dir is ignored: --resume_from_checkpoint {config.resume_from_checkpoint} "
                        f"goes on from {resume_from.name}")
@@ -166,7 +167,7 @@ SCHEDULE_OF_THE_MODEL = {"ddpm_num_steps": "num_train_timesteps", "ddpm_beta_sch
                          "prediction_type": "prediction_type"}
 
 
-def adopt_pretrained(config: TrainConfig, explicit: set[str] | frozenset[str]
+def adopt_pretrained(config: TrainConfig, explicit: set[str] | frozenset[str], resume_from: Path | None
                      ) -> tuple[TrainConfig, Any, dict[str, Any]]:
     """--pretrained_model_name_or_path: its UNet (weights on the CPU), its UNet config and, unless given, its noise
     schedule. Loaded here, before the data, so that a model that cannot be fine-tuned is said before any work. A
@@ -175,7 +176,6 @@ def adopt_pretrained(config: TrainConfig, explicit: set[str] | frozenset[str]
     if config.model_preset or config.model_config_name_or_path:
         raise UsageError("--pretrained_model_name_or_path gives the UNet: leave out --model_preset and "
                          "--model_config_name_or_path")
-    resume_from, _ = run_folder.find_resume_checkpoint(config)
     saved_unet = checkpoint.checkpoint_unet_config(resume_from) if resume_from is not None else None
     if saved_unet is not None:
         saved = checkpoint.saved_run_config(resume_from)
