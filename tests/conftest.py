@@ -233,6 +233,16 @@ def save_tiny_pipeline(folder: Path, channels: int = 3, scheduler: str = "ddpm")
     return folder
 
 
+class RunsCode:
+    """A pickled object that runs code when unpickled (a file written), as a malicious weights file would."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
 @contextlib.contextmanager
 def mounted_tmpfs(folder: Path, options: str) -> Iterator[Path]:
     """A tmpfs at `folder` with mount `options` (size=1500k, ro), for a really full or read-only disk; the test is

@@ -185,6 +185,24 @@ def test_two_processes_sample_the_images_one_would_and_complete_an_interrupted_f
     assert "wrote 3 images" in result.stderr and len(list(two.glob("*.png"))) == 7
 
 
+@pytest.mark.parametrize("case", ["setup", "checkpoint"])
+def test_a_failure_of_the_main_process_alone_stops_every_process_with_its_reason(tmp_path, case):
+    """Work that the main process does alone (the output folder, a checkpoint's last files) failing on a full
+    disk: the other process was left in a collective and ended in a gloo traceback ("Connection closed by
+    peer"), or waited until the process group's timeout."""
+    result = launch_processes(TESTS / "main_failure_worker.py", case, tmp_path / "run", timeout=120)
+    endings = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    if case == "setup":
+        assert endings == ["rank 0: OSError: [Errno 28] No space left on device",
+                           "rank 1: RunFailed: the main process failed (OSError: [Errno 28] No space left on "
+                           "device)"], result.stdout + result.stderr
+    else:
+        assert [line.split(";")[0] for line in endings] == [
+            f"rank {rank}: RunFailed: could not write checkpoint-1 (No space left on device)" for rank in (0, 1)
+        ], result.stdout + result.stderr
+        assert not list((tmp_path / "run").iterdir())  # nothing half-written left
+
+
 def test_a_signal_to_one_process_stops_every_process_at_the_next_step(color_folder, tiny_unet, tmp_path):
     """Launchers kill a stopping run 30 s after the signal: the processes agree on stopping at every step (not at
     log intervals or epoch ends, here 100 and 6 steps away), and all stop at the same one."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_UNET, fast_train_args, mounted_tmpfs, save_tiny_pipeline, write_images
+from conftest import TINY_UNET, RunsCode, fast_train_args, mounted_tmpfs, save_tiny_pipeline, write_images
 from uncond.config import TrainConfig, UsageError
 from test_train import one_line_error
 
@@ -719,16 +719,6 @@ def test_training_without_inception_weights_warns_once_and_goes_on(run_cli, no_i
 def test_keep_best_needs_evaluations(run_cli, color_folder, tiny_unet, tmp_path):
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--keep_best"))
     one_line_error(code, err, "--keep_best needs --eval_every_steps N")
-
-
-class RunsCode:
-    """A pickled object that runs code when unpickled (a file written), as a malicious weights file would."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "unpickled"))
 
 
 def test_pickled_weights_load_as_tensors_only(run_cli, tmp_path):

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import (MESSY_SKIPPED, MESSY_USED, TINY_UNET, fast_train_args, mounted_tmpfs, write_images,
+from conftest import (MESSY_SKIPPED, MESSY_USED, TINY_UNET, RunsCode, fast_train_args, mounted_tmpfs, write_images,
                       write_messy_folder)
 from uncond import checkpoint, data, decoding, run_folder
 
@@ -243,6 +243,25 @@ def assert_same_final_weights(straight: Path, interrupted: Path) -> None:
         a = load_file(straight / "checkpoint-8" / folder / WEIGHTS)
         b = load_file(interrupted / "checkpoint-8" / folder / WEIGHTS)
         assert all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+@pytest.mark.parametrize("poisoned", ["optimizer.bin", "random_states_0.pkl", "scheduler.bin"])
+def test_a_checkpoint_is_never_unpickled(run_cli, color_folder, tiny_unet, tmp_path, poisoned):
+    """A checkpoint may come from anywhere (a colleague's run, a download): each of accelerate's state files,
+    with its manifest made to match, is read as data only; the code pickled into it never runs."""
+    args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--checkpointing_steps", "1")
+    assert run_cli(*args, "--max_train_steps", "1")[0] == 0
+    saved = tmp_path / "run" / "checkpoint-1"
+    marker = tmp_path / "marker"
+    torch.save({"state": RunsCode(marker)}, saved / poisoned)
+    checkpoint.write_manifest(saved, 1)  # as a forger would: the file passes the damage check
+    code, _, err = run_cli(*args, "--max_train_steps", "2")
+    assert not marker.exists()
+    if poisoned.startswith("random_states"):  # accelerate passes over random states it cannot read; uncond draws
+        assert code == 0, err                 # its noise from (seed, step) and needs none of them
+    else:
+        one_line_error(code, err, f"cannot resume from {saved}")
+        assert "weights_only" not in err  # nor torch's advice to unpickle it in full
 
 
 def test_resumed_run_ends_with_the_same_weights(run_cli, color_folder, tiny_unet, tmp_path):

@@ -1,6 +1,6 @@
 """What is written to disk: resumable training state (checkpoint-N/) and the exported pipeline.
 
-A checkpoint is accelerate's state (optimizer, LR schedule, random states; weights loaded with
+A checkpoint is accelerate's state (optimizer, LR schedule, random states, all read with
 weights_only=True; under FSDP also the gathered weights) plus the UNet and its EMA in diffusers format
 (unet/, unet_ema/), laid out as train_unconditional.py lays them out, so its checkpoints resume here too.
 Everything is written to a hidden temporary folder with a manifest (every file's size and SHA-256), flushed
@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from . import models, sharding
+from . import environment, models, sharding
 from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line,
                      list_checkpoints, same_place)
 
@@ -240,12 +240,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
     """
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f"{STAGING_PREFIX}checkpoint-{step}"
-    try:
+
+    def clear_staging() -> None:  # left by a run killed while saving
         if accelerator.is_main_process and staging.exists():
             remove(staging)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))
-        accelerator.wait_for_everyone()
+
+    def write_run_files() -> None:  # the main process's; the checkpoint-N name once all is on disk
         if accelerator.is_main_process:
             config.save(staging / RUN_CONFIG_FILE)
             (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
@@ -254,13 +254,21 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
             fsync_tree(staging)
             replace_path(staging, final)
             fsync_path(output_dir)
-    except Exception as error:  # noqa: BLE001 - OSError, or a library's own error wrapping one (safetensors)
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        previous = complete_checkpoints(output_dir)
-        kept = f"{previous[-1][1].name} is intact" if previous else "no earlier checkpoint exists"
-        raise RunFailed(f"could not write {final.name} ({write_error(error)}); {kept}; free some space and "
-                        "re-run the same command to resume") from None
+
+    for write in (clear_staging, lambda: accelerator.save_state(str(staging)), write_run_files):
+        failure = None
+        try:
+            write()
+        except Exception as error:  # noqa: BLE001 - OSError, or a library's own error wrapping one (safetensors)
+            failure = write_error(error)
+        # every process stops if one failed (a full disk is often the main process's alone)
+        if failure := environment.failure_anywhere(failure):
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+            previous = complete_checkpoints(output_dir)
+            kept = f"{previous[-1][1].name} is intact" if previous else "no earlier checkpoint exists"
+            raise RunFailed(f"could not write {final.name} ({failure}); {kept}; free some space and re-run the "
+                            "same command to resume")
     dropped = []
     if accelerator.is_main_process and total_limit is not None:
         for _, old in complete_checkpoints(output_dir)[:-total_limit]:
@@ -287,7 +295,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
     read_training_state)."""
     verify_checkpoint(path)
     try:
-        accelerator.load_state(str(path))
+        # said although it is accelerate's default: a checkpoint may come from anywhere (random states and the
+        # loss scaler are read with that default; tests/test_train.py poisons each kind of file)
+        accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever accelerate or torch raise: name the checkpoint

@@ -96,6 +96,18 @@ def typed_launch() -> tuple[str, ...] | None:
     return (*program, *options)
 
 
+def failure_anywhere(failure: str | None) -> str | None:
+    """After work that each process does on its own: the first process's failure (None where every one
+    succeeded), known to every process. Used in place of a barrier: a process that failed and left would leave
+    the others waiting in the next collective, until the launcher or the process group's timeout ended them
+    with a traceback."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return failure
+    failures: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    return next((failure for failure in failures if failure is not None), None)
+
+
 # The last collective of each multi-process gloo run, kept until the process exits (see finish_collectives).
 _last_collectives: list[dist.Work] = []
 

@@ -15,7 +15,7 @@ from diffusers import UNet2DModel
 from . import data, metrics, progress, run_folder, sampling, tracking
 from .config import REFERENCE_STATS_FILE, TrainConfig, UsageError, counted
 from .outputs import export_best
-from .parts import Run, averaged_unet, off_the_clock
+from .parts import Run, averaged_unet, off_the_clock, on_main_process
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
@@ -104,12 +104,16 @@ def evaluate(run: Run) -> None:
             shares = [metrics.extract_features(run.feature_extractor, batches)] if end > first else []
             if accelerator.num_processes > 1:
                 shares = gather_object(shares)  # in process order: images 0..N-1
-            if accelerator.is_main_process:
+
+            def score() -> metrics.Scores:
                 reference = training_reference(run, cancelled)
                 scores = metrics.compare(np.concatenate(shares), reference, accelerator.device)
                 if config.keep_best and scores.fid < run.best_fid:
                     run.best_fid = scores.fid
                     export_best(run, unet, scores)
+                return scores
+
+            scores = on_main_process(accelerator, score)
     except sampling.SamplingCancelled:
         logger.info(f"the evaluation of step {run.step} is left out: the run is stopping (its resume makes it)")
         run.evaluation_owed = run.step

@@ -16,13 +16,13 @@ from typing import Any, Callable, TypeVar
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 
 from . import (checkpoint, data, environment, hub, metrics, models, run_folder, sampling, sharding, sources,
                streaming, tracking)
-from .config import RunFailed, TrainConfig, UsageError, counted
+from .config import RunFailed, TrainConfig, UsageError, counted, first_line
 from .objective import Objective
 from .plan import Plan, refuse_mismatched_resume, refuse_resume_past_end, warmup_outlasts_run
 from .stopping import StopAgreement, StopSignal
@@ -388,6 +388,29 @@ def averaged_unet(run: Run, everywhere: bool = False):
 
 
 T = TypeVar("T")
+
+
+def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None:
+    """`work` on the main process; its result, or its failure, reaches every process (the others would
+    otherwise wait for the main one forever)."""
+    if accelerator.num_processes == 1:
+        return work()
+    outcome: list[Any] = [None, None]  # result, failure as the other processes raise it
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = work()
+        except Exception as error:  # noqa: BLE001 - a full disk, say: raised as it is here, said there
+            failure = error
+            # uncond's own of its kind (a folder in use has an exit status of its own)
+            outcome[1] = (type(error)(str(error)) if isinstance(error, (UsageError, RunFailed)) else
+                          RunFailed(f"the main process failed ({type(error).__name__}: {first_line(error)})"))
+    outcome = broadcast_object_list(outcome)
+    if failure is not None:
+        raise failure
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 def off_the_clock(work: Callable[..., T]) -> Callable[..., T]:

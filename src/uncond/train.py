@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +26,7 @@ from .monitoring import evaluate, open_feature_extractor, save_sample_grid
 from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
                       reproduce_command, resuming_latest, tracker_config)
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
-                    off_the_clock, resume, training_state)
+                    off_the_clock, on_main_process, resume, training_state)
 from .plan import Plan, batch_description, check_processes, dry_run, plan_run
 from .stopping import StopAgreement, StopSignal
 
@@ -159,22 +159,6 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> run_folder.FolderStart:
     start.export_step = checkpoint.read_training_state(output_dir).get("step")
     config.save(settings)
     return start
-
-
-def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None:
-    """`work` on the main process; its result, or its UsageError, reaches every process (the others would
-    otherwise wait for the main one forever)."""
-    outcome: list[Any] = [None, None]  # result, refusal
-    if accelerator.is_main_process:
-        try:
-            outcome[0] = work()
-        except UsageError as error:  # of its kind: a folder in use has an exit status of its own
-            outcome[1] = type(error)(str(error))
-    if accelerator.num_processes > 1:
-        outcome = broadcast_object_list(outcome)
-    if outcome[1]:
-        raise outcome[1]
-    return outcome[0]
 
 
 def init_trackers(config: TrainConfig, accelerator: Accelerator, output_dir: Path, resume_step: int | None,
