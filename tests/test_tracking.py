@@ -58,3 +58,27 @@ def test_a_long_run_draws_its_loss_smoothed_too():
     records = [{"step": i, "loss": 1.0 / (1 + i), "lr": 1e-4} for i in range(100)]
     loss_axis = metrics_figure(records).axes[0]
     assert [line.get_label() for line in loss_axis.get_lines()] == ["loss", "loss (smoothed)"]
+
+
+def test_a_failed_rewrite_of_metrics_leaves_the_history_whole(tmp_path, monkeypatch):
+    """A resume rewrites metrics.jsonl without the lines past its checkpoint: a full disk (or a kill) during the
+    rewrite cut the whole loss history short."""
+    import errno
+    from pathlib import Path
+
+    from uncond import tracking
+
+    path = tmp_path / "metrics.jsonl"
+    tracking.write_metrics(path, [{"step": step, "loss": 1.0} for step in range(1, 5)])
+    write_text = Path.write_text
+
+    def disk_full(self: Path, text: str, *args, **kwargs) -> None:
+        write_text(self, text[:len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError):
+        tracking.MetricsFile(tmp_path, resume_step=2)
+    monkeypatch.undo()
+    assert [record["step"] for record in tracking.read_metrics(path)] == [1, 2, 3, 4]
+    assert [file.name for file in tmp_path.iterdir()] == ["metrics.jsonl"]

@@ -1057,6 +1057,21 @@ def test_a_resume_takes_this_runs_learning_rate_and_ema_settings(run_cli, color_
     assert decays[2] <= 0.5 < decays[4] <= 0.9  # the warmup goes on, up to the new cap
 
 
+def test_the_logged_ema_decay_is_per_step_whatever_the_update_interval():
+    """--ema_update_every 4 logged an update's decay, d^4 (0.99958 where a run updating every step logs 0.99989
+    at the same step): runs with other intervals could not be compared."""
+    from uncond import models
+
+    weights = [torch.nn.Parameter(torch.zeros(1))]
+    every_step, every_fourth = (models.EMA(weights, every=every, use_ema_warmup=True) for every in (1, 4))
+    for _ in range(400):
+        every_step.step(weights)
+    for _ in range(100):
+        every_fourth.step(weights)
+    assert every_fourth.decay_per_step == pytest.approx(every_step.decay_per_step, rel=1e-6)
+    assert every_fourth.cur_decay_value < every_step.cur_decay_value  # what was logged
+
+
 def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     from uncond import models
 

@@ -212,6 +212,12 @@ class EMA(EMAModel):
     def get_decay(self, optimization_step: int) -> float:
         return super().get_decay(optimization_step * self.every) ** self.every
 
+    @property
+    def decay_per_step(self) -> float | None:
+        """The last update's decay per optimizer step (cur_decay_value is d^every): the value a run updating
+        every step would show, so that runs with other --ema_update_every compare."""
+        return None if self.cur_decay_value is None else self.cur_decay_value ** (1 / self.every)
+
 
 def make_ema(unet: torch.nn.Module, config: TrainConfig) -> EMA:
     """The seed's EMA: warmup 1 - (1 + step / inv_gamma) ** -power, capped at ema_max_decay; foreach updates.

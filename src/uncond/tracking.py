@@ -84,8 +84,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    """A metrics.jsonl of these records, one JSON object per line."""
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    """A metrics.jsonl of these records, one JSON object per line, renamed into place: a run killed while
+    rewriting it (at each resume) would otherwise leave a history cut short."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text("".join(json.dumps(record) + "\n" for record in records))
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def log_sample_images(trackers: Iterable[Any], images: np.ndarray, step: int) -> None:

@@ -475,7 +475,7 @@ def log_metrics(run: Run, progress: tqdm) -> None:
     if grad_norm is not None:
         values["grad_norm"] = grad_norm.item()
     if run.ema is not None:
-        values["ema_decay"] = run.ema.cur_decay_value
+        values["ema_decay"] = run.ema.decay_per_step
     if run.config.skip_nonfinite:
         values["skipped_steps"] = run.skipped_steps
     if not math.isfinite(loss) and not run.config.skip_nonfinite:
