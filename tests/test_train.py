@@ -1072,6 +1072,28 @@ def test_the_logged_ema_decay_is_per_step_whatever_the_update_interval():
     assert every_fourth.cur_decay_value < every_step.cur_decay_value  # what was logged
 
 
+def test_a_run_failing_in_a_notebook_lets_go_of_its_output_folder(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                    monkeypatch):
+    """A run that failed in a Python process that lives on (a notebook's kernel) kept its folder locked: a run
+    of it started from a terminal was refused as "in use by another uncond run" until the kernel ended."""
+    import fcntl
+
+    from uncond import train
+
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "1")
+    assert run_cli(*args, "--max_train_steps", "1")[0] == 0
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train, "run_training", failing)
+    with pytest.raises(RuntimeError):
+        run_cli(*args, "--max_train_steps", "2")
+    with open(out / run_folder.LOCK_FILE, "a") as lock:  # as another process takes it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the failed run still holds it
+
+
 def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     from uncond import models
 

@@ -64,6 +64,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
             message = run_folder.undo_unsaved_start(output_dir, config.logging_dir, start)
             if message:
                 logger.warning(message)
+        run_folder.unlock_output_dir(output_dir)  # for a next run in this process (a notebook's)
         raise
     if not trained and accelerator.is_main_process:
         # The run was complete: no step took this command's settings, so the folder keeps the record of those
