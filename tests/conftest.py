@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -46,6 +47,17 @@ def decoded_image_cache(tmp_path: Path, monkeypatch) -> Path:
     default = tmp_path / "default-cache"
     monkeypatch.setattr(data, "cache_root", lambda cache_dir, root=data.cache_root: root(cache_dir or str(default)))
     return default / "uncond"
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging() -> Iterator[None]:
+    """uncond's logger as a new process has it: cli.setup_logging's handler writes to the stderr of the test
+    that set it up, and keeps its records from the root logger that caplog reads."""
+    yield
+    uncond_logger = logging.getLogger("uncond")
+    for handler in [handler for handler in uncond_logger.handlers if handler.get_name() == "uncond"]:
+        uncond_logger.removeHandler(handler)
+    uncond_logger.propagate = True
 
 
 @pytest.fixture

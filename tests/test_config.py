@@ -175,10 +175,9 @@ def test_a_config_file_syntax_error_says_where(tmp_path):
 def test_a_mistyped_flag_or_number_is_one_line(capsys, argv, message):
     from uncond.cli import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))  # it was a 46-line traceback
+    code = main(list(argv))  # it was a 46-line traceback
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
 
 
 def test_demo_layer_sits_under_flags():
@@ -208,9 +207,7 @@ def test_version_is_the_installed_packages(flag, capsys):
 
     from uncond.cli import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main([flag])
-    assert exit_info.value.code == 0 and capsys.readouterr().out == f"uncond {version('uncond')}\n"
+    assert main([flag]) == 0 and capsys.readouterr().out == f"uncond {version('uncond')}\n"
 
 
 def test_the_rank_flag_as_torch_distributed_launch_spells_it():
@@ -226,3 +223,30 @@ def test_the_demo_on_ones_own_images(tmp_path):
     assert config.model_preset == "tiny" and config.use_ema
     config, _ = parse("--demo", "--train_data_dir", str(tmp_path), "--dataset_name", "builtin:mnist")
     assert config.dataset_name == "builtin:mnist"  # both given: as without --demo
+
+
+def test_a_command_run_from_python_leaves_the_callers_logging_as_it_was(tmp_path, capsys):
+    """uncond.main, as a notebook calls it: the caller's own logging (a file handler on the root logger, its
+    level) was replaced by uncond's, and a mistyped flag raised SystemExit (IPython's "An exception has
+    occurred") where every other refusal returns a status."""
+    import logging
+
+    import uncond
+
+    root = logging.getLogger()
+    notebook_log = logging.FileHandler(tmp_path / "notebook.log")
+    root.addHandler(notebook_log)
+    level = root.level
+    try:
+        assert uncond.main(["train", "--dataset_name", str(tmp_path / "missing"), "--dry_run"]) == 2
+        assert uncond.main(["train", "--use-ema"]) == 2
+        assert uncond.main(["sample", "--help"]) == 0
+        assert notebook_log in root.handlers and root.level == level
+        logging.getLogger("notebook").warning("the notebook's own")
+        notebook_log.flush()
+        assert (tmp_path / "notebook.log").read_text() == "the notebook's own\n"  # and none of uncond's
+    finally:
+        root.removeHandler(notebook_log)
+        notebook_log.close()
+    err = capsys.readouterr().err
+    assert err.count("uncond: error:") == 1 and "uncond train: error: unrecognized arguments: --use-ema" in err

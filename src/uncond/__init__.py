@@ -1,3 +1,7 @@
 """uncond: train unconditional image-generation diffusion models on your own images."""
 
 __version__ = "0.1.0"
+
+from .cli import main  # uncond.main(["train", ...]): a command run from Python; returns its exit status
+
+__all__ = ["main"]

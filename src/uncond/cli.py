@@ -23,9 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 0
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # said by the command's parser, which knows its flags
-        refuse_unknown(getattr(args, "parser", parser), unknown)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's parser, which knows its flags
+            refuse_unknown(getattr(args, "parser", parser), unknown)
+    except SystemExit as exit:  # --help, or a refused flag (said): a status, as for every other outcome, also
+        return exit.code if isinstance(exit.code, int) else 0  # for a caller in Python (uncond.main)
     setup_logging()
     try:
         return args.command(args, argv)
@@ -141,7 +144,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     # Trackers (W&B, Comet, ClearML...) record the process's command line: never with the token in it.
     sys.argv[1:] = public_argv(sys.argv[1:], config)
     # On a terminal, log lines are written above the progress bar; a log file gets both as lines (progress.py).
-    with logging_redirect_tqdm() if progress.on_terminal() else contextlib.nullcontext():
+    with logging_redirect_tqdm([logging.getLogger("uncond")]) if progress.on_terminal() else contextlib.nullcontext():
         train(config, explicit, command=command)
     return 0
 
@@ -237,19 +240,34 @@ def is_local_main_process() -> bool:
     return os.environ.get("LOCAL_RANK", "0") in ("0", "-1")
 
 
+def shown_here(record: logging.LogRecord) -> bool:
+    """uncond's records are shown by the main process only (each process runs the same code); those logged
+    with extra=EVERY_MACHINE by each machine's first process."""
+    return is_main_process() or (getattr(record, "every_machine", False) and is_local_main_process())
+
+
 def setup_logging() -> None:
-    """Plain messages, from the main process only (each process runs the same code); those logged with
-    extra=EVERY_MACHINE from each machine's first process."""
-    logging.basicConfig(format="%(message)s", level=logging.INFO, force=True)
-    logging.getLogger("uncond").addFilter(lambda record: is_main_process() or (
-        getattr(record, "every_machine", False) and is_local_main_process()))
-    for noisy in ("diffusers", "datasets", "accelerate", "huggingface_hub", "torch", "matplotlib", "PIL", "urllib3",
-                  "fsspec", "filelock", "httpx", "httpx2"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """uncond's messages, plain, on stderr. Set on uncond's own logger, not the root's: called from Python (a
+    notebook, a script of the caller's), the caller's logging stays as it was."""
     from . import progress
 
-    if not progress.on_terminal():  # in a log file the libraries' download bars are carriage returns
+    uncond_logger = logging.getLogger("uncond")
+    for handler in [handler for handler in uncond_logger.handlers if handler.get_name() == "uncond"]:
+        uncond_logger.removeHandler(handler)  # an earlier command's in this process, on the stderr of then
+    handler = logging.StreamHandler()  # on sys.stderr as it is now
+    handler.set_name("uncond")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    uncond_logger.addHandler(handler)
+    uncond_logger.addFilter(shown_here)  # once: a filter already there is not added again
+    uncond_logger.setLevel(logging.INFO)
+    uncond_logger.propagate = False  # shown once, whatever handlers the root logger has
+    for noisy in ("diffusers", "datasets", "accelerate", "huggingface_hub", "torch", "matplotlib", "PIL", "urllib3",
+                  "fsspec", "filelock", "httpx", "httpx2"):
+        library_logger = logging.getLogger(noisy)
+        if library_logger.level == logging.NOTSET:  # a level the caller chose stays
+            library_logger.setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not progress.draws_bars():  # in a log file the libraries' download bars are carriage returns
         for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
             os.environ.setdefault(bars, "1")
 

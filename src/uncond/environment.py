@@ -17,6 +17,7 @@ import torch.distributed as dist
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 KEEP_BYTES = 1 << 30
+DEFAULT_THRESHOLD = 128 << 10  # glibc's default for both (its mmap threshold, once set, no longer adapts)
 
 
 def keep_freed_memory() -> bool:
@@ -30,15 +31,33 @@ def keep_freed_memory() -> bool:
     allocator does the same on GPUs. jemalloc would work too but is not a Python package.
     Returns whether the allocator took the settings (False off glibc).
     """
+    libc = glibc()
+    if libc is None:
+        return False
+    # glibc before 2.26 caps the mmap threshold at 32 MiB on 64-bit systems
+    mapped = libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mapped) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+
+
+def give_back_freed_memory() -> None:
+    """Undo keep_freed_memory once a run ends, for a process that goes on (a notebook, a script training and then
+    doing other work): glibc's thresholds at their defaults (128 KiB) again, and what the run kept handed back."""
+    libc = glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library, where it is glibc (mallopt and malloc_trim are glibc's)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
     except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    # glibc before 2.26 caps the mmap threshold at 32 MiB on 64-bit systems
-    mapped = mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    return bool(mapped) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+        return None
+    return libc
 
 
 def launched_processes() -> int:

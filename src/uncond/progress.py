@@ -19,9 +19,14 @@ def on_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+def draws_bars() -> bool:
+    """Whether progress bars can be drawn: on a terminal, or in a notebook (as its widgets)."""
+    return on_terminal() or "ipykernel" in sys.modules
+
+
 def progress_bar(iterable: Any = None, **options: Any) -> tqdm:
     """A progress bar (tqdm's arguments) that a log file gets as lines; a notebook, as its widget."""
-    if on_terminal() or "ipykernel" in sys.modules:
+    if draws_bars():
         from tqdm.auto import tqdm as drawn
 
         return drawn(iterable, **options)

@@ -66,6 +66,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
                 logger.warning(message)
         run_folder.unlock_output_dir(output_dir)  # for a next run in this process (a notebook's)
         raise
+    finally:
+        environment.give_back_freed_memory()  # kept for the run's steps (parts.build_run)
     if not trained and accelerator.is_main_process:
         # The run was complete: no step took this command's settings, so the folder keeps the record of those
         # its model was trained with.
