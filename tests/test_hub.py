@@ -170,7 +170,7 @@ def test_model_card_usage_code_samples_as_uncond_does(run_cli, color_folder, tin
     assert "algorithm_type='sde-dpmsolver++'" in snippet and "thresholding=True" in snippet
     namespace: dict = {}
     torch.manual_seed(0)
-    exec(snippet.replace("batch_size=16", "batch_size=2"), namespace)  # noqa: S102 - the card's own code
+    exec(snippet.replace("num_images = 16", "num_images = 2"), namespace)  # noqa: S102 - the card's own code
     assert len(namespace["images"]) == 2
     # the scheduler `uncond sample` makes from the exported training schedule
     from diffusers import DDPMScheduler

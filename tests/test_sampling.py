@@ -159,6 +159,25 @@ def test_model_card_code_samples_like_uncond_with_every_sampler(name, monkeypatc
     assert images.shape == (16, 8, 8) and np.abs(images.astype(int) - ExactNoise.LEVEL).max() <= ExactNoise.TOLERANCE
 
 
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_model_card_code_gives_the_images_of_uncond_sample(name, monkeypatch):
+    """The card's code with a network of random weights gives `uncond sample --seed 0`'s images to the bit: it
+    drew the whole batch from one generator (other images), and for DDIM left out uncond's clipped noise
+    estimate (DDPMPipeline's loop passes no use_clipped_model_output)."""
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in TINY_UNET.items() if not k.startswith("_")}
+    unet = UNet2DModel(**{**config, "sample_size": 8}).eval()
+    training = DDPMScheduler(num_train_timesteps=1000)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda repo: DDPMPipeline(unet=unet, scheduler=training))
+    namespace: dict = {}
+    exec(diffusers_usage_code(name, training.config, "someone/model", 4), namespace)  # noqa: S102 - the card's code
+    card_images = np.stack([np.asarray(image) for image in namespace["images"]])
+    uncond_images = generate(unet, make_sampler(name, training.config), num_images=16, num_steps=4, seed=0)
+    assert np.array_equal(card_images, uncond_images)
+
+
 def test_a_sampler_that_cannot_sample_the_model_is_refused_before_any_work():
     for sampler in ("pndm", "kdpm2"):  # diffusers says it in two garbled ways
         with pytest.raises(UsageError, match=rf"^--sampler {sampler} cannot sample this model \(it takes no "

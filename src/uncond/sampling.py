@@ -155,7 +155,9 @@ def check_sampler_fits(name: str, training_scheduler_config: dict[str, Any], num
 
 def diffusers_usage_code(name: str, training_scheduler_config: dict[str, Any], repo: str, num_steps: int) -> str:
     """Python that samples from the exported pipeline with plain diffusers as `uncond sample` does (for model
-    cards): through DDPMPipeline where sampler `name` fits its loop, else with the loop written out."""
+    cards), to the same images: image i drawn with a generator seeded i, as `uncond sample --seed 0` draws it
+    (one generator for the whole batch gives other images). Through DDPMPipeline where sampler `name` fits its
+    loop, else with the loop written out."""
     scheduler_class, settings = sampler_settings(name, training_scheduler_config)
     arguments = ["pipeline.scheduler.config"] + [
         f"{key}=pipeline.scheduler.betas.tolist()" if key == "trained_betas" else f"{key}={value!r}"
@@ -163,39 +165,51 @@ def diffusers_usage_code(name: str, training_scheduler_config: dict[str, Any], r
     arguments_text = textwrap.fill(", ".join(arguments), width=100, initial_indent="    ",
                                    subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
     setup = f"{scheduler_class.__name__}.from_config(\n{arguments_text})"
-    opening = (f"from diffusers import DiffusionPipeline, {scheduler_class.__name__}\n\n"
-               f"pipeline = DiffusionPipeline.from_pretrained(\"{repo}\")\n")
     scheduler = make_sampler(name, training_scheduler_config)
-    if fits_ddpm_pipeline(scheduler):
+    misfit = ddpm_pipeline_misfit(scheduler)
+    imports = ["import torch", f"from diffusers import DiffusionPipeline, {scheduler_class.__name__}"]
+    if misfit:
+        imports.append("from diffusers.utils.torch_utils import randn_tensor")
+    opening = "\n".join(imports) + f"\n\npipeline = DiffusionPipeline.from_pretrained(\"{repo}\")\n"
+    seeds = ("num_images = 16  # the images of `uncond sample --seed 0`:\n"
+             "generators = [torch.Generator().manual_seed(i) for i in range(num_images)]\n")
+    if not misfit:
         return (f"{opening}# {name} with {num_steps} steps, as uncond samples (1000 DDPM steps without it):\n"
-                f"pipeline.scheduler = {setup}\n"
-                f"images = pipeline(batch_size=16, num_inference_steps={num_steps}).images\n")
-    generator = ", generator=generator" if "generator" in inspect.signature(scheduler.step).parameters else ""
-    return f"""import torch
-{opening}# {name} with {num_steps} steps, as uncond samples (DDPMPipeline's own loop scales neither the noise
-# nor the model's input, as this sampler needs)
+                f"pipeline.scheduler = {setup}\n{seeds}"
+                f"images = pipeline(batch_size=num_images, num_inference_steps={num_steps}, "
+                "generator=generators).images\n")
+    options = "".join(f", {key}=generators" if key == "generator" else f", {key}={value!r}"
+                      for key, value in step_options(scheduler).items())
+    why = textwrap.fill(f"{name} with {num_steps} steps, as uncond samples (DDPMPipeline's own loop {misfit})",
+                        width=100, initial_indent="# ", subsequent_indent="# ")
+    return f"""{opening}{why}
 scheduler = {setup}
 scheduler.set_timesteps({num_steps})
-unet, generator = pipeline.unet, torch.Generator().manual_seed(0)
-size = unet.config.sample_size
-sample = torch.randn(16, unet.config.in_channels, size, size, generator=generator) * scheduler.init_noise_sigma
+{seeds}unet, size = pipeline.unet, pipeline.unet.config.sample_size
+sample = randn_tensor((num_images, unet.config.in_channels, size, size), generator=generators)
+sample = sample * scheduler.init_noise_sigma
 with torch.no_grad():
     for t in scheduler.timesteps:
         model_output = unet(scheduler.scale_model_input(sample, t), t).sample
-        sample = scheduler.step(model_output, t, sample{generator}).prev_sample
+        sample = scheduler.step(model_output, t, sample{options}).prev_sample
 images = pipeline.numpy_to_pil((sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
 """
 
 
-def fits_ddpm_pipeline(scheduler: Any) -> bool:
-    """Whether DDPMPipeline's loop samples correctly with `scheduler`: that loop passes a generator to every
-    step and never scales the initial noise or the model's input."""
-    if "generator" not in inspect.signature(scheduler.step).parameters:
-        return False
+def ddpm_pipeline_misfit(scheduler: Any) -> str:
+    """Why DDPMPipeline's loop cannot sample with `scheduler` as `uncond sample` does ('' where it can): that loop
+    passes a generator to every step, and nothing else, and never scales the initial noise or the model's input."""
+    options = step_options(scheduler)
+    if "generator" not in options:
+        return "passes a generator, which this sampler's step does not take"
+    if len(options) > 1:
+        return f"passes no {', '.join(key for key in options if key != 'generator')}, as uncond does"
     scheduler.set_timesteps(4, device="cpu")
     probe = torch.ones(1)
-    return scheduler.init_noise_sigma == 1 and all(
-        torch.equal(scheduler.scale_model_input(probe, timestep), probe) for timestep in scheduler.timesteps)
+    if scheduler.init_noise_sigma != 1 or not all(
+            torch.equal(scheduler.scale_model_input(probe, timestep), probe) for timestep in scheduler.timesteps):
+        return "scales neither the noise nor the model's input, as this sampler needs"
+    return ""
 
 
 def steps_for(sampler: str, sample_steps: int, ddpm_num_inference_steps: int) -> int:
