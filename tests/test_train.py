@@ -43,6 +43,8 @@ def test_trains_exports_and_diffusers_loads_it(run_cli, color_folder, tiny_unet,
     events = EventAccumulator(str(out / "logs" / "uncond"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert [e.step for e in events.Images("test_samples")] == [3, 6]  # the sample grids, in TensorBoard too
+    grid = Image.open(out / "samples" / "step-0000006.png")
+    assert (events.Images("test_samples")[-1].width, events.Images("test_samples")[-1].height) == grid.size
     assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]
     for name in ("model_index.json", f"unet/{WEIGHTS}", "unet/config.json", "scheduler/scheduler_config.json",
                  "training_config.json", "README.md", "loss.png", "data_report.json"):

@@ -48,9 +48,10 @@ def save_sample_grid(run: Run, unet: UNet2DModel) -> Path | None:
     run.preview_owed = None
     path = run_folder.preview_path(run.output_dir, run.step)
     path.parent.mkdir(exist_ok=True)
-    sampling.write_whole(sampling.image_grid(images), path)
+    grid = sampling.image_grid(images)
+    sampling.write_whole(grid, path)
     with tracking.tracker_writes(run.accelerator.logging_dir):
-        tracking.log_sample_images(run.accelerator.trackers, images, run.step)
+        tracking.log_sample_grid(run.accelerator.trackers, grid, run.step)
     logger.info(f"samples ({config.sampler}, {steps} steps): {path}")
     return path
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from PIL import Image
 import torch
 
 METRICS_FILE = "metrics.jsonl"
@@ -95,13 +96,16 @@ def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
         raise
 
 
-def log_sample_images(trackers: Iterable[Any], images: np.ndarray, step: int) -> None:
-    """Send NHWC uint8 sample images to the trackers that show images."""
+def log_sample_grid(trackers: Iterable[Any], grid: Image.Image, step: int) -> None:
+    """Send a sample grid to the trackers that show images: the picture of samples/step-N.png (TensorBoard tiled
+    the images its own way, in rows of 8 without borders)."""
+    pixels = np.asarray(grid)
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels  # grayscale: one channel
     for tracker in trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({IMAGES_TAG: images}, step=step, dataformats="NHWC")
+            tracker.log_images({IMAGES_TAG: pixels[None]}, step=step, dataformats="NHWC")
         elif tracker.name == "wandb":
-            tracker.log_images({IMAGES_TAG: list(images)}, step=step)
+            tracker.log_images({IMAGES_TAG: [pixels]}, step=step)
 
 
 def smooth(values: list[float], half_width: int | None = None) -> list[float]:
