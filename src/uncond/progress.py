@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 LOG_PERIOD = 60.0  # seconds between a log file's progress lines; tqdm's TQDM_MININTERVAL changes it
 LINE_FORMAT = ("{desc}: {n_fmt}/{total_fmt} {unit}s ({percentage:.0f}%), {elapsed} elapsed, {remaining} left, "
-               "{rate_fmt}{postfix}")
+               "{rate_noinv_fmt}{postfix}")  # always per second: lines of one run compare
 
 
 def on_terminal() -> bool:
