@@ -177,7 +177,9 @@ def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str =
 
 def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     config = plan.config
-    speedups = ["glibc malloc keeps freed buffers"] * environment.keep_freed_memory()
+    speedups = []  # what makes this run's steps faster, said in its log
+    if environment.keep_freed_memory():  # handed back when the run ends (train.train)
+        speedups.append("glibc malloc keeps freed buffers")
     batches = load_batches(plan, accelerator)
     unet_config = models.with_channels(plan.unet_config, batches.channels)
     if plan.resume_from is not None:
@@ -190,10 +192,13 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     plan.pretrained = None  # its copy of the weights is not needed again
     speedups += models.speed_up(unet, config, accelerator.device)
     optimizer, fused = make_optimizer(unet, config, accelerator.device)
-    speedups += ["fused AdamW"] * fused + [f"{config.mixed_precision} autocast"] * (config.mixed_precision != "no")
+    if fused:
+        speedups.append("fused AdamW")
+    if config.mixed_precision != "no":
+        speedups.append(f"{config.mixed_precision} autocast")
     speedups += tune_cuda(config, accelerator.device)
-    speedups += ["torch.compile" + " with CUDA graphs" * (accelerator.device.type == "cuda")] * config.compile
     if config.compile:
+        speedups.append("torch.compile with CUDA graphs" if accelerator.device.type == "cuda" else "torch.compile")
         # diffusers' upsampling asks for the torch version through an lru_cache'd function, which dynamo warns
         # about in six lines from every process; that function is pure, so tracing through its cache is exact.
         warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped")

@@ -10,11 +10,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from diffusers import UNet2DModel
 from tqdm import tqdm
 
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, tracking
@@ -268,9 +269,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
     if complete:
         if owed:  # a stop in the run's last step left them out: its checkpoint no longer owes them, its card shows them
             save_checkpoint(run)
-            with averaged_unet(run) as unet:
-                if unet is not None:
-                    export(run, unet)
+            with_averaged_weights(run, export)
         logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
                     "raise --max_train_steps or --num_epochs to train it further")
         return True
@@ -308,10 +307,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
             if run.step < run.max_train_steps and stop_requested(run, stop, at_once=True):
                 return stopped(run)  # a signal during the epoch's preview: no step after it
     if exported_at != run.step:  # resumed at the very end
-        refuse_nonfinite_weights(run)
-        with averaged_unet(run) as unet:
-            if unet is not None:
-                export(run, unet)
+        with_averaged_weights(run, export)
     checkpoint_unless_written(run)  # the end too: a re-run with a larger --max_train_steps goes on from here exactly
     return True
 
@@ -319,9 +315,17 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
 def make_owed_preview(run: Run) -> None:
     """The sample grid that the stop ending the previous run gave up (of the step resumed from, so the grids
     are the uninterrupted run's)."""
+    with_averaged_weights(run, save_sample_grid)
+
+
+def with_averaged_weights(run: Run, *uses: Callable[[Run, UNet2DModel], Any]) -> None:
+    """`uses` (save_sample_grid, export) given the averaged UNet where it is held, once the weights are known to
+    be finite: the one way previews and exports get their weights. Every process calls it."""
+    refuse_nonfinite_weights(run)
     with averaged_unet(run) as unet:
         if unet is not None:
-            save_sample_grid(run, unet)
+            for use in uses:
+                use(run, unet)
 
 
 def already_complete(run: Run) -> bool:
@@ -352,14 +356,13 @@ def end_epoch(run: Run, complete: bool) -> int | None:
     config, last_epoch = run.config, run.step >= run.max_train_steps
     grid = run.epoch % config.save_images_epochs == 0 or last_epoch
     exported_at = run.step if run.epoch % config.save_model_epochs == 0 or last_epoch else None
-    if grid or exported_at:
-        refuse_nonfinite_weights(run)
-        with averaged_unet(run) as unet:
-            if unet is not None:
-                if grid:
-                    save_sample_grid(run, unet)
-                if exported_at:
-                    export(run, unet)
+    uses = []
+    if grid:
+        uses.append(save_sample_grid)
+    if exported_at:
+        uses.append(export)
+    if uses:
+        with_averaged_weights(run, *uses)
     run.accelerator.wait_for_everyone()
     if complete:
         run.epoch += 1
