@@ -923,7 +923,7 @@ def test_num_epochs_count_the_whole_run_when_a_resume_changes_the_batch(run_cli,
 def test_a_resume_with_another_batch_says_which_images_it_trains_on_again():
     """Steps cover the start of each epoch's order: 6 images seen at batch 2, then whole steps of 4 go on after 4
     of them, and the note said training went on after all 6."""
-    from uncond.parts import position_after
+    from uncond.plan import position_after
 
     state = {"epoch": 0, "epoch_start_step": 0, "num_processes": 1, "global_batch_size": 2}
     position = position_after(3, state, steps_per_epoch=3, global_batch_size=4, num_processes=1)
@@ -1110,6 +1110,25 @@ def test_a_run_in_python_gives_back_the_memory_it_kept_for_its_steps(run_cli, co
     array = np.ones(400 << 20, dtype=np.uint8)
     del array
     assert resident_bytes() - before < 100 << 20
+
+
+def test_dry_run_counts_a_resumed_runs_steps_as_the_run_does(run_cli, color_folder, tiny_unet, tmp_path):
+    """--dry_run before a resume with another batch size said "84 steps in all" where the run then trained to
+    124 (the epochs before the resume had another length), and said nothing of a resume the run then refused."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2")
+    assert run_cli(*args, "--max_train_steps", "4")[0] == 0  # 12 images, 3 steps of 4 an epoch: into epoch 1
+    code, _, err = run_cli(*args, "--num_epochs", "2", "--train_batch_size", "2", "--dry_run")
+    assert code == 0, err
+    said = int(re.search(r"(\d+) steps in all", err).group(1))
+    code, _, err = run_cli(*args, "--num_epochs", "2", "--train_batch_size", "2")
+    assert code == 0, err
+    assert json.loads((out / "training_state.json").read_text())["step"] == said == 8  # 4, then 4 of 2 images
+    # 2 epochs of 6 steps would be 12: the log said so beside the 8
+    assert "8 optimizer steps (6 per epoch, 2 epochs, 4 steps fewer for the epochs trained before with another " \
+           "batch or other data)" in err
+    code, _, err = run_cli(*args, "--num_epochs", "1", "--dry_run")
+    one_line_error(code, err, "checkpoint-8 is at step 8, past this run's last step")
 
 
 def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):

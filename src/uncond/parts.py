@@ -24,7 +24,7 @@ from . import (checkpoint, data, environment, hub, metrics, models, run_folder, 
                streaming, tracking)
 from .config import RunFailed, TrainConfig, UsageError, counted, first_line
 from .objective import Objective
-from .plan import Plan, refuse_mismatched_resume, refuse_resume_past_end, warmup_outlasts_run
+from .plan import Plan, Position, refuse_mismatched_resume, run_length, warmup_outlasts_run
 from .stopping import StopAgreement, StopSignal
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -211,11 +211,8 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     # --num_epochs counts the whole run's epochs; those before a resume with another global batch had
     # another length (the schedule must know the total before it is built).
     images = (batches.num_images, getattr(batches, "images_key", None))
-    position = None if plan.resume_from is None else position_after(
-        plan.resume_step, plan.resume_state, steps_per_epoch, global_batch_size, accelerator.num_processes, images)
+    position, max_train_steps = run_length(plan, steps_per_epoch, global_batch_size, accelerator.num_processes, images)
     epoch_offset = position.epoch_offset if position else 0
-    max_train_steps = config.max_train_steps or epoch_offset + config.num_epochs * steps_per_epoch
-    refuse_resume_past_end(plan, max_train_steps)
     if accelerator.is_main_process and (warning := warmup_outlasts_run(config, max_train_steps)):
         logger.warning(warning)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -265,62 +262,6 @@ def tune_cuda(config: TrainConfig, device: torch.device) -> list[str]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return ["cuDNN autotuning"] + ["TF32"] * config.allow_tf32
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a checkpoint left its run, in this run's terms."""
-    step: int
-    epoch: int
-    images_seen: int
-    epoch_offset: int  # see Run.epoch_offset
-    note: str = ""  # said in the log when the checkpoint was written with another global batch
-    # The running means of the steps since the last log line, so that the resumed run logs what the
-    # uninterrupted one would have (None for checkpoints without them)
-    log_window: dict[str, Any] | None = None
-    preview_owed: int | None = None  # see Run.preview_owed
-    evaluation_owed: int | None = None  # see Run.evaluation_owed
-
-
-def position_after(step: int, state: dict[str, Any], steps_per_epoch: int, global_batch_size: int,
-                   num_processes: int, images: tuple[int | None, str | None] = (None, None)) -> Position:
-    """The place in the run and in the data order to go on from after the checkpoint of `step` (whose
-    training state is `state`). With another process count or batch size, the epoch goes on after the
-    images it had already seen (the rest of that epoch's order then differs from an uninterrupted run's).
-    With another number of images (`images`: their number and CachedBatches.images_key; files added to the
-    folder or removed), the checkpoint's place in its epoch means nothing: the run goes on at the start of the
-    next. Other files as many as before (replaced, or only copied anew: the key hashes modification times) go on
-    in the epoch's order, and are said."""
-    epoch = state.get("epoch", step // steps_per_epoch)
-    steps_into_epoch = step - state.get("epoch_start_step", epoch * steps_per_epoch)
-    saved_count, saved_key = state.get("num_images"), state.get("images_key")
-    count, key = images
-    saved_processes = state.get("num_processes", num_processes)
-    saved_batch = state.get("global_batch_size", global_batch_size // num_processes
-                            * saved_processes)  # older checkpoints: the same batch per device
-    note = ""
-    if None not in (saved_count, count) and saved_count != count:
-        epoch, steps_into_epoch = epoch + (steps_into_epoch > 0), 0
-        note = (f"the data changed since checkpoint-{step} ({saved_count} images then, {count} now): going on from "
-                f"the start of epoch {epoch}, in the new images' order")
-    elif saved_batch != global_batch_size or saved_processes != num_processes:
-        images_into_epoch = steps_into_epoch * saved_batch
-        steps_into_epoch = min(images_into_epoch // global_batch_size, steps_per_epoch)
-        # Steps cover the start of the epoch's order whatever the batch: whole steps of the new batch reach
-        # back to the last step boundary before the images seen, which are seen again.
-        again = images_into_epoch - steps_into_epoch * global_batch_size if steps_into_epoch < steps_per_epoch else 0
-        note = (f"checkpoint-{step} was written by {counted(saved_processes, 'process')} with a global batch of "
-                f"{saved_batch}; going on with {counted(num_processes, 'process')} and a global batch of "
-                f"{global_batch_size} after the {images_into_epoch} images already seen in epoch {epoch}"
-                + (f" (in whole steps of {global_batch_size}: the last {counted(again, 'image')} of those are "
-                   "trained on again)" if again > 0 else ""))
-    if saved_count == count and None not in (saved_key, key) and saved_key != key:
-        note = "; ".join(filter(None, [note, f"the image files changed since checkpoint-{step}, as many as then "
-                                             "(replaced, or copied anew): going on in the epoch's order"]))
-    return Position(step=step, epoch=epoch, images_seen=state.get("images_seen", step * global_batch_size),
-                    epoch_offset=step - steps_into_epoch - epoch * steps_per_epoch, note=note,
-                    log_window=state.get("log_window"), preview_owed=state.get("preview_owed"),
-                    evaluation_owed=state.get("evaluation_owed"))
 
 
 def resume(run: Run, path: Path) -> None:

@@ -227,6 +227,10 @@ def log_run_summary(run: Run) -> None:
     images = run.batches.num_images
     if images and (warning := batch_beyond_data(config.train_batch_size, accelerator.num_processes, images)):
         logger.warning(warning)
+    length = f"{run.steps_per_epoch} per epoch, {counted(run.num_epochs, 'epoch')}"
+    if run.epoch_offset:  # the epochs before a resume had another length (another batch, other data)
+        length += (f", {abs(run.epoch_offset)} steps {'more' if run.epoch_offset > 0 else 'fewer'} for the epochs "
+                   "trained before with another batch or other data")
     logger.info(
         f"training {run.parameters_in_millions}-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
         f"{counted(run.unwrapped_unet.config.in_channels, 'channel')}, {config.resolution} px, "
@@ -235,8 +239,7 @@ def log_run_summary(run: Run) -> None:
         f"{', weights sharded with FSDP2' if sharding.is_sharded(run.unwrapped_unet) else ''}, "
         f"precision {config.mixed_precision} | "
         f"{batch_description(config, accelerator.num_processes)} | "
-        f"{counted(run.max_train_steps, 'optimizer step')} ({run.steps_per_epoch} per epoch, "
-        f"{counted(run.num_epochs, 'epoch')}) | "
+        f"{counted(run.max_train_steps, 'optimizer step')} ({length}) | "
         f"seed {config.seed} | output {run.output_dir}")
 
 
