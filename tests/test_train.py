@@ -1131,6 +1131,36 @@ def test_dry_run_counts_a_resumed_runs_steps_as_the_run_does(run_cli, color_fold
     one_line_error(code, err, "checkpoint-8 is at step 8, past this run's last step")
 
 
+def test_a_run_ended_at_its_last_checkpoint_is_complete_with_that_steps_grid(run_cli, color_folder, tiny_unet,
+                                                                             tmp_path, monkeypatch):
+    """Ending a run early at its last checkpoint (--max_train_steps of that step) exported it but kept the longer
+    run's record: training_config.json passed back with --config trained on towards the old end; and the model
+    card showed an older grid than its export's step."""
+    import signal
+
+    from uncond import train
+
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--save_images_epochs", "100", "--save_model_epochs", "100")
+    train_step = train.train_step
+
+    def stopped_in_step_5(run, micro_batches):
+        if run.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(run, micro_batches)
+
+    monkeypatch.setattr(train, "train_step", stopped_in_step_5)
+    code, _, err = run_cli(*args, "--max_train_steps", "30")
+    assert code == 143 and "stopped by SIGTERM at step 5" in err, err
+    monkeypatch.setattr(train, "train_step", train_step)
+    code, _, err = run_cli(*args, "--max_train_steps", "5")
+    assert code == 0 and "exported the pipeline at step 5" in err, err
+    assert json.loads((out / "training_config.json").read_text())["max_train_steps"] == 5
+    assert "samples/step-0000005.png" in (out / "README.md").read_text()
+    code, _, err = run_cli("train", "--config", out / "training_config.json")
+    assert code == 0 and "is complete at step 5" in err, err
+
+
 def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     from uncond import models
 

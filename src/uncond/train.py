@@ -69,9 +69,11 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         raise
     finally:
         environment.give_back_freed_memory()  # kept for the run's steps (parts.build_run)
-    if not trained and accelerator.is_main_process:
-        # The run was complete: no step took this command's settings, so the folder keeps the record of those
-        # its model was trained with.
+    exported = checkpoint.read_training_state(output_dir).get("step") != start.export_step
+    if not (trained or exported) and accelerator.is_main_process:
+        # The run was complete: no step or export took this command's settings, so the folder keeps the record of
+        # those its model was trained with. (A run ended early at its last checkpoint exports it: the record
+        # is then of that command, so that passing it back says the run is complete.)
         start.put_back_settings(output_dir)
     if stop_signal is not None:
         raise RunStopped(stop_signal)
@@ -309,8 +311,9 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 checkpoint_unless_written(run)
             if run.step < run.max_train_steps and stop_requested(run, stop, at_once=True):
                 return stopped(run)  # a signal during the epoch's preview: no step after it
-    if exported_at != run.step:  # resumed at the very end
-        with_averaged_weights(run, export)
+    if exported_at != run.step:  # resumed at the very end (a run ended early at its last checkpoint, say)
+        uses = [export] if run_folder.preview_path(run.output_dir, run.step).exists() else [save_sample_grid, export]
+        with_averaged_weights(run, *uses)  # the grid too: the model card shows the export's step
     checkpoint_unless_written(run)  # the end too: a re-run with a larger --max_train_steps goes on from here exactly
     return True
 
