@@ -26,12 +26,11 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from . import environment, models, sharding
-from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, first_line,
+from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, STATE_FILE, RunFailed, TrainConfig, UsageError, first_line,
                      list_checkpoints, same_place)
 
 logger = logging.getLogger("uncond")
 
-STATE_FILE = "training_state.json"
 MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".tmp-"
 # Settings a checkpoint can only be resumed with unchanged (the UNet's own config is compared too).

@@ -387,6 +387,7 @@ GROUP_TITLES = {  # in the order --help shows them
     "speed": "speed and memory", "run": "run control",
 }
 RUN_CONFIG_FILE = "training_config.json"  # in every run's output folder and checkpoints: it marks them
+STATE_FILE = "training_state.json"  # beside it: the step, epoch and images seen of the export or checkpoint
 SAMPLE_SETTINGS_FILE = "sample_settings.json"  # in every folder `uncond sample` writes: it marks them
 PREVIEWS_DIR = "samples"  # a run's preview grids, in its output folder (a run artefact)
 BEST_DIR = "best"  # --keep_best: the export with the lowest FID

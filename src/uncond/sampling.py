@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import remote
-from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, SamplingSettings, UsageError, counted, first_line,
+from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, STATE_FILE, SamplingSettings, UsageError, counted, first_line,
                      list_checkpoints)
 from .progress import progress_bar
 
@@ -394,7 +394,18 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     if not isinstance(unet, UNet2DModel) or scheduler is None or getattr(pipeline, "vqvae", None) is not None:
         raise UsageError(f"{name_or_path} is a {type(pipeline).__name__}; uncond samples unconditional pixel-space "
                          "UNet2DModel pipelines (DDPMPipeline, DDIMPipeline)")
-    return Model(unet.to(device).eval(), dict(scheduler.config), f"{where} ({type(pipeline).__name__})")
+    return Model(unet.to(device).eval(), dict(scheduler.config),
+                 f"{where} ({type(pipeline).__name__}{trained_steps(path)})")
+
+
+def trained_steps(folder: Path) -> str:
+    """', trained N steps' for a pipeline uncond exported (its training_state.json), else '': a live run's export
+    changes as it trains."""
+    try:
+        step = json.loads((folder / STATE_FILE).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f", trained {counted(step, 'step')}" if isinstance(step, int) else ""
 
 
 CHECKPOINT_WEIGHTS = ("unet", "unet_ema")  # the folders of a checkpoint's trained and averaged weights
