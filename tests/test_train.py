@@ -1161,6 +1161,24 @@ def test_a_run_ended_at_its_last_checkpoint_is_complete_with_that_steps_grid(run
     assert code == 0 and "is complete at step 5" in err, err
 
 
+def test_checkpoints_that_will_not_fit_on_the_disk_are_said_at_the_start(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                          monkeypatch):
+    """A long run keeps every checkpoint without --checkpoints_total_limit (the seed's 64 px model over 39,000 steps:
+    78 of 1.4 GiB) and met a full disk days in, with nothing said before."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=1 << 20))  # 1 MiB free
+    args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "4",
+                           "--checkpointing_steps", "1")
+    for extra in (["--dry_run"], []):
+        code, _, err = run_cli(*args, *extra)
+        assert code == 0 and re.search(r"--checkpointing_steps 1: the run writes 4 checkpoints of about \d+ KiB, "
+                                       r"[\d.]+ MiB kept, more than the 1.0 MiB free on the disk of .*; pass "
+                                       r"--checkpoints_total_limit N to keep only the newest N", err), err
+    code, _, err = run_cli(*args, "--checkpoints_total_limit", "1", "--overwrite_output_dir", "--dry_run")
+    assert code == 0 and "checkpoints of about" not in err
+
+
 def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     from uncond import models
 

@@ -24,7 +24,8 @@ from . import (checkpoint, data, environment, hub, metrics, models, run_folder, 
                streaming, tracking)
 from .config import RunFailed, TrainConfig, UsageError, counted, first_line
 from .objective import Objective
-from .plan import Plan, Position, refuse_mismatched_resume, run_length, warmup_outlasts_run
+from .plan import (Plan, Position, checkpoints_beyond_disk, refuse_mismatched_resume, run_length,
+                   warmup_outlasts_run)
 from .stopping import StopAgreement, StopSignal
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -213,8 +214,11 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     images = (batches.num_images, getattr(batches, "images_key", None))
     position, max_train_steps = run_length(plan, steps_per_epoch, global_batch_size, accelerator.num_processes, images)
     epoch_offset = position.epoch_offset if position else 0
-    if accelerator.is_main_process and (warning := warmup_outlasts_run(config, max_train_steps)):
-        logger.warning(warning)
+    if accelerator.is_main_process:
+        for warning in (warmup_outlasts_run(config, max_train_steps), checkpoints_beyond_disk(
+                config, sum(weight.numel() for weight in unet.parameters()), plan.resume_step or 0, max_train_steps)):
+            if warning:
+                logger.warning(warning)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_train_steps, step_rules=config.lr_step_rules,
                                  num_cycles=config.lr_num_cycles, power=config.lr_power)
