@@ -1164,7 +1164,7 @@ def test_a_run_ended_at_its_last_checkpoint_is_complete_with_that_steps_grid(run
 def test_checkpoints_that_will_not_fit_on_the_disk_are_said_at_the_start(run_cli, color_folder, tiny_unet, tmp_path,
                                                                           monkeypatch):
     """A long run keeps every checkpoint without --checkpoints_total_limit (the seed's 64 px model over 39,000 steps:
-    78 of 1.4 GiB) and met a full disk days in, with nothing said before."""
+    78 of 1.7 GiB) and met a full disk days in, with nothing said before."""
     from types import SimpleNamespace
 
     monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=1 << 20))  # 1 MiB free

@@ -512,7 +512,7 @@ CHECKPOINT_BYTES_PER_PARAMETER = 12
 
 def checkpoints_beyond_disk(config: TrainConfig, parameters: int, first_step: int, last_step: int) -> str | None:
     """The warning for checkpoints that will not fit on the output folder's disk: without --checkpoints_total_limit
-    every one is kept (the seed's 64 px model over 39,000 steps: 78 of 1.4 GiB), and the run would meet a full
+    every one is kept (the seed's 64 px model over 39,000 steps: 78 of 1.7 GiB), and the run would meet a full
     disk days in."""
     written = last_step // config.checkpointing_steps - first_step // config.checkpointing_steps
     limit = config.checkpoints_total_limit
