@@ -1179,6 +1179,19 @@ def test_checkpoints_that_will_not_fit_on_the_disk_are_said_at_the_start(run_cli
     assert code == 0 and "checkpoints of about" not in err
 
 
+def test_extending_a_finished_run_says_its_learning_rate_goes_back_up(run_cli, color_folder, tiny_unet, tmp_path):
+    """A finished cosine run, extended, goes on at the rate of the stretched schedule (0 at the old end, then
+    higher): the loss curve jumped, with nothing said. A resume of the same length says nothing of it."""
+    args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--checkpointing_steps", "2")
+    assert run_cli(*args, "--max_train_steps", "4")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "8")
+    assert code == 0 and re.search(r"--lr_scheduler cosine now spans the run's 8 steps: the learning rate at step 4 "
+                                   r"is \d\.\d+e-05, where checkpoint-4's run had 0\.00e\+00", err), err
+    shutil.rmtree(tmp_path / "run" / "checkpoint-8")
+    code, _, err = run_cli(*args, "--max_train_steps", "8")
+    assert code == 0 and "resuming from checkpoint-6" in err and "now spans" not in err, err
+
+
 def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     from uncond import models
 

@@ -276,8 +276,15 @@ def resume(run: Run, path: Path) -> None:
     # step and its other settings; this run's flags win in both, so a diverged run can be resumed with a
     # lower --learning_rate (or more --adam_weight_decay).
     schedule = run.lr_scheduler.scheduler  # diffusers' schedules are all LambdaLR: base rate x factor(step)
+    saved_rate, saved_factor = schedule.get_last_lr()[0], schedule.get_last_lr()[0] / schedule.base_lrs[0]
     schedule.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
     rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    if not math.isclose(rates[0] / schedule.base_lrs[0], saved_factor, rel_tol=1e-3, abs_tol=1e-6):
+        # A run extended past its end: its schedule is stretched over the new length (cosine's rate, at 0 at the
+        # old end, goes back up), which a loss curve shows as a jump.
+        logger.info(f"--lr_scheduler {run.config.lr_scheduler} now spans the run's {run.max_train_steps} steps: the "
+                    f"learning rate at step {run.resume_position.step} is {rates[0]:.2e}, where {path.name}'s run had "
+                    f"{saved_rate:.2e}")
     for group, rate in zip(run.optimizer.param_groups, rates):
         group.update(lr=rate, **adam_settings(run.config))
     schedule._last_lr = rates  # what get_last_lr() (the logged lr) reads
