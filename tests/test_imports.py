@@ -15,7 +15,8 @@ import uncond
 LAYERS = {"config": 0, "sharding": 0, "progress": 0, "cache": 0.5, "remote": 0.5, "sources": 0.7, "decoding": 0.8,
           "data": 1, "streaming": 1.5, "models": 1, "objective": 1, "sampling": 1, "metrics": 1, "tracking": 1,
           "hub": 1, "environment": 1, "checkpoint": 2, "run_folder": 2.2, "plan": 2.5, "stopping": 2.6, "parts": 2.7,
-          "outputs": 2.8, "monitoring": 2.9, "train": 3, "evaluation": 3, "sample_folder": 3, "cli": 4, "__main__": 5,
+          "outputs": 2.8, "monitoring": 2.9, "train": 3, "evaluation": 3, "sample_folder": 3,
+          "checkpoint_export": 3, "cli": 4, "__main__": 5,
           "__init__": 5}
 
 

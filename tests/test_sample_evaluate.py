@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import TINY_UNET, RunsCode, fast_train_args, mounted_tmpfs, save_tiny_pipeline, write_images
 from uncond.config import TrainConfig, UsageError
@@ -395,6 +397,46 @@ def test_evaluate_measures_the_numbered_images_of_a_sample_folder_and_skips_unre
     result = json.loads(stdout)
     assert result["num_generated"] == 2 and "1 unreadable image skipped" in result["generated"]
     assert result["generated"].startswith("3 image files from")  # "3 images", of which 2 were measured
+
+
+def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tmp_path):
+    """Picking a run's best checkpoint left no way to make it the model: re-running training to that step wrote a
+    card of the re-run's settings (the defaults), and in the run's own folder set its later checkpoints aside."""
+    run, images = tmp_path / "run", write_images(tmp_path / "real", 8)
+    args = fast_train_args(images, tiny_unet, run, "--checkpointing_steps", "2", "--use_ema", "--logging_steps", "1",
+                           "--save_images_epochs", "1")
+    assert run_cli(*args, "--max_train_steps", "2", "--learning_rate", "1e-3")[0] == 0
+    assert run_cli(*args, "--max_train_steps", "4", "--learning_rate", "5e-4")[0] == 0  # went on, other settings
+    code, _, err = run_cli("export", run / "checkpoint-2", "--output_dir", tmp_path / "best")
+    assert code == 0 and f"exported the checkpoint {run / 'checkpoint-2'} (EMA weights), trained 2 steps" in err, err
+    best = tmp_path / "best"
+    exported = load_file(best / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(run / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[name], ema[name]) for name in ema)
+    card = (best / "README.md").read_text()
+    assert "| learning rate | 0.001 (cosine, 1 warmup steps) |" in card and "| optimizer steps | 2 |" in card
+    assert "samples/step-0000002.png" in card and "uncond export run/checkpoint-2 --output_dir best" in card
+    assert [record["step"] for record in map(json.loads, (best / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    assert type(DiffusionPipeline.from_pretrained(best)).__name__ == "DDPMPipeline"
+    sample = ["--num_images", 2, "--steps", 2]
+    assert run_cli("sample", best, "--output_dir", tmp_path / "from-export", *sample)[0] == 0
+    assert run_cli("sample", run / "checkpoint-2", "--output_dir", tmp_path / "from-checkpoint", *sample)[0] == 0
+    assert all((a == b).all() for a, b in zip(pixels(tmp_path / "from-export"), pixels(tmp_path / "from-checkpoint"),
+                                              strict=True))
+    # never over a folder of other files, a run's, or an earlier export without --overwrite_output_dir
+    code, _, err = run_cli("export", run / "checkpoint-4", "--output_dir", best)
+    one_line_error(code, err, f"--output_dir {best} is not empty; pass --overwrite_output_dir")
+    code, _, err = run_cli("export", run / "checkpoint-4", "--output_dir", best, "--overwrite_output_dir")
+    assert code == 0 and "samples/step-0000004.png" in (best / "README.md").read_text(), err
+    assert not (best / "samples" / "step-0000002.png").exists()
+    code, _, err = run_cli("export", run / "checkpoint-4", "--output_dir", run)
+    one_line_error(code, err, f"--output_dir {run} is a training run's folder (it has checkpoints)")
+    code, _, err = run_cli("export", run, "--output_dir", tmp_path / "other")
+    one_line_error(code, err, f"{run}: not a training checkpoint")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    code, _, err = run_cli("export", run / "checkpoint-4", "--output_dir", tmp_path / "mine", "--overwrite_output_dir")
+    one_line_error(code, err, "holds notes.txt, which no export wrote")
 
 
 def test_a_checkpoint_is_sampled_and_measured_as_its_export(run_cli, stand_in_inception, tiny_unet, tmp_path):

@@ -11,8 +11,9 @@ import os
 import sys
 from typing import Any, Callable
 
-from .config import (CacheConfig, EvaluateConfig, RunFailed, RunStopped, SampleConfig, UsageError, add_arguments,
-                     add_train_arguments, build_command_config, build_config, counted, public_argv, size_text)
+from .config import (CacheConfig, EvaluateConfig, ExportConfig, RunFailed, RunStopped, SampleConfig, UsageError,
+                     add_arguments, add_train_arguments, build_command_config, build_config, counted, public_argv,
+                     size_text)
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
 
@@ -106,6 +107,10 @@ def make_parser() -> argparse.ArgumentParser:
                 "Measure generated images (a folder, or a MODEL to sample from) against real ones with FID and KID "
                 "in the standard InceptionV3 feature space, and precision/recall. Reference statistics are cached "
                 "in pytorch-fid's .npz format.")
+    add_command(commands, "export", run_export, ExportConfig, "write a training checkpoint as a pipeline folder",
+                "Write a run's checkpoint-N as a diffusers pipeline folder, as the run's own exports are (its EMA "
+                "weights where the run kept them, model card, loss plot, the grid of its step): for a run whose "
+                "best model is not its last one.")
     add_command(commands, "cache", run_cache, CacheConfig, "list the decoded-image cache, and remove entries",
                 "List the entries of the decoded-image cache (one per dataset and resolution, made by the first "
                 "run that reads them), with their size and last use; remove unused ones or all.")
@@ -164,6 +169,13 @@ def run_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     config = build_command_config(EvaluateConfig, command_values(args))
     report = evaluate(config)
     print(json.dumps(report.as_dict()) if config.json else report)
+    return 0
+
+
+def run_export(args: argparse.Namespace, argv: list[str]) -> int:
+    from .checkpoint_export import export_checkpoint
+
+    export_checkpoint(build_command_config(ExportConfig, command_values(args)))
     return 0
 
 

@@ -367,6 +367,17 @@ class EvaluateConfig(SamplingSettings):
 
 
 @dataclass(kw_only=True)
+class ExportConfig:
+    """`uncond export CHECKPOINT --output_dir DIR`: a checkpoint as a pipeline folder, the model to deliver."""
+    checkpoint: str = setting(REQUIRED, "a training run's checkpoint-N folder (its EMA weights where the run kept "
+                              "them, as its exports do), or checkpoint-N/unet for its trained weights", group="inputs",
+                              positional=True)
+    output_dir: str = setting(REQUIRED, "the pipeline folder to write (new, or empty)", group="results")
+    overwrite_output_dir: bool = setting(False, "replace the model in --output_dir, a folder `uncond export` wrote",
+                                         group="results")
+
+
+@dataclass(kw_only=True)
 class CacheConfig:
     """`uncond cache`: the decoded-image cache's entries and uncond evaluate's reference statistics, and
     removing them."""
@@ -690,6 +701,8 @@ def build_command_config(config_class: type, values: dict[str, Any]) -> Any:
     check_numbers(config)
     if isinstance(config, CacheConfig):
         check_at_least(config, 0, "remove_unused_days")
+        return config
+    if isinstance(config, ExportConfig):
         return config
     check_at_least(config, 1, "num_images", "batch_size", "steps")
     if isinstance(config, SampleConfig):

@@ -64,14 +64,23 @@ def draw_loss_plot(run: Run) -> list[dict[str, Any]]:
 
 
 def write_card(run: Run, records: list[dict[str, Any]]) -> None:
-    config = run.config
-    grids = run_folder.preview_grids(run.output_dir)
+    write_card_of(run.output_dir, run.config, training_state(run), run.unwrapped_unet,
+                  dict(run.noise_scheduler.config), records, run.repo_id)
+
+
+def write_card_of(folder: Path, config: TrainConfig, state: dict[str, Any], unet: UNet2DModel,
+                  scheduler_config: dict[str, Any], records: list[dict[str, Any]], repo_id: str | None = None,
+                  exported_from: str | None = None) -> None:
+    """The model card of the pipeline in `folder`, trained with `config` to the training `state` (parts.training_state:
+    step, images seen, batch, commands); `records` are metrics.jsonl's up to that step. `exported_from`: the
+    checkpoint that `uncond export` wrote out, where the run went on past it."""
+    grids = run_folder.preview_grids(folder)
     last = records[-1] if records else {}
+    step, processes = state["step"], state.get("num_processes", 1)
     facts = {"dataset": data_description(config), "resolution": config.resolution,
-             "optimizer steps": run.step, "images seen": run.images_seen,
-             "global batch": f"{run.global_batch_size} ({config.train_batch_size} per device x "
-                             f"{counted(run.accelerator.num_processes, 'process')} x "
-                             f"{config.gradient_accumulation_steps} accumulation)",
+             "optimizer steps": step, "images seen": state.get("images_seen"),
+             "global batch": f"{state.get('global_batch_size')} ({config.train_batch_size} per device x "
+                             f"{counted(processes, 'process')} x {config.gradient_accumulation_steps} accumulation)",
              "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, "
                               f"{config.lr_warmup_steps} warmup steps)",
              "prediction type": config.prediction_type, "EMA": config.use_ema,
@@ -80,19 +89,21 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
         facts["final loss (mean over the last logging interval)"] = f"{last['loss']:.4f}"
     # The card's usage code samples as the previews did, with the same scheduler settings.
     sample_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
-    usage_code = sampling.diffusers_usage_code(config.sampler, run.noise_scheduler.config,
-                                               run.repo_id or str(run.output_dir), sample_steps)
-    hub.write_model_card(run.output_dir, {
-        "title": run.repo_id or run.output_dir.resolve().name,
+    usage_code = sampling.diffusers_usage_code(config.sampler, scheduler_config, repo_id or str(folder), sample_steps)
+    hub.write_model_card(folder, {
+        "title": repo_id or folder.resolve().name,
         "dataset": data_description(config),
         "hub_dataset": hub_dataset_id(config),
         "pretrained": config.pretrained_model_name_or_path,
         "hub_base_model": hub_model_id(config.pretrained_model_name_or_path),
-        "parameters": run.parameters_in_millions,
-        "resolution": config.resolution, "channels": run.unwrapped_unet.config.in_channels,
-        "steps": run.step, "images_seen": run.images_seen,
-        "grid": grids[-1][1].relative_to(run.output_dir).as_posix() if grids else None,
-        "metrics": facts, "reproduce": reproduce_section(run.commands, run.step), "usage_code": usage_code,
+        "parameters": f"{sum(weight.numel() for weight in unet.parameters()) / 1e6:.2f}M",
+        "resolution": config.resolution, "channels": unet.config.in_channels,
+        "steps": step, "images_seen": state.get("images_seen"),
+        "grid": grids[-1][1].relative_to(folder).as_posix() if grids else None,
+        "metrics": facts, "reproduce": reproduce_section(state.get("commands") or [], step) + (
+            f"\nThis model is the run's checkpoint at step {step}, written out with `uncond export "
+            f"{shlex.quote(exported_from)} --output_dir {shlex.quote(folder.name)}`.\n" if exported_from else ""),
+        "usage_code": usage_code,
     })
 
 

@@ -1,0 +1,91 @@
+"""`uncond export`: a training checkpoint as a pipeline folder, for a run whose best model is not its last one
+(picked by its sample grids or by `uncond evaluate` of its checkpoints). The folder is what a run's export is:
+the pipeline, its training state and settings, its model card, loss plot, metrics and the grid of its step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, hub, run_folder, sampling, tracking
+from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, ExportConfig, TrainConfig, UsageError, counted,
+                     list_checkpoints)
+from .outputs import write_card_of
+
+logger = logging.getLogger("uncond")
+
+# What an export writes beside the pipeline (checkpoint.PIPELINE_ITEMS): the run's files of the step
+RUN_FILES = (RUN_CONFIG_FILE, hub.CARD_FILE, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, run_folder.PREVIEWS_DIR)
+
+
+def export_checkpoint(config: ExportConfig) -> Path:
+    """Write checkpoint `config.checkpoint` (or its unet/) as a pipeline folder at `config.output_dir`."""
+    source = Path(config.checkpoint).expanduser()
+    weights = source.name if source.name in sampling.CHECKPOINT_WEIGHTS else None
+    folder = source.parent if weights else source
+    if not (CHECKPOINT_NAME.match(folder.name) and (folder / RUN_CONFIG_FILE).is_file()):
+        raise UsageError(f"{config.checkpoint}: not a training checkpoint (a run's checkpoint-N folder, holding "
+                         f"{RUN_CONFIG_FILE}); a pipeline folder is a model already")
+    problem = checkpoint.checkpoint_problem(folder)
+    if problem:
+        raise UsageError(f"{config.checkpoint}: the checkpoint is incomplete ({problem}); export another one")
+    output_dir = Path(config.output_dir)
+    check_export_folder(output_dir, config.overwrite_output_dir)
+    model = sampling.load_model(str(source), torch.device("cpu"), torch.float32)
+    settings = checkpoint.saved_run_config(folder)
+    run_config = TrainConfig(**{spec.name: settings[spec.name] for spec in fields(TrainConfig)
+                                if spec.name in settings})  # the settings that trained it, for its model card
+    state = {**checkpoint.read_training_state(folder), "finished": False}
+    step = state.get("step", int(CHECKPOINT_NAME.match(folder.name)[1]))
+    state["step"] = step
+    run = folder.parent
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:  # an earlier export's (--overwrite_output_dir): its grid would be taken for this one's
+        if (output_dir / name).exists():
+            checkpoint.remove(output_dir / name)
+    checkpoint.export_pipeline(model.unet, sampling.training_noise_scheduler(settings), output_dir, state)
+    (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    records = [record for record in tracking.read_metrics(run / tracking.METRICS_FILE) if record.get("step", 0) <= step]
+    if records:
+        tracking.write_metrics(output_dir / tracking.METRICS_FILE, records)
+        tracking.plot_metrics(records, output_dir / tracking.LOSS_PLOT_FILE)
+    grid = run_folder.preview_path(run, step)
+    if grid.is_file():  # the model card shows it
+        run_folder.preview_path(output_dir, step).parent.mkdir(exist_ok=True)
+        shutil.copy2(grid, run_folder.preview_path(output_dir, step))
+    exported_from = "/".join([Path(run_config.output_dir).name, folder.name, *([weights] if weights else [])])
+    write_card_of(output_dir, run_config, state, model.unet, model.scheduler_config, records,
+                  exported_from=exported_from)
+    logger.info(f"exported {model.description}, trained {counted(step, 'step')}, to {output_dir} "
+                f"(DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
+    return output_dir
+
+
+def check_export_folder(output_dir: Path, overwrite: bool) -> None:
+    """A new or empty folder; with --overwrite_output_dir, one an export wrote. Never a training run's folder (its
+    checkpoints, its own export) or files of the user's."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is a file; choose a folder")
+    if list_checkpoints(output_dir):
+        raise UsageError(f"--output_dir {output_dir} is a training run's folder (it has checkpoints); choose another "
+                         "--output_dir")
+    found = sorted(path.name for path in output_dir.iterdir())
+    if not found:
+        return
+    if not overwrite:
+        raise UsageError(f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to replace the model an "
+                         "export wrote there, or choose another --output_dir")
+    others = [name for name in found if name not in (*checkpoint.PIPELINE_ITEMS, *RUN_FILES)]
+    readme = output_dir / hub.CARD_FILE
+    if readme.is_file() and not hub.written_by_uncond(readme):
+        others.append(hub.CARD_FILE)
+    if others or not (output_dir / "model_index.json").is_file():
+        raise UsageError(f"--output_dir {output_dir} holds {', '.join(others or found)}, which no export wrote; move "
+                         "them, or choose another --output_dir")
