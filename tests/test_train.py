@@ -1192,6 +1192,20 @@ def test_extending_a_finished_run_says_its_learning_rate_goes_back_up(run_cli, c
     assert code == 0 and "resuming from checkpoint-6" in err and "now spans" not in err, err
 
 
+def test_tensorboard_drops_the_steps_of_a_branch_left_behind(run_cli, color_folder, tiny_unet, tmp_path):
+    """Going back to an earlier checkpoint moves the later checkpoints, grids and metrics.jsonl lines aside; the
+    TensorBoard curve of the folder must not keep the left branch's steps beside the new ones."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--logging_steps", "1",
+                           "--logger", "tensorboard")
+    assert run_cli(*args, "--max_train_steps", "6")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "5", "--resume_from_checkpoint", "checkpoint-2")
+    assert code == 0 and "moved to" in err, err
+    events = EventAccumulator(str(out / "logs" / "uncond"), size_guidance={"scalars": 0})  # as TensorBoard reads it
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4, 5]
+
+
 def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     from uncond import models
 
