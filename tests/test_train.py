@@ -1206,6 +1206,19 @@ def test_tensorboard_drops_the_steps_of_a_branch_left_behind(run_cli, color_fold
     assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4, 5]
 
 
+def test_a_complete_run_run_again_with_other_settings_says_only_that_it_is_complete(run_cli, color_folder, tiny_unet,
+                                                                                      tmp_path):
+    """A finished run's command re-run with another batch and learning rate said that they applied from the next
+    step and where in the epoch it went on, then that the run was complete: no step takes them."""
+    args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--num_epochs", "2")
+    assert run_cli(*args)[0] == 0
+    code, _, err = run_cli(*args, "--learning_rate", "5e-4", "--train_batch_size", "2")
+    assert code == 0 and "is complete at step 6" in err, err
+    assert "apply from its next step" not in err and "going on with" not in err
+    code, _, err = run_cli(*args, "--learning_rate", "5e-4", "--num_epochs", "3")  # going on, they are said
+    assert code == 0 and "this run's apply from its next step: learning_rate 0.0001 -> 0.0005" in err, err
+
+
 def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     from uncond import models
 

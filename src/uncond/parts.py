@@ -279,17 +279,18 @@ def resume(run: Run, path: Path) -> None:
     saved_rate, saved_factor = schedule.get_last_lr()[0], schedule.get_last_lr()[0] / schedule.base_lrs[0]
     schedule.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
     rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
-    if not math.isclose(rates[0] / schedule.base_lrs[0], saved_factor, rel_tol=1e-3, abs_tol=1e-6):
+    position = run.resume_position
+    going_on = position.step < run.max_train_steps  # else the run is complete: nothing of it is said
+    if going_on and not math.isclose(rates[0] / schedule.base_lrs[0], saved_factor, rel_tol=1e-3, abs_tol=1e-6):
         # A run extended past its end: its schedule is stretched over the new length (cosine's rate, at 0 at the
         # old end, goes back up), which a loss curve shows as a jump.
         logger.info(f"--lr_scheduler {run.config.lr_scheduler} now spans the run's {run.max_train_steps} steps: the "
-                    f"learning rate at step {run.resume_position.step} is {rates[0]:.2e}, where {path.name}'s run had "
+                    f"learning rate at step {position.step} is {rates[0]:.2e}, where {path.name}'s run had "
                     f"{saved_rate:.2e}")
     for group, rate in zip(run.optimizer.param_groups, rates):
         group.update(lr=rate, **adam_settings(run.config))
     schedule._last_lr = rates  # what get_last_lr() (the logged lr) reads
-    position = run.resume_position
-    if position.note:
+    if position.note and going_on:
         logger.info(position.note)
     run.step, run.epoch, run.images_seen = position.step, position.epoch, position.images_seen
     run.epoch_offset, run.checkpointed_step = position.epoch_offset, position.step

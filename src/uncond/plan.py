@@ -39,6 +39,8 @@ class Plan:
     # same tracker run, else a new one
     tracker_run_id: str = field(default_factory=lambda: secrets.token_hex(4))
     pretrained: Any = None  # --pretrained_model_name_or_path's UNet2DModel, whose weights a new run starts from
+    # What the resume changes (checkpoint.resume_notes): said where the run goes on, not of a run that is complete
+    resume_notes: list[str] = field(default_factory=list)
 
     @property
     def resume_step(self) -> int | None:
@@ -157,8 +159,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     if resume_from is not None:
         if config.max_train_steps:  # else the last step is known once the data is
             refuse_resume_past_end(plan, config.max_train_steps)
-        for note in checkpoint.resume_notes(resume_from, config, resume_state):
-            logger.warning(note)
+        plan.resume_notes = checkpoint.resume_notes(resume_from, config, resume_state)
     return plan
 
 
@@ -561,6 +562,8 @@ def dry_run(plan: Plan) -> None:
         logger.warning(warning)
     if plan.resume_message:
         logger.info(plan.resume_message)
+    for note in plan.resume_notes:
+        logger.warning(note)
 
 
 def batch_description(config: TrainConfig, processes: int) -> str:
