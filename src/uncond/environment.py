@@ -124,7 +124,7 @@ def failure_anywhere(failure: str | None) -> str | None:
         return failure
     failures: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(failures, failure)
-    return next((failure for failure in failures if failure is not None), None)
+    return next((said for said in failures if said is not None), None)
 
 
 # The last collective of each multi-process gloo run, kept until the process exits (see finish_collectives).

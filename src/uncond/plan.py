@@ -562,7 +562,7 @@ def dry_run(plan: Plan) -> None:
         logger.warning(warning)
     if plan.resume_message:
         logger.info(plan.resume_message)
-    for note in plan.resume_notes:
+    for note in plan.resume_notes if (plan.resume_step or 0) < total_steps else []:  # said of a run going on
         logger.warning(note)
 
 
