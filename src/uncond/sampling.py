@@ -257,7 +257,9 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
     scheduler.set_timesteps(num_steps, device=device)
     # Network evaluations are the progress to show: a batch of 1,000 DDPM steps takes minutes.
     total = math.ceil(len(indices) / batch_size) * len(scheduler.timesteps)
-    with progress_bar(total=total, desc="sampling", unit="step", disable=not progress, leave=False) as bar:
+    # "sampling 300 images: 40/190 steps": the steps of all the batches, the unit of progress
+    with progress_bar(total=total, desc=f"sampling {counted(len(indices), 'image')}", unit="step",
+                      disable=not progress, leave=False) as bar:
         for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
             count = len(batch)
