@@ -415,7 +415,7 @@ def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tm
     assert exported.keys() == ema.keys() and all(torch.equal(exported[name], ema[name]) for name in ema)
     card = (best / "README.md").read_text()
     assert "| learning rate | 0.001 (cosine, 1 warmup steps) |" in card and "| optimizer steps | 2 |" in card
-    assert "samples/step-0000002.png" in card and "uncond export run/checkpoint-2 --output_dir best" in card
+    assert "samples/step-0000002.png" in card and f"uncond export {run / 'checkpoint-2'} --output_dir {best}" in card
     assert [record["step"] for record in map(json.loads, (best / "metrics.jsonl").read_text().splitlines())] == [1, 2]
     assert type(DiffusionPipeline.from_pretrained(best)).__name__ == "DDPMPipeline"
     sample = ["--num_images", 2, "--steps", 2]
@@ -431,6 +431,13 @@ def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tm
     assert not (best / "samples" / "step-0000002.png").exists()
     code, _, err = run_cli("export", run / "checkpoint-4", "--output_dir", run)
     one_line_error(code, err, f"--output_dir {run} is a training run's folder (it has checkpoints)")
+    code, _, err = run_cli("export", run / "checkpoint-4", "--output_dir", run / "best")  # --keep_best's, say
+    one_line_error(code, err, f"--output_dir {run / 'best'} is inside the training run's folder {run}, whose runs "
+                              "would replace or remove it")
+    # a training run into the export is refused, as into any trained model (it was taken for one interrupted)
+    code, _, err = run_cli(*args[:args.index("--output_dir")], "--output_dir", best,
+                           *args[args.index("--output_dir") + 2:], "--max_train_steps", "1")
+    one_line_error(code, err, f"--output_dir {best} already holds a trained model")
     code, _, err = run_cli("export", run, "--output_dir", tmp_path / "other")
     one_line_error(code, err, f"{run}: not a training checkpoint")
     (tmp_path / "mine").mkdir()

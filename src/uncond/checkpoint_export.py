@@ -26,6 +26,9 @@ RUN_FILES = (RUN_CONFIG_FILE, hub.CARD_FILE, tracking.METRICS_FILE, tracking.LOS
 def export_checkpoint(config: ExportConfig) -> Path:
     """Write checkpoint `config.checkpoint` (or its unet/) as a pipeline folder at `config.output_dir`."""
     source = Path(config.checkpoint).expanduser()
+    if not source.is_dir():
+        raise UsageError(f"{config.checkpoint}: no such folder")
+    source = source.resolve()  # `.` in a checkpoint's folder
     weights = source.name if source.name in sampling.CHECKPOINT_WEIGHTS else None
     folder = source.parent if weights else source
     if not (CHECKPOINT_NAME.match(folder.name) and (folder / RUN_CONFIG_FILE).is_file()):
@@ -40,7 +43,8 @@ def export_checkpoint(config: ExportConfig) -> Path:
     settings = checkpoint.saved_run_config(folder)
     run_config = TrainConfig(**{spec.name: settings[spec.name] for spec in fields(TrainConfig)
                                 if spec.name in settings})  # the settings that trained it, for its model card
-    state = {**checkpoint.read_training_state(folder), "finished": False}
+    # finished: the model as it is, not an intermediate export that a run of these settings would start again
+    state = {**checkpoint.read_training_state(folder), "finished": True, "exported_from": folder.name}
     step = state.get("step", int(CHECKPOINT_NAME.match(folder.name)[1]))
     state["step"] = step
     run = folder.parent
@@ -58,9 +62,8 @@ def export_checkpoint(config: ExportConfig) -> Path:
     if grid.is_file():  # the model card shows it
         run_folder.preview_path(output_dir, step).parent.mkdir(exist_ok=True)
         shutil.copy2(grid, run_folder.preview_path(output_dir, step))
-    exported_from = "/".join([Path(run_config.output_dir).name, folder.name, *([weights] if weights else [])])
     write_card_of(output_dir, run_config, state, model.unet, model.scheduler_config, records,
-                  exported_from=exported_from)
+                  exported_from=config.checkpoint)
     logger.info(f"exported {model.description}, trained {counted(step, 'step')}, to {output_dir} "
                 f"(DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
     return output_dir
@@ -69,6 +72,10 @@ def export_checkpoint(config: ExportConfig) -> Path:
 def check_export_folder(output_dir: Path, overwrite: bool) -> None:
     """A new or empty folder; with --overwrite_output_dir, one an export wrote. Never a training run's folder (its
     checkpoints, its own export) or files of the user's."""
+    run = next((folder for folder in output_dir.resolve().parents if (folder / RUN_CONFIG_FILE).is_file()), None)
+    if run is not None:  # its runs would move, replace or rotate it away (run/best is --keep_best's)
+        raise UsageError(f"--output_dir {output_dir} is inside the training run's folder {run}, whose runs would "
+                         "replace or remove it; choose a folder outside it")
     if not output_dir.exists():
         return
     if not output_dir.is_dir():

@@ -102,7 +102,7 @@ def write_card_of(folder: Path, config: TrainConfig, state: dict[str, Any], unet
         "grid": grids[-1][1].relative_to(folder).as_posix() if grids else None,
         "metrics": facts, "reproduce": reproduce_section(state.get("commands") or [], step) + (
             f"\nThis model is the run's checkpoint at step {step}, written out with `uncond export "
-            f"{shlex.quote(exported_from)} --output_dir {shlex.quote(folder.name)}`.\n" if exported_from else ""),
+            f"{shlex.quote(exported_from)} --output_dir {shlex.quote(str(folder))}`.\n" if exported_from else ""),
         "usage_code": usage_code,
     })
 

@@ -134,9 +134,9 @@ def load_batches(plan: Plan, accelerator: Accelerator) -> data.CachedBatches | s
     logger.info(data.summary(cache, source))
     if accelerator.num_processes > 1:
         check_same_images(accelerator, len(cache))
-    if accelerator.is_main_process:
-        data.write_report(Path(config.output_dir) / data.REPORT_FILE, len(cache), cache.meta["skipped"],
-                          cache.meta["upscaled"], cache.meta.get("upscaled_examples", []), cache=str(cache.folder))
+    on_main_process(accelerator, lambda: data.write_report(  # a full disk here stops every process, said
+        Path(config.output_dir) / data.REPORT_FILE, len(cache), cache.meta["skipped"], cache.meta["upscaled"],
+        cache.meta.get("upscaled_examples", []), cache=str(cache.folder)))
     channels = choose_channels(plan, lambda: cache.all_gray)
     # A resumed run goes on in the data order it began with (checkpoints without "data_order" predate it).
     data_order = plan.resume_state.get("data_order", 1) if plan.resume_from is not None else None

@@ -517,18 +517,18 @@ def checkpoints_beyond_disk(config: TrainConfig, parameters: int, first_step: in
     disk days in."""
     written = last_step // config.checkpointing_steps - first_step // config.checkpointing_steps
     limit = config.checkpoints_total_limit
-    kept = written if limit is None else min(written, limit)
+    kept = written if limit is None else min(written, limit + 1)  # a new one is written before the oldest goes
     each = parameters * (CHECKPOINT_BYTES_PER_PARAMETER + 4 * config.use_ema)
     folder = next(folder for folder in (Path(config.output_dir).resolve(), *Path(config.output_dir).resolve().parents)
                   if folder.exists())
     free = shutil.disk_usage(folder).free
     if kept * each <= free:
         return None
-    instead = ("pass --checkpoints_total_limit N to keep only the newest N" if limit is None
-               else "lower --checkpoints_total_limit")
+    instead = ("pass --checkpoints_total_limit N to keep only the newest N, " if limit is None
+               else "lower --checkpoints_total_limit, " if limit > 1 else "")
     return (f"--checkpointing_steps {config.checkpointing_steps}: the run writes {counted(written, 'checkpoint')} of "
-            f"about {size_text(each)}, {size_text(kept * each)} kept, more than the {size_text(free)} free on the "
-            f"disk of {folder}; {instead}, raise --checkpointing_steps, or free some space")
+            f"about {size_text(each)}, {size_text(kept * each)} on the disk at once, more than the {size_text(free)} "
+            f"free on the disk of {folder}; {instead}raise --checkpointing_steps, or free some space")
 
 
 def dry_run(plan: Plan) -> None:
