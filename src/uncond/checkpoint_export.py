@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler
 
 from . import checkpoint, hub, run_folder, sampling, tracking
 from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, ExportConfig, TrainConfig, UsageError, counted,
@@ -52,7 +53,7 @@ def export_checkpoint(config: ExportConfig) -> Path:
     for name in RUN_FILES:  # an earlier export's (--overwrite_output_dir): its grid would be taken for this one's
         if (output_dir / name).exists():
             checkpoint.remove(output_dir / name)
-    checkpoint.export_pipeline(model.unet, sampling.training_noise_scheduler(settings), output_dir, state)
+    checkpoint.export_pipeline(model.unet, DDPMScheduler.from_config(model.scheduler_config), output_dir, state)
     (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     records = [record for record in tracking.read_metrics(run / tracking.METRICS_FILE) if record.get("step", 0) <= step]
     if records:

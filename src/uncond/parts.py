@@ -268,9 +268,14 @@ def tune_cuda(config: TrainConfig, device: torch.device) -> list[str]:
     return ["cuDNN autotuning"] + ["TF32"] * config.allow_tf32
 
 
-def resume(run: Run, path: Path) -> None:
+def resume(run: Run, path: Path, notes: list[str]) -> None:
     """Restore the training state (weights, EMA, optimizer, schedule, random states) and go on from the place
-    build_run found. The optimizer, schedule and weights are the same whatever the process count."""
+    build_run found. The optimizer, schedule and weights are the same whatever the process count. `notes`
+    (Plan.resume_notes) say what the resume changes, where the run goes on."""
+    position = run.resume_position
+    going_on = position.step < run.max_train_steps  # else the run is complete: nothing of it is said
+    for note in notes if going_on else []:
+        logger.warning(note)
     checkpoint.load_checkpoint(run.accelerator, path)
     # The schedule's state holds the learning rate it was built with, and the optimizer the rate of the next
     # step and its other settings; this run's flags win in both, so a diverged run can be resumed with a
@@ -279,8 +284,6 @@ def resume(run: Run, path: Path) -> None:
     saved_rate, saved_factor = schedule.get_last_lr()[0], schedule.get_last_lr()[0] / schedule.base_lrs[0]
     schedule.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
     rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
-    position = run.resume_position
-    going_on = position.step < run.max_train_steps  # else the run is complete: nothing of it is said
     if going_on and not math.isclose(rates[0] / schedule.base_lrs[0], saved_factor, rel_tol=1e-3, abs_tol=1e-6):
         # A run extended past its end: its schedule is stretched over the new length (cosine's rate, at 0 at the
         # old end, goes back up), which a loss curve shows as a jump.

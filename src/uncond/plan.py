@@ -519,8 +519,7 @@ def checkpoints_beyond_disk(config: TrainConfig, parameters: int, first_step: in
     limit = config.checkpoints_total_limit
     kept = written if limit is None else min(written, limit + 1)  # a new one is written before the oldest goes
     each = parameters * (CHECKPOINT_BYTES_PER_PARAMETER + 4 * config.use_ema)
-    folder = next(folder for folder in (Path(config.output_dir).resolve(), *Path(config.output_dir).resolve().parents)
-                  if folder.exists())
+    folder = run_folder.nearest_existing(Path(config.output_dir).resolve())
     free = shutil.disk_usage(folder).free
     if kept * each <= free:
         return None

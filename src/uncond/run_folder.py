@@ -35,13 +35,18 @@ def check_creatable(path: str, flag: str, file: bool = False, instead: str | Non
     give `flag` another value."""
     instead = instead or f"choose another {flag}"
     existing = Path(path).expanduser().absolute()
-    existing = existing.parent if file else existing
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(existing.parent if file else existing)
     if not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; {instead}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: {existing} is not writable; {instead}")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of the folders above it that exists: where a folder to be made will be."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def preview_path(output_dir: Path, step: int) -> Path:

@@ -100,10 +100,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
         run.resume_command = f"{run.resume_command} (on every machine, its rank in MACHINE_RANK)"
     if plan.resume_from is not None:
         logger.info(plan.resume_message)
-        if plan.resume_step < run.max_train_steps:  # a complete run changes nothing
-            for note in plan.resume_notes:
-                logger.warning(note)
-        resume(run, plan.resume_from)
+        resume(run, plan.resume_from, plan.resume_notes)
     elif plan.resume_message:
         logger.info(plan.resume_message)
     run.tracker_run_id = plan.tracker_run_id
