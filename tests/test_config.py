@@ -164,12 +164,12 @@ def test_a_config_file_syntax_error_says_where(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("train", "--resolution", "abc"), "uncond train: error: argument --resolution: expects int, got 'abc'"),
-    (("sample", "model", "--num_images", "ten"), "uncond sample: error: argument --num_images: expects int, got 'ten'"),
-    (("cache", "--remove_unused_days", "x"), "uncond cache: error: argument --remove_unused_days: expects int"),
-    (("train", "--use-ema"), "uncond train: error: unrecognized arguments: --use-ema (--use-ema: did you mean "
+    (("train", "--resolution", "abc"), "uncond: error: argument --resolution: expects int, got 'abc'"),
+    (("sample", "model", "--num_images", "ten"), "uncond: error: argument --num_images: expects int, got 'ten'"),
+    (("cache", "--remove_unused_days", "x"), "uncond: error: argument --remove_unused_days: expects int"),
+    (("train", "--use-ema"), "uncond: error: unrecognized arguments: --use-ema (--use-ema: did you mean "
                              "--use_ema?) (see uncond train --help)"),  # it named no flag, and `uncond --help`
-    (("sample", "model", "--num-images", "3"), "uncond sample: error: unrecognized arguments: --num-images 3 "
+    (("sample", "model", "--num-images", "3"), "uncond: error: unrecognized arguments: --num-images 3 "
                                                "(--num-images: did you mean --num_images?)"),
 ])
 def test_a_mistyped_flag_or_number_is_one_line(capsys, argv, message):
@@ -249,4 +249,5 @@ def test_a_command_run_from_python_leaves_the_callers_logging_as_it_was(tmp_path
         root.removeHandler(notebook_log)
         notebook_log.close()
     err = capsys.readouterr().err
-    assert err.count("uncond: error:") == 1 and "uncond train: error: unrecognized arguments: --use-ema" in err
+    assert err.count("uncond: error:") == 2 and "uncond: error: unrecognized arguments: --use-ema" in err
+    assert "no such folder" in err

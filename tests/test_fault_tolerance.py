@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import random
 import shutil
@@ -394,6 +395,7 @@ def test_divergence_stops_with_the_last_good_checkpoint(run_cli, color_folder, t
     assert code == 1, err[-2000:]
     message = next(line for line in err.splitlines() if line.startswith("uncond: stopped:"))
     assert "became" in message and "is the last good checkpoint" in message and "--skip_nonfinite" in message
+    assert message.count("stopped") == 1, message  # said once, by the line's prefix
     last = checkpoint.complete_checkpoints(out)[-1][1]
     assert all(torch.isfinite(t).all() for t in load_file(last / "unet" / WEIGHTS).values())
 
@@ -422,6 +424,8 @@ def test_weights_that_diverged_are_never_exported(run_cli, color_folder, tiny_un
     out = tmp_path / "run"
     args = fast_train_args(color_folder, tiny_unet, out, "--max_grad_norm", "0", "--logging_steps", "100")
     assert run_cli(*args, "--max_train_steps", "2")[0] == 0
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(logged["grad_norm"]) and logged["grad_norm"] > 0  # logged without clipping too
     earlier = (out / "unet" / WEIGHTS).read_bytes()
     code, _, err = run_cli(*args, "--max_train_steps", "6", "--learning_rate", "1e12", "--overwrite_output_dir",
                            "--save_model_epochs", "1", "--checkpointing_steps", "100")

@@ -438,12 +438,19 @@ def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tm
     code, _, err = run_cli(*args[:args.index("--output_dir")], "--output_dir", best,
                            *args[args.index("--output_dir") + 2:], "--max_train_steps", "1")
     one_line_error(code, err, f"--output_dir {best} already holds a trained model")
+    code, _, err = run_cli("train", "--config", best / "training_config.json")  # its record is the export's, too
+    one_line_error(code, err, f"--output_dir {best} already holds a trained model")
     code, _, err = run_cli("export", run, "--output_dir", tmp_path / "other")
     one_line_error(code, err, f"{run}: not a training checkpoint")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     code, _, err = run_cli("export", run / "checkpoint-4", "--output_dir", tmp_path / "mine", "--overwrite_output_dir")
     one_line_error(code, err, "holds notes.txt, which no export wrote")
+    seed_checkpoint = tmp_path / "seed-run" / "checkpoint-4"  # train_unconditional.py's: no training_config.json
+    shutil.copytree(run / "checkpoint-4", seed_checkpoint, ignore=shutil.ignore_patterns("training_config.json"))
+    code, _, err = run_cli("export", seed_checkpoint, "--output_dir", tmp_path / "from-seed")
+    one_line_error(code, err, "(a train_unconditional.py checkpoint, which does not record its noise schedule; "
+                              f"resume it with `uncond train --resume_from_checkpoint {seed_checkpoint}`")
 
 
 def test_a_checkpoint_is_sampled_and_measured_as_its_export(run_cli, stand_in_inception, tiny_unet, tmp_path):

@@ -54,6 +54,18 @@ def test_loss_ticks_read_as_plain_numbers_and_steps_as_whole_numbers():
     assert steps and all(step == int(step) for step in steps), steps
 
 
+def test_a_loss_spanning_less_than_a_decade_has_a_label_at_each_tick():
+    """A loss from 0.15 down to 0.04 had three labels (0.04, 0.06, 0.1): 0.05, 0.07 to 0.09 were bare ticks."""
+    records = [{"step": step, "loss": 0.04 + 0.11 * 0.9 ** step, "lr": 1e-4} for step in range(60)]
+    figure = metrics_figure(records)
+    figure.canvas.draw()
+    loss_axis = figure.axes[0]
+    low, high = loss_axis.get_ylim()
+    labels = {float(t.get_text()) for t in loss_axis.get_yticklabels(minor=True) + loss_axis.get_yticklabels()
+              if t.get_text() and low <= t.get_position()[1] <= high}
+    assert {0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1} <= labels, labels
+
+
 def test_a_long_run_draws_its_loss_smoothed_too():
     records = [{"step": i, "loss": 1.0 / (1 + i), "lr": 1e-4} for i in range(100)]
     loss_axis = metrics_figure(records).axes[0]

@@ -175,6 +175,20 @@ def test_checkpoint_rotation_keeps_the_newest(run_cli, color_folder, tiny_unet, 
     assert "checkpoint-6 (removed checkpoint-2: --checkpoints_total_limit 2)" in err  # it was removed unsaid
 
 
+def test_milestone_checkpoints_are_kept_beside_the_newest(run_cli, color_folder, tiny_unet, tmp_path):
+    """A long run kept only its newest checkpoints: going back to one of last week's was not possible."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "8", "--save_images_epochs", "100",
+                           "--keep_checkpoints_every", "3")
+    code, _, err = run_cli(*args, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
+    assert code == 0, err
+    assert checkpoints(out) == {"checkpoint-3", "checkpoint-6", "checkpoint-7", "checkpoint-8"}
+    code, _, err = run_cli(*args, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
+    one_line_error(code, err, "--keep_checkpoints_every 3 is not a multiple of --checkpointing_steps 2")
+    code, _, err = run_cli(*args, "--checkpointing_steps", "1")
+    one_line_error(code, err, "there is no limit (every checkpoint is kept); pass --checkpoints_total_limit N")
+
+
 def test_resume_from_a_named_checkpoint_and_from_latest(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--logging_steps", "1")
@@ -1094,14 +1108,23 @@ def test_a_run_failing_in_a_notebook_lets_go_of_its_output_folder(run_cli, color
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the failed run still holds it
 
 
-def test_a_run_in_python_gives_back_the_memory_it_kept_for_its_steps(run_cli, color_folder, tiny_unet, tmp_path):
-    """A run asks glibc to keep freed buffers (faster CPU steps); a notebook that trained, then freed a large
-    array, kept its memory until the kernel ended (400 MiB freed: resident memory stayed 500 MiB higher)."""
+def test_a_run_in_python_leaves_the_random_generators_and_memory_as_they_were(run_cli, color_folder, tiny_unet,
+                                                                              tmp_path):
+    """A notebook's own draws after a run followed the run's seed. And a run asks glibc to keep freed buffers
+    (faster CPU steps); a notebook that trained, then freed a large array, kept its memory until the kernel
+    ended (400 MiB freed: resident memory stayed 500 MiB higher)."""
+    import random
+
     from uncond import environment
 
+    torch.manual_seed(1234), np.random.seed(1234), random.seed(1234)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(1234), np.random.seed(1234), random.seed(1234)
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1"))[0] == 0
+    drawn = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(drawn[0], expected[0]) and (drawn[1] == expected[1]).all() and drawn[2] == expected[2]
     if environment.glibc() is None:
         pytest.skip("glibc's allocator only")
-    assert run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1"))[0] == 0
 
     def resident_bytes() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -1156,7 +1179,9 @@ def test_a_run_ended_at_its_last_checkpoint_is_complete_with_that_steps_grid(run
     code, _, err = run_cli(*args, "--max_train_steps", "5")
     assert code == 0 and "exported the pipeline at step 5" in err, err
     assert json.loads((out / "training_config.json").read_text())["max_train_steps"] == 5
-    assert "samples/step-0000005.png" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "samples/step-0000005.png" in card
+    assert "- steps 0 to 5:" in card and "- ended at step 5:" in card and "steps 5 to 5" not in card, card
     code, _, err = run_cli("train", "--config", out / "training_config.json")
     assert code == 0 and "is complete at step 5" in err, err
 
@@ -1184,12 +1209,20 @@ def test_extending_a_finished_run_says_its_learning_rate_goes_back_up(run_cli, c
     higher): the loss curve jumped, with nothing said. A resume of the same length says nothing of it."""
     args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--checkpointing_steps", "2")
     assert run_cli(*args, "--max_train_steps", "4")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "4", "--dry_run")
+    assert code == 0 and "is complete at step 4: nothing would be trained" in err and "will span" not in err, err
+    code, _, err = run_cli(*args, "--max_train_steps", "8", "--dry_run")  # said before the run, too
+    assert code == 0 and re.search(r"--lr_scheduler cosine will span the run's 8 steps, where the checkpoint's run "
+                                   r"spanned 4: the learning rate at step 4 becomes \d\.\d+e-05 \(it was 0\.00e\+00\)",
+                                   err) and "nothing would be trained" not in err, err
     code, _, err = run_cli(*args, "--max_train_steps", "8")
     assert code == 0 and re.search(r"--lr_scheduler cosine now spans the run's 8 steps: the learning rate at step 4 "
                                    r"is \d\.\d+e-05, where checkpoint-4's run had 0\.00e\+00", err), err
     shutil.rmtree(tmp_path / "run" / "checkpoint-8")
     code, _, err = run_cli(*args, "--max_train_steps", "8")
     assert code == 0 and "resuming from checkpoint-6" in err and "now spans" not in err, err
+    code, _, err = run_cli(*args, "--max_train_steps", "8", "--dry_run")
+    assert code == 0 and "will span" not in err, err
 
 
 def test_tensorboard_drops_the_steps_of_a_branch_left_behind(run_cli, color_folder, tiny_unet, tmp_path):
@@ -1215,6 +1248,7 @@ def test_a_complete_run_run_again_with_other_settings_says_only_that_it_is_compl
     code, _, err = run_cli(*args, "--learning_rate", "5e-4", "--train_batch_size", "2")
     assert code == 0 and "is complete at step 6" in err, err
     assert "apply from its next step" not in err and "going on with" not in err
+    assert "-parameter UNet" not in err and "batch 2 per device" not in err  # no summary of a run not made
     code, _, err = run_cli(*args, "--learning_rate", "5e-4", "--num_epochs", "3")  # going on, they are said
     assert code == 0 and "this run's apply from its next step: learning_rate 0.0001 -> 0.0005" in err, err
 
@@ -1670,3 +1704,15 @@ def test_a_schedule_of_other_betas_trains_and_is_fine_tuned_with_them(run_cli, c
     settings = json.loads(stdout)
     assert (settings["ddpm_beta_schedule"], settings["ddpm_beta_start"], settings["ddpm_beta_end"]) == \
            ("scaled_linear", 0.00085, 0.012)
+
+
+def test_the_progress_bar_shows_the_loss_from_the_first_step(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    """On a terminal the bar showed no loss until the first log line (--logging_steps, 10 steps by default)."""
+    from uncond import progress
+
+    monkeypatch.setattr(progress, "draws_bars", lambda: True)  # as on a terminal: redrawn each step
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "3",
+                                            "--logging_steps", "100", "--save_images_epochs", "100"))
+    assert code == 0, err
+    first_step = next(draw for draw in re.split(r"[\r\n]", err) if draw.startswith("training:") and " 1/3 " in draw)
+    assert re.search(r"loss=\d\.\d{4}", first_step), first_step

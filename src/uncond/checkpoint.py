@@ -232,8 +232,9 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict[str, Any],
                     config: TrainConfig, total_limit: int | None) -> tuple[Path, list[str]]:
-    """Write checkpoint-`step` (all processes call this), then drop the oldest beyond `total_limit`.
-    Returns the checkpoint and the names of those dropped (on the main process).
+    """Write checkpoint-`step` (all processes call this), then drop the oldest beyond `total_limit`, except the
+    milestones of --keep_checkpoints_every. Returns the checkpoint and the names of those dropped (on the main
+    process).
 
     A failed write (a full disk, say) removes what it wrote and leaves the earlier checkpoints as they were.
     """
@@ -270,9 +271,11 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
                             "same command to resume")
     dropped = []
     if accelerator.is_main_process and total_limit is not None:
-        for _, old in complete_checkpoints(output_dir)[:-total_limit]:
-            remove(old)
-            dropped.append(old.name)
+        every = config.keep_checkpoints_every
+        for old_step, old in complete_checkpoints(output_dir)[:-total_limit]:
+            if not (every and old_step % every == 0):
+                remove(old)
+                dropped.append(old.name)
     accelerator.wait_for_everyone()
     return final, dropped
 
@@ -310,6 +313,12 @@ def read_training_state(path: Path) -> dict[str, Any]:
     only the step, in the name)."""
     state_file = path / STATE_FILE
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
+def checkpoint_step(path: Path, state: dict[str, Any]) -> int:
+    """The step of checkpoint `path` whose training state is `state`: the state's, else the one in the name of
+    train_unconditional.py's checkpoints, which keep it there only."""
+    return state.get("step", int(path.name.split("-")[-1]))
 
 
 def saved_run_config(path: Path) -> dict[str, Any]:

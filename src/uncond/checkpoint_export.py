@@ -32,6 +32,8 @@ def export_checkpoint(config: ExportConfig) -> Path:
     source = source.resolve()  # `.` in a checkpoint's folder
     weights = source.name if source.name in sampling.CHECKPOINT_WEIGHTS else None
     folder = source.parent if weights else source
+    if sampling.is_checkpoint(folder) and not (folder / RUN_CONFIG_FILE).is_file():
+        raise UsageError(f"{config.checkpoint}: not exported:{sampling.not_a_pipeline_hint(folder)}")
     if not (CHECKPOINT_NAME.match(folder.name) and (folder / RUN_CONFIG_FILE).is_file()):
         raise UsageError(f"{config.checkpoint}: not a training checkpoint (a run's checkpoint-N folder, holding "
                          f"{RUN_CONFIG_FILE}); a pipeline folder is a model already")
@@ -46,15 +48,17 @@ def export_checkpoint(config: ExportConfig) -> Path:
                                 if spec.name in settings})  # the settings that trained it, for its model card
     # finished: the model as it is, not an intermediate export that a run of these settings would start again
     state = {**checkpoint.read_training_state(folder), "finished": True, "exported_from": folder.name}
-    step = state.get("step", int(CHECKPOINT_NAME.match(folder.name)[1]))
-    state["step"] = step
+    step = state["step"] = checkpoint.checkpoint_step(folder, state)
     run = folder.parent
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:  # an earlier export's (--overwrite_output_dir): its grid would be taken for this one's
         if (output_dir / name).exists():
             checkpoint.remove(output_dir / name)
     checkpoint.export_pipeline(model.unet, DDPMScheduler.from_config(model.scheduler_config), output_dir, state)
-    (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    # Its own folder as output_dir, as a run's record names its own: passed back with --config, it is this model's
+    # settings (a run into it is refused as into any trained model), not a run that goes on in the source's folder.
+    exported_settings = {**settings, "output_dir": str(output_dir)}
+    (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(exported_settings, indent=2) + "\n")
     records = [record for record in tracking.read_metrics(run / tracking.METRICS_FILE) if record.get("step", 0) <= step]
     if records:
         tracking.write_metrics(output_dir / tracking.METRICS_FILE, records)

@@ -68,10 +68,11 @@ AFTER_A_FULL_DISK = {"run_train": "; the checkpoints written before are intact (
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (no usage dump) and a pointer to --help."""
+    """argparse, with its errors on one line (no usage dump) and a pointer to --help. They begin as every other
+    refusal does, `uncond: error:`, which scripts can look for."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"uncond: error: {message} (see {self.prog} --help)\n")
 
 
 def refuse_unknown(parser: argparse.ArgumentParser, words: list[str]) -> None:

@@ -224,6 +224,9 @@ class TrainConfig:
                                        group="outputs", seed=True)
     checkpoints_total_limit: int | None = setting(None, "keep at most this many checkpoints", group="outputs",
                                                   seed=True)
+    keep_checkpoints_every: int | None = setting(
+        None, "with --checkpoints_total_limit: keep also each checkpoint whose step is a multiple of this (a "
+        "milestone), beside the newest ones the limit keeps", group="outputs")
     resume_from_checkpoint: str | None = setting(
         None, "a checkpoint folder (or its name in --output_dir), or `latest`", group="outputs", seed=True)
 
@@ -634,12 +637,13 @@ def validate(config: TrainConfig) -> None:
                    "lr_num_cycles",
                    "save_images_epochs", "save_model_epochs", "checkpointing_steps", "checkpoints_total_limit",
                    "ddpm_num_inference_steps", "sample_steps", "max_train_steps", "logging_steps",
-                   "ema_update_every", "eval_every_steps")
+                   "ema_update_every", "eval_every_steps", "keep_checkpoints_every")
     check_at_least(config, 0, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon",
                    "noise_offset", "max_grad_norm")
     check_at_least(config, 2, "ddpm_num_steps", "eval_num_images")
     check_at_least(config, 8, "resolution")
     check_step_rules(config.lr_scheduler, config.lr_step_rules)
+    check_milestones(config)
     if config.keep_best and not config.eval_every_steps:
         raise UsageError("--keep_best needs --eval_every_steps N: the best export is chosen by FID")
     check_weights_file(config.inception_weights)
@@ -671,6 +675,20 @@ def validate(config: TrainConfig) -> None:
     if config.streaming and config.eval_every_steps:
         raise UsageError("--eval_every_steps compares samples with the training images' statistics, which a "
                          "--streaming run does not hold; measure its exports with `uncond evaluate` instead")
+
+
+def check_milestones(config: TrainConfig) -> None:
+    """--keep_checkpoints_every exempts checkpoints from --checkpoints_total_limit; it must name steps that get one."""
+    every = config.keep_checkpoints_every
+    if every is None:
+        return
+    if config.checkpoints_total_limit is None:
+        raise UsageError(f"--keep_checkpoints_every {every} keeps milestones that --checkpoints_total_limit would "
+                         "remove, and there is no limit (every checkpoint is kept); pass --checkpoints_total_limit N")
+    if every % config.checkpointing_steps:
+        raise UsageError(f"--keep_checkpoints_every {every} is not a multiple of --checkpointing_steps "
+                         f"{config.checkpointing_steps}, so not every milestone would have a checkpoint; use a "
+                         "multiple")
 
 
 def check_step_rules(scheduler: str, rules: str | None) -> None:

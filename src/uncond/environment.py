@@ -49,6 +49,26 @@ def give_back_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+@contextlib.contextmanager
+def global_random_state_kept():
+    """Python's, NumPy's and PyTorch's global random generators as they were before: a run seeds them (accelerate's
+    set_seed, as the seed script does), and a notebook's own draws after it would otherwise follow the run's seed."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
 def glibc() -> ctypes.CDLL | None:
     """The C library, where it is glibc (mallopt and malloc_trim are glibc's)."""
     try:

@@ -199,12 +199,15 @@ def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
     if len(commands) == 1 and commands[0]["from_step"] == 0:
         return (f"Reproduce with:\n\n```bash\n{commands[0]['command']}\n```\n\n{machines}"
                 "Every resolved setting, the seed included, is in `training_config.json`.\n")
-    lines = ["Trained in turns, each going on from the previous one's newest checkpoint:\n"]
+    lines = ["Trained in turns, each going on from the previous one's newest checkpoint (a turn may have been "
+             "stopped before its command's end, at the step shown):\n"]
     if commands[0]["from_step"] > 0:  # resumed from a checkpoint that does not record its commands
         lines.append(f"- steps 0 to {commands[0]['from_step']}: by a command the checkpoint does not record\n")
     ends = [entry["from_step"] for entry in commands[1:]] + [step]
     for entry, end in zip(commands, ends):
-        lines.append(f"- steps {entry['from_step']} to {end}:\n\n  ```bash\n  {entry['command']}\n  ```\n")
+        # A turn that trained no step ended the run where it was (a shorter --max_train_steps, say).
+        steps = f"steps {entry['from_step']} to {end}" if end > entry["from_step"] else f"ended at step {end}"
+        lines.append(f"- {steps}:\n\n  ```bash\n  {entry['command']}\n  ```\n")
     lines.append(f"{machines}Every resolved setting of the last turn, the seed included, is in "
                  "`training_config.json`.\n")
     return "\n".join(lines)

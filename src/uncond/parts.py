@@ -285,14 +285,14 @@ def resume(run: Run, path: Path, notes: list[str]) -> None:
     schedule.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
     rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
     if going_on and not math.isclose(rates[0] / schedule.base_lrs[0], saved_factor, rel_tol=1e-3, abs_tol=1e-6):
-        # A run extended past its end: its schedule is stretched over the new length (cosine's rate, at 0 at the
-        # old end, goes back up), which a loss curve shows as a jump.
+        # A run extended past its end, or shortened: its schedule spans the new length (an extended cosine's rate,
+        # at 0 at the old end, goes back up), which a loss curve shows as a jump. (plan.schedule_stretched says
+        # it for --dry_run.)
         logger.info(f"--lr_scheduler {run.config.lr_scheduler} now spans the run's {run.max_train_steps} steps: the "
                     f"learning rate at step {position.step} is {rates[0]:.2e}, where {path.name}'s run had "
                     f"{saved_rate:.2e}")
     for group, rate in zip(run.optimizer.param_groups, rates):
         group.update(lr=rate, **adam_settings(run.config))
-    schedule._last_lr = rates  # what get_last_lr() (the logged lr) reads
     if position.note and going_on:
         logger.info(position.note)
     run.step, run.epoch, run.images_seen = position.step, position.epoch, position.images_seen
@@ -317,6 +317,7 @@ def epoch_start_step(run: Run) -> int:
 def training_state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
             "images_seen": run.images_seen, "num_images": run.batches.num_images, "seed": run.config.seed,
+            "max_train_steps": run.max_train_steps,  # the length its learning-rate schedule spans (plan.dry_run)
             "num_processes": run.accelerator.num_processes, "global_batch_size": run.global_batch_size,
             "fsdp": sharding.is_sharded(run.unwrapped_unet), "commands": run.commands,
             "tracker_run_id": run.tracker_run_id, "preview_owed": run.preview_owed,

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
 from diffusers.utils import is_torch_version
 
 from . import checkpoint, data, environment, models, run_folder, sampling, sources
@@ -47,7 +48,7 @@ class Plan:
         """The step of the checkpoint resumed from (the seed script's checkpoints have it in their name only)."""
         if self.resume_from is None:
             return None
-        return self.resume_state.get("step", int(self.resume_from.name.split("-")[-1]))
+        return checkpoint.checkpoint_step(self.resume_from, self.resume_state)
 
 
 def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> Plan:
@@ -516,8 +517,10 @@ def checkpoints_beyond_disk(config: TrainConfig, parameters: int, first_step: in
     every one is kept (the seed's 64 px model over 39,000 steps: 78 of 1.7 GiB), and the run would meet a full
     disk days in."""
     written = last_step // config.checkpointing_steps - first_step // config.checkpointing_steps
-    limit = config.checkpoints_total_limit
-    kept = written if limit is None else min(written, limit + 1)  # a new one is written before the oldest goes
+    limit, every = config.checkpoints_total_limit, config.keep_checkpoints_every
+    milestones = last_step // every - first_step // every if every else 0
+    # A new checkpoint is written before the oldest goes: one more than the limit at once, and the milestones.
+    kept = written if limit is None else min(written, limit + 1 + milestones)
     each = parameters * (CHECKPOINT_BYTES_PER_PARAMETER + 4 * config.use_ema)
     folder = run_folder.nearest_existing(Path(config.output_dir).resolve())
     free = shutil.disk_usage(folder).free
@@ -525,6 +528,7 @@ def checkpoints_beyond_disk(config: TrainConfig, parameters: int, first_step: in
         return None
     instead = ("pass --checkpoints_total_limit N to keep only the newest N, " if limit is None
                else "lower --checkpoints_total_limit, " if limit > 1 else "")
+    instead += "raise --keep_checkpoints_every, " if milestones else ""
     return (f"--checkpointing_steps {config.checkpointing_steps}: the run writes {counted(written, 'checkpoint')} of "
             f"about {size_text(each)}, {size_text(kept * each)} on the disk at once, more than the {size_text(free)} "
             f"free on the disk of {folder}; {instead}raise --checkpointing_steps, or free some space")
@@ -561,8 +565,36 @@ def dry_run(plan: Plan) -> None:
         logger.warning(warning)
     if plan.resume_message:
         logger.info(plan.resume_message)
-    for note in plan.resume_notes if (plan.resume_step or 0) < total_steps else []:  # said of a run going on
+    resume_step = plan.resume_step or 0
+    if plan.resume_from is not None and resume_step == total_steps:
+        exported = checkpoint.read_training_state(Path(config.output_dir)).get("step") == resume_step
+        logger.info(f"the run in {config.output_dir} is complete at step {resume_step}: nothing would be trained; "
+                    "raise --max_train_steps or --num_epochs to train it further" if exported else
+                    f"the run would end at once at step {resume_step}, exporting {plan.resume_from.name}")
+    for note in plan.resume_notes if resume_step < total_steps else []:  # said of a run going on
         logger.warning(note)
+    if resume_step < total_steps and (note := schedule_stretched(config, plan.resume_state, resume_step, total_steps)):
+        logger.warning(note)
+
+
+def schedule_stretched(config: TrainConfig, state: dict[str, Any], step: int, total_steps: int) -> str | None:
+    """--dry_run's word for what the run says once it has resumed (parts.resume): a schedule over another length
+    than the checkpoint's run had gives another learning rate from `step` on."""
+    saved_total = state.get("max_train_steps")  # recorded by checkpoints since stop 23
+    if not saved_total or saved_total == total_steps:
+        return None
+    rates = []
+    for length in (saved_total, total_steps):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+        schedule = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=length, step_rules=config.lr_step_rules,
+                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
+        rates.append(config.learning_rate * schedule.lr_lambdas[0](step))
+    if math.isclose(rates[0], rates[1], rel_tol=1e-3, abs_tol=1e-12):
+        return None
+    return (f"--lr_scheduler {config.lr_scheduler} will span the run's {total_steps} steps, where the checkpoint's "
+            f"run spanned {saved_total}: the learning rate at step {step} becomes {rates[1]:.2e} (it was "
+            f"{rates[0]:.2e})")
 
 
 def batch_description(config: TrainConfig, processes: int) -> str:

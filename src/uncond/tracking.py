@@ -126,7 +126,7 @@ def plain_log_formatter(ticker: Any) -> Any:
         def __call__(self, value: float, position: Any = None) -> str:
             return f"{value:.3g}" if super().__call__(value, position) else ""
 
-    return PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(3, 0.5))
+    return PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(3, 1))  # under a decade: every tick
 
 
 def plot_metrics(records: list[dict[str, Any]], path: Path) -> bool:

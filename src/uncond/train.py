@@ -40,7 +40,11 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
           command: list[str] | None = None) -> Path:
     """Train a UNet2DModel as the config says; returns the output folder holding the pipeline.
     `command` is the argument list the run was started with, for the model card (default: sys.argv)."""
-    plan = plan_run(config, explicit)
+    with environment.global_random_state_kept():  # for a caller in the same process (a notebook)
+        return train_as_planned(plan_run(config, explicit), explicit, command)
+
+
+def train_as_planned(plan: Plan, explicit: set[str] | frozenset[str], command: list[str] | None) -> Path:
     if plan.config.dry_run:
         dry_run(plan)
         return Path(plan.config.output_dir)
@@ -112,12 +116,14 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
         run.best_fid = min((r["fid"] for r in run.metrics_file.read() if "fid" in r), default=math.inf)
         if repo_id:
             run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
-    log_run_summary(run)
+    complete = already_complete(run)
+    if not complete:  # a complete run trains nothing: its line says only that (train_loop)
+        log_run_summary(run)
     run.stop_agreement = StopAgreement() if accelerator.num_processes > 1 else None
     launcher = os.getppid() if launch.typed is not None else None  # a shell's exit stops nothing
     with StopSignal(announce=accelerator.is_main_process, launcher=launcher) as stop:
         run.stop = stop
-        finished = train_loop(run, stop)
+        finished = train_loop(run, stop, complete)
     if run.stop_agreement is not None:
         run.stop_agreement.finish()
     environment.finish_collectives()
@@ -258,11 +264,12 @@ def batch_beyond_data(batch_size: int, processes: int, images: int) -> str | Non
                else ""))
 
 
-def train_loop(run: Run, stop: StopSignal) -> bool:
-    """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points.
-    Returns False when a stop signal ended it early (after saving a checkpoint)."""
+def train_loop(run: Run, stop: StopSignal, complete: bool) -> bool:
+    """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points. A `complete` run
+    (already_complete) only makes what its stop left owed. Returns False when a stop signal ended it early
+    (after saving a checkpoint)."""
     config = run.config
-    complete, owed = already_complete(run), run.step in (run.evaluation_owed, run.preview_owed)
+    owed = run.step in (run.evaluation_owed, run.preview_owed)
     if run.evaluation_owed == run.step:  # before the preview, as the uninterrupted run made them
         evaluate(run)
         if stop_requested(run, stop, at_once=True):
@@ -279,7 +286,7 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                     "raise --max_train_steps or --num_epochs to train it further")
         return True
     run.last_log = (time.perf_counter(), run.step, run.images_seen)
-    exported_at = None
+    first_step, exported_at = run.step, None
     with progress_bar(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
               disable=not run.accelerator.is_local_main_process) as progress:
         while run.step < run.max_train_steps:
@@ -291,6 +298,8 @@ def train_loop(run: Run, stop: StopSignal) -> bool:
                 run.images_seen += sum(len(batch) for batch in micro_batches) * run.accelerator.num_processes
                 if loss is not None:
                     run.running_loss.add(loss)
+                if run.step == first_step + 1 and loss is not None:  # the bar's loss before the first log line
+                    progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
                 progress.update(1)
                 if run.step % config.logging_steps == 0 or run.step == run.max_train_steps:
                     log_metrics(run, progress)
@@ -433,23 +442,21 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
             loss = training_loss(unet, run.noise_scheduler, clean_images, run.objective, run.noise_generator)
             accelerator.backward(loss / len(micro_batches))
         total_loss += loss.detach()
-    grad_norm = None
-    if run.config.max_grad_norm:  # under FSDP the norm comes back as a (replicated) DTensor
-        grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(run.parameters, run.config.max_grad_norm))
+    # The norm is logged also without clipping (--max_grad_norm 0): an infinite limit scales the gradients by 1.
+    # Under FSDP it comes back as a (replicated) DTensor.
+    max_norm = run.config.max_grad_norm or math.inf
+    grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(run.parameters, max_norm))
     if run.config.skip_nonfinite and not everywhere_finite(run, total_loss, grad_norm):
         # fp16: the loss scaler must close its step (its next unscale would raise otherwise) and lower its
-        # scale if the gradients overflowed. It checks them as it unscales them; with the gradients then
-        # gone, its step changes no weight.
-        if accelerator.scaler is not None and grad_norm is None:  # not unscaled for clipping
-            accelerator.unscale_gradients()
+        # scale if the gradients overflowed (it checked them as clip_grad_norm_ unscaled them); with the
+        # gradients then gone, its step changes no weight.
         run.optimizer.zero_grad(set_to_none=True)
         if accelerator.scaler is not None:
             run.optimizer.step()
         run.lr_scheduler.step()  # the schedule stays aligned with the step count
         run.skipped_steps += 1
         return None
-    if grad_norm is not None:
-        run.running_grad_norm.add(grad_norm)
+    run.running_grad_norm.add(grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -481,7 +488,7 @@ def log_metrics(run: Run, progress: tqdm) -> None:
     # data is smaller than a batch
     elapsed, steps, images = (now - run.last_log[0], run.step - run.last_log[1], run.images_seen - run.last_log[2])
     run.last_log = (now, run.step, run.images_seen)
-    values = {"step": run.step, "epoch": run.epoch, "loss": loss, "lr": run.lr_scheduler.get_last_lr()[0],
+    values = {"step": run.step, "epoch": run.epoch, "loss": loss, "lr": run.optimizer.param_groups[0]["lr"],
               "images_per_sec": round(images / elapsed, 2) if elapsed > 0 else None,
               "images_seen": run.images_seen}
     if grad_norm is not None:
@@ -509,10 +516,10 @@ def diverged(run: Run, what: str) -> RunFailed:
         # are the likelier cause (as torch 2.13's CPU code gives, plan.CPU_COMPILER_MISCOMPUTES_GRADIENTS).
         advice = "This happened in the compiled UNet's first steps: drop --compile"
     if not saved:
-        return RunFailed(f"{what}; stopped, no checkpoint was saved yet. {advice} and run the command again")
+        return RunFailed(f"{what}; no checkpoint was saved yet. {advice} and run the command again")
     rerun = "the command with --resume_from_checkpoint latest" if names_a_checkpoint(run.config) else \
         "the same command"
-    return RunFailed(f"{what}; stopped, {saved[-1][1].name} is the last good checkpoint. {advice} and re-run "
+    return RunFailed(f"{what}; {saved[-1][1].name} is the last good checkpoint. {advice} and re-run "
                      f"{rerun} to resume from it")
 
 
