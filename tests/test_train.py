@@ -1706,6 +1706,34 @@ def test_a_schedule_of_other_betas_trains_and_is_fine_tuned_with_them(run_cli, c
            ("scaled_linear", 0.00085, 0.012)
 
 
+def test_zero_terminal_snr_trains_samples_and_is_fine_tuned_with_it(run_cli, color_folder, tiny_unet, tmp_path):
+    """DDPM's linear betas leave some of the image in the noisiest training input, which sampling starts without:
+    no flag gave diffusers' rescale_betas_zero_snr (Lin et al. 2024), so dark and light images came out grey."""
+    from diffusers import DDPMScheduler
+
+    zero_snr = ("--rescale_betas_zero_snr", "--prediction_type", "v_prediction")
+    args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "2", *zero_snr)
+    assert run_cli(*args)[0] == 0
+    exported = DDPMScheduler.from_pretrained(tmp_path / "run" / "scheduler")
+    assert exported.config.rescale_betas_zero_snr and float(exported.alphas_cumprod[-1]) == 0.0
+    for sampler in ("euler", "ddim"):  # a sampler that takes the setting caps the infinite last noise level
+        code, _, err = run_cli("sample", tmp_path / "run", "--sampler", sampler, "--steps", "3", "--num_images", "2",
+                               "--output_dir", tmp_path / sampler)
+        assert code == 0, err
+        images = [np.asarray(Image.open(path)) for path in sorted((tmp_path / sampler).glob("*.png"))]
+        assert len(images) == 2 and all(image.std() > 0 for image in images)
+    code, _, err = run_cli("sample", tmp_path / "run", "--sampler", "heun", "--output_dir", tmp_path / "heun")
+    one_line_error(code, err, "--sampler heun cannot sample this model (its noise schedule ends at zero SNR")
+    code, _, err = run_cli(*args[:-1], "epsilon", "--dry_run")
+    one_line_error(code, err, "--rescale_betas_zero_snr needs --prediction_type v_prediction")
+    code, stdout, err = run_cli(*fast_train_args(color_folder, "", tmp_path / "tuned", "--dry_run",
+                                                 "--pretrained_model_name_or_path", tmp_path / "run"))
+    assert code == 0 and json.loads(stdout)["rescale_betas_zero_snr"], err  # the model's schedule, kept
+    code, _, err = run_cli(*fast_train_args(color_folder, "", tmp_path / "tuned", "--dry_run", "--prediction_type",
+                                            "epsilon", "--pretrained_model_name_or_path", tmp_path / "run"))
+    one_line_error(code, err, "--rescale_betas_zero_snr needs --prediction_type v_prediction")
+
+
 def test_the_progress_bar_shows_the_loss_from_the_first_step(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     """On a terminal the bar showed no loss until the first log line (--logging_steps, 10 steps by default)."""
     from uncond import progress

@@ -35,7 +35,7 @@ MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".tmp-"
 # Settings a checkpoint can only be resumed with unchanged (the UNet's own config is compared too).
 RESUME_MUST_MATCH = ("resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule", "ddpm_beta_start",
-                     "ddpm_beta_end")
+                     "ddpm_beta_end", "rescale_betas_zero_snr")
 # The training images: a checkpoint found in --output_dir is resumed only on the same ones, unless asked for.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "train_data_dir")
 SAME_RUN_KEYS = RESUME_MUST_MATCH + DATA_KEYS + ("model_preset", "model_config_name_or_path",

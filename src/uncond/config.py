@@ -161,6 +161,10 @@ class TrainConfig:
     ddpm_beta_start: float = setting(0.0001, "the first beta of the linear, scaled_linear and sigmoid schedules "
                                      "(Stable Diffusion's scaled_linear: 0.00085)", group="diffusion")
     ddpm_beta_end: float = setting(0.02, "their last beta (Stable Diffusion's: 0.012)", group="diffusion")
+    rescale_betas_zero_snr: bool = setting(
+        False, "rescale the betas to zero terminal SNR, so that the noisiest training input is pure noise, as "
+        "sampling starts from (Lin et al. 2024; fuller darks and lights); needs --prediction_type v_prediction",
+        group="diffusion")
     snr_gamma: float | None = setting(None, "min-SNR loss weighting with this gamma (5.0 is usual; Hang et al. 2023)",
                                       group="diffusion")
     noise_offset: float | None = setting(None, "add this much per-channel offset noise (0.05-0.1 helps very dark or "
@@ -655,6 +659,7 @@ def validate(config: TrainConfig) -> None:
             raise UsageError(f"--{name} is {getattr(config, name)}; it must be positive")
     if config.snr_gamma is not None and config.snr_gamma <= 0:
         raise UsageError(f"--snr_gamma is {config.snr_gamma}; it must be positive (5.0 is usual)")
+    check_zero_snr(config)
     if not 0 < config.ddpm_beta_start < config.ddpm_beta_end < 1:
         raise UsageError(f"--ddpm_beta_start {config.ddpm_beta_start} and --ddpm_beta_end {config.ddpm_beta_end}: "
                          "they must rise from above 0 to below 1 (0.0001 and 0.02 are DDPM's)")
@@ -675,6 +680,13 @@ def validate(config: TrainConfig) -> None:
     if config.streaming and config.eval_every_steps:
         raise UsageError("--eval_every_steps compares samples with the training images' statistics, which a "
                          "--streaming run does not hold; measure its exports with `uncond evaluate` instead")
+
+
+def check_zero_snr(config: TrainConfig) -> None:
+    """Also of a fine-tuning's settings, once the pretrained model's schedule is adopted (plan.adopt_pretrained)."""
+    if config.rescale_betas_zero_snr and config.prediction_type == "epsilon":
+        raise UsageError("--rescale_betas_zero_snr needs --prediction_type v_prediction (or sample): pure noise, the "
+                         "noisiest input, tells nothing of the noise's image, so an epsilon model cannot denoise it")
 
 
 def check_milestones(config: TrainConfig) -> None:

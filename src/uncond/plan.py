@@ -22,7 +22,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import is_torch_version
 
 from . import checkpoint, data, environment, models, run_folder, sampling, sources
-from .config import BETA_SCHEDULES, SETTINGS, TrainConfig, UsageError, counted, size_text
+from .config import BETA_SCHEDULES, SETTINGS, TrainConfig, UsageError, check_zero_snr, counted, size_text
 
 logger = logging.getLogger("uncond")
 
@@ -167,7 +167,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
 # The noise-schedule settings a pretrained model's scheduler gives, unless they are given
 SCHEDULE_OF_THE_MODEL = {"ddpm_num_steps": "num_train_timesteps", "ddpm_beta_schedule": "beta_schedule",
                          "ddpm_beta_start": "beta_start", "ddpm_beta_end": "beta_end",
-                         "prediction_type": "prediction_type"}
+                         "prediction_type": "prediction_type", "rescale_betas_zero_snr": "rescale_betas_zero_snr"}
 
 
 def adopt_pretrained(config: TrainConfig, explicit: set[str] | frozenset[str], resume_from: Path | None
@@ -200,9 +200,11 @@ def adopt_pretrained(config: TrainConfig, explicit: set[str] | frozenset[str], r
         raise UsageError(f"--pretrained_model_name_or_path {name}: its noise schedule's beta_schedule "
                          f"{given['ddpm_beta_schedule']} is not one uncond trains with; pass --ddpm_beta_schedule")
     config = config.replace(**given)
+    check_zero_snr(config)
     ours = sampling.training_noise_scheduler(config.to_dict()).betas
     theirs = DDPMScheduler.from_config(schedule).betas
-    chosen = explicit & {"ddpm_num_steps", "ddpm_beta_schedule", "ddpm_beta_start", "ddpm_beta_end"}  # asked for
+    chosen = explicit & {"ddpm_num_steps", "ddpm_beta_schedule", "ddpm_beta_start", "ddpm_beta_end",
+                         "rescale_betas_zero_snr"}  # asked for
     if not chosen and (len(ours) != len(theirs) or not torch.allclose(ours, theirs)):
         betas = "trained_betas" if schedule.get("trained_betas") is not None else \
             f"beta_start {schedule.get('beta_start')}, beta_end {schedule.get('beta_end')}"

@@ -68,7 +68,8 @@ def training_noise_scheduler(run_config: dict[str, Any]) -> DDPMScheduler:
                                   prediction_type=run_config["prediction_type"],
                                   # runs before these settings recorded none: DDPM's
                                   beta_start=run_config.get("ddpm_beta_start", 0.0001),
-                                  beta_end=run_config.get("ddpm_beta_end", 0.02))
+                                  beta_end=run_config.get("ddpm_beta_end", 0.02),
+                                  rescale_betas_zero_snr=run_config.get("rescale_betas_zero_snr", False))
     except NotImplementedError:
         raise UsageError(f"--ddpm_beta_schedule {beta_schedule}: this diffusers version's DDPMScheduler does not "
                          "implement it") from None
@@ -133,6 +134,14 @@ def check_sampler_fits(name: str, training_scheduler_config: dict[str, Any], num
     does not handle, more steps than training timesteps), so the sampler takes one step on a dummy sample:
     otherwise training would meet the refusal at its first preview, after an epoch of work."""
     timesteps = training_scheduler_config.get("num_train_timesteps", DDPM_STEPS)
+    scheduler_class = SAMPLERS[name][0] if name in SAMPLERS else None
+    if (training_scheduler_config.get("rescale_betas_zero_snr") and scheduler_class is not None
+            and "rescale_betas_zero_snr" not in inspect.signature(scheduler_class.__init__).parameters):
+        # Its last noise level is infinite: a sampler that does not cap it (as those taking the setting do) makes NaN
+        capable = [sampler for sampler, (kind, _) in SAMPLERS.items()
+                   if "rescale_betas_zero_snr" in inspect.signature(kind.__init__).parameters]
+        raise UsageError(f"--sampler {name} cannot sample this model (its noise schedule ends at zero SNR, which "
+                         f"{name} does not handle); choose one of {', '.join(capable)}")
     if num_steps > timesteps:
         raise UsageError(f"{num_steps} sampling steps with {name}: the model was trained with {timesteps} "
                          f"timesteps; use at most {timesteps} steps ({steps_flag})")
