@@ -93,22 +93,15 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     run = build_run(plan, accelerator)
     run.feature_extractor = feature_extractor
     run.repo_id = repo_id
-    argv = public_argv(sys.argv[1:] if command is None else command, config)
-    if os.environ.get("ACCELERATE_MIXED_PRECISION") and "mixed_precision" not in explicit:
-        argv += ["--mixed_precision", config.mixed_precision]  # the launcher's (plan_run), said in the commands
     launch = Launch.of_this_run(accelerator.num_processes, sharding.is_sharded(run.unwrapped_unet))
-    chosen_seed = None if "seed" in explicit else config.seed
-    command = reproduce_command(argv, launch, chosen_seed)
-    run.resume_command = reproduce_command(resuming_latest(argv, config), launch, chosen_seed)
-    if "$MACHINE_RANK" in run.resume_command:
-        run.resume_command = f"{run.resume_command} (on every machine, its rank in MACHINE_RANK)"
+    command_line, run.resume_command = this_runs_commands(config, explicit, command, launch)
     if plan.resume_from is not None:
         logger.info(plan.resume_message)
         resume(run, plan.resume_from, plan.resume_notes)
     elif plan.resume_message:
         logger.info(plan.resume_message)
     run.tracker_run_id = plan.tracker_run_id
-    run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command)
+    run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command_line)
     first_step = run.step
     if accelerator.is_main_process:
         run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step,
@@ -138,6 +131,19 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
                 f"checkpoint-{run.step} saved; to resume, run: {run.resume_command}", extra=EVERY_MACHINE)
     # Another process's signal is not known here: SIGTERM is what schedulers and launchers send on preemption.
     return run.step > first_step, signal.Signals.__members__.get(stop.received or "", signal.SIGTERM)
+
+
+def this_runs_commands(config: TrainConfig, explicit: set[str] | frozenset[str], command: list[str] | None,
+                       launch: Launch) -> tuple[str, str]:
+    """This run's command line, as the model card repeats it, and the one that resumes it, as a stop says it."""
+    argv = public_argv(sys.argv[1:] if command is None else command, config)
+    if os.environ.get("ACCELERATE_MIXED_PRECISION") and "mixed_precision" not in explicit:
+        argv += ["--mixed_precision", config.mixed_precision]  # the launcher's (plan_run), said in the commands
+    chosen_seed = None if "seed" in explicit else config.seed
+    resume_command = reproduce_command(resuming_latest(argv, config), launch, chosen_seed)
+    if "$MACHINE_RANK" in resume_command:
+        resume_command = f"{resume_command} (on every machine, its rank in MACHINE_RANK)"
+    return reproduce_command(argv, launch, chosen_seed), resume_command
 
 
 def prepare_output_dir(plan: Plan, output_dir: Path) -> run_folder.FolderStart:
