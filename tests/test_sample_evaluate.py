@@ -453,6 +453,22 @@ def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tm
                               f"resume it with `uncond train --resume_from_checkpoint {seed_checkpoint}`")
 
 
+def test_a_checkpoint_of_a_branch_left_behind_is_exported_with_its_whole_history(run_cli, tiny_unet, tmp_path):
+    """RUN/abandoned-after-step-2/checkpoint-4's export had the metrics of steps 3 and 4 only: those of the steps
+    before the branch point stay in the run's own metrics.jsonl."""
+    run, images = tmp_path / "run", write_images(tmp_path / "real", 8)
+    args = fast_train_args(images, tiny_unet, run, "--checkpointing_steps", "2", "--logging_steps", "1",
+                           "--max_train_steps", "4")
+    assert run_cli(*args)[0] == 0
+    assert run_cli(*args, "--resume_from_checkpoint", "checkpoint-2", "--learning_rate", "5e-5")[0] == 0
+    branch = run / "abandoned-after-step-2" / "checkpoint-4"
+    code, _, err = run_cli("export", branch, "--output_dir", tmp_path / "branch")
+    assert code == 0, err
+    logged = [json.loads(line) for line in (tmp_path / "branch" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in logged] == [1, 2, 3, 4]
+    assert logged[-1] == json.loads((branch.parent / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def test_a_checkpoint_is_sampled_and_measured_as_its_export(run_cli, stand_in_inception, tiny_unet, tmp_path):
     """A checkpoint could not be sampled at all: a run stopped before its first export left no model to look at."""
     run, images = tmp_path / "run", write_images(tmp_path / "real", 4)

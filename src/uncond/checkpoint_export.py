@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -59,7 +60,7 @@ def export_checkpoint(config: ExportConfig) -> Path:
     # settings (a run into it is refused as into any trained model), not a run that goes on in the source's folder.
     exported_settings = {**settings, "output_dir": str(output_dir)}
     (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(exported_settings, indent=2) + "\n")
-    records = [record for record in tracking.read_metrics(run / tracking.METRICS_FILE) if record.get("step", 0) <= step]
+    records = metrics_up_to(run, step)
     if records:
         tracking.write_metrics(output_dir / tracking.METRICS_FILE, records)
         tracking.plot_metrics(records, output_dir / tracking.LOSS_PLOT_FILE)
@@ -72,6 +73,19 @@ def export_checkpoint(config: ExportConfig) -> Path:
     logger.info(f"exported {model.description}, trained {counted(step, 'step')}, to {output_dir} "
                 f"(DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
     return output_dir
+
+
+def metrics_up_to(run: Path, step: int) -> list[dict]:
+    """The metrics logged up to `step` by the run whose checkpoints are in `run`. A branch that a run left when it
+    went back to step N (run_folder.set_aside_later_checkpoints) holds only the lines after N: those up to N are
+    in the run's own file. (A branch left before another go-back to an earlier step misses the lines between.)"""
+    records = [record for record in tracking.read_metrics(run / tracking.METRICS_FILE) if record.get("step", 0) <= step]
+    branch = re.match(rf"{re.escape(run_folder.ABANDONED_PREFIX)}(\d+)", run.name)
+    if branch:
+        branch_point = int(branch[1])
+        records = [record for record in tracking.read_metrics(run.parent / tracking.METRICS_FILE)
+                   if record.get("step", 0) <= branch_point] + records
+    return records
 
 
 def check_export_folder(output_dir: Path, overwrite: bool) -> None:
