@@ -8,6 +8,8 @@ import io
 import mmap
 import os
 import re
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -155,10 +157,11 @@ def test_ctrl_c_while_decoding_says_the_decoded_images_are_not_kept(tmp_path, ca
     folder = write_images(tmp_path / "images", 4, nested=False)
     config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
     source = open_source(config)
-    items = source.records.items
+    items, opened = source.records.items, []
 
     def interrupted_at_the_third(path):
-        if path == items[2]:
+        opened.append(path)
+        if path == items[2] and opened.count(path) == 2:  # its decode (its header was read to judge the cache's size)
             raise KeyboardInterrupt
         return Image.open(path)
 
@@ -173,14 +176,12 @@ def test_ctrl_c_while_decoding_says_the_decoded_images_are_not_kept(tmp_path, ca
 
 def test_a_build_left_by_a_dead_process_is_removed_only_once_it_stops_changing(tmp_path):
     """Containers sharing a hostname and a cache volume do not see each other's processes: a staging folder
-    of a process id that is not alive here may be another container's live build."""
-    import socket
-    import subprocess
-
+    of a process id that is not alive here may be another container's live build. Those of other entries (another
+    resolution, the folder's earlier contents) go too."""
     gone = subprocess.Popen(["true"])
     gone.wait()
     entry = tmp_path / "entry"
-    staging = tmp_path / f".entry.partial-{socket.gethostname()}-{gone.pid}"
+    staging = tmp_path / f".other-entry.partial-{socket.gethostname()}-{gone.pid}"
     staging.mkdir()
     (staging / "pixels.bin").write_bytes(b"being written")
     CacheWriter(entry, np.uint8).abort()
@@ -206,9 +207,56 @@ def test_a_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     assert decodes == []
     load(config.replace(resolution=8))  # another resolution is another entry
     assert len(decodes) == 6
-    os.utime(folder / "image_000.jpg", ns=(1, 1))  # a changed file changes the fingerprint
+    os.utime(folder / "image_000.jpg", ns=(1, 1))  # a changed file changes the fingerprint: it alone is decoded
     load(config)
-    assert len(decodes) == 12
+    assert len(decodes) == 7
+
+
+def test_a_folder_that_changed_decodes_only_its_new_files_and_replaces_its_entry(tmp_path, monkeypatch):
+    """A photographer's folder of 8,000 photos was decoded in full again for each photo added or touched, and
+    each earlier entry stayed on the disk beside the new one."""
+    folder = write_images(tmp_path / "images", 6)
+    (folder / "broken.png").write_text("not an image")
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
+    first = load(config)
+    decoded = []
+    monkeypatch.setattr(decoding, "decode_image", lambda image, *args: decoded.append(image.size) or
+                        decode_image(image, *args))
+    Image.new("RGB", (20, 30), "red").save(folder / "added.png")
+    (folder / "nested" / "image_003.jpg").unlink()
+    source = open_source(config)
+    changed = load_images(source, config, progress=False)
+    assert decoded == [(20, 30)] and len(changed) == 6  # the broken file is skipped again, without a decode
+    assert changed.meta["skipped"] == first.meta["skipped"] and not first.folder.exists()
+    assert list((tmp_path / "cache" / "uncond").iterdir()) == [changed.folder]
+    assert (f"decoded into the cache {changed.folder} (6 KiB): 1 new or changed file decoded, the other 6 copied "
+            f"from earlier entries; the folder's earlier entry removed ({first.folder.name}); 1 skipped "
+            f"({folder / 'broken.png'}: ") in data.summary(changed, source)
+    afresh = load(config.replace(cache_dir=str(tmp_path / "afresh")))  # the same pixels as a decode of them all
+    assert np.array_equal(changed.index, afresh.index) and np.array_equal(changed.pixels, afresh.pixels)
+    other = write_images(tmp_path / "other", 2)  # another folder's entry is kept beside this one's
+    load(config.replace(train_data_dir=str(other)))
+    assert changed.folder.exists()
+
+
+def test_the_cache_a_run_will_need_is_said_before_it_decodes(tmp_path, monkeypatch):
+    """A cache on a disk too small was found full 39% into the decoding; --dry_run said nothing of the cache."""
+    from types import SimpleNamespace
+
+    folder = write_images(tmp_path / "images", 10, size=(40, 30))  # 21x16 px at --resolution 16
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
+    line, warning = data.cache_outlook(open_source(config), config)
+    assert line == (f"cache: 10 images to decode into {tmp_path / 'cache' / 'uncond'}; about 10 KiB (judged from "
+                    "10 images)") and warning is None
+    with monkeypatch.context() as patch:
+        patch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=4096))
+        _, warning = data.cache_outlook(open_source(config), config)
+        assert warning.startswith("the decoded-image cache needs about 10 KiB for these 10 images at 16 px, more "
+                                  f"than the 4 KiB free on the disk of {tmp_path}: the decoding would stop")
+    entry = load(config)
+    assert entry.nbytes == 10 * 21 * 16 * 3  # as judged
+    line, _ = data.cache_outlook(open_source(config), config)
+    assert line == f"cache: the images are read from {entry.folder} (10 KiB), no decoding"
 
 
 def test_a_full_cache_disk_is_named_with_the_room_needed(tmp_path):
@@ -264,8 +312,17 @@ def test_uncond_cache_lists_entries_and_removes_the_unused_ones(tmp_path, run_cl
     # the total counts the statistics files too (it left them out though they are most of the size)
     assert out.splitlines()[-2].startswith("1 entry and 1 reference statistics file, ")
 
+    # the temporary folder of a decode killed a moment ago (kill -9): listed, and removed by --remove_all
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    killed = cache_dir / "uncond" / f".{kept.folder.name}.partial-{socket.gethostname()}-{gone.pid}-0a1b2c3d"
+    killed.mkdir()
+    (killed / "pixels.bin").write_bytes(bytes(2048))
+    code, out, _ = run_cli("cache", "--cache_dir", cache_dir)
+    assert "1 unfinished decode (2 KiB): of runs decoding now, or killed while decoding" in out and killed.exists()
     code, out, _ = run_cli("cache", "--cache_dir", cache_dir, "--remove_all")
     assert code == 0 and not kept.folder.exists() and not kept_stats.exists() and "freed" in out
+    assert f"removed {killed.name} (2 KiB, an unfinished decode of a killed run)" in out and not killed.exists()
     assert load(config).built_now  # the next run decodes again
 
 

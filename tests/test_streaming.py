@@ -79,6 +79,7 @@ def test_trains_from_parquet_shards_and_resumes(run_cli, tiny_unet, tmp_path):
     code, _, err = run_cli(*streaming_args(shards, tiny_unet, out, "--max_train_steps", "5", *tiny))
     assert code == 0, err
     assert "resuming from checkpoint-3" in err
+    assert "--streaming: the stream is read afresh from step 3, in a new shuffle" in err  # it said nothing of it
 
 
 def test_trains_from_webdataset_shards_skipping_a_bad_file(run_cli, tiny_unet, tmp_path):

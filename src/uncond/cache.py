@@ -7,6 +7,11 @@ hashes the dataset's content fingerprint and the preprocessing settings:
     pixels.bin   every image's pixels, HWC, back to back: uint8, or uint16 with --preserve_input_precision
     index.npy    one row per image: offset into pixels.bin (in values, not bytes), height, width, channels
     meta.json    format version, what was decoded with which settings, what was skipped and why
+    files.json   a folder's entry: each file (path, size, modification time) and its row, or why it was skipped
+
+A folder that changed (photos added, removed, edited) gets a new entry, since its fingerprint changed: the files
+that an earlier entry of the same settings holds as they are now are copied from it, and only the others are
+decoded (EarlierImages). The folder's earlier entry, which the new one replaces, is then removed.
 
 Why one flat file with offsets: resized images keep their aspect ratio (shorter side = resolution,
 longer side anything), so a random crop can land anywhere along the long side, as the seed's
@@ -30,14 +35,14 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 FORMAT_VERSION = 1
-PIXELS_FILE, INDEX_FILE, META_FILE = "pixels.bin", "index.npy", "meta.json"
+PIXELS_FILE, INDEX_FILE, META_FILE, FILES_FILE = "pixels.bin", "index.npy", "meta.json", "files.json"
 REFERENCE_STATS_DIR = "reference-stats"  # uncond evaluate's feature statistics of real images, beside the entries
 
 
@@ -62,6 +67,7 @@ class ImageCache:
     index: np.ndarray  # (images, 4) int64: offset, height, width, channels
     meta: dict[str, Any]
     built_now: bool = False  # decoded by this call rather than found on disk
+    replaced: list[Path] = field(default_factory=list)  # the earlier entries of its folder it replaced, removed
 
     @classmethod
     def open(cls, folder: Path) -> "ImageCache | None":
@@ -125,8 +131,7 @@ def entries(root: Path) -> list[Entry]:
             meta = json.loads(meta_file.read_text())
         except (OSError, ValueError):
             continue
-        size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
-        found.append(Entry(folder, meta, size, meta_file.stat().st_mtime))
+        found.append(Entry(folder, meta, folder_size(folder), meta_file.stat().st_mtime))
     return sorted(found, key=lambda entry: entry.last_used, reverse=True)
 
 
@@ -148,6 +153,43 @@ def remove(folder: Path) -> None:
         doomed.unlink()
 
 
+class EarlierImages:
+    """The images that complete entries of the same settings decoded from files still as they were (same path, size
+    and modification time), by file key (sources.Source.file_keys): copied instead of decoded again."""
+
+    def __init__(self, root: Path, settings: dict[str, Any], folder: str | None):
+        self.found: dict[str, tuple[Path, int | None, bool | str]] = {}  # key: (entry, row, upscaled | reason)
+        self.superseded: list[Path] = []  # entries of the same folder and settings: the new entry replaces them
+        self.opened: dict[Path, ImageCache | None] = {}
+        for entry in entries(root) if folder is not None else []:  # the most recently used first
+            if any(entry.meta.get(name) != value for name, value in {"format": FORMAT_VERSION, **settings}.items()):
+                continue
+            try:
+                files = json.loads((entry.folder / FILES_FILE).read_text())
+            except (OSError, ValueError):  # an entry of a dataset, or from before files.json
+                continue
+            if files.get("folder") == folder:
+                self.superseded.append(entry.folder)
+            for key, row, detail in files.get("files", []):
+                self.found.setdefault(key, (entry.folder, row, detail))
+
+    def __contains__(self, key: str | None) -> bool:
+        return key in self.found
+
+    def result(self, key: str) -> tuple[np.ndarray, bool, bool] | str:
+        """As decoding.decode_record gives it: (HWC pixels, is gray, was upscaled), or why the file was skipped."""
+        folder, row, detail = self.found[key]
+        if folder not in self.opened:
+            self.opened[folder] = ImageCache.open(folder)
+        cache = self.opened[folder]
+        if cache is None:  # removed or damaged meanwhile
+            raise OSError(f"the cache entry {folder} changed while its images were copied; run again")
+        if row is None:
+            return str(detail)
+        image = cache.image(row)
+        return image, image.shape[2] == 1, bool(detail)
+
+
 class CacheWriter:
     """Appends decoded images to a new entry; `finish` renames it into place, `abort` removes it."""
 
@@ -156,9 +198,9 @@ class CacheWriter:
         self.dtype = np.dtype(dtype)
         # The host and process in the name tell whose it is; the random part keeps two runs that build the same
         # entry at once apart even where they share both (containers with one hostname and their own pids).
-        prefix = f".{folder.name}.partial-{socket.gethostname()}-"
-        remove_abandoned(folder.parent, prefix)
-        self.staging = folder.parent / f"{prefix}{os.getpid()}-{os.urandom(4).hex()}"
+        remove_abandoned(folder.parent)
+        owner = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+        self.staging = folder.parent / f".{folder.name}{PARTIAL}{owner}"
         self.staging.mkdir(parents=True)
         self.file = open(self.staging / PIXELS_FILE, "wb")
         self.rows = array.array("q")  # 32 bytes per image, not a Python tuple each
@@ -174,9 +216,12 @@ class CacheWriter:
         self.rows.extend((self.offset, height, width, channels))
         self.offset += image.size
 
-    def finish(self, meta: dict[str, Any]) -> ImageCache:
+    def finish(self, meta: dict[str, Any], files: dict[str, Any] | None = None) -> ImageCache:
+        """The entry in place; `files`, a folder's files.json (EarlierImages reads it)."""
         self.file.close()
         np.save(self.staging / INDEX_FILE, np.frombuffer(self.rows, dtype=np.int64).reshape(-1, 4))
+        if files is not None:
+            (self.staging / FILES_FILE).write_text(json.dumps(files) + "\n")
         meta = {"format": FORMAT_VERSION, "dtype": self.dtype.name, "images": len(self), **meta}
         (self.staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         if self.folder.exists() and ImageCache.open(self.folder) is None:
@@ -204,14 +249,31 @@ class CacheWriter:
 ABANDONED_AFTER_SECONDS = 600
 
 
-def remove_abandoned(parent: Path, prefix: str) -> None:
-    """Temporary folders that runs on this host left behind when they were killed."""
-    if not parent.is_dir():
-        return
-    for folder in parent.glob(f"{prefix}*"):
-        pid = folder.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not process_alive(int(pid)) and idle_seconds(folder) > ABANDONED_AFTER_SECONDS:
-            shutil.rmtree(folder, ignore_errors=True)
+PARTIAL = ".partial-"  # in the name of an entry's temporary folder: .KEY.partial-HOST-PID-RANDOM
+
+
+def unfinished_decodes(root: Path) -> list[Path]:
+    """The temporary folders of entries being decoded now, or left by runs killed while decoding."""
+    return sorted(path for path in root.glob(f".*{PARTIAL}*") if path.is_dir()) if root.is_dir() else []
+
+
+def abandoned(folder: Path, idle_for: float = ABANDONED_AFTER_SECONDS) -> bool:
+    """A temporary folder of a run on this host that is gone, not written to for `idle_for` seconds."""
+    host = f"{PARTIAL}{socket.gethostname()}-"
+    pid = folder.name.split(host, 1)[1].split("-")[0] if host in folder.name else ""
+    return pid.isdigit() and not process_alive(int(pid)) and idle_seconds(folder) > idle_for
+
+
+def remove_abandoned(root: Path, idle_for: float = ABANDONED_AFTER_SECONDS) -> list[Path]:
+    """Removes the temporary folders that runs on this host left behind when they were killed; returns them."""
+    removed = [folder for folder in unfinished_decodes(root) if abandoned(folder, idle_for)]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
 
 
 def idle_seconds(folder: Path) -> float:

@@ -362,6 +362,9 @@ def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list
                if key in saved and saved[key] != current[key]]
     if changed:
         notes.append(f"{path.name}'s run had other settings; this run's apply from its next step: {', '.join(changed)}")
+    if config.streaming:  # replaying it would read everything read before again
+        notes.append(f"--streaming: the stream is read afresh from step {state.get('step', '?')}, in a new shuffle; "
+                     "the images of the steps before are not replayed")
     return notes
 
 

@@ -198,13 +198,18 @@ def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
     for entry in entries:
         meta = entry.meta
         images = counted(meta["images"], "image") if "images" in meta else "? images"
-        print(f"  {entry.folder.name:<{width}}  {images:>13}  {meta.get('resolution', '?'):>4} px  "
+        print(f"  {entry.folder.name:<{width}}  {images:>13}  {meta.get('resolution', '?'):>4} px"
+              f"{' 16-bit' if meta.get('dtype') == 'uint16' else '':<7}  "
               f"{size_text(entry.size):>10}  last used {when(entry.last_used)}  {meta.get('source', '')}")
     if stats:
         print(f"reference statistics of uncond evaluate: {root / cache.REFERENCE_STATS_DIR}")
         for entry in stats:
-            print(f"  {entry.folder.name:<{width}}  {'':>13}  {'':>7}  {size_text(entry.size):>10}  last used "
+            print(f"  {entry.folder.name:<{width}}  {'':>13}  {'':>14}  {size_text(entry.size):>10}  last used "
                   f"{when(entry.last_used)}")
+    unfinished = cache.unfinished_decodes(root)
+    if unfinished:
+        print(f"{counted(len(unfinished), 'unfinished decode')} ({size_text(sum(map(cache.folder_size, unfinished)))}"
+              "): of runs decoding now, or killed while decoding (--remove_all removes those of killed runs)")
     print(f"{counted(len(entries), 'entry')} and {counted(len(stats), 'reference statistics file')}, "
           f"{size_text(sum(e.size for e in entries + stats))} in all")
     unused_since = None if config.remove_unused_days is None else time.time() - config.remove_unused_days * 86400
@@ -213,8 +218,15 @@ def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
     for entry in doomed:
         cache.remove(entry.folder)
         print(f"removed {entry.folder.name} ({size_text(entry.size)}, {entry.meta.get('source', '')})")
+    freed = sum(e.size for e in doomed)
+    if config.remove_all or unused_since is not None:  # --remove_all: also those of runs killed a moment ago
+        sizes = {folder: cache.folder_size(folder) for folder in unfinished}
+        for folder in cache.remove_abandoned(root, idle_for=0 if config.remove_all else cache.ABANDONED_AFTER_SECONDS):
+            print(f"removed {folder.name} ({size_text(sizes.get(folder, 0))}, an unfinished decode of a killed run)")
+            freed += sizes.get(folder, 0)
+            doomed.append(folder)
     if doomed:
-        print(f"freed {size_text(sum(e.size for e in doomed))}")
+        print(f"freed {size_text(freed)}")
     elif config.remove_all or unused_since is not None:
         days = counted(config.remove_unused_days or 0, "day")
         print("nothing to remove" + (f": every entry was read in the last {days}"

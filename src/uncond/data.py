@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -22,11 +24,14 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .cache import CacheWriter, ImageCache, cache_root, entry_folder
+from .cache import CacheWriter, EarlierImages, ImageCache, cache_root, entry_folder
+from .cache import remove as remove_entry
 from .config import RunFailed, TrainConfig, UsageError, counted, size_text
-from .decoding import decode_records
+from .decoding import decode_records, resized_size
 from .progress import progress_bar
 from .sources import Source
+
+logger = logging.getLogger("uncond")
 
 REPORT_FILE = "data_report.json"
 UPSCALED_NAMED = 100  # upscaled images named in data_report.json
@@ -36,24 +41,79 @@ UPSCALED_NAMED = 100  # upscaled images named in data_report.json
 
 def load_images(source: Source, config: TrainConfig, progress: bool = True) -> ImageCache:
     """The decoded images of `source`: read from the cache, or decoded into it on the first run."""
+    folder, settings = cache_entry(source, config)
+    cache = ImageCache.open(folder)
+    if cache is not None:
+        return cache
+    earlier = EarlierImages(folder.parent, settings, source.folder)
+    if warning := cache_outlook(source, config)[1]:
+        logger.warning(warning)
+    return build_cache(source, folder, config, earlier, progress)
+
+
+def cache_entry(source: Source, config: TrainConfig) -> tuple[Path, dict[str, Any]]:
+    """The folder of the entry holding `source`'s images decoded with `config`'s settings, and those settings."""
     settings = {"resolution": config.resolution, "preserve_input_precision": config.preserve_input_precision}
-    folder = entry_folder(cache_root(config.cache_dir), source.fingerprint, settings)
-    return ImageCache.open(folder) or build_cache(source, folder, config, progress)
+    return entry_folder(cache_root(config.cache_dir), source.fingerprint, settings), settings
 
 
-def build_cache(source: Source, folder: Path, config: TrainConfig, progress: bool) -> ImageCache:
+SIZE_SAMPLE = 32  # images whose sizes (read from their headers) estimate the size of a new entry
 
+
+def cache_outlook(source: Source, config: TrainConfig) -> tuple[str, str | None]:
+    """What a run will do with the decoded-image cache, as --dry_run says it, and the warning for a new entry
+    that will not fit on its disk: said before the decoding, which would otherwise stop when the disk is full."""
+    folder, settings = cache_entry(source, config)
+    if (entry := ImageCache.open(folder)) is not None:
+        return f"cache: the images are read from {folder} ({size_text(entry.nbytes)}), no decoding", None
+    earlier = EarlierImages(folder.parent, settings, source.folder)
+    keys = source.file_keys or [None] * len(source.records)
+    new = [record for record, key in zip(source.records, keys) if key not in earlier]
+    itemsize = 2 if config.preserve_input_precision else 1
+    sample = spread_choice(new, SIZE_SAMPLE)
+    each = [decoded_bytes(record, config.resolution) * itemsize for record in sample]
+    need = int(sum(each) / max(1, len(each)) * len(new))
+    copied = f", {len(source.records) - len(new)} copied from earlier entries" if len(new) < len(source.records) else ""
+    line = (f"cache: {counted(len(new), 'image')} to decode into {folder.parent}{copied}; about {size_text(need)} "
+            f"(judged from {counted(len(sample), 'image')})")
+    root = next(path for path in (folder.parent, *folder.parent.parents) if path.exists())
+    free = shutil.disk_usage(root).free
+    if need <= free:
+        return line, None
+    return line, (f"the decoded-image cache needs about {size_text(need)} for these {counted(len(new), 'image')} at "
+                  f"{config.resolution} px, more than the {size_text(free)} free on the disk of {root}: the decoding "
+                  "would stop when it is full; free some space there, or give --cache_dir a disk with room")
+
+
+def decoded_bytes(record: Any, resolution: int) -> int:
+    """The values an image takes in the cache, from its header: the shorter side resized to `resolution`, one
+    channel if gray, else three (decoding.decode_image). 0 for a file that cannot be opened (it is skipped)."""
+    try:
+        with record.open() as image:
+            width, height = image.size
+            channels = 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    except Exception:  # noqa: BLE001 - any unreadable file: it is skipped when decoded
+        return 0
+    new_width, new_height = resized_size(width, height, resolution)
+    return new_width * new_height * channels
+
+
+def build_cache(source: Source, folder: Path, config: TrainConfig, earlier: EarlierImages,
+                progress: bool) -> ImageCache:
     started = time.perf_counter()
     writer = CacheWriter(folder, np.uint16 if config.preserve_input_precision else np.uint8)
-    skipped, upscaled = [], []
+    keys = source.file_keys or [None] * len(source.records)
+    skipped, upscaled, files, reused = [], [], [], 0
     try:
-        results = decode_records(source.records, config.resolution, config.preserve_input_precision,
-                                 config.dataloader_num_workers)
-        for record, result in progress_bar(results, total=len(source.records), desc="decoding images (once)",
-                                           unit="img", disable=not progress, leave=False, dynamic_ncols=True):
+        results = decoded_or_earlier(source.records, keys, earlier, config)
+        for record, key, result in progress_bar(results, total=len(source.records), desc="decoding images (once)",
+                                                unit="img", disable=not progress, leave=False, dynamic_ncols=True):
+            reused += key in earlier
             if isinstance(result, str):
                 skipped.append((record.name, result))
+                files.append((key, None, result))
                 continue
+            files.append((key, len(writer), result[2]))
             writer.append(result[0])
             if result[2]:
                 upscaled.append(record.name)
@@ -73,10 +133,26 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, progress: boo
             raise RunFailed(f"no space left on the device for the decoded-image cache in {folder.parent}{needed}; "
                             "free some space there, or give --cache_dir a disk with room") from None
         raise
-    return writer.finish({"source": source.description, "resolution": config.resolution,
-                          "preserve_input_precision": config.preserve_input_precision, "upscaled": len(upscaled),
-                          "upscaled_examples": upscaled[:UPSCALED_NAMED],
-                          "skipped": skipped, "decode_seconds": round(time.perf_counter() - started, 1)})
+    cache = writer.finish({"source": source.description, "resolution": config.resolution,
+                           "preserve_input_precision": config.preserve_input_precision, "upscaled": len(upscaled),
+                           "upscaled_examples": upscaled[:UPSCALED_NAMED], "skipped": skipped, "reused": reused,
+                           "decode_seconds": round(time.perf_counter() - started, 1)},
+                          {"folder": source.folder, "files": files} if source.file_keys else None)
+    for replaced in earlier.superseded:  # the folder's contents as they were: this entry replaces them
+        if replaced != cache.folder and replaced.exists():
+            remove_entry(replaced)
+            cache.replaced.append(replaced)
+    return cache
+
+
+def decoded_or_earlier(records: Sequence[Any], keys: Sequence[str | None], earlier: EarlierImages,
+                       config: TrainConfig) -> Iterator[tuple[Any, str | None, Any]]:
+    """(record, its file's key, decoding.decode_record's result) in order: copied from an earlier entry where one
+    holds the file as it is now, else decoded (in parallel, ahead)."""
+    new = [record for record, key in zip(records, keys) if key not in earlier]
+    decoded = decode_records(new, config.resolution, config.preserve_input_precision, config.dataloader_num_workers)
+    for record, key in zip(records, keys):
+        yield record, key, earlier.result(key) if key in earlier else next(decoded)[1]
 
 
 def first_reasons(skipped: Sequence[Sequence[str]], count: int = 3) -> str:
@@ -87,8 +163,14 @@ def first_reasons(skipped: Sequence[Sequence[str]], count: int = 3) -> str:
 def summary(cache: ImageCache, source: Source) -> str:
     """The one line a run prints about its data."""
     how = "decoded into" if cache.built_now else "read from"
+    reused = cache.meta.get("reused", 0) if cache.built_now else 0
     line = (f"data: {counted(len(cache), 'image')} from {source.description}, {how} the cache {cache.folder} "
-            f"({size_text(cache.nbytes)})")
+            f"({size_text(cache.nbytes)}{', 16-bit' if cache.pixels.dtype == np.uint16 else ''})")
+    if reused:
+        line += (f": {counted(len(source.records) - reused, 'new or changed file')} decoded, the other {reused} copied "
+                 "from earlier entries")
+    if cache.replaced:
+        line += f"; the folder's earlier entry removed ({', '.join(path.name for path in cache.replaced)})"
     skipped = cache.meta["skipped"]
     if skipped:
         line += f"; {len(skipped)} skipped ({first_reasons(skipped)}; all in {REPORT_FILE})"

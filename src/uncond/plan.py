@@ -557,6 +557,11 @@ def dry_run(plan: Plan) -> None:
                                 (len(source.records) if source else None, None))
     print(json.dumps(config.to_record(), indent=2))  # stdout holds the settings alone: `--dry_run > settings.json`
     logger.info(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
+    if source is not None:
+        line, warning = data.cache_outlook(source, config)
+        logger.info(line)
+        if warning:
+            logger.warning(warning)
     logger.info(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
     logger.info(f"schedule: {batch_description(config, processes)}; {counted(steps_per_epoch, 'optimizer step')} "
                 f"per epoch; {counted(total_steps, 'step')} in all")

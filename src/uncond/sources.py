@@ -67,6 +67,10 @@ class Source:
     records: Sequence[Record]
     fingerprint: str  # changes whenever the images may have changed; part of the cache key
     ignored: Counter = field(default_factory=Counter)  # files passed over for their extension, by extension
+    # A folder's: the folder, and each record's file as absolute path, size and modification time (what the
+    # fingerprint hashes), by which a new cache entry takes the images an earlier one decoded (cache.EarlierImages)
+    folder: str | None = None
+    file_keys: list[str] | None = None
 
 
 def check_source(config: TrainConfig) -> None:
@@ -166,7 +170,7 @@ def iter_image_files(folder: Path) -> Iterator[Path]:
 def folder_source(folder: Path) -> Source:
     # A plain walk rather than datasets' "imagefolder": no metadata file, no label inference from
     # folder names, no Arrow copy of the files, and one bad file is skipped instead of ending the run.
-    paths, ignored, run_folders = [], Counter(), []
+    paths, keys, ignored, run_folders = [], [], Counter(), []
     # The fingerprint hashes each file's relative path, size and modification time (as make and
     # rsync decide what changed) rather than its bytes: reading every file on every run would cost
     # a good part of what the cache saves.
@@ -178,11 +182,13 @@ def folder_source(folder: Path) -> Source:
         stat = path.stat() if path.exists() else path.lstat()  # a broken link: skipped when decoded, and reported
         fingerprint.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         paths.append(str(path))
+        keys.append(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}")
     left_out = (f"; uncond run and sample folders left out: {', '.join(str(p) for p in run_folders)}"
                 if run_folders else "")
     # The absolute path: the description is also what `uncond cache` lists as an entry's source.
     return Source(f"folder {os.path.abspath(folder)} ({counted(len(paths), 'image file')}{left_out})",
-                  Records(paths, Image.open, lambda _, path: path), fingerprint.hexdigest(), ignored)
+                  Records(paths, Image.open, lambda _, path: path), fingerprint.hexdigest(), ignored,
+                  os.path.abspath(folder), keys)
 
 
 def mnist_file() -> Path:
