@@ -158,9 +158,8 @@ class EarlierImages:
     and modification time), by file key (sources.Source.file_keys): copied instead of decoded again."""
 
     def __init__(self, root: Path, settings: dict[str, Any], folder: str | None):
-        self.found: dict[str, tuple[Path, int | None, bool | str]] = {}  # key: (entry, row, upscaled | reason)
+        self.found: dict[str, tuple[ImageCache, int | None, bool | str]] = {}  # key: (entry, row, upscaled | reason)
         self.superseded: list[Path] = []  # entries of the same folder and settings: the new entry replaces them
-        self.opened: dict[Path, ImageCache | None] = {}
         for entry in entries(root) if folder is not None else []:  # the most recently used first
             if any(entry.meta.get(name) != value for name, value in {"format": FORMAT_VERSION, **settings}.items()):
                 continue
@@ -168,22 +167,22 @@ class EarlierImages:
                 files = json.loads((entry.folder / FILES_FILE).read_text())
             except (OSError, ValueError):  # an entry of a dataset, or from before files.json
                 continue
+            # Mapped now: another machine's run that replaces the entry meanwhile (a shared --cache_dir) removes its
+            # files, not the pages mapped here.
+            cache = ImageCache.open(entry.folder)
+            if cache is None:
+                continue
             if files.get("folder") == folder:
                 self.superseded.append(entry.folder)
             for key, row, detail in files.get("files", []):
-                self.found.setdefault(key, (entry.folder, row, detail))
+                self.found.setdefault(key, (cache, row, detail))
 
     def __contains__(self, key: str | None) -> bool:
         return key in self.found
 
     def result(self, key: str) -> tuple[np.ndarray, bool, bool] | str:
         """As decoding.decode_record gives it: (HWC pixels, is gray, was upscaled), or why the file was skipped."""
-        folder, row, detail = self.found[key]
-        if folder not in self.opened:
-            self.opened[folder] = ImageCache.open(folder)
-        cache = self.opened[folder]
-        if cache is None:  # removed or damaged meanwhile
-            raise OSError(f"the cache entry {folder} changed while its images were copied; run again")
+        cache, row, detail = self.found[key]
         if row is None:
             return str(detail)
         image = cache.image(row)
