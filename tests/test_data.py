@@ -259,6 +259,30 @@ def test_the_cache_a_run_will_need_is_said_before_it_decodes(tmp_path, monkeypat
     assert line == f"cache: the images are read from {entry.folder} (10 KiB), no decoding"
 
 
+def test_two_runs_starting_at_once_decode_the_images_once(tmp_path, monkeypatch):
+    """Two runs started three seconds apart on the same folder both decoded all of it, on shared cores."""
+    import threading
+
+    folder = write_images(tmp_path / "images", 6)
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
+    decoded, first_decode = [], threading.Event()
+
+    def slow_decode(*args):
+        first_decode.set()
+        time.sleep(0.05)
+        decoded.append(1)
+        return decode_image(*args)
+
+    monkeypatch.setattr(decoding, "decode_image", slow_decode)
+    results = []
+    first = threading.Thread(target=lambda: results.append(load(config)))
+    first.start()
+    first_decode.wait(10)  # the second starts while the first decodes
+    second = load(config)
+    first.join(10)
+    assert len(decoded) == 6 and not second.built_now and second.folder == results[0].folder
+
+
 def test_a_full_cache_disk_is_named_with_the_room_needed(tmp_path):
     """The cache's disk, not the output's, is the one to free (or to move with --cache_dir)."""
     folder = write_images(tmp_path / "images", 40, size=(64, 64))

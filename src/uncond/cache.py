@@ -29,6 +29,7 @@ entry marks it used (meta.json's modification time), so that `uncond cache` can 
 from __future__ import annotations
 
 import array
+import contextlib
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -151,6 +152,36 @@ def remove(folder: Path) -> None:
         shutil.rmtree(doomed)
     else:  # a reference statistics file
         doomed.unlink()
+
+
+@contextlib.contextmanager
+def decoding_alone(folder: Path, on_wait: Callable[[], None]):
+    """Held while an entry is decoded: a second run over the same images waits (`on_wait` says so), then reads the
+    entry the first one made, rather than decoding them all a second time beside it. A lock file's flock, which
+    the system releases when its process ends, however it ends; no lock where flock is missing (Windows) or the
+    cache's file system refuses it (some network ones). The file goes when the decode ends: a run waiting on it
+    then finds the entry made (or, if the decode failed, decodes it)."""
+    lock_file = folder.parent / f".{folder.name}.lock"
+    try:
+        import fcntl
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_file, "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # not supported here
+            pass
+        try:
+            yield
+        finally:
+            lock_file.unlink(missing_ok=True)
 
 
 class EarlierImages:

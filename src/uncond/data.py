@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .cache import CacheWriter, EarlierImages, ImageCache, cache_root, entry_folder
+from .cache import CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone, entry_folder
 from .cache import remove as remove_entry
 from .config import RunFailed, TrainConfig, UsageError, counted, size_text
 from .decoding import decode_records, resized_size
@@ -45,10 +45,15 @@ def load_images(source: Source, config: TrainConfig, progress: bool = True) -> I
     cache = ImageCache.open(folder)
     if cache is not None:
         return cache
-    earlier = EarlierImages(folder.parent, settings, source.folder)
-    if warning := cache_outlook(source, config)[1]:
-        logger.warning(warning)
-    return build_cache(source, folder, config, earlier, progress)
+    waiting = lambda: logger.info(f"another run is decoding these images into {folder}; waiting for it")  # noqa: E731
+    with decoding_alone(folder, waiting):
+        cache = ImageCache.open(folder)  # made by the run waited for
+        if cache is not None:
+            return cache
+        earlier = EarlierImages(folder.parent, settings, source.folder)
+        if warning := cache_outlook(source, config)[1]:
+            logger.warning(warning)
+        return build_cache(source, folder, config, earlier, progress)
 
 
 def cache_entry(source: Source, config: TrainConfig) -> tuple[Path, dict[str, Any]]:
