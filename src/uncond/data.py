@@ -10,6 +10,7 @@ are a pure function of the position in training: resuming needs no replay. `--st
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import queue
@@ -45,13 +46,13 @@ def load_images(source: Source, config: TrainConfig, progress: bool = True) -> I
     cache = ImageCache.open(folder)
     if cache is not None:
         return cache
-    waiting = lambda: logger.info(f"another run is decoding these images into {folder}; waiting for it")  # noqa: E731
+    waiting = functools.partial(logger.info, f"another run is decoding these images into {folder}; waiting for it")
     with decoding_alone(folder, waiting):
         cache = ImageCache.open(folder)  # made by the run waited for
         if cache is not None:
             return cache
         earlier = EarlierImages(folder.parent, settings, source.folder)
-        if warning := cache_outlook(source, config)[1]:
+        if warning := new_entry_outlook(source, config, folder, earlier)[1]:
             logger.warning(warning)
         return build_cache(source, folder, config, earlier, progress)
 
@@ -71,7 +72,12 @@ def cache_outlook(source: Source, config: TrainConfig) -> tuple[str, str | None]
     folder, settings = cache_entry(source, config)
     if (entry := ImageCache.open(folder)) is not None:
         return f"cache: the images are read from {folder} ({size_text(entry.nbytes)}), no decoding", None
-    earlier = EarlierImages(folder.parent, settings, source.folder)
+    return new_entry_outlook(source, config, folder, EarlierImages(folder.parent, settings, source.folder))
+
+
+def new_entry_outlook(source: Source, config: TrainConfig, folder: Path, earlier: EarlierImages
+                      ) -> tuple[str, str | None]:
+    """cache_outlook's line and warning for the new entry `folder`, made with what `earlier` entries hold."""
     keys = source.file_keys or [None] * len(source.records)
     new = [record for record, key in zip(source.records, keys) if key not in earlier]
     itemsize = 2 if config.preserve_input_precision else 1
