@@ -587,7 +587,7 @@ def dry_run(plan: Plan) -> None:
 def schedule_stretched(config: TrainConfig, state: dict[str, Any], step: int, total_steps: int) -> str | None:
     """--dry_run's word for what the run says once it has resumed (parts.resume): a schedule over another length
     than the checkpoint's run had gives another learning rate from `step` on."""
-    saved_total = state.get("max_train_steps")  # recorded by checkpoints since stop 23
+    saved_total = state.get("max_train_steps")  # not recorded by older checkpoints: nothing said of those
     if not saved_total or saved_total == total_steps:
         return None
     rates = []
