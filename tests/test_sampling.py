@@ -172,7 +172,10 @@ def test_model_card_code_gives_the_images_of_uncond_sample(name, monkeypatch):
     training = DDPMScheduler(num_train_timesteps=1000)
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda repo: DDPMPipeline(unet=unet, scheduler=training))
     namespace: dict = {}
-    exec(diffusers_usage_code(name, training.config, "someone/model", 4), namespace)  # noqa: S102 - the card's code
+    code = diffusers_usage_code(name, training.config, "someone/model", 4)
+    exec(code, namespace)  # noqa: S102 - the card's code
+    # the command it matches, with the flags (a run's preview steps are not `uncond sample`'s default 25)
+    assert f"# the images of `uncond sample someone/model --seed 0 --sampler {name} --steps 4`:" in code
     card_images = np.stack([np.asarray(image) for image in namespace["images"]])
     uncond_images = generate(unet, make_sampler(name, training.config), num_images=16, num_steps=4, seed=0)
     assert np.array_equal(card_images, uncond_images)

@@ -183,6 +183,11 @@ def test_milestone_checkpoints_are_kept_beside_the_newest(run_cli, color_folder,
     code, _, err = run_cli(*args, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
     assert code == 0, err
     assert checkpoints(out) == {"checkpoint-3", "checkpoint-6", "checkpoint-7", "checkpoint-8"}
+    # going on without the flag: the milestones kept stay (they were removed, unsaid)
+    code, _, err = run_cli(*args[:-2], "--max_train_steps", "10", "--checkpointing_steps", "1",
+                           "--checkpoints_total_limit", "2")
+    assert code == 0 and "keep_checkpoints_every 3 -> None" in err, err
+    assert checkpoints(out) == {"checkpoint-3", "checkpoint-6", "checkpoint-9", "checkpoint-10"}
     code, _, err = run_cli(*args, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
     one_line_error(code, err, "--keep_checkpoints_every 3 is not a multiple of --checkpointing_steps 2")
     code, _, err = run_cli(*args, "--checkpointing_steps", "1")
@@ -1210,19 +1215,22 @@ def test_extending_a_finished_run_says_its_learning_rate_goes_back_up(run_cli, c
     args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--checkpointing_steps", "2")
     assert run_cli(*args, "--max_train_steps", "4")[0] == 0
     code, _, err = run_cli(*args, "--max_train_steps", "4", "--dry_run")
-    assert code == 0 and "is complete at step 4: nothing would be trained" in err and "will span" not in err, err
-    code, _, err = run_cli(*args, "--max_train_steps", "8", "--dry_run")  # said before the run, too
-    assert code == 0 and re.search(r"--lr_scheduler cosine will span the run's 8 steps, where the checkpoint's run "
-                                   r"spanned 4: the learning rate at step 4 becomes \d\.\d+e-05 \(it was 0\.00e\+00\)",
-                                   err) and "nothing would be trained" not in err, err
+    assert code == 0 and "is complete at step 4: nothing would be trained" in err and "now spans" not in err, err
+    said = (r"--lr_scheduler cosine now spans the run's 8 steps: the learning rate at step 4 is (\d\.\d+e-05), where "
+            r"checkpoint-4's run had 0\.00e\+00")
+    code, _, err = run_cli(*args, "--max_train_steps", "8", "--dry_run")  # said before the run, the same
+    assert code == 0 and re.search(said, err) and "nothing would be trained" not in err, err
+    before = re.search(said, err).group(1)
+    code, _, err = run_cli(*args, "--max_train_steps", "8", "--lr_scheduler", "constant", "--dry_run")
+    assert code == 0 and "--lr_scheduler constant, where checkpoint-4's run had cosine: the learning rate at " \
+                         "step 4 is 1.00e-04, where checkpoint-4's run had 0.00e+00" in err, err
     code, _, err = run_cli(*args, "--max_train_steps", "8")
-    assert code == 0 and re.search(r"--lr_scheduler cosine now spans the run's 8 steps: the learning rate at step 4 "
-                                   r"is \d\.\d+e-05, where checkpoint-4's run had 0\.00e\+00", err), err
+    assert code == 0 and re.search(said, err) and re.search(said, err).group(1) == before, err
     shutil.rmtree(tmp_path / "run" / "checkpoint-8")
     code, _, err = run_cli(*args, "--max_train_steps", "8")
     assert code == 0 and "resuming from checkpoint-6" in err and "now spans" not in err, err
     code, _, err = run_cli(*args, "--max_train_steps", "8", "--dry_run")
-    assert code == 0 and "will span" not in err, err
+    assert code == 0 and "now spans" not in err, err
 
 
 def test_tensorboard_drops_the_steps_of_a_branch_left_behind(run_cli, color_folder, tiny_unet, tmp_path):

@@ -45,7 +45,8 @@ SAME_RUN_KEYS = RESUME_MUST_MATCH + DATA_KEYS + ("model_preset", "model_config_n
 CHANGEABLE_ON_RESUME = ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
                         "lr_warmup_steps", "lr_step_rules", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2",
                         "adam_weight_decay", "adam_epsilon", "max_grad_norm", "skip_nonfinite", "mixed_precision",
-                        "snr_gamma", "noise_offset", "random_flip", "center_crop")
+                        "snr_gamma", "noise_offset", "random_flip", "center_crop", "checkpoints_total_limit",
+                        "keep_checkpoints_every")
 EMA_KEYS = ("ema_max_decay", "ema_inv_gamma", "ema_power", "ema_update_every")
 PIPELINE_ITEMS = ("unet", "scheduler", "model_index.json", STATE_FILE)
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -271,13 +272,19 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
                             "same command to resume")
     dropped = []
     if accelerator.is_main_process and total_limit is not None:
-        every = config.keep_checkpoints_every
         for old_step, old in complete_checkpoints(output_dir)[:-total_limit]:
-            if not (every and old_step % every == 0):
+            if not milestone(old, old_step, config.keep_checkpoints_every):
                 remove(old)
                 dropped.append(old.name)
     accelerator.wait_for_everyone()
     return final, dropped
+
+
+def milestone(path: Path, step: int, every: int | None) -> bool:
+    """Whether checkpoint `path` is spared by --checkpoints_total_limit: its step is a multiple of this run's
+    --keep_checkpoints_every, or of the one its own run had. A milestone stays one: a resume that leaves the flag
+    out, or changes it, does not remove what the earlier run kept."""
+    return any(n and step % n == 0 for n in (every, saved_run_config(path).get("keep_checkpoints_every")))
 
 
 def write_error(error: Exception) -> str:

@@ -34,7 +34,7 @@ def export_checkpoint(config: ExportConfig) -> Path:
     weights = source.name if source.name in sampling.CHECKPOINT_WEIGHTS else None
     folder = source.parent if weights else source
     if sampling.is_checkpoint(folder) and not (folder / RUN_CONFIG_FILE).is_file():
-        raise UsageError(f"{config.checkpoint}: not exported:{sampling.not_a_pipeline_hint(folder)}")
+        raise UsageError(f"{config.checkpoint}: cannot be exported{sampling.not_a_pipeline_hint(folder)}")
     if not (CHECKPOINT_NAME.match(folder.name) and (folder / RUN_CONFIG_FILE).is_file()):
         raise UsageError(f"{config.checkpoint}: not a training checkpoint (a run's checkpoint-N folder, holding "
                          f"{RUN_CONFIG_FILE}); a pipeline folder is a model already")

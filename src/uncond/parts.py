@@ -25,7 +25,7 @@ from . import (checkpoint, data, environment, hub, metrics, models, run_folder, 
 from .config import RunFailed, TrainConfig, UsageError, counted, first_line
 from .objective import Objective
 from .plan import (Plan, Position, checkpoints_beyond_disk, refuse_mismatched_resume, run_length,
-                   warmup_outlasts_run)
+                   schedule_change_note, warmup_outlasts_run)
 from .stopping import StopAgreement, StopSignal
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -286,11 +286,10 @@ def resume(run: Run, path: Path, notes: list[str]) -> None:
     rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
     if going_on and not math.isclose(rates[0] / schedule.base_lrs[0], saved_factor, rel_tol=1e-3, abs_tol=1e-6):
         # A run extended past its end, or shortened: its schedule spans the new length (an extended cosine's rate,
-        # at 0 at the old end, goes back up), which a loss curve shows as a jump. (plan.schedule_stretched says
-        # it for --dry_run.)
-        logger.info(f"--lr_scheduler {run.config.lr_scheduler} now spans the run's {run.max_train_steps} steps: the "
-                    f"learning rate at step {position.step} is {rates[0]:.2e}, where {path.name}'s run had "
-                    f"{saved_rate:.2e}")
+        # at 0 at the old end, goes back up), which a loss curve shows as a jump; or another schedule.
+        # (plan.schedule_change says it for --dry_run.)
+        logger.info(schedule_change_note(run.config, checkpoint.saved_run_config(path).get("lr_scheduler"), path.name,
+                                         run.max_train_steps, position.step, rates[0], saved_rate))
     for group, rate in zip(run.optimizer.param_groups, rates):
         group.update(lr=rate, **adam_settings(run.config))
     if position.note and going_on:

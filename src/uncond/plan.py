@@ -580,28 +580,44 @@ def dry_run(plan: Plan) -> None:
                     f"the run would end at once at step {resume_step}, exporting {plan.resume_from.name}")
     for note in plan.resume_notes if resume_step < total_steps else []:  # said of a run going on
         logger.warning(note)
-    if resume_step < total_steps and (note := schedule_stretched(config, plan.resume_state, resume_step, total_steps)):
-        logger.warning(note)
+    if plan.resume_from is not None and resume_step < total_steps and \
+            (note := schedule_change(config, plan.resume_from, plan.resume_state, resume_step, total_steps)):
+        logger.info(note)
 
 
-def schedule_stretched(config: TrainConfig, state: dict[str, Any], step: int, total_steps: int) -> str | None:
-    """--dry_run's word for what the run says once it has resumed (parts.resume): a schedule over another length
-    than the checkpoint's run had gives another learning rate from `step` on."""
-    saved_total = state.get("max_train_steps")  # not recorded by older checkpoints: nothing said of those
-    if not saved_total or saved_total == total_steps:
+def schedule_change(config: TrainConfig, path: Path, state: dict[str, Any], step: int, total_steps: int) -> str | None:
+    """--dry_run's word for what a run resumed from checkpoint `path` says (parts.resume): a schedule over another
+    length, or another schedule, gives another learning rate from `step` on."""
+    saved, saved_total = checkpoint.saved_run_config(path), state.get("max_train_steps")
+    if not saved_total or "lr_scheduler" not in saved:  # older checkpoints do not record their length
         return None
-    rates = []
-    for length in (saved_total, total_steps):
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
-        schedule = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=length, step_rules=config.lr_step_rules,
-                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
-        rates.append(config.learning_rate * schedule.lr_lambdas[0](step))
-    if math.isclose(rates[0], rates[1], rel_tol=1e-3, abs_tol=1e-12):
+    saved_factor = schedule_factor(saved, saved_total, step)
+    factor = schedule_factor(config.to_dict(), total_steps, step)
+    if math.isclose(factor, saved_factor, rel_tol=1e-3, abs_tol=1e-6):
         return None
-    return (f"--lr_scheduler {config.lr_scheduler} will span the run's {total_steps} steps, where the checkpoint's "
-            f"run spanned {saved_total}: the learning rate at step {step} becomes {rates[1]:.2e} (it was "
-            f"{rates[0]:.2e})")
+    return schedule_change_note(config, saved["lr_scheduler"], path.name, total_steps, step,
+                                config.learning_rate * factor, saved["learning_rate"] * saved_factor)
+
+
+def schedule_factor(settings: dict[str, Any], length: int, step: int) -> float:
+    """The learning rate's multiplier at `step` of the schedule that `settings` (a run's) give over `length` steps."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_scheduler(settings["lr_scheduler"], optimizer=optimizer,
+                             num_warmup_steps=settings["lr_warmup_steps"], num_training_steps=length,
+                             step_rules=settings.get("lr_step_rules"), num_cycles=settings.get("lr_num_cycles", 1),
+                             power=settings.get("lr_power", 1.0))
+    return schedule.lr_lambdas[0](step)
+
+
+def schedule_change_note(config: TrainConfig, saved_scheduler: str | None, checkpoint_name: str, total_steps: int,
+                         step: int, rate: float, saved_rate: float) -> str:
+    """What a resume changes in the learning rate where its schedule's multiplier differs from the checkpoint's run:
+    the schedule stretched over another length (an extended cosine goes back up), or another schedule."""
+    if saved_scheduler not in (None, config.lr_scheduler):
+        what = f"--lr_scheduler {config.lr_scheduler}, where {checkpoint_name}'s run had {saved_scheduler}"
+    else:
+        what = f"--lr_scheduler {config.lr_scheduler} now spans the run's {total_steps} steps"
+    return f"{what}: the learning rate at step {step} is {rate:.2e}, where {checkpoint_name}'s run had {saved_rate:.2e}"
 
 
 def batch_description(config: TrainConfig, processes: int) -> str:

@@ -180,7 +180,9 @@ def diffusers_usage_code(name: str, training_scheduler_config: dict[str, Any], r
     if misfit:
         imports.append("from diffusers.utils.torch_utils import randn_tensor")
     opening = "\n".join(imports) + f"\n\npipeline = DiffusionPipeline.from_pretrained(\"{repo}\")\n"
-    seeds = ("num_images = 16  # the images of `uncond sample --seed 0`:\n"
+    # The flags named: the run's preview sampler and steps need not be `uncond sample`'s defaults.
+    seeds = (f"# the images of `uncond sample {repo} --seed 0 --sampler {name} --steps {num_steps}`:\n"
+             "num_images = 16\n"
              "generators = [torch.Generator().manual_seed(i) for i in range(num_images)]\n")
     if not misfit:
         return (f"{opening}# {name} with {num_steps} steps, as uncond samples (1000 DDPM steps without it):\n"
