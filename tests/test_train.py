@@ -1746,7 +1746,8 @@ def test_the_progress_bar_shows_the_loss_from_the_first_step(run_cli, color_fold
     """On a terminal the bar showed no loss until the first log line (--logging_steps, 10 steps by default)."""
     from uncond import progress
 
-    monkeypatch.setattr(progress, "draws_bars", lambda: True)  # as on a terminal: redrawn each step
+    monkeypatch.setattr(progress, "draws_bars", lambda: True)  # as on a terminal
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # redrawn at every step, however fast (0.1 s apart by default)
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "3",
                                             "--logging_steps", "100", "--save_images_epochs", "100"))
     assert code == 0, err
