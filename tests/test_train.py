@@ -1744,10 +1744,11 @@ def test_zero_terminal_snr_trains_samples_and_is_fine_tuned_with_it(run_cli, col
 
 def test_the_progress_bar_shows_the_loss_from_the_first_step(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     """On a terminal the bar showed no loss until the first log line (--logging_steps, 10 steps by default)."""
-    from uncond import progress
+    from uncond import progress, train
 
     monkeypatch.setattr(progress, "draws_bars", lambda: True)  # as on a terminal
-    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # redrawn at every step, however fast (0.1 s apart by default)
+    drawn = progress.progress_bar  # redrawn at every step, however fast (at most every 0.1 s by default)
+    monkeypatch.setattr(train, "progress_bar", lambda *args, **options: drawn(*args, **{**options, "mininterval": 0}))
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "3",
                                             "--logging_steps", "100", "--save_images_epochs", "100"))
     assert code == 0, err
