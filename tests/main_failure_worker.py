@@ -1,6 +1,7 @@
 """One of two CPU processes (gloo) in which work of the main process alone fails: a full disk met while
 preparing the output folder (`case setup`, parts.on_main_process) or while writing a checkpoint's last files
-(`case checkpoint`). Prints how this process ended. Used by test_distributed.py;
+(`case checkpoint`). Writes how this process ended to FOLDER/../ending-RANK.txt (two processes printing to one
+pipe at once ran their lines together). Used by test_distributed.py;
 `python main_failure_worker.py CASE FOLDER` with torch.distributed's environment variables set."""
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def main(case: str, folder: Path) -> None:
             accelerator.wait_for_everyone()
             checkpoint.save_checkpoint(accelerator, folder, 1, {"step": 1},
                                        TrainConfig(dataset_name="x", output_dir=str(folder)), None)
-        print(f"rank {accelerator.process_index}: finished", flush=True)
+        ending = "finished"
     except Exception as error:  # noqa: BLE001 - how the process ended is what the test reads
-        print(f"rank {accelerator.process_index}: {type(error).__name__}: {error}", flush=True)
+        ending = f"{type(error).__name__}: {error}"
+    rank = accelerator.process_index
+    (folder.parent / f"ending-{rank}.txt").write_text(f"rank {rank}: {ending}")
 
 
 if __name__ == "__main__":
