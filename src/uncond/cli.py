@@ -218,14 +218,13 @@ def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
     for entry in doomed:
         cache.remove(entry.folder)
         print(f"removed {entry.folder.name} ({size_text(entry.size)}, {entry.meta.get('source', '')})")
-    freed = sum(e.size for e in doomed)
+    freed, removed = sum(e.size for e in doomed), len(doomed)
     if config.remove_all or unused_since is not None:  # --remove_all: also those of runs killed a moment ago
         sizes = {folder: cache.folder_size(folder) for folder in unfinished}
         for folder in cache.remove_abandoned(root, idle_for=0 if config.remove_all else cache.ABANDONED_AFTER_SECONDS):
             print(f"removed {folder.name} ({size_text(sizes.get(folder, 0))}, an unfinished decode of a killed run)")
-            freed += sizes.get(folder, 0)
-            doomed.append(folder)
-    if doomed:
+            freed, removed = freed + sizes.get(folder, 0), removed + 1
+    if removed:
         print(f"freed {size_text(freed)}")
     elif config.remove_all or unused_since is not None:
         days = counted(config.remove_unused_days or 0, "day")

@@ -435,6 +435,13 @@ def same_place(saved: Any, current: Any) -> bool:
     return both_paths and os.path.realpath(saved) == os.path.realpath(current)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of the folders above it that exists: where a folder to be made will be."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Folders named checkpoint-N in `output_dir`, complete or not, oldest first (here, below the modules that
     read run folders: checkpoint, run_folder, sampling)."""

@@ -27,7 +27,7 @@ import torch
 
 from .cache import CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone, entry_folder
 from .cache import remove as remove_entry
-from .config import RunFailed, TrainConfig, UsageError, counted, size_text
+from .config import RunFailed, TrainConfig, UsageError, counted, nearest_existing, size_text
 from .decoding import decode_records, resized_size
 from .progress import progress_bar
 from .sources import Source
@@ -87,7 +87,7 @@ def new_entry_outlook(source: Source, config: TrainConfig, folder: Path, earlier
     copied = f", {len(source.records) - len(new)} copied from earlier entries" if len(new) < len(source.records) else ""
     line = (f"cache: {counted(len(new), 'image')} to decode into {folder.parent}{copied}; about {size_text(need)} "
             f"(judged from {counted(len(sample), 'image')})")
-    root = next(path for path in (folder.parent, *folder.parent.parents) if path.exists())
+    root = nearest_existing(folder.parent)
     free = shutil.disk_usage(root).free
     if need <= free:
         return line, None

@@ -18,14 +18,13 @@ import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
 from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
 
 from . import (checkpoint, data, environment, hub, metrics, models, run_folder, sampling, sharding, sources,
                streaming, tracking)
 from .config import RunFailed, TrainConfig, UsageError, counted, first_line
 from .objective import Objective
-from .plan import (Plan, Position, checkpoints_beyond_disk, refuse_mismatched_resume, run_length,
-                   schedule_change_note, warmup_outlasts_run)
+from .plan import (Plan, Position, checkpoints_beyond_disk, learning_rate_schedule, refuse_mismatched_resume,
+                   run_length, schedule_change_note, warmup_outlasts_run)
 from .stopping import StopAgreement, StopSignal
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -219,9 +218,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
                 config, sum(weight.numel() for weight in unet.parameters()), plan.resume_step or 0, max_train_steps)):
             if warning:
                 logger.warning(warning)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, step_rules=config.lr_step_rules,
-                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
+    lr_scheduler = learning_rate_schedule(optimizer, config.to_dict(), max_train_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     # After prepare: on the device already, and under FSDP over this process's shards.
     ema = models.make_ema(accelerator.unwrap_model(unet, keep_torch_compile=False), config) if config.use_ema else None

@@ -22,7 +22,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import is_torch_version
 
 from . import checkpoint, data, environment, models, run_folder, sampling, sources
-from .config import BETA_SCHEDULES, SETTINGS, TrainConfig, UsageError, check_zero_snr, counted, size_text
+from .config import (BETA_SCHEDULES, SETTINGS, TrainConfig, UsageError, check_zero_snr, counted, nearest_existing,
+                     size_text)
 
 logger = logging.getLogger("uncond")
 
@@ -524,7 +525,7 @@ def checkpoints_beyond_disk(config: TrainConfig, parameters: int, first_step: in
     # A new checkpoint is written before the oldest goes: one more than the limit at once, and the milestones.
     kept = written if limit is None else min(written, limit + 1 + milestones)
     each = parameters * (CHECKPOINT_BYTES_PER_PARAMETER + 4 * config.use_ema)
-    folder = run_folder.nearest_existing(Path(config.output_dir).resolve())
+    folder = nearest_existing(Path(config.output_dir).resolve())
     free = shutil.disk_usage(folder).free
     if kept * each <= free:
         return None
@@ -599,14 +600,18 @@ def schedule_change(config: TrainConfig, path: Path, state: dict[str, Any], step
                                 config.learning_rate * factor, saved["learning_rate"] * saved_factor)
 
 
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, settings: dict[str, Any], length: int) -> Any:
+    """diffusers' schedule (a LambdaLR) that a run's settings give over `length` steps: TrainConfig.to_dict()'s, or
+    a checkpoint's training_config.json (older ones lack the later options: their defaults)."""
+    return get_scheduler(settings["lr_scheduler"], optimizer=optimizer, num_warmup_steps=settings["lr_warmup_steps"],
+                         num_training_steps=length, step_rules=settings.get("lr_step_rules"),
+                         num_cycles=settings.get("lr_num_cycles", 1), power=settings.get("lr_power", 1.0))
+
+
 def schedule_factor(settings: dict[str, Any], length: int, step: int) -> float:
     """The learning rate's multiplier at `step` of the schedule that `settings` (a run's) give over `length` steps."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = get_scheduler(settings["lr_scheduler"], optimizer=optimizer,
-                             num_warmup_steps=settings["lr_warmup_steps"], num_training_steps=length,
-                             step_rules=settings.get("lr_step_rules"), num_cycles=settings.get("lr_num_cycles", 1),
-                             power=settings.get("lr_power", 1.0))
-    return schedule.lr_lambdas[0](step)
+    return learning_rate_schedule(optimizer, settings, length).lr_lambdas[0](step)
 
 
 def schedule_change_note(config: TrainConfig, saved_scheduler: str | None, checkpoint_name: str, total_steps: int,

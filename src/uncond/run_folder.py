@@ -16,7 +16,7 @@ from . import data, hub, tracking
 from .checkpoint import (PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
                          complete_checkpoints, read_training_state, remove)
 from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, FolderInUse,
-                     TrainConfig, UsageError, counted, list_checkpoints, same_place)
+                     TrainConfig, UsageError, counted, list_checkpoints, nearest_existing, same_place)
 
 ABANDONED_PREFIX = "abandoned-after-step-"  # the later checkpoints a resume from an earlier one sets aside
 INCOMPLETE_PREFIX = "incomplete-"  # a checkpoint found incomplete, set aside by the next run
@@ -40,13 +40,6 @@ def check_creatable(path: str, flag: str, file: bool = False, instead: str | Non
         raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; {instead}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: {existing} is not writable; {instead}")
-
-
-def nearest_existing(path: Path) -> Path:
-    """`path`, or the nearest of the folders above it that exists: where a folder to be made will be."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def preview_path(output_dir: Path, step: int) -> Path:
