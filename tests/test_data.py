@@ -256,7 +256,7 @@ def test_the_cache_a_run_will_need_is_said_before_it_decodes(tmp_path, monkeypat
     entry = load(config)
     assert entry.nbytes == 10 * 21 * 16 * 3  # as judged
     line, _ = data.cache_outlook(open_source(config), config)
-    assert line == f"cache: the images are read from {entry.folder} (10 KiB), no decoding"
+    assert line == f"cache: the images are read from {entry.folder} (10 images, 10 KiB), no decoding"
 
 
 def test_two_runs_starting_at_once_decode_the_images_once(tmp_path, monkeypatch):

@@ -442,6 +442,12 @@ def test_grayscale_folder_trains_a_one_channel_model(run_cli, gray_folder, tiny_
 
 def test_a_messy_folder_trains_and_a_second_run_decodes_nothing(run_cli, tiny_unet, tmp_path, monkeypatch):
     folder = write_messy_folder(tmp_path / "messy")
+    # --dry_run counts the image files it finds, and says those whose headers it cannot open
+    planned = fast_train_args(folder, tiny_unet, tmp_path / "planned", "--num_epochs", "1", "--dry_run")
+    code, _, err = run_cli(*planned)
+    assert code == 0 and f"{len(MESSY_USED) + len(MESSY_SKIPPED)} image files" in err, err
+    assert "cannot be opened (" in err and "not_an_image.jpg" in err and "would be left out" in err
+    assert "5 optimizer steps per epoch" in err  # 18 files in batches of 4
     first = tmp_path / "first"
     code, _, err = run_cli(*fast_train_args(folder, tiny_unet, first, "--max_train_steps", "2"))
     assert code == 0, err
@@ -461,6 +467,10 @@ def test_a_messy_folder_trains_and_a_second_run_decodes_nothing(run_cli, tiny_un
     assert code == 0, err
     assert decodes == [] and "read from the cache" in err
     assert json.loads((tmp_path / "second" / "data_report.json").read_text()) == report
+    # once decoded, --dry_run counts the images the run trains on, as the run does (it said 5 steps per epoch)
+    code, _, err = run_cli(*planned)
+    assert code == 0 and f"({len(MESSY_USED)} images, " in err and f"{len(MESSY_SKIPPED)} skipped when decoded" in err
+    assert "3 optimizer steps per epoch" in err
 
 
 def test_model_config_can_come_from_a_pipeline_folder(run_cli, color_folder, tiny_unet, tmp_path):
@@ -560,7 +570,8 @@ def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tm
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--model_preset", "tiny",
                                                  "--model_config_name_or_path", ""))
     assert code == 0, err
-    assert "parameters with 1 channel;" in err or "parameters with 1 channel," in err  # auto: either
+    # auto: the run above decoded these colour images, so the run will train 3 channels (else it could be either)
+    assert "parameters with 3 channels" in err and "1 channel" not in err
     # the seed's --ddpm_num_inference_steps, given: its sample grids were DDPM's
     code, stdout, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run",
                                                  "--ddpm_num_inference_steps", "50"))
@@ -1692,6 +1703,41 @@ def test_progress_lines_are_not_repeated(capsys, monkeypatch):
     bar.close()
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(",")[0] for line in lines] == ["training: 0/4 steps (0%)", "training: 4/4 steps (100%)"]
+
+
+@pytest.mark.parametrize("columns", [0, 100])
+def test_a_terminal_without_a_width_gets_progress_as_lines(columns):
+    """A pseudo-terminal reporting 0 columns (`script` from a non-terminal, some CI runners) showed nothing:
+    tqdm drew its bar 0 characters wide. It gets the log file's lines; a terminal with a width, the bar."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    reader, terminal = pty.openpty()  # a new pseudo-terminal reports 0 x 0
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    code = ("from uncond.progress import progress_bar\n"
+            "with progress_bar(total=3, desc='training', unit='step', dynamic_ncols=True, mininterval=0) as bar:\n"
+            "    bar.update(3)\n")
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while select.select([reader], [], [], 60)[0]:
+        try:
+            chunk = os.read(reader, 4096)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(reader)
+    assert process.wait(timeout=60) == 0
+    text = shown.decode()
+    if columns == 0:
+        assert "training: 3/3 steps (100%)" in text and "\r" not in text.replace("\r\n", "")
+    else:
+        assert "training: 100%" in text and "3/3" in text  # tqdm's bar, redrawn in place
 
 
 def test_a_schedule_of_other_betas_trains_and_is_fine_tuned_with_them(run_cli, color_folder, tiny_unet, tmp_path):

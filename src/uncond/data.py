@@ -40,6 +40,11 @@ UPSCALED_NAMED = 100  # upscaled images named in data_report.json
 # ---------------------------------------------------------------------------------------------- the cache
 
 
+def cached_images(source: Source, config: TrainConfig) -> ImageCache | None:
+    """The entry an earlier run decoded `source`'s images into with `config`'s settings, if there is one."""
+    return ImageCache.open(cache_entry(source, config)[0])
+
+
 def load_images(source: Source, config: TrainConfig, progress: bool = True) -> ImageCache:
     """The decoded images of `source`: read from the cache, or decoded into it on the first run."""
     folder, settings = cache_entry(source, config)
@@ -71,7 +76,10 @@ def cache_outlook(source: Source, config: TrainConfig) -> tuple[str, str | None]
     that will not fit on its disk: said before the decoding, which would otherwise stop when the disk is full."""
     folder, settings = cache_entry(source, config)
     if (entry := ImageCache.open(folder)) is not None:
-        return f"cache: the images are read from {folder} ({size_text(entry.nbytes)}), no decoding", None
+        skipped = entry.meta["skipped"]
+        left_out = f"; {len(skipped)} skipped when decoded ({first_reasons(skipped)})" if skipped else ""
+        return (f"cache: the images are read from {folder} ({counted(len(entry), 'image')}, "
+                f"{size_text(entry.nbytes)}{left_out}), no decoding"), None
     return new_entry_outlook(source, config, folder, EarlierImages(folder.parent, settings, source.folder))
 
 
@@ -85,8 +93,14 @@ def new_entry_outlook(source: Source, config: TrainConfig, folder: Path, earlier
     each = [decoded_bytes(record, config.resolution) * itemsize for record in sample]
     need = int(sum(each) / max(1, len(each)) * len(new))
     copied = f", {len(source.records) - len(new)} copied from earlier entries" if len(new) < len(source.records) else ""
+    unopened = [record.name for record, size in zip(sample, each) if size == 0]
+    if unopened:  # said before the run: its schedule counts the files it finds
+        named = ", ".join(unopened[:3]) + (", ..." if len(unopened) > 3 else "")
+        unopened_note = f"; {len(unopened)} of them cannot be opened ({named}) and would be left out"
+    else:
+        unopened_note = ""
     line = (f"cache: {counted(len(new), 'image')} to decode into {folder.parent}{copied}; about {size_text(need)} "
-            f"(judged from {counted(len(sample), 'image')})")
+            f"(judged from {counted(len(sample), 'image')}{unopened_note})")
     root = nearest_existing(folder.parent)
     free = shutil.disk_usage(root).free
     if need <= free:

@@ -57,30 +57,64 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     Raises UsageError with one clear line."""
     if config.model_preset and "resolution" not in explicit:
         config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
-    model_config = None  # --model_config_name_or_path's, read once (from the Hub, perhaps)
-    pretrained = None  # --pretrained_model_name_or_path's UNet, with its weights
     resume_from, message = run_folder.find_resume_checkpoint(config)
+    config, pretrained, model_config = read_starting_model(config, explicit, resume_from)
+    config = settle_launch_and_preview_defaults(config, explicit)
+    check_paths(config)
+    warn_ignored_settings(config, explicit)
+    check_preview_sampler(config, explicit)
+    unet_config = models.unet_config_for(config, config.resolution, model_config)
+    channels_from_model_config = model_channels(config, unet_config) if model_config is not None else None
+    check_environment(config, unet_config)
+    if resume_from is not None and config.overwrite_output_dir:  # a script passing both, as the seed allowed
+        logger.warning(f"--overwrite_output_dir is ignored: --resume_from_checkpoint {config.resume_from_checkpoint} "
+                       f"goes on from {resume_from.name}")
+    message = run_folder.check_output_dir(config, resuming=resume_from is not None) or message
+    if resume_from is not None:
+        check_resume(resume_from, config, explicit, unet_config)
+    resume_state = checkpoint.read_training_state(resume_from) if resume_from is not None else {}
+    plan = Plan(config, unet_config, channels_from_model_config, resume_from, message, resume_state,
+                resume_state.get("tracker_run_id") or secrets.token_hex(4), pretrained)
+    if resume_from is not None:
+        if config.max_train_steps:  # else the last step is known once the data is
+            refuse_resume_past_end(plan, config.max_train_steps)
+        plan.resume_notes = checkpoint.resume_notes(resume_from, config, resume_state)
+    return plan
+
+
+def read_starting_model(config: TrainConfig, explicit: set[str] | frozenset[str], resume_from: Path | None
+                        ) -> tuple[TrainConfig, Any, dict[str, Any] | None]:
+    """The model a run starts from, read once (from the Hub, perhaps): --pretrained_model_name_or_path's UNet
+    with its weights, or --model_config_name_or_path's config. Returns the config with the model's resolution,
+    the pretrained UNet (or None) and the model's config (or None, for a preset's)."""
+    pretrained, model_config = None, None
     if config.pretrained_model_name_or_path:
         config, pretrained, model_config = adopt_pretrained(config, explicit, resume_from)
     elif config.model_config_name_or_path and not config.model_preset:
         model_config = models.load_unet_config(config.model_config_name_or_path, config.cache_dir)
-    if model_config is not None and "resolution" not in explicit:
-        # As a preset's: the model is trained at the size it was made for (the seed script trained a 32 px config
-        # on 64 px images, and its pipeline then generated at 32 px)
-        size = model_config.get("sample_size")
-        if isinstance(size, (list, tuple)) and len(set(size)) == 1:  # [64, 64], as diffusers also writes it
-            size = size[0]
-        if size is not None and not isinstance(size, (int, list, tuple)):  # "16" was ignored: 64 px
-            raise UsageError(f"{models.model_source(config)}: its sample_size {size!r} is not a number of pixels")
-        if isinstance(size, (list, tuple)):
-            raise UsageError(f"{models.model_source(config)}: its sample_size {list(size)} is not square, and "
-                             "uncond trains square images; pass --resolution N to train it at N x N")
-        if isinstance(size, int):
-            models.check_resolution(model_config, size, f"{models.model_source(config)}'s sample_size")
-        if isinstance(size, int) and size != config.resolution:
-            logger.info(f"--resolution {size}: the sample_size of {models.model_source(config)} (give --resolution "
-                        "to train at another size)")
-            config = config.replace(resolution=size)
+    if model_config is None or "resolution" in explicit:
+        return config, pretrained, model_config
+    # As a preset's: the model is trained at the size it was made for (the seed script trained a 32 px config
+    # on 64 px images, and its pipeline then generated at 32 px)
+    size = model_config.get("sample_size")
+    if isinstance(size, (list, tuple)) and len(set(size)) == 1:  # [64, 64], as diffusers also writes it
+        size = size[0]
+    if size is not None and not isinstance(size, (int, list, tuple)):  # "16" was ignored: 64 px
+        raise UsageError(f"{models.model_source(config)}: its sample_size {size!r} is not a number of pixels")
+    if isinstance(size, (list, tuple)):
+        raise UsageError(f"{models.model_source(config)}: its sample_size {list(size)} is not square, and "
+                         "uncond trains square images; pass --resolution N to train it at N x N")
+    if isinstance(size, int):
+        models.check_resolution(model_config, size, f"{models.model_source(config)}'s sample_size")
+    if isinstance(size, int) and size != config.resolution:
+        logger.info(f"--resolution {size}: the sample_size of {models.model_source(config)} (give --resolution "
+                    "to train at another size)")
+        config = config.replace(resolution=size)
+    return config, pretrained, model_config
+
+
+def settle_launch_and_preview_defaults(config: TrainConfig, explicit: set[str] | frozenset[str]) -> TrainConfig:
+    """Defaults that depend on how the run was launched or on the seed script's flags that were given."""
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch`
     if launcher_precision and "mixed_precision" not in explicit:
         # Without --mixed_precision, the launch's setting (its config file or flag) applies; the seed
@@ -96,6 +130,11 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     if "ddpm_num_inference_steps" not in explicit and config.ddpm_num_inference_steps > config.ddpm_num_steps:
         # the default 1000 on a shorter schedule: every timestep, as `uncond sample --sampler ddpm` takes it
         config = config.replace(ddpm_num_inference_steps=config.ddpm_num_steps)
+    return config
+
+
+def check_paths(config: TrainConfig) -> None:
+    """The data exists and the run's folders can be made (its output, the decoded-image cache)."""
     sources.check_source(config)
     run_folder.check_creatable(config.output_dir, "--output_dir")
     if config.cache_dir:
@@ -103,39 +142,52 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     elif not config.streaming:  # $XDG_CACHE_HOME/uncond or ~/.cache/uncond: a read-only home, a job's odd setting
         run_folder.check_creatable(str(data.cache_root(None)), "the decoded-image cache",
                                    instead="pass --cache_dir DIR on a writable disk")
-    for name in ("image_column", "dataset_config_name"):  # ignored, as in the seed script, but said
+    if config.train_data_dir and Path(config.train_data_dir).resolve() == Path(config.output_dir).resolve():
+        raise UsageError(f"--train_data_dir and --output_dir are both {config.output_dir}: the run's sample grids "
+                         "would be read as training images; choose another --output_dir")
+
+
+def warn_ignored_settings(config: TrainConfig, explicit: set[str] | frozenset[str]) -> None:
+    """Settings the seed script ignored without a word: ignored here too, but said."""
+    for name in ("image_column", "dataset_config_name"):
         if getattr(config, name) and not config.dataset_name:
             logger.warning(f"--{name} {getattr(config, name)} is ignored: it applies to --dataset_name, and "
                            f"--train_data_dir {config.train_data_dir}'s files are the images")
     for warning in ignored_settings(config, explicit):
         logger.warning(warning)
-    if config.dataset_name and config.train_data_dir:  # as in the seed script, but said
+    if config.dataset_name and config.train_data_dir:
         logger.warning(f"--train_data_dir {config.train_data_dir} is ignored: --dataset_name {config.dataset_name} "
                        "is given")
-    if config.train_data_dir and Path(config.train_data_dir).resolve() == Path(config.output_dir).resolve():
-        raise UsageError(f"--train_data_dir and --output_dir are both {config.output_dir}: the run's sample grids "
-                         "would be read as training images; choose another --output_dir")
-    # The preview sampler on the training schedule: a sampler that cannot take it would fail at the first preview.
+
+
+def check_preview_sampler(config: TrainConfig, explicit: set[str] | frozenset[str]) -> None:
+    """The preview sampler on the training schedule: a sampler that cannot take it would fail at the first
+    preview. Also says a schedule that leaves signal at its last timestep."""
     preview_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
     noise_scheduler = sampling.training_noise_scheduler(config.to_dict())
-    training_schedule = dict(noise_scheduler.config)
     schedule_of_a_model = config.pretrained_model_name_or_path and not explicit & set(SCHEDULE_OF_THE_MODEL)
     if not schedule_of_a_model and (warning := signal_left_at_the_end(config, noise_scheduler)):
         logger.warning(warning)  # a model's own schedule is kept as it was trained, whatever it leaves
-    sampling.check_sampler_fits(config.sampler, training_schedule, preview_steps,
+    sampling.check_sampler_fits(config.sampler, dict(noise_scheduler.config), preview_steps,
                                 "--ddpm_num_inference_steps" if config.sampler == "ddpm" else "--sample_steps")
-    unet_config = models.unet_config_for(config, config.resolution, model_config)
-    channels_from_model_config = None
-    if model_config is not None:
-        channels_from_model_config = int(unet_config.get("in_channels", 3))
-        out_channels = int(unet_config.get("out_channels", 3))
-        if channels_from_model_config not in (1, 3) or out_channels != channels_from_model_config:
-            raise UsageError(f"{models.model_source(config)}: in_channels "
-                             f"{channels_from_model_config} and out_channels {out_channels}; uncond trains on "
-                             "grayscale (1) or RGB (3) images, the same count in and out")
-        if config.num_channels != "auto" and int(config.num_channels) != channels_from_model_config:
-            raise UsageError(f"--num_channels {config.num_channels} contradicts {models.model_source(config)}, "
-                             f"whose in_channels is {channels_from_model_config}; drop one of them")
+
+
+def model_channels(config: TrainConfig, unet_config: dict[str, Any]) -> int:
+    """The channel count a given model config sets (grayscale or RGB, the same in and out), checked against
+    --num_channels."""
+    channels = int(unet_config.get("in_channels", 3))
+    out_channels = int(unet_config.get("out_channels", 3))
+    if channels not in (1, 3) or out_channels != channels:
+        raise UsageError(f"{models.model_source(config)}: in_channels {channels} and out_channels {out_channels}; "
+                         "uncond trains on grayscale (1) or RGB (3) images, the same count in and out")
+    if config.num_channels != "auto" and int(config.num_channels) != channels:
+        raise UsageError(f"--num_channels {config.num_channels} contradicts {models.model_source(config)}, "
+                         f"whose in_channels is {channels}; drop one of them")
+    return channels
+
+
+def check_environment(config: TrainConfig, unet_config: dict[str, Any]) -> None:
+    """What the run needs of the installed packages and of its launch."""
     check_tracker(config.logger)
     if config.enable_xformers_memory_efficient_attention and not module_available("xformers"):
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
@@ -144,25 +196,17 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     warn_one_cpu_process()
     warn_slurm_tasks_without_launcher()
     check_fsdp_units(unet_config)
-    if resume_from is not None and config.overwrite_output_dir:  # a script passing both, as the seed allowed
-        logger.warning(f"--overwrite_output_dir is ignored: --resume_from_checkpoint {config.resume_from_checkpoint} "
-                       f"goes on from {resume_from.name}")
-    message = run_folder.check_output_dir(config, resuming=resume_from is not None) or message
-    if resume_from is not None:  # the channel count is compared once the data has decided it
-        refuse_mismatched_resume(resume_from, config, unet_config)
-        if checkpoint.kept_ema(resume_from) and not config.use_ema and "use_ema" not in explicit:
-            # A re-run typed without --use_ema would drop the EMA, the weights the exports hold, and rotate away
-            # the checkpoints that keep it.
-            raise UsageError(f"{resume_from.name}'s run kept an EMA of the weights (its exports hold it): pass "
-                             "--use_ema to go on with it, or --no-use_ema to drop it")
-    resume_state = checkpoint.read_training_state(resume_from) if resume_from is not None else {}
-    plan = Plan(config, unet_config, channels_from_model_config, resume_from, message, resume_state,
-                resume_state.get("tracker_run_id") or secrets.token_hex(4), pretrained)
-    if resume_from is not None:
-        if config.max_train_steps:  # else the last step is known once the data is
-            refuse_resume_past_end(plan, config.max_train_steps)
-        plan.resume_notes = checkpoint.resume_notes(resume_from, config, resume_state)
-    return plan
+
+
+def check_resume(resume_from: Path, config: TrainConfig, explicit: set[str] | frozenset[str],
+                 unet_config: dict[str, Any]) -> None:
+    """The checkpoint fits this command (the channel count is compared again once the data has decided it)."""
+    refuse_mismatched_resume(resume_from, config, unet_config)
+    if checkpoint.kept_ema(resume_from) and not config.use_ema and "use_ema" not in explicit:
+        # A re-run typed without --use_ema would drop the EMA, the weights the exports hold, and rotate away
+        # the checkpoints that keep it.
+        raise UsageError(f"{resume_from.name}'s run kept an EMA of the weights (its exports hold it): pass "
+                         "--use_ema to go on with it, or --no-use_ema to drop it")
 
 
 # The noise-schedule settings a pretrained model's scheduler gives, unless they are given
@@ -545,17 +589,20 @@ def dry_run(plan: Plan) -> None:
     config = plan.config
     processes = environment.launched_processes()
     source = None if config.streaming else sources.open_source(config)
+    # An earlier run's decode of these images knows what the run will train on: the images it could decode, and
+    # whether all of them are gray. Without one, the run's count is of the image files found.
+    decoded = data.cached_images(source, config) if source else None
+    images = len(decoded) if decoded is not None else len(source.records) if source else None
     channel_options = [plan.channels_from_model_config] if plan.channels_from_model_config else (
-        [1, 3] if config.num_channels == "auto" else [int(config.num_channels)])
+        [int(config.num_channels)] if config.num_channels != "auto" else
+        [1, 3] if decoded is None else [1 if decoded.all_gray else 3])
     sizes = ", ".join(f"{models.count_parameters(models.with_channels(plan.unet_config, c)):,} parameters with "
                       f"{counted(c, 'channel')}" for c in channel_options)
-    batches = (data.Order(len(source.records), config.train_batch_size, 0, processes).batches_per_epoch
+    batches = (data.Order(images, config.train_batch_size, 0, processes).batches_per_epoch
                if source else config.max_train_steps * config.gradient_accumulation_steps)  # a stream: one epoch
     steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
     global_batch_size = config.train_batch_size * processes * config.gradient_accumulation_steps
-    # as the run will count them, but with the image files as found (the run leaves out those it cannot decode)
-    _, total_steps = run_length(plan, steps_per_epoch, global_batch_size, processes,
-                                (len(source.records) if source else None, None))
+    _, total_steps = run_length(plan, steps_per_epoch, global_batch_size, processes, (images, None))
     print(json.dumps(config.to_record(), indent=2))  # stdout holds the settings alone: `--dry_run > settings.json`
     logger.info(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
     if source is not None:

@@ -16,7 +16,15 @@ LINE_FORMAT = ("{desc}: {n_fmt}/{total_fmt} {unit}s ({percentage:.0f}%), {elapse
 
 
 def on_terminal() -> bool:
-    return sys.stderr.isatty()
+    """stderr is a terminal with a width. A pseudo-terminal that reports 0 columns (`script` run from a
+    non-terminal, some CI runners) gets lines as a log file does: tqdm would draw its bar 0 characters wide,
+    which is nothing at all."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except OSError:  # a terminal that cannot say its size: tqdm falls back to 80 columns
+        return True
 
 
 def draws_bars() -> bool:
