@@ -335,9 +335,10 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
     code, _, err = run_cli("evaluate", reference, "--reference", model)
     one_line_error(code, err, f"--reference {model}: a model; the reference is real images: pass a folder or dataset")
     (run / "checkpoint-3" / "training_config.json").unlink()  # as train_unconditional.py's checkpoints
-    code, _, err = run_cli("sample", run / "checkpoint-3")
-    one_line_error(code, err, "(a train_unconditional.py checkpoint, which does not record its noise schedule; "
-                              f"resume it with `uncond train --resume_from_checkpoint {run / 'checkpoint-3'}`")
+    code, _, err = run_cli("sample", run / "checkpoint-3")  # and the run exported no pipeline beside it
+    one_line_error(code, err, "(a train_unconditional.py checkpoint, which does not record its noise schedule, and "
+                              f"its run's folder {run} holds no pipeline that would; resume it with "
+                              f"`uncond train --resume_from_checkpoint {run / 'checkpoint-3'}`")
     for run_folder in (run, run / "checkpoint-12"):  # its grids and loss.png were measured as real images
         code, _, err = run_cli("evaluate", reference, "--reference", run_folder)
         one_line_error(code, err, f"--reference {run_folder}: a training run's output folder")
@@ -449,8 +450,51 @@ def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tm
     seed_checkpoint = tmp_path / "seed-run" / "checkpoint-4"  # train_unconditional.py's: no training_config.json
     shutil.copytree(run / "checkpoint-4", seed_checkpoint, ignore=shutil.ignore_patterns("training_config.json"))
     code, _, err = run_cli("export", seed_checkpoint, "--output_dir", tmp_path / "from-seed")
-    one_line_error(code, err, "(a train_unconditional.py checkpoint, which does not record its noise schedule; "
-                              f"resume it with `uncond train --resume_from_checkpoint {seed_checkpoint}`")
+    one_line_error(code, err, "(a train_unconditional.py checkpoint, which does not record its noise schedule, and "
+                              f"its run's folder {seed_checkpoint.parent} holds no pipeline that would; resume it "
+                              f"with `uncond train --resume_from_checkpoint {seed_checkpoint}`")
+
+
+def test_a_train_unconditional_checkpoint_is_sampled_and_exported_with_its_runs_schedule(run_cli, tiny_unet,
+                                                                                           tmp_path):
+    """train_unconditional.py's checkpoints record no noise schedule, so neither `uncond sample` nor `uncond export`
+    took them: the pipeline that script exports into the checkpoints' folder at each --save_model_epochs has it."""
+    run, images = tmp_path / "run", write_images(tmp_path / "real", 8)
+    args = fast_train_args(images, tiny_unet, run, "--checkpointing_steps", "2", "--use_ema", "--max_train_steps", "4",
+                           "--ddpm_num_steps", "200", "--ddpm_beta_schedule", "squaredcos_cap_v2")
+    assert run_cli(*args)[0] == 0
+    # the seed script's layout: its pipeline (the export at the end of an epoch), and beside it checkpoints of
+    # accelerate's files with unet/ and unet_ema/, without uncond's manifest and settings
+    seed_run = tmp_path / "seed-run"
+    seed_run.mkdir()
+    for name in ("model_index.json", "unet", "scheduler"):
+        shutil.copytree(run / name, seed_run / name) if (run / name).is_dir() else shutil.copy(run / name, seed_run)
+    seed_checkpoint = seed_run / "checkpoint-2"
+    shutil.copytree(run / "checkpoint-2", seed_checkpoint,
+                    ignore=shutil.ignore_patterns("training_config.json", "training_state.json", "manifest.json"))
+    assert not (seed_checkpoint / "training_config.json").exists() and (seed_checkpoint / "optimizer.bin").is_file()
+
+    code, _, err = run_cli("sample", seed_checkpoint, "--num_images", "2", "--steps", "3", "--output_dir",
+                           tmp_path / "seed-samples")
+    assert code == 0, err
+    code, _, err = run_cli("sample", run / "checkpoint-2", "--num_images", "2", "--steps", "3", "--output_dir",
+                           tmp_path / "uncond-samples")
+    assert code == 0, err
+    for name in ("000000.png", "000001.png"):  # the same weights (EMA) and schedule (200 cosine steps)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "seed-samples" / name)),
+                              np.asarray(Image.open(tmp_path / "uncond-samples" / name)))
+
+    exported = tmp_path / "from-seed"
+    code, _, err = run_cli("export", seed_checkpoint, "--output_dir", exported)
+    assert code == 0 and f"exported the checkpoint {seed_checkpoint} (EMA weights), trained 2 steps by " \
+                         "train_unconditional.py" in err and "the pipeline only" in err, err
+    pipeline = DiffusionPipeline.from_pretrained(exported)
+    assert pipeline.scheduler.config.num_train_timesteps == 200
+    assert pipeline.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    weights = load_file(exported / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(run / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(weights[name], ema[name]) for name in ema)
+    assert not (exported / "README.md").exists() and not (exported / "training_config.json").exists()
 
 
 def test_a_checkpoint_of_a_branch_left_behind_is_exported_with_its_whole_history(run_cli, tiny_unet, tmp_path):

@@ -33,9 +33,10 @@ def export_checkpoint(config: ExportConfig) -> Path:
     source = source.resolve()  # `.` in a checkpoint's folder
     weights = source.name if source.name in sampling.CHECKPOINT_WEIGHTS else None
     folder = source.parent if weights else source
-    if sampling.is_checkpoint(folder) and not (folder / RUN_CONFIG_FILE).is_file():
+    seed_script = sampling.is_checkpoint(folder) and not (folder / RUN_CONFIG_FILE).is_file()
+    if seed_script and not sampling.has_noise_schedule(folder):
         raise UsageError(f"{config.checkpoint}: cannot be exported{sampling.not_a_pipeline_hint(folder)}")
-    if not (CHECKPOINT_NAME.match(folder.name) and (folder / RUN_CONFIG_FILE).is_file()):
+    if not (CHECKPOINT_NAME.match(folder.name) and (seed_script or (folder / RUN_CONFIG_FILE).is_file())):
         raise UsageError(f"{config.checkpoint}: not a training checkpoint (a run's checkpoint-N folder, holding "
                          f"{RUN_CONFIG_FILE}); a pipeline folder is a model already")
     problem = checkpoint.checkpoint_problem(folder)
@@ -44,6 +45,8 @@ def export_checkpoint(config: ExportConfig) -> Path:
     output_dir = Path(config.output_dir)
     check_export_folder(output_dir, config.overwrite_output_dir)
     model = sampling.load_model(str(source), torch.device("cpu"), torch.float32)
+    if seed_script:
+        return export_seed_checkpoint(model, folder, output_dir)
     settings = checkpoint.saved_run_config(folder)
     run_config = TrainConfig(**{spec.name: settings[spec.name] for spec in fields(TrainConfig)
                                 if spec.name in settings})  # the settings that trained it, for its model card
@@ -72,6 +75,22 @@ def export_checkpoint(config: ExportConfig) -> Path:
                   exported_from=config.checkpoint)
     logger.info(f"exported {model.description}, trained {counted(step, 'step')}, to {output_dir} "
                 f"(DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
+    return output_dir
+
+
+def export_seed_checkpoint(model: sampling.Model, folder: Path, output_dir: Path) -> Path:
+    """A train_unconditional.py checkpoint as the pipeline that script exports (its EMA weights where it kept an
+    EMA, the schedule of its run's pipeline): no settings, card or metrics, which it does not record."""
+    step = checkpoint.checkpoint_step(folder, {})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:  # an earlier export's (--overwrite_output_dir): not of this model
+        if (output_dir / name).exists():
+            checkpoint.remove(output_dir / name)
+    checkpoint.export_pipeline(model.unet, DDPMScheduler.from_config(model.scheduler_config), output_dir,
+                               {"step": step, "finished": True, "exported_from": folder.name})
+    logger.info(f"exported {model.description}, trained {counted(step, 'step')} by train_unconditional.py, to "
+                f"{output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r})); the pipeline only: that "
+                "script records no settings or metrics for a model card")
     return output_dir
 
 

@@ -371,10 +371,10 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     from diffusers import DiffusionPipeline, UNet2DModel
 
     path = Path(name_or_path).expanduser()
-    if is_checkpoint(path) and (path / RUN_CONFIG_FILE).is_file() and not (path / "model_index.json").is_file():
+    if is_checkpoint(path) and has_noise_schedule(path) and not (path / "model_index.json").is_file():
         return load_checkpoint(path, name_or_path, device, dtype)
-    if path.name in CHECKPOINT_WEIGHTS and path.is_dir() and (path.parent / RUN_CONFIG_FILE).is_file() \
-            and is_checkpoint(path.parent) and not (path.parent / "model_index.json").is_file():
+    if path.name in CHECKPOINT_WEIGHTS and path.is_dir() and is_checkpoint(path.parent) \
+            and has_noise_schedule(path.parent) and not (path.parent / "model_index.json").is_file():
         # one of a checkpoint's two sets of weights: unet/ is the trained one, without EMA (a run folder's unet/ is
         # its export's, which holds the EMA weights where the run kept them)
         return load_checkpoint(path.parent, name_or_path, device, dtype, weights=path.name)
@@ -434,17 +434,20 @@ def pickled_unet_weights(path: Path) -> str | None:
 
 def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dtype,
                     weights: str | None = None) -> Model:
-    """A training checkpoint of uncond's as a model: its EMA weights where the run kept an EMA (what its exports
-    hold), else its trained ones, or the `weights` folder named (unet, unet_ema), with the noise schedule of its
-    training_config.json. Any checkpoint can so be sampled and evaluated, also of a run stopped before its
-    first export."""
+    """A training checkpoint as a model: its EMA weights where the run kept an EMA (what its exports hold), else
+    its trained ones, or the `weights` folder named (unet, unet_ema), with the noise schedule of its
+    training_config.json (uncond's) or of its run's pipeline (train_unconditional.py's, seed_run_schedule). Any
+    checkpoint of uncond's can so be sampled and evaluated, also of a run stopped before its first export."""
     from diffusers import UNet2DModel
 
-    try:
-        scheduler = training_noise_scheduler(json.loads((path / RUN_CONFIG_FILE).read_text()))
-    except (OSError, ValueError, KeyError) as error:
-        raise UsageError(f"{name}: its {RUN_CONFIG_FILE} does not give the noise schedule ({first_line(error)})") \
-            from None
+    if not (path / RUN_CONFIG_FILE).is_file():
+        scheduler_config = seed_run_schedule(path)
+    else:
+        try:
+            scheduler_config = dict(training_noise_scheduler(json.loads((path / RUN_CONFIG_FILE).read_text())).config)
+        except (OSError, ValueError, KeyError) as error:
+            raise UsageError(f"{name}: its {RUN_CONFIG_FILE} does not give the noise schedule "
+                             f"({first_line(error)})") from None
     weights = weights or ("unet_ema" if (path / "unet_ema").is_dir() else "unet")
     try:
         with remote.quiet_hub_clients():  # the EMA's own settings in its config.json are ignored with a warning
@@ -452,7 +455,26 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
     except (OSError, ValueError) as error:
         raise UsageError(f"{name}: could not load the checkpoint's {weights}/ ({first_line(error)})") from None
     kind = "EMA" if weights == "unet_ema" else "trained"
-    return Model(unet.to(device).eval(), dict(scheduler.config), f"the checkpoint {path} ({kind} weights)")
+    return Model(unet.to(device).eval(), scheduler_config, f"the checkpoint {path} ({kind} weights)")
+
+
+def has_noise_schedule(checkpoint: Path) -> bool:
+    """Whether the noise schedule of training checkpoint `checkpoint` is known (load_checkpoint)."""
+    return (checkpoint / RUN_CONFIG_FILE).is_file() or seed_run_schedule(checkpoint) is not None
+
+
+def seed_run_schedule(checkpoint: Path) -> dict[str, Any] | None:
+    """The noise schedule of a train_unconditional.py checkpoint, which records none: that of the pipeline the
+    script exports into its output folder, the checkpoint's parent, at the end of each --save_model_epochs
+    epoch from the first on (the same noise_scheduler object it trains with). None before the first export."""
+    scheduler_file = checkpoint.parent / "scheduler" / "scheduler_config.json"
+    if not (checkpoint.parent / "model_index.json").is_file() or not scheduler_file.is_file():
+        return None
+    try:
+        config = json.loads(scheduler_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and "num_train_timesteps" in config else None
 
 
 def unexported_run(path: Path) -> str | None:
@@ -498,13 +520,14 @@ def missing_checkpoint_hint(path: Path) -> str:
 
 def not_a_pipeline_hint(path: Path) -> str:
     """What to pass instead of a path that exists but is not a pipeline folder, where that can be told."""
-    if is_checkpoint(path):  # train_unconditional.py's: no training_config.json, so no known noise schedule
-        return (" (a train_unconditional.py checkpoint, which does not record its noise schedule; resume it with "
+    if is_checkpoint(path):  # train_unconditional.py's, before its run exported a pipeline beside it
+        return (" (a train_unconditional.py checkpoint, which does not record its noise schedule, and its run's "
+                f"folder {path.parent} holds no pipeline that would; resume it with "
                 f"`uncond train --resume_from_checkpoint {path}` and the run's flags to export a pipeline)")
     if (path.parent / "model_index.json").is_file():
         return (f" (it is {'a file' if path.is_file() else 'a component folder'} of the pipeline folder "
                 f"{path.parent}; pass that folder)")
-    if is_checkpoint(path.parent) and (path.parent / RUN_CONFIG_FILE).is_file():
+    if is_checkpoint(path.parent) and has_noise_schedule(path.parent):
         return (f" (it is a folder of the checkpoint {path.parent}; pass that folder, or its unet/ for the weights "
                 "without EMA)")
     return ""
