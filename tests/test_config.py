@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
+import uncond
 from uncond.config import (BETA_SCHEDULES, DEMO_SETTINGS, SETTINGS, TrainConfig, UsageError, add_train_arguments,
                            build_config)
 from uncond.sampling import training_noise_scheduler
@@ -207,7 +210,16 @@ def test_version_is_the_installed_packages(flag, capsys):
 
     from uncond.cli import main
 
-    assert main([flag]) == 0 and capsys.readouterr().out == f"uncond {version('uncond')}\n"
+    assert main([flag]) == 0
+    said = capsys.readouterr().out
+    # From a git checkout (the README's editable install) also its commit: every commit is version 0.1.0.
+    package = Path(uncond.__file__).parent
+    commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    if commit and (package.parent.parent / "pyproject.toml").is_file():
+        assert said.startswith(f"uncond {version('uncond')} (git {commit}") and said.endswith(")\n")
+    else:
+        assert said == f"uncond {version('uncond')}\n"
 
 
 def test_the_rank_flag_as_torch_distributed_launch_spells_it():

@@ -237,6 +237,14 @@ def test_a_folder_that_changed_decodes_only_its_new_files_and_replaces_its_entry
     other = write_images(tmp_path / "other", 2)  # another folder's entry is kept beside this one's
     load(config.replace(train_data_dir=str(other)))
     assert changed.folder.exists()
+    # An entry of an earlier version of uncond (no files.json) is decoded again, but replaced too: it stayed
+    # beside the new one, which `uncond cache` listed as a second entry of the folder.
+    (changed.folder / "files.json").unlink()
+    Image.new("RGB", (20, 30), "blue").save(folder / "added_later.png")
+    latest = load(config)
+    assert len(latest) == 7 and not changed.folder.exists()
+    assert sorted(path.name for path in (tmp_path / "cache" / "uncond").iterdir()) == \
+        sorted([latest.folder.name, load(config.replace(train_data_dir=str(other))).folder.name])
 
 
 def test_the_cache_a_run_will_need_is_said_before_it_decodes(tmp_path, monkeypatch):

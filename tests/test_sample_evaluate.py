@@ -414,6 +414,9 @@ def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tm
     exported = load_file(best / "unet" / "diffusion_pytorch_model.safetensors")
     ema = load_file(run / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors")
     assert exported.keys() == ema.keys() and all(torch.equal(exported[name], ema[name]) for name in ema)
+    # the EMA's own settings are not the UNet's: every load of the export warned of them
+    assert json.loads((best / "unet" / "config.json").read_text()).keys() == \
+        json.loads((run / "unet" / "config.json").read_text()).keys()
     card = (best / "README.md").read_text()
     assert "| learning rate | 0.001 (cosine, 1 warmup steps) |" in card and "| optimizer steps | 2 |" in card
     assert "samples/step-0000002.png" in card and f"uncond export {run / 'checkpoint-2'} --output_dir {best}" in card
@@ -453,6 +456,34 @@ def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tm
     one_line_error(code, err, "(a train_unconditional.py checkpoint, which does not record its noise schedule, and "
                               f"its run's folder {seed_checkpoint.parent} holds no pipeline that would; resume it "
                               f"with `uncond train --resume_from_checkpoint {seed_checkpoint}`")
+
+
+def test_a_checkpoint_of_an_earlier_uncond_is_exported_and_a_failed_export_leaves_nothing(run_cli, tiny_unet,
+                                                                                           tmp_path, monkeypatch):
+    """Checkpoints of uncond before 2026-11-26 record no commands: their export crashed with a traceback, after
+    writing a pipeline whose state said finished, with no card; the re-run was then refused (not empty)."""
+    from uncond import checkpoint_export
+
+    run, images = tmp_path / "run", write_images(tmp_path / "real", 8)
+    assert run_cli(*fast_train_args(images, tiny_unet, run, "--max_train_steps", "2"))[0] == 0
+    state_file = run / "checkpoint-2" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    del state["commands"]
+    state_file.write_text(json.dumps(state))
+    manifest_file = run / "checkpoint-2" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"]["training_state.json"]["size"] = state_file.stat().st_size
+    manifest_file.write_text(json.dumps(manifest))
+    failing = tmp_path / "failing"
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_export, "write_card_of", lambda *args, **kwargs: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            run_cli("export", run / "checkpoint-2", "--output_dir", failing)
+    assert not failing.exists()  # no half export that would pass for the model
+    code, _, err = run_cli("export", run / "checkpoint-2", "--output_dir", failing)
+    assert code == 0, err
+    card = (failing / "README.md").read_text()
+    assert "The commands that trained it are not recorded (it was trained by an earlier version of uncond)" in card
 
 
 def test_a_train_unconditional_checkpoint_is_sampled_and_exported_with_its_runs_schedule(run_cli, tiny_unet,

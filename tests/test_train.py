@@ -806,10 +806,16 @@ def test_a_finished_run_is_kept_and_goes_on_with_a_larger_max_train_steps(run_cl
     args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "100")
     assert run_cli(*args, "--max_train_steps", "1")[0] == 0
     assert (out / "checkpoint-1").is_dir()  # the end is a checkpoint, though not a multiple of 100
+    from uncond.version import uncond_version  # which uncond wrote it: every commit is version 0.1.0
+
+    assert json.loads((out / "checkpoint-1" / "training_state.json").read_text())["uncond_version"] == uncond_version()
     assert not (out / "logs").exists()  # --logger none: no empty logs/ in the pipeline folder
     before, settings = (out / "unet" / WEIGHTS).read_bytes(), (out / "training_config.json").read_text()
     code, _, err = run_cli(*args, "--max_train_steps", "1")  # the same command again: nothing to do
     assert code == 0 and "is complete at step 1" in err and (out / "unet" / WEIGHTS).read_bytes() == before
+    assert "resuming" not in err  # it said it resumed, then that there was nothing to do
+    code, _, err = run_cli(*args, "--max_train_steps", "1", "--dry_run")
+    assert code == 0 and "is complete at step 1" in err and "resuming" not in err, err
     code, _, err = run_cli(*args, "--max_train_steps", "1", "--learning_rate", "5e-3")  # settings no step took
     assert code == 0 and "is complete at step 1" in err and (out / "training_config.json").read_text() == settings
     code, _, err = run_cli(*args, "--max_train_steps", "3")
@@ -1594,6 +1600,20 @@ def test_the_same_run_is_known_from_any_working_folder(run_cli, color_folder, ti
     assert code == 0, err
     assert json.loads((tmp_path / "jobs" / "again" / "training_config.json").read_text())["train_data_dir"] == \
         str(color_folder)
+    # Earlier versions recorded output_dir as typed, and --overwrite_output_dir: from another folder the file
+    # started a new run there, unsaid; and it replaced the run (its checkpoints and export deleted) each time.
+    old_record = tmp_path / "jobs" / "run" / "training_config.json"
+    old_record.write_text(json.dumps({**settings, "output_dir": "../run", "overwrite_output_dir": True}))
+    code, _, err = run_cli("train", "--config", "run/training_config.json")  # from jobs/: ../run is not it
+    one_line_error(code, err, f"--config run/training_config.json: its output_dir ../run is relative (as earlier "
+                              f"versions of uncond recorded it) and leads from here to {tmp_path / 'run'}, not to the "
+                              f"run that holds the file; pass --output_dir {tmp_path / 'jobs' / 'run'} to go on")
+    monkeypatch.chdir(tmp_path / "jobs" / "nightly")  # where the run was started: the same run, kept
+    code, _, err = run_cli("train", "--config", "../run/training_config.json", "--max_train_steps", "2")
+    assert code == 0 and "its overwrite_output_dir is ignored" in err and "resuming from checkpoint-1" in err, err
+    from uncond.config import list_checkpoints
+
+    assert [path.name for _, path in list_checkpoints(tmp_path / "jobs" / "run")] == ["checkpoint-1", "checkpoint-2"]
 
 
 def test_a_log_file_gets_progress_as_lines(run_cli, color_folder, tiny_unet, tmp_path):

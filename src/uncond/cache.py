@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -184,6 +185,12 @@ def decoding_alone(folder: Path, on_wait: Callable[[], None]):
             lock_file.unlink(missing_ok=True)
 
 
+def folder_of(description: str) -> str | None:
+    """The folder of an entry's source, as sources.folder_source describes it ("folder PATH (N image files...")."""
+    match = re.fullmatch(r"folder (.+?) \([\d,]+ image files?[;)].*", description, flags=re.DOTALL)
+    return match[1] if match else None
+
+
 class EarlierImages:
     """The images that complete entries of the same settings decoded from files still as they were (same path, size
     and modification time), by file key (sources.Source.file_keys): copied instead of decoded again."""
@@ -196,7 +203,9 @@ class EarlierImages:
                 continue
             try:
                 files = json.loads((entry.folder / FILES_FILE).read_text())
-            except (OSError, ValueError):  # an entry of a dataset, or from before files.json
+            except (OSError, ValueError):  # an entry of a dataset, or of a folder from before files.json
+                if folder_of(entry.meta.get("source", "")) == folder:
+                    self.superseded.append(entry.folder)  # nothing to copy from it, but replaced as well
                 continue
             # Mapped now: another machine's run that replaces the entry meanwhile (a shared --cache_dir) removes its
             # files, not the pages mapped here.

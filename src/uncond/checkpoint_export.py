@@ -45,8 +45,30 @@ def export_checkpoint(config: ExportConfig) -> Path:
     output_dir = Path(config.output_dir)
     check_export_folder(output_dir, config.overwrite_output_dir)
     model = sampling.load_model(str(source), torch.device("cpu"), torch.float32)
-    if seed_script:
-        return export_seed_checkpoint(model, folder, output_dir)
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:  # an earlier export's (--overwrite_output_dir): its grid would be taken for this one's
+        if (output_dir / name).exists():
+            checkpoint.remove(output_dir / name)
+    try:
+        if seed_script:
+            export_seed_checkpoint(model, folder, output_dir)
+        else:
+            write_export(model, folder, output_dir, config.checkpoint)
+    except BaseException:
+        # Half an export would pass for a model (its pipeline loads, its state says finished): none is left.
+        for name in (*checkpoint.PIPELINE_ITEMS, *RUN_FILES):
+            if (output_dir / name).exists():
+                checkpoint.remove(output_dir / name)
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+    return output_dir
+
+
+def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported_from: str) -> None:
+    """Checkpoint `folder` of uncond's as its run's export would be: the pipeline, its settings, model card,
+    metrics, loss plot and grid."""
     settings = checkpoint.saved_run_config(folder)
     run_config = TrainConfig(**{spec.name: settings[spec.name] for spec in fields(TrainConfig)
                                 if spec.name in settings})  # the settings that trained it, for its model card
@@ -54,10 +76,6 @@ def export_checkpoint(config: ExportConfig) -> Path:
     state = {**checkpoint.read_training_state(folder), "finished": True, "exported_from": folder.name}
     step = state["step"] = checkpoint.checkpoint_step(folder, state)
     run = folder.parent
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:  # an earlier export's (--overwrite_output_dir): its grid would be taken for this one's
-        if (output_dir / name).exists():
-            checkpoint.remove(output_dir / name)
     checkpoint.export_pipeline(model.unet, DDPMScheduler.from_config(model.scheduler_config), output_dir, state)
     # Its own folder as output_dir, as a run's record names its own: passed back with --config, it is this model's
     # settings (a run into it is refused as into any trained model), not a run that goes on in the source's folder.
@@ -72,26 +90,20 @@ def export_checkpoint(config: ExportConfig) -> Path:
         run_folder.preview_path(output_dir, step).parent.mkdir(exist_ok=True)
         shutil.copy2(grid, run_folder.preview_path(output_dir, step))
     write_card_of(output_dir, run_config, state, model.unet, model.scheduler_config, records,
-                  exported_from=config.checkpoint)
+                  exported_from=exported_from)
     logger.info(f"exported {model.description}, trained {counted(step, 'step')}, to {output_dir} "
                 f"(DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
-    return output_dir
 
 
-def export_seed_checkpoint(model: sampling.Model, folder: Path, output_dir: Path) -> Path:
+def export_seed_checkpoint(model: sampling.Model, folder: Path, output_dir: Path) -> None:
     """A train_unconditional.py checkpoint as the pipeline that script exports (its EMA weights where it kept an
     EMA, the schedule of its run's pipeline): no settings, card or metrics, which it does not record."""
     step = checkpoint.checkpoint_step(folder, {})
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:  # an earlier export's (--overwrite_output_dir): not of this model
-        if (output_dir / name).exists():
-            checkpoint.remove(output_dir / name)
     checkpoint.export_pipeline(model.unet, DDPMScheduler.from_config(model.scheduler_config), output_dir,
                                {"step": step, "finished": True, "exported_from": folder.name})
     logger.info(f"exported {model.description}, trained {counted(step, 'step')} by train_unconditional.py, to "
                 f"{output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r})); the pipeline only: that "
                 "script records no settings or metrics for a model card")
-    return output_dir
 
 
 def metrics_up_to(run: Path, step: int) -> list[dict]:

@@ -89,7 +89,7 @@ def refuse_unknown(parser: argparse.ArgumentParser, words: list[str]) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="uncond", description=DESCRIPTION)
-    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {installed_version()}")
+    parser.add_argument("-V", "--version", action=PrintVersion)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
 
     train_parser = commands.add_parser(
@@ -121,14 +121,18 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def installed_version() -> str:
-    """The version pip recorded when it installed uncond (pyproject.toml's)."""
-    from importlib.metadata import PackageNotFoundError, version
+class PrintVersion(argparse.Action):
+    """-V/--version, looked up only when asked for (it may ask git for the checkout's commit)."""
 
-    try:
-        return version("uncond")
-    except PackageNotFoundError:  # imported from a source tree that was never installed
-        return "(not installed)"
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print uncond's version (with its commit, run from a git checkout) and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
+        from .version import uncond_version
+
+        print(f"uncond {uncond_version()}")
+        parser.exit()
 
 
 def add_command(commands: Any, name: str, handler: Callable[[argparse.Namespace, list[str]], int],

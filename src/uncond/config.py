@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import os
 import re
@@ -584,11 +585,42 @@ def read_config_file(path: str) -> dict[str, Any]:
     return settings
 
 
+def without_replacing(path: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A file's settings without overwrite_output_dir: every run of the file would replace the run in its output
+    folder, a resume after a stop or preemption too. (A training_config.json of an earlier version of uncond holds
+    it, where the recorded command had the flag.)"""
+    if values.get("overwrite_output_dir"):
+        logging.getLogger("uncond").warning(
+            f"--config {path}: its overwrite_output_dir is ignored, since every run of the file would replace the "
+            "run in --output_dir, a resumed one too; pass --overwrite_output_dir on the command line to replace it")
+    return {key: value for key, value in values.items() if key != "overwrite_output_dir"}
+
+
+def check_recorded_output_dir(path: str, output_dir: str) -> None:
+    """A run's training_config.json names its folder as an absolute path; earlier versions wrote it as
+    typed. Passed back from another folder, such a relative one would lead to a new run elsewhere, unsaid."""
+    record = Path(path).resolve()
+    run = record.parent
+    if Path(output_dir).expanduser().is_absolute() or record.name != RUN_CONFIG_FILE:
+        return
+    if not (list_checkpoints(run) or (run / "model_index.json").is_file()):
+        return
+    leads_to = Path(output_dir).resolve()
+    if leads_to != run:
+        raise UsageError(f"--config {path}: its output_dir {output_dir} is relative (as earlier versions of uncond "
+                         f"recorded it) and leads from here to {leads_to}, not to the run that holds the file; pass "
+                         f"--output_dir {run} to go on with that run, or --output_dir {leads_to} to train there")
+
+
 def build_config(cli_values: dict[str, Any], *, use_demo: bool = False) -> tuple[TrainConfig, set[str]]:
     """Layer defaults < demo < config file < flags. Returns the config and the names set explicitly."""
     cli_values = dict(cli_values)
     config_file = cli_values.pop("config", None)
     file_values = read_config_file(config_file) if config_file else {}
+    if config_file:
+        file_values = without_replacing(config_file, file_values)
+        if "output_dir" in file_values and "output_dir" not in cli_values:
+            check_recorded_output_dir(config_file, file_values["output_dir"])
     demo = use_demo or cli_values.get("demo") or file_values.get("demo")
     layered: dict[str, Any] = {}
     given = {**file_values, **cli_values}

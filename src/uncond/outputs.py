@@ -196,6 +196,9 @@ def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
     in turn when it was resumed with other ones."""
     machines = ("Run it on every machine, with the machine's rank in `MACHINE_RANK`.\n\n"
                 if any("$MACHINE_RANK" in entry["command"] for entry in commands) else "")
+    if not commands:  # a checkpoint of an uncond from before the commands were recorded, exported
+        return ("The commands that trained it are not recorded (it was trained by an earlier version of uncond). "
+                "Every resolved setting, the seed included, is in `training_config.json`.\n")
     if len(commands) == 1 and commands[0]["from_step"] == 0:
         return (f"Reproduce with:\n\n```bash\n{commands[0]['command']}\n```\n\n{machines}"
                 "Every resolved setting, the seed included, is in `training_config.json`.\n")

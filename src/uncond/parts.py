@@ -26,6 +26,7 @@ from .objective import Objective
 from .plan import (Plan, Position, checkpoints_beyond_disk, learning_rate_schedule, refuse_mismatched_resume,
                    run_length, schedule_change_note, warmup_outlasts_run)
 from .stopping import StopAgreement, StopSignal
+from .version import uncond_version
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
@@ -317,7 +318,7 @@ def training_state(run: Run) -> dict[str, Any]:
             "num_processes": run.accelerator.num_processes, "global_batch_size": run.global_batch_size,
             "fsdp": sharding.is_sharded(run.unwrapped_unet), "commands": run.commands,
             "tracker_run_id": run.tracker_run_id, "preview_owed": run.preview_owed,
-            "evaluation_owed": run.evaluation_owed,
+            "evaluation_owed": run.evaluation_owed, "uncond_version": uncond_version(),  # what wrote it
             **({"data_order": run.batches.order.seeding, "images_key": run.batches.images_key}
                if isinstance(run.batches, data.CachedBatches) else {})}
 

@@ -618,11 +618,12 @@ def dry_run(plan: Plan) -> None:
         logger.warning(warning)
     if warning := warmup_outlasts_run(config, total_steps):
         logger.warning(warning)
-    if plan.resume_message:
-        logger.info(plan.resume_message)
     resume_step = plan.resume_step or 0
-    if plan.resume_from is not None and resume_step == total_steps:
-        exported = checkpoint.read_training_state(Path(config.output_dir)).get("step") == resume_step
+    at_the_end = plan.resume_from is not None and resume_step == total_steps
+    exported = at_the_end and checkpoint.read_training_state(Path(config.output_dir)).get("step") == resume_step
+    if plan.resume_message and not exported:  # a complete run's line says only that, as the run's does
+        logger.info(plan.resume_message)
+    if at_the_end:
         logger.info(f"the run in {config.output_dir} is complete at step {resume_step}: nothing would be trained; "
                     "raise --max_train_steps or --num_epochs to train it further" if exported else
                     f"the run would end at once at step {resume_step}, exporting {plan.resume_from.name}")

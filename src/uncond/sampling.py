@@ -454,6 +454,14 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
             unet = UNet2DModel.from_pretrained(str(path / weights), torch_dtype=dtype)  # safetensors
     except (OSError, ValueError) as error:
         raise UsageError(f"{name}: could not load the checkpoint's {weights}/ ({first_line(error)})") from None
+    unet_settings = set(inspect.signature(UNet2DModel.__init__).parameters)
+    if any(key not in unet_settings and not key.startswith("_") for key in unet.config):
+        # The EMA's own settings (decay, optimization_step...) stay in the config of the UNet loaded from its
+        # folder, and an export would write them out for every load of it to warn about: a UNet of the UNet's
+        # settings alone takes its weights.
+        clean = UNet2DModel.from_config({key: value for key, value in unet.config.items() if key in unet_settings})
+        clean.load_state_dict(unet.state_dict())
+        unet = clean.to(dtype)
     kind = "EMA" if weights == "unet_ema" else "trained"
     return Model(unet.to(device).eval(), scheduler_config, f"the checkpoint {path} ({kind} weights)")
 

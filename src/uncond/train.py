@@ -95,11 +95,12 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     run.repo_id = repo_id
     launch = Launch.of_this_run(accelerator.num_processes, sharding.is_sharded(run.unwrapped_unet))
     command_line, run.resume_command = this_runs_commands(config, explicit, command, launch)
+    resume_step = run.resume_position.step if plan.resume_from is not None else run.step
+    complete = already_complete(run, resume_step)
+    if plan.resume_message and not complete:  # a complete run's line says only that (train_loop)
+        logger.info(plan.resume_message)
     if plan.resume_from is not None:
-        logger.info(plan.resume_message)
         resume(run, plan.resume_from, plan.resume_notes)
-    elif plan.resume_message:
-        logger.info(plan.resume_message)
     run.tracker_run_id = plan.tracker_run_id
     run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command_line)
     first_step = run.step
@@ -109,7 +110,6 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
         run.best_fid = min((r["fid"] for r in run.metrics_file.read() if "fid" in r), default=math.inf)
         if repo_id:
             run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
-    complete = already_complete(run)
     if not complete:  # a complete run trains nothing: its line says only that (train_loop)
         log_run_summary(run)
     run.stop_agreement = StopAgreement() if accelerator.num_processes > 1 else None
@@ -349,10 +349,9 @@ def with_averaged_weights(run: Run, *uses: Callable[[Run, UNet2DModel], Any]) ->
                 use(run, unet)
 
 
-def already_complete(run: Run) -> bool:
-    """Resumed at the last step of a run whose export is of that step: the same command run again."""
-    done = [run.step >= run.max_train_steps
-            and checkpoint.read_training_state(run.output_dir).get("step") == run.step]
+def already_complete(run: Run, step: int) -> bool:
+    """Resumed at `step`, the last of a run whose export is of that step: the same command run again."""
+    done = [step >= run.max_train_steps and checkpoint.read_training_state(run.output_dir).get("step") == step]
     return (broadcast_object_list(done) if run.accelerator.num_processes > 1 else done)[0]
 
 
