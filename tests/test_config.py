@@ -39,6 +39,30 @@ def parse(*argv: str) -> tuple[TrainConfig, set[str]]:
     return build_config(vars(parser.parse_args([str(a) for a in argv])))
 
 
+def test_a_config_file_never_replaces_a_run_and_an_old_relative_record_is_refused(tmp_path, monkeypatch, caplog):
+    """Earlier versions recorded --overwrite_output_dir in training_config.json (passed back, it replaced the run)
+    and output_dir as typed (passed back from another folder, it started a new run there, unsaid)."""
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    record = run / "training_config.json"
+    record.write_text(json.dumps({"train_data_dir": str(tmp_path), "output_dir": "run", "overwrite_output_dir": True}))
+    monkeypatch.chdir(tmp_path)  # where the run was started: the record leads to it
+    config, _ = parse("--config", record)
+    assert config.overwrite_output_dir is False and "its overwrite_output_dir is ignored" in caplog.text
+    caplog.clear()
+    config, _ = parse("--config", record, "--overwrite_output_dir")  # asked for on the command line: nothing said
+    assert config.overwrite_output_dir is True and "ignored" not in caplog.text
+    monkeypatch.chdir(run)  # from inside the run: run/run, a run inside it, is not suggested
+    with pytest.raises(UsageError, match=rf"leads from here to {run / 'run'}, not to the run that holds the file; "
+                                         rf"pass --output_dir {run} to go on with that run$"):
+        parse("--config", record)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(UsageError, match=rf"or --output_dir {tmp_path / 'elsewhere' / 'run'} to train there$"):
+        parse("--config", record)
+    assert parse("--config", record, "--output_dir", run)[0].output_dir == str(run)
+
+
 def test_every_seed_flag_parses_to_the_seed_default():
     config, explicit = parse("--dataset_name", "x")
     assert explicit == {"dataset_name"}

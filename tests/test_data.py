@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import MESSY_SKIPPED, MESSY_USED, mounted_tmpfs, write_images, write_messy_folder
 from uncond import data, decoding, metrics, sources
 from uncond.cache import CacheWriter, ImageCache
-from uncond.config import RunFailed, TrainConfig, UsageError
+from uncond.config import RunFailed, TrainConfig, UsageError, size_text
 from uncond.data import Augmentation, CachedBatches, Order, load_images
 from uncond.decoding import decode_image, decode_records, resized_size
 from uncond.sources import Record, check_source, iter_image_files, open_source
@@ -229,14 +229,19 @@ def test_a_folder_that_changed_decodes_only_its_new_files_and_replaces_its_entry
     assert decoded == [(20, 30)] and len(changed) == 6  # the broken file is skipped again, without a decode
     assert changed.meta["skipped"] == first.meta["skipped"] and not first.folder.exists()
     assert list((tmp_path / "cache" / "uncond").iterdir()) == [changed.folder]
-    assert (f"decoded into the cache {changed.folder} (6 KiB): 1 new or changed file decoded, the other 6 copied "
+    assert (f"decoded into the cache {changed.folder} ({size_text(changed.nbytes)}): 1 new or changed file decoded, "
+            "the other 6 copied "
             f"from earlier entries; the folder's earlier entry removed ({first.folder.name}); 1 skipped "
             f"({folder / 'broken.png'}: ") in data.summary(changed, source)
     afresh = load(config.replace(cache_dir=str(tmp_path / "afresh")))  # the same pixels as a decode of them all
     assert np.array_equal(changed.index, afresh.index) and np.array_equal(changed.pixels, afresh.pixels)
+    os.utime(changed.folder / "meta.json", (1e9, 1e9))  # last used in 2001
     other = write_images(tmp_path / "other", 2)  # another folder's entry is kept beside this one's
     load(config.replace(train_data_dir=str(other)))
     assert changed.folder.exists()
+    # and not counted as used by the other folder's decode, which only looked for files to copy from it: with each
+    # new folder trained, every entry of its settings was "used", so --remove_unused_days never removed any
+    assert (changed.folder / "meta.json").stat().st_mtime == 1e9
     # An entry of an earlier version of uncond (no files.json) is decoded again, but replaced too: it stayed
     # beside the new one, which `uncond cache` listed as a second entry of the folder.
     (changed.folder / "files.json").unlink()
@@ -253,18 +258,20 @@ def test_the_cache_a_run_will_need_is_said_before_it_decodes(tmp_path, monkeypat
 
     folder = write_images(tmp_path / "images", 10, size=(40, 30))  # 21x16 px at --resolution 16
     config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
-    line, warning = data.cache_outlook(open_source(config), config)
-    assert line == (f"cache: 10 images to decode into {tmp_path / 'cache' / 'uncond'}; about 10 KiB (judged from "
-                    "10 images)") and warning is None
+    outlook = data.cache_outlook(open_source(config), config)
+    assert outlook.line == (f"cache: 10 images to decode into {tmp_path / 'cache' / 'uncond'}; about 10 KiB (judged "
+                            "from 10 images)") and outlook.warning is None
     with monkeypatch.context() as patch:
         patch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=4096))
-        _, warning = data.cache_outlook(open_source(config), config)
+        warning = data.cache_outlook(open_source(config), config).warning
         assert warning.startswith("the decoded-image cache needs about 10 KiB for these 10 images at 16 px, more "
                                   f"than the 4 KiB free on the disk of {tmp_path}: the decoding would stop")
     entry = load(config)
-    assert entry.nbytes == 10 * 21 * 16 * 3  # as judged
-    line, _ = data.cache_outlook(open_source(config), config)
-    assert line == f"cache: the images are read from {entry.folder} (10 images, 10 KiB), no decoding"
+    assert entry.pixels.nbytes == 10 * 21 * 16 * 3 and entry.index.nbytes == 10 * 32  # as judged
+    assert entry.nbytes == sum(path.stat().st_size for path in entry.folder.iterdir())  # as `uncond cache` says
+    outlook = data.cache_outlook(open_source(config), config)
+    assert outlook.line == f"cache: the images are read from {entry.folder} (10 images, {size_text(entry.nbytes)}), " \
+                           "no decoding"
 
 
 def test_two_runs_starting_at_once_decode_the_images_once(tmp_path, monkeypatch):

@@ -40,6 +40,8 @@ def test_sample_writes_numbered_pngs_the_same_whatever_the_batch_size(run_cli, p
     assert Image.open(tmp_path / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)  # 3 x 2 tiles with borders
     assert "wrote 5 images (16x16, RGB)" in err and "3 network evaluations per image" in err
     assert "Loading pipeline components" not in err  # diffusers' bar, a flash of two components
+    # the progress counts the steps of every batch: "sampling 5 images: 9/9 steps" read as one per image
+    assert "sampling 5 images in 3 batches: 9/9 steps" in err, err
     code, _, err = run_cli("sample", pipeline, "--num_images", 5, "--batch_size", 5, "--steps", 3, "--device", "cpu",
                            "--output_dir", tmp_path / "b")
     assert code == 0, err
@@ -460,8 +462,9 @@ def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tm
 
 def test_a_checkpoint_of_an_earlier_uncond_is_exported_and_a_failed_export_leaves_nothing(run_cli, tiny_unet,
                                                                                            tmp_path, monkeypatch):
-    """Checkpoints of uncond before 2026-11-26 record no commands: their export crashed with a traceback, after
-    writing a pipeline whose state said finished, with no card; the re-run was then refused (not empty)."""
+    """Checkpoints of earlier versions of uncond record no commands: their export crashed with a traceback, after
+    writing a pipeline whose state said finished, with no card; the re-run was then refused (not empty). And an
+    export that failed replacing an earlier one (--overwrite_output_dir) took it with it."""
     from uncond import checkpoint_export
 
     run, images = tmp_path / "run", write_images(tmp_path / "real", 8)
@@ -474,16 +477,26 @@ def test_a_checkpoint_of_an_earlier_uncond_is_exported_and_a_failed_export_leave
     manifest = json.loads(manifest_file.read_text())
     manifest["files"]["training_state.json"]["size"] = state_file.stat().st_size
     manifest_file.write_text(json.dumps(manifest))
-    failing = tmp_path / "failing"
+    failing = tmp_path / "new" / "deep" / "failing"
     with monkeypatch.context() as patch:
         patch.setattr(checkpoint_export, "write_card_of", lambda *args, **kwargs: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             run_cli("export", run / "checkpoint-2", "--output_dir", failing)
-    assert not failing.exists()  # no half export that would pass for the model
+    assert not (tmp_path / "new").exists()  # no half export that would pass for the model, no folders made for it
     code, _, err = run_cli("export", run / "checkpoint-2", "--output_dir", failing)
     assert code == 0, err
     card = (failing / "README.md").read_text()
     assert "The commands that trained it are not recorded (it was trained by an earlier version of uncond)" in card
+    assert f"--output_dir {failing}`" in card and f'from_pretrained("{failing}")' in card  # not where written
+    before = {path.relative_to(failing): path.read_bytes() for path in failing.rglob("*") if path.is_file()}
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_export, "write_card_of", lambda *args, **kwargs: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            run_cli("export", run / "checkpoint-2", "--output_dir", failing, "--overwrite_output_dir")
+    assert {path.relative_to(failing): path.read_bytes() for path in failing.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in failing.parent.iterdir()) == ["failing"]  # nothing left beside it
+    code, _, err = run_cli("export", run / "checkpoint-2", "--output_dir", failing, "--overwrite_output_dir")
+    assert code == 0 and (failing / "README.md").read_text() == card, err
 
 
 def test_a_train_unconditional_checkpoint_is_sampled_and_exported_with_its_runs_schedule(run_cli, tiny_unet,
@@ -511,9 +524,16 @@ def test_a_train_unconditional_checkpoint_is_sampled_and_exported_with_its_runs_
     code, _, err = run_cli("sample", run / "checkpoint-2", "--num_images", "2", "--steps", "3", "--output_dir",
                            tmp_path / "uncond-samples")
     assert code == 0, err
+    assert "Casting" not in err  # diffusers' note on casting the EMA's UNet, rebuilt without the EMA's settings
+    (tmp_path / "link").symlink_to(seed_checkpoint)  # its run's folder is the one it is in, not the link's
+    code, _, err = run_cli("sample", tmp_path / "link", "--num_images", "2", "--steps", "3", "--output_dir",
+                           tmp_path / "linked-samples")
+    assert code == 0, err
     for name in ("000000.png", "000001.png"):  # the same weights (EMA) and schedule (200 cosine steps)
         assert np.array_equal(np.asarray(Image.open(tmp_path / "seed-samples" / name)),
                               np.asarray(Image.open(tmp_path / "uncond-samples" / name)))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "seed-samples" / name)),
+                              np.asarray(Image.open(tmp_path / "linked-samples" / name)))
 
     exported = tmp_path / "from-seed"
     code, _, err = run_cli("export", seed_checkpoint, "--output_dir", exported)

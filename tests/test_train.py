@@ -471,6 +471,10 @@ def test_a_messy_folder_trains_and_a_second_run_decodes_nothing(run_cli, tiny_un
     code, _, err = run_cli(*planned)
     assert code == 0 and f"({len(MESSY_USED)} images, " in err and f"{len(MESSY_SKIPPED)} skipped when decoded" in err
     assert "3 optimizer steps per epoch" in err
+    # a photo added: the files less those the earlier decode left out (it said 5 steps; the run takes 4)
+    Image.new("RGB", (20, 20), "red").save(folder / "added.png")
+    code, _, err = run_cli(*planned)
+    assert code == 0 and "1 image to decode" in err and "4 optimizer steps per epoch" in err, err
 
 
 def test_model_config_can_come_from_a_pipeline_folder(run_cli, color_folder, tiny_unet, tmp_path):
@@ -1549,6 +1553,8 @@ def test_compile_on_a_cpu_is_refused_before_compiling(run_cli, color_folder, tin
                                                 precision))
         one_line_error(code, err, "--compile on a CPU: torch")
         assert "drop --compile" in err and not out.exists()
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--compile", "--dry_run"))  # passed it
+    one_line_error(code, err, "--compile on a CPU: torch")
 
 
 def test_compile_trains_as_eager_and_saves_the_plain_unet(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
@@ -1739,6 +1745,7 @@ def test_a_terminal_without_a_width_gets_progress_as_lines(columns):
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     code = ("from uncond.progress import progress_bar\n"
             "with progress_bar(total=3, desc='training', unit='step', dynamic_ncols=True, mininterval=0) as bar:\n"
+            "    bar.set_postfix(lr='4.00e-07')\n"
             "    bar.update(3)\n")
     process = subprocess.Popen([sys.executable, "-c", code], stderr=terminal)
     os.close(terminal)
@@ -1756,6 +1763,7 @@ def test_a_terminal_without_a_width_gets_progress_as_lines(columns):
     text = shown.decode()
     if columns == 0:
         assert "training: 3/3 steps (100%)" in text and "\r" not in text.replace("\r\n", "")
+        assert text.endswith("step/s, lr=4.00e-07\r\n"), text  # not cut short: "lr=4.00e-0"
     else:
         assert "training: 100%" in text and "3/3" in text  # tqdm's bar, redrawn in place
 
@@ -1819,4 +1827,4 @@ def test_the_progress_bar_shows_the_loss_from_the_first_step(run_cli, color_fold
                                             "--logging_steps", "100", "--save_images_epochs", "100"))
     assert code == 0, err
     first_step = next(draw for draw in re.split(r"[\r\n]", err) if draw.startswith("training:") and " 1/3 " in draw)
-    assert re.search(r"loss=\d\.\d{4}", first_step), first_step
+    assert re.search(r"loss=\d\.\d{4}, lr=\d\.\d\de-\d\d", first_step), first_step

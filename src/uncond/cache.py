@@ -72,8 +72,9 @@ class ImageCache:
     replaced: list[Path] = field(default_factory=list)  # the earlier entries of its folder it replaced, removed
 
     @classmethod
-    def open(cls, folder: Path) -> "ImageCache | None":
-        """The entry in `folder`, or None when there is none or it does not match its own index."""
+    def open(cls, folder: Path, use: bool = True) -> "ImageCache | None":
+        """The entry in `folder`, or None when there is none or it does not match its own index. `use`: a run
+        reads it, which `uncond cache --remove_unused_days` counts (not a look at it, as --dry_run's)."""
         try:
             meta = json.loads((folder / META_FILE).read_text())
             index = np.load(folder / INDEX_FILE, allow_pickle=False)
@@ -84,7 +85,8 @@ class ImageCache:
         except (OSError, ValueError, KeyError, IndexError):
             return None
         pixels = np.memmap(folder / PIXELS_FILE, dtype=dtype, mode="r") if expected else np.empty(0, dtype)
-        mark_used(folder / META_FILE)
+        if use:
+            mark_used(folder / META_FILE)
         return cls(folder, pixels.view(np.ndarray), index, meta)
 
     def __len__(self) -> int:
@@ -100,7 +102,8 @@ class ImageCache:
 
     @property
     def nbytes(self) -> int:
-        return self.pixels.nbytes
+        """Its size on the disk, as `uncond cache` lists it."""
+        return folder_size(self.folder)
 
 
 def mark_used(path: Path) -> None:
@@ -198,6 +201,7 @@ class EarlierImages:
     def __init__(self, root: Path, settings: dict[str, Any], folder: str | None):
         self.found: dict[str, tuple[ImageCache, int | None, bool | str]] = {}  # key: (entry, row, upscaled | reason)
         self.superseded: list[Path] = []  # entries of the same folder and settings: the new entry replaces them
+        self.copied_from: set[Path] = set()
         for entry in entries(root) if folder is not None else []:  # the most recently used first
             if any(entry.meta.get(name) != value for name, value in {"format": FORMAT_VERSION, **settings}.items()):
                 continue
@@ -209,7 +213,7 @@ class EarlierImages:
                 continue
             # Mapped now: another machine's run that replaces the entry meanwhile (a shared --cache_dir) removes its
             # files, not the pages mapped here.
-            cache = ImageCache.open(entry.folder)
+            cache = ImageCache.open(entry.folder, use=False)  # used only if copied from (result)
             if cache is None:
                 continue
             if files.get("folder") == folder:
@@ -220,9 +224,14 @@ class EarlierImages:
     def __contains__(self, key: str | None) -> bool:
         return key in self.found
 
+    def left_out(self, key: str) -> bool:
+        """Whether the file of `key` could not be decoded (and so is left out again)."""
+        return self.found[key][1] is None
+
     def result(self, key: str) -> tuple[np.ndarray, bool, bool] | str:
         """As decoding.decode_record gives it: (HWC pixels, is gray, was upscaled), or why the file was skipped."""
         cache, row, detail = self.found[key]
+        self.copied_from.add(cache.folder)
         if row is None:
             return str(detail)
         image = cache.image(row)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import fields
@@ -20,6 +21,8 @@ from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, ExportConfig, TrainConfig
 from .outputs import write_card_of
 
 logger = logging.getLogger("uncond")
+
+EXPORTING, REPLACED = ".exporting-", ".replaced-"  # beside the export's folder: its next one, its last one
 
 # What an export writes beside the pipeline (checkpoint.PIPELINE_ITEMS): the run's files of the step
 RUN_FILES = (RUN_CONFIG_FILE, hub.CARD_FILE, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, run_folder.PREVIEWS_DIR)
@@ -45,30 +48,46 @@ def export_checkpoint(config: ExportConfig) -> Path:
     output_dir = Path(config.output_dir)
     check_export_folder(output_dir, config.overwrite_output_dir)
     model = sampling.load_model(str(source), torch.device("cpu"), torch.float32)
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:  # an earlier export's (--overwrite_output_dir): its grid would be taken for this one's
-        if (output_dir / name).exists():
-            checkpoint.remove(output_dir / name)
+    # Written whole into a folder beside it, then renamed into place: half an export would pass for a model (its
+    # pipeline loads, its state says finished), and one that fails or is killed keeps the export it was to replace.
+    final = output_dir.resolve()  # a link's target, which is replaced
+    created = run_folder.highest_missing(final.parent)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}{EXPORTING}{os.getpid()}"
+    replaced = final.parent / f".{final.name}{REPLACED}{os.getpid()}"
     try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
         if seed_script:
-            export_seed_checkpoint(model, folder, output_dir)
+            export_seed_checkpoint(model, folder, staging)
         else:
-            write_export(model, folder, output_dir, config.checkpoint)
+            write_export(model, folder, staging, config.checkpoint, output_dir)
+        checkpoint.fsync_tree(staging)
+        if final.exists():  # --overwrite_output_dir: an earlier export's folder (check_export_folder)
+            os.rename(final, replaced)
+            os.rename(staging, final)
+            shutil.rmtree(replaced)
+        else:
+            os.rename(staging, final)
     except BaseException:
-        # Half an export would pass for a model (its pipeline loads, its state says finished): none is left.
-        for name in (*checkpoint.PIPELINE_ITEMS, *RUN_FILES):
-            if (output_dir / name).exists():
-                checkpoint.remove(output_dir / name)
-        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
-            output_dir.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
+        if replaced.exists() and not final.exists():  # between the two renames
+            os.rename(replaced, final)
+        if created is not None:  # the folders above it that this export made
+            shutil.rmtree(created, ignore_errors=True)
         raise
+    step = checkpoint.checkpoint_step(folder, checkpoint.read_training_state(folder))
+    trained = f"trained {counted(step, 'step')}{' by train_unconditional.py' if seed_script else ''}"
+    only = "; the pipeline only: that script records no settings or metrics for a model card" if seed_script else ""
+    logger.info(f"exported {model.description}, {trained}, to {output_dir} "
+                f"(DiffusionPipeline.from_pretrained({str(output_dir)!r})){only}")
     return output_dir
 
 
-def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported_from: str) -> None:
-    """Checkpoint `folder` of uncond's as its run's export would be: the pipeline, its settings, model card,
-    metrics, loss plot and grid."""
+def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported_from: str, shown_as: Path) -> None:
+    """Checkpoint `folder` of uncond's, into `output_dir`, as its run's export would be: the pipeline, its settings,
+    model card, metrics, loss plot and grid; `shown_as`, the folder it is moved to once written."""
     settings = checkpoint.saved_run_config(folder)
     run_config = TrainConfig(**{spec.name: settings[spec.name] for spec in fields(TrainConfig)
                                 if spec.name in settings})  # the settings that trained it, for its model card
@@ -79,7 +98,7 @@ def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported
     checkpoint.export_pipeline(model.unet, DDPMScheduler.from_config(model.scheduler_config), output_dir, state)
     # Its own folder as output_dir, as a run's record names its own: passed back with --config, it is this model's
     # settings (a run into it is refused as into any trained model), not a run that goes on in the source's folder.
-    exported_settings = {**settings, "output_dir": str(output_dir)}
+    exported_settings = {**settings, "output_dir": str(shown_as)}
     (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(exported_settings, indent=2) + "\n")
     records = metrics_up_to(run, step)
     if records:
@@ -90,9 +109,7 @@ def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported
         run_folder.preview_path(output_dir, step).parent.mkdir(exist_ok=True)
         shutil.copy2(grid, run_folder.preview_path(output_dir, step))
     write_card_of(output_dir, run_config, state, model.unet, model.scheduler_config, records,
-                  exported_from=exported_from)
-    logger.info(f"exported {model.description}, trained {counted(step, 'step')}, to {output_dir} "
-                f"(DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
+                  exported_from=exported_from, shown_as=shown_as)
 
 
 def export_seed_checkpoint(model: sampling.Model, folder: Path, output_dir: Path) -> None:
@@ -101,9 +118,6 @@ def export_seed_checkpoint(model: sampling.Model, folder: Path, output_dir: Path
     step = checkpoint.checkpoint_step(folder, {})
     checkpoint.export_pipeline(model.unet, DDPMScheduler.from_config(model.scheduler_config), output_dir,
                                {"step": step, "finished": True, "exported_from": folder.name})
-    logger.info(f"exported {model.description}, trained {counted(step, 'step')} by train_unconditional.py, to "
-                f"{output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r})); the pipeline only: that "
-                "script records no settings or metrics for a model card")
 
 
 def metrics_up_to(run: Path, step: int) -> list[dict]:

@@ -146,7 +146,9 @@ class TrainConfig:
     model_config_name_or_path: str | None = setting(
         None, "a UNet2DModel config: Hub id, local folder, pipeline folder or config.json (weights are not loaded)",
         group="model", seed=True)
-    model_preset: str | None = setting(None, "a named UNet size; `uncond presets` lists them", group="model")
+    model_preset: str | None = setting(None, "a named UNet size; `uncond presets` lists them (default: seed, "
+                                                "train_unconditional.py's network, unless a model config is given)",
+                                          group="model")
     pretrained_model_name_or_path: str | None = setting(
         None, "start from this model's weights, to fine-tune it on your images: a pipeline folder, a Hub id "
         "(google/ddpm-cifar10-32) or a checkpoint-N; its UNet, resolution and noise schedule are kept unless given",
@@ -164,7 +166,8 @@ class TrainConfig:
     ddpm_beta_end: float = setting(0.02, "their last beta (Stable Diffusion's: 0.012)", group="diffusion")
     rescale_betas_zero_snr: bool = setting(
         False, "rescale the betas to zero terminal SNR, so that the noisiest training input is pure noise, as "
-        "sampling starts from (Lin et al. 2024; fuller darks and lights); needs --prediction_type v_prediction",
+        "sampling starts from (Lin et al. 2024; fuller darks and lights); needs --prediction_type v_prediction "
+        "(or sample)",
         group="diffusion")
     snr_gamma: float | None = setting(None, "min-SNR loss weighting with this gamma (5.0 is usual; Hang et al. 2023)",
                                       group="diffusion")
@@ -335,8 +338,8 @@ class SamplingSettings:
     """How images are drawn from a model: shared by `uncond sample` and `uncond evaluate`."""
     num_images: int = setting(16, "images to generate", group="sampling")
     batch_size: int = setting(64, "images per batch; image i is the same whatever the batch size", group="sampling")
-    sampler: str = setting("sde-dpmsolver++", "the sampler; the default matched 1000 DDPM steps with 10 to 20 steps "
-                           "on the demo model (docs/benchmarks.md compares them all)", group="sampling",
+    sampler: str = setting("sde-dpmsolver++", "the sampler; the default matched 1000 DDPM steps from 10 steps on, on "
+                           "the demo model (docs/benchmarks.md compares them all)", group="sampling",
                            choices=SAMPLER_NAMES)
     steps: int | None = setting(None, "sampler steps (default: 25; 1000 for ddpm)", group="sampling")
     seed: int = setting(0, "image i starts from noise seeded seed + i", group="sampling")
@@ -585,11 +588,11 @@ def read_config_file(path: str) -> dict[str, Any]:
     return settings
 
 
-def without_replacing(path: str, values: dict[str, Any]) -> dict[str, Any]:
+def without_replacing(path: str, values: dict[str, Any], flag_given: bool) -> dict[str, Any]:
     """A file's settings without overwrite_output_dir: every run of the file would replace the run in its output
     folder, a resume after a stop or preemption too. (A training_config.json of an earlier version of uncond holds
-    it, where the recorded command had the flag.)"""
-    if values.get("overwrite_output_dir"):
+    it, where the recorded command had the flag.) `flag_given`: --overwrite_output_dir is on the command line."""
+    if values.get("overwrite_output_dir") and not flag_given:
         logging.getLogger("uncond").warning(
             f"--config {path}: its overwrite_output_dir is ignored, since every run of the file would replace the "
             "run in --output_dir, a resumed one too; pass --overwrite_output_dir on the command line to replace it")
@@ -607,9 +610,10 @@ def check_recorded_output_dir(path: str, output_dir: str) -> None:
         return
     leads_to = Path(output_dir).resolve()
     if leads_to != run:
+        elsewhere = "" if run in leads_to.parents else f", or --output_dir {leads_to} to train there"  # not inside
         raise UsageError(f"--config {path}: its output_dir {output_dir} is relative (as earlier versions of uncond "
                          f"recorded it) and leads from here to {leads_to}, not to the run that holds the file; pass "
-                         f"--output_dir {run} to go on with that run, or --output_dir {leads_to} to train there")
+                         f"--output_dir {run} to go on with that run{elsewhere}")
 
 
 def build_config(cli_values: dict[str, Any], *, use_demo: bool = False) -> tuple[TrainConfig, set[str]]:
@@ -618,7 +622,7 @@ def build_config(cli_values: dict[str, Any], *, use_demo: bool = False) -> tuple
     config_file = cli_values.pop("config", None)
     file_values = read_config_file(config_file) if config_file else {}
     if config_file:
-        file_values = without_replacing(config_file, file_values)
+        file_values = without_replacing(config_file, file_values, "overwrite_output_dir" in cli_values)
         if "output_dir" in file_values and "output_dir" not in cli_values:
             check_recorded_output_dir(config_file, file_values["output_dir"])
     demo = use_demo or cli_values.get("demo") or file_values.get("demo")

@@ -25,7 +25,8 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .cache import CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone, entry_folder
+from .cache import (META_FILE, CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone, entry_folder,
+                    mark_used)
 from .cache import remove as remove_entry
 from .config import RunFailed, TrainConfig, UsageError, counted, nearest_existing, size_text
 from .decoding import decode_records, resized_size
@@ -40,11 +41,6 @@ UPSCALED_NAMED = 100  # upscaled images named in data_report.json
 # ---------------------------------------------------------------------------------------------- the cache
 
 
-def cached_images(source: Source, config: TrainConfig) -> ImageCache | None:
-    """The entry an earlier run decoded `source`'s images into with `config`'s settings, if there is one."""
-    return ImageCache.open(cache_entry(source, config)[0])
-
-
 def load_images(source: Source, config: TrainConfig, progress: bool = True) -> ImageCache:
     """The decoded images of `source`: read from the cache, or decoded into it on the first run."""
     folder, settings = cache_entry(source, config)
@@ -57,7 +53,7 @@ def load_images(source: Source, config: TrainConfig, progress: bool = True) -> I
         if cache is not None:
             return cache
         earlier = EarlierImages(folder.parent, settings, source.folder)
-        if warning := new_entry_outlook(source, config, folder, earlier)[1]:
+        if warning := new_entry_outlook(source, config, folder, earlier).warning:
             logger.warning(warning)
         return build_cache(source, folder, config, earlier, progress)
 
@@ -69,34 +65,44 @@ def cache_entry(source: Source, config: TrainConfig) -> tuple[Path, dict[str, An
 
 
 SIZE_SAMPLE = 32  # images whose sizes (read from their headers) estimate the size of a new entry
+INDEX_BYTES = 32  # an image's row in an entry's index (offset, height, width, channels as int64)
 
 
-def cache_outlook(source: Source, config: TrainConfig) -> tuple[str, str | None]:
-    """What a run will do with the decoded-image cache, as --dry_run says it, and the warning for a new entry
-    that will not fit on its disk: said before the decoding, which would otherwise stop when the disk is full."""
+@dataclass
+class CacheOutlook:
+    """What a run will do with the decoded-image cache, as --dry_run says it, and what it will train on."""
+    line: str
+    warning: str | None  # a new entry that will not fit on its disk: said before the decoding, not when it is full
+    # The images the run will train on: an earlier decode's count, else the files less those that earlier decodes
+    # of them left out (the files that cannot be decoded are found only by decoding them)
+    images: int
+    all_gray: bool | None = None  # known from an earlier decode of them all
+
+
+def cache_outlook(source: Source, config: TrainConfig) -> CacheOutlook:
     folder, settings = cache_entry(source, config)
-    if (entry := ImageCache.open(folder)) is not None:
+    if (entry := ImageCache.open(folder, use=False)) is not None:
         skipped = entry.meta["skipped"]
         left_out = f"; {len(skipped)} skipped when decoded ({first_reasons(skipped)})" if skipped else ""
-        return (f"cache: the images are read from {folder} ({counted(len(entry), 'image')}, "
-                f"{size_text(entry.nbytes)}{left_out}), no decoding"), None
+        return CacheOutlook(f"cache: the images are read from {folder} ({counted(len(entry), 'image')}, "
+                            f"{size_text(entry.nbytes)}{left_out}), no decoding", None, len(entry), entry.all_gray)
     return new_entry_outlook(source, config, folder, EarlierImages(folder.parent, settings, source.folder))
 
 
-def new_entry_outlook(source: Source, config: TrainConfig, folder: Path, earlier: EarlierImages
-                      ) -> tuple[str, str | None]:
-    """cache_outlook's line and warning for the new entry `folder`, made with what `earlier` entries hold."""
+def new_entry_outlook(source: Source, config: TrainConfig, folder: Path, earlier: EarlierImages) -> CacheOutlook:
+    """cache_outlook's for the new entry `folder`, made with what `earlier` entries hold."""
     keys = source.file_keys or [None] * len(source.records)
     new = [record for record, key in zip(source.records, keys) if key not in earlier]
+    images = len(source.records) - sum(1 for key in keys if key in earlier and earlier.left_out(key))
     itemsize = 2 if config.preserve_input_precision else 1
     sample = spread_choice(new, SIZE_SAMPLE)
     each = [decoded_bytes(record, config.resolution) * itemsize for record in sample]
-    need = int(sum(each) / max(1, len(each)) * len(new))
+    need = int(sum(each) / max(1, len(each)) * len(new)) + INDEX_BYTES * len(source.records)
     copied = f", {len(source.records) - len(new)} copied from earlier entries" if len(new) < len(source.records) else ""
     unopened = [record.name for record, size in zip(sample, each) if size == 0]
-    if unopened:  # said before the run: its schedule counts the files it finds
+    if unopened:  # said before the run: its schedule counts them, as the files it finds
         named = ", ".join(unopened[:3]) + (", ..." if len(unopened) > 3 else "")
-        unopened_note = f"; {len(unopened)} of them cannot be opened ({named}) and would be left out"
+        unopened_note = f"; {len(unopened)} of those {len(sample)} cannot be opened ({named}) and would be left out"
     else:
         unopened_note = ""
     line = (f"cache: {counted(len(new), 'image')} to decode into {folder.parent}{copied}; about {size_text(need)} "
@@ -104,10 +110,11 @@ def new_entry_outlook(source: Source, config: TrainConfig, folder: Path, earlier
     root = nearest_existing(folder.parent)
     free = shutil.disk_usage(root).free
     if need <= free:
-        return line, None
-    return line, (f"the decoded-image cache needs about {size_text(need)} for these {counted(len(new), 'image')} at "
-                  f"{config.resolution} px, more than the {size_text(free)} free on the disk of {root}: the decoding "
-                  "would stop when it is full; free some space there, or give --cache_dir a disk with room")
+        return CacheOutlook(line, None, images)
+    warning = (f"the decoded-image cache needs about {size_text(need)} for these {counted(len(new), 'image')} at "
+               f"{config.resolution} px, more than the {size_text(free)} free on the disk of {root}: the decoding "
+               "would stop when it is full; free some space there, or give --cache_dir a disk with room")
+    return CacheOutlook(line, warning, images)
 
 
 def decoded_bytes(record: Any, resolution: int) -> int:
@@ -167,6 +174,9 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, earlier: Earl
         if replaced != cache.folder and replaced.exists():
             remove_entry(replaced)
             cache.replaced.append(replaced)
+    for copied_from in earlier.copied_from - set(cache.replaced):  # an entry copied from is one used
+        if copied_from.exists():
+            mark_used(copied_from / META_FILE)
     return cache
 
 

@@ -85,6 +85,15 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def expected_device_type() -> str:
+    """The kind of device accelerate will give this process, told before it starts one (for --dry_run)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or cpu_processes():
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def cpu_processes() -> bool:
     """Whether this is one of several processes on a machine without CUDA (torchrun, or `accelerate launch
     --multi_gpu`): accelerate runs them on the CPU with gloo only when told so (`cpu=True`)."""

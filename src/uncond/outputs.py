@@ -70,11 +70,13 @@ def write_card(run: Run, records: list[dict[str, Any]]) -> None:
 
 def write_card_of(folder: Path, config: TrainConfig, state: dict[str, Any], unet: UNet2DModel,
                   scheduler_config: dict[str, Any], records: list[dict[str, Any]], repo_id: str | None = None,
-                  exported_from: str | None = None) -> None:
+                  exported_from: str | None = None, shown_as: Path | None = None) -> None:
     """The model card of the pipeline in `folder`, trained with `config` to the training `state` (parts.training_state:
     step, images seen, batch, commands); `records` are metrics.jsonl's up to that step. `exported_from`: the
-    checkpoint that `uncond export` wrote out, where the run went on past it."""
+    checkpoint that `uncond export` wrote out, where the run went on past it, into `folder` to be moved to
+    `shown_as`, the folder the card names."""
     grids = run_folder.preview_grids(folder)
+    shown_as = shown_as or folder
     last = records[-1] if records else {}
     step, processes = state["step"], state.get("num_processes", 1)
     facts = {"dataset": data_description(config), "resolution": config.resolution,
@@ -89,9 +91,9 @@ def write_card_of(folder: Path, config: TrainConfig, state: dict[str, Any], unet
         facts["final loss (mean over the last logging interval)"] = f"{last['loss']:.4f}"
     # The card's usage code samples as the previews did, with the same scheduler settings.
     sample_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
-    usage_code = sampling.diffusers_usage_code(config.sampler, scheduler_config, repo_id or str(folder), sample_steps)
+    usage_code = sampling.diffusers_usage_code(config.sampler, scheduler_config, repo_id or str(shown_as), sample_steps)
     hub.write_model_card(folder, {
-        "title": repo_id or folder.resolve().name,
+        "title": repo_id or shown_as.resolve().name,
         "dataset": data_description(config),
         "hub_dataset": hub_dataset_id(config),
         "pretrained": config.pretrained_model_name_or_path,
@@ -102,7 +104,7 @@ def write_card_of(folder: Path, config: TrainConfig, state: dict[str, Any], unet
         "grid": grids[-1][1].relative_to(folder).as_posix() if grids else None,
         "metrics": facts, "reproduce": reproduce_section(state.get("commands") or [], step) + (
             f"\nThis model is the run's checkpoint at step {step}, written out with `uncond export "
-            f"{shlex.quote(exported_from)} --output_dir {shlex.quote(str(folder))}`.\n" if exported_from else ""),
+            f"{shlex.quote(exported_from)} --output_dir {shlex.quote(str(shown_as))}`.\n" if exported_from else ""),
         "usage_code": usage_code,
     })
 

@@ -62,6 +62,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     config = settle_launch_and_preview_defaults(config, explicit)
     check_paths(config)
     warn_ignored_settings(config, explicit)
+    if config.train_data_dir and Path(config.train_data_dir).resolve() == Path(config.output_dir).resolve():
+        raise UsageError(f"--train_data_dir and --output_dir are both {config.output_dir}: the run's sample grids "
+                         "would be read as training images; choose another --output_dir")
     check_preview_sampler(config, explicit)
     unet_config = models.unet_config_for(config, config.resolution, model_config)
     channels_from_model_config = model_channels(config, unet_config) if model_config is not None else None
@@ -142,9 +145,6 @@ def check_paths(config: TrainConfig) -> None:
     elif not config.streaming:  # $XDG_CACHE_HOME/uncond or ~/.cache/uncond: a read-only home, a job's odd setting
         run_folder.check_creatable(str(data.cache_root(None)), "the decoded-image cache",
                                    instead="pass --cache_dir DIR on a writable disk")
-    if config.train_data_dir and Path(config.train_data_dir).resolve() == Path(config.output_dir).resolve():
-        raise UsageError(f"--train_data_dir and --output_dir are both {config.output_dir}: the run's sample grids "
-                         "would be read as training images; choose another --output_dir")
 
 
 def warn_ignored_settings(config: TrainConfig, explicit: set[str] | frozenset[str]) -> None:
@@ -193,6 +193,7 @@ def check_environment(config: TrainConfig, unet_config: dict[str, Any]) -> None:
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
                          "without the flag, PyTorch's own fused attention is used")
     check_launch(config)
+    check_compile(config, environment.expected_device_type())  # also for --dry_run; made again once launched
     warn_one_cpu_process()
     warn_slurm_tasks_without_launcher()
     check_fsdp_units(unet_config)
@@ -437,12 +438,16 @@ def check_fsdp_units(unet_config: dict[str, Any]) -> None:
 CPU_COMPILER_MISCOMPUTES_GRADIENTS = is_torch_version("<", "2.15")
 
 
+def check_compile(config: TrainConfig, device_type: str) -> None:
+    if config.compile and device_type == "cpu" and CPU_COMPILER_MISCOMPUTES_GRADIENTS:
+        raise UsageError(f"--compile on a CPU: torch {torch.__version__}'s compiler computes this UNet's gradients "
+                         "wrongly there (benchmarks/compile_parity.py); drop --compile, which gains little on a CPU")
+
+
 def check_processes(plan: Plan, accelerator: Accelerator) -> None:
     """The checks that need the launched processes (made before any data is read): FSDP given where it
     was asked for, a checkpoint resumed by the kind of run that wrote it, and --compile where it trains."""
-    if plan.config.compile and accelerator.device.type == "cpu" and CPU_COMPILER_MISCOMPUTES_GRADIENTS:
-        raise UsageError(f"--compile on a CPU: torch {torch.__version__}'s compiler computes this UNet's gradients "
-                         "wrongly there (benchmarks/compile_parity.py); drop --compile, which gains little on a CPU")
+    check_compile(plan.config, accelerator.device.type)
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if fsdp_launch() and accelerator.num_processes > 1 and not sharded:
         raise UsageError(f"this launch asks for FSDP, but accelerate runs {accelerator.device.type} processes "
@@ -589,13 +594,12 @@ def dry_run(plan: Plan) -> None:
     config = plan.config
     processes = environment.launched_processes()
     source = None if config.streaming else sources.open_source(config)
-    # An earlier run's decode of these images knows what the run will train on: the images it could decode, and
-    # whether all of them are gray. Without one, the run's count is of the image files found.
-    decoded = data.cached_images(source, config) if source else None
-    images = len(decoded) if decoded is not None else len(source.records) if source else None
+    outlook = data.cache_outlook(source, config) if source else None  # the images the run will train on
+    images = outlook.images if outlook else None
+    all_gray = outlook.all_gray if outlook else None
     channel_options = [plan.channels_from_model_config] if plan.channels_from_model_config else (
         [int(config.num_channels)] if config.num_channels != "auto" else
-        [1, 3] if decoded is None else [1 if decoded.all_gray else 3])
+        [1, 3] if all_gray is None else [1 if all_gray else 3])
     sizes = ", ".join(f"{models.count_parameters(models.with_channels(plan.unet_config, c)):,} parameters with "
                       f"{counted(c, 'channel')}" for c in channel_options)
     batches = (data.Order(images, config.train_batch_size, 0, processes).batches_per_epoch
@@ -605,11 +609,10 @@ def dry_run(plan: Plan) -> None:
     _, total_steps = run_length(plan, steps_per_epoch, global_batch_size, processes, (images, None))
     print(json.dumps(config.to_record(), indent=2))  # stdout holds the settings alone: `--dry_run > settings.json`
     logger.info(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
-    if source is not None:
-        line, warning = data.cache_outlook(source, config)
-        logger.info(line)
-        if warning:
-            logger.warning(warning)
+    if outlook is not None:
+        logger.info(outlook.line)
+        if outlook.warning:
+            logger.warning(outlook.warning)
     logger.info(f"model: UNet2DModel, {models.describe_unet(plan.unet_config)}; {sizes}")
     logger.info(f"schedule: {batch_description(config, processes)}; {counted(steps_per_epoch, 'optimizer step')} "
                 f"per epoch; {counted(total_steps, 'step')} in all")

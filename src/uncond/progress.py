@@ -11,6 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 LOG_PERIOD = 60.0  # seconds between a log file's progress lines; tqdm's TQDM_MININTERVAL changes it
+LINE_WIDTH = 1 << 16  # wider than any line: no cut
 LINE_FORMAT = ("{desc}: {n_fmt}/{total_fmt} {unit}s ({percentage:.0f}%), {elapsed} elapsed, {remaining} left, "
                "{rate_noinv_fmt}{postfix}")  # always per second: lines of one run compare
 
@@ -47,8 +48,9 @@ class ProgressLines(tqdm):
     def __init__(self, *args: Any, **options: Any) -> None:
         # miniters=1: each update looks at the clock (cheap), and tqdm's monitor thread, which redraws a bar that
         # has not been drawn for 10 s, leaves this one alone (it added a line 19 s after each).
+        # ncols: a line is never cut to a width (tqdm cut one character off at a terminal's reported 0 columns).
         options.update(mininterval=float(os.environ.get("TQDM_MININTERVAL", LOG_PERIOD)), miniters=1,
-                       bar_format=LINE_FORMAT, dynamic_ncols=False)
+                       bar_format=LINE_FORMAT, dynamic_ncols=False, ncols=LINE_WIDTH)
         self.shown: int | None = None  # the count of the last line written
         super().__init__(*args, **options)
 

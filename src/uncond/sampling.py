@@ -267,9 +267,11 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
     indices = range(num_images) if indices is None else indices
     scheduler.set_timesteps(num_steps, device=device)
     # Network evaluations are the progress to show: a batch of 1,000 DDPM steps takes minutes.
-    total = math.ceil(len(indices) / batch_size) * len(scheduler.timesteps)
-    # "sampling 300 images: 40/190 steps": the steps of all the batches, the unit of progress
-    with progress_bar(total=total, desc=f"sampling {counted(len(indices), 'image')}", unit="step",
+    batches = math.ceil(len(indices) / batch_size)
+    # "sampling 300 images in 5 batches: 40/125 steps": the steps of all the batches, the unit of progress
+    in_batches = f" in {batches} batches" if batches > 1 else ""
+    with progress_bar(total=batches * len(scheduler.timesteps), unit="step",
+                      desc=f"sampling {counted(len(indices), 'image')}{in_batches}",
                       disable=not progress, leave=False) as bar:
         for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
@@ -459,9 +461,10 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
         # The EMA's own settings (decay, optimization_step...) stay in the config of the UNet loaded from its
         # folder, and an export would write them out for every load of it to warn about: a UNet of the UNet's
         # settings alone takes its weights.
-        clean = UNet2DModel.from_config({key: value for key, value in unet.config.items() if key in unet_settings})
-        clean.load_state_dict(unet.state_dict())
-        unet = clean.to(dtype)
+        with remote.quiet_hub_clients():  # diffusers' note on casting (no module of this UNet stays in float32)
+            clean = UNet2DModel.from_config({key: value for key, value in unet.config.items() if key in unet_settings})
+            clean.load_state_dict(unet.state_dict())
+            unet = clean.to(dtype)
     kind = "EMA" if weights == "unet_ema" else "trained"
     return Model(unet.to(device).eval(), scheduler_config, f"the checkpoint {path} ({kind} weights)")
 
@@ -475,8 +478,9 @@ def seed_run_schedule(checkpoint: Path) -> dict[str, Any] | None:
     """The noise schedule of a train_unconditional.py checkpoint, which records none: that of the pipeline the
     script exports into its output folder, the checkpoint's parent, at the end of each --save_model_epochs
     epoch from the first on (the same noise_scheduler object it trains with). None before the first export."""
-    scheduler_file = checkpoint.parent / "scheduler" / "scheduler_config.json"
-    if not (checkpoint.parent / "model_index.json").is_file() or not scheduler_file.is_file():
+    run = checkpoint.resolve().parent  # `.` in the checkpoint, or a link to it
+    scheduler_file = run / "scheduler" / "scheduler_config.json"
+    if not (run / "model_index.json").is_file() or not scheduler_file.is_file():
         return None
     try:
         config = json.loads(scheduler_file.read_text())
@@ -530,7 +534,7 @@ def not_a_pipeline_hint(path: Path) -> str:
     """What to pass instead of a path that exists but is not a pipeline folder, where that can be told."""
     if is_checkpoint(path):  # train_unconditional.py's, before its run exported a pipeline beside it
         return (" (a train_unconditional.py checkpoint, which does not record its noise schedule, and its run's "
-                f"folder {path.parent} holds no pipeline that would; resume it with "
+                f"folder {path.resolve().parent} holds no pipeline that would; resume it with "
                 f"`uncond train --resume_from_checkpoint {path}` and the run's flags to export a pipeline)")
     if (path.parent / "model_index.json").is_file():
         return (f" (it is {'a file' if path.is_file() else 'a component folder'} of the pipeline folder "

@@ -304,8 +304,9 @@ def train_loop(run: Run, stop: StopSignal, complete: bool) -> bool:
                 run.images_seen += sum(len(batch) for batch in micro_batches) * run.accelerator.num_processes
                 if loss is not None:
                     run.running_loss.add(loss)
-                if run.step == first_step + 1 and loss is not None:  # the bar's loss before the first log line
-                    progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                if run.step == first_step + 1 and loss is not None:  # the bar's values before the first log line
+                    progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                                         refresh=False)
                 progress.update(1)
                 if run.step % config.logging_steps == 0 or run.step == run.max_train_steps:
                     log_metrics(run, progress)

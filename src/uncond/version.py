@@ -19,13 +19,15 @@ def uncond_version() -> str:
         number = "(not installed)"
     source = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip()
-        changed = commit and subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "."],
-                                            capture_output=True, text=True, timeout=5).stdout.strip()
+        found = subprocess.run(["git", "-C", str(source), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                               capture_output=True, text=True, timeout=5).stdout.splitlines()
+        # uncond's own checkout (src/uncond in it), not a copy installed somewhere inside another one
+        if len(found) != 2 or Path(found[0]).resolve() != source.parent.parent:
+            return number
+        commit = found[1]
+        changed = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "."],
+                                 capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):  # no git, or a hung file system
-        return number
-    if not commit or not (source.parent.parent / "pyproject.toml").is_file():  # not uncond's own checkout
         return number
     return f"{number} (git {commit}{', with uncommitted changes' if changed else ''})"
 
