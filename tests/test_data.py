@@ -250,6 +250,13 @@ def test_a_folder_that_changed_decodes_only_its_new_files_and_replaces_its_entry
     assert len(latest) == 7 and not changed.folder.exists()
     assert sorted(path.name for path in (tmp_path / "cache" / "uncond").iterdir()) == \
         sorted([latest.folder.name, load(config.replace(train_data_dir=str(other))).folder.name])
+    # every file copied: the new entry's size is the copies' (--dry_run said "about 416 bytes" for 10 KiB)
+    (folder / "added_later.png").unlink()
+    outlook = data.cache_outlook(open_source(config), config)
+    assert outlook.images == 6 and outlook.line.startswith("cache: 0 images to decode into ")
+    assert "7 copied from earlier entries (1 of them files that cannot be decoded)" in outlook.line
+    said = float(re.search(r"about ([\d.]+) KiB", outlook.line)[1]) * 1024
+    assert 0.8 < said / load(config).pixels.nbytes < 1.3
 
 
 def test_the_cache_a_run_will_need_is_said_before_it_decodes(tmp_path, monkeypatch):

@@ -497,6 +497,39 @@ def test_a_checkpoint_of_an_earlier_uncond_is_exported_and_a_failed_export_leave
     assert sorted(path.name for path in failing.parent.iterdir()) == ["failing"]  # nothing left beside it
     code, _, err = run_cli("export", run / "checkpoint-2", "--output_dir", failing, "--overwrite_output_dir")
     assert code == 0 and (failing / "README.md").read_text() == card, err
+    # killed between moving the earlier export out and the new one in: the next export puts the earlier one back
+    # (not a mix of the two), and removes what a killed export was writing
+    aside = failing.parent / ".failing.replaced-999999999"
+    aside.mkdir()
+    for item in failing.iterdir():
+        item.rename(aside / item.name)
+    (failing / "unet").mkdir()  # the new export's first item moved in
+    (failing.parent / ".failing.exporting-999999999").mkdir()
+    checkpoint_export.remove_dead_exports(failing)
+    assert {path.relative_to(failing): path.read_bytes() for path in failing.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in failing.parent.iterdir()) == ["failing"]
+    # --output_dir . (a new, empty working folder): the folder was renamed away and deleted, the export made anew
+    here = tmp_path / "here"
+    here.mkdir()
+    inode = here.stat().st_ino
+    monkeypatch.chdir(here)
+    code, _, err = run_cli("export", run / "checkpoint-2", "--output_dir", ".")
+    assert code == 0 and here.stat().st_ino == inode and (here / "model_index.json").is_file(), err
+    assert json.loads((here / "training_config.json").read_text())["output_dir"] == str(here)  # as runs record it
+    # another export finished into the same new folder meanwhile: refused, not silently replaced
+    other = tmp_path / "other"
+    write_card_of = checkpoint_export.write_card_of
+
+    def another_export_meanwhile(*args, **kwargs):
+        write_card_of(*args, **kwargs)
+        (other / "model_index.json").write_text("{}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_export, "write_card_of", another_export_meanwhile)
+        code, _, err = run_cli("export", run / "checkpoint-2", "--output_dir", other)
+    one_line_error(code, err, f"--output_dir {other}: another export wrote a model there meanwhile; pass "
+                              "--overwrite_output_dir to replace it")
+    assert [path.name for path in other.iterdir()] == ["model_index.json"]
 
 
 def test_a_train_unconditional_checkpoint_is_sampled_and_exported_with_its_runs_schedule(run_cli, tiny_unet,

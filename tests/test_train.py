@@ -1622,7 +1622,7 @@ def test_the_same_run_is_known_from_any_working_folder(run_cli, color_folder, ti
     assert [path.name for _, path in list_checkpoints(tmp_path / "jobs" / "run")] == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_a_log_file_gets_progress_as_lines(run_cli, color_folder, tiny_unet, tmp_path):
+def test_a_log_file_gets_progress_as_lines(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     """stderr redirected (a batch job's log, `> log.txt`): the bars' carriage-return redraws were all kept in the
     file, and the log's own lines glued onto them."""
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "3",
@@ -1636,6 +1636,13 @@ def test_a_log_file_gets_progress_as_lines(run_cli, color_folder, tiny_unet, tmp
     assert re.match(r"training: 3/3 steps \(100%\), .* elapsed, .* left, .*(step/s|s/step), loss=\d",
                     progress[-1])
     assert len(progress) == 2  # seconds apart: the start and the end (a line a minute in between)
+    # a line drawn at a logged step shows its values (with lines at every step, the last showed the first step's)
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "every", "--max_train_steps", "3",
+                                            "--logging_steps", "3"))
+    last = json.loads((tmp_path / "every" / "metrics.jsonl").read_text().splitlines()[-1])
+    line = [line for line in err.splitlines() if line.startswith("training: 3/3")][-1]
+    assert code == 0 and f"loss={last['loss']:.4f}, lr={last['lr']:.2e}" in line, line
 
 
 @pytest.mark.parametrize("unwritable", ["a file", "a read-only disk"])

@@ -228,6 +228,14 @@ class EarlierImages:
         """Whether the file of `key` could not be decoded (and so is left out again)."""
         return self.found[key][1] is None
 
+    def nbytes(self, key: str) -> int:
+        """The bytes the image of `key` takes in its entry (and in a new one it is copied into)."""
+        cache, row, _ = self.found[key]
+        if row is None:
+            return 0
+        _, height, width, channels = (int(value) for value in cache.index[row])
+        return height * width * channels * cache.pixels.itemsize
+
     def result(self, key: str) -> tuple[np.ndarray, bool, bool] | str:
         """As decoding.decode_record gives it: (HWC pixels, is gray, was upscaled), or why the file was skipped."""
         cache, row, detail = self.found[key]

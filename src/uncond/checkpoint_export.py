@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from . import checkpoint, hub, run_folder, sampling, tracking
+from . import cache, checkpoint, hub, run_folder, sampling, tracking
 from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, ExportConfig, TrainConfig, UsageError, counted,
                      list_checkpoints)
 from .outputs import write_card_of
@@ -48,34 +48,31 @@ def export_checkpoint(config: ExportConfig) -> Path:
     output_dir = Path(config.output_dir)
     check_export_folder(output_dir, config.overwrite_output_dir)
     model = sampling.load_model(str(source), torch.device("cpu"), torch.float32)
-    # Written whole into a folder beside it, then renamed into place: half an export would pass for a model (its
-    # pipeline loads, its state says finished), and one that fails or is killed keeps the export it was to replace.
-    final = output_dir.resolve()  # a link's target, which is replaced
-    created = run_folder.highest_missing(final.parent)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole into a folder beside it, then moved in: half an export would pass for a model (its pipeline
+    # loads, its state says finished), and one that fails or is killed keeps the export it was to replace.
+    final = output_dir.resolve()  # a link's target
+    created = run_folder.highest_missing(final)
+    final.mkdir(parents=True, exist_ok=True)
+    remove_dead_exports(final)
     staging = final.parent / f".{final.name}{EXPORTING}{os.getpid()}"
-    replaced = final.parent / f".{final.name}{REPLACED}{os.getpid()}"
     try:
-        if staging.exists():
-            shutil.rmtree(staging)
         staging.mkdir()
         if seed_script:
             export_seed_checkpoint(model, folder, staging)
         else:
             write_export(model, folder, staging, config.checkpoint, output_dir)
         checkpoint.fsync_tree(staging)
-        if final.exists():  # --overwrite_output_dir: an earlier export's folder (check_export_folder)
-            os.rename(final, replaced)
-            os.rename(staging, final)
-            shutil.rmtree(replaced)
-        else:
-            os.rename(staging, final)
+        if any(final.iterdir()) and not config.overwrite_output_dir:  # another export's, written meanwhile
+            raise UsageError(f"--output_dir {output_dir}: another export wrote a model there meanwhile; pass "
+                             "--overwrite_output_dir to replace it, or choose another --output_dir")
+        move_in(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if replaced.exists() and not final.exists():  # between the two renames
-            os.rename(replaced, final)
-        if created is not None:  # the folders above it that this export made
-            shutil.rmtree(created, ignore_errors=True)
+        for made in [final, *final.parents] if created is not None else []:  # the empty folders it made
+            if made.is_dir() and not any(made.iterdir()):
+                made.rmdir()
+            if made == created:
+                break
         raise
     step = checkpoint.checkpoint_step(folder, checkpoint.read_training_state(folder))
     trained = f"trained {counted(step, 'step')}{' by train_unconditional.py' if seed_script else ''}"
@@ -83,6 +80,36 @@ def export_checkpoint(config: ExportConfig) -> Path:
     logger.info(f"exported {model.description}, {trained}, to {output_dir} "
                 f"(DiffusionPipeline.from_pretrained({str(output_dir)!r})){only}")
     return output_dir
+
+
+def move_in(staging: Path, final: Path) -> None:
+    """The export in `staging` in place of what `final` holds (an earlier export's items), item by item, the folder
+    itself kept (a shell's working folder, `--output_dir .`). model_index.json goes out first and comes in last, so
+    a kill between leaves a folder that no loader takes for a model; the earlier items wait beside it until then."""
+    replaced = final.parent / f".{final.name}{REPLACED}{os.getpid()}"
+    replaced.mkdir(exist_ok=True)
+    for path in sorted(final.iterdir(), key=lambda path: path.name != "model_index.json"):
+        os.rename(path, replaced / path.name)
+    for path in sorted(staging.iterdir(), key=lambda path: path.name == "model_index.json"):
+        os.rename(path, final / path.name)
+    staging.rmdir()
+    shutil.rmtree(replaced)
+
+
+def remove_dead_exports(final: Path) -> None:
+    """What exports into `final` killed before their end left beside it: their unfinished folders, and the
+    earlier export's items they had moved aside, put back where the folder holds no model (the items of the new
+    one moved in before the kill removed: a mix of the two would be neither)."""
+    for path in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = path.name[len(final.name) + 1:].rpartition("-")
+        if f"{kind}-" not in (EXPORTING, REPLACED) or not pid.isdigit() or cache.process_alive(int(pid)):
+            continue
+        if f"{kind}-" == REPLACED and not (final / "model_index.json").exists():
+            for item in final.iterdir():
+                checkpoint.remove(item)
+            for item in path.iterdir():
+                os.rename(item, final / item.name)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported_from: str, shown_as: Path) -> None:
@@ -98,7 +125,7 @@ def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported
     checkpoint.export_pipeline(model.unet, DDPMScheduler.from_config(model.scheduler_config), output_dir, state)
     # Its own folder as output_dir, as a run's record names its own: passed back with --config, it is this model's
     # settings (a run into it is refused as into any trained model), not a run that goes on in the source's folder.
-    exported_settings = {**settings, "output_dir": str(shown_as)}
+    exported_settings = {**settings, "output_dir": os.path.abspath(shown_as)}  # as a run's record names its own
     (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(exported_settings, indent=2) + "\n")
     records = metrics_up_to(run, step)
     if records:

@@ -93,20 +93,25 @@ def new_entry_outlook(source: Source, config: TrainConfig, folder: Path, earlier
     """cache_outlook's for the new entry `folder`, made with what `earlier` entries hold."""
     keys = source.file_keys or [None] * len(source.records)
     new = [record for record, key in zip(source.records, keys) if key not in earlier]
-    images = len(source.records) - sum(1 for key in keys if key in earlier and earlier.left_out(key))
+    copied = [key for key in keys if key in earlier]
+    left_out = sum(1 for key in copied if earlier.left_out(key))
+    images = len(source.records) - left_out
     itemsize = 2 if config.preserve_input_precision else 1
     sample = spread_choice(new, SIZE_SAMPLE)
     each = [decoded_bytes(record, config.resolution) * itemsize for record in sample]
-    need = int(sum(each) / max(1, len(each)) * len(new)) + INDEX_BYTES * len(source.records)
-    copied = f", {len(source.records) - len(new)} copied from earlier entries" if len(new) < len(source.records) else ""
+    need = (int(sum(each) / max(1, len(each)) * len(new)) + sum(earlier.nbytes(key) for key in copied)
+            + INDEX_BYTES * len(source.records))
+    copies = (f", {len(copied)} copied from earlier entries" + (f" ({left_out} of them files that cannot be decoded)"
+                                                                if left_out else "")) if copied else ""
     unopened = [record.name for record, size in zip(sample, each) if size == 0]
     if unopened:  # said before the run: its schedule counts them, as the files it finds
         named = ", ".join(unopened[:3]) + (", ..." if len(unopened) > 3 else "")
         unopened_note = f"; {len(unopened)} of those {len(sample)} cannot be opened ({named}) and would be left out"
     else:
         unopened_note = ""
-    line = (f"cache: {counted(len(new), 'image')} to decode into {folder.parent}{copied}; about {size_text(need)} "
-            f"(judged from {counted(len(sample), 'image')}{unopened_note})")
+    judged = f" (judged from {counted(len(sample), 'image')}{unopened_note})" if sample else ""
+    line = (f"cache: {counted(len(new), 'image')} to decode into {folder.parent}{copies}; about {size_text(need)}"
+            f"{judged}")
     root = nearest_existing(folder.parent)
     free = shutil.disk_usage(root).free
     if need <= free:

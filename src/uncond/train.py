@@ -307,9 +307,9 @@ def train_loop(run: Run, stop: StopSignal, complete: bool) -> bool:
                 if run.step == first_step + 1 and loss is not None:  # the bar's values before the first log line
                     progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
                                          refresh=False)
-                progress.update(1)
                 if run.step % config.logging_steps == 0 or run.step == run.max_train_steps:
                     log_metrics(run, progress)
+                progress.update(1)  # after the log: the line drawn for this step shows its values
                 if config.eval_every_steps and run.step % config.eval_every_steps == 0:
                     evaluate(run)
                 if run.step % config.checkpointing_steps == 0 and not ends_epoch:
