@@ -58,9 +58,9 @@ def export_checkpoint(config: ExportConfig) -> Path:
     try:
         staging.mkdir()
         if seed_script:
-            export_seed_checkpoint(model, folder, staging)
+            step = export_seed_checkpoint(model, folder, staging)
         else:
-            write_export(model, folder, staging, config.checkpoint, output_dir)
+            step = write_export(model, folder, staging, config.checkpoint, output_dir)
         checkpoint.fsync_tree(staging)
         if any(final.iterdir()) and not config.overwrite_output_dir:  # another export's, written meanwhile
             raise UsageError(f"--output_dir {output_dir}: another export wrote a model there meanwhile; pass "
@@ -68,13 +68,8 @@ def export_checkpoint(config: ExportConfig) -> Path:
         move_in(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        for made in [final, *final.parents] if created is not None else []:  # the empty folders it made
-            if made.is_dir() and not any(made.iterdir()):
-                made.rmdir()
-            if made == created:
-                break
+        run_folder.remove_made_folders(final, created)
         raise
-    step = checkpoint.checkpoint_step(folder, checkpoint.read_training_state(folder))
     trained = f"trained {counted(step, 'step')}{' by train_unconditional.py' if seed_script else ''}"
     only = "; the pipeline only: that script records no settings or metrics for a model card" if seed_script else ""
     logger.info(f"exported {model.description}, {trained}, to {output_dir} "
@@ -112,9 +107,9 @@ def remove_dead_exports(final: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported_from: str, shown_as: Path) -> None:
+def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported_from: str, shown_as: Path) -> int:
     """Checkpoint `folder` of uncond's, into `output_dir`, as its run's export would be: the pipeline, its settings,
-    model card, metrics, loss plot and grid; `shown_as`, the folder it is moved to once written."""
+    model card, metrics, loss plot and grid; `shown_as`, the folder it is moved to once written. Returns its step."""
     settings = checkpoint.saved_run_config(folder)
     run_config = TrainConfig(**{spec.name: settings[spec.name] for spec in fields(TrainConfig)
                                 if spec.name in settings})  # the settings that trained it, for its model card
@@ -137,14 +132,17 @@ def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported
         shutil.copy2(grid, run_folder.preview_path(output_dir, step))
     write_card_of(output_dir, run_config, state, model.unet, model.scheduler_config, records,
                   exported_from=exported_from, shown_as=shown_as)
+    return step
 
 
-def export_seed_checkpoint(model: sampling.Model, folder: Path, output_dir: Path) -> None:
+def export_seed_checkpoint(model: sampling.Model, folder: Path, output_dir: Path) -> int:
     """A train_unconditional.py checkpoint as the pipeline that script exports (its EMA weights where it kept an
-    EMA, the schedule of its run's pipeline): no settings, card or metrics, which it does not record."""
+    EMA, the schedule of its run's pipeline): no settings, card or metrics, which it does not record. Returns its
+    step."""
     step = checkpoint.checkpoint_step(folder, {})
     checkpoint.export_pipeline(model.unet, DDPMScheduler.from_config(model.scheduler_config), output_dir,
                                {"step": step, "finished": True, "exported_from": folder.name})
+    return step
 
 
 def metrics_up_to(run: Path, step: int) -> list[dict]:

@@ -439,6 +439,7 @@ CPU_COMPILER_MISCOMPUTES_GRADIENTS = is_torch_version("<", "2.15")
 
 
 def check_compile(config: TrainConfig, device_type: str) -> None:
+    """--compile refused where it trains wrongly: on `device_type` "cpu", with CPU_COMPILER_MISCOMPUTES_GRADIENTS."""
     if config.compile and device_type == "cpu" and CPU_COMPILER_MISCOMPUTES_GRADIENTS:
         raise UsageError(f"--compile on a CPU: torch {torch.__version__}'s compiler computes this UNet's gradients "
                          "wrongly there (benchmarks/compile_parity.py); drop --compile, which gains little on a CPU")

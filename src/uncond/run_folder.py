@@ -345,10 +345,7 @@ def undo_unsaved_start(output_dir: Path, logging_dir: str, start: FolderStart) -
             for path in [*items, *grids, *existing_inside(output_dir, [LOCK_FILE])]:
                 remove(path)
             remove_if_empty(output_dir / PREVIEWS_DIR)
-            for folder in [output_dir, *output_dir.parents] if start.created else []:
-                remove_if_empty(folder)  # said by nothing: the error is the news
-                if folder == start.created:
-                    break
+            remove_made_folders(output_dir, start.created)  # said by nothing: the error is the news
         return ""
     if start.replacing:
         return restore_replaced_run(output_dir, logging_dir)
@@ -414,6 +411,14 @@ def highest_missing(folder: Path) -> Path | None:
 def remove_if_empty(folder: Path) -> None:
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
+
+
+def remove_made_folders(folder: Path, created: Path | None) -> None:
+    """`folder` and those above it up to `created` (highest_missing's, before they were made), where empty."""
+    for path in [folder, *folder.parents] if created is not None else []:
+        remove_if_empty(path)
+        if path == created:
+            break
 
 
 def remove_replaced_run(output_dir: Path) -> bool:
