@@ -4,6 +4,11 @@
 #               and 64 (issue 5's 2x goal and MFU); about 8 minutes on the H200 (8 processes);
 #   fsdp        FSDP2 on CUDA/NCCL with bf16 (accelerate's mixed-precision policy), one process: 20 steps with
 #               a checkpoint at 10, then a resume to 30; the pipeline must load; about 1.5 minutes;
+#   graphs      --cuda_graphs (src/uncond/step_graph.py, never run on a GPU before): the bare step recorded
+#               against the eager one (benchmarks/bare_step.py); the tiny preset trained 20 steps with and
+#               without it, in fp32 and bf16, the weights and losses compared (an epoch's last, shorter batch
+#               takes the eager step); then the throughput at batch 64 against the seed's step, one pair; about
+#               6 minutes;
 #   diagnose    where uncond's eager step at batch 64 spends its time: the bare step (benchmarks/bare_step.py)
 #               at batch 64 and 1 beside uncond's step, with and without its loader, its host synchronisations
 #               and a profile; ~3 minutes;
@@ -13,11 +18,11 @@
 #               (compiling takes minutes: it goes last, so the figures before it come back either way).
 # Usage, from the repository root (diffusers, datasets and their needs as wheels in .whl/ if the machine
 # lacks them: `bash benchmarks/gpu_wheels.sh` here downloads them; carry .whl):
-#   bash benchmarks/gpu_checks.sh OUT_DIR [PART,PART...]   (default: diagnose,parity,compile, what
-# the last GPU session, 2026-11-27, left to measure; at most 9 minutes, under the device's 10 per command)
+#   bash benchmarks/gpu_checks.sh OUT_DIR [PART,PART...]   (default: graphs,parity,diagnose,compile, what is
+# left to measure, most wanted first; at most 9 minutes in all, under the device's 10 per command)
 set -uo pipefail
 out=${1:?give a folder for the results}
-parts=",${2:-diagnose,parity,compile},"
+parts=",${2:-graphs,parity,diagnose,compile},"
 work=/tmp/uncond-gpu-checks  # training folders stay out of OUT_DIR, which gets the logs
 mkdir -p "$out" "$work"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -35,8 +40,12 @@ if [[ $parts == *,throughput,* ]]; then
   timeout 500 python3 benchmarks/train_throughput.py --device cuda --repeats 2 2>&1 | tee "$out/train_throughput.txt"
 fi
 
-if [[ $parts == *,fsdp,* ]]; then
-echo "== FSDP2 on one GPU, bf16, checkpoint and resume"
+left() {  # seconds a part may take: at most $1, and what is left of the script's 540
+  local rest=$((540 - SECONDS))
+  echo $(( rest < $1 ? (rest > 1 ? rest : 1) : $1 ))
+}
+
+write_images() {  # 64 random 40x40 images in $work/images
 python3 - "$work/images" <<'EOF'
 import sys
 from pathlib import Path
@@ -50,6 +59,55 @@ rng = np.random.default_rng(0)
 for i in range(64):
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
 EOF
+}
+
+if [[ $parts == *,graphs,* ]]; then
+  echo "== --cuda_graphs: the bare step recorded, the same runs with and without it, the throughput at batch 64"
+  timeout "$(left 100)" python3 benchmarks/bare_step.py --device cuda --variants eager,cuda-graph 2>&1 \
+    | tee "$out/bare_step_graphs.txt"
+  write_images
+  graphs_run() {  # PRECISION NAME [FLAGS]: 20 steps of 12 images (64 images: each epoch ends with 4)
+    timeout "$(left 100)" python3 -m uncond train --train_data_dir "$work/images" --model_preset tiny --resolution 32 \
+      --train_batch_size 12 --max_train_steps 20 --logging_steps 1 --lr_scheduler constant --use_ema \
+      --save_images_epochs 1000 --logger none --seed 0 --mixed_precision "$1" --output_dir "$work/graphs-$2" \
+      "${@:3}" > "$out/graphs_$2.log" 2>&1; echo "$2: exit $?"
+  }
+  for precision in no bf16; do
+    graphs_run $precision $precision-eager
+    graphs_run $precision $precision-graphs --cuda_graphs
+  done
+  grep -h "speed:\|uncond: error\|Error" "$out"/graphs_*.log | cut -c1-300
+  python3 - "$work" <<'EOF' 2>&1 | tee "$out/graphs_parity.txt"
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+work = Path(sys.argv[1])
+for precision in ("no", "bf16"):
+    try:
+        runs = [work / f"graphs-{precision}-{kind}" for kind in ("eager", "graphs")]
+        eager, graphs = (load_file(run / "unet" / "diffusion_pytorch_model.safetensors") for run in runs)
+        losses = [[json.loads(line).get("loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
+                  for run in runs]
+    except Exception as error:  # a run that failed: its log says why
+        print(f"{precision}: no comparison ({error})")
+        continue
+    weight_diff = max((eager[name].float() - graphs[name].float()).abs().max().item() for name in eager)
+    loss_diff = max(abs(a - b) for a, b in zip(*losses) if a is not None and b is not None)
+    print(f"precision {precision}: weights after 20 steps differ by at most {weight_diff:.3g}; losses by at most "
+          f"{loss_diff:.3g} (eager losses {losses[0][0]:.4f} ... {losses[0][-1]:.4f}, "
+          f"graphs {losses[1][0]:.4f} ... {losses[1][-1]:.4f})")
+EOF
+  echo "== --cuda_graphs throughput, batch 64 ($((540 - SECONDS)) s left)"
+  timeout "$(left 240)" python3 benchmarks/train_throughput.py --device cuda --repeats 1 --cuda_graphs \
+    --configs seed64-b64 2>&1 | tee "$out/train_throughput_graphs.txt"
+fi
+
+if [[ $parts == *,fsdp,* ]]; then
+echo "== FSDP2 on one GPU, bf16, checkpoint and resume"
+write_images
 fsdp() {
   timeout 90 accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 1 -m uncond train \
     --train_data_dir "$work/images" --model_preset tiny --resolution 32 --train_batch_size 16 --use_ema \
@@ -67,20 +125,20 @@ print('pipeline loads and samples:', pipeline(batch_size=2, num_inference_steps=
 " "$work/fsdp" 2>&1 | tail -1
 fi
 
-if [[ $parts == *,diagnose,* ]]; then
-  echo "== where the eager step's time goes, batch 64"
-  timeout 120 python3 benchmarks/bare_step.py --device cuda --variants eager 2>&1 | tee "$out/bare_step.txt"
-  timeout 200 python3 benchmarks/train_throughput.py --device cuda --repeats 1 --configs seed64-b64 --diagnose \
-    2>&1 | tee "$out/diagnose.txt"
-fi
-
 if [[ $parts == *,parity,* ]]; then
   echo "== compiled gradients against eager float64"
-  timeout 150 python3 benchmarks/compile_parity.py --device cuda 2>&1 | tee "$out/compile_parity.txt"
+  timeout "$(left 150)" python3 benchmarks/compile_parity.py --device cuda 2>&1 | tee "$out/compile_parity.txt"
+fi
+
+if [[ $parts == *,diagnose,* ]]; then
+  echo "== where the eager step's time goes, batch 64"
+  timeout "$(left 120)" python3 benchmarks/bare_step.py --device cuda --variants eager 2>&1 | tee "$out/bare_step.txt"
+  timeout "$(left 200)" python3 benchmarks/train_throughput.py --device cuda --repeats 1 --configs seed64-b64 --diagnose \
+    2>&1 | tee "$out/diagnose.txt"
 fi
 
 if [[ $parts == *,compile,* ]]; then
   echo "== training throughput with --compile, batch 64 ($((540 - SECONDS)) s left)"
-  timeout $((540 - SECONDS)) python3 benchmarks/train_throughput.py --device cuda --repeats 1 --compile \
+  timeout "$(left 540)" python3 benchmarks/train_throughput.py --device cuda --repeats 1 --compile \
     --configs seed64-b64 2>&1 | tee "$out/train_throughput_compile.txt"
 fi

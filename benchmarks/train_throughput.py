@@ -156,7 +156,7 @@ def batches(loader):
 
 
 def uncond_worker(config_name: str, device: str, precision: str, data: Path, steps: int, warmup: int,
-                  compile_unet: bool, diagnose: bool = False) -> dict:
+                  compile_unet: bool, diagnose: bool = False, cuda_graphs: bool = False) -> dict:
     """uncond's own loop body: train.train_step on a Run built by parts.build_run, as `uncond train` runs it."""
     from uncond import parts, train
     from uncond.config import TrainConfig
@@ -167,11 +167,13 @@ def uncond_worker(config_name: str, device: str, precision: str, data: Path, ste
     config = TrainConfig(train_data_dir=str(data), output_dir=str(output), model_preset=preset, resolution=resolution,
                          train_batch_size=batch_size, mixed_precision=precision, use_ema=True, logger="none",
                          seed=0, max_train_steps=10**6, checkpointing_steps=10**9, compile=compile_unet,
+                         cuda_graphs=cuda_graphs,
                          num_channels="1" if CONFIGS[config_name][5] == "mnist" else "3")
     plan = plan_run(config, explicit={"resolution"})
     accelerator = parts.make_accelerator(plan.config, output)
     start = time.perf_counter()
     run = parts.build_run(plan, accelerator)
+    run.step_graph = train.step_graph(run)  # as train.run_training sets it
     prepare_seconds = time.perf_counter() - start
 
     losses = []
@@ -315,6 +317,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per measurement")
     parser.add_argument("--compile", action="store_true", help="uncond with --compile")
+    parser.add_argument("--cuda_graphs", action="store_true", help="uncond with --cuda_graphs")
     parser.add_argument("--diagnose", action="store_true",
                         help="after uncond's timed steps, print its host synchronisations and a profile of 5 steps")
     parser.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "uncond-train-bench"))
@@ -332,7 +335,7 @@ def main() -> None:
             result = baseline_worker(args.config, args.device, precision, data, args.steps, warmup)
         else:
             result = uncond_worker(args.config, args.device, precision, data, args.steps, warmup, args.compile,
-                                   args.diagnose)
+                                   args.diagnose, args.cuda_graphs)
         print("RESULT " + json.dumps(result))
         return
 
@@ -367,6 +370,7 @@ def run_worker(variant: str, name: str, args: argparse.Namespace, steps: int) ->
     command += ["--precision", args.precision] if args.precision else []
     command += ["--warmup", str(args.warmup)] if args.warmup is not None else []
     command += ["--compile"] if args.compile else []
+    command += ["--cuda_graphs"] if args.cuda_graphs else []
     command += ["--diagnose"] if args.diagnose and variant == "uncond" else []
     start = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate import Accelerator, AutocastKwargs, InitProcessGroupKwargs
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 
@@ -25,6 +25,7 @@ from .config import RunFailed, TrainConfig, UsageError, counted, first_line
 from .objective import Objective
 from .plan import (Plan, Position, checkpoints_beyond_disk, learning_rate_schedule, refuse_mismatched_resume,
                    run_length, schedule_change_note, warmup_outlasts_run)
+from .step_graph import StepGraph
 from .stopping import StopAgreement, StopSignal
 from .version import uncond_version
 
@@ -83,6 +84,7 @@ class Run:
     preview_owed: int | None = None  # the step whose sample grid a stop gave up: a run resumed there makes it
     evaluation_owed: int | None = None  # likewise, the step whose --eval_every_steps evaluation a stop gave up
     stop_agreement: StopAgreement | None = None  # with several processes
+    step_graph: StepGraph | None = None  # --cuda_graphs: records and replays the step's gradients (train.step_graph)
 
     @property
     def unwrapped_unet(self) -> UNet2DModel:
@@ -107,7 +109,9 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
             # The LR schedule counts optimizer steps; we step it once per optimizer step ourselves.
             step_scheduler_with_optimizer=False,
             # Decoding a large dataset on the main process must not time out the others.
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))]
+            # PyTorch's CUDA graph notes ask for autocast without its cache of casted weights inside a recording.
+            + ([AutocastKwargs(cache_enabled=False)] if config.cuda_graphs else []),
             # On GPUs, CUDA graphs ("reduce-overhead"): the eager step of these UNets is bound by kernel
             # launches (docs/benchmarks.md: 58 ms per step on an H100 even at batch 1).
             dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if torch.cuda.is_available()
@@ -203,6 +207,8 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
         # diffusers' upsampling asks for the torch version through an lru_cache'd function, which dynamo warns
         # about in six lines from every process; that function is pure, so tracing through its cache is exact.
         warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped")
+    if config.cuda_graphs:
+        speedups.append("forward and backward passes replayed as a CUDA graph")
     if config.use_ema:
         speedups.append(f"foreach EMA every {counted(config.ema_update_every, 'step')}")
     logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")

@@ -194,6 +194,7 @@ def check_environment(config: TrainConfig, unet_config: dict[str, Any]) -> None:
                          "without the flag, PyTorch's own fused attention is used")
     check_launch(config)
     check_compile(config, environment.expected_device_type())  # also for --dry_run; made again once launched
+    check_cuda_graphs(config, environment.expected_device_type(), environment.launched_processes())
     warn_one_cpu_process()
     warn_slurm_tasks_without_launcher()
     check_fsdp_units(unet_config)
@@ -445,10 +446,33 @@ def check_compile(config: TrainConfig, device_type: str) -> None:
                          "wrongly there (benchmarks/compile_parity.py); drop --compile, which gains little on a CPU")
 
 
+def check_cuda_graphs(config: TrainConfig, device_type: str, processes: int) -> None:
+    """--cuda_graphs refused where step_graph.py cannot record the step, or where what it records would be wrong."""
+    if not config.cuda_graphs:
+        return
+    conflicts = [
+        (device_type != "cuda", f"needs a CUDA GPU (this run trains on {device_type}); drop it"),
+        (processes > 1 or fsdp_launch(), "records one process's step (DDP and FSDP communicate inside it); drop it, "
+                                         "or launch one process"),
+        (config.compile, "and --compile both record CUDA graphs; drop one of them"),
+        (config.gradient_accumulation_steps > 1, "records steps of one micro-batch; drop it or "
+                                                 "--gradient_accumulation_steps"),
+        (config.gradient_checkpointing, "cannot record --gradient_checkpointing's recomputation (it reads the random "
+                                        "state); drop one of them"),
+        (config.mixed_precision == "fp16", "cannot record fp16's loss scaling (its state lives on the host); use "
+                                           "--mixed_precision bf16"),
+    ]
+    for conflict, why in conflicts:
+        if conflict:
+            raise UsageError(f"--cuda_graphs {why}")
+
+
 def check_processes(plan: Plan, accelerator: Accelerator) -> None:
     """The checks that need the launched processes (made before any data is read): FSDP given where it
-    was asked for, a checkpoint resumed by the kind of run that wrote it, and --compile where it trains."""
+    was asked for, a checkpoint resumed by the kind of run that wrote it, and --compile and --cuda_graphs where
+    they train."""
     check_compile(plan.config, accelerator.device.type)
+    check_cuda_graphs(plan.config, accelerator.device.type, accelerator.num_processes)
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if fsdp_launch() and accelerator.num_processes > 1 and not sharded:
         raise UsageError(f"this launch asks for FSDP, but accelerate runs {accelerator.device.type} processes "

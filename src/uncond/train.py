@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, tracking
 from .config import (EVERY_MACHINE, RUN_CONFIG_FILE, RunFailed, RunStopped, TrainConfig, UsageError, counted,
                      first_line, public_argv)
-from .objective import training_loss
+from .objective import denoising_loss, sample_noise, sample_timesteps
 from .progress import progress_bar
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
 from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
@@ -29,6 +30,7 @@ from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_c
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
                     off_the_clock, on_main_process, resume, training_state)
 from .plan import Plan, batch_description, check_processes, dry_run, plan_run
+from .step_graph import StepGraph
 from .stopping import StopAgreement, StopSignal
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
@@ -91,6 +93,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     config, output_dir = plan.config, Path(plan.config.output_dir)
     feature_extractor = open_feature_extractor(config, accelerator)  # before the data: a given file is checked
     run = build_run(plan, accelerator)
+    run.step_graph = step_graph(run)
     run.feature_extractor = feature_extractor
     run.repo_id = repo_id
     launch = Launch.of_this_run(accelerator.num_processes, sharding.is_sharded(run.unwrapped_unet))
@@ -431,33 +434,16 @@ def optimizer_steps(run: Run):
 def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | None:
     """One optimizer step over one or more micro-batches. Returns the mean loss, still on the device
     (None for a step skipped under --skip_nonfinite)."""
-    accelerator, unet = run.accelerator, run.unet
-    total_loss = torch.zeros((), device=accelerator.device)
-    for i, clean_images in enumerate(micro_batches):
-        # Pinned by the loader on GPUs, so the copy is asynchronous.
-        clean_images = clean_images.to(accelerator.device, non_blocking=True).contiguous(
-            memory_format=run.memory_format)
-        # Noise and timesteps are a pure function of (seed, step, process, micro-batch): a resumed run
-        # draws exactly what the uninterrupted one would have, with no random state to restore.
-        run.noise_generator.manual_seed(data.mix_seed(run.config.seed, run.step, accelerator.process_index, i))
-        if run.config.compile and accelerator.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
-        last = i == len(micro_batches) - 1
-        # Gradients are all-reduced across processes only on the last micro-batch.
-        with contextlib.nullcontext() if last else accelerator.no_sync(unet):
-            loss = training_loss(unet, run.noise_scheduler, clean_images, run.objective, run.noise_generator)
-            accelerator.backward(loss / len(micro_batches))
-        total_loss += loss.detach()
-    # The norm is logged also without clipping (--max_grad_norm 0): an infinite limit scales the gradients by 1.
-    # Under FSDP it comes back as a (replicated) DTensor.
-    max_norm = run.config.max_grad_norm or math.inf
-    grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(run.parameters, max_norm))
-    if run.config.skip_nonfinite and not everywhere_finite(run, total_loss, grad_norm):
+    if run.step_graph is not None:  # --cuda_graphs: steps of one micro-batch (plan.check_cuda_graphs)
+        loss, grad_norm = run.step_graph(*batch_inputs(run, micro_batches[0], 0))
+    else:
+        loss, grad_norm = accumulated_gradients(run, micro_batches)
+    if run.config.skip_nonfinite and not everywhere_finite(run, loss, grad_norm):
         # fp16: the loss scaler must close its step (its next unscale would raise otherwise) and lower its
         # scale if the gradients overflowed (it checked them as clip_grad_norm_ unscaled them); with the
         # gradients then gone, its step changes no weight.
-        run.optimizer.zero_grad(set_to_none=True)
-        if accelerator.scaler is not None:
+        clear_gradients(run)
+        if run.accelerator.scaler is not None:
             run.optimizer.step()
         run.lr_scheduler.step()  # the schedule stays aligned with the step count
         run.skipped_steps += 1
@@ -465,10 +451,72 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
     run.running_grad_norm.add(grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    clear_gradients(run)
     if run.ema is not None and (run.step + 1) % run.config.ema_update_every == 0:
         run.ema.step(sharding.local_tensors(run.parameters))
-    return total_loss / len(micro_batches)
+    return loss
+
+
+def batch_inputs(run: Run, clean_images: torch.Tensor, micro_batch: int) -> tuple[torch.Tensor, ...]:
+    """A micro-batch on the device, with the noise and timesteps it is trained at."""
+    device = run.accelerator.device
+    # Pinned by the loader on GPUs, so the copy is asynchronous.
+    clean_images = clean_images.to(device, non_blocking=True).contiguous(memory_format=run.memory_format)
+    # Noise and timesteps are a pure function of (seed, step, process, micro-batch): a resumed run
+    # draws exactly what the uninterrupted one would have, with no random state to restore.
+    run.noise_generator.manual_seed(data.mix_seed(run.config.seed, run.step, run.accelerator.process_index,
+                                                  micro_batch))
+    noise = sample_noise(clean_images, run.objective.noise_offset, run.noise_generator)
+    timesteps = sample_timesteps(len(clean_images), run.noise_scheduler.config.num_train_timesteps, device,
+                                 run.noise_generator)
+    return clean_images, noise, timesteps
+
+
+def accumulated_gradients(run: Run, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batches' gradients summed into the parameters' .grad, clipped; their mean loss and the norm."""
+    total_loss = torch.zeros((), device=run.accelerator.device)
+    for i, clean_images in enumerate(micro_batches):
+        inputs = batch_inputs(run, clean_images, i)
+        if run.config.compile and run.accelerator.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
+        last = i == len(micro_batches) - 1
+        # Gradients are all-reduced across processes only on the last micro-batch.
+        with contextlib.nullcontext() if last else run.accelerator.no_sync(run.unet):
+            total_loss += backward(run, *inputs, parts=len(micro_batches))
+    return total_loss / len(micro_batches), clipped_gradient_norm(run)
+
+
+def batch_gradients(run: Run, clean_images: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's loss and clipped gradients: what --cuda_graphs records (step_graph.py)."""
+    return backward(run, clean_images, noise, timesteps, parts=1), clipped_gradient_norm(run)
+
+
+def backward(run: Run, clean_images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             parts: int) -> torch.Tensor:
+    """The DDPM loss of a micro-batch, its gradients over `parts` (the step's micro-batches) added to .grad;
+    returns the loss."""
+    loss = denoising_loss(run.unet, run.noise_scheduler, clean_images, noise, timesteps, run.objective)
+    run.accelerator.backward(loss / parts)
+    return loss.detach()
+
+
+def clipped_gradient_norm(run: Run) -> torch.Tensor:
+    # The norm is logged also without clipping (--max_grad_norm 0): an infinite limit scales the gradients by 1.
+    # Under FSDP it comes back as a (replicated) DTensor.
+    max_norm = run.config.max_grad_norm or math.inf
+    return sharding.full_tensor(run.accelerator.clip_grad_norm_(run.parameters, max_norm))
+
+
+def step_graph(run: Run) -> StepGraph | None:
+    """With --cuda_graphs, what records batch_gradients and replays it (step_graph.py)."""
+    return StepGraph(functools.partial(batch_gradients, run), run.parameters) if run.config.cuda_graphs else None
+
+
+def clear_gradients(run: Run) -> None:
+    """Gradients set to None for the next step, except those a recorded CUDA graph writes in place."""
+    if run.step_graph is None or not run.step_graph.recorded:
+        run.optimizer.zero_grad(set_to_none=True)
 
 
 def everywhere_finite(run: Run, *values: torch.Tensor | None) -> bool:
