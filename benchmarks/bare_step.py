@@ -39,7 +39,7 @@ def time_step(preset: str, resolution: int, batch: int, device: str, precision: 
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     unet = unet.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(unet.parameters(), fused=True)
-    forward = torch.compile(unet, mode=compile_mode) if compile_mode else unet
+    forward = torch.compile(unet, mode=compile_mode) if compile_mode not in (None, "cuda-graph") else unet
     images = torch.randn(batch, 3, resolution, resolution, device=device).contiguous(memory_format=memory_format)
     timesteps = torch.randint(0, 1000, (batch,), device=device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -6,9 +6,9 @@
 #               a checkpoint at 10, then a resume to 30; the pipeline must load; about 1.5 minutes;
 #   graphs      --cuda_graphs (src/uncond/step_graph.py, never run on a GPU before): the bare step recorded
 #               against the eager one (benchmarks/bare_step.py); the tiny preset trained 20 steps with and
-#               without it, in fp32 and bf16, the weights and losses compared (an epoch's last, shorter batch
-#               takes the eager step); then the throughput at batch 64 against the seed's step, one pair; about
-#               6 minutes;
+#               without it, in fp32 (and eager twice, for the noise between processes) and bf16, weights, losses
+#               and gradient norms compared (an epoch's last, shorter batch takes the eager step); then the
+#               throughput at batch 64 against the seed's step, one pair; about 6 minutes;
 #   diagnose    where uncond's eager step at batch 64 spends its time: the bare step (benchmarks/bare_step.py)
 #               at batch 64 and 1 beside uncond's step, with and without its loader, its host synchronisations
 #               and a profile; ~3 minutes;
@@ -66,17 +66,19 @@ if [[ $parts == *,graphs,* ]]; then
   timeout "$(left 100)" python3 benchmarks/bare_step.py --device cuda --variants eager,cuda-graph 2>&1 \
     | tee "$out/bare_step_graphs.txt"
   write_images
+  rm -rf "$work"/graphs-*  # a rerun on a warm machine must train again, not find these runs complete
   graphs_run() {  # PRECISION NAME [FLAGS]: 20 steps of 12 images (64 images: each epoch ends with 4)
     timeout "$(left 100)" python3 -m uncond train --train_data_dir "$work/images" --model_preset tiny --resolution 32 \
       --train_batch_size 12 --max_train_steps 20 --logging_steps 1 --lr_scheduler constant --use_ema \
       --save_images_epochs 1000 --logger none --seed 0 --mixed_precision "$1" --output_dir "$work/graphs-$2" \
       "${@:3}" > "$out/graphs_$2.log" 2>&1; echo "$2: exit $?"
   }
-  for precision in no bf16; do
-    graphs_run $precision $precision-eager
-    graphs_run $precision $precision-graphs --cuda_graphs
-  done
-  grep -h "speed:\|uncond: error\|Error" "$out"/graphs_*.log | cut -c1-300
+  graphs_run no no-eager
+  graphs_run no no-eager-again  # how far two eager processes differ (cuDNN chooses its algorithms in each)
+  graphs_run no no-graphs --cuda_graphs
+  graphs_run bf16 bf16-eager
+  graphs_run bf16 bf16-graphs --cuda_graphs
+  grep -h "speed:\|recorded the step\|uncond: error\|Error" "$out"/graphs_*.log | cut -c1-300
   python3 - "$work" <<'EOF' 2>&1 | tee "$out/graphs_parity.txt"
 import json
 import sys
@@ -85,20 +87,29 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 work = Path(sys.argv[1])
-for precision in ("no", "bf16"):
+
+
+def compare(first: str, second: str) -> None:
     try:
-        runs = [work / f"graphs-{precision}-{kind}" for kind in ("eager", "graphs")]
-        eager, graphs = (load_file(run / "unet" / "diffusion_pytorch_model.safetensors") for run in runs)
-        losses = [[json.loads(line).get("loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
-                  for run in runs]
+        runs = [work / f"graphs-{name}" for name in (first, second)]
+        weights = [load_file(run / "unet" / "diffusion_pytorch_model.safetensors") for run in runs]
+        records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in runs]
     except Exception as error:  # a run that failed: its log says why
-        print(f"{precision}: no comparison ({error})")
-        continue
-    weight_diff = max((eager[name].float() - graphs[name].float()).abs().max().item() for name in eager)
-    loss_diff = max(abs(a - b) for a, b in zip(*losses) if a is not None and b is not None)
-    print(f"precision {precision}: weights after 20 steps differ by at most {weight_diff:.3g}; losses by at most "
-          f"{loss_diff:.3g} (eager losses {losses[0][0]:.4f} ... {losses[0][-1]:.4f}, "
-          f"graphs {losses[1][0]:.4f} ... {losses[1][-1]:.4f})")
+        print(f"{first} against {second}: no comparison ({error})")
+        return
+    weight_diff = max((weights[0][name].float() - weights[1][name].float()).abs().max().item() for name in weights[0])
+    print(f"{first} against {second}: weights after 20 steps differ by at most {weight_diff:.3g}")
+    for key in ("loss", "grad_norm"):
+        diffs = [abs(a[key] - b[key]) for a, b in zip(*records) if key in a and key in b]
+        print(f"  {key} differences by step: {' '.join(f'{d:.1e}' for d in diffs)}")
+    speeds = [[r["images_per_sec"] for r in run_records[5:] if r.get("images_per_sec")] for run_records in records]
+    print("  images/s from step 6 on (median): " + ", ".join(
+        f"{sorted(s)[len(s) // 2]:.0f}" if s else "-" for s in speeds))
+
+
+compare("no-eager", "no-eager-again")
+compare("no-eager", "no-graphs")
+compare("bf16-eager", "bf16-graphs")
 EOF
   echo "== --cuda_graphs throughput, batch 64 ($((540 - SECONDS)) s left)"
   timeout "$(left 240)" python3 benchmarks/train_throughput.py --device cuda --repeats 1 --cuda_graphs \
@@ -113,6 +124,7 @@ fsdp() {
     --train_data_dir "$work/images" --model_preset tiny --resolution 32 --train_batch_size 16 --use_ema \
     --mixed_precision bf16 --checkpointing_steps 10 --logger none --seed 0 --output_dir "$work/fsdp" "$@"
 }
+rm -rf "$work/fsdp"  # a rerun on a warm machine must train again
 fsdp --max_train_steps 20 > "$out/fsdp_train.log" 2>&1; echo "train: exit $?"
 fsdp --max_train_steps 30 > "$out/fsdp_resume.log" 2>&1; echo "resume: exit $?"
 grep -h "weights sharded\|resuming from\|uncond: error\|Error" "$out"/fsdp_*.log | cut -c1-300

@@ -143,3 +143,41 @@ def test_cuda_graphs_on_a_cpu_is_refused_before_any_work(tmp_path, tiny_unet, ru
     code, _, err = run_cli(*fast_train_args(data, tiny_unet, tmp_path / "out", "--cuda_graphs", "--dry_run"))
     assert code == 2 and "--cuda_graphs needs a CUDA GPU (this run trains on cpu); drop it" in err
     assert not (tmp_path / "out").exists()
+
+
+# Operations a CUDA graph cannot record, or would record wrongly: reading a value back to the host (.item(), a
+# data-dependent shape), a tensor made from Python data (a host-to-device copy, frozen into the graph), and random
+# numbers (drawn outside it, from the step's seed).
+UNRECORDABLE = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2",
+                "lift_fresh", "lift_fresh_copy", "scalar_tensor", "normal_", "uniform_", "bernoulli_", "random_",
+                "randint", "randn", "rand", "multinomial", "native_dropout"}
+
+
+@pytest.mark.parametrize("prediction_type, snr_gamma", [("epsilon", None), ("v_prediction", 5.0), ("sample", None)])
+def test_the_recorded_step_never_reads_back_nor_draws(tmp_path, tiny_unet, prediction_type, snr_gamma):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from conftest import reset_accelerate
+    from uncond import parts
+
+    class Operations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    reset_accelerate()
+    (tmp_path / "out").mkdir()
+    config = TrainConfig(train_data_dir=str(write_images(tmp_path / "images", 4)), output_dir=str(tmp_path / "out"),
+                         model_config_name_or_path=str(tiny_unet), resolution=16, train_batch_size=4, logger="none",
+                         prediction_type=prediction_type, snr_gamma=snr_gamma, noise_offset=0.1, use_ema=True, seed=0)
+    run = parts.build_run(plan.plan_run(config), parts.make_accelerator(config, tmp_path / "out"))
+    inputs = train.batch_inputs(run, next(train.optimizer_steps(run))[0], 0)
+    with Operations() as operations:
+        loss, grad_norm = train.batch_gradients(run, *inputs)
+    assert {"convolution", "convolution_backward"} <= operations.names  # the whole step was seen
+    assert operations.names & UNRECORDABLE == set()
+    assert all(parameter.grad is not None for parameter in run.parameters)

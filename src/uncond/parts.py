@@ -110,7 +110,8 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
             step_scheduler_with_optimizer=False,
             # Decoding a large dataset on the main process must not time out the others.
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))]
-            # PyTorch's CUDA graph notes ask for autocast without its cache of casted weights inside a recording.
+            # --cuda_graphs: autocast keeps no cache of bf16 weight copies across a recording (PyTorch asks it of
+            # graphed callables; here it costs nothing, as each weight is cast once per step anyway).
             + ([AutocastKwargs(cache_enabled=False)] if config.cuda_graphs else []),
             # On GPUs, CUDA graphs ("reduce-overhead"): the eager step of these UNets is bound by kernel
             # launches (docs/benchmarks.md: 58 ms per step on an H100 even at batch 1).

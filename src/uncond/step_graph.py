@@ -17,9 +17,12 @@ host per step), AdamW (its learning rate changes every step), the EMA and the me
 from __future__ import annotations
 
 import collections
+import logging
 from typing import Callable, Protocol
 
 import torch
+
+logger = logging.getLogger("uncond")
 
 Outputs = tuple[torch.Tensor, torch.Tensor]  # a step's loss and gradient norm
 # What a recorded step computes: (clean images, noise, timesteps) -> outputs, filling the parameters' .grad.
@@ -117,3 +120,4 @@ class StepGraph:
         self.inputs = tuple(tensor.clone() for tensor in batch)  # clone keeps channels-last
         self.outputs = self.recording.record(lambda: self.step_function(*self.inputs))
         self.gradients = [parameter.grad for parameter in self.parameters]
+        logger.info(f"recorded the step as a CUDA graph for batches of {len(batch[0])}: replayed from here on")
