@@ -1843,3 +1843,12 @@ def test_the_progress_bar_shows_the_loss_from_the_first_step(run_cli, color_fold
     assert code == 0, err
     first_step = next(draw for draw in re.split(r"[\r\n]", err) if draw.startswith("training:") and " 1/3 " in draw)
     assert re.search(r"loss=\d\.\d{4}, lr=\d\.\d\de-\d\d", first_step), first_step
+
+
+def test_fp16_on_a_cpu_says_it_trains_in_fp32(run_cli, color_folder, tiny_unet, tmp_path):
+    """accelerate trains fp16 on CPUs in fp32, without autocast or loss scaling: the log said `fp16 autocast`."""
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1",
+                                            "--mixed_precision", "fp16"))
+    assert code == 0, err[-2000:]
+    assert "--mixed_precision fp16 on cpu: accelerate has no fp16 autocast there and trains in fp32" in err
+    assert "precision fp32 (no fp16 autocast on cpu)" in err and "fp16 autocast," not in err

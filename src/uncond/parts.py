@@ -97,6 +97,13 @@ class Run:
         return f"{sum(p.numel() for p in self.unwrapped_unet.parameters()) / 1e6:.2f}M"
 
 
+def trained_precision(config: TrainConfig, accelerator: Accelerator) -> str:
+    """--mixed_precision as the run trains it (accelerate trains fp16 on CPUs in fp32)."""
+    if config.mixed_precision == "no" or accelerator.native_amp:
+        return config.mixed_precision
+    return f"fp32 (no {config.mixed_precision} autocast on {accelerator.device.type})"
+
+
 def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
     try:
         return Accelerator(
@@ -200,8 +207,12 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     optimizer, fused = make_optimizer(unet, config, accelerator.device)
     if fused:
         speedups.append("fused AdamW")
-    if config.mixed_precision != "no":
+    if config.mixed_precision != "no" and accelerator.native_amp:
         speedups.append(f"{config.mixed_precision} autocast")
+    elif config.mixed_precision != "no":  # accelerate 1.15 runs fp16 on CPUs in fp32, without a word
+        logger.warning(f"--mixed_precision {config.mixed_precision} on {accelerator.device.type}: accelerate has no "
+                       f"{config.mixed_precision} autocast there and trains in fp32; --mixed_precision bf16 is the "
+                       "half precision CPUs run")
     speedups += tune_cuda(config, accelerator.device)
     if config.compile:
         speedups.append("torch.compile with CUDA graphs" if accelerator.device.type == "cuda" else "torch.compile")

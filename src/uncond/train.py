@@ -28,7 +28,7 @@ from .monitoring import evaluate, open_feature_extractor, save_sample_grid
 from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
                       reproduce_command, resuming_latest, tracker_config)
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
-                    off_the_clock, on_main_process, resume, training_state)
+                    off_the_clock, on_main_process, resume, trained_precision, training_state)
 from .plan import Plan, batch_description, check_processes, dry_run, plan_run
 from .step_graph import StepGraph
 from .stopping import StopAgreement, StopSignal
@@ -254,7 +254,7 @@ def log_run_summary(run: Run) -> None:
         f"on {counted(run.batches.num_images, 'image') if run.batches.num_images else 'a stream of images'} | "
         f"{counted(accelerator.num_processes, 'process')} on {accelerator.device.type}"
         f"{', weights sharded with FSDP2' if sharding.is_sharded(run.unwrapped_unet) else ''}, "
-        f"precision {config.mixed_precision} | "
+        f"precision {trained_precision(config, accelerator)} | "
         f"{batch_description(config, accelerator.num_processes)} | "
         f"{counted(run.max_train_steps, 'optimizer step')} ({length}) | "
         f"seed {config.seed} | output {run.output_dir}")
