@@ -121,6 +121,31 @@ def test_the_recorded_batch_is_a_full_one_and_its_gradients_stay_in_place():
         graph(*batch(4, 1))
 
 
+def test_a_failed_recording_is_said_and_the_run_goes_on_eagerly(caplog):
+    parameter = torch.nn.Parameter(torch.ones(3))
+
+    def step(images, noise, timesteps):
+        loss = (parameter * images).sum()
+        loss.backward()
+        return loss.detach(), parameter.grad.norm()
+
+    class FailingRecording(ReplayingCall):
+        def record(self, step):
+            step()  # leaves gradients behind, as a capture stopped halfway may
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    graph = step_graph.StepGraph(step, [parameter], recording=FailingRecording([parameter]), warmup_steps=1)
+    losses = []
+    for value in (1.0, 2.0, 3.0):
+        loss, _ = graph(torch.full((3,), value), torch.zeros(3), torch.zeros(3, dtype=torch.long))
+        losses.append(loss.item())
+        assert torch.equal(parameter.grad, torch.full((3,), value))  # this step's own gradients, nothing left over
+        parameter.grad = None  # what train.clear_gradients does without a recording
+    assert losses == [3.0, 6.0, 9.0] and graph.failed and not graph.recorded
+    assert ("--cuda_graphs: recording the step failed (CUDA error: operation not permitted when stream is "
+            "capturing); the run goes on with eager steps") in caplog.text
+
+
 @pytest.mark.parametrize("settings, device, processes, message", [
     ({}, "cpu", 1, "needs a CUDA GPU"),
     ({}, "cuda", 2, "records one process's step"),

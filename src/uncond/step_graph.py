@@ -11,7 +11,8 @@ memory (each replay overwrites them in place), inputs copied into the recorded t
 
 What stays eager, outside the graph: copying the batch in, drawing the step's noise and timesteps (seeded on the
 host per step), AdamW (its learning rate changes every step), the EMA and the metrics. A batch of another shape
-(an epoch's last, shorter one) takes the eager step; its gradients are then written into the same tensors.
+(an epoch's last, shorter one) takes the eager step; its gradients are then written into the same tensors. A
+recording that fails is said in the log, and the run goes on with eager steps.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class StepGraph:
         self.inputs: tuple[torch.Tensor, ...] | None = None  # the tensors the graph reads, once recorded
         self.outputs: Outputs | None = None
         self.gradients: list[torch.Tensor | None] = []  # the .grad tensors the graph writes
+        self.failed = False  # recording failed: every step is eager
 
     @property
     def recorded(self) -> bool:
@@ -89,6 +91,8 @@ class StepGraph:
     def __call__(self, clean_images: torch.Tensor, noise: torch.Tensor,
                  timesteps: torch.Tensor) -> Outputs:
         batch = (clean_images, noise, timesteps)
+        if self.failed:
+            return self.step_function(*batch)
         if self.recorded and clean_images.shape != self.inputs[0].shape:
             # An epoch's shorter last batch: eager. The gradient tensors are the graph's, so they are zeroed in
             # place (the backward pass adds to them) and keep their memory.
@@ -100,7 +104,11 @@ class StepGraph:
             if self.warmed_up[size] < self.warmup_steps or size < max(self.warmed_up, default=size):
                 self.warmed_up[size] += 1
                 return self.recording.warm_up(lambda: self.step_function(*batch))
-            self.record(batch)
+            try:
+                self.record(batch)
+            except RuntimeError as error:  # an operation a graph cannot take (a library's new version may add one)
+                self.give_up(error)
+                return self.step_function(*batch)
         if any(parameter.grad is not gradient for parameter, gradient in zip(self.parameters, self.gradients)):
             # The optimizer would then step without the gradients the replays write: the model would stop learning
             # without a word. 450 identity checks cost microseconds.
@@ -117,7 +125,15 @@ class StepGraph:
         # replay writes them there, instead of adding to tensors that lie outside it.
         for parameter in self.parameters:
             parameter.grad = None
-        self.inputs = tuple(tensor.clone() for tensor in batch)  # clone keeps channels-last
-        self.outputs = self.recording.record(lambda: self.step_function(*self.inputs))
-        self.gradients = [parameter.grad for parameter in self.parameters]
+        inputs = tuple(tensor.clone() for tensor in batch)  # clone keeps channels-last
+        self.outputs = self.recording.record(lambda: self.step_function(*inputs))
+        self.inputs, self.gradients = inputs, [parameter.grad for parameter in self.parameters]
         logger.info(f"recorded the step as a CUDA graph for batches of {len(batch[0])}: replayed from here on")
+
+    def give_up(self, error: RuntimeError) -> None:
+        """Every step eager from now on; the gradients a failed recording left are dropped."""
+        self.failed = True
+        for parameter in self.parameters:
+            parameter.grad = None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        logger.warning(f"--cuda_graphs: recording the step failed ({reason}); the run goes on with eager steps")
