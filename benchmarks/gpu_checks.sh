@@ -78,7 +78,7 @@ if [[ $parts == *,graphs,* ]]; then
   graphs_run no no-graphs --cuda_graphs
   graphs_run bf16 bf16-eager
   graphs_run bf16 bf16-graphs --cuda_graphs
-  grep -h "speed:\|recorded the step\|uncond: error\|Error" "$out"/graphs_*.log | cut -c1-300
+  grep -h "speed:\|recorded the step\|cuda_graphs:\|uncond: error\|Error" "$out"/graphs_*.log | cut -c1-300
   python3 - "$work" <<'EOF' 2>&1 | tee "$out/graphs_parity.txt"
 import json
 import sys

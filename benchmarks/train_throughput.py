@@ -195,6 +195,9 @@ def uncond_worker(config_name: str, device: str, precision: str, data: Path, ste
     result["prepare_seconds"] = round(prepare_seconds, 2)
     # a speed is worth nothing if the step computes garbage (torch 2.13 compiles NaN gradients on CPUs under bf16)
     result["last_logged_loss"] = losses[-1] if losses else None
+    if run.step_graph is not None:  # whether the timed steps were replays
+        result["cuda_graph"] = ("recording failed" if run.step_graph.failed else
+                                "recorded" if run.step_graph.recorded else "not recorded")
     if diagnose:
         diagnose_steps(step, batches, device, batch_size, result["images_per_sec"], steps)
     return result
@@ -391,7 +394,7 @@ def run_worker(variant: str, name: str, args: argparse.Namespace, steps: int) ->
           f", timed steps {result['seconds']:.0f} s" + (f", building the run {result['prepare_seconds']:.0f} s"
                                                        if "prepare_seconds" in result else "")
           + (f", last logged loss {result['last_logged_loss']:.4f}" if result.get("last_logged_loss") is not None
-             else ""), flush=True)
+             else "") + (f", CUDA graph {result['cuda_graph']}" if "cuda_graph" in result else ""), flush=True)
     return result
 
 
