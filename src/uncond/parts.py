@@ -189,41 +189,18 @@ def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str =
 
 
 def build_run(plan: Plan, accelerator: Accelerator) -> Run:
+    """The run's parts, each from those before it: data, UNet, optimizer, the run's length, schedule, EMA."""
     config = plan.config
-    speedups = []  # what makes this run's steps faster, said in its log
-    if environment.keep_freed_memory():  # handed back when the run ends (train.train)
-        speedups.append("glibc malloc keeps freed buffers")
+    # glibc's allocator keeps freed buffers for the steps; they are handed back when the run ends (train.train)
+    speedups = ["glibc malloc keeps freed buffers"] if environment.keep_freed_memory() else []
     batches = load_batches(plan, accelerator)
     unet_config = models.with_channels(plan.unet_config, batches.channels)
     if plan.resume_from is not None:
         refuse_mismatched_resume(plan.resume_from, config, unet_config)
-
-    set_seed(config.seed)  # identical initial weights on every process
-    unet = models.build_unet(unet_config)
-    if plan.pretrained is not None and plan.resume_from is None:  # a resume takes the checkpoint's weights
-        unet.load_state_dict(plan.pretrained.state_dict())
-    plan.pretrained = None  # its copy of the weights is not needed again
+    unet = initial_unet(plan, unet_config)
     speedups += models.speed_up(unet, config, accelerator.device)
     optimizer, fused = make_optimizer(unet, config, accelerator.device)
-    if fused:
-        speedups.append("fused AdamW")
-    if config.mixed_precision != "no" and accelerator.native_amp:
-        speedups.append(f"{config.mixed_precision} autocast")
-    elif config.mixed_precision != "no":  # accelerate 1.15 runs fp16 on CPUs in fp32, without a word
-        logger.warning(f"--mixed_precision {config.mixed_precision} on {accelerator.device.type}: accelerate has no "
-                       f"{config.mixed_precision} autocast there and trains in fp32; --mixed_precision bf16 is the "
-                       "half precision CPUs run")
-    speedups += tune_cuda(config, accelerator.device)
-    if config.compile:
-        speedups.append("torch.compile with CUDA graphs" if accelerator.device.type == "cuda" else "torch.compile")
-        # diffusers' upsampling asks for the torch version through an lru_cache'd function, which dynamo warns
-        # about in six lines from every process; that function is pure, so tracing through its cache is exact.
-        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped")
-    if config.cuda_graphs:
-        speedups.append("forward and backward passes replayed as a CUDA graph")
-    if config.use_ema:
-        speedups.append(f"foreach EMA every {counted(config.ema_update_every, 'step')}")
-    logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")
+    log_speed(config, accelerator, speedups + ["fused AdamW"] * fused)
 
     steps_per_epoch = math.ceil(batches.batches_per_epoch / config.gradient_accumulation_steps)
     global_batch_size = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
@@ -242,11 +219,9 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     # After prepare: on the device already, and under FSDP over this process's shards.
     ema = models.make_ema(accelerator.unwrap_model(unet, keep_torch_compile=False), config) if config.use_ema else None
     checkpoint.register_state_hooks(accelerator, unet, ema)
-    noise_scheduler = sampling.training_noise_scheduler(config.to_dict())
-    # On the device once: add_noise and compute_snr would otherwise copy it from the host every step.
-    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
     return Run(config=config, accelerator=accelerator, output_dir=Path(config.output_dir), batches=batches,
-               unet=unet, parameters=list(unet.parameters()), ema=ema, noise_scheduler=noise_scheduler,
+               unet=unet, parameters=list(unet.parameters()), ema=ema,
+               noise_scheduler=noise_schedule(config, accelerator.device),
                objective=Objective(config.prediction_type, config.snr_gamma, config.noise_offset),
                optimizer=optimizer, lr_scheduler=lr_scheduler, max_train_steps=max_train_steps,
                steps_per_epoch=steps_per_epoch,
@@ -255,6 +230,46 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
                noise_generator=torch.Generator(accelerator.device),
                memory_format=torch.channels_last if models.uses_channels_last(config, accelerator.device)
                else torch.contiguous_format)
+
+
+def initial_unet(plan: Plan, unet_config: dict[str, Any]) -> UNet2DModel:
+    """The UNet the run starts from, the same on every process: seeded, with the weights of the model given with
+    --pretrained_model_name_or_path if any (a resume takes its checkpoint's instead)."""
+    set_seed(plan.config.seed)
+    unet = models.build_unet(unet_config)
+    if plan.pretrained is not None and plan.resume_from is None:
+        unet.load_state_dict(plan.pretrained.state_dict())
+    plan.pretrained = None  # its copy of the weights is not needed again
+    return unet
+
+
+def log_speed(config: TrainConfig, accelerator: Accelerator, speedups: list[str]) -> None:
+    """The log's `speed:` line: `speedups` (the allocator's, the UNet's, the optimizer's), then the precision, the
+    GPU's settings (turned on here, tune_cuda), compiling, CUDA graphs and the EMA."""
+    if config.mixed_precision != "no" and accelerator.native_amp:
+        speedups.append(f"{config.mixed_precision} autocast")
+    elif config.mixed_precision != "no":  # accelerate 1.15 runs fp16 on CPUs in fp32, without a word
+        logger.warning(f"--mixed_precision {config.mixed_precision} on {accelerator.device.type}: accelerate has no "
+                       f"{config.mixed_precision} autocast there and trains in fp32; --mixed_precision bf16 is the "
+                       "half precision CPUs run")
+    speedups += tune_cuda(config, accelerator.device)
+    if config.compile:
+        speedups.append("torch.compile with CUDA graphs" if accelerator.device.type == "cuda" else "torch.compile")
+        # diffusers' upsampling asks for the torch version through an lru_cache'd function, which dynamo warns
+        # about in six lines from every process; that function is pure, so tracing through its cache is exact.
+        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped")
+    if config.cuda_graphs:
+        speedups.append("forward and backward passes replayed as a CUDA graph")
+    if config.use_ema:
+        speedups.append(f"foreach EMA every {counted(config.ema_update_every, 'step')}")
+    logger.info(f"speed: {', '.join(speedups) or 'plain fp32'}")
+
+
+def noise_schedule(config: TrainConfig, device: torch.device) -> DDPMScheduler:
+    noise_scheduler = sampling.training_noise_scheduler(config.to_dict())
+    # On the device once: add_noise and compute_snr would otherwise copy it from the host every step.
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    return noise_scheduler
 
 
 def make_optimizer(unet: torch.nn.Module, config: TrainConfig, device: torch.device) -> tuple[torch.optim.AdamW, bool]:
