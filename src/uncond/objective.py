@@ -36,6 +36,16 @@ def sample_timesteps(batch_size: int, num_train_timesteps: int, device: torch.de
     return torch.randint(0, num_train_timesteps, (batch_size,), device=device, generator=generator)
 
 
+def sample_noise_and_timesteps(clean_images: torch.Tensor, objective: Objective, noise_scheduler: DDPMScheduler,
+                               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's noise and timesteps, drawn in that order from `generator`: the training loop's draws, which a
+    resumed run repeats from the step's seed."""
+    noise = sample_noise(clean_images, objective.noise_offset, generator)
+    timesteps = sample_timesteps(clean_images.shape[0], noise_scheduler.config.num_train_timesteps,
+                                 clean_images.device, generator)
+    return noise, timesteps
+
+
 def prediction_target(prediction_type: str, clean_images: torch.Tensor, noise: torch.Tensor,
                       timesteps: torch.Tensor, noise_scheduler: DDPMScheduler) -> torch.Tensor:
     """What the network learns to output: the noise (epsilon), the clean image (sample), or
@@ -80,9 +90,7 @@ def diffusion_loss(model_output: torch.Tensor, target: torch.Tensor, weights: to
 def training_loss(unet: torch.nn.Module, noise_scheduler: DDPMScheduler, clean_images: torch.Tensor,
                   objective: Objective, generator: torch.Generator | None = None) -> torch.Tensor:
     """One Monte-Carlo estimate of the objective on a batch: draw noise and timesteps, then `denoising_loss`."""
-    noise = sample_noise(clean_images, objective.noise_offset, generator)
-    timesteps = sample_timesteps(clean_images.shape[0], noise_scheduler.config.num_train_timesteps,
-                                 clean_images.device, generator)
+    noise, timesteps = sample_noise_and_timesteps(clean_images, objective, noise_scheduler, generator)
     return denoising_loss(unet, noise_scheduler, clean_images, noise, timesteps, objective)
 
 

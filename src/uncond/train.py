@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, tracking
 from .config import (EVERY_MACHINE, RUN_CONFIG_FILE, RunFailed, RunStopped, TrainConfig, UsageError, counted,
                      first_line, public_argv)
-from .objective import denoising_loss, sample_noise, sample_timesteps
+from .objective import denoising_loss, sample_noise_and_timesteps
 from .progress import progress_bar
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
 from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
@@ -459,17 +459,15 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
 
 def batch_inputs(run: Run, clean_images: torch.Tensor, micro_batch: int) -> tuple[torch.Tensor, ...]:
     """A micro-batch on the device, with the noise and timesteps it is trained at."""
-    device = run.accelerator.device
     # Pinned by the loader on GPUs, so the copy is asynchronous.
-    clean_images = clean_images.to(device, non_blocking=True).contiguous(memory_format=run.memory_format)
+    clean_images = clean_images.to(run.accelerator.device, non_blocking=True).contiguous(
+        memory_format=run.memory_format)
     # Noise and timesteps are a pure function of (seed, step, process, micro-batch): a resumed run
     # draws exactly what the uninterrupted one would have, with no random state to restore.
     run.noise_generator.manual_seed(data.mix_seed(run.config.seed, run.step, run.accelerator.process_index,
                                                   micro_batch))
-    noise = sample_noise(clean_images, run.objective.noise_offset, run.noise_generator)
-    timesteps = sample_timesteps(len(clean_images), run.noise_scheduler.config.num_train_timesteps, device,
-                                 run.noise_generator)
-    return clean_images, noise, timesteps
+    return clean_images, *sample_noise_and_timesteps(clean_images, run.objective, run.noise_scheduler,
+                                                     run.noise_generator)
 
 
 def accumulated_gradients(run: Run, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
