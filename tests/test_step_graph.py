@@ -153,6 +153,7 @@ def test_a_failed_recording_is_said_and_the_run_goes_on_eagerly(caplog):
     ({"gradient_accumulation_steps": 2}, "cuda", 1, "--gradient_accumulation_steps"),
     ({"gradient_checkpointing": True}, "cuda", 1, "--gradient_checkpointing"),
     ({"mixed_precision": "fp16"}, "cuda", 1, "--mixed_precision bf16"),
+    ({"enable_xformers_memory_efficient_attention": True}, "cuda", 1, "drop --enable_xformers"),
 ])
 def test_cuda_graphs_refused_where_the_step_cannot_be_recorded(settings, device, processes, message):
     with pytest.raises(UsageError, match=message):

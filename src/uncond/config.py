@@ -274,8 +274,8 @@ class TrainConfig:
                             "module); refused on CPUs, where torch 2.13 compiles wrong gradients", group="speed")
     cuda_graphs: bool = setting(False, "record the step's forward and backward passes once as a CUDA graph and "
                                 "replay it (one GPU process; bf16 or fp32; not with gradient accumulation, gradient "
-                                "checkpointing or --compile): the eager step of these UNets is bound by launching "
-                                "kernels. Not yet measured on a GPU", group="speed")
+                                "checkpointing, --compile or xformers): the eager step of these UNets is bound by "
+                                "launching kernels. Not yet measured on a GPU", group="speed")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
                                            "about a third more compute", group="speed")
     ema_update_every: int = setting(1, "update the EMA every this many steps, with the decay raised to that "
