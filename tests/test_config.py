@@ -207,6 +207,17 @@ def test_a_mistyped_flag_or_number_is_one_line(capsys, argv, message):
     assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
 
 
+def test_ctrl_c_while_the_flags_are_read_is_one_line(capsys, monkeypatch):
+    from uncond import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "add_train_arguments", interrupted)  # building the parser takes a third of a second
+    code = cli.main(["train", "--dataset_name", "x"])  # it was a 20-line traceback
+    assert code == 130 and capsys.readouterr().err == "uncond: interrupted\n"
+
+
 def test_demo_layer_sits_under_flags():
     config, _ = build_config({}, use_demo=True)
     assert config.dataset_name == DEMO_SETTINGS["dataset_name"] and config.demo

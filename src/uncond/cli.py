@@ -19,7 +19,14 @@ DESCRIPTION = "Train unconditional diffusion models on your own images, sample f
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run_command(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # anywhere, building the parser included: one line, not a traceback
+        print("uncond: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_command(argv: list[str]) -> int:
     parser = make_parser()
     if not argv:
         parser.print_help()
@@ -56,9 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"uncond: stopped: no space left on the device writing {error.filename or 'a file'}{kept}; free some "
               "space and re-run the same command", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("uncond: interrupted", file=sys.stderr)
-        return 130
 
 
 # What a command that stopped on a full disk kept, and a re-run goes on from
