@@ -198,6 +198,10 @@ def test_a_config_file_syntax_error_says_where(tmp_path):
                              "--use_ema?) (see uncond train --help)"),  # it named no flag, and `uncond --help`
     (("sample", "model", "--num-images", "3"), "uncond: error: unrecognized arguments: --num-images 3 "
                                                "(--num-images: did you mean --num_images?)"),
+    # the token is not shown: error messages end up in job logs
+    (("train", "--hub-token", "hf_secret", "--hub-tok=abc"), "uncond: error: unrecognized arguments: --hub-token "
+                                                              "<token> --hub-tok=<token> (--hub-token: did you mean "
+                                                              "--hub_token?; --hub-tok: did you mean --hub_token?)"),
 ])
 def test_a_mistyped_flag_or_number_is_one_line(capsys, argv, message):
     from uncond.cli import main

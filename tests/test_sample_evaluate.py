@@ -49,6 +49,17 @@ def test_sample_writes_numbered_pngs_the_same_whatever_the_batch_size(run_cli, p
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float rounding of batched convolutions only
 
 
+@pytest.mark.parametrize("steps, warned", [(1, "ddpm with 1 step starts at timestep 0, not at 999"),
+                                           (10, "ddpm with 10 steps starts at timestep 900, not at 999"),
+                                           (1000, None)])
+def test_ddpm_with_few_steps_says_it_starts_below_pure_noise(run_cli, pipeline, tmp_path, steps, warned):
+    """One ddpm step wrote the drawn noise back without a word (trial 41): DDPMPipeline's "leading" timesteps."""
+    code, _, err = run_cli("sample", pipeline, "--sampler", "ddpm", "--steps", steps, "--num_images", 1,
+                           "--device", "cpu", "--output_dir", tmp_path / "out")
+    assert code == 0, err
+    assert (warned in err) if warned else "starts at timestep" not in err
+
+
 def test_sample_from_a_one_channel_ddim_pipeline_writes_grayscale(run_cli, tmp_path):
     model = save_tiny_pipeline(tmp_path / "gray-ddim", channels=1, scheduler="ddim")
     code, _, err = run_cli("sample", model, "--num_images", 2, "--sampler", "ddim", "--steps", 2,
@@ -79,10 +90,12 @@ def test_an_interrupted_sample_is_completed_by_the_same_command(run_cli, pipelin
     assert code == 130 and "interrupted with 3 of 6 images written; run the same command again" in err
     assert sorted(path.name for path in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
     monkeypatch.setattr(sample_folder, "write_whole", write_whole)
+    (out / "ubuntu.iso.partial").write_bytes(b"a download of the user's, under way")  # not an image of ours
     code, _, err = run_cli(*args, "--output_dir", out)
     assert code == 0, err
     assert "already holds 3 of the 6 images of these settings; sampling the other 3" in err
-    assert "wrote 3 images" in err and not list(out.glob("*.partial"))
+    assert "wrote 3 images" in err and [path.name for path in out.glob("*.partial")] == ["ubuntu.iso.partial"]
+    (out / "ubuntu.iso.partial").unlink()
     assert (tmp_path / "grid.png").read_bytes() == (tmp_path / "whole-grid.png").read_bytes()
     for a, b in zip(pixels(tmp_path / "whole"), pixels(out), strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float rounding of batched convolutions only

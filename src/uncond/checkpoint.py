@@ -147,7 +147,9 @@ def fsync_path(path: Path) -> None:
 
 
 def remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    """A file or folder removed; a symlink as a link only (what it points to, perhaps outside the output folder,
+    is not the run's)."""
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- state

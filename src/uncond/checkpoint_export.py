@@ -179,6 +179,10 @@ def check_export_folder(output_dir: Path, overwrite: bool) -> None:
         raise UsageError(f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to replace the model an "
                          "export wrote there, or choose another --output_dir")
     others = [name for name in found if name not in (*checkpoint.PIPELINE_ITEMS, *RUN_FILES)]
+    previews = output_dir / run_folder.PREVIEWS_DIR  # replaced whole: it must hold the export's grid alone
+    if previews.is_dir():
+        grids = {path for _, path in run_folder.preview_grids(output_dir)}
+        others += [f"{previews.name}/{path.name}" for path in sorted(previews.iterdir()) if path not in grids]
     readme = output_dir / hub.CARD_FILE
     if readme.is_file() and not hub.written_by_uncond(readme):
         others.append(hub.CARD_FILE)

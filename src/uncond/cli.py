@@ -88,7 +88,24 @@ def refuse_unknown(parser: argparse.ArgumentParser, words: list[str]) -> None:
         if typed.startswith("--"):
             close = difflib.get_close_matches("--" + typed[2:].replace("-", "_"), flags, n=1, cutoff=0.75)
             hints += [f"{typed}: did you mean {close[0]}?"] if close else []
-    parser.error(f"unrecognized arguments: {' '.join(words)}" + (f" ({'; '.join(hints)})" if hints else ""))
+    parser.error(f"unrecognized arguments: {' '.join(without_secrets(words))}"
+                 + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def without_secrets(words: list[str]) -> list[str]:
+    """`words` as they may be shown: the value of a mistyped token flag (--hub-token hf_...) and anything shaped
+    like a Hub token replaced by <token>, since error messages end up in job logs."""
+    shown, after_token_flag = [], False
+    for word in words:
+        flag, equals, value = word.partition("=")
+        token_flag = flag.startswith("-") and "tok" in flag.lower()  # --hub-token, --hub-tok, --hubtoken
+        if after_token_flag or word.startswith("hf_"):
+            word = "<token>"
+        elif equals and (token_flag or value.startswith("hf_")):
+            word = f"{flag}=<token>"
+        shown.append(word)
+        after_token_flag = token_flag and not equals
+    return shown
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -106,7 +123,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_command(commands, "sample", run_sample, SampleConfig, "generate images from a trained model",
                 "Generate numbered PNGs from a diffusers pipeline folder (uncond's, or any DDPMPipeline or "
                 "DDIMPipeline), a Hub model or a training checkpoint, with any of diffusers' samplers. Image i "
-                "starts from noise seeded seed + i, so it is the same whatever the batch size.")
+                "starts from noise seeded seed + i, so it is the same whatever the batch size (up to float "
+                "rounding).")
     add_command(commands, "evaluate", run_evaluate, EvaluateConfig,
                 "FID, KID, precision and recall against real images",
                 "Measure generated images (a folder, or a MODEL to sample from) against real ones with FID and KID "

@@ -341,7 +341,8 @@ DEMO_SETTINGS: dict[str, Any] = {
 class SamplingSettings:
     """How images are drawn from a model: shared by `uncond sample` and `uncond evaluate`."""
     num_images: int = setting(16, "images to generate", group="sampling")
-    batch_size: int = setting(64, "images per batch; image i is the same whatever the batch size", group="sampling")
+    batch_size: int = setting(64, "images per batch; image i is the same whatever the batch size (up to float "
+                              "rounding)", group="sampling")
     sampler: str = setting("sde-dpmsolver++", "the sampler; the default matched 1000 DDPM steps from 10 steps on, on "
                            "the demo model (docs/benchmarks.md compares them all)", group="sampling",
                            choices=SAMPLER_NAMES)

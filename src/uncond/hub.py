@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from . import remote
-from .config import RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, counted, first_line
+from .config import PREVIEWS_DIR, RUN_CONFIG_FILE, RunFailed, TrainConfig, UsageError, counted, first_line
 
 logger = logging.getLogger("uncond")
 
 # Only the exported pipeline, its card, pictures and settings go up: never checkpoints, tracker logs,
 # metrics or the data report (which names local files); the settings without the local paths.
-UPLOAD_PATTERNS = ["model_index.json", "unet/*", "scheduler/*", "README.md", "samples/*.png", "loss.png",
+# The run's sample grids only: a user's own pictures in samples/ (a subfolder's too) stay on their machine.
+UPLOAD_PATTERNS = ["model_index.json", "unet/*", "scheduler/*", "README.md", f"{PREVIEWS_DIR}/step-*.png", "loss.png",
                    RUN_CONFIG_FILE]
 SNAPSHOT_PREFIX = ".hub-upload-step-"
 CARD_FILE = "README.md"  # where the Hub looks for a model card
@@ -97,9 +98,13 @@ class BackgroundUploads:
         folder = self.output_dir / f"{SNAPSHOT_PREFIX}{step}"
         if folder.exists():
             shutil.rmtree(folder)
+        # Not through a symlink: what it points to is not the run's (copy2 would copy the file it names).
         files = sorted(path.relative_to(self.output_dir).as_posix() for path in self.output_dir.rglob("*")
-                       if path.is_file() and not path.relative_to(self.output_dir).parts[0].startswith("."))
+                       if path.is_file() and not path.is_symlink()
+                       and not path.relative_to(self.output_dir).parts[0].startswith("."))
         for name in filter_repo_objects(files, allow_patterns=UPLOAD_PATTERNS):
+            if name.startswith(f"{PREVIEWS_DIR}/") and name.count("/") > 1:  # fnmatch's * matches a / too
+                continue
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             if name == RUN_CONFIG_FILE:
                 (folder / name).write_text(shareable_settings((self.output_dir / name).read_text()))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Iterable
 
 from . import data, hub, tracking
-from .checkpoint import (PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
+from .checkpoint import (MANIFEST_FILE, PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
                          complete_checkpoints, read_training_state, remove)
 from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, FolderInUse,
                      TrainConfig, UsageError, counted, list_checkpoints, nearest_existing, same_place)
@@ -52,9 +52,14 @@ def is_preview_folder(path: Path) -> bool:
 
 
 def preview_grids(output_dir: Path) -> list[tuple[int, Path]]:
-    """The run's sample grids in step order; other files in PREVIEWS_DIR (the user's) are not the run's."""
-    found = [(int(match[1]), path) for path in (output_dir / PREVIEWS_DIR).glob("step-*.png")
-             if (match := PREVIEW_NAME.match(path.name))]
+    """The run's sample grids in step order; other files in PREVIEWS_DIR (the user's) are not the run's, nor
+    is anything reached through a symlink (a PREVIEWS_DIR linked to a gallery elsewhere): what is returned may
+    be moved or removed."""
+    previews = output_dir / PREVIEWS_DIR
+    if previews.is_symlink():
+        return []
+    found = [(int(match[1]), path) for path in previews.glob("step-*.png")
+             if (match := PREVIEW_NAME.match(path.name)) and not path.is_symlink()]
     return sorted(found)
 
 
@@ -62,12 +67,12 @@ def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
     """Before a run writes into `output_dir`: finish or undo what a killed run left half done.
     Returns one message per thing cleaned."""
     messages = []
-    for old in output_dir.glob(f"{STAGING_PREFIX}old-*"):  # killed between replace_path's two renames
+    for old in staging_leftovers(output_dir, replaced=True):  # killed between replace_path's two renames
         current = output_dir / old.name.removeprefix(f"{STAGING_PREFIX}old-")
         if not current.exists():  # put the old one (an export's item, a checkpoint) back
             os.replace(old, current)
             messages.append(f"restored {current.name} from an interrupted write")
-    for path in output_dir.glob(f"{STAGING_PREFIX}*"):
+    for path in staging_leftovers(output_dir):
         remove(path)
         messages.append(f"removed {path.name}, left by an interrupted write")
     for _, path in list_checkpoints(output_dir):
@@ -80,6 +85,20 @@ def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
             messages.append(f"set aside incomplete {path.name} as {aside.name} ({problem}); delete it when you no "
                             "longer need it")
     return messages
+
+
+# The names uncond stages its writes under (checkpoint.save_checkpoint, export and replace_path, metrics.save_stats),
+# and no others: a user's own .tmp-build in a project folder used as --output_dir is not a leftover of uncond's.
+REPLACED_ITEM = rf"(?:checkpoint-\d+|{'|'.join(re.escape(name) for name in PIPELINE_ITEMS)})"
+STAGED_NAME = re.compile(rf"^{re.escape(STAGING_PREFIX)}(?:checkpoint-\d+|export|{re.escape(REFERENCE_STATS_FILE)}|"
+                         rf"old-{REPLACED_ITEM})$")
+
+
+def staging_leftovers(output_dir: Path, replaced: bool = False) -> list[Path]:
+    """What uncond's interrupted writes left in `output_dir`: staged copies, or (`replaced`) only the items
+    replace_path had renamed away."""
+    prefix = f"{STAGING_PREFIX}old-" if replaced else STAGING_PREFIX
+    return sorted(path for path in output_dir.glob(f"{prefix}*") if STAGED_NAME.match(path.name))
 
 
 def unused_name(path: Path) -> Path:
@@ -243,13 +262,21 @@ def check_output_dir(config: TrainConfig, resuming: bool) -> str:
 
 def others_outputs(output_dir: Path, config: TrainConfig) -> list[str]:
     """The names a run writes that `output_dir` already holds though no training run wrote the folder (no lock
-    file of uncond's, no checkpoint, no pipeline of uncond's or train_unconditional.py's): the user's own files
+    file of uncond's, no checkpoint or pipeline of uncond's or train_unconditional.py's): the user's own files
     (a project folder's samples/, logs/, loss.png), which a run would replace or mix with its own."""
-    if not output_dir.is_dir() or (output_dir / LOCK_FILE).exists() or list_checkpoints(output_dir) \
+    if not output_dir.is_dir() or (output_dir / LOCK_FILE).exists() or training_checkpoints(output_dir) \
             or holds_trained_model(output_dir):
         return []
     names = [name for name in (*RUN_ARTEFACTS, *PIPELINE_ITEMS, config.logging_dir) if name != hub.CARD_FILE]
     return [path.name + "/" * path.is_dir() for path in existing_inside(output_dir, names)]
+
+
+def training_checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoint-N folders a training run wrote: uncond's (with their manifest, even if damaged since) and
+    train_unconditional.py's. Another trainer's checkpoint-500 (transformers', say) does not make the folder a
+    run whose logs/ and samples/ --overwrite_output_dir may replace."""
+    return [path for _, path in list_checkpoints(output_dir)
+            if (path / MANIFEST_FILE).is_file() or checkpoint_problem(path) is None]
 
 
 def trackers_folder(output_dir: Path, logging_dir: str) -> Path:
@@ -409,7 +436,7 @@ def highest_missing(folder: Path) -> Path | None:
 
 
 def remove_if_empty(folder: Path) -> None:
-    if folder.is_dir() and not any(folder.iterdir()):
+    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
         folder.rmdir()
 
 

@@ -261,7 +261,9 @@ def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any],
         # Replaced images go before the settings are recorded: an interrupted run must not leave the earlier
         # sampling's images under this one's settings.
         numbered = is_numbered_image(path)
-        if (path.name.endswith(PARTIAL_SUFFIX) or (replacing and numbered)
+        # An image of ours being written when it was stopped (000012.png.partial); a download's .partial is not
+        unfinished = path.name.endswith(PARTIAL_SUFFIX) and is_numbered_image(path.with_suffix(""))
+        if (unfinished or (replacing and numbered)
                 or (config.overwrite and numbered and int(path.stem) >= config.num_images)):
             path.unlink()
     # The grid is not compared (any may be asked for), but the earlier run's is kept until a new one is written

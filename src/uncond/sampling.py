@@ -565,7 +565,21 @@ def open_for_sampling(settings: SamplingSettings, model_name: str) -> tuple[Mode
                                   model.scheduler_config.get("num_train_timesteps", DDPM_STEPS))
     check_sampler_fits(settings.sampler, model.scheduler_config, steps)
     scheduler = make_sampler(settings.sampler, model.scheduler_config)
+    if settings.sampler == "ddpm":
+        warn_of_a_late_start(scheduler, steps)
     return model, scheduler, steps
+
+
+def warn_of_a_late_start(scheduler: Any, steps: int) -> None:
+    """ddpm keeps DDPMPipeline's "leading" timesteps (so it draws what diffusers' own pipeline does), which
+    with fewer steps than were trained start below the last timestep: 1 step starts (and ends) at 0, leaving
+    the noise as it was drawn."""
+    scheduler.set_timesteps(steps, device="cpu")
+    first, last = int(scheduler.timesteps[0]), scheduler.config.num_train_timesteps - 1
+    if first < last:
+        logger.warning(f"ddpm with {counted(steps, 'step')} starts at timestep {first}, not at {last} where the noise "
+                       f"is pure (diffusers' DDPMPipeline spaces them so): its images stay noisy; give it "
+                       f"--steps {last + 1}, or use a fast sampler (the default, sde-dpmsolver++)")
 
 
 def log_sampling(settings: SamplingSettings, model: Model, steps: int) -> None:
