@@ -80,6 +80,9 @@ def evaluate(config: EvaluateConfig) -> Report:
         raise UsageError(f"GENERATED {config.generated}: {counted(len(features), 'readable image')}"
                          f"{skipped_note(generated.skipped)}; FID needs at least 2")
     scores = metrics.compare(features, reference, device)
+    # (not in a training run's evaluations: those compare equal image counts by construction)
+    notes = [scores.note, metrics.small_sample_note(*features.shape)]
+    scores = dataclasses.replace(scores, note="; ".join(note for note in notes if note) or None)
     return Report(scores, generated.description + skipped_note(generated.skipped), reference_note,
                   extractor.input_note, resolution, generated.sampled)
 

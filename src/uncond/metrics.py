@@ -373,6 +373,15 @@ class Scores:
         return " | ".join(parts + [self.note] * bool(self.note))
 
 
+def small_sample_note(count: int, dimensions: int) -> str | None:
+    """Said of a FID from fewer images than feature dimensions (a singular covariance), whose bias upwards is
+    large: FID falls as the image count grows, long after, too."""
+    if count >= dimensions:
+        return None
+    return (f"FID of {count} images is biased upwards (fewer than its {dimensions} feature dimensions): compare FIDs "
+            "of equal image counts")
+
+
 def compare(generated: np.ndarray, reference: FeatureStats, device: torch.device | str = "cpu") -> Scores:
     """FID of generated features against reference statistics; KID and precision/recall too when the
     reference keeps features (statistics files with only mu and sigma allow FID alone)."""
