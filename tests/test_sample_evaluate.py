@@ -51,7 +51,7 @@ def test_sample_writes_numbered_pngs_the_same_whatever_the_batch_size(run_cli, p
 
 @pytest.mark.parametrize("steps, warned", [(1, "ddpm with 1 step starts at timestep 0, not at 999"),
                                            (10, "ddpm with 10 steps starts at timestep 900, not at 999"),
-                                           (1000, None)])
+                                           (20, None), (1000, None)])  # 20 starts at 950: noise as pure
 def test_ddpm_with_few_steps_says_it_starts_below_pure_noise(run_cli, pipeline, tmp_path, steps, warned):
     """One ddpm step wrote the drawn noise back without a word (trial 41): DDPMPipeline's "leading" timesteps."""
     code, _, err = run_cli("sample", pipeline, "--sampler", "ddpm", "--steps", steps, "--num_images", 1,

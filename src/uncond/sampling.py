@@ -573,13 +573,16 @@ def open_for_sampling(settings: SamplingSettings, model_name: str) -> tuple[Mode
 def warn_of_a_late_start(scheduler: Any, steps: int) -> None:
     """ddpm keeps DDPMPipeline's "leading" timesteps (so it draws what diffusers' own pipeline does), which
     with fewer steps than were trained start below the last timestep: 1 step starts (and ends) at 0, leaving
-    the noise as it was drawn."""
+    the noise as it was drawn. Said where the start takes the noise to hold noticeably more of the image than
+    the last timestep does (more than half a percent: 10 steps or fewer of the linear schedule)."""
     scheduler.set_timesteps(steps, device="cpu")
     first, last = int(scheduler.timesteps[0]), scheduler.config.num_train_timesteps - 1
-    if first < last:
-        logger.warning(f"ddpm with {counted(steps, 'step')} starts at timestep {first}, not at {last} where the noise "
-                       f"is pure (diffusers' DDPMPipeline spaces them so): its images stay noisy; give it "
-                       f"--steps {last + 1}, or use a fast sampler (the default, sde-dpmsolver++)")
+    signal = scheduler.alphas_cumprod.sqrt()  # the share of the clean image in a noisy one at each timestep
+    if signal[first] - signal[last] > 0.005:
+        logger.warning(f"ddpm with {counted(steps, 'step')} starts at timestep {first}, not at {last} (diffusers' "
+                       f"DDPMPipeline spaces them so), taking the noise to hold {signal[first]:.1%} of the image: "
+                       f"its images stay noisy; give it --steps {last + 1}, or use a fast sampler (the default, "
+                       "sde-dpmsolver++)")
 
 
 def log_sampling(settings: SamplingSettings, model: Model, steps: int) -> None:
