@@ -26,6 +26,11 @@ REPLACED_DIR = ".replaced-run"  # --overwrite_output_dir: the earlier run, kept 
 RUN_ARTEFACTS = (PREVIEWS_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, RUN_CONFIG_FILE, hub.CARD_FILE,
                  data.REPORT_FILE, BEST_DIR, REFERENCE_STATS_FILE)
 PREVIEW_NAME = re.compile(r"^step-(\d+)\.png$")  # a run's sample grids, in PREVIEWS_DIR
+# The names uncond stages its writes under (checkpoint.save_checkpoint, export and replace_path, metrics.save_stats),
+# and no others: a user's own .tmp-build in a project folder used as --output_dir is not a leftover of uncond's.
+REPLACED_ITEM = rf"(?:checkpoint-\d+|{'|'.join(re.escape(name) for name in PIPELINE_ITEMS)})"
+STAGED_NAME = re.compile(rf"^{re.escape(STAGING_PREFIX)}(?:checkpoint-\d+|export|{re.escape(REFERENCE_STATS_FILE)}|"
+                         rf"old-{REPLACED_ITEM})$")
 
 
 def check_creatable(path: str, flag: str, file: bool = False, instead: str | None = None) -> None:
@@ -85,13 +90,6 @@ def clean_up_interrupted_writes(output_dir: Path) -> list[str]:
             messages.append(f"set aside incomplete {path.name} as {aside.name} ({problem}); delete it when you no "
                             "longer need it")
     return messages
-
-
-# The names uncond stages its writes under (checkpoint.save_checkpoint, export and replace_path, metrics.save_stats),
-# and no others: a user's own .tmp-build in a project folder used as --output_dir is not a leftover of uncond's.
-REPLACED_ITEM = rf"(?:checkpoint-\d+|{'|'.join(re.escape(name) for name in PIPELINE_ITEMS)})"
-STAGED_NAME = re.compile(rf"^{re.escape(STAGING_PREFIX)}(?:checkpoint-\d+|export|{re.escape(REFERENCE_STATS_FILE)}|"
-                         rf"old-{REPLACED_ITEM})$")
 
 
 def staging_leftovers(output_dir: Path, replaced: bool = False) -> list[Path]:
