@@ -49,7 +49,7 @@ def test_another_trainers_checkpoint_does_not_let_a_run_replace_its_logs(tmp_pat
         run_folder.check_output_dir(config, resuming=False)
 
 
-def test_only_uncond_s_own_staged_writes_are_cleaned_up(tmp_path):
+def test_only_leftovers_of_uncond_staged_writes_are_cleaned_up(tmp_path):
     """Every .tmp-* entry was deleted, a project folder's .tmp-build included."""
     output_dir = tmp_path / "project"
     users = write(output_dir / ".tmp-build" / "object.o")
@@ -84,7 +84,7 @@ def test_re_exporting_refuses_a_samples_folder_holding_the_users_files(tmp_path)
         checkpoint_export.check_export_folder(output_dir, overwrite=True)
 
 
-def test_push_to_hub_uploads_the_run_s_sample_grids_and_nothing_else_from_samples(tmp_path):
+def test_push_to_hub_uploads_the_runs_sample_grids_and_nothing_else_from_samples(tmp_path):
     """Every *.png under samples/, subfolders and links included, went to a repository that is public by default."""
     output_dir = earlier_run(tmp_path / "run")
     write(output_dir / "samples" / "step-0000004.png")
