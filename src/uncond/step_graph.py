@@ -23,6 +23,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from .config import first_line
+
 logger = logging.getLogger("uncond")
 
 Outputs = tuple[torch.Tensor, torch.Tensor]  # a step's loss and gradient norm
@@ -135,5 +137,5 @@ class StepGraph:
         self.failed = True
         for parameter in self.parameters:
             parameter.grad = None
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        logger.warning(f"--cuda_graphs: recording the step failed ({reason}); the run goes on with eager steps")
+        logger.warning(f"--cuda_graphs: recording the step failed ({first_line(error)}); the run goes on with eager "
+                       "steps")
