@@ -162,14 +162,17 @@ def warn_ignored_settings(config: TrainConfig, explicit: set[str] | frozenset[st
 
 def check_preview_sampler(config: TrainConfig, explicit: set[str] | frozenset[str]) -> None:
     """The preview sampler on the training schedule: a sampler that cannot take it would fail at the first
-    preview. Also says a schedule that leaves signal at its last timestep."""
+    preview. Also says a schedule that leaves signal at its last timestep, and ddpm grids that start late."""
     preview_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
     noise_scheduler = sampling.training_noise_scheduler(config.to_dict())
     schedule_of_a_model = config.pretrained_model_name_or_path and not explicit & set(SCHEDULE_OF_THE_MODEL)
     if not schedule_of_a_model and (warning := signal_left_at_the_end(config, noise_scheduler)):
         logger.warning(warning)  # a model's own schedule is kept as it was trained, whatever it leaves
-    sampling.check_sampler_fits(config.sampler, dict(noise_scheduler.config), preview_steps,
-                                "--ddpm_num_inference_steps" if config.sampler == "ddpm" else "--sample_steps")
+    steps_flag = "--ddpm_num_inference_steps" if config.sampler == "ddpm" else "--sample_steps"
+    sampling.check_sampler_fits(config.sampler, dict(noise_scheduler.config), preview_steps, steps_flag)
+    if config.sampler == "ddpm":  # the grids of a run would stay noisy without a word
+        sampling.warn_of_a_late_start(sampling.make_sampler("ddpm", noise_scheduler.config), preview_steps,
+                                      steps_flag)
 
 
 def model_channels(config: TrainConfig, unet_config: dict[str, Any]) -> int:

@@ -570,7 +570,7 @@ def open_for_sampling(settings: SamplingSettings, model_name: str) -> tuple[Mode
     return model, scheduler, steps
 
 
-def warn_of_a_late_start(scheduler: Any, steps: int) -> None:
+def warn_of_a_late_start(scheduler: Any, steps: int, steps_flag: str = "--steps") -> None:
     """ddpm keeps DDPMPipeline's "leading" timesteps (so it draws what diffusers' own pipeline does), which
     with fewer steps than were trained start below the last timestep: 1 step starts (and ends) at 0, leaving
     the noise as it was drawn. Said where the start takes the noise to hold noticeably more of the image than
@@ -581,7 +581,7 @@ def warn_of_a_late_start(scheduler: Any, steps: int) -> None:
     if signal[first] - signal[last] > 0.005:
         logger.warning(f"ddpm with {counted(steps, 'step')} starts at timestep {first}, not at {last} (diffusers' "
                        f"DDPMPipeline spaces them so), taking the noise to hold {signal[first]:.1%} of the image: "
-                       f"its images stay noisy; give it --steps {last + 1}, or use a fast sampler (the default, "
+                       f"its images stay noisy; give it {steps_flag} {last + 1}, or use a fast sampler (the default, "
                        "sde-dpmsolver++)")
 
 
