@@ -511,14 +511,27 @@ def test_a_checkpoint_of_an_earlier_uncond_is_exported_and_a_failed_export_leave
     code, _, err = run_cli("export", run / "checkpoint-2", "--output_dir", failing, "--overwrite_output_dir")
     assert code == 0 and (failing / "README.md").read_text() == card, err
     # killed between moving the earlier export out and the new one in: the next export puts the earlier one back
-    # (not a mix of the two), and removes what a killed export was writing
-    aside = failing.parent / ".failing.replaced-999999999"
-    aside.mkdir()
-    for item in failing.iterdir():
-        item.rename(aside / item.name)
-    (failing / "unet").mkdir()  # the new export's first item moved in
-    (failing.parent / ".failing.exporting-999999999").mkdir()
-    checkpoint_export.remove_dead_exports(failing)
+    # (not a mix of the two), and removes what a killed export was writing; that folder was refused as holding
+    # items "no export wrote" (no model_index.json), with --overwrite_output_dir too, and kept its mix
+    def killed_while_moving_in():
+        aside = failing.parent / ".failing.replaced-999999999"
+        aside.mkdir()
+        for item in failing.iterdir():
+            item.rename(aside / item.name)
+        (failing / "unet").mkdir()  # the new export's first item moved in
+        (failing.parent / ".failing.exporting-999999999").mkdir()
+
+    killed_while_moving_in()
+    code, _, err = run_cli("export", run / "checkpoint-2", "--output_dir", failing)
+    one_line_error(code, err, f"--output_dir {failing} is not empty; pass --overwrite_output_dir to replace the model")
+    assert {path.relative_to(failing): path.read_bytes() for path in failing.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in failing.parent.iterdir()) == ["failing"]
+    killed_while_moving_in()
+    (failing / "notes.txt").write_text("mine")  # put there since: kept, and named
+    code, _, err = run_cli("export", run / "checkpoint-2", "--output_dir", failing, "--overwrite_output_dir")
+    one_line_error(code, err, f"--output_dir {failing} holds notes.txt, which no export wrote")
+    assert (failing / "notes.txt").read_text() == "mine" and (failing / "model_index.json").is_file()
+    (failing / "notes.txt").unlink()
     assert {path.relative_to(failing): path.read_bytes() for path in failing.rglob("*") if path.is_file()} == before
     assert sorted(path.name for path in failing.parent.iterdir()) == ["failing"]
     # --output_dir . (a new, empty working folder): the folder was renamed away and deleted, the export made anew

@@ -46,14 +46,14 @@ def export_checkpoint(config: ExportConfig) -> Path:
     if problem:
         raise UsageError(f"{config.checkpoint}: the checkpoint is incomplete ({problem}); export another one")
     output_dir = Path(config.output_dir)
+    final = output_dir.resolve()  # a link's target
+    remove_dead_exports(final)  # first: the folder a killed export left is checked as it was before that export
     check_export_folder(output_dir, config.overwrite_output_dir)
     model = sampling.load_model(str(source), torch.device("cpu"), torch.float32)
     # Written whole into a folder beside it, then moved in: half an export would pass for a model (its pipeline
     # loads, its state says finished), and one that fails or is killed keeps the export it was to replace.
-    final = output_dir.resolve()  # a link's target
     created = run_folder.highest_missing(final)
     final.mkdir(parents=True, exist_ok=True)
-    remove_dead_exports(final)
     staging = final.parent / f".{final.name}{EXPORTING}{os.getpid()}"
     try:
         staging.mkdir()
@@ -94,16 +94,21 @@ def move_in(staging: Path, final: Path) -> None:
 def remove_dead_exports(final: Path) -> None:
     """What exports into `final` killed before their end left beside it: their unfinished folders, and the
     earlier export's items they had moved aside, put back where the folder holds no model (the items of the new
-    one moved in before the kill removed: a mix of the two would be neither)."""
+    one moved in before the kill removed: a mix of the two would be neither). Only an export's own items are
+    removed: a file the user put there since stays, for check_export_folder to name."""
+    if not final.parent.is_dir():
+        return
     for path in final.parent.glob(f".{final.name}.*-*"):
         kind, _, pid = path.name[len(final.name) + 1:].rpartition("-")
         if f"{kind}-" not in (EXPORTING, REPLACED) or not pid.isdigit() or cache.process_alive(int(pid)):
             continue
-        if f"{kind}-" == REPLACED and not (final / "model_index.json").exists():
+        if f"{kind}-" == REPLACED and final.is_dir() and not (final / "model_index.json").exists():
             for item in final.iterdir():
-                checkpoint.remove(item)
+                if item.name in (*checkpoint.PIPELINE_ITEMS, *RUN_FILES):
+                    checkpoint.remove(item)
             for item in path.iterdir():
-                os.rename(item, final / item.name)
+                if not (final / item.name).exists():
+                    os.rename(item, final / item.name)
         shutil.rmtree(path, ignore_errors=True)
 
 
