@@ -4,11 +4,14 @@
     python benchmarks/train_throughput.py --device cuda        # GPU: bf16, the seed's UNet at batch 16 and 64
 
 Each measurement runs in its own process (so peak memory is that variant's alone), baseline and uncond
-in turn, `--repeats` times; the ratio is taken pair by pair. Printed per configuration: images/s,
-the ratio, peak memory (GPU: torch's max allocated; CPU: the process's peak resident set), and model
-FLOPs utilisation: the FLOPs of one training step counted with torch.utils.flop_counter (forward and
-backward) times steps/s, over the device's peak for the precision (a datasheet figure for NVIDIA GPUs,
-an estimate from the core count and clock for CPUs; both printed).
+in turn, `--repeats` times, each going first in turn; the ratio is taken pair by pair. Printed per
+configuration: images/s, the ratio, peak memory (GPU: torch's max allocated; CPU: the process's peak
+resident set), and model FLOPs utilisation: the FLOPs of one training step counted with
+torch.utils.flop_counter (forward and backward) times steps/s, over the device's peak for the precision
+(a datasheet figure for NVIDIA GPUs, an estimate from the core count, clock and vector units for CPUs;
+both printed, with the rate a large matrix product reaches here to check the estimate by). On a CPU, the
+share of the cores that other processes used meanwhile is printed where it is a tenth or more: the
+step's threads then wait on each other, and the figures do not compare.
 
 The baseline reproduces train_unconditional.py's training step (diffusers main, 2026-08) without
 torchvision, which cannot be installed here: its UNet; its per-image transforms (PIL decode from a
@@ -302,6 +305,10 @@ def peak_flops(device: str, precision: str) -> tuple[float, str]:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     mhz = max(float(line.split(":")[1]) for line in cpuinfo if line.startswith("cpu MHz"))
     flags = set(" ".join(line for line in cpuinfo if line.startswith("flags")).split())
+    field = {line.split(":")[0].strip(): line.split(":", 1)[1].strip() for line in cpuinfo if ":" in line}
+    # AMD's Zen 4 (family 25) runs 512-bit vector instructions as two halves on its 256-bit units: half the
+    # 512-bit rate of Intel's server cores and of Zen 5 (family 26)
+    halved = field.get("vendor_id") == "AuthenticAMD" and int(field.get("cpu family", "0")) < 26
     if precision == "bf16" and "amx_bf16" in flags:
         # one AMX TDPBF16PS (16 x 32 by 32 x 16 bf16, 16,384 FLOP) every 16 cycles per core
         flops_per_cycle, unit = 1024, "bf16 (AMX)"
@@ -309,8 +316,35 @@ def peak_flops(device: str, precision: str) -> tuple[float, str]:
         flops_per_cycle, unit = 128, "bf16 (AVX512-BF16)"  # VDPBF16PS: 32 bf16 pairs x 2 FLOP x 2 units
     else:
         flops_per_cycle, unit = (64 if "avx512f" in flags else 32), "fp32"  # FMA lanes x 2 units x 2
+    if halved and "avx512f" in flags and unit != "bf16 (AMX)":
+        flops_per_cycle //= 2
+    model = field.get("model name", "CPU")
     return cores * mhz * 1e6 * flops_per_cycle, (f"estimate: {cores} cores x {mhz:.0f} MHz x {flops_per_cycle} "
-                                                 f"{unit} FLOP/cycle")
+                                                 f"{unit} FLOP/cycle, {model}")
+
+
+def measured_matmul_flops(device: str, precision: str) -> float:
+    """FLOP/s of a large matrix product in the run's precision: what the device does at best on the step's
+    main operation, printed beside the peak estimate, which rests on assumptions (a CPU's clock, its vector
+    units) that /proc/cpuinfo does not settle."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    size = 2048 if device == "cpu" else 8192
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the runs' fp32: TF32 tensor cores
+    rates = []
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(1 if device == "cpu" else 20):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rates.append((1 if device == "cpu" else 20) * 2 * size**3 / (time.perf_counter() - start))
+    return max(rates[1:])  # the first warms up
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -349,18 +383,24 @@ def main() -> None:
     names = args.configs.split(",") if args.configs else (
         ["seed64-b16", "seed64-b64"] if args.device == "cuda" else ["seed64-b16", "seed64-b64", "demo"])
     peak, peak_note = peak_flops(args.device, precision)
-    print(f"device {args.device}, precision {precision}, repeats {args.repeats}, peak {peak:.3g} FLOP/s ({peak_note})")
+    matmul = measured_matmul_flops(args.device, precision)
+    print(f"device {args.device}, precision {precision}, repeats {args.repeats}, peak {peak:.3g} FLOP/s ({peak_note}); "
+          f"a large matrix product runs at {matmul:.3g} FLOP/s here ({matmul / peak:.0%} of that peak)")
     rows = []
     for name in names:
         prepare_data(CONFIGS[name][5], work / CONFIGS[name][5])
         steps = args.steps or CONFIGS[name][4 if args.device == "cuda" else 3]
         flops = step_flops_per_image(name, args.device, precision)
         results: dict[str, list[dict]] = {"baseline": [], "uncond": []}
-        for _ in range(args.repeats):
-            for variant in ("baseline", "uncond"):
+        others = OthersCpu()
+        for repeat in range(args.repeats):
+            # each goes first in turn (baseline, uncond, then uncond, baseline): a drift in the machine's speed
+            # over the measurements (another job, the clock) favours neither
+            for variant in ("baseline", "uncond")[::1 if repeat % 2 == 0 else -1]:
                 results[variant].append(run_worker(variant, name, args, steps))
         ratios = [u["images_per_sec"] / b["images_per_sec"] for b, u in zip(results["baseline"], results["uncond"])]
-        row = {"config": name, "flops_per_image": flops, "ratio": statistics.median(ratios), "ratios": ratios}
+        row = {"config": name, "flops_per_image": flops, "ratio": statistics.median(ratios), "ratios": ratios,
+               "others_cpu_share": others.share()}
         for variant, runs in results.items():
             speed = statistics.median(r["images_per_sec"] for r in runs)
             row[variant] = {"images_per_sec": speed, "peak_gib": max(r["peak_bytes"] for r in runs) / 2**30,
@@ -369,7 +409,7 @@ def main() -> None:
         rows.append(row)
         print(format_row(row, args.device), flush=True)
     print(json.dumps({"device": args.device, "precision": precision, "peak": peak, "peak_note": peak_note,
-                      "rows": rows}))
+                      "matmul_flops": matmul, "rows": rows}))
 
 
 def run_worker(variant: str, name: str, args: argparse.Namespace, steps: int) -> dict:
@@ -407,7 +447,38 @@ def format_row(row: dict, device: str) -> str:
     return (f"{row['config']:<11} {row['flops_per_image'] / 1e9:6.1f} GFLOP/img | baseline {b['images_per_sec']:8.1f} "
             f"img/s, {memory(b)}, MFU {b['mfu']:6.1%} | uncond {u['images_per_sec']:8.1f} img/s, "
             f"{memory(u)}, MFU {u['mfu']:6.1%} | ratio {row['ratio']:.2f}x "
-            f"(pairs: {', '.join(f'{r:.2f}' for r in row['ratios'])})")
+            f"(pairs: {', '.join(f'{r:.2f}' for r in row['ratios'])})" + busy_note(row["others_cpu_share"], device))
+
+
+def busy_note(share: float, device: str) -> str:
+    """Said where other processes used a tenth of the cores or more: the step's threads then wait on each other."""
+    if device != "cpu" or not share >= 0.1:
+        return ""
+    return f" | others used {share:.0%} of the cores meanwhile: figures of a busy machine do not compare"
+
+
+class OthersCpu:
+    """The share of the cores that processes other than this one and its workers kept busy, from the system's
+    busy time (/proc/stat) less this process tree's own; NaN where /proc/stat is missing."""
+
+    def __init__(self) -> None:
+        self.start = self.sample()
+
+    @staticmethod
+    def sample() -> tuple[float, float, float]:
+        try:
+            fields = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        except OSError:
+            return math.nan, math.nan, time.perf_counter()
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        ours = sum(getattr(resource.getrusage(who), kind) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for kind in ("ru_utime", "ru_stime"))
+        return busy, ours, time.perf_counter()
+
+    def share(self) -> float:
+        (busy0, ours0, t0), (busy1, ours1, t1) = self.start, self.sample()
+        cores = len(os.sched_getaffinity(0))
+        return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / ((t1 - t0) * cores))
 
 
 if __name__ == "__main__":

@@ -59,17 +59,84 @@ def test_fast_step_equals_the_reference_step(unet):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
     # The update kernels on identical gradients (Adam divides by |g|, so tiny gradient noise would show).
-    for a, b in zip(fast.parameters(), reference.parameters()):
-        a.grad = b.grad.clone().contiguous(memory_format=torch.channels_last) if a.dim() == 4 else b.grad.clone()
+    gradients = [b.grad.clone() for b in reference.parameters()]
     for model, optimizer, ema in ((fast, fast_optimizer, fast_ema), (reference, reference_optimizer, reference_ema)):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        ema.step(model.parameters())
-        ema.step(model.parameters())  # a second update, where the decay is no longer 0
+        for _ in range(3):  # the EMA's warm-up decay is 0, then 0.41 and 0.56: the weights move between updates
+            for parameter, gradient in zip(model.parameters(), gradients):
+                layout = torch.channels_last if model is fast and parameter.dim() == 4 else torch.contiguous_format
+                parameter.grad = gradient.clone().contiguous(memory_format=layout)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            ema.step(model.parameters())
     for a, b in zip(fast.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(fast_ema.shadow_params, reference_ema.shadow_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    moved = [(a - b).abs().max() for a, b in zip(fast.parameters(), fast_ema.shadow_params)]
+    assert max(moved) > 1e-4  # the average lags the weights: a decay that matters was compared
+
+
+def test_training_step_of_a_run_follows_the_objective(color_folder, tiny_unet, tmp_path, monkeypatch):
+    """train.train_step as `uncond train` runs it (two micro-batches accumulated, clipping, fused AdamW, the EMA)
+    against the plain DDPM step: loss, gradient norm, gradients, weights and average. A scale
+    in the step (the loss of a micro-batch over the wrong count) changes neither Adam's first update nor
+    clipped gradients: the loss and the norm before clipping are compared."""
+    from conftest import reset_accelerate
+    from uncond import parts, train
+    from uncond.plan import plan_run
+
+    reset_accelerate()
+    config = TrainConfig(train_data_dir=str(color_folder), output_dir=str(tmp_path / "run"),
+                         model_config_name_or_path=str(tiny_unet), resolution=16, train_batch_size=2,
+                         gradient_accumulation_steps=2, use_ema=True, lr_scheduler="constant", lr_warmup_steps=0,
+                         learning_rate=1e-3, max_grad_norm=1.0, logger="none", seed=0, max_train_steps=10,
+                         cache_dir=str(tmp_path / "cache"))
+    plan = plan_run(config, explicit={"resolution"})
+    (tmp_path / "run").mkdir()
+    run = parts.build_run(plan, parts.make_accelerator(plan.config, tmp_path / "run"))
+    assert run.optimizer.defaults["fused"]
+    reference = copy.deepcopy(run.accelerator.unwrap_model(run.unet)).to(memory_format=torch.contiguous_format)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, betas=(config.adam_beta1,
+                                            config.adam_beta2), weight_decay=config.adam_weight_decay,
+                                            eps=config.adam_epsilon)
+    reference_ema = EMAModel(reference.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
+                             inv_gamma=config.ema_inv_gamma, power=config.ema_power)
+    seen = {}
+    optimizer_step = run.optimizer.step
+
+    def seeing_the_gradients(*args, **kwargs):  # what the step hands the optimizer
+        seen["gradients"] = [parameter.grad.clone() for parameter in run.parameters]
+        return optimizer_step(*args, **kwargs)
+
+    monkeypatch.setattr(run.optimizer, "step", seeing_the_gradients)
+    for micro_batches in list(train.optimizer_steps(run))[:3]:
+        losses = []
+        for i, clean_images in enumerate(micro_batches):  # the noise and timesteps the step draws
+            _, noise, timesteps = train.batch_inputs(run, clean_images, i)
+            abar = run.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+            noisy = abar.sqrt() * clean_images + (1 - abar).sqrt() * noise
+            loss = ((reference(noisy, timesteps).sample - noise) ** 2).mean()
+            (loss / len(micro_batches)).backward()
+            losses.append(loss.detach())
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+
+        loss = train.train_step(run, micro_batches)
+        torch.testing.assert_close(loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(run.running_grad_norm.pop(), norm, rtol=1e-4, atol=1e-6)
+        for gradient, parameter in zip(seen["gradients"], reference.parameters()):
+            torch.testing.assert_close(gradient, parameter.grad, rtol=1e-4, atol=1e-6)
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+        reference_ema.step(reference.parameters())
+        run.step += 1
+        # Adam divides by |g|: where a gradient is near 0, float rounding of the gradients moves its update by a
+        # percent of the learning rate (1e-3); a wrong rate, direction or missed update is off by all of it
+        for a, b in zip(run.parameters, reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
+        for a, b in zip(run.ema.shadow_params, reference_ema.shadow_params):
+            torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
+    assert norm > 1  # clipping was at work
 
 
 def test_sparse_ema_spans_the_same_horizon(unet):
