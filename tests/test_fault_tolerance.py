@@ -151,6 +151,35 @@ def test_kill_in_the_middle_of_a_checkpoint_write(inputs, reference, tmp_path):
     assert_same_result(out, reference)
 
 
+KILL_WHILE_DROPPING = """
+import os, re, signal, sys
+import uncond.checkpoint as checkpoint
+original = checkpoint.remove
+def dying(path):
+    if re.fullmatch(r"(\\.tmp-dropped-)?checkpoint-\\d+", path.name):  # --checkpoints_total_limit's, half deleted
+        (path / "optimizer.bin").unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(path)
+checkpoint.remove = dying
+from uncond.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_while_dropping_an_old_checkpoint(inputs, reference, tmp_path):
+    """A kill inside the deletion of the checkpoint --checkpoints_total_limit drops left it damaged, and every
+    next run kept it as incomplete-checkpoint-N for the user to delete (a preempted job gathered them, each the
+    size of a checkpoint): it is renamed first, and the next run finishes deleting it."""
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_DROPPING, *command(inputs, out)[3:]], env=ENV,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    log = resume_to_the_end(inputs, out)
+    assert "removed .tmp-dropped-checkpoint-4, left by an interrupted write" in log, log
+    assert not list(out.glob("incomplete-*")) and not list(out.glob(".tmp-*"))
+    assert_same_result(out, reference)
+
+
 KILL_BETWEEN_RENAMES = """
 import os, signal, sys
 import uncond.checkpoint as checkpoint
@@ -178,6 +207,8 @@ def test_kill_between_the_renames_of_an_export(inputs, reference, tmp_path):
     out = tmp_path / "run"
     # exports every epoch (2 steps); the second export finds the first one's unet/ and dies replacing it
     kill_between_the_renames(inputs, out, "unet", "--save_model_epochs", "1")
+    # model_index.json goes out first: no loader takes the half-replaced folder for a model meanwhile
+    assert not (out / "model_index.json").exists() and (out / ".tmp-old-model_index.json").is_file()
     log = resume_to_the_end(inputs, out)
     assert "restored unet from an interrupted write" in log
     assert_same_result(out, reference)

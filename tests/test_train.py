@@ -591,7 +591,8 @@ def test_dry_run_reports_and_writes_nothing(run_cli, color_folder, tiny_unet, tm
     assert '"sampler": "ddpm"' in stdout and '"ddpm_num_inference_steps": 50' in stdout
     assert "starts at timestep" not in err  # 50 of DDPMPipeline's leading steps start at 980: as good as pure noise
     # ... but 5 start at 800, and the grids would stay noisy without a word (trial 41 saw it in uncond sample)
-    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run", "--ddpm_num_inference_steps", "5"))
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--dry_run",
+                                            "--ddpm_num_inference_steps", "5"))
     assert code == 0 and "ddpm with 5 steps starts at timestep 800, not at 999" in err, err
     assert "give it --ddpm_num_inference_steps 1000, or use a fast sampler" in err
     # a shorter schedule: DDPM's previews take each of its timesteps (the default 1000 was refused as too many)

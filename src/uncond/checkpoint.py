@@ -276,7 +276,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
     if accelerator.is_main_process and total_limit is not None:
         for old_step, old in complete_checkpoints(output_dir)[:-total_limit]:
             if not milestone(old, old_step, config.keep_checkpoints_every):
-                remove(old)
+                # renamed first: a kill while deleting leaves a name the next run removes, not a damaged
+                # checkpoint it would keep as incomplete-checkpoint-N (a preempted job gathered them)
+                doomed = old.with_name(f"{STAGING_PREFIX}dropped-{old.name}")
+                if doomed.exists():
+                    remove(doomed)
+                os.replace(old, doomed)
+                remove(doomed)
                 dropped.append(old.name)
     accelerator.wait_for_everyone()
     return final, dropped
@@ -417,8 +423,16 @@ def export_pipeline(unet: UNet2DModel, noise_scheduler: DDPMScheduler, output_di
         shutil.rmtree(staging, ignore_errors=True)
         raise RunFailed(f"could not export the pipeline to {output_dir} ({write_error(error)}); the previous "
                         "export is intact; free some space and re-run the same command to resume") from None
-    for name in PIPELINE_ITEMS:  # model_index.json after its parts: a loader never sees it before them
+    # model_index.json out first and in last: a kill between leaves a folder no loader takes for a model, never
+    # the new UNet beside the old training state (the next run puts the earlier export back, then replaces it)
+    index = output_dir / "model_index.json"
+    old_index = index.with_name(f"{STAGING_PREFIX}old-{index.name}")
+    if index.exists():
+        os.replace(index, old_index)
+    for name in sorted(PIPELINE_ITEMS, key=lambda name: name == "model_index.json"):
         replace_path(staging / name, output_dir / name)
+    if old_index.exists():
+        remove(old_index)
     remove(staging)
 
 

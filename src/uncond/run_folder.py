@@ -29,8 +29,8 @@ PREVIEW_NAME = re.compile(r"^step-(\d+)\.png$")  # a run's sample grids, in PREV
 # The names uncond stages its writes under (checkpoint.save_checkpoint, export and replace_path, metrics.save_stats),
 # and no others: a user's own .tmp-build in a project folder used as --output_dir is not a leftover of uncond's.
 REPLACED_ITEM = rf"(?:checkpoint-\d+|{'|'.join(re.escape(name) for name in PIPELINE_ITEMS)})"
-STAGED_NAME = re.compile(rf"^{re.escape(STAGING_PREFIX)}(?:checkpoint-\d+|export|{re.escape(REFERENCE_STATS_FILE)}|"
-                         rf"old-{REPLACED_ITEM})$")
+STAGED_NAME = re.compile(rf"^{re.escape(STAGING_PREFIX)}(?:checkpoint-\d+|dropped-checkpoint-\d+|export|"
+                         rf"{re.escape(REFERENCE_STATS_FILE)}|old-{REPLACED_ITEM})$")
 
 
 def check_creatable(path: str, flag: str, file: bool = False, instead: str | None = None) -> None:
