@@ -424,7 +424,8 @@ def export_pipeline(unet: UNet2DModel, noise_scheduler: DDPMScheduler, output_di
         raise RunFailed(f"could not export the pipeline to {output_dir} ({write_error(error)}); the previous "
                         "export is intact; free some space and re-run the same command to resume") from None
     # model_index.json out first and in last: a kill between leaves a folder no loader takes for a model, never
-    # the new UNet beside the old training state (the next run puts the earlier export back, then replaces it)
+    # the new UNet beside the old training state (the next run puts back what was moved aside, and exports again
+    # as it reaches this step)
     index = output_dir / "model_index.json"
     old_index = index.with_name(f"{STAGING_PREFIX}old-{index.name}")
     if index.exists():
