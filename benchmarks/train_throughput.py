@@ -31,6 +31,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -203,6 +204,7 @@ def uncond_worker(config_name: str, device: str, precision: str, data: Path, ste
                                 "recorded" if run.step_graph.recorded else "not recorded")
     if diagnose:
         diagnose_steps(step, batches, device, batch_size, result["images_per_sec"], steps)
+    shutil.rmtree(output, ignore_errors=True)  # the run's folder (its lock, its data report): one per measurement
     return result
 
 
