@@ -56,8 +56,13 @@ def train_steps(steps: int, seconds: float | None) -> None:
     print("MS " + " ".join(f"{t * 1e3:.1f}" for t in times))
 
 
+def openmp_defaults() -> dict[str, str]:
+    """This environment without an OpenMP waiting setting of its own."""
+    return {key: value for key, value in os.environ.items() if key not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+
 def measure(spin_count: str | None, steps: int) -> float:
-    env = {key: value for key, value in os.environ.items() if key not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env = openmp_defaults()
     if spin_count is not None:
         env["GOMP_SPINCOUNT"] = spin_count
     finished = subprocess.run([sys.executable, __file__, "--worker", str(steps)], env=env, capture_output=True,
@@ -81,8 +86,7 @@ def main() -> None:
     for where in ("alone", "beside a neighbour"):
         neighbour = None
         if where != "alone":  # OpenMP's defaults, as another program has them
-            env = {key: value for key, value in os.environ.items() if key not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-            neighbour = subprocess.Popen([sys.executable, __file__, "--neighbour", "3600"], env=env)
+            neighbour = subprocess.Popen([sys.executable, __file__, "--neighbour", "3600"], env=openmp_defaults())
             time.sleep(5)
         try:
             for _ in range(args.repeats):

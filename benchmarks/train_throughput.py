@@ -336,16 +336,17 @@ def measured_matmul_flops(device: str, precision: str) -> float:
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the runs' fp32: TF32 tensor cores
+    products = 1 if device == "cpu" else 20  # a GPU's product takes a millisecond: timed in twenties
     rates = []
     for _ in range(5):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(1 if device == "cpu" else 20):
+        for _ in range(products):
             a @ b
         if device == "cuda":
             torch.cuda.synchronize()
-        rates.append((1 if device == "cpu" else 20) * 2 * size**3 / (time.perf_counter() - start))
+        rates.append(products * 2 * size**3 / (time.perf_counter() - start))
     return max(rates[1:])  # the first warms up
 
 

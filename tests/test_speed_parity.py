@@ -15,13 +15,20 @@ from uncond.models import make_ema
 from uncond.objective import Objective, training_loss
 
 
-def reference_step(unet, alphas_cumprod, clean_images, noise, timesteps):
-    """L = E || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (Ho et al. 2020, eq. 14)."""
+def reference_step(unet, alphas_cumprod, clean_images, noise, timesteps, parts=1):
+    """L = E || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (Ho et al. 2020, eq. 14); its
+    gradients, over `parts` (a step's micro-batches), added to .grad."""
     abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     noisy = abar.sqrt() * clean_images + (1 - abar).sqrt() * noise
     loss = ((unet(noisy, timesteps).sample - noise) ** 2).mean()
-    loss.backward()
-    return loss
+    (loss / parts).backward()
+    return loss.detach()
+
+
+def diffusers_ema(parameters, config):
+    """diffusers' own EMA, with the run's settings."""
+    return EMAModel(parameters, decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=config.ema_inv_gamma,
+                    power=config.ema_power)
 
 
 @pytest.fixture
@@ -49,8 +56,7 @@ def test_fast_step_equals_the_reference_step(unet):
     noise = torch.randn(clean_images.shape, generator=generator)
     timesteps = torch.randint(0, 1000, (8,), generator=generator)
     reference = copy.deepcopy(unet)
-    reference_ema = EMAModel(reference.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
-                             inv_gamma=config.ema_inv_gamma, power=config.ema_power)
+    reference_ema = diffusers_ema(reference.parameters(), config)
     reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
     reference_loss = reference_step(reference, schedule.alphas_cumprod, clean_images, noise, timesteps)
 
@@ -99,8 +105,7 @@ def test_training_step_of_a_run_follows_the_objective(color_folder, tiny_unet, t
     reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, betas=(config.adam_beta1,
                                             config.adam_beta2), weight_decay=config.adam_weight_decay,
                                             eps=config.adam_epsilon)
-    reference_ema = EMAModel(reference.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
-                             inv_gamma=config.ema_inv_gamma, power=config.ema_power)
+    reference_ema = diffusers_ema(reference.parameters(), config)
     seen = {}
     optimizer_step = run.optimizer.step
 
@@ -113,11 +118,8 @@ def test_training_step_of_a_run_follows_the_objective(color_folder, tiny_unet, t
         losses = []
         for i, clean_images in enumerate(micro_batches):  # the noise and timesteps the step draws
             _, noise, timesteps = train.batch_inputs(run, clean_images, i)
-            abar = run.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-            noisy = abar.sqrt() * clean_images + (1 - abar).sqrt() * noise
-            loss = ((reference(noisy, timesteps).sample - noise) ** 2).mean()
-            (loss / len(micro_batches)).backward()
-            losses.append(loss.detach())
+            losses.append(reference_step(reference, run.noise_scheduler.alphas_cumprod, clean_images, noise,
+                                         timesteps, parts=len(micro_batches)))
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
 

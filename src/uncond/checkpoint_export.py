@@ -96,8 +96,6 @@ def remove_dead_exports(final: Path) -> None:
     earlier export's items they had moved aside, put back where the folder holds no model (the items of the new
     one moved in before the kill removed: a mix of the two would be neither). Only an export's own items are
     removed: a file the user put there since stays, for check_export_folder to name."""
-    if not final.parent.is_dir():
-        return
     for path in final.parent.glob(f".{final.name}.*-*"):
         kind, _, pid = path.name[len(final.name) + 1:].rpartition("-")
         if f"{kind}-" not in (EXPORTING, REPLACED) or not pid.isdigit() or cache.process_alive(int(pid)):
