@@ -1527,6 +1527,50 @@ def test_a_stop_during_a_preview_gives_the_preview_up(run_cli, color_folder, tin
                             for folder in (out, straight)))
 
 
+def test_a_job_stopped_during_each_resumes_owed_preview_still_trains_on(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                     monkeypatch):
+    """A resume makes the grid its stop left out before training; a stop during it left the checkpoint as it
+    was, so a job preempted that often went back to the same step for ever. And a resume stopped after making
+    it made it again (minutes of sampling), once more in TensorBoard each time."""
+    import os
+    import signal
+
+    from uncond import sampling
+
+    generate, drawn = sampling.generate, []
+
+    def signalled_during(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return generate(*args, **kwargs)
+
+    def signalled_after(*args, **kwargs):
+        drawn.append(kwargs["seed"])
+        images = generate(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return images
+
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "9", "--save_images_epochs", "1")
+    monkeypatch.setattr(sampling, "generate", signalled_during)
+    code, _, err = run_cli(*args)
+    assert code == 143 and "the sample grid of step 3 is left out" in err and "at step 3" in err, err
+    code, _, err = run_cli(*args)  # interrupted at the resume too
+    assert code == 143 and "the sample grid of step 3 is left out" in err and "at step 3" in err, err
+    code, _, err = run_cli(*args)  # the third time it is given up, and the run trains on to the next grid
+    assert code == 143 and "the sample grid of step 3 is given up: a stop interrupted it at an earlier resume" \
+        in err and "stopped by SIGTERM at step 6" in err, err
+    monkeypatch.setattr(sampling, "generate", signalled_after)
+    code, _, err = run_cli(*args)  # step 6's grid made, then stopped before a new checkpoint
+    assert code == 143 and "stopped by SIGTERM at step 6" in err and (out / "samples" / "step-0000006.png").is_file()
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: drawn.append(k["seed"]) or generate(*a, **k))
+    drawn.clear()
+    code, _, err = run_cli(*args)
+    assert code == 0 and "the sample grid of step 6 was made by an earlier resume from this checkpoint" in err, err
+    assert len(drawn) == 1  # step 9's grid only
+    assert sorted(path.name for path in (out / "samples").iterdir()) == ["step-0000006.png", "step-0000009.png"]
+    assert not (out / ".uncond-owed.json").exists()  # the later checkpoints owe nothing
+
+
 def test_a_second_run_on_a_folder_in_use_is_refused(run_cli, color_folder, tiny_unet, tmp_path):
     """Two runs writing one folder (a requeued job overlapping the old one) interleaved checkpoints and metrics."""
     out = tmp_path / "run"

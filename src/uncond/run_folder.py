@@ -138,6 +138,34 @@ def set_aside_later_checkpoints(output_dir: Path, step: int) -> tuple[str, Path 
             f"to {aside}{with_them} (delete it when you no longer need them)"), aside
 
 
+# What resumes from a checkpoint did about the evaluation and sample grid it owes (a stop left them out): made,
+# or interrupted by another stop. Read by the next resume from it (train.settle_owed); removed by the next save.
+OWED_FILE = ".uncond-owed.json"
+
+
+def owed_record(output_dir: Path, step: int) -> dict[str, set[str]]:
+    """{"made": items, "interrupted": items} for the resumes from checkpoint-`step` since it was written, items
+    being "evaluation" and "preview"."""
+    try:
+        record = json.loads((output_dir / OWED_FILE).read_text())
+    except (OSError, ValueError):  # none; or cut short by a kill, which costs one more try at most
+        record = {}
+    if not isinstance(record, dict) or record.get("step") != step:
+        return {"made": set(), "interrupted": set()}
+    return {outcome: set(record.get(outcome, [])) for outcome in ("made", "interrupted")}
+
+
+def record_owed(output_dir: Path, step: int, item: str, outcome: str) -> None:
+    record = owed_record(output_dir, step)
+    record[outcome].add(item)
+    (output_dir / OWED_FILE).write_text(json.dumps({"step": step, **{outcome: sorted(items) for outcome, items
+                                                                      in record.items()}}) + "\n")
+
+
+def forget_owed(output_dir: Path) -> None:
+    (output_dir / OWED_FILE).unlink(missing_ok=True)
+
+
 LOCK_FILE = ".uncond-lock"
 _held_locks: dict[Path, IO[str]] = {}
 

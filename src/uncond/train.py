@@ -104,6 +104,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
         logger.info(plan.resume_message)
     if plan.resume_from is not None:
         resume(run, plan.resume_from, plan.resume_notes)
+        settle_owed(run)
     run.tracker_run_id = plan.tracker_run_id
     run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command_line)
     first_step = run.step
@@ -278,13 +279,18 @@ def train_loop(run: Run, stop: StopSignal, complete: bool) -> bool:
     (already_complete) only makes what its stop left owed. Returns False when a stop signal ended it early
     (after saving a checkpoint)."""
     config = run.config
-    owed = run.step in (run.evaluation_owed, run.preview_owed)
+    # as the checkpoint says, before settle_owed: a complete run's checkpoint and export are written anew even when
+    # an earlier resume made what it owed (and was stopped before writing them)
+    position = run.resume_position
+    owed = position is not None and run.step in (position.evaluation_owed, position.preview_owed)
     if run.evaluation_owed == run.step:  # before the preview, as the uninterrupted run made them
         evaluate(run)
+        record_owed(run, "evaluation", still_owed=run.evaluation_owed == run.step)
         if stop_requested(run, stop, at_once=True):
             return stopped(run)
     if run.preview_owed == run.step:
         make_owed_preview(run)
+        record_owed(run, "preview", still_owed=run.preview_owed == run.step)
         if stop_requested(run, stop, at_once=True):
             return stopped(run)
     if complete:
@@ -335,6 +341,44 @@ def train_loop(run: Run, stop: StopSignal, complete: bool) -> bool:
         with_averaged_weights(run, *uses)  # the grid too: the model card shows the export's step
     checkpoint_unless_written(run)  # the end too: a re-run with a larger --max_train_steps goes on from here exactly
     return True
+
+
+OWED_ITEMS = {"evaluation": "the evaluation", "preview": "the sample grid"}
+
+
+def settle_owed(run: Run) -> None:
+    """Resumed from a checkpoint that owes its step's evaluation or sample grid: what an earlier resume from it
+    made (stopped or killed after, before its next checkpoint) is not made again, and what a stop interrupted at
+    an earlier resume too is given up, or a job stopped during it at each resume would never train on."""
+    owed = [item for item, step in (("evaluation", run.evaluation_owed), ("preview", run.preview_owed))
+            if step == run.step]
+    if not owed:
+        return
+    settled = []
+    if run.accelerator.is_main_process:
+        record = run_folder.owed_record(run.output_dir, run.step)
+        for item in owed:
+            what = f"{OWED_ITEMS[item]} of step {run.step}"
+            if item in record["made"]:
+                logger.info(f"{what} was made by an earlier resume from this checkpoint: not made again")
+            elif item in record["interrupted"]:
+                logger.warning(f"{what} is given up: a stop interrupted it at an earlier resume from this checkpoint "
+                               "too; training goes on")
+            else:
+                continue
+            settled.append(item)
+    if run.accelerator.num_processes > 1:  # evaluations and sharded previews are collective
+        settled = broadcast_object_list([settled])[0]
+    if "evaluation" in settled:
+        run.evaluation_owed = None
+    if "preview" in settled:
+        run.preview_owed = None
+
+
+def record_owed(run: Run, item: str, still_owed: bool) -> None:
+    """What this resume did about an owed item, for the next resume from the same checkpoint (settle_owed)."""
+    if run.accelerator.is_main_process:
+        run_folder.record_owed(run.output_dir, run.step, item, "interrupted" if still_owed else "made")
 
 
 def make_owed_preview(run: Run) -> None:
@@ -600,6 +644,8 @@ def save_checkpoint(run: Run) -> None:
                                                {**training_state(run), "log_window": window}, run.config,
                                                run.config.checkpoints_total_limit)
     run.checkpointed_step = run.step
+    if run.accelerator.is_main_process:
+        run_folder.forget_owed(run.output_dir)  # the checkpoint just written says what is owed
     limit = f" (removed {', '.join(dropped)}: --checkpoints_total_limit {run.config.checkpoints_total_limit})"
     logger.info(f"saved {path}{limit if dropped else ''}")
     drop_replaced_run(run)
