@@ -47,9 +47,13 @@ CONFIGS = {
     "seed64-b64": ("seed", 64, 64, 2, 40, "photos"),
     "demo": ("tiny", 28, 64, 30, 200, "mnist"),
 }
-GPU_PEAK_FLOPS = {  # dense, per second: NVIDIA datasheets (SXM parts)
-    "bf16": {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12},
-    "no": {"H100": 494.7e12, "H200": 494.7e12, "A100": 156e12},  # fp32 runs use TF32 tensor cores
+# Dense, per second: NVIDIA datasheets. The first key the device's name holds wins: the PCIe and NVL parts are
+# slower than the SXM ones, named plainly ("NVIDIA H100 80GB HBM3").
+GPU_PEAK_FLOPS = {
+    "bf16": {"H100 PCIe": 756e12, "H100 NVL": 835.5e12, "H100": 989.4e12, "H200 NVL": 835.5e12, "H200": 989.4e12,
+             "A100": 312e12},
+    "no": {"H100 PCIe": 378e12, "H100 NVL": 417.5e12, "H100": 494.7e12, "H200 NVL": 417.5e12, "H200": 494.7e12,
+           "A100": 156e12},  # fp32 runs use TF32 tensor cores
 }
 
 
