@@ -905,6 +905,32 @@ def test_a_stop_during_an_evaluation_gives_it_up(run_cli, stand_in_inception, co
     assert scores[0] == scores[1] and [step for step, _ in scores[0]] == [2, 4]  # the uninterrupted run's
 
 
+def test_an_evaluation_a_stop_interrupts_at_its_resume_too_is_given_up(run_cli, stand_in_inception, color_folder,
+                                                                        tiny_unet, tmp_path, monkeypatch):
+    """A job stopped during the owed evaluation at each resume went back to the same step for ever."""
+    import os
+    import signal
+
+    from uncond import sampling
+
+    sample_batches = sampling.sample_batches
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return sample_batches(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_batches", signalled)
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "6", "--eval_every_steps", "2",
+                           "--eval_num_images", "4")
+    for _ in range(2):  # stopped during it, then during its resume
+        code, _, err = run_cli(*args)
+        assert code == 143 and "the evaluation of step 2 is left out" in err and "at step 2," in err, err
+    code, _, err = run_cli(*args)
+    assert code == 143 and "the evaluation of step 2 is given up: a stop interrupted it at an earlier resume" in err
+    assert "stopped by SIGTERM at step 3" in err, err  # it trained on, to the next grid (stopped in turn)
+
+
 def test_training_evaluates_logs_and_keeps_the_best(run_cli, stand_in_inception, color_folder, tiny_unet, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",
