@@ -8,6 +8,7 @@ import io
 import mmap
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -257,6 +258,30 @@ def test_a_folder_that_changed_decodes_only_its_new_files_and_replaces_its_entry
     assert "7 copied from earlier entries (1 of them files that cannot be decoded)" in outlook.line
     said = float(re.search(r"about ([\d.]+) KiB", outlook.line)[1]) * 1024
     assert 0.8 < said / load(config).pixels.nbytes < 1.3
+
+
+def test_a_moved_folder_with_a_photo_added_decodes_only_that_photo(tmp_path, monkeypatch):
+    """Moved or renamed, then grown by one photo, a collection was decoded whole again, and its earlier entry
+    stayed beside the new one under the old path (the entry matched files by their absolute paths)."""
+    folder = write_images(tmp_path / "images", 6)
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
+    first = load(config)
+    moved = folder.rename(tmp_path / "moved")
+    Image.new("RGB", (20, 30), "red").save(moved / "added.png")
+    untouched_elsewhere = write_images(tmp_path / "elsewhere", 2)  # an entry of a folder since deleted...
+    elsewhere_entry = load(config.replace(train_data_dir=str(untouched_elsewhere))).folder
+    shutil.rmtree(untouched_elsewhere)
+    decoded = []
+    monkeypatch.setattr(decoding, "decode_image", lambda image, *args: decoded.append(image.size) or
+                        decode_image(image, *args))
+    source = open_source(config.replace(train_data_dir=str(moved)))
+    changed = load_images(source, config.replace(train_data_dir=str(moved)), progress=False)
+    assert decoded == [(20, 30)] and len(changed) == 7
+    assert f"the other 6 copied from earlier entries; the folder's earlier entry removed ({first.folder.name})" \
+        in data.summary(changed, source)
+    assert not first.folder.exists() and elsewhere_entry.exists()  # ...whose files matched none: not replaced
+    afresh = load(config.replace(train_data_dir=str(moved), cache_dir=str(tmp_path / "afresh")))
+    assert np.array_equal(changed.index, afresh.index) and np.array_equal(changed.pixels, afresh.pixels)
 
 
 def test_the_cache_a_run_will_need_is_said_before_it_decodes(tmp_path, monkeypatch):

@@ -196,11 +196,14 @@ def folder_of(description: str) -> str | None:
 
 class EarlierImages:
     """The images that complete entries of the same settings decoded from files still as they were (same path, size
-    and modification time), by file key (sources.Source.file_keys): copied instead of decoded again."""
+    and modification time), by file key (sources.Source.file_keys): copied instead of decoded again. An entry of a
+    folder that no longer exists counts as one of `folder` before a move or rename: its files are matched by their
+    place in it (a moved collection with one photo added was decoded whole again, and kept twice)."""
 
     def __init__(self, root: Path, settings: dict[str, Any], folder: str | None):
         self.found: dict[str, tuple[ImageCache, int | None, bool | str]] = {}  # key: (entry, row, upscaled | reason)
         self.superseded: list[Path] = []  # entries of the same folder and settings: the new entry replaces them
+        self.moved: list[Path] = []  # entries of a folder no longer there: replaced too where copied from
         self.copied_from: set[Path] = set()
         for entry in entries(root) if folder is not None else []:  # the most recently used first
             if any(entry.meta.get(name) != value for name, value in {"format": FORMAT_VERSION, **settings}.items()):
@@ -216,10 +219,21 @@ class EarlierImages:
             cache = ImageCache.open(entry.folder, use=False)  # used only if copied from (result)
             if cache is None:
                 continue
-            if files.get("folder") == folder:
+            earlier_folder, rebase = files.get("folder"), None
+            if earlier_folder == folder:
                 self.superseded.append(entry.folder)
+            elif earlier_folder and not os.path.exists(earlier_folder):
+                self.moved.append(entry.folder)
+                rebase = (earlier_folder + os.sep, folder + os.sep)
             for key, row, detail in files.get("files", []):
+                if rebase and key.startswith(rebase[0]):
+                    key = rebase[1] + key[len(rebase[0]):]
                 self.found.setdefault(key, (cache, row, detail))
+
+    def replaced(self) -> list[Path]:
+        """The entries a new entry of `folder` replaces: its earlier ones, and those of it before a move that were
+        copied from (one of a folder removed, whose files matched none, is left to `uncond cache`)."""
+        return self.superseded + [path for path in self.moved if path in self.copied_from]
 
     def __contains__(self, key: str | None) -> bool:
         return key in self.found

@@ -175,7 +175,7 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, earlier: Earl
                            "upscaled_examples": upscaled[:UPSCALED_NAMED], "skipped": skipped, "reused": reused,
                            "decode_seconds": round(time.perf_counter() - started, 1)},
                           {"folder": source.folder, "files": files} if source.file_keys else None)
-    for replaced in earlier.superseded:  # the folder's contents as they were: this entry replaces them
+    for replaced in earlier.replaced():  # the folder's contents as they were: this entry replaces them
         if replaced != cache.folder and replaced.exists():
             remove_entry(replaced)
             cache.replaced.append(replaced)
