@@ -175,13 +175,17 @@ def decoding_alone(folder: Path, on_wait: Callable[[], None]):
         yield
         return
     with handle:
+        locked = True
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             on_wait()
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError:  # not supported here
-            pass
+            locked = False
+        if locked:  # every decode of this entry holds the lock: one of this host's left now was killed
+            for partial in folder.parent.glob(f".{folder.name}{PARTIAL}{socket.gethostname()}-*"):
+                shutil.rmtree(partial, ignore_errors=True)
         try:
             yield
         finally:

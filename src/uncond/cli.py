@@ -235,7 +235,9 @@ def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
     unfinished = cache.unfinished_decodes(root)
     if unfinished:
         print(f"{counted(len(unfinished), 'unfinished decode')} ({size_text(sum(map(cache.folder_size, unfinished)))}"
-              "): of runs decoding now, or killed while decoding (--remove_all removes those of killed runs)")
+              "): of runs decoding now, or killed while decoding (--remove_unused_days N removes those of runs "
+              "killed over 10 minutes ago, --remove_all those of runs killed a moment ago too, with every entry; the "
+              "next decode of the same images removes them too)")
     print(f"{counted(len(entries), 'entry')} and {counted(len(stats), 'reference statistics file')}, "
           f"{size_text(sum(e.size for e in entries + stats))} in all")
     unused_since = None if config.remove_unused_days is None else time.time() - config.remove_unused_days * 86400
