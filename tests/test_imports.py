@@ -34,3 +34,14 @@ def test_modules_import_only_lower_layers():
         assert path.stem in LAYERS, f"{path.name}: add it to a layer"
         for name in package_imports(path):
             assert LAYERS[name] < LAYERS[path.stem], f"{path.stem} imports {name}"
+
+
+def test_the_installed_package_carries_its_license_and_one_version():
+    """A wheel had no license text (Apache-2.0 asks that users get a copy), and its version was written twice."""
+    import importlib.metadata
+
+    distribution = importlib.metadata.distribution("uncond")
+    assert distribution.version == uncond.__version__
+    assert distribution.metadata.get_all("License-File") == ["LICENSE"]
+    license_file = next(path for path in distribution.files if path.name == "LICENSE")
+    assert "Apache License" in license_file.read_text() and "Version 2.0" in license_file.read_text()
