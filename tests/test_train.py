@@ -729,6 +729,7 @@ def one_line_error(code: int, err: str, expected: str) -> None:
 
 @pytest.mark.parametrize("make_args, expected", [
     (lambda d, u, o: ["train", "--output_dir", o], "no dataset given"),
+    (lambda d, u, o: ["train", "--dry_run"], "--demo gives its settings to a command with flags (--demo --dry_run)"),
     (lambda d, u, o: fast_train_args(d / "missing", u, o), "no such folder"),
     (lambda d, u, o: fast_train_args(next(p for p in d.rglob("*") if p.is_file()), u, o), "is a file; pass the "
                                                                                        "folder that holds the images"),

@@ -719,7 +719,8 @@ def validate(config: TrainConfig) -> None:
             raise UsageError(f"--{name} is empty (an unset shell variable?); give it a value")
     if config.dataset_name is None and config.train_data_dir is None:
         raise UsageError("no dataset given: pass --dataset_name (a Hub dataset, a saved dataset, a folder, or "
-                         "builtin:mnist) or --train_data_dir DIR; `uncond train` with no arguments runs the demo")
+                         "builtin:mnist) or --train_data_dir DIR; `uncond train` with no arguments runs the demo, "
+                         "and --demo gives its settings to a command with flags (--demo --dry_run)")
     if config.streaming and not config.dataset_name:
         raise UsageError("--streaming reads --dataset_name (a Hub dataset, or a folder of Parquet or WebDataset "
                          "shards); a --train_data_dir folder is decoded once into the cache instead")
