@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import MESSY_SKIPPED, MESSY_USED, mounted_tmpfs, write_images, write_messy_folder
 from uncond import data, decoding, metrics, sources
@@ -47,6 +47,30 @@ def test_downscale_is_pil_bilinear_like_the_seed():
     expected = np.asarray(image.resize((30, 20), Image.BILINEAR))
     np.testing.assert_array_equal(array, expected)
     assert array.shape == (20, 30, 3) and not gray and not upscaled
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_pixels_within_a_few_levels(monkeypatch):
+    """A 4000x3000 photo took 185 ms to reach 32 px, decoded whole; JPEG's DCT scaling gives it at 1/2 to 1/8 of
+    its size for a fraction of that (benchmarks/jpeg_draft.py)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:600, 0:800]
+    smooth = np.stack([128 + 100 * np.sin(x / 90 + c) * np.cos(y / 70 - c) for c in range(3)], -1)
+    pixels = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shot in portrait: turned upright after the reduced decode too
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90, exif=exif)
+    record = sources.Record("photo.jpg", lambda: Image.open(io.BytesIO(buffer.getvalue())))
+    decoded_at = []
+    monkeypatch.setattr(decoding, "decode_image", lambda image, *args: decoded_at.append(image.size) or
+                        decode_image(image, *args))
+    drafted = decoding.decode_record(record, 64, False)[0]
+    assert decoded_at == [(200, 150)]  # 1/4: the smallest scale keeping both sides at least 2 x 64
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue())))
+    whole = np.asarray(upright.resize(resized_size(*upright.size, 64), Image.BILINEAR))
+    assert drafted.shape == whole.shape == (85, 64, 3)
+    difference = np.abs(drafted.astype(int) - whole.astype(int))
+    assert difference.max() <= 6 and difference.mean() < 0.5
 
 
 def test_transparent_pixels_become_white_not_black():

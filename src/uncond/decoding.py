@@ -21,6 +21,7 @@ from .sources import Record
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 Decoded = tuple[np.ndarray, bool, bool]  # (HWC array, is_gray, was_upscaled)
+DRAFT_GAP = 2  # a JPEG is decoded at a DCT scale keeping both sides at least this many times the resolution
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -100,6 +101,12 @@ def decode_record(record: Record, resolution: int, preserve_precision: bool) -> 
             if width * height > Image.MAX_IMAGE_PIXELS:  # Pillow only warns up to twice its limit
                 raise Image.DecompressionBombError(f"{width}x{height} = {width * height:,} pixels, over its limit "
                                                    f"of {Image.MAX_IMAGE_PIXELS:,}")
+            # A JPEG is decoded at the smallest of its DCT scales (1/2 to 1/8) that keeps both sides at least
+            # twice the resolution, as Pillow's thumbnail() does (reducing_gap 2), and then resized as any other:
+            # 1.6 to 2.9 times faster for photos of 0.3 to 12 megapixels at 64 px, within 5 grey levels of decoding
+            # them whole, 0.3 on average (benchmarks/jpeg_draft.py). A no-op for other formats. `uncond evaluate`
+            # decodes real images whole (FID is sensitive to how they are resized).
+            image.draft(None, (DRAFT_GAP * resolution, DRAFT_GAP * resolution))
             return decode_image(image, resolution, preserve_precision)
     except Image.DecompressionBombError as error:
         return (f"too large for Pillow's decompression-bomb guard ({str(error).rstrip('.')}); shrink it, or raise "
