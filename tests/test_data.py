@@ -486,6 +486,19 @@ def test_folder_walk_follows_linked_folders_once(tmp_path):
         "b.png", "cats/a.png"]
 
 
+def test_a_file_linked_under_a_second_name_is_one_image(tmp_path):
+    """A link to a photo of the same folder (or a hard link) was trained on twice, where a second link to a
+    folder was followed once."""
+    folder = write_images(tmp_path / "images", 3, nested=False)
+    (folder / "favourite.jpg").symlink_to(folder / "image_000.jpg")
+    os.link(folder / "image_001.png", folder / "hard.png")
+    source = open_source(TrainConfig(train_data_dir=str(folder)))
+    assert len(source.records) == 3
+    assert source.description.endswith("(3 image files; 2 links to image files already read left out)")
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")  # no file behind it: skipped when decoded, as before
+    assert len(open_source(TrainConfig(train_data_dir=str(folder))).records) == 4
+
+
 @pytest.mark.parametrize("config, message", [
     (TrainConfig(train_data_dir="/no/such/folder"), "--train_data_dir /no/such/folder: no such folder"),
     (TrainConfig(dataset_name="./missing_dataset"), "no such folder"),

@@ -175,16 +175,25 @@ def folder_source(folder: Path) -> Source:
     # rsync decide what changed) rather than its bytes: reading every file on every run would cost
     # a good part of what the cache saves.
     fingerprint = hashlib.sha256(b"folder\n")
+    # A file reached under a second name (a link to another file of the folder, or a hard link) is one image,
+    # as a second link to a folder is one folder (walk_files); inode 0 is a file system without inode numbers.
+    files_read, second_names = set(), 0
     for path in walk_files(folder, run_folders):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             ignored[path.suffix.lower() or "(no extension)"] += 1
             continue
         stat = path.stat() if path.exists() else path.lstat()  # a broken link: skipped when decoded, and reported
+        if stat.st_ino and (stat.st_dev, stat.st_ino) in files_read:
+            second_names += 1
+            continue
+        files_read.add((stat.st_dev, stat.st_ino))
         fingerprint.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         paths.append(str(path))
         keys.append(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}")
     left_out = (f"; uncond run and sample folders left out: {', '.join(str(p) for p in run_folders)}"
                 if run_folders else "")
+    if second_names:
+        left_out += f"; {counted(second_names, 'link')} to image files already read left out"
     # The absolute path: the description is also what `uncond cache` lists as an entry's source.
     return Source(f"folder {os.path.abspath(folder)} ({counted(len(paths), 'image file')}{left_out})",
                   Records(paths, Image.open, lambda _, path: path), fingerprint.hexdigest(), ignored,
