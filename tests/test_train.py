@@ -456,6 +456,7 @@ def test_a_messy_folder_trains_and_a_second_run_decodes_nothing(run_cli, tiny_un
     assert code == 0 and f"{len(MESSY_USED) + len(MESSY_SKIPPED)} image files" in err, err
     assert "cannot be opened (" in err and "not_an_image.jpg" in err and "would be left out" in err
     assert "5 optimizer steps per epoch" in err  # 18 files in batches of 4
+    assert "not images by their extension, passed over: 1 .txt" in err  # said by the run only
     first = tmp_path / "first"
     code, _, err = run_cli(*fast_train_args(folder, tiny_unet, first, "--max_train_steps", "2"))
     assert code == 0, err

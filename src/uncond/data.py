@@ -218,10 +218,15 @@ def summary(cache: ImageCache, source: Source) -> str:
         upscaled = cache.meta["upscaled"]
         line += (f"; {counted(upscaled, 'image')} smaller than {cache.meta['resolution']} px "
                  f"{'was' if upscaled == 1 else 'were'} upscaled")
-    if source.ignored:
-        line += "; not images by their extension, passed over: " + ", ".join(
-            f"{count} {extension}" for extension, count in source.ignored.most_common(5))
-    return line
+    return line + passed_over(source)
+
+
+def passed_over(source: Source) -> str:
+    """The files a folder holds that are not images by their extension, for the data line and --dry_run's."""
+    if not source.ignored:
+        return ""
+    return "; not images by their extension, passed over: " + ", ".join(
+        f"{count} {extension}" for extension, count in source.ignored.most_common(5))
 
 
 def write_report(path: Path, used: int, skipped: Sequence[Sequence[str]], upscaled: int,

@@ -641,7 +641,8 @@ def dry_run(plan: Plan) -> None:
     global_batch_size = config.train_batch_size * processes * config.gradient_accumulation_steps
     _, total_steps = run_length(plan, steps_per_epoch, global_batch_size, processes, (images, None))
     print(json.dumps(config.to_record(), indent=2))  # stdout holds the settings alone: `--dry_run > settings.json`
-    logger.info(f"dataset: {source.description}" if source else f"dataset: {config.dataset_name}, streamed")
+    logger.info(f"dataset: {source.description}{data.passed_over(source)}" if source
+                else f"dataset: {config.dataset_name}, streamed")
     if outlook is not None:
         logger.info(outlook.line)
         if outlook.warning:
