@@ -177,10 +177,12 @@ def test_a_storage_fault_stops_the_build_instead_of_skipping_the_image_for_good(
     assert len(load_images(source, config, progress=False)) == 4  # nothing half-built or skipped was kept
 
 
-def test_ctrl_c_while_decoding_says_the_decoded_images_are_not_kept(tmp_path, capsys):
-    """It said only "uncond: interrupted"; the next run decoded everything again without a word of why."""
+def test_ctrl_c_while_decoding_keeps_the_decoded_images_for_the_next_run(tmp_path, capsys, monkeypatch):
+    """It said only "uncond: interrupted"; then the next run decoded everything again: a job preempted during a
+    decode of hours (a million photos) started it over each time."""
     folder = write_images(tmp_path / "images", 4, nested=False)
-    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"),
+                         dataloader_num_workers=1)  # decoded in turn: two before the third
     source = open_source(config)
     items, opened = source.records.items, []
 
@@ -190,13 +192,21 @@ def test_ctrl_c_while_decoding_says_the_decoded_images_are_not_kept(tmp_path, ca
             raise KeyboardInterrupt
         return Image.open(path)
 
-    config = dataclasses.replace(config, dataloader_num_workers=1)  # decoded in turn: two before the third
     with pytest.raises(KeyboardInterrupt):
         load_images(dataclasses.replace(source, records=sources.Records(items, interrupted_at_the_third,
                                                                          source.records.name)), config)
-    assert "decoding stopped after 2 of 4 images; they are not kept: the next run decodes them all again" in \
+    assert "decoding stopped after 2 of 4 images; those are kept: the next run decodes only the others" in \
         capsys.readouterr().err
-    assert len(load_images(source, config, progress=False)) == 4
+    [part] = (tmp_path / "cache" / "uncond").iterdir()
+    assert "-part-" in part.name and len(ImageCache.open(part)) == 2
+    decoded = []
+    monkeypatch.setattr(decoding, "decode_image", lambda image, *args: decoded.append(1) or decode_image(image, *args))
+    whole = load_images(source, config, progress=False)
+    assert len(whole) == 4 and len(decoded) == 2 and not part.exists()  # replaced by the whole folder's entry
+    assert f"2 new or changed files decoded, the other 2 copied from earlier entries; the folder's earlier entry " \
+           f"removed ({part.name})" in data.summary(whole, source)
+    afresh = load(config.replace(cache_dir=str(tmp_path / "afresh")))
+    assert np.array_equal(whole.index, afresh.index) and np.array_equal(whole.pixels, afresh.pixels)
 
 
 def test_a_decode_killed_a_moment_ago_is_removed_by_the_next_decode_of_the_same_images(tmp_path):

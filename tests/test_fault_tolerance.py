@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -247,6 +248,33 @@ def test_preemption_saves_a_checkpoint_and_exits_with_the_signals_status(inputs,
     assert checkpoint.checkpoint_problem(out / f"checkpoint-{step}") is None
     resume_to_the_end(inputs, out)
     assert_same_result(out, reference)
+
+
+def test_a_job_preempted_while_decoding_keeps_what_it_decoded(run_cli, tiny_unet, tmp_path, monkeypatch):
+    """SIGTERM during the first decode ended the run with no word (Python's default), and the next run decoded
+    every image again: a job preempted more often than a long decode takes never trained."""
+    from uncond import decoding
+
+    folder = write_images(tmp_path / "photos", 8, nested=False)
+    decode_image, decoded = decoding.decode_image, []
+
+    def preempted_at_the_fifth(image, *args):
+        decoded.append(1)
+        if len(decoded) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return decode_image(image, *args)
+
+    monkeypatch.setattr(decoding, "decode_image", preempted_at_the_fifth)
+    args = fast_train_args(folder, tiny_unet, tmp_path / "run", "--max_train_steps", "2",
+                           "--dataloader_num_workers", "1")
+    code, _, err = run_cli(*args)
+    assert code == 143 and "those are kept: the next run decodes only the others" in err, err
+    kept = int(re.search(r"decoding stopped after (\d+) of 8 images", err)[1])
+    assert 0 < kept < 8
+    decoded.clear()
+    code, _, err = run_cli(*args)
+    assert code == 0 and f"the other {kept} copied from earlier entries" in err, err
+    assert len(decoded) == 8 - kept
 
 
 def test_a_killed_launcher_stops_the_run_with_a_checkpoint(inputs, tmp_path):

@@ -310,6 +310,13 @@ class CacheWriter:
         cache.built_now = True
         return cache
 
+    def keep_interrupted(self, meta: dict[str, Any], files: dict[str, Any]) -> ImageCache:
+        """What a decode stopped part way wrote, as a complete entry of its own under another name (KEY-part-RANDOM,
+        which no run opens as the entry of its data), for the next decode to copy from and then replace."""
+        self.file.truncate(self.offset * self.dtype.itemsize)  # flushed first; an image the signal cut short goes
+        self.folder = self.folder.with_name(f"{self.folder.name}-part-{os.urandom(3).hex()}")
+        return self.finish({**meta, "interrupted": True}, files)
+
     def abort(self) -> None:
         try:
             self.file.close()

@@ -9,6 +9,7 @@ are a pure function of the position in training: resuming needs no replay. `--st
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -25,10 +26,10 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .cache import (META_FILE, CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone, entry_folder,
-                    mark_used)
+from .cache import (FILES_FILE, META_FILE, CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone,
+                    entry_folder, mark_used)
 from .cache import remove as remove_entry
-from .config import RunFailed, TrainConfig, UsageError, counted, nearest_existing, size_text
+from .config import RunFailed, RunStopped, TrainConfig, UsageError, counted, nearest_existing, size_text
 from .decoding import decode_records, resized_size
 from .progress import progress_bar
 from .sources import Source
@@ -160,20 +161,23 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, earlier: Earl
     except BaseException as error:
         done = len(writer) + len(skipped)
         written = writer.offset * writer.dtype.itemsize
-        writer.abort()
-        if isinstance(error, KeyboardInterrupt) and progress:  # said where the bar was, before cli's "interrupted"
-            print(f"decoding stopped after {done} of {len(source.records)} images; they are not kept: the next run "
-                  "decodes them all again", file=sys.stderr)
+        stopped = isinstance(error, (KeyboardInterrupt, RunStopped))  # Ctrl-C, or SIGTERM (train.run_training)
+        kept = stopped and keep_interrupted_decode(writer, source, earlier, files, {
+            **entry_meta(source, config, started, skipped, upscaled, reused),
+            "source": f"{source.description}; decoding stopped after {done} of them"})
+        if not kept:
+            writer.abort()
+        if stopped:  # said where the bar was, before cli's "interrupted"
+            print(f"decoding stopped after {done} of {len(source.records)} images; "
+                  + ("those are kept: the next run decodes only the others" if kept else
+                     "they are not kept: the next run decodes them all again"), file=sys.stderr)
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:  # the cache's disk, not the output's
             needed = (f" (about {size_text(written * len(source.records) // len(writer))} for these "
                       f"{len(source.records)} images)" if len(writer) else "")
             raise RunFailed(f"no space left on the device for the decoded-image cache in {folder.parent}{needed}; "
                             "free some space there, or give --cache_dir a disk with room") from None
         raise
-    cache = writer.finish({"source": source.description, "resolution": config.resolution,
-                           "preserve_input_precision": config.preserve_input_precision, "upscaled": len(upscaled),
-                           "upscaled_examples": upscaled[:UPSCALED_NAMED], "skipped": skipped, "reused": reused,
-                           "decode_seconds": round(time.perf_counter() - started, 1)},
+    cache = writer.finish(entry_meta(source, config, started, skipped, upscaled, reused),
                           {"folder": source.folder, "files": files} if source.file_keys else None)
     for replaced in earlier.replaced():  # the folder's contents as they were: this entry replaces them
         if replaced != cache.folder and replaced.exists():
@@ -183,6 +187,38 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, earlier: Earl
         if copied_from.exists():
             mark_used(copied_from / META_FILE)
     return cache
+
+
+def entry_meta(source: Source, config: TrainConfig, started: float, skipped: list, upscaled: list,
+               reused: int) -> dict[str, Any]:
+    """A new entry's meta.json, less what CacheWriter adds."""
+    return {"source": source.description, "resolution": config.resolution,
+            "preserve_input_precision": config.preserve_input_precision, "upscaled": len(upscaled),
+            "upscaled_examples": upscaled[:UPSCALED_NAMED], "skipped": skipped, "reused": reused,
+            "decode_seconds": round(time.perf_counter() - started, 1)}
+
+
+def keep_interrupted_decode(writer: CacheWriter, source: Source, earlier: EarlierImages, files: list,
+                            meta: dict[str, Any]) -> bool:
+    """A folder's decode stopped by a signal keeps the images it has, as an entry of part of the folder: the next
+    run copies them (EarlierImages) and decodes only the others, so a job preempted during a long decode (hours,
+    for a million photos) gets through it in turns. The earlier such entries of the folder that this one holds
+    all of are removed. Returns whether it kept any (a dataset's entries are whole or nothing)."""
+    rows = len(writer)
+    if not source.file_keys or not rows:
+        return False
+    files = [file for file in files if file[1] is None or file[1] < rows]  # not an image the signal cut short
+    try:
+        writer.keep_interrupted(meta, {"folder": source.folder, "files": files})
+    except OSError:  # a full disk, say: kept nothing
+        return False
+    keys = {key for key, _, _ in files}
+    for entry in earlier.superseded:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if json.loads((entry / META_FILE).read_text()).get("interrupted") and \
+                    {key for key, _, _ in json.loads((entry / FILES_FILE).read_text())["files"]} <= keys:
+                remove_entry(entry)
+    return True
 
 
 def decoded_or_earlier(records: Sequence[Any], keys: Sequence[str | None], earlier: EarlierImages,

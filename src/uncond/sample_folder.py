@@ -10,17 +10,14 @@ in: a folder holding them is refused unless --overwrite.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import logging
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +30,7 @@ from .config import (RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, RunFailed, RunStoppe
 from .run_folder import check_creatable, is_preview_folder
 from .sampling import (PARTIAL_SUFFIX, image_grid, is_numbered_image, log_sampling, network_evaluations,
                        numbered_name, open_for_sampling, sample_batches, sampling_options, to_pil, write_whole)
+from .stopping import stopped_by_sigterm
 
 logger = logging.getLogger("uncond")
 
@@ -110,24 +108,6 @@ def write_images(unet: torch.nn.Module, scheduler: Any, indices: list[int], fold
         how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "stopped by SIGTERM"
         logger.info(f"{how}{so_far}; run the same command again to sample the rest")
         raise
-
-
-@contextlib.contextmanager
-def stopped_by_sigterm() -> Iterator[None]:
-    """SIGTERM as Ctrl-C is: an exception where sampling is (each image is written whole or not at all), which
-    the command ends with, status 143. Python's default ended the process with no word."""
-    if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
-        yield
-        return
-
-    def stop(number: int, frame: Any) -> None:
-        raise RunStopped(number)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def on_processes(processes: Any) -> str:

@@ -3,18 +3,39 @@ and under several processes they agree, at every step, to stop at the same one."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
 from . import environment
+from .config import RunStopped
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM as Ctrl-C is: an exception where the work is (sampling images, each written whole or not at all;
+    decoding a dataset into the cache, which keeps what it decoded), which the command ends with, status 143.
+    Python's default ended the process with no word. For work before a run's StopSignal takes over."""
+    if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
+        yield
+        return
+
+    def stop(number: int, frame: Any) -> None:
+        raise RunStopped(number)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class StopSignal:
