@@ -49,7 +49,8 @@ def test_downscale_is_pil_bilinear_like_the_seed():
     assert array.shape == (20, 30, 3) and not gray and not upscaled
 
 
-def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_pixels_within_a_few_levels(monkeypatch):
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_pixels_within_a_few_levels(monkeypatch,
+                                                                                           tmp_path):
     """A 4000x3000 photo took 185 ms to reach 32 px, decoded whole; JPEG's DCT scaling gives it at 1/2 to 1/8 of
     its size for a fraction of that (benchmarks/jpeg_draft.py)."""
     rng = np.random.default_rng(0)
@@ -71,6 +72,13 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_pixels_within_
     assert drafted.shape == whole.shape == (85, 64, 3)
     difference = np.abs(drafted.astype(int) - whole.astype(int))
     assert difference.max() <= 6 and difference.mean() < 0.5
+    # uncond evaluate's real images are decoded whole, as FID's reference statistics are
+    decoded_at.clear()
+    folder = tmp_path / "real"
+    folder.mkdir()
+    (folder / "photo.jpg").write_bytes(buffer.getvalue())
+    list(data.image_batches(open_source(TrainConfig(train_data_dir=str(folder))), 64, 4))
+    assert decoded_at == [(800, 600)]
 
 
 def test_transparent_pixels_become_white_not_black():

@@ -300,7 +300,8 @@ def image_batches(source: Source, resolution: int, batch_size: int, limit: int |
     training, then centre-cropped: uint8 NHWC batches, decoded as they are used, so a large set needs
     little memory. Unreadable images are skipped and added to `skipped`."""
     def decoded() -> Iterator[np.ndarray]:
-        for record, result in decode_records(spread_choice(source.records, limit), resolution, False):
+        # JPEGs decoded whole (decoding.decode_record's draft): FID references are, and FID is sensitive to it
+        for record, result in decode_records(spread_choice(source.records, limit), resolution, False, draft=False):
             if isinstance(result, str):
                 if skipped is not None:
                     skipped.append((record.name, result))

@@ -92,7 +92,7 @@ def resize_high_precision(image: Image.Image, size: tuple[int, int], preserve_pr
 MACHINE_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 
 
-def decode_record(record: Record, resolution: int, preserve_precision: bool) -> Decoded | str:
+def decode_record(record: Record, resolution: int, preserve_precision: bool, draft: bool = True) -> Decoded | str:
     """Decode one record, or say in a few words why it cannot be: a bad file is skipped, never fatal. A failing
     disk or network share, or a machine out of memory or file handles, stops the run instead."""
     try:
@@ -101,12 +101,13 @@ def decode_record(record: Record, resolution: int, preserve_precision: bool) -> 
             if width * height > Image.MAX_IMAGE_PIXELS:  # Pillow only warns up to twice its limit
                 raise Image.DecompressionBombError(f"{width}x{height} = {width * height:,} pixels, over its limit "
                                                    f"of {Image.MAX_IMAGE_PIXELS:,}")
-            # A JPEG is decoded at the smallest of its DCT scales (1/2 to 1/8) that keeps both sides at least
-            # twice the resolution, as Pillow's thumbnail() does (reducing_gap 2), and then resized as any other:
-            # 1.6 to 2.9 times faster for photos of 0.3 to 12 megapixels at 64 px, within 5 grey levels of decoding
-            # them whole, 0.3 on average (benchmarks/jpeg_draft.py). A no-op for other formats. `uncond evaluate`
-            # decodes real images whole (FID is sensitive to how they are resized).
-            image.draft(None, (DRAFT_GAP * resolution, DRAFT_GAP * resolution))
+            # `draft`: a JPEG is decoded at the smallest of its DCT scales (1/2 to 1/8) that keeps both sides at
+            # least twice the resolution, as Pillow's thumbnail() does (reducing_gap 2), and then resized as any
+            # other: 1.6 to 2.9 times faster for photos of 0.3 to 12 megapixels at 64 px, within 5 grey levels of
+            # decoding them whole, 0.3 on average (benchmarks/jpeg_draft.py). A no-op for other formats. `uncond
+            # evaluate` decodes whole, as FID's references are (it is sensitive to how images are resized).
+            if draft:
+                image.draft(None, (DRAFT_GAP * resolution, DRAFT_GAP * resolution))
             return decode_image(image, resolution, preserve_precision)
     except Image.DecompressionBombError as error:
         return (f"too large for Pillow's decompression-bomb guard ({str(error).rstrip('.')}); shrink it, or raise "
@@ -121,17 +122,18 @@ def decode_record(record: Record, resolution: int, preserve_precision: bool) -> 
         return f"{type(error).__name__}: {error}".strip()
 
 
-def decode_records(records: Iterable[Record], resolution: int, preserve_precision: bool,
-                   workers: int = 0) -> Iterator[tuple[Record, Decoded | str]]:
+def decode_records(records: Iterable[Record], resolution: int, preserve_precision: bool, workers: int = 0,
+                   draft: bool = True) -> Iterator[tuple[Record, Decoded | str]]:
     """Decode records in parallel threads (Pillow releases the GIL while it decodes and resizes), in
-    order, with a bounded number in flight so memory stays bounded however many records there are."""
+    order, with a bounded number in flight so memory stays bounded however many records there are. `draft`: as
+    for decode_record."""
     # decode_record refuses images over the limit with a clearer message than this warning's.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
     in_flight: deque = deque()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for record in records:
-            in_flight.append((record, pool.submit(decode_record, record, resolution, preserve_precision)))
+            in_flight.append((record, pool.submit(decode_record, record, resolution, preserve_precision, draft)))
             if len(in_flight) >= 4 * workers:
                 record, future = in_flight.popleft()
                 yield record, future.result()
