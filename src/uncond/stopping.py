@@ -1,5 +1,6 @@
 """Stopping a run cleanly: a signal (a preempted job, Ctrl-C) asks for a checkpoint at the next step boundary,
-and under several processes they agree, at every step, to stop at the same one."""
+and under several processes they agree, at every step, to stop at the same one. Before the steps (a decode into
+the cache) and while sampling, SIGTERM raises where the work is, as Ctrl-C does (stopped_by_sigterm)."""
 
 from __future__ import annotations
 
