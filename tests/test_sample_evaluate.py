@@ -931,6 +931,34 @@ def test_an_evaluation_a_stop_interrupts_at_its_resume_too_is_given_up(run_cli, 
     assert "stopped by SIGTERM at step 3" in err, err  # it trained on, to the next grid (stopped in turn)
 
 
+def test_an_owed_evaluation_a_resume_without_fid_could_not_make_is_made_by_the_next(run_cli, stand_in_inception,
+                                                                                     color_folder, tiny_unet,
+                                                                                     tmp_path, monkeypatch):
+    """A resume without --eval_every_steps (or without torch-fidelity) does not make the owed evaluation; stopped
+    before its next checkpoint, it recorded the evaluation as interrupted, and the next resume gave it up."""
+    import os
+    import signal
+
+    from uncond import sampling, train
+
+    sample_batches = sampling.sample_batches
+    monkeypatch.setattr(sampling, "sample_batches", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM)
+                        or sample_batches(*args, **kwargs))
+    out = tmp_path / "run"
+    without = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "6")
+    evaluating = [*without, "--eval_every_steps", "2", "--eval_num_images", "4"]
+    code, _, err = run_cli(*evaluating)
+    assert code == 143 and "the evaluation of step 2 is left out" in err, err
+    monkeypatch.setattr(sampling, "sample_batches", sample_batches)
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda run: os.kill(os.getpid(), signal.SIGTERM) or evaluate(run))
+    code, _, err = run_cli(*without)  # stopped at once, before a step: no new checkpoint
+    assert code == 143 and "stopped by SIGTERM at step 2" in err, err
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    code, _, err = run_cli(*evaluating)
+    assert code == 0 and "evaluation at step 2" in err and "given up" not in err, err
+
+
 def test_training_evaluates_logs_and_keeps_the_best(run_cli, stand_in_inception, color_folder, tiny_unet, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4",

@@ -286,7 +286,8 @@ def train_loop(run: Run, stop: StopSignal, complete: bool) -> bool:
     owed = position is not None and run.step in (position.evaluation_owed, position.preview_owed)
     if run.evaluation_owed == run.step:  # before the preview, as the uninterrupted run made them
         evaluate(run)
-        record_owed(run, "evaluation", still_owed=run.evaluation_owed == run.step)
+        if run.feature_extractor is not None:  # else not tried (no FID network in this run): the next resume tries
+            record_owed(run, "evaluation", still_owed=run.evaluation_owed == run.step)
         if stop_requested(run, stop, at_once=True):
             return stopped(run)
     if run.preview_owed == run.step:
@@ -377,7 +378,8 @@ def settle_owed(run: Run) -> None:
 
 
 def record_owed(run: Run, item: str, still_owed: bool) -> None:
-    """What this resume did about an owed item, for the next resume from the same checkpoint (settle_owed)."""
+    """What this resume did about an owed item, for the next resume from the same checkpoint (settle_owed): made
+    it, or was stopped during it (the only way a grid or evaluation under way is left out)."""
     if run.accelerator.is_main_process:
         run_folder.record_owed(run.output_dir, run.step, item, "interrupted" if still_owed else "made")
 
