@@ -217,6 +217,32 @@ def test_ctrl_c_while_decoding_keeps_the_decoded_images_for_the_next_run(tmp_pat
     assert np.array_equal(whole.index, afresh.index) and np.array_equal(whole.pixels, afresh.pixels)
 
 
+def test_a_decode_stopped_twice_keeps_one_part_entry(tmp_path, capsys):
+    """The second stop's part holds all of the first's: the first is removed, not kept beside it."""
+    folder = write_images(tmp_path / "images", 4, nested=False)
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"),
+                         dataloader_num_workers=1)
+    source = open_source(config)
+    items = source.records.items
+
+    def interrupted_at(stop_at):
+        opened = []
+
+        def open_image(path):
+            opened.append(path)
+            if path == stop_at and opened.count(path) == 2:  # its decode (its header was read first)
+                raise KeyboardInterrupt
+            return Image.open(path)
+        return dataclasses.replace(source, records=sources.Records(items, open_image, source.records.name))
+
+    for stop_at, kept in ((items[2], 2), (items[3], 3)):
+        with pytest.raises(KeyboardInterrupt):
+            load_images(interrupted_at(stop_at), config)
+        assert f"decoding stopped after {kept} of 4 images; those are kept" in capsys.readouterr().err
+        [part] = (tmp_path / "cache" / "uncond").iterdir()
+        assert "-part-" in part.name and len(ImageCache.open(part)) == kept
+
+
 def test_a_decode_killed_a_moment_ago_is_removed_by_the_next_decode_of_the_same_images(tmp_path):
     """Its temporary folder (76 MB for 30,000 small images) stayed beside the entry the next run made, since it
     had not been idle 10 minutes; but a decode of an entry holds that entry's lock, so none is live any more."""

@@ -208,6 +208,8 @@ class EarlierImages:
         self.found: dict[str, tuple[ImageCache, int | None, bool | str]] = {}  # key: (entry, row, upscaled | reason)
         self.superseded: list[Path] = []  # entries of the same folder and settings: the new entry replaces them
         self.moved: list[Path] = []  # entries of a folder no longer there: replaced too where copied from
+        # The superseded entries that are parts of the folder (decodes stopped part way), with their files' keys
+        self.parts: dict[Path, set[str]] = {}
         self.copied_from: set[Path] = set()
         for entry in entries(root) if folder is not None else []:  # the most recently used first
             if any(entry.meta.get(name) != value for name, value in {"format": FORMAT_VERSION, **settings}.items()):
@@ -229,10 +231,14 @@ class EarlierImages:
             elif earlier_folder and not os.path.exists(earlier_folder):
                 self.moved.append(entry.folder)
                 rebase = (earlier_folder + os.sep, folder + os.sep)
+            keys = []
             for key, row, detail in files.get("files", []):
                 if rebase and key.startswith(rebase[0]):
                     key = rebase[1] + key[len(rebase[0]):]
                 self.found.setdefault(key, (cache, row, detail))
+                keys.append(key)
+            if earlier_folder == folder and entry.meta.get("interrupted"):
+                self.parts[entry.folder] = set(keys)
 
     def replaced(self) -> list[Path]:
         """The entries a new entry of `folder` replaces: its earlier ones, and those of it before a move that were

@@ -9,7 +9,6 @@ are a pure function of the position in training: resuming needs no replay. `--st
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import json
@@ -26,7 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .cache import (FILES_FILE, META_FILE, CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone,
+from .cache import (META_FILE, CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone,
                     entry_folder, mark_used)
 from .cache import remove as remove_entry
 from .config import RunFailed, RunStopped, TrainConfig, UsageError, counted, nearest_existing, size_text
@@ -213,11 +212,9 @@ def keep_interrupted_decode(writer: CacheWriter, source: Source, earlier: Earlie
     except OSError:  # a full disk, say: kept nothing
         return False
     keys = {key for key, _, _ in files}
-    for entry in earlier.superseded:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            if json.loads((entry / META_FILE).read_text()).get("interrupted") and \
-                    {key for key, _, _ in json.loads((entry / FILES_FILE).read_text())["files"]} <= keys:
-                remove_entry(entry)
+    for part, part_keys in earlier.parts.items():
+        if part_keys <= keys and part.exists():
+            remove_entry(part)
     return True
 
 
