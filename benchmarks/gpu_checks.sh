@@ -120,7 +120,7 @@ if [[ $parts == *,fsdp,* ]]; then
 echo "== FSDP2 on one GPU, bf16, checkpoint and resume"
 write_images
 fsdp() {
-  timeout 90 accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 1 -m uncond train \
+  timeout 90 accelerate launch --config_file "$(python3 -m uncond launch-config fsdp)" --num_processes 1 -m uncond train \
     --train_data_dir "$work/images" --model_preset tiny --resolution 32 --train_batch_size 16 --use_ema \
     --mixed_precision bf16 --checkpointing_steps 10 --logger none --seed 0 --output_dir "$work/fsdp" "$@"
 }

@@ -1,4 +1,4 @@
-"""`python -m uncond` for the FSDP tests, run under `accelerate launch --config_file examples/accelerate/fsdp.yaml`
+"""`python -m uncond` for the FSDP tests, run under `accelerate launch --config_file "$(uncond launch-config fsdp)"`
 on CPU processes. Test-only: accelerate 1.15 shards on GPU-like devices only and runs CPU processes
 data-parallel even under an FSDP launch (accelerate/state.py sets DistributedType.FSDP for GPU types only),
 so this takes its FSDP path on gloo, exactly as it does on GPUs with NCCL: FSDP2's fully_shard, its

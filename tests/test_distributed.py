@@ -24,10 +24,11 @@ from safetensors.torch import load_file
 
 import ddp_worker
 from conftest import fast_train_args
+from uncond.accelerate_configs import config_path
 from hub_standin import HubStandIn
 
 TESTS = Path(__file__).parent
-FSDP_CONFIG = TESTS.parent / "examples" / "accelerate" / "fsdp.yaml"
+FSDP_CONFIG = config_path("fsdp")  # as users launch it: `--config_file "$(uncond launch-config fsdp)"`
 
 
 def free_port() -> int:
@@ -40,12 +41,11 @@ def free_port() -> int:
 def launch_processes(*args: object, timeout: float = 300, processes: int = 2, fsdp: bool = False,
                      **env_vars: str) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 ARGS` on the CPU (`processes` of them), or with
-    examples/accelerate/fsdp.yaml when `fsdp`; returns the finished process."""
+    uncond's fsdp.yaml when `fsdp`; returns the finished process."""
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS),
            "HF_HUB_OFFLINE": "1", **env_vars}
-    # the config file as a user in the repository names it: relative (the resume command makes it absolute)
-    kind = (["--config_file", str(FSDP_CONFIG.relative_to(TESTS.parent))] if fsdp
+    kind = (["--config_file", str(FSDP_CONFIG)] if fsdp
             else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"])
     command = [str(accelerate), "launch", *kind, "--num_processes", str(processes), "--mixed_precision", "no",
                "--main_process_port", str(free_port()), *[str(a) for a in args]]
@@ -291,7 +291,7 @@ def test_one_process_batch_8_equals_two_processes_batch_4(tmp_path):
 
 
 def test_fsdp_trains_the_same_model_as_ddp_and_resumes_on_three_processes(color_folder, tiny_unet, tmp_path):
-    """examples/accelerate/fsdp.yaml on CPU processes (through fsdp_launch.py, which takes accelerate's FSDP
+    """uncond's fsdp.yaml on CPU processes (through fsdp_launch.py, which takes accelerate's FSDP
     path there as it does on GPUs): two FSDP2 processes, accumulating gradients over two micro-batches, train
     the same weights and EMA as two DDP processes with the same data and noise, and their checkpoint resumes
     on three processes (uneven shards), again as DDP's does."""
@@ -331,8 +331,7 @@ def test_fsdp_trains_the_same_model_as_ddp_and_resumes_on_three_processes(color_
     assert json.loads((out / "checkpoint-4" / "unet_ema" / "config.json").read_text())["optimization_step"] == 4
     for name in ("loss.png", "samples/step-0000004.png"):
         assert (out / name).is_file(), name
-    # the launch's own config file, by a path that works from any folder (it was examples/accelerate/fsdp.yaml
-    # whatever file was launched, and relative)
+    # the launch's own config file, by a path that works from any folder
     card = (out / "README.md").read_text()
     assert f"accelerate launch --config_file {FSDP_CONFIG} --num_processes 2 --mixed_precision no " in card
     assert " -m uncond train " in card
@@ -385,7 +384,7 @@ def test_fsdp_units_missing_from_the_unet_are_refused_before_any_work(run_cli, c
     launch = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
               "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
               "FSDP_TRANSFORMER_CLS_TO_WRAP": "ResnetBlock2D,Attention"}
-    for variable, value in launch.items():  # what `accelerate launch --config_file examples/accelerate/fsdp.yaml` sets
+    for variable, value in launch.items():  # what a launch with fsdp.yaml sets
         monkeypatch.setenv(variable, value)
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(color_folder, unet_config, out))
@@ -423,11 +422,11 @@ def test_fsdp_on_cpu_processes_and_checkpoints_of_the_other_kind_are_refused(tmp
 
 @pytest.mark.parametrize("name, machines, kind", [("multi_gpu", 1, "MULTI_GPU"), ("multi_node", 2, "MULTI_GPU"),
                                                   ("fsdp", 1, "FSDP")])
-def test_example_accelerate_configs_load(name, machines, kind):
+def test_the_accelerate_configs_uncond_ships_load(name, machines, kind):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
-    config = load_config_from_file(str(TESTS.parent / "examples" / "accelerate" / f"{name}.yaml"))
+    config = load_config_from_file(str(config_path(name)))  # as `accelerate launch --config_file` reads it
     assert config.distributed_type == DistributedType[kind] and config.num_machines == machines
     assert config.num_processes >= 2 * machines
     if kind == "FSDP":

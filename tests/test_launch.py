@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 
-def test_reproduce_command_names_the_launcher_and_the_random_seed(monkeypatch):
+def test_reproduce_command_names_the_launcher_and_the_random_seed(monkeypatch, tmp_path):
     from uncond.outputs import Launch, reproduce_command
 
     assert reproduce_command(["train", "--train_data_dir", "my cats"], Launch(), None) == \
@@ -27,9 +28,13 @@ def test_reproduce_command_names_the_launcher_and_the_random_seed(monkeypatch):
     assert reproduce_command(["train"], Launch.of_this_run(8, sharded=False), None) == (
         "accelerate launch --multi_gpu --num_machines 2 --machine_rank $MACHINE_RANK --main_process_ip 10.0.0.1 "
         "--main_process_port 29501 --num_processes 8 -m uncond train")
+    # FSDP's, where the launch as typed is not known: the config installed with uncond, by a path that works from
+    # any folder (it was examples/accelerate/fsdp.yaml, which only a checkout has, relative to its root)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert Launch.of_this_run(2, sharded=True).launcher() == \
-        "accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 2 -m uncond"
+    monkeypatch.chdir(tmp_path)
+    words = shlex.split(Launch.of_this_run(2, sharded=True).launcher())
+    assert words[:3] + words[4:] == ["accelerate", "launch", "--config_file", "--num_processes", "2", "-m", "uncond"]
+    assert Path(words[3]).is_absolute() and "fsdp_version: 2" in Path(words[3]).read_text()
 
 
 def typed_launch_of(program: Path, typed: list[str], monkeypatch) -> tuple[str, ...] | None:
@@ -162,3 +167,28 @@ def test_errors_and_the_resume_command_reach_every_machines_log(run_cli, tmp_pat
     command = Launch(4, num_machines=2, typed=("accelerate", "launch", "--machine_rank", "1")).launcher()
     card = reproduce_section([{"from_step": 0, "command": f"{command} train"}], 10)
     assert "--machine_rank $MACHINE_RANK" in card and "with the machine's rank in `MACHINE_RANK`" in card
+
+
+def test_launch_config_prints_the_configs_installed_with_uncond_which_accelerate_reads(run_cli, tmp_path,
+                                                                                    monkeypatch):
+    """The example launch configs were in the checkout's examples/ only: a wheel had none, and the errors and
+    resume commands named files its users did not have. `uncond launch-config NAME` prints an installed file's
+    path, from any folder, for `accelerate launch --config_file "$(uncond launch-config NAME)"`."""
+    import tomllib
+
+    monkeypatch.chdir(tmp_path)
+    code, listing, _ = run_cli("launch-config")
+    assert code == 0
+    for name in ("multi_gpu", "multi_node", "fsdp"):  # their contents: test_distributed.py
+        code, out, _ = run_cli("launch-config", name)
+        path = Path(out.strip())
+        assert code == 0 and out.count("\n") == 1 and path.is_absolute() and str(path) in listing
+        assert f"uncond launch-config {name}" in path.read_text()  # its own comment says how to launch with it
+    code, _, err = run_cli("launch-config", "fdsp")
+    assert code == 2 and err.count("\n") == 1 and "invalid choice: 'fdsp'" in err
+    # and a wheel carries them: the package data names them
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["uncond"]
+    package = path.parents[1]
+    for config_file in package.glob("accelerate_configs/*.yaml"):
+        assert any(config_file.relative_to(package).match(pattern) for pattern in shipped), config_file.name

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from . import accelerate_configs
 from .config import (CacheConfig, EvaluateConfig, ExportConfig, RunFailed, RunStopped, SampleConfig, UsageError,
                      add_arguments, add_train_arguments, build_command_config, build_config, counted, public_argv,
                      size_text)
@@ -140,6 +141,15 @@ def make_parser() -> argparse.ArgumentParser:
 
     presets_parser = commands.add_parser("presets", help="list the UNet presets with their sizes")
     presets_parser.set_defaults(command=run_presets, parser=presets_parser)
+
+    launch_parser = commands.add_parser(
+        "launch-config", help="print the path of an accelerate launch config uncond ships",
+        description="The accelerate configs for several GPUs and machines that come with uncond: with no NAME, "
+                    "list them; with NAME, print its path alone, for `accelerate launch --config_file \"$(uncond "
+                    "launch-config NAME)\" -m uncond train ...`, or to copy and edit.")
+    launch_parser.add_argument("name", nargs="?", metavar="NAME", choices=accelerate_configs.NAMES,
+                               help=f"one of {', '.join(accelerate_configs.NAMES)}")
+    launch_parser.set_defaults(command=run_launch_config, parser=launch_parser)
     return parser
 
 
@@ -280,6 +290,18 @@ def run_presets(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"{preset.name:<10} {preset.resolution:>4} {count_parameters(unet_config) / 1e6:>11.1f}M  "
               f"{preset.description}; {describe_unet(unet_config)}")
     print("\nParameters are for 3 channels. Use with: uncond train --model_preset NAME ...")
+    return 0
+
+
+def run_launch_config(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.name:
+        print(accelerate_configs.config_path(args.name))
+        return 0
+    width = max(map(len, accelerate_configs.NAMES))
+    for name in accelerate_configs.NAMES:
+        print(f"{name:<{width}}  {accelerate_configs.summary(name)}\n{'':<{width}}  {accelerate_configs.config_path(name)}")
+    print("\nUse with: accelerate launch --config_file \"$(uncond launch-config NAME)\" -m uncond train ... "
+          "(copy one to edit it)")
     return 0
 
 

@@ -155,7 +155,7 @@ class Launch:
             return " ".join([*words, "-m uncond"])
         if self.num_processes == 1 and not self.sharded:
             return "uncond"
-        kind = f"--config_file {FSDP_CONFIG}" if self.sharded else "--multi_gpu"
+        kind = f"--config_file {shlex.quote(str(FSDP_CONFIG))}" if self.sharded else "--multi_gpu"
         machines = ""
         if self.num_machines > 1:  # the same command on every machine, each with its rank in MACHINE_RANK
             address, port = self.main_process or ("MAIN_IP", "29500")

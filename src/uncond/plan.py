@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.utils import is_torch_version
 
-from . import checkpoint, data, environment, models, run_folder, sampling, sources
+from . import accelerate_configs, checkpoint, data, environment, models, run_folder, sampling, sources
 from .config import (BETA_SCHEDULES, SETTINGS, TrainConfig, UsageError, check_zero_snr, counted, nearest_existing,
                      size_text)
 
@@ -363,7 +363,7 @@ def check_tracker(name: str) -> None:
 
 
 UNSUPPORTED_LAUNCHES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
-FSDP_CONFIG = "examples/accelerate/fsdp.yaml"
+FSDP_CONFIG = accelerate_configs.config_path("fsdp")  # the installed file: its path works from any folder
 
 
 def fsdp_launch() -> bool:
@@ -378,7 +378,7 @@ def check_launch(config: TrainConfig) -> None:
     for variable, name in UNSUPPORTED_LAUNCHES.items():
         if os.environ.get(variable, "false").lower() == "true":
             raise UsageError(f"this launch asks for {name}, which uncond does not support: launch data-parallel "
-                             f"(--multi_gpu, examples/accelerate/multi_gpu.yaml) or sharded with FSDP2 ({FSDP_CONFIG})")
+                             f"(--multi_gpu) or sharded with FSDP2 (--config_file {FSDP_CONFIG})")
     if fsdp_launch():
         version = os.environ.get("FSDP_VERSION", "1")
         if version != "2":
