@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -276,13 +277,26 @@ def test_the_demo_on_ones_own_images(tmp_path):
     assert config.dataset_name == "builtin:mnist"  # both given: as without --demo
 
 
-def test_a_command_run_from_python_leaves_the_callers_logging_as_it_was(tmp_path, capsys):
+def test_a_command_run_from_python_leaves_the_callers_logging_as_it_was(tmp_path, capsys, monkeypatch):
     """uncond.main, as a notebook calls it: the caller's own logging (a file handler on the root logger, its
     level) was replaced by uncond's, and a mistyped flag raised SystemExit (IPython's "An exception has
-    occurred") where every other refusal returns a status."""
+    occurred") where every other refusal returns a status. The libraries' logger levels and the environment
+    variables a command sets (quieter libraries, no progress bars in a notebook) stayed set after it, as did
+    sys.argv with a token masked."""
     import logging
+    import sys
 
     import uncond
+
+    for name in ("TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("diffusers", "datasets"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    monkeypatch.setattr(sys, "argv", ["kernel", "--hub_token", "hf_notebook"])
+    assert uncond.main(["train", "--train_data_dir", str(tmp_path), "--hub_token", "hf_x", "--dry_run"]) == 2
+    assert not {"TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_PROGRESS_BARS"} & set(os.environ)
+    assert logging.getLogger("diffusers").level == logging.getLogger("datasets").level == logging.NOTSET
+    assert sys.argv == ["kernel", "--hub_token", "hf_notebook"]
 
     root = logging.getLogger()
     notebook_log = logging.FileHandler(tmp_path / "notebook.log")
@@ -300,5 +314,5 @@ def test_a_command_run_from_python_leaves_the_callers_logging_as_it_was(tmp_path
         root.removeHandler(notebook_log)
         notebook_log.close()
     err = capsys.readouterr().err
-    assert err.count("uncond: error:") == 2 and "uncond: error: unrecognized arguments: --use-ema" in err
+    assert err.count("uncond: error:") == 3 and "uncond: error: unrecognized arguments: --use-ema" in err
     assert "no such folder" in err

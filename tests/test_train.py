@@ -1151,20 +1151,27 @@ def test_a_run_failing_in_a_notebook_lets_go_of_its_output_folder(run_cli, color
 
 
 def test_a_run_in_python_leaves_the_random_generators_and_memory_as_they_were(run_cli, color_folder, tiny_unet,
-                                                                              tmp_path):
-    """A notebook's own draws after a run followed the run's seed. And a run asks glibc to keep freed buffers
-    (faster CPU steps); a notebook that trained, then freed a large array, kept its memory until the kernel
-    ended (400 MiB freed: resident memory stayed 500 MiB higher)."""
+                                                                              tmp_path, monkeypatch):
+    """A notebook's own draws after a run followed the run's seed; on a GPU its own float32 products ran in TF32
+    after a run. And a run asks glibc to keep freed buffers (faster CPU steps); a notebook that trained, then
+    freed a large array, kept its memory until the kernel ended (400 MiB freed: resident memory stayed 500 MiB
+    higher)."""
     import random
 
-    from uncond import environment
+    from uncond import environment, parts
 
+    tune_cuda = parts.tune_cuda  # what a run on a GPU sets (the settings themselves need no GPU)
+    monkeypatch.setattr(parts, "tune_cuda", lambda config, device: tune_cuda(config, torch.device("cuda")))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     torch.manual_seed(1234), np.random.seed(1234), random.seed(1234)
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(1234), np.random.seed(1234), random.seed(1234)
+    precision = torch.get_float32_matmul_precision()
     assert run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1"))[0] == 0
     drawn = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(drawn[0], expected[0]) and (drawn[1] == expected[1]).all() and drawn[2] == expected[2]
+    assert torch.get_float32_matmul_precision() == precision == "highest"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
     if environment.glibc() is None:
         pytest.skip("glibc's allocator only")
 

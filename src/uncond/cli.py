@@ -38,6 +38,11 @@ def run_command(argv: list[str]) -> int:
             refuse_unknown(getattr(args, "parser", parser), unknown)
     except SystemExit as exit:  # --help, or a refused flag (said): a status, as for every other outcome, also
         return exit.code if isinstance(exit.code, int) else 0  # for a caller in Python (uncond.main)
+    with callers_settings_kept():
+        return run_parsed(args, argv)
+
+
+def run_parsed(args: argparse.Namespace, argv: list[str]) -> int:
     setup_logging()
     try:
         return args.command(args, argv)
@@ -299,7 +304,8 @@ def run_launch_config(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     width = max(map(len, accelerate_configs.NAMES))
     for name in accelerate_configs.NAMES:
-        print(f"{name:<{width}}  {accelerate_configs.summary(name)}\n{'':<{width}}  {accelerate_configs.config_path(name)}")
+        print(f"{name:<{width}}  {accelerate_configs.summary(name)}")
+        print(f"{'':<{width}}  {accelerate_configs.config_path(name)}")
     print("\nUse with: accelerate launch --config_file \"$(uncond launch-config NAME)\" -m uncond train ... "
           "(copy one to edit it)")
     return 0
@@ -320,6 +326,31 @@ def shown_here(record: logging.LogRecord) -> bool:
     return is_main_process() or (getattr(record, "every_machine", False) and is_local_main_process())
 
 
+QUIETED_LIBRARIES = ("diffusers", "datasets", "accelerate", "huggingface_hub", "torch", "matplotlib", "PIL",
+                     "urllib3", "fsspec", "filelock", "httpx", "httpx2")
+SET_VARIABLES = ("TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
+@contextlib.contextmanager
+def callers_settings_kept():
+    """For a caller in Python (uncond.main in a notebook): the library logger levels and environment variables
+    setup_logging sets, and sys.argv (run_train masks a token in it), as they were before, once the command ends."""
+    levels = {name: logging.getLogger(name).level for name in QUIETED_LIBRARIES}
+    variables = {name: os.environ.get(name) for name in SET_VARIABLES}
+    argv = list(sys.argv)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        sys.argv[:] = argv
+
+
 def setup_logging() -> None:
     """uncond's messages, plain, on stderr. Set on uncond's own logger, not the root's: called from Python (a
     notebook, a script of the caller's), the caller's logging stays as it was."""
@@ -335,8 +366,7 @@ def setup_logging() -> None:
     uncond_logger.addFilter(shown_here)  # once: a filter already there is not added again
     uncond_logger.setLevel(logging.INFO)
     uncond_logger.propagate = False  # shown once, whatever handlers the root logger has
-    for noisy in ("diffusers", "datasets", "accelerate", "huggingface_hub", "torch", "matplotlib", "PIL", "urllib3",
-                  "fsspec", "filelock", "httpx", "httpx2"):
+    for noisy in QUIETED_LIBRARIES:
         library_logger = logging.getLogger(noisy)
         if library_logger.level == logging.NOTSET:  # a level the caller chose stays
             library_logger.setLevel(logging.WARNING)

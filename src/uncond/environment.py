@@ -50,6 +50,19 @@ def give_back_freed_memory() -> None:
 
 
 @contextlib.contextmanager
+def backend_settings_kept():
+    """cuDNN autotuning and TF32 as they were before: a run on a GPU turns them on for its steps
+    (parts.tune_cuda), and a notebook's own float32 products after it would otherwise run in TF32."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    precision, settings = torch.get_float32_matmul_precision(), (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)  # first: it sets matmul.allow_tf32 too
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = settings
+
+
+@contextlib.contextmanager
 def global_random_state_kept():
     """Python's, NumPy's and PyTorch's global random generators as they were before: a run seeds them (accelerate's
     set_seed, as the seed script does), and a notebook's own draws after it would otherwise follow the run's seed."""

@@ -42,7 +42,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
           command: list[str] | None = None) -> Path:
     """Train a UNet2DModel as the config says; returns the output folder holding the pipeline.
     `command` is the argument list the run was started with, for the model card (default: sys.argv)."""
-    with environment.global_random_state_kept():  # for a caller in the same process (a notebook)
+    # for a caller in the same process (a notebook)
+    with environment.global_random_state_kept(), environment.backend_settings_kept():
         return train_as_planned(plan_run(config, explicit), explicit, command)
 
 
