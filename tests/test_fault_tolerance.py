@@ -277,6 +277,35 @@ def test_a_job_preempted_while_decoding_keeps_what_it_decoded(run_cli, tiny_unet
     assert len(decoded) == 8 - kept
 
 
+def test_a_job_ended_while_setting_up_says_so_and_puts_back_the_run_it_was_replacing(run_cli, inputs, tmp_path,
+                                                                                      monkeypatch):
+    """SIGTERM while a run set up (before any decode or step) ended it with no word and, under
+    --overwrite_output_dir, left the earlier run set aside in .replaced-run, where the next --overwrite_output_dir
+    run removes it. Now it stops as for Ctrl-C: one line, status 143, the folder as it found it."""
+    from uncond import train
+
+    out = tmp_path / "run"
+    assert run_cli(*fast_train_args(*inputs, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))[0] == 0
+    before = sorted(path.name for path in out.iterdir())
+
+    def ended(*args, **kwargs):  # after the earlier run was set aside
+        assert (out / ".replaced-run").is_dir()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(number, frame):  # Python's default would end pytest's process
+        raise AssertionError("SIGTERM reached the test: the command did not handle it")
+
+    monkeypatch.setattr(train, "init_trackers", ended)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        code, _, err = run_cli(*fast_train_args(*inputs, out, "--max_train_steps", "4", "--overwrite_output_dir"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and err.strip().endswith("uncond: stopped by SIGTERM"), err
+    assert sorted(path.name for path in out.iterdir()) == before and "checkpoint-2" in before
+    assert checkpoint.read_training_state(out)["step"] == 2
+
+
 def test_a_killed_launcher_stops_the_run_with_a_checkpoint(inputs, tmp_path):
     """`accelerate launch` of one process passes no signal on: SIGTERM to it alone (`kill`, a sweep tool ending a
     trial) left the run training on, unseen, until its end. The run now stops as for a signal of its own."""

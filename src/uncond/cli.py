@@ -8,6 +8,7 @@ import difflib
 import errno
 import logging
 import os
+import signal
 import sys
 from typing import Any, Callable
 
@@ -45,7 +46,8 @@ def run_command(argv: list[str]) -> int:
 def run_parsed(args: argparse.Namespace, argv: list[str]) -> int:
     setup_logging()
     try:
-        return args.command(args, argv)
+        with sigterm_stops(args.command):
+            return args.command(args, argv)
     except UsageError as error:  # said on every machine, whose log may be the only one its user reads
         if is_local_main_process():
             print(f"uncond: error: {error}", file=sys.stderr)
@@ -54,7 +56,9 @@ def run_parsed(args: argparse.Namespace, argv: list[str]) -> int:
         if is_local_main_process():
             print(f"uncond: stopped: {error}", file=sys.stderr)
         return 1
-    except RunStopped as stop:  # said in the log, with the command that resumes
+    except RunStopped as stop:  # a run's is said in the log, with the command that resumes
+        if not stop.said and is_local_main_process():
+            print(f"uncond: stopped by {signal.Signals(stop.signal_number).name}", file=sys.stderr)
         # On the main process only, which finishes last (uploads): a launcher ends the other processes as soon
         # as one exits with an error status.
         return 128 + stop.signal_number if is_main_process() else 0
@@ -69,6 +73,16 @@ def run_parsed(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"uncond: stopped: no space left on the device writing {error.filename or 'a file'}{kept}; free some "
               "space and re-run the same command", file=sys.stderr)
         return 1
+
+
+def sigterm_stops(command: Callable[[argparse.Namespace, list[str]], int]) -> contextlib.AbstractContextManager:
+    """For the commands that work for minutes: SIGTERM (a job's end, `kill`) raises where the work is, as Ctrl-C
+    does (stopping.stopped_by_sigterm). The instant ones keep Python's default, and need not import torch."""
+    if command in (run_presets, run_launch_config, run_cache):
+        return contextlib.nullcontext()
+    from .stopping import stopped_by_sigterm
+
+    return stopped_by_sigterm()
 
 
 # What a command that stopped on a full disk kept, and a re-run goes on from

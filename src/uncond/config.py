@@ -49,13 +49,15 @@ class RunFailed(Exception):
 
 
 class RunStopped(Exception):
-    """A run stopped by a signal, its checkpoint saved and the way to resume said: the command exits with the
-    shell's status for that signal (128 + its number), so `uncond train ... && next` goes no further and a
-    scheduler that restarts failed jobs restarts a preempted one."""
+    """A command stopped by a signal: a run with its checkpoint saved and the way to resume said (`said`), or any
+    command stopped by SIGTERM where it was (stopping.stopped_by_sigterm). The command exits with the shell's
+    status for that signal (128 + its number), so `uncond train ... && next` goes no further and a scheduler that
+    restarts failed jobs restarts a preempted one."""
 
-    def __init__(self, signal_number: int):
+    def __init__(self, signal_number: int, said: bool = True):
         super().__init__(signal_number)
         self.signal_number = signal_number
+        self.said = said
 
 
 def size_text(size: int) -> str:

@@ -30,7 +30,6 @@ from .config import (RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, RunFailed, RunStoppe
 from .run_folder import check_creatable, is_preview_folder
 from .sampling import (PARTIAL_SUFFIX, image_grid, is_numbered_image, log_sampling, network_evaluations,
                        numbered_name, open_for_sampling, sample_batches, sampling_options, to_pil, write_whole)
-from .stopping import stopped_by_sigterm
 
 logger = logging.getLogger("uncond")
 
@@ -97,16 +96,17 @@ def write_images(unet: torch.nn.Module, scheduler: Any, indices: list[int], fold
     """Sample images `indices` into `folder`. On Ctrl-C or SIGTERM (a job's end), says how far it got (`already` +
     those written, when this is the only process) and how to go on."""
     written = 0
-    try:
-        with stopped_by_sigterm():
-            for batch in sample_batches(unet, scheduler, **options, indices=indices) if indices else ():
-                for image in batch:
-                    write_whole(to_pil(image), folder / numbered_name(indices[written]))
-                    written += 1
+    try:  # SIGTERM raises RunStopped here (cli: stopping.stopped_by_sigterm)
+        for batch in sample_batches(unet, scheduler, **options, indices=indices) if indices else ():
+            for image in batch:
+                write_whole(to_pil(image), folder / numbered_name(indices[written]))
+                written += 1
     except (KeyboardInterrupt, RunStopped) as stop:
         so_far = "" if already is None else f" with {already + written} of {options['num_images']} images written"
         how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "stopped by SIGTERM"
         logger.info(f"{how}{so_far}; run the same command again to sample the rest")
+        if isinstance(stop, RunStopped):
+            stop.said = True
         raise
 
 

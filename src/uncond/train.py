@@ -31,7 +31,7 @@ from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_star
                     off_the_clock, on_main_process, resume, trained_precision, training_state)
 from .plan import Plan, batch_description, check_processes, dry_run, plan_run
 from .step_graph import StepGraph
-from .stopping import StopAgreement, StopSignal, stopped_by_sigterm
+from .stopping import StopAgreement, StopSignal
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
@@ -93,8 +93,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     any step, and the number of the signal that stopped it early (None if it ran to its end)."""
     config, output_dir = plan.config, Path(plan.config.output_dir)
     feature_extractor = open_feature_extractor(config, accelerator)  # before the data: a given file is checked
-    with stopped_by_sigterm():  # a decode into the cache keeps what it decoded (data.build_cache)
-        run = build_run(plan, accelerator)
+    run = build_run(plan, accelerator)  # SIGTERM while decoding keeps what was decoded (cli, data.build_cache)
     run.step_graph = step_graph(run)
     run.feature_extractor = feature_extractor
     run.repo_id = repo_id
