@@ -342,7 +342,8 @@ def shown_here(record: logging.LogRecord) -> bool:
 
 QUIETED_LIBRARIES = ("diffusers", "datasets", "accelerate", "huggingface_hub", "torch", "matplotlib", "PIL",
                      "urllib3", "fsspec", "filelock", "httpx", "httpx2")
-SET_VARIABLES = ("TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+BAR_VARIABLES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+SET_VARIABLES = ("TOKENIZERS_PARALLELISM", *BAR_VARIABLES)
 
 
 @contextlib.contextmanager
@@ -386,7 +387,7 @@ def setup_logging() -> None:
             library_logger.setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not progress.draws_bars():  # in a log file the libraries' download bars are carriage returns
-        for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        for bars in BAR_VARIABLES:
             os.environ.setdefault(bars, "1")
 
 
