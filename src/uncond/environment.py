@@ -51,15 +51,19 @@ def give_back_freed_memory() -> None:
 
 @contextlib.contextmanager
 def backend_settings_kept():
-    """cuDNN autotuning and TF32 as they were before: a run on a GPU turns them on for its steps
-    (parts.tune_cuda), and a notebook's own float32 products after it would otherwise run in TF32."""
+    """cuDNN autotuning, TF32 and the CPU thread count as they were before: a run on a GPU turns the first two on
+    for its steps (parts.tune_cuda), and a notebook's own float32 products after it would otherwise run in TF32; a
+    CPU run trains on fewer threads while other processes are busy (cpu_threads)."""
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     precision, settings = torch.get_float32_matmul_precision(), (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
+    threads = torch.get_num_threads()
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(precision)  # first: it sets matmul.allow_tf32 too
         matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = settings
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

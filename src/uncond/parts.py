@@ -19,8 +19,8 @@ from accelerate import Accelerator, AutocastKwargs, InitProcessGroupKwargs
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 
-from . import (checkpoint, data, environment, hub, metrics, models, run_folder, sampling, sharding, sources,
-               streaming, tracking)
+from . import (checkpoint, cpu_threads, data, environment, hub, metrics, models, run_folder, sampling, sharding,
+               sources, streaming, tracking)
 from .config import RunFailed, TrainConfig, UsageError, counted, first_line
 from .objective import Objective
 from .plan import (Plan, Position, checkpoints_beyond_disk, learning_rate_schedule, refuse_mismatched_resume,
@@ -85,6 +85,8 @@ class Run:
     evaluation_owed: int | None = None  # likewise, the step whose --eval_every_steps evaluation a stop gave up
     stop_agreement: StopAgreement | None = None  # with several processes
     step_graph: StepGraph | None = None  # --cuda_graphs: records and replays the step's gradients (train.step_graph)
+    # a CPU run's threads, fewer while other processes keep cores busy
+    threads: cpu_threads.ThreadGovernor = field(default_factory=lambda: cpu_threads.ThreadGovernor(None))
 
     @property
     def unwrapped_unet(self) -> UNet2DModel:
@@ -200,6 +202,8 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     unet = initial_unet(plan, unet_config)
     speedups += models.speed_up(unet, config, accelerator.device)
     optimizer, fused = make_optimizer(unet, config, accelerator.device)
+    threads = cpu_threads.ThreadGovernor.for_run(accelerator.device)
+    speedups += ["fewer CPU threads while other processes keep cores busy"] * threads.active
     log_speed(config, accelerator, speedups + ["fused AdamW"] * fused)
 
     steps_per_epoch = math.ceil(batches.batches_per_epoch / config.gradient_accumulation_steps)
@@ -229,7 +233,7 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
                global_batch_size=global_batch_size, resume_position=position,
                noise_generator=torch.Generator(accelerator.device),
                memory_format=torch.channels_last if models.uses_channels_last(config, accelerator.device)
-               else torch.contiguous_format)
+               else torch.contiguous_format, threads=threads)
 
 
 def initial_unet(plan: Plan, unet_config: dict[str, Any]) -> UNet2DModel:

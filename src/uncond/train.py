@@ -321,6 +321,7 @@ def train_loop(run: Run, stop: StopSignal, complete: bool) -> bool:
                 if run.step % config.logging_steps == 0 or run.step == run.max_train_steps:
                     log_metrics(run, progress)
                 progress.update(1)  # after the log: the line drawn for this step shows its values
+                run.threads.adjust()  # a CPU run's threads, to the cores other processes leave free
                 if config.eval_every_steps and run.step % config.eval_every_steps == 0:
                     evaluate(run)
                 if run.step % config.checkpointing_steps == 0 and not ends_epoch:

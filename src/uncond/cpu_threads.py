@@ -1,0 +1,117 @@
+"""PyTorch's CPU threads on a machine shared with other work. PyTorch's CPU wheels use GNU OpenMP, whose threads
+work in lockstep and spin while they wait for each other: beside another busy process, a step waits for the
+thread that lost its core, and the spinning ones take the cores the working ones need. A demo step beside one
+busy process took 2.5 to 4 times as long as alone on 2 cores, and in a user's trial 20 times as long; on one
+thread fewer per busy core it took 1.4 to 2 times as long (docs/benchmarks.md). So while other processes keep
+cores busy, a CPU run trains on the cores left (at least one thread), and goes back to all of them when they are
+done. It does nothing where the threads were chosen (OMP_NUM_THREADS, a launcher's), off Linux, or on a GPU.
+
+No library measures other processes' share of the cores a process may use (psutil reports machine-wide load,
+which counts this process's own spinning threads), so it is read here from Linux's /proc: the busy time of the
+process's CPUs (/proc/stat) less its own and its DataLoader workers' (/proc/PID/stat)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("uncond")
+
+CHECK_EVERY_SECONDS = 10.0
+AGREEING_CHECKS = 2  # a change needs two checks in a row that want it: no switching back and forth on a blip
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def cpu_times(cpus: set[int]) -> tuple[float, float]:
+    """Busy and idle seconds of `cpus` since boot (/proc/stat's per-CPU lines: a container's cpuset only)."""
+    busy = idle = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(tick) for tick in ticks[:8]]  # user nice system idle iowait irq softirq steal
+            idle += values[3] + values[4]
+            busy += sum(values) - values[3] - values[4]
+    return busy / CLOCK_TICKS, idle / CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds used by this process and its live children (DataLoader workers), from /proc."""
+    pids = [os.getpid()]
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+        except OSError:  # a thread that ended meanwhile
+            pass
+    seconds = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a worker that ended meanwhile
+            continue
+        seconds += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    return seconds
+
+
+class CpuNeighbours:
+    """How many of this process's cores other processes kept busy since the last look."""
+
+    def __init__(self) -> None:
+        self.cpus = os.sched_getaffinity(0)
+        self.last = self.read()
+
+    def read(self) -> tuple[float, float, float]:
+        busy, idle = cpu_times(self.cpus)
+        return busy, idle, own_cpu_seconds()
+
+    def busy_cores(self) -> float:
+        (busy, idle, own), (last_busy, last_idle, last_own) = self.read(), self.last
+        self.last = busy, idle, own
+        elapsed = (busy - last_busy) + (idle - last_idle)  # CPU seconds of every core together
+        if elapsed <= 0:
+            return 0.0
+        return max(0.0, (busy - last_busy) - (own - last_own)) / elapsed * len(self.cpus)
+
+
+class ThreadGovernor:
+    """Keeps torch's CPU threads to the cores other processes leave free, checked every CHECK_EVERY_SECONDS at
+    step boundaries (`adjust`), between 1 and the thread count the run started with."""
+
+    def __init__(self, neighbours: CpuNeighbours | None, clock=time.monotonic) -> None:
+        self.neighbours, self.clock = neighbours, clock
+        self.most = torch.get_num_threads()
+        self.wanted: list[int] = []
+        self.next_check = clock() + CHECK_EVERY_SECONDS
+
+    @property
+    def active(self) -> bool:
+        return self.neighbours is not None
+
+    @classmethod
+    def for_run(cls, device: torch.device) -> ThreadGovernor:
+        """Active for a CPU run on Linux whose threads nobody chose; otherwise one that does nothing."""
+        chosen = [name for name in THREAD_VARIABLES if os.environ.get(name)]
+        usable = device.type == "cpu" and not chosen and torch.get_num_threads() > 1 and Path("/proc/stat").exists()
+        return cls(CpuNeighbours() if usable else None)
+
+    def adjust(self) -> None:
+        if not self.active or self.clock() < self.next_check:
+            return
+        self.next_check = self.clock() + CHECK_EVERY_SECONDS
+        others = self.neighbours.busy_cores()
+        self.wanted = [*self.wanted, max(1, min(self.most, round(len(self.neighbours.cpus) - others)))]
+        self.wanted = self.wanted[-AGREEING_CHECKS:]
+        current = torch.get_num_threads()
+        if len(self.wanted) == AGREEING_CHECKS and len(set(self.wanted)) == 1 and self.wanted[0] != current:
+            torch.set_num_threads(self.wanted[0])
+            if self.wanted[0] < current:
+                logger.info(f"other processes keep {others:.1f} of this run's {len(self.neighbours.cpus)} cores busy: "
+                            f"training on {self.wanted[0]} of {self.most} threads while they do (all of them beside "
+                            f"other work run many times slower; OMP_NUM_THREADS={self.most} keeps {self.most})")
+            else:
+                logger.info(f"the other processes left cores free: training on {self.wanted[0]} of {self.most} "
+                            "threads")
