@@ -1,14 +1,14 @@
 """PyTorch's CPU threads on a machine shared with other work. PyTorch's CPU wheels use GNU OpenMP, whose threads
 work in lockstep and spin while they wait for each other: beside another busy process, a step waits for the
-thread that lost its core, and the spinning ones take the cores the working ones need. A demo step beside one
-busy process took 2.5 to 4 times as long as alone on 2 cores, and in a user's trial 20 times as long; on one
-thread fewer per busy core it took 1.4 to 2 times as long (docs/benchmarks.md). So while other processes keep
-cores busy, a CPU run trains on the cores left (at least one thread), and goes back to all of them when they are
-done. It does nothing where the threads were chosen (OMP_NUM_THREADS, a launcher's), off Linux, or on a GPU.
+thread that lost its core, and the spinning ones take the cores the working ones need. On 2 cores beside another
+PyTorch job the demo trained at 12.7 images/s (258 alone; 20 times slower than alone in a user's trial), and on
+one thread at 90.9 (docs/benchmarks.md). So while other processes keep cores busy, a CPU run trains on the cores
+left (at least one thread), and goes back to all of them when they are done. It does nothing where the threads
+were chosen (OMP_NUM_THREADS, a launcher's), off Linux, or on a GPU.
 
-No library measures other processes' share of the cores a process may use (psutil reports machine-wide load,
-which counts this process's own spinning threads), so it is read here from Linux's /proc: the busy time of the
-process's CPUs (/proc/stat) less its own and its DataLoader workers' (/proc/PID/stat)."""
+Others' share of the run's cores is read from Linux's /proc by hand (psutil reads the same files, and is not among
+uncond's dependencies): the busy time of the process's CPUs (/proc/stat; a container's cpuset only) less its own
+and its DataLoader workers' (/proc/PID/stat). A machine-wide load average would count the run's own threads."""
 
 from __future__ import annotations
 
