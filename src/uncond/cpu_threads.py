@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -84,7 +85,7 @@ class ThreadGovernor:
     def __init__(self, neighbours: CpuNeighbours | None, clock=time.monotonic) -> None:
         self.neighbours, self.clock = neighbours, clock
         self.most = torch.get_num_threads()
-        self.wanted: list[int] = []
+        self.wanted: deque[int] = deque(maxlen=AGREEING_CHECKS)  # the thread counts of the latest looks
         self.next_check = clock() + CHECK_EVERY_SECONDS
 
     @property
@@ -107,8 +108,7 @@ class ThreadGovernor:
         except (OSError, ValueError, IndexError):  # a /proc unlike Linux's (a sandbox's): train on as it is
             self.neighbours = None
             return
-        self.wanted = [*self.wanted, max(1, min(self.most, round(len(self.neighbours.cpus) - others)))]
-        self.wanted = self.wanted[-AGREEING_CHECKS:]
+        self.wanted.append(max(1, min(self.most, round(len(self.neighbours.cpus) - others))))
         current = torch.get_num_threads()
         if len(self.wanted) == AGREEING_CHECKS and len(set(self.wanted)) == 1 and self.wanted[0] != current:
             torch.set_num_threads(self.wanted[0])

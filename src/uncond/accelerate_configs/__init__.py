@@ -1,6 +1,6 @@
 """The accelerate launch configs uncond ships, as files of the installed package: `accelerate launch
---config_file "$(uncond launch-config fsdp)" -m uncond train ...` works from a wheel as from a checkout (whose
-examples/accelerate/ links here). Torch-free: `uncond launch-config` prints a path at once."""
+--config_file "$(uncond launch-config fsdp)" -m uncond train ...` works from a wheel as from a checkout.
+Torch-free: `uncond launch-config` prints a path at once."""
 
 from __future__ import annotations
 
