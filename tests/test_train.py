@@ -708,6 +708,60 @@ def test_a_replacement_killed_before_it_saved_leaves_the_earlier_run_to_keep_or_
     assert code == 0 and not (out / ".replaced-run").exists(), err
 
 
+def test_a_replacement_killed_while_setting_aside_leaves_the_earlier_run_whole(run_cli, color_folder, tiny_unet,
+                                                                                 tmp_path, monkeypatch):
+    """Killed between the renames that set the earlier run aside, it left its checkpoint in .replaced-run and its
+    pipeline in place; the next --overwrite_output_dir run took the pipeline for the killed run's and removed it,
+    so that run failing on its images put back a run without its model."""
+    out, broken = tmp_path / "run", tmp_path / "broken"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    assert run_cli(*args)[0] == 0
+    weights = (out / "unet" / WEIGHTS).read_bytes()
+    broken.mkdir()
+    (broken / "a.png").write_text("not an image")
+    real_rename = Path.rename
+
+    def set_aside_killed_after_the_checkpoint() -> None:
+        def rename(path, target):
+            if any(out.glob(".replac*/checkpoint-2")):
+                raise SystemExit("killed")  # as SIGKILL: nothing after it runs
+            return real_rename(path, target)
+        with monkeypatch.context() as patched:
+            patched.setattr(Path, "rename", rename)
+            with pytest.raises(SystemExit):
+                run_folder.set_aside_previous_run(out, "logs")
+        assert (out / "unet").is_dir() and not (out / "checkpoint-2").exists()  # half set aside
+
+    set_aside_killed_after_the_checkpoint()
+    code, _, err = run_cli(*fast_train_args(broken, tiny_unet, out, "--overwrite_output_dir"))
+    assert code != 0 and (out / "unet" / WEIGHTS).is_file(), err
+    assert (out / "unet" / WEIGHTS).read_bytes() == weights and checkpoints(out) == {"checkpoint-2"}
+    assert "a run stopped while it set the earlier run aside had moved part of it" in err, err
+    set_aside_killed_after_the_checkpoint()
+    code, _, err = run_cli(*args, "--max_train_steps", "4")  # the earlier command, extended, goes on
+    assert code == 0 and "resuming from checkpoint-2" in err, err
+    assert not any(out.glob(".replac*"))
+    assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
+
+
+def test_the_processes_of_a_launch_put_a_half_set_aside_run_back_in_turn(tmp_path):
+    """Every process of a launch plans at once: one that found the folder locked by another (putting the earlier
+    run back, for milliseconds) was refused as if the folder were another run's."""
+    out = tmp_path / "run"
+    (out / run_folder.SETTING_ASIDE_DIR / "checkpoint-2").mkdir(parents=True)
+    holder = subprocess.Popen(  # another process of the launch, holding the lock a moment
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(1)", str(out / run_folder.LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert "put back into" in run_folder.put_back_interrupted_set_aside(out)
+    finally:
+        holder.communicate()
+    assert (out / "checkpoint-2").is_dir() and not (out / run_folder.SETTING_ASIDE_DIR).exists()
+    assert run_folder.put_back_interrupted_set_aside(out) == ""  # nothing left to put back
+
+
 def test_overwrite_output_dir_keeps_a_logging_dir_outside_the_output(run_cli, color_folder, tiny_unet, tmp_path):
     shared_logs = tmp_path / "tensorboard"
     (shared_logs / "other-run").mkdir(parents=True)

@@ -54,9 +54,13 @@ class Plan:
 
 def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> Plan:
     """Every check that needs no decoding and no model weights (but a model to fine-tune, loaded here once).
-    Raises UsageError with one clear line."""
+    Raises UsageError with one clear line. Writes nothing, but for putting back an earlier run that a killed
+    --overwrite_output_dir run left half set aside."""
     if config.model_preset and "resolution" not in explicit:
         config = config.replace(resolution=models.preset_named(config.model_preset).resolution)
+    put_back = run_folder.put_back_interrupted_set_aside(Path(config.output_dir))  # the folder whole, to look at
+    if put_back:
+        logger.warning(put_back)
     resume_from, message = run_folder.find_resume_checkpoint(config)
     config, pretrained, model_config = read_starting_model(config, explicit, resume_from)
     config = settle_launch_and_preview_defaults(config, explicit)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable
@@ -21,6 +22,7 @@ from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FI
 ABANDONED_PREFIX = "abandoned-after-step-"  # the later checkpoints a resume from an earlier one sets aside
 INCOMPLETE_PREFIX = "incomplete-"  # a checkpoint found incomplete, set aside by the next run
 REPLACED_DIR = ".replaced-run"  # --overwrite_output_dir: the earlier run, kept until the new one has saved
+SETTING_ASIDE_DIR = ".replacing-run"  # REPLACED_DIR while being filled: renamed once it holds the whole run
 # What a run writes into its output folder besides checkpoints, the pipeline and its --logging_dir:
 # --overwrite_output_dir sets it aside.
 RUN_ARTEFACTS = (PREVIEWS_DIR, tracking.METRICS_FILE, tracking.LOSS_PLOT_FILE, RUN_CONFIG_FILE, hub.CARD_FILE,
@@ -170,24 +172,31 @@ LOCK_FILE = ".uncond-lock"
 _held_locks: dict[Path, IO[str]] = {}
 
 
-def lock_output_dir(output_dir: Path) -> None:
+def lock_output_dir(output_dir: Path, wait_s: float = 0) -> None:
     """An exclusive lock on the folder until this run ends (the kernel drops it when the process does, however
     it ends): two runs writing one folder (a requeued job overlapping the old one) interleave their checkpoints
-    and metrics. No-op where fcntl is missing (Windows)."""
+    and metrics. Held by another process, it is waited for up to `wait_s`. No-op where fcntl is missing
+    (Windows)."""
     try:
         import fcntl
     except ImportError:
         return
     unlock_output_dir(output_dir)  # an earlier run in this same process (runs in one process follow each other)
     handle = open(output_dir / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise FolderInUse(f"--output_dir {output_dir} is in use by another uncond run (process {holder}); wait "
-                         "for it to end, or choose another --output_dir") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise FolderInUse(f"--output_dir {output_dir} is in use by another uncond run (process {holder}); "
+                              "wait for it to end, or choose another --output_dir") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()} on {socket.gethostname()}\n")
@@ -348,15 +357,17 @@ def set_aside_previous_run(output_dir: Path, logging_dir: str) -> list[str]:
     saved a checkpoint or its pipeline (remove_replaced_run); a new run that fails before (on unreadable
     images, say) puts it back (restore_replaced_run). Returns the names set aside."""
     items, grids = run_outputs(output_dir, logging_dir)
-    replaced = output_dir / REPLACED_DIR
+    replaced, staging = output_dir / REPLACED_DIR, output_dir / SETTING_ASIDE_DIR
     earlier_attempt = replaced.exists()  # set aside by an --overwrite_output_dir run killed before it saved
     for path in items + grids:
         if earlier_attempt:  # what the folder holds besides is that attempt's: no model
             remove(path)
-        else:
-            target = replaced / path.relative_to(output_dir)
+        else:  # into a folder renamed REPLACED_DIR once whole: a run killed half-way is put back whole
+            target = staging / path.relative_to(output_dir)  # (put_back_interrupted_set_aside)
             target.parent.mkdir(parents=True, exist_ok=True)
             path.rename(target)
+    if staging.exists():
+        staging.rename(replaced)
     if grids:
         remove_if_empty(output_dir / PREVIEWS_DIR)
     return [path.relative_to(output_dir).as_posix() for path in items] + \
@@ -411,7 +422,7 @@ def restore_abandoned(output_dir: Path, aside: Path, step: int) -> str:
     names = []
     for path in sorted(aside.iterdir()):
         if path.name == PREVIEWS_DIR:
-            move_grids_back(path, output_dir)
+            move_back(path, output_dir / PREVIEWS_DIR)
         elif CHECKPOINT_NAME.match(path.name):
             os.replace(path, output_dir / path.name)
             names.append(path.name)
@@ -433,22 +444,43 @@ def restore_replaced_run(output_dir: Path, logging_dir: str) -> str:
     items, grids = run_outputs(output_dir, logging_dir)
     for path in items + grids:
         remove(path)
-    for path in replaced.iterdir():
-        if path.name == PREVIEWS_DIR:
-            move_grids_back(path, output_dir)
-        else:
-            os.replace(path, output_dir / path.name)
-    remove(replaced)
+    move_back(replaced, output_dir)
     remove_if_empty(output_dir / PREVIEWS_DIR)
     return (f"--overwrite_output_dir: this run ended before saving anything, so the earlier run it set aside is "
             f"back in {output_dir}")
 
 
-def move_grids_back(previews: Path, output_dir: Path) -> None:
-    """Sample grids set aside, back into the output folder's PREVIEWS_DIR, beside the user's files there."""
-    (output_dir / PREVIEWS_DIR).mkdir(exist_ok=True)
-    for grid in previews.iterdir():
-        os.replace(grid, output_dir / PREVIEWS_DIR / grid.name)
+def move_back(aside: Path, folder: Path) -> None:
+    """What `aside` holds, moved back into `folder`, and `aside` removed. Into its folders that exist there, not
+    over them: sample grids set aside go back beside the user's files in PREVIEWS_DIR, a --logging_dir of two
+    parts (logs/tb) beside what else logs/ holds."""
+    folder.mkdir(exist_ok=True)
+    for path in aside.iterdir():
+        if path.is_dir() and not path.is_symlink() and (folder / path.name).is_dir():
+            move_back(path, folder / path.name)
+        else:
+            os.replace(path, folder / path.name)
+    aside.rmdir()
+
+
+def put_back_interrupted_set_aside(output_dir: Path) -> str:
+    """An --overwrite_output_dir run killed while it moved the earlier run into SETTING_ASIDE_DIR (SIGKILL in those
+    milliseconds) left that run part there, part in place, where the next run would take the rest for the killed
+    run's and remove it. Put back whole before a run is planned on the folder: under the folder's lock, which a
+    run setting aside holds, and which the processes of one launch, all planning at once, take in turn.
+    Returns a line to log, or ''."""
+    staging = output_dir / SETTING_ASIDE_DIR
+    if not staging.is_dir():
+        return ""
+    lock_output_dir(output_dir, wait_s=10)
+    try:
+        if not staging.is_dir():  # another process of this launch put it back while this one waited
+            return ""
+        move_back(staging, output_dir)
+    finally:
+        unlock_output_dir(output_dir)
+    return (f"--overwrite_output_dir: a run stopped while it set the earlier run aside had moved part of it into "
+            f"{staging}; put back into {output_dir}")
 
 
 def highest_missing(folder: Path) -> Path | None:
