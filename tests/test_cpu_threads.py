@@ -90,9 +90,9 @@ def test_a_cpu_run_beside_busy_processes_trains_on_fewer_threads_and_gives_them_
     monkeypatch.setattr(cpu_threads, "CHECK_EVERY_SECONDS", 0.0)  # a look at every step
     monkeypatch.setattr(cpu_threads.CpuNeighbours, "busy_cores", lambda self: len(self.cpus) - 0.8)
     during = []
-    monkeypatch.setattr(cpu_threads.ThreadGovernor, "adjust",
-                        lambda self, adjust=cpu_threads.ThreadGovernor.adjust: adjust(self) or during.append(
-                            torch.get_num_threads()))
+    monkeypatch.setattr(cpu_threads.ThreadGovernor, "adjust",  # the training steps' (not the previews')
+                        lambda self, adjust=cpu_threads.ThreadGovernor.adjust: adjust(self) or
+                        self.doing != "training" or during.append(torch.get_num_threads()))
     before = torch.get_num_threads()
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "4"))
     assert code == 0, err
@@ -104,3 +104,26 @@ def test_a_cpu_run_beside_busy_processes_trains_on_fewer_threads_and_gives_them_
     during.clear()
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "chosen", "--max_train_steps", "4"))
     assert code == 0 and "fewer CPU threads" not in err and during == [before] * 4
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 threads to give one up")
+def test_sampling_beside_busy_processes_runs_on_fewer_threads_and_gives_them_back(run_cli, tmp_path, monkeypatch):
+    """`uncond sample` (and previews, `uncond evaluate`) on a CPU beside another job: every network evaluation
+    waited for the thread that lost its core, as training's steps did."""
+    from conftest import save_tiny_pipeline
+    from uncond import sampling
+
+    pipeline = save_tiny_pipeline(tmp_path / "pipeline")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads, "CHECK_EVERY_SECONDS", 0.0)  # a look at every network evaluation
+    monkeypatch.setattr(cpu_threads.CpuNeighbours, "busy_cores", lambda self: len(self.cpus) - 0.8)
+    during = []
+    monkeypatch.setattr(sampling, "to_uint8", lambda sample, to_uint8=sampling.to_uint8: during.append(
+        torch.get_num_threads()) or to_uint8(sample))  # the count each batch was sampled on
+    before = torch.get_num_threads()
+    code, _, err = run_cli("sample", pipeline, "--num_images", 4, "--batch_size", 2, "--steps", 3, "--device", "cpu",
+                           "--output_dir", tmp_path / "images")
+    assert code == 0, err
+    assert during == [1, 1] and f"sampling on 1 of {before} threads while they do" in err, err
+    assert torch.get_num_threads() == before  # given back (a notebook goes on with them)

@@ -1,7 +1,6 @@
 """The modules' import direction: cli -> {train, evaluation, sample_folder} -> plan -> checkpoint -> {data, models,
-objective, sampling, metrics, tracking, hub, environment,
-cpu_threads} -> step_graph -> {config, sharding, progress, version,
-accelerate_configs}.
+objective, sampling, metrics, tracking, hub, environment} -> step_graph -> {config, sharding, progress, version,
+cpu_threads, accelerate_configs}.
 Modules of one layer do not import each other; within the data layer, cache.py sits under data.py and streaming.py
 on top of it; remote.py (the Hub clients' noise and errors) sits under the modules that load from the Hub. train's
 loop stands on the modules it was split into: monitoring (previews, evaluations) -> outputs (exports, card) -> parts
@@ -18,7 +17,7 @@ LAYERS = {"accelerate_configs": 0, "config": 0, "sharding": 0, "progress": 0, "v
           "cache": 0.5, "remote": 0.5,
           "sources": 0.7, "decoding": 0.8,
           "data": 1, "streaming": 1.5, "models": 1, "objective": 1, "sampling": 1, "metrics": 1, "tracking": 1,
-          "hub": 1, "environment": 1, "cpu_threads": 1, "checkpoint": 2, "run_folder": 2.2, "plan": 2.5,
+          "hub": 1, "environment": 1, "cpu_threads": 0, "checkpoint": 2, "run_folder": 2.2, "plan": 2.5,
           "stopping": 2.6, "parts": 2.7,
           "outputs": 2.8, "monitoring": 2.9, "train": 3, "evaluation": 3, "sample_folder": 3,
           "checkpoint_export": 3, "cli": 4, "__main__": 5,

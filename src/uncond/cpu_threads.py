@@ -3,8 +3,9 @@ work in lockstep and spin while they wait for each other: beside another busy pr
 thread that lost its core, and the spinning ones take the cores the working ones need. On 2 cores beside another
 PyTorch job the demo trained at 12.7 images/s (258 alone; 20 times slower than alone in a user's trial), and on
 one thread at 90.9 (docs/benchmarks.md). So while other processes keep cores busy, a CPU run trains on the cores
-left (at least one thread), and goes back to all of them when they are done. It does nothing where the threads
-were chosen (OMP_NUM_THREADS, a launcher's), off Linux, or on a GPU.
+left (at least one thread), and goes back to all of them when they are done; so does sampling (previews,
+`uncond sample`, `uncond evaluate`). It does nothing where the threads were chosen (OMP_NUM_THREADS, a
+launcher's), off Linux, or on a GPU.
 
 Others' share of the run's cores is read from Linux's /proc by hand (psutil reads the same files, and is not among
 uncond's dependencies): the busy time of the process's CPUs (/proc/stat; a container's cpuset only) less its own
@@ -16,7 +17,9 @@ import logging
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -80,10 +83,11 @@ class CpuNeighbours:
 
 class ThreadGovernor:
     """Keeps torch's CPU threads to the cores other processes leave free, checked every CHECK_EVERY_SECONDS at
-    step boundaries (`adjust`), between 1 and the thread count the run started with."""
+    step boundaries (`adjust`), between 1 and the thread count the work started with. `doing` names the work in
+    the log ("training on 1 of 2 threads")."""
 
-    def __init__(self, neighbours: CpuNeighbours | None, clock=time.monotonic) -> None:
-        self.neighbours, self.clock = neighbours, clock
+    def __init__(self, neighbours: CpuNeighbours | None, clock=time.monotonic, doing: str = "training") -> None:
+        self.neighbours, self.clock, self.doing = neighbours, clock, doing
         self.most = torch.get_num_threads()
         self.wanted: deque[int] = deque(maxlen=AGREEING_CHECKS)  # the thread counts of the latest looks
         self.next_check = clock() + CHECK_EVERY_SECONDS
@@ -93,11 +97,11 @@ class ThreadGovernor:
         return self.neighbours is not None
 
     @classmethod
-    def for_run(cls, device: torch.device) -> ThreadGovernor:
+    def for_run(cls, device: torch.device, doing: str = "training") -> ThreadGovernor:
         """Active for a CPU run on Linux whose threads nobody chose; otherwise one that does nothing."""
         chosen = [name for name in THREAD_VARIABLES if os.environ.get(name)]
         usable = device.type == "cpu" and not chosen and torch.get_num_threads() > 1 and Path("/proc/stat").exists()
-        return cls(CpuNeighbours() if usable else None)
+        return cls(CpuNeighbours() if usable else None, doing=doing)
 
     def adjust(self) -> None:
         if not self.active or self.clock() < self.next_check:
@@ -114,8 +118,19 @@ class ThreadGovernor:
             torch.set_num_threads(self.wanted[0])
             if self.wanted[0] < current:
                 logger.info(f"other processes keep {others:.1f} of this run's {len(self.neighbours.cpus)} cores busy: "
-                            f"training on {self.wanted[0]} of {self.most} threads while they do (all of them beside "
-                            f"other work run many times slower; OMP_NUM_THREADS={self.most} keeps {self.most})")
+                            f"{self.doing} on {self.wanted[0]} of {self.most} threads while they do (all of them "
+                            f"beside other work run many times slower; OMP_NUM_THREADS={self.most} keeps {self.most})")
             else:
-                logger.info(f"the other processes left cores free: training on {self.wanted[0]} of {self.most} "
+                logger.info(f"the other processes left cores free: {self.doing} on {self.wanted[0]} of {self.most} "
                             "threads")
+
+
+@contextmanager
+def governed_threads(device: torch.device, doing: str) -> Iterator[ThreadGovernor]:
+    """A governor for work of its own (sampling), the thread count it started with given back after it: to a
+    notebook, or to a training run whose preview this is."""
+    governor = ThreadGovernor.for_run(device, doing)
+    try:
+        yield governor
+    finally:
+        torch.set_num_threads(governor.most)

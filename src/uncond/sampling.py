@@ -28,7 +28,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPM
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from . import remote
+from . import cpu_threads, remote
 from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, STATE_FILE, SamplingSettings, UsageError, counted, first_line,
                      list_checkpoints)
 from .progress import progress_bar
@@ -272,7 +272,8 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
     in_batches = f" in {batches} batches" if batches > 1 else ""
     with progress_bar(total=batches * len(scheduler.timesteps), unit="step",
                       desc=f"sampling {counted(len(indices), 'image')}{in_batches}",
-                      disable=not progress, leave=False) as bar:
+                      disable=not progress, leave=False) as bar, \
+            cpu_threads.governed_threads(device, "sampling") as threads:
         for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
             count = len(batch)
@@ -289,6 +290,7 @@ def sample_batches(unet: torch.nn.Module, scheduler: Any, *, num_images: int, nu
                 model_output = unet(model_input, timestep).sample
                 sample = scheduler.step(model_output, timestep, sample, **step_kwargs).prev_sample
                 bar.update(1)
+                threads.adjust()  # on a CPU, to the cores other processes leave free
             yield to_uint8(sample)
 
 
