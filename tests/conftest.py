@@ -103,11 +103,11 @@ def reset_accelerate() -> None:
 @pytest.fixture
 def run_cli(capsys):
     """Run `uncond ARGS...` in this process; returns (exit code, stdout, stderr)."""
-    from uncond.cli import main
+    from uncond.cli import console
 
     def run(*args: str) -> tuple[int, str, str]:
         reset_accelerate()
-        code = main([str(a) for a in args])
+        code = console([str(a) for a in args])
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 

@@ -11,7 +11,7 @@ from uncond import cli
 
 def main(argv: list[str]) -> int:
     uncond.metrics.inception_extractor = lambda weights, device: make_tiny_extractor()
-    return cli.main(argv)
+    return cli.console(argv)
 
 
 if __name__ == "__main__":

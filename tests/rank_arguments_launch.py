@@ -12,4 +12,4 @@ if __name__ == "__main__":
     words = sys.argv[1:]
     common, rank1 = (words[:words.index("--rank1")], words[words.index("--rank1") + 1:]) if "--rank1" in words \
         else (words, [])
-    sys.exit(cli.main(common + (rank1 if os.environ.get("RANK") == "1" else [])))
+    sys.exit(cli.console(common + (rank1 if os.environ.get("RANK") == "1" else [])))

@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
             return generate(*args, **kwargs)
 
         sampling.generate = signalled_in_preview
-        return cli.main(argv)
+        return cli.console(argv)
     step_function, stop_at = train.train_step, int(stop_at)
 
     def signalled_before_step(run, micro_batches):
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
         return step_function(run, micro_batches)
 
     train.train_step = signalled_before_step
-    return cli.main(argv)
+    return cli.console(argv)
 
 
 if __name__ == "__main__":

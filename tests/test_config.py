@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -219,8 +220,23 @@ def test_ctrl_c_while_the_flags_are_read_is_one_line(capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "add_train_arguments", interrupted)  # building the parser takes a third of a second
-    code = cli.main(["train", "--dataset_name", "x"])  # it was a 20-line traceback
+    code = cli.console(["train", "--dataset_name", "x"])  # it was a 20-line traceback
     assert code == 130 and capsys.readouterr().err == "uncond: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):  # from Python (a notebook): the caller's code stops too
+        cli.main(["train", "--dataset_name", "x"])
+
+
+def test_a_command_run_from_python_takes_its_words_as_python_has_them(capsys, monkeypatch):
+    """A number in the list raised a TypeError from argparse, a string was read letter by letter (invalid choice:
+    'p'), and no words read sys.argv: a Jupyter kernel's own (invalid choice: '/x/kernel-1.json')."""
+    import uncond
+
+    assert uncond.main(["train", "--demo", "--max_train_steps", 7, "--dry_run"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_train_steps"] == 7
+    assert uncond.main("train --demo --max_train_steps 8 --dry_run") == 0
+    assert json.loads(capsys.readouterr().out)["max_train_steps"] == 8
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/x/kernel-1.json"])
+    assert uncond.main() == 0 and "usage: uncond" in capsys.readouterr().out
 
 
 def test_demo_layer_sits_under_flags():

@@ -128,8 +128,8 @@ def dying(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(*args, **kwargs)
 checkpoint.{function} = dying
-from uncond.cli import main
-sys.exit(main(sys.argv[1:]))
+from uncond.cli import console
+sys.exit(console(sys.argv[1:]))
 """
 
 
@@ -162,8 +162,8 @@ def dying(path):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(path)
 checkpoint.remove = dying
-from uncond.cli import main
-sys.exit(main(sys.argv[1:]))
+from uncond.cli import console
+sys.exit(console(sys.argv[1:]))
 """
 
 
@@ -191,8 +191,8 @@ def dying(source, destination):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(source, destination)
 checkpoint.replace_path = dying
-from uncond.cli import main
-sys.exit(main(sys.argv[1:]))
+from uncond.cli import console
+sys.exit(console(sys.argv[1:]))
 """
 
 

@@ -7,10 +7,12 @@ import json
 import sys
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
 from conftest import fast_train_args
 from uncond import run_folder
+from uncond.version import uncond_version
 from hub_standin import HubStandIn
 from test_train import one_line_error
 
@@ -139,6 +141,9 @@ def test_model_card_describes_the_run(run_cli, color_folder, tiny_unet, tmp_path
         assert fact in card.text, fact
     assert "--seed 7" in card.text and "Reproduce with:" in card.text
     assert "Every resolved setting, the seed included, is in `training_config.json`" in card.text
+    # what bitwise equal weights also depend on
+    assert f"Trained with uncond {uncond_version()}, torch {torch.__version__}, diffusers " in card.text
+    assert f"; cpu, {torch.get_num_threads()} threads. The same weights, bit for bit, also need" in card.text
     # resumed with other settings: each command is in the card, with the steps it trained
     args = fast_train_args(color_folder, tiny_unet, out, "--seed", "7", "--checkpointing_steps", "2")
     assert run_cli(*args, "--max_train_steps", "2", "--overwrite_output_dir")[0] == 0
@@ -146,7 +151,7 @@ def test_model_card_describes_the_run(run_cli, color_folder, tiny_unet, tmp_path
     assert run_cli(*args, "--max_train_steps", "6", "--learning_rate", "5e-5")[0] == 0  # complete: nothing to do
     text = ModelCard.load(out / "README.md").text
     assert "Trained in turns, each going on from the previous one's newest checkpoint" in text
-    first, second = text.split("- steps 0 to 2:")[1].split("- steps 2 to 6:")
+    first, second = text.split("- steps 0 to 2 (with uncond ")[1].split("- steps 2 to 6 (with uncond ")
     assert "--max_train_steps 2 --overwrite_output_dir" in first and "--learning_rate" not in first
     assert "--max_train_steps 6 --learning_rate 5e-5" in second and "steps 6 to" not in second
     assert "Every resolved setting of the last turn" in second  # training_config.json is the last turn's

@@ -149,6 +149,7 @@ def test_slurm_tasks_without_a_launcher_are_told_how_to_make_one_run(monkeypatch
 
 def test_errors_and_the_resume_command_reach_every_machines_log(run_cli, tmp_path, monkeypatch, capsys):
     """The second machine of a launch printed nothing of why the run stopped, nor the command that resumes it."""
+    from uncond import cli
     from uncond.config import EVERY_MACHINE
     from uncond.outputs import Launch, reproduce_section
 
@@ -156,7 +157,8 @@ def test_errors_and_the_resume_command_reach_every_machines_log(run_cli, tmp_pat
     monkeypatch.setenv("LOCAL_RANK", "0")
     code, _, err = run_cli("train", "--output_dir", tmp_path / "run")
     assert code == 2 and "uncond: error: no dataset given" in err
-    logging.getLogger("uncond").info("said on every machine", extra=EVERY_MACHINE)  # as cli set logging up
+    cli.setup_logging()  # as a command sets it up (and puts back as it was, after)
+    logging.getLogger("uncond").info("said on every machine", extra=EVERY_MACHINE)
     logging.getLogger("uncond").info("said by the main process")
     err = capsys.readouterr().err
     assert "said on every machine" in err and "said by the main process" not in err

@@ -206,6 +206,23 @@ def test_sample_continues_the_same_model_named_otherwise_and_tells_what_changed(
     assert len(list(out.glob("*.png"))) == 3
 
 
+def test_sample_settings_are_standard_json_and_earlier_ones_still_match(run_cli, pipeline, tmp_path):
+    """DPMSolver's lambda_min_clipped (-inf) was written as -Infinity, which strict JSON readers refuse."""
+    out = tmp_path / "images"
+    args = ("sample", pipeline, "--num_images", 2, "--steps", 2, "--device", "cpu", "--output_dir", out)
+    assert run_cli(*args)[0] == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    settings = json.loads((out / "sample_settings.json").read_text(), parse_constant=refuse)
+    assert settings["schedule"]["lambda_min_clipped"] == "-inf"
+    settings["schedule"]["lambda_min_clipped"] = float("-inf")  # as uncond wrote it before
+    (out / "sample_settings.json").write_text(json.dumps(settings))
+    code, _, err = run_cli(*args)
+    assert code == 0 and "already holds the 2 images of these settings" in err, err
+
+
 def test_sample_keeps_its_grid_apart_from_the_images(run_cli, pipeline, tmp_path):
     out, grid = tmp_path / "out", tmp_path / "grid.png"
     code, _, err = run_cli("sample", pipeline, "--num_images", 2, "--steps", 1, "--output_dir", out,

@@ -376,6 +376,64 @@ def test_ctrl_c_during_a_preview_stops_at_that_step(run_cli, color_folder, tiny_
     assert "stopped by SIGINT at step 3, checkpoint-3 saved" in err
 
 
+@pytest.mark.parametrize("signal_name, raised", [("SIGINT", KeyboardInterrupt), ("SIGTERM", SystemExit)])
+def test_a_signal_stops_a_python_caller_once_the_checkpoint_is_saved(color_folder, tiny_unet, tmp_path, monkeypatch,
+                                                                    capsys, signal_name, raised):
+    """uncond.main returned 130: a notebook's loop of runs went on to the next run after Interrupt the kernel,
+    and a sample after it sampled the stopped run's model."""
+    import signal
+
+    import uncond
+    from conftest import reset_accelerate
+    from uncond import train
+
+    def signalled(run, micro_batches, train_step=train.train_step):
+        if run.step == 2:
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return train_step(run, micro_batches)
+
+    monkeypatch.setattr(train, "train_step", signalled)
+    finished = []
+    with pytest.raises(raised) as stopped:
+        for learning_rate in ("1e-3", "5e-4"):
+            reset_accelerate()
+            uncond.main(fast_train_args(color_folder, tiny_unet, tmp_path / learning_rate, "--max_train_steps", 12,
+                                        "--learning_rate", learning_rate))
+            finished.append(learning_rate)
+    assert finished == [] and not (tmp_path / "5e-4").exists()
+    assert f"stopped by {signal_name} at step 3, checkpoint-3 saved" in capsys.readouterr().err
+    assert (tmp_path / "1e-3" / "checkpoint-3").is_dir()
+    if raised is SystemExit:
+        assert stopped.value.code == 143  # a script's status, as the shell's for SIGTERM
+
+
+def test_a_run_from_python_works_under_the_callers_settings_and_leaves_them_as_they_were(color_folder, tiny_unet,
+                                                                                        tmp_path, capsys):
+    """uncond's own logger was set to INFO, not to propagate, and left so: a notebook could not quieten it; the
+    decoding's filter of Pillow's DecompressionBombWarning stayed in the caller's warnings filters; and a caller's
+    float64 default dtype built a float64 UNet that the float32 batches failed in, after the decoding."""
+    import logging
+    import warnings
+
+    import uncond
+    from conftest import reset_accelerate
+
+    uncond_logger = logging.getLogger("uncond")
+    before = list(warnings.filters)
+    uncond_logger.setLevel(logging.WARNING)
+    torch.set_default_dtype(torch.float64)
+    try:
+        reset_accelerate()
+        assert uncond.main(fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", 1)) == 0
+        assert "done:" not in capsys.readouterr().err
+        assert {tensor.dtype for tensor in load_file(tmp_path / "run" / "unet" / WEIGHTS).values()} == {torch.float32}
+        assert uncond_logger.level == logging.WARNING and uncond_logger.propagate and not uncond_logger.handlers
+        assert warnings.filters == before and torch.get_default_dtype() == torch.float64
+    finally:
+        uncond_logger.setLevel(logging.NOTSET)
+        torch.set_default_dtype(torch.float32)
+
+
 def test_images_per_second_leave_out_previews(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     import time
 
@@ -1001,7 +1059,7 @@ def test_two_processes_decode_once_and_train(tiny_unet, tmp_path):
         "    with open(os.path.join(sys.argv[-1], f\"decodes-{os.environ['RANK']}.txt\"), 'a') as f:\n"
         "        f.write('1')\n"
         "    return decode(*args)\n"
-        "decoding.decode_image = counted\nsys.exit(cli.main(sys.argv[1:-1]))\n")
+        "decoding.decode_image = counted\nsys.exit(cli.console(sys.argv[1:-1]))\n")
     out = tmp_path / "run"
     args = fast_train_args(folder, tiny_unet, out, "--max_train_steps", "2")
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -1284,7 +1342,8 @@ def test_a_run_ended_at_its_last_checkpoint_is_complete_with_that_steps_grid(run
     assert json.loads((out / "training_config.json").read_text())["max_train_steps"] == 5
     card = (out / "README.md").read_text()
     assert "samples/step-0000005.png" in card
-    assert "- steps 0 to 5:" in card and "- ended at step 5:" in card and "steps 5 to 5" not in card, card
+    assert "- steps 0 to 5 (with uncond " in card and "- ended at step 5 (with uncond " in card, card
+    assert "steps 5 to 5" not in card
     code, _, err = run_cli("train", "--config", out / "training_config.json")
     assert code == 0 and "is complete at step 5" in err, err
 
@@ -1653,6 +1712,43 @@ def test_a_second_run_on_a_folder_in_use_is_refused(run_cli, color_folder, tiny_
     finally:
         holder.communicate("")  # the holder ends, and with it its lock
     assert run_cli(*args)[0] == 0 and run_cli(*args, "--max_train_steps", "3")[0] == 0  # one process, in turn
+
+
+def test_a_second_run_in_the_same_process_on_a_folder_in_use_is_refused(color_folder, tiny_unet, tmp_path,
+                                                                        monkeypatch, capsys):
+    """A notebook's run in a thread, and the next cell's on its folder: the second let go of the first's lock and
+    took it, and both wrote checkpoints and metrics into the folder."""
+    import threading
+
+    from conftest import reset_accelerate
+    from uncond import cli, train
+
+    out, at_step_2, go_on = tmp_path / "run", threading.Event(), threading.Event()
+
+    def held_at_step_2(run, micro_batches, train_step=train.train_step):
+        if run.step == 2 and threading.current_thread() is not threading.main_thread():
+            at_step_2.set()
+            go_on.wait(60)
+        return train_step(run, micro_batches)
+
+    monkeypatch.setattr(train, "train_step", held_at_step_2)
+    args = [str(arg) for arg in fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "1",
+                                                "--logging_steps", "1")]
+    reset_accelerate()
+    first = []
+    thread = threading.Thread(target=lambda: first.append(cli.console(args + ["--max_train_steps", "4"])))
+    thread.start()
+    try:
+        assert at_step_2.wait(60)
+        assert cli.console(args + ["--max_train_steps", "6", "--seed", "1"]) == 75
+        assert "is in use by another uncond run" in capsys.readouterr().err
+    finally:
+        go_on.set()
+        thread.join(60)
+    assert first == [0] and checkpoints(out) == {"checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"}
+    assert metric_steps(out) == [1, 2, 3, 4]
+    reset_accelerate()
+    assert cli.console(args + ["--max_train_steps", "5"]) == 0  # the first run's end let go of the folder
 
 
 def test_a_resume_says_what_it_changes_that_it_may_change(run_cli, color_folder, tiny_unet, tmp_path):

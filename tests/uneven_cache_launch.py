@@ -24,4 +24,4 @@ if __name__ == "__main__":
     if os.environ.get("RANK") == "1":
         load_images = data.load_images
         data.load_images = lambda *args, **kwargs: OneImageFewer(load_images(*args, **kwargs))
-    sys.exit(cli.main(sys.argv[1:]))
+    sys.exit(cli.console(sys.argv[1:]))

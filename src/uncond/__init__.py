@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .cli import main  # uncond.main(["train", ...]): a command run from Python; returns its exit status
+from .cli import main  # uncond.main(["train", ...]): a command run from Python (cli.main)
 
 __all__ = ["main"]

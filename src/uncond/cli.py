@@ -8,9 +8,11 @@ import difflib
 import errno
 import logging
 import os
+import shlex
 import signal
 import sys
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Sequence
 
 from . import accelerate_configs
 from .config import (CacheConfig, EvaluateConfig, ExportConfig, RunFailed, RunStopped, SampleConfig, UsageError,
@@ -20,15 +22,39 @@ from .config import (CacheConfig, EvaluateConfig, ExportConfig, RunFailed, RunSt
 DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        return run_command(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:  # anywhere, building the parser included: one line, not a traceback
-        print("uncond: interrupted", file=sys.stderr)
-        return 130
+INTERRUPTED = 128 + signal.SIGINT  # the shell's status for Ctrl-C
+TERMINATED = 128 + signal.SIGTERM
+
+
+def main(argv: Sequence[Any] | str | None = None) -> int:
+    """A command run from Python: `uncond.main(["train", "--max_train_steps", 300])`, or the same words as one
+    string. Returns the status the `uncond` command would exit with (0 done, 1 stopped, 2 bad input, 75 folder in
+    use). Stopped by a signal, it raises what that signal raises in Python, once the command has stopped as it
+    does (a run saves its checkpoint first): an interrupt (Ctrl-C, a notebook's Interrupt) KeyboardInterrupt,
+    SIGTERM SystemExit(143), so that a cell or a loop of runs stops with it."""
+    words = shlex.split(argv) if isinstance(argv, str) else [str(word) for word in argv or ()]
+    status = run_command(words)
+    if status == INTERRUPTED:
+        raise KeyboardInterrupt(f"uncond {' '.join(words[:1])}: interrupted")
+    if status == TERMINATED:
+        raise SystemExit(status)
+    return status
+
+
+def console(argv: list[str] | None = None) -> int:
+    """The `uncond` command and `python -m uncond`: the status to exit with."""
+    return run_command(sys.argv[1:] if argv is None else argv)
 
 
 def run_command(argv: list[str]) -> int:
+    try:
+        return parse_and_run(argv)
+    except KeyboardInterrupt:  # anywhere, building the parser included: one line, not a traceback
+        print("uncond: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def parse_and_run(argv: list[str]) -> int:
     parser = make_parser()
     if not argv:
         parser.print_help()
@@ -348,16 +374,21 @@ SET_VARIABLES = ("TOKENIZERS_PARALLELISM", *BAR_VARIABLES)
 
 @contextlib.contextmanager
 def callers_settings_kept():
-    """For a caller in Python (uncond.main in a notebook): the library logger levels and environment variables
-    setup_logging sets, and sys.argv (run_train masks a token in it), as they were before, once the command ends."""
-    levels = {name: logging.getLogger(name).level for name in QUIETED_LIBRARIES}
+    """For a caller in Python (uncond.main in a notebook): the logger settings and environment variables
+    setup_logging sets, the warnings filters (decoding hides Pillow's DecompressionBombWarning) and sys.argv
+    (run_train masks a token in it), as they were before, once the command ends."""
+    levels = {name: logging.getLogger(name).level for name in ("uncond", *QUIETED_LIBRARIES)}
+    uncond_logger = logging.getLogger("uncond")
+    propagate, handlers, filters = uncond_logger.propagate, list(uncond_logger.handlers), list(uncond_logger.filters)
     variables = {name: os.environ.get(name) for name in SET_VARIABLES}
     argv = list(sys.argv)
     try:
-        yield
+        with warnings.catch_warnings():
+            yield
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        uncond_logger.propagate, uncond_logger.handlers[:], uncond_logger.filters[:] = propagate, handlers, filters
         for name, value in variables.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -379,7 +410,8 @@ def setup_logging() -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     uncond_logger.addHandler(handler)
     uncond_logger.addFilter(shown_here)  # once: a filter already there is not added again
-    uncond_logger.setLevel(logging.INFO)
+    if uncond_logger.level == logging.NOTSET:  # a level the caller chose (WARNING: quieter) stays
+        uncond_logger.setLevel(logging.INFO)
     uncond_logger.propagate = False  # shown once, whatever handlers the root logger has
     for noisy in QUIETED_LIBRARIES:
         library_logger = logging.getLogger(noisy)
@@ -392,4 +424,4 @@ def setup_logging() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -49,17 +49,35 @@ def give_back_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+def software_description(device: torch.device) -> str:
+    """What a run's weights depend on besides its settings, for the model card: uncond's version and those of the
+    libraries doing its arithmetic, the device, and on a CPU the thread count (float sums in another order)."""
+    import accelerate
+    import diffusers
+
+    from .version import uncond_version
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return (f"uncond {uncond_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+            f"accelerate {accelerate.__version__}; {where}{threads}")
+
+
 @contextlib.contextmanager
 def backend_settings_kept():
     """cuDNN autotuning, TF32 and the CPU thread count as they were before: a run on a GPU turns the first two on
     for its steps (parts.tune_cuda), and a notebook's own float32 products after it would otherwise run in TF32; a
-    CPU run trains on fewer threads while other processes are busy (cpu_threads)."""
+    CPU run trains on fewer threads while other processes are busy (cpu_threads). And torch's default dtype, which
+    is float32 during the run: a caller's float64 (torch.set_default_dtype) built a float64 UNet that float32
+    batches failed in, after the decoding."""
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     precision, settings = torch.get_float32_matmul_precision(), (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
-    threads = torch.get_num_threads()
+    threads, default_dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
     try:
         yield
     finally:
+        torch.set_default_dtype(default_dtype)
         torch.set_float32_matmul_precision(precision)  # first: it sets matmul.allow_tf32 too
         matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = settings
         if torch.get_num_threads() != threads:

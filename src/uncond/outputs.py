@@ -184,13 +184,15 @@ def reproduce_command(argv: list[str], launch: Launch, chosen_seed: int | None) 
     return launch.launcher() + " " + " ".join(shlex.quote(word) for word in words)
 
 
-def commands_so_far(state: dict[str, Any], step: int, command: str) -> list[dict[str, Any]]:
+def commands_so_far(state: dict[str, Any], step: int, command: str, software: str) -> list[dict[str, Any]]:
     """The commands that trained the model up to `step` (as the resumed checkpoint's state records them;
-    those of abandoned later steps left out), and this run's, which goes on from `step`."""
+    those of abandoned later steps left out), and this run's, which goes on from `step`, with the `software`
+    and device it runs on (environment.software_description)."""
     earlier = [entry for entry in state.get("commands", []) if entry["from_step"] < step]
-    if earlier and earlier[-1]["command"] == command:  # the same command run again after a stop: one turn
+    # the same command run again after a stop, on the same software: one turn (an earlier uncond's records none)
+    if earlier and earlier[-1]["command"] == command and earlier[-1].get("software", software) == software:
         return earlier
-    return earlier + [{"from_step": step, "command": command}]
+    return earlier + [{"from_step": step, "command": command, "software": software}]
 
 
 def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
@@ -201,9 +203,13 @@ def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
     if not commands:  # a checkpoint of an uncond from before the commands were recorded, exported
         return ("The commands that trained it are not recorded (it was trained by an earlier version of uncond). "
                 "Every resolved setting, the seed included, is in `training_config.json`.\n")
+    same_weights = ("The same weights, bit for bit, also need the same versions, device and CPU thread count "
+                    "(floats summed in another order differ in their last bits).\n")
     if len(commands) == 1 and commands[0]["from_step"] == 0:
+        trained_with = f"Trained with {commands[0]['software']}. " if "software" in commands[0] else ""
         return (f"Reproduce with:\n\n```bash\n{commands[0]['command']}\n```\n\n{machines}"
-                "Every resolved setting, the seed included, is in `training_config.json`.\n")
+                f"Every resolved setting, the seed included, is in `training_config.json`. {trained_with}"
+                f"{same_weights}")
     lines = ["Trained in turns, each going on from the previous one's newest checkpoint (a turn may have been "
              "stopped before its command's end, at the step shown):\n"]
     if commands[0]["from_step"] > 0:  # resumed from a checkpoint that does not record its commands
@@ -212,9 +218,10 @@ def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
     for entry, end in zip(commands, ends):
         # A turn that trained no step ended the run where it was (a shorter --max_train_steps, say).
         steps = f"steps {entry['from_step']} to {end}" if end > entry["from_step"] else f"ended at step {end}"
-        lines.append(f"- {steps}:\n\n  ```bash\n  {entry['command']}\n  ```\n")
+        software = f" (with {entry['software']})" if "software" in entry else ""
+        lines.append(f"- {steps}{software}:\n\n  ```bash\n  {entry['command']}\n  ```\n")
     lines.append(f"{machines}Every resolved setting of the last turn, the seed included, is in "
-                 "`training_config.json`.\n")
+                 f"`training_config.json`. {same_weights}")
     return "\n".join(lines)
 
 

@@ -174,14 +174,14 @@ _held_locks: dict[Path, IO[str]] = {}
 
 def lock_output_dir(output_dir: Path, wait_s: float = 0) -> None:
     """An exclusive lock on the folder until this run ends (the kernel drops it when the process does, however
-    it ends): two runs writing one folder (a requeued job overlapping the old one) interleave their checkpoints
-    and metrics. Held by another process, it is waited for up to `wait_s`. No-op where fcntl is missing
-    (Windows)."""
+    it ends; unlock_output_dir at the run's end): two runs writing one folder (a requeued job overlapping the old
+    one, a notebook's run in a thread and the next cell's) interleave their checkpoints and metrics. Held by
+    another run, it is waited for up to `wait_s`. No-op where fcntl is missing (Windows)."""
     try:
         import fcntl
     except ImportError:
         return
-    unlock_output_dir(output_dir)  # an earlier run in this same process (runs in one process follow each other)
+    # (flock's lock is the open file's: a run in another thread of this process, on a file it opened, holds it too)
     handle = open(output_dir / LOCK_FILE, "a+")
     deadline = time.monotonic() + wait_s
     while True:

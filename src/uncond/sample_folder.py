@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,20 @@ def sample_settings(config: SampleConfig, model: Any, scheduler: Any, steps: int
 def schedule_of(scheduler: Any) -> dict[str, Any]:
     """The sampler's configuration (betas, prediction type, spacing...), as JSON would write it back."""
     public = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
-    return json.loads(json.dumps(public, default=str))
+    return finite_json(json.loads(json.dumps(public, default=str)))
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with its infinite and NaN floats as the strings "-inf", "inf", "nan": Python writes them as
+    -Infinity, which is not JSON, and strict readers (JavaScript's, jq's --strict, Go's) refuse the file
+    (DPMSolver's lambda_min_clipped is -inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_json(item) for item in value]
+    return value
 
 
 def weights_fingerprint(unet: torch.nn.Module) -> str:
@@ -254,12 +268,12 @@ def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any],
 
 
 def write_settings(folder: Path, record: dict[str, Any]) -> None:
-    (folder / SAMPLE_SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / SAMPLE_SETTINGS_FILE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 def recorded_settings(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / SAMPLE_SETTINGS_FILE).read_text())
+    try:  # (finite_json: as this version records them; earlier ones wrote -Infinity)
+        return finite_json(json.loads((folder / SAMPLE_SETTINGS_FILE).read_text()))
     except (OSError, ValueError):
         return None
 

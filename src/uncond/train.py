@@ -72,16 +72,17 @@ def train_as_planned(plan: Plan, explicit: set[str] | frozenset[str], command: l
             message = run_folder.undo_unsaved_start(output_dir, config.logging_dir, start)
             if message:
                 logger.warning(message)
-        run_folder.unlock_output_dir(output_dir)  # for a next run in this process (a notebook's)
         raise
+    else:
+        exported = checkpoint.read_training_state(output_dir).get("step") != start.export_step
+        if not (trained or exported) and accelerator.is_main_process:
+            # The run was complete: no step or export took this command's settings, so the folder keeps the record
+            # of those its model was trained with. (A run ended early at its last checkpoint exports it: the record
+            # is then of that command, so that passing it back says the run is complete.)
+            start.put_back_settings(output_dir)
     finally:
         environment.give_back_freed_memory()  # kept for the run's steps (parts.build_run)
-    exported = checkpoint.read_training_state(output_dir).get("step") != start.export_step
-    if not (trained or exported) and accelerator.is_main_process:
-        # The run was complete: no step or export took this command's settings, so the folder keeps the record of
-        # those its model was trained with. (A run ended early at its last checkpoint exports it: the record
-        # is then of that command, so that passing it back says the run is complete.)
-        start.put_back_settings(output_dir)
+        run_folder.unlock_output_dir(output_dir)  # the run is over: the folder is free, in this process too
     if stop_signal is not None:
         raise RunStopped(stop_signal)
     return output_dir
@@ -107,7 +108,8 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
         resume(run, plan.resume_from, plan.resume_notes)
         settle_owed(run)
     run.tracker_run_id = plan.tracker_run_id
-    run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command_line)
+    run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command_line,
+                                   environment.software_description(accelerator.device))
     first_step = run.step
     if accelerator.is_main_process:
         run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step,
@@ -128,7 +130,6 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     accelerator.end_training()
     if run.uploads is not None:
         run.uploads.wait()
-    run_folder.unlock_output_dir(output_dir)
     if finished:
         logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
         return run.step > first_step, None
@@ -154,8 +155,8 @@ def this_runs_commands(config: TrainConfig, explicit: set[str] | frozenset[str],
 def prepare_output_dir(plan: Plan, output_dir: Path) -> run_folder.FolderStart:
     """On the main process: the folder made and locked for this run, what interrupted writes left removed,
     later checkpoints set aside when going back, an earlier run's outputs set aside with --overwrite_output_dir,
-    and this run's settings written. Returns what changed, to be undone if the run fails before it saves."""
-    config = plan.config
+    and this run's settings written. Returns what changed, to be undone if the run fails before it saves. The lock
+    is let go if this fails, and otherwise at the run's end (train_as_planned)."""
     start = run_folder.FolderStart(created=run_folder.highest_missing(output_dir), replacing=False,
                                    was_empty=output_dir.is_dir() and not any(output_dir.iterdir()),
                                    resume_step=plan.resume_step)
@@ -164,6 +165,17 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> run_folder.FolderStart:
     except OSError as error:  # what plan's check cannot see (a root user in /proc, a full or read-only mount)
         raise UsageError(f"--output_dir {output_dir}: cannot create it ({error.strerror})") from None
     run_folder.lock_output_dir(output_dir)
+    try:
+        return prepare_locked_output_dir(plan, output_dir, start)
+    except BaseException:
+        run_folder.unlock_output_dir(output_dir)
+        raise
+
+
+def prepare_locked_output_dir(plan: Plan, output_dir: Path, start: run_folder.FolderStart
+                              ) -> run_folder.FolderStart:
+    """prepare_output_dir's work once the folder is this run's."""
+    config = plan.config
     for message in run_folder.clean_up_interrupted_writes(output_dir):
         logger.warning(message)
     if plan.resume_from is not None:
