@@ -733,16 +733,24 @@ def test_overwrite_output_dir_starts_afresh(run_cli, color_folder, tiny_unet, tm
     assert (out / "samples" / "favourite.png").read_bytes() == favourite
 
 
-def test_overwrite_output_dir_keeps_the_earlier_run_until_the_new_one_saves(run_cli, color_folder, tiny_unet,
-                                                                            tmp_path):
-    """It removed the earlier run at once: a new run failing on its images left neither model. Then it left the
-    earlier run set aside, and re-running the earlier command started afresh and deleted it."""
+def a_run_and_a_folder_of_broken_images(run_cli, color_folder: Path, tiny_unet: Path, tmp_path: Path
+                                        ) -> tuple[Path, Path, list, bytes]:
+    """A 2-step run with its checkpoint, and a folder whose one image cannot be read (a replacement run fails on
+    it before it saves). Returns the run's folder, the broken folder, the run's flags and its UNet weights."""
     out, broken = tmp_path / "run", tmp_path / "broken"
     args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
     assert run_cli(*args)[0] == 0
     weights = (out / "unet" / WEIGHTS).read_bytes()
     broken.mkdir()
     (broken / "a.png").write_text("not an image")
+    return out, broken, args, weights
+
+
+def test_overwrite_output_dir_keeps_the_earlier_run_until_the_new_one_saves(run_cli, color_folder, tiny_unet,
+                                                                            tmp_path):
+    """It removed the earlier run at once: a new run failing on its images left neither model. Then it left the
+    earlier run set aside, and re-running the earlier command started afresh and deleted it."""
+    out, broken, args, weights = a_run_and_a_folder_of_broken_images(run_cli, color_folder, tiny_unet, tmp_path)
     code, _, err = run_cli(*fast_train_args(broken, tiny_unet, out, "--overwrite_output_dir"))
     assert code != 0 and "could be read" in err, err
     assert "this run ended before saving anything, so the earlier run it set aside is back" in err
@@ -771,12 +779,7 @@ def test_a_replacement_killed_while_setting_aside_leaves_the_earlier_run_whole(r
     """Killed between the renames that set the earlier run aside, it left its checkpoint in .replaced-run and its
     pipeline in place; the next --overwrite_output_dir run took the pipeline for the killed run's and removed it,
     so that run failing on its images put back a run without its model."""
-    out, broken = tmp_path / "run", tmp_path / "broken"
-    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
-    assert run_cli(*args)[0] == 0
-    weights = (out / "unet" / WEIGHTS).read_bytes()
-    broken.mkdir()
-    (broken / "a.png").write_text("not an image")
+    out, broken, args, weights = a_run_and_a_folder_of_broken_images(run_cli, color_folder, tiny_unet, tmp_path)
     real_rename = Path.rename
 
     def set_aside_killed_after_the_checkpoint() -> None:
