@@ -18,12 +18,14 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .cache import (META_FILE, CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone,
                     entry_folder, mark_used)
@@ -126,9 +128,11 @@ def decoded_bytes(record: Any, resolution: int) -> int:
     """The values an image takes in the cache, from its header: the shorter side resized to `resolution`, one
     channel if gray, else three (decoding.decode_image). 0 for a file that cannot be opened (it is skipped)."""
     try:
-        with record.open() as image:
-            width, height = image.size
-            channels = 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+        with warnings.catch_warnings():  # Pillow's warning of a huge image: the decoding says why it is left out
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with record.open() as image:
+                width, height = image.size
+                channels = 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
     except Exception:  # noqa: BLE001 - any unreadable file: it is skipped when decoded
         return 0
     new_width, new_height = resized_size(width, height, resolution)
