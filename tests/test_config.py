@@ -237,6 +237,9 @@ def test_a_command_run_from_python_takes_its_words_as_python_has_them(capsys, mo
     assert json.loads(capsys.readouterr().out)["max_train_steps"] == 8
     monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/x/kernel-1.json"])
     assert uncond.main() == 0 and "usage: uncond" in capsys.readouterr().out
+    # the `uncond` script an earlier install wrote calls main() for the command line
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/uncond", "launch-config", "fsdp"])
+    assert uncond.main() == 0 and capsys.readouterr().out.strip().endswith("fsdp.yaml")
 
 
 def test_demo_layer_sits_under_flags():
