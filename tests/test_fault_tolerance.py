@@ -553,6 +553,15 @@ def test_skip_nonfinite_trains_through(run_cli, color_folder, tiny_unet, tmp_pat
                                             "--learning_rate", "1e12", "--max_grad_norm", "0",
                                             "--skip_nonfinite", "--logging_steps", "5"))
     assert code == 0, err[-2000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["skipped_steps"] > 0
+    # strict JSON (jq and JavaScript refuse NaN): an interval whose every step was skipped has a null loss
+    records = [json.loads(line, parse_constant=refuse_non_json) for line in
+               (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] > 0 and records[-1]["loss"] is None
     assert all(torch.isfinite(t).all() for t in load_file(out / "unet" / WEIGHTS).values())
+    assert "| final loss (mean over the last logging interval) | none: every step was skipped" in (
+        out / "README.md").read_text()
+    assert (out / "loss.png").exists()
+
+
+def refuse_non_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")

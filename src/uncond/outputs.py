@@ -87,8 +87,9 @@ def write_card_of(folder: Path, config: TrainConfig, state: dict[str, Any], unet
                               f"{config.lr_warmup_steps} warmup steps)",
              "prediction type": config.prediction_type, "EMA": config.use_ema,
              "mixed precision": config.mixed_precision}
-    if "loss" in last:
-        facts["final loss (mean over the last logging interval)"] = f"{last['loss']:.4f}"
+    if "loss" in last:  # null where --skip_nonfinite skipped every step of that interval
+        facts["final loss (mean over the last logging interval)"] = (
+            "none: every step was skipped (--skip_nonfinite)" if last["loss"] is None else f"{last['loss']:.4f}")
     # The card's usage code samples as the previews did, with the same scheduler settings.
     sample_steps = sampling.steps_for(config.sampler, config.sample_steps, config.ddpm_num_inference_steps)
     usage_code = sampling.diffusers_usage_code(config.sampler, scheduler_config, repo_id or str(shown_as), sample_steps)

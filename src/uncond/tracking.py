@@ -64,8 +64,12 @@ class MetricsFile:
                                       and not (evaluation_owed and "fid" in record)])
 
     def write(self, values: dict[str, Any]) -> None:
+        """One record; a NaN or infinite value is written as null: Python's NaN and Infinity are not JSON, and
+        strict readers (jq, JavaScript's, Go's) refuse the whole file for one of them."""
+        finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in values.items()}
         with self.path.open("a") as file:
-            file.write(json.dumps(values) + "\n")
+            file.write(json.dumps(finite, allow_nan=False) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)

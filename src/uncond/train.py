@@ -114,7 +114,8 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     if accelerator.is_main_process:
         run.metrics_file = tracking.MetricsFile(output_dir, resume_step=run.step,
                                                 evaluation_owed=run.evaluation_owed == run.step)
-        run.best_fid = min((r["fid"] for r in run.metrics_file.read() if "fid" in r), default=math.inf)
+        run.best_fid = min((r["fid"] for r in run.metrics_file.read() if isinstance(r.get("fid"), (int, float))),
+                           default=math.inf)
         if repo_id:
             run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
     if not complete:  # a complete run trains nothing: its line says only that (train_loop)
@@ -609,9 +610,11 @@ def log_metrics(run: Run, progress: tqdm) -> None:
         values["ema_decay"] = run.ema.decay_per_step
     if run.config.skip_nonfinite:
         values["skipped_steps"] = run.skipped_steps
-    if not math.isfinite(loss) and not run.config.skip_nonfinite:
-        raise diverged(run, f"the loss became {loss} between steps {run.step - steps} and {run.step}")
-    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
+    if not math.isfinite(loss):
+        if not run.config.skip_nonfinite:
+            raise diverged(run, f"the loss became {loss} between steps {run.step - steps} and {run.step}")
+        values["loss"] = None  # every step since the last log was skipped: there is no loss to show
+    progress.set_postfix(loss="skipped" if values["loss"] is None else f"{loss:.4f}", lr=f"{values['lr']:.2e}")
     with tracking.tracker_writes(accelerator.logging_dir):
         accelerator.log({k: v for k, v in values.items() if k != "step" and v is not None}, step=run.step)
     if run.metrics_file is not None:
