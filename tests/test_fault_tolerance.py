@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -277,6 +278,19 @@ def test_a_job_preempted_while_decoding_keeps_what_it_decoded(run_cli, tiny_unet
     assert len(decoded) == 8 - kept
 
 
+@contextlib.contextmanager
+def sigterm_must_be_handled():
+    """Python's default for SIGTERM would end pytest's process: the test fails instead."""
+    def unhandled(number, frame):
+        raise AssertionError("SIGTERM reached the test: the command did not handle it")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_job_ended_while_setting_up_says_so_and_puts_back_the_run_it_was_replacing(run_cli, inputs, tmp_path,
                                                                                       monkeypatch):
     """SIGTERM while a run set up (before any decode or step) ended it with no word and, under
@@ -292,18 +306,79 @@ def test_a_job_ended_while_setting_up_says_so_and_puts_back_the_run_it_was_repla
         assert (out / ".replaced-run").is_dir()
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def unhandled(number, frame):  # Python's default would end pytest's process
-        raise AssertionError("SIGTERM reached the test: the command did not handle it")
-
     monkeypatch.setattr(train, "init_trackers", ended)
-    previous = signal.signal(signal.SIGTERM, unhandled)
-    try:
+    with sigterm_must_be_handled():
         code, _, err = run_cli(*fast_train_args(*inputs, out, "--max_train_steps", "4", "--overwrite_output_dir"))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert code == 143 and err.strip().endswith("uncond: stopped by SIGTERM"), err
     assert sorted(path.name for path in out.iterdir()) == before and "checkpoint-2" in before
     assert checkpoint.read_training_state(out)["step"] == 2
+
+
+
+
+def test_a_job_ended_while_loading_its_checkpoint_resumes_from_it_next_time(run_cli, inputs, tmp_path, monkeypatch):
+    """SIGTERM while a resume loaded its checkpoint was taken for the checkpoint's own failure ("cannot resume from
+    checkpoint-2 (RunStopped: 15); ... damaged", status 2): a scheduler would not requeue the job, and its user would
+    set a whole checkpoint aside. It is a stop like any other (143), and the next run resumes from it."""
+    from accelerate import Accelerator
+
+    out = tmp_path / "run"
+    args = fast_train_args(*inputs, out, "--checkpointing_steps", "2")
+    assert run_cli(*args, "--max_train_steps", "2")[0] == 0
+    load_state = Accelerator.load_state
+
+    def ended_while_loading(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load_state(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "load_state", ended_while_loading)
+    with sigterm_must_be_handled():
+        code, _, err = run_cli(*args, "--max_train_steps", "4")
+    assert code == 143 and err.strip().endswith("uncond: stopped by SIGTERM"), err
+    monkeypatch.setattr(Accelerator, "load_state", load_state)
+    code, _, err = run_cli(*args, "--max_train_steps", "4")
+    assert code == 0 and "resuming from checkpoint-2 at step 2" in err, err
+
+
+def test_a_job_ended_while_its_images_headers_are_read_stops(run_cli, tiny_unet, tmp_path, monkeypatch):
+    """Before decoding, a run reads every new image's header for the cache's size (in its main thread; the decoding
+    is in threads); SIGTERM there was taken for an unreadable file, and the run trained on as if not asked to stop."""
+    from PIL import Image
+
+    folder = write_images(tmp_path / "photos", 8, nested=False)
+    open_image, opened = Image.open, []
+
+    def ended_at_the_third(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            opened.append(1)
+            if len(opened) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return open_image(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", ended_at_the_third)
+    with sigterm_must_be_handled():
+        code, _, err = run_cli(*fast_train_args(folder, tiny_unet, tmp_path / "run", "--max_train_steps", "2"))
+    assert len(opened) >= 3 and code == 143 and err.strip().endswith("uncond: stopped by SIGTERM"), err
+
+
+def test_a_job_ended_while_diffusers_imports_a_module_says_so_in_one_line(inputs, tmp_path):
+    """diffusers imports its modules when first used, in a run's first seconds, and turns any Exception raised
+    there into a RuntimeError: SIGTERM then (a job preempted as it starts) ended in a 150-line traceback and status 1,
+    so a scheduler that requeues preempted jobs (143) gave up on it."""
+    script = (  # the signal lands in diffusers' import of a module (inside _LazyModule._get_module's try)
+        "import importlib, os, signal, sys, types\n"
+        "from diffusers.utils import import_utils\n"
+        "from uncond import cli\n"
+        "def import_module(name, package=None):\n"
+        "    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # once the command handles it\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return importlib.import_module(name, package)\n"
+        "import_utils.importlib = types.SimpleNamespace(**{**vars(importlib), 'import_module': import_module})\n"
+        "sys.exit(cli.console(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-c", script, *map(str, fast_train_args(
+        *inputs, tmp_path / "run", "--max_train_steps", "2"))], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143 and result.stderr.strip().endswith("uncond: stopped by SIGTERM"), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_killed_launcher_stops_the_run_with_a_checkpoint(inputs, tmp_path):

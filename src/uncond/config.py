@@ -48,16 +48,23 @@ class RunFailed(Exception):
     what is safe on disk."""
 
 
-class RunStopped(Exception):
+class RunStopped(BaseException):
     """A command stopped by a signal: a run with its checkpoint saved and the way to resume said (`said`), or any
     command stopped by SIGTERM where it was (stopping.stopped_by_sigterm). The command exits with the shell's
     status for that signal (128 + its number), so `uncond train ... && next` goes no further and a scheduler that
-    restarts failed jobs restarts a preempted one."""
+    restarts failed jobs restarts a preempted one.
+    A BaseException, as KeyboardInterrupt is: raised wherever the signal lands, it must not be taken for that
+    code's own failure by an `except Exception` (diffusers' lazy imports wrapped it in a RuntimeError; loading a
+    checkpoint called it damaged; the header probe of the images before a run took the file for unreadable and
+    went on)."""
 
     def __init__(self, signal_number: int, said: bool = True):
         super().__init__(signal_number)
         self.signal_number = signal_number
         self.said = said
+
+    def __reduce__(self) -> tuple[Any, ...]:  # as it was, when sent to the other processes (parts)
+        return type(self), (self.signal_number, self.said)
 
 
 def size_text(size: int) -> str:

@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from . import (checkpoint, cpu_threads, data, environment, hub, metrics, models, run_folder, sampling, sharding,
                sources, streaming, tracking)
-from .config import RunFailed, TrainConfig, UsageError, counted, first_line
+from .config import RunFailed, RunStopped, TrainConfig, UsageError, counted, first_line
 from .objective import Objective
 from .plan import (Plan, Position, checkpoints_beyond_disk, learning_rate_schedule, refuse_mismatched_resume,
                    run_length, schedule_change_note, warmup_outlasts_run)
@@ -396,10 +396,11 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None
     if accelerator.is_main_process:
         try:
             outcome[0] = work()
-        except Exception as error:  # noqa: BLE001 - a full disk, say: raised as it is here, said there
+        except (Exception, RunStopped) as error:  # noqa: BLE001 - a full disk, say: raised as it is here, said there
             failure = error
-            # uncond's own of its kind (a folder in use has an exit status of its own)
-            outcome[1] = (type(error)(str(error)) if isinstance(error, (UsageError, RunFailed)) else
+            # uncond's own of its kind (a folder in use has an exit status of its own; a stop stops them all)
+            outcome[1] = (error if isinstance(error, RunStopped) else
+                          type(error)(str(error)) if isinstance(error, (UsageError, RunFailed)) else
                           RunFailed(f"the main process failed ({type(error).__name__}: {first_line(error)})"))
     outcome = broadcast_object_list(outcome)
     if failure is not None:
