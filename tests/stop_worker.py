@@ -1,6 +1,6 @@
-"""uncond's CLI, where the process of rank STOP_RANK sends itself SIGTERM just before optimizer step STOP_AT (or,
-with STOP_AT=preview, as its first sample grid starts), for test_distributed.py's stop tests (a signal that
-reaches one process of a launch, at a known point)."""
+"""uncond's CLI, where the process of rank STOP_RANK sends itself SIGTERM (or STOP_SIGNAL) just before optimizer
+step STOP_AT (or, with STOP_AT=preview, as its first sample grid starts), for test_distributed.py's stop tests (a
+signal that reaches one process of a launch, at a known point)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from uncond import cli, sampling, train
 
 def main(argv: list[str]) -> int:
     rank, stop_at = os.environ["STOP_RANK"], os.environ["STOP_AT"]
+    stop_signal = getattr(signal, os.environ.get("STOP_SIGNAL", "SIGTERM"))
     if stop_at == "preview":
         generate = sampling.generate
 
         def signalled_in_preview(*args, **kwargs):
             if os.environ.get("RANK") == rank:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), stop_signal)
             return generate(*args, **kwargs)
 
         sampling.generate = signalled_in_preview
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> int:
 
     def signalled_before_step(run, micro_batches):
         if os.environ.get("RANK") == rank and run.step + 1 == stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), stop_signal)
         return step_function(run, micro_batches)
 
     train.train_step = signalled_before_step

@@ -216,6 +216,27 @@ def test_a_signal_to_one_process_stops_every_process_at_the_next_step(color_fold
         (out / "checkpoint-4" / "training_state.json").read_text())["step"] == 4
 
 
+@pytest.mark.parametrize("killed_rank", ["1", "0"])
+def test_a_process_killed_mid_run_leaves_the_others_one_line_and_whole_checkpoints(color_folder, tiny_unet, tmp_path,
+                                                                                    killed_rank):
+    """A process killed (the kernel's out-of-memory killer, kill -9): the one left printed a 50-line gloo traceback
+    ("Connection reset by peer") and no word of uncond's on what was kept; the main process's stderr can be the
+    only log a job keeps. The next run resumes from the last whole checkpoint."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--train_batch_size", "1", "--max_train_steps", "8",
+                           "--checkpointing_steps", "2", "--logging_steps", "100")
+    result = launch_processes(TESTS / "stop_worker.py", *args, STOP_RANK=killed_rank, STOP_AT="4",
+                              STOP_SIGNAL="SIGKILL")
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if line.startswith("uncond: stopped:")]
+    assert len(said) == 1, result.stderr
+    assert "another process of the launch ended or lost its connection" in said[0] and \
+        "the checkpoints written before are intact" in said[0], result.stderr[-3000:]
+    assert not re.search(r"\[rank\d\]: Traceback", result.stderr), result.stderr[-3000:]  # the launcher's own stays
+    result = launch_processes("-m", "uncond", *args)
+    assert result.returncode == 0 and "resuming from checkpoint-2 at step 2" in result.stderr, result.stderr[-3000:]
+
+
 def test_a_stop_during_an_epochs_preview_stops_there_and_the_resume_makes_it(color_folder, tiny_unet, tmp_path):
     """Agreed one step late, the processes stopped after the next step, and the checkpoint went on without the
     given-up preview of the epoch's end (the resume then drew a grid of the wrong step)."""

@@ -12,12 +12,12 @@ import shlex
 import signal
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import accelerate_configs
 from .config import (CacheConfig, EvaluateConfig, ExportConfig, RunFailed, RunStopped, SampleConfig, UsageError,
-                     add_arguments, add_train_arguments, build_command_config, build_config, counted, public_argv,
-                     size_text)
+                     add_arguments, add_train_arguments, build_command_config, build_config, counted, first_line,
+                     public_argv, size_text)
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
 
@@ -74,14 +74,14 @@ def parse_and_run(argv: list[str]) -> int:
 def run_parsed(args: argparse.Namespace, argv: list[str]) -> int:
     setup_logging()
     try:
-        with sigterm_stops(args.command):
+        with sigterm_stops(args.command), another_process_lost_said(args.command):
             return args.command(args, argv)
     except UsageError as error:  # said on every machine, whose log may be the only one its user reads
         if is_local_main_process():
             print(f"uncond: error: {error}", file=sys.stderr)
         return getattr(error, "exit_status", 2)
     except RunFailed as error:
-        if is_local_main_process():
+        if is_local_main_process() and not getattr(error, "said", False):
             print(f"uncond: stopped: {error}", file=sys.stderr)
         return 1
     except RunStopped as stop:  # a run's is said in the log, with the command that resumes
@@ -97,10 +97,42 @@ def run_parsed(args: argparse.Namespace, argv: list[str]) -> int:
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
-        kept = AFTER_A_FULL_DISK.get(args.command.__name__, "")
+        kept = KEPT_AFTER_A_FAILURE.get(args.command.__name__, "")
         print(f"uncond: stopped: no space left on the device writing {error.filename or 'a file'}{kept}; free some "
               "space and re-run the same command", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def another_process_lost_said(command: Callable[..., int]) -> Iterator[None]:
+    """A launch's process killed (the out-of-memory killer, kill -9) or cut off: the others' next exchange with it
+    fails, in a 50-line traceback of gloo's or NCCL's that says nothing of what was kept. Said in one line instead,
+    by every process left (the machine's first may be the one that ended), before the launcher ends them (inside
+    sigterm_stops: its SIGTERM then stops this one as any other)."""
+    try:
+        yield
+    except Exception as error:
+        if not lost_another_process(error):
+            raise
+        kept = KEPT_AFTER_A_FAILURE.get(command.__name__, "")
+        reason = first_line(error).split(". ")[0]  # gloo's goes on: "This is typically caused by ... GLHF!"
+        print(f"uncond: stopped: another process of the launch ended or lost its connection (the launcher's report "
+              f"names it): this one's exchange with it failed ({type(error).__name__}: {reason}){kept}; re-run the "
+              "same command", file=sys.stderr)
+        said = RunFailed("another process of the launch was lost")
+        said.said = True  # type: ignore[attr-defined]
+        raise said from None
+
+
+def lost_another_process(error: Exception) -> bool:
+    """Whether `error` is an exchange between a launch's processes that failed, as one does when another process
+    ended or lost its connection: NCCL raises a DistBackendError, gloo a plain RuntimeError ("[.../gloo/transport/
+    tcp/pair.cc:537] Read error ...: Connection reset by peer"), also from DDP's gradient all-reduce in backward."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return False
+    if any(kind.__name__ == "DistError" for kind in type(error).__mro__):
+        return True
+    return isinstance(error, RuntimeError) and "/gloo/transport/" in str(error)
 
 
 def sigterm_stops(command: Callable[[argparse.Namespace, list[str]], int]) -> contextlib.AbstractContextManager:
@@ -113,8 +145,8 @@ def sigterm_stops(command: Callable[[argparse.Namespace, list[str]], int]) -> co
     return stopped_by_sigterm()
 
 
-# What a command that stopped on a full disk kept, and a re-run goes on from
-AFTER_A_FULL_DISK = {"run_train": "; the checkpoints written before are intact (a re-run resumes from the newest, if "
+# What a command that had to stop (a full disk, another process of its launch gone) kept, and a re-run goes on from
+KEPT_AFTER_A_FAILURE = {"run_train": "; the checkpoints written before are intact (a re-run resumes from the newest, if "
                                   "any)",
                      "run_sample": "; the images already written are whole (a re-run samples the others)"}
 
