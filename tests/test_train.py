@@ -1316,8 +1316,8 @@ def test_dry_run_counts_a_resumed_runs_steps_as_the_run_does(run_cli, color_fold
     assert code == 0, err
     assert json.loads((out / "training_state.json").read_text())["step"] == said == 8  # 4, then 4 of 2 images
     # 2 epochs of 6 steps would be 12: the log said so beside the 8
-    assert "8 optimizer steps (6 per epoch, 2 epochs, 4 steps fewer for the epochs trained before with another " \
-           "batch or other data)" in err
+    assert "8 optimizer steps (6 per epoch, 2 epochs, epoch 1 ending at step 8: the steps before this resume had " \
+           "another batch or other data)" in err
     code, _, err = run_cli(*args, "--num_epochs", "1", "--dry_run")
     one_line_error(code, err, "checkpoint-8 is at step 8, past this run's last step")
 

@@ -261,8 +261,8 @@ def log_run_summary(run: Run) -> None:
         logger.warning(warning)
     length = f"{run.steps_per_epoch} per epoch, {counted(run.num_epochs, 'epoch')}"
     if run.epoch_offset:  # the epochs before a resume had another length (another batch, other data)
-        length += (f", {abs(run.epoch_offset)} steps {'more' if run.epoch_offset > 0 else 'fewer'} for the epochs "
-                   "trained before with another batch or other data")
+        length += (f", epoch {run.epoch} ending at step {run.epoch_offset + (run.epoch + 1) * run.steps_per_epoch}: "
+                   "the steps before this resume had another batch or other data")
     logger.info(
         f"training {run.parameters_in_millions}-parameter UNet ({models.describe_unet(run.unwrapped_unet.config)}), "
         f"{counted(run.unwrapped_unet.config.in_channels, 'channel')}, {config.resolution} px, "
