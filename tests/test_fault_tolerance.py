@@ -381,6 +381,27 @@ def test_a_job_ended_while_diffusers_imports_a_module_says_so_in_one_line(inputs
     assert "Traceback" not in result.stderr
 
 
+
+def test_a_job_ended_while_torch_is_imported_says_so_in_one_line(inputs, tmp_path):
+    """SIGTERM is handled from before the command imports torch: the 1.5 s of that import in a job's first seconds
+    ended the process with no word (Python's default), as if it had never started."""
+    script = (
+        "import builtins, os, signal, sys\n"
+        "real_import = builtins.__import__\n"
+        "def importing(name, *args, **kwargs):  # the signal arrives as torch is first imported\n"
+        "    handled = signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL\n"
+        "    if name == 'torch' and 'torch' not in sys.modules and handled:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = importing\n"
+        "from uncond import cli\n"
+        "sys.exit(cli.console(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-c", script, *map(str, fast_train_args(
+        *inputs, tmp_path / "run", "--max_train_steps", "2"))], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143 and result.stderr.strip() == "uncond: stopped by SIGTERM", result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_killed_launcher_stops_the_run_with_a_checkpoint(inputs, tmp_path):
     """`accelerate launch` of one process passes no signal on: SIGTERM to it alone (`kill`, a sweep tool ending a
     trial) left the run training on, unseen, until its end. The run now stops as for a signal of its own."""

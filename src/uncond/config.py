@@ -50,7 +50,7 @@ class RunFailed(Exception):
 
 class RunStopped(BaseException):
     """A command stopped by a signal: a run with its checkpoint saved and the way to resume said (`said`), or any
-    command stopped by SIGTERM where it was (stopping.stopped_by_sigterm). The command exits with the shell's
+    command stopped by SIGTERM where it was (cli.sigterm_stops). The command exits with the shell's
     status for that signal (128 + its number), so `uncond train ... && next` goes no further and a scheduler that
     restarts failed jobs restarts a preempted one.
     A BaseException, as KeyboardInterrupt is: raised wherever the signal lands, it must not be taken for that

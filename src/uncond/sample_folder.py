@@ -97,7 +97,7 @@ def write_images(unet: torch.nn.Module, scheduler: Any, indices: list[int], fold
     """Sample images `indices` into `folder`. On Ctrl-C or SIGTERM (a job's end), says how far it got (`already` +
     those written, when this is the only process) and how to go on."""
     written = 0
-    try:  # SIGTERM raises RunStopped here (cli: stopping.stopped_by_sigterm)
+    try:  # SIGTERM raises RunStopped here (cli.sigterm_stops)
         for batch in sample_batches(unet, scheduler, **options, indices=indices) if indices else ():
             for image in batch:
                 write_whole(to_pil(image), folder / numbered_name(indices[written]))

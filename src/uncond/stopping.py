@@ -1,44 +1,22 @@
 """Stopping a run cleanly: a signal (a preempted job, Ctrl-C) asks for a checkpoint at the next step boundary,
 and under several processes they agree, at every step, to stop at the same one. Outside the steps (setting up,
 decoding into the cache, sampling, any other command's work), SIGTERM raises where the work is, as Ctrl-C does
-(stopped_by_sigterm)."""
+(cli.sigterm_stops)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from . import environment
-from .config import RunStopped
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
-
-
-@contextlib.contextmanager
-def stopped_by_sigterm() -> Iterator[None]:
-    """SIGTERM as Ctrl-C is: an exception where the work is (sampling images, each written whole or not at all;
-    decoding a dataset into the cache, which keeps what it decoded; a run setting up, which leaves its output
-    folder as it found it), which the command ends with, status 143. Python's default ended the process with no
-    word, and undid nothing. Around a whole command (cli); a run's StopSignal takes over for its steps."""
-    if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
-        yield
-        return
-
-    def stop(number: int, frame: Any) -> None:
-        raise RunStopped(number, said=False)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class StopSignal:
