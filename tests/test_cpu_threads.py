@@ -4,6 +4,7 @@ others leave free while they are busy (cpu_threads.py), and on all of them again
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -126,4 +127,33 @@ def test_sampling_beside_busy_processes_runs_on_fewer_threads_and_gives_them_bac
                            "--output_dir", tmp_path / "images")
     assert code == 0, err
     assert during == [1, 1] and f"sampling on 1 of {before} threads while they do" in err, err
+    assert torch.get_num_threads() == before  # given back (a notebook goes on with them)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 threads to give one up")
+def test_evaluates_feature_network_runs_on_fewer_threads_beside_busy_processes(run_cli, stand_in_inception, tmp_path,
+                                                                              monkeypatch):
+    """`uncond evaluate` of image folders on a CPU beside another job: InceptionV3 over every image, with all the
+    threads, waited for the one that lost its core at each batch, as sampling did before its governor."""
+    from conftest import write_images
+    from uncond import metrics
+
+    images = write_images(tmp_path / "images", 12, size=(20, 24))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads, "CHECK_EVERY_SECONDS", 0.0)  # a look after every batch
+    monkeypatch.setattr(cpu_threads.CpuNeighbours, "busy_cores", lambda self: len(self.cpus) - 0.8)
+    extractor, during = metrics.inception_extractor, []  # the stand-in
+
+    def counting(*args, **kwargs):  # the thread count each batch's features were computed on
+        loaded = extractor(*args, **kwargs)
+        network = loaded.network
+        return dataclasses.replace(loaded, network=lambda pixels: during.append(torch.get_num_threads()) or
+                                   network(pixels))
+
+    monkeypatch.setattr(metrics, "inception_extractor", counting)
+    before = torch.get_num_threads()
+    code, _, err = run_cli("evaluate", images, "--reference", images, "--resolution", "16", "--batch_size", "2")
+    assert code == 0, err
+    assert during[-3:] == [1, 1, 1] and f"measuring features on 1 of {before} threads while they do" in err, err
     assert torch.get_num_threads() == before  # given back (a notebook goes on with them)

@@ -26,6 +26,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+from . import cpu_threads
 from .cache import mark_used
 from .config import UsageError, first_line
 from .progress import progress_bar
@@ -72,11 +73,14 @@ def extract_features(extractor: FeatureExtractor, batches: Iterable[np.ndarray])
     """Features of every image in `batches` (uint8 NHWC, 1 or 3 channels), as a float64 (N, D) array; (0, 0)
     when there is none (the callers say which set, and why)."""
     features = []
-    for batch in batches:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
-        if pixels.shape[1] == 1:
-            pixels = pixels.expand(-1, 3, -1, -1)
-        features.append(extractor.network(pixels.to(extractor.device)).double().cpu().numpy())
+    # on a CPU, InceptionV3 runs on the cores other processes leave free, as sampling does (cpu_threads)
+    with cpu_threads.governed_threads(extractor.device, "measuring features") as threads:
+        for batch in batches:
+            pixels = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+            if pixels.shape[1] == 1:
+                pixels = pixels.expand(-1, 3, -1, -1)
+            features.append(extractor.network(pixels.to(extractor.device)).double().cpu().numpy())
+            threads.adjust()
     if not features:
         return np.empty((0, 0))
     features = np.concatenate(features)
