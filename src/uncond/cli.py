@@ -82,7 +82,7 @@ def run_parsed(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"uncond: error: {error}", file=sys.stderr)
         return getattr(error, "exit_status", 2)
     except RunFailed as error:
-        if is_local_main_process() and not getattr(error, "said", False):
+        if is_local_main_process() and not error.said:
             print(f"uncond: stopped: {error}", file=sys.stderr)
         return 1
     except RunStopped as stop:  # a run's is said in the log, with the command that resumes
@@ -120,9 +120,9 @@ def another_process_lost_said(command: Callable[..., int]) -> Iterator[None]:
         print(f"uncond: stopped: another process of the launch ended or lost its connection (the launcher's report "
               f"names it): this one's exchange with it failed ({type(error).__name__}: {reason}){kept}; re-run the "
               "same command", file=sys.stderr)
-        said = RunFailed("another process of the launch was lost")
-        said.said = True  # type: ignore[attr-defined]
-        raise said from None
+        failure = RunFailed("another process of the launch was lost")
+        failure.said = True
+        raise failure from None
 
 
 def lost_another_process(error: Exception) -> bool:
@@ -142,7 +142,7 @@ def sigterm_stops(command: Callable[[argparse.Namespace, list[str]], int]) -> It
     work is (sampling images, each written whole or not at all; decoding a dataset into the cache, which keeps what
     it decoded; a run setting up, which leaves its output folder as it found it), which the command ends with,
     status 143. Python's default ended the process with no word, and undid nothing. Set before the command imports
-    torch (1.5 s of a job's first seconds). A run's stopping.StopSignal takes over for its steps. The instant
+    torch, which takes a job's first 1.5 s. A run's stopping.StopSignal takes over for its steps. The instant
     commands keep Python's default."""
     if command in (run_presets, run_launch_config, run_cache) or \
             threading.current_thread() is not threading.main_thread():  # signals can only be caught there

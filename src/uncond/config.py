@@ -47,6 +47,8 @@ class RunFailed(Exception):
     """A run that had to stop (diverged, disk full). The message is one line saying what happened and
     what is safe on disk."""
 
+    said = False  # True where it was said already, by every process (cli.another_process_lost_said)
+
 
 class RunStopped(BaseException):
     """A command stopped by a signal: a run with its checkpoint saved and the way to resume said (`said`), or any
