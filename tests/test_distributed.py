@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,19 @@ def test_a_signal_to_one_process_stops_every_process_at_the_next_step(color_fold
     assert "stopped by a signal to another process at step 4, checkpoint-4 saved" in result.stderr
     assert checkpoints_in(out) == ["checkpoint-4"] and json.loads(
         (out / "checkpoint-4" / "training_state.json").read_text())["step"] == 4
+
+
+def test_a_signal_to_one_process_as_the_launch_starts_ends_the_launch_at_once(color_folder, tiny_unet, tmp_path):
+    """SIGTERM to one process (not the main one) while the processes meet: it exited 0 with no word, so the
+    launcher saw nothing wrong, and the main process waited for it in torch's rendezvous for the process group's
+    2-hour timeout. Its status (143) tells the launcher, which ends the others: the main one, waiting in C++ where
+    Python's handler cannot run, at once."""
+    args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "4")
+    started = time.monotonic()
+    result = launch_processes(TESTS / "stop_worker.py", *args, STOP_RANK="1", STOP_AT="setup", timeout=120)
+    assert result.returncode != 0 and time.monotonic() - started < 60, result.stderr[-3000:]
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*exitcode\s*:\s*143\b", result.stderr), result.stderr[-3000:]
+    assert "Unable to shutdown process" not in result.stderr  # not the launcher's SIGKILL 30 s later
 
 
 @pytest.mark.parametrize("killed_rank", ["1", "0"])
@@ -453,3 +467,19 @@ def test_the_accelerate_configs_uncond_ships_load(name, machines, kind):
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_only_a_failed_exchange_with_a_gone_process_is_said_to_be_one(monkeypatch):
+    """The one line for a process that ended names the other process; a timeout (the other may be alive, stuck on a
+    hung disk) or any other error keeps its own traceback."""
+    from uncond.cli import lost_another_process
+
+    reset = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:29500: "
+                         "Connection reset by peer. This is typically caused by a remote worker hanging")
+    timeout = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                           "3000ms for recv operation to complete")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert lost_another_process(reset)
+    assert not lost_another_process(timeout) and not lost_another_process(RuntimeError("shapes do not match"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not lost_another_process(reset)

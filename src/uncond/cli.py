@@ -88,9 +88,10 @@ def run_parsed(args: argparse.Namespace, argv: list[str]) -> int:
     except RunStopped as stop:  # a run's is said in the log, with the command that resumes
         if not stop.said and is_local_main_process():
             print(f"uncond: stopped by {signal.Signals(stop.signal_number).name}", file=sys.stderr)
-        # On the main process only, which finishes last (uploads): a launcher ends the other processes as soon
-        # as one exits with an error status.
-        return 128 + stop.signal_number if is_main_process() else 0
+        # An agreed stop's status on the main process only, which finishes last (uploads): a launcher ends the
+        # other processes as soon as one exits with an error status. A process's own stop (SIGTERM to it alone,
+        # while setting up) must tell the launcher: the others would otherwise wait for it, in their next exchange.
+        return 128 + stop.signal_number if is_main_process() or not stop.agreed else 0
     except BrokenPipeError:  # `uncond presets | head -1`: the reader has all it wanted
         # Python's own advice: point stdout at /dev/null, or the flush at exit raises the same error again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -129,8 +130,8 @@ def lost_another_process(error: Exception) -> bool:
     """Whether `error` is an exchange between a launch's processes that failed, as one does when another process
     ended or lost its connection: NCCL raises a DistBackendError, gloo a plain RuntimeError ("[.../gloo/transport/
     tcp/pair.cc:537] Read error ...: Connection reset by peer"), also from DDP's gradient all-reduce in backward."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or "timed out" in str(error).lower():
+        return False  # a timeout: the other process may be alive, stuck
     if any(kind.__name__ == "DistError" for kind in type(error).__mro__):
         return True
     return isinstance(error, RuntimeError) and "/gloo/transport/" in str(error)

@@ -60,13 +60,16 @@ class RunStopped(BaseException):
     checkpoint called it damaged; the header probe of the images before a run took the file for unreadable and
     went on)."""
 
-    def __init__(self, signal_number: int, said: bool = True):
+    def __init__(self, signal_number: int, said: bool = True, agreed: bool = False):
         super().__init__(signal_number)
         self.signal_number = signal_number
         self.said = said
+        # a run's stop that every process of a launch agreed on (stopping.StopAgreement): the others leave the
+        # status to the main one. Any other stop is each process's own, and its status tells the launcher.
+        self.agreed = agreed
 
     def __reduce__(self) -> tuple[Any, ...]:  # as it was, when sent to the other processes (parts)
-        return type(self), (self.signal_number, self.said)
+        return type(self), (self.signal_number, self.said, self.agreed)
 
 
 def size_text(size: int) -> str:

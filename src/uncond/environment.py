@@ -8,7 +8,10 @@ import ctypes
 import ctypes.util
 import io
 import os
+import signal
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -113,6 +116,22 @@ def glibc() -> ctypes.CDLL | None:
     except (OSError, AttributeError):
         return None
     return libc
+
+
+@contextlib.contextmanager
+def sigterm_ends_while_processes_meet() -> Iterator[None]:
+    """Around the start of a launch's process group: torch waits there for the other processes in C++, where a
+    Python signal handler cannot run, so a SIGTERM (the launcher ending the launch because another process stopped
+    before joining) waited 30 s for the launcher's SIGKILL, or, sent to one process, left the others waiting for it
+    for the group's 2-hour timeout. Python's default ends the process at once; nothing is written before."""
+    if launched_processes() == 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def launched_processes() -> int:

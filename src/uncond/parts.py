@@ -108,25 +108,26 @@ def trained_precision(config: TrainConfig, accelerator: Accelerator) -> str:
 
 def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
     try:
-        return Accelerator(
-            cpu=environment.cpu_processes(),
-            mixed_precision=config.mixed_precision,
-            log_with=None if config.logger == "none" else config.logger,
-            project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                                logging_dir=str(run_folder.trackers_folder(output_dir,
-                                                                                           config.logging_dir))),
-            # The LR schedule counts optimizer steps; we step it once per optimizer step ourselves.
-            step_scheduler_with_optimizer=False,
-            # Decoding a large dataset on the main process must not time out the others.
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))]
-            # --cuda_graphs: autocast keeps no cache of bf16 weight copies across a recording (PyTorch asks it of
-            # graphed callables; here it costs nothing, as each weight is cast once per step anyway).
-            + ([AutocastKwargs(cache_enabled=False)] if config.cuda_graphs else []),
-            # On GPUs, CUDA graphs ("reduce-overhead"): the eager step of these UNets is bound by kernel
-            # launches (docs/benchmarks.md: 58 ms per step on an H100 even at batch 1).
-            dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if torch.cuda.is_available()
-                                            else None) if config.compile else None,
-        )
+        with environment.sigterm_ends_while_processes_meet():  # torch waits for the others in C++
+            return Accelerator(
+                cpu=environment.cpu_processes(),
+                mixed_precision=config.mixed_precision,
+                log_with=None if config.logger == "none" else config.logger,
+                project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                    logging_dir=str(run_folder.trackers_folder(output_dir,
+                                                                                               config.logging_dir))),
+                # The LR schedule counts optimizer steps; we step it once per optimizer step ourselves.
+                step_scheduler_with_optimizer=False,
+                # Decoding a large dataset on the main process must not time out the others.
+                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))]
+                # --cuda_graphs: autocast keeps no cache of bf16 weight copies across a recording (PyTorch asks it of
+                # graphed callables; here it costs nothing, as each weight is cast once per step anyway).
+                + ([AutocastKwargs(cache_enabled=False)] if config.cuda_graphs else []),
+                # On GPUs, CUDA graphs ("reduce-overhead"): the eager step of these UNets is bound by kernel
+                # launches (docs/benchmarks.md: 58 ms per step on an H100 even at batch 1).
+                dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if torch.cuda.is_available()
+                                                else None) if config.compile else None,
+            )
     except ValueError as error:
         raise UsageError(f"--mixed_precision {config.mixed_precision}: {error}") from None
 

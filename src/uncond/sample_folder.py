@@ -44,7 +44,8 @@ def sample_to_folder(config: SampleConfig) -> Path:
     process samples its share of the images on its own device."""
     from accelerate import PartialState
 
-    processes = PartialState(cpu=environment.cpu_processes())  # one process, or each `accelerate launch` started
+    with environment.sigterm_ends_while_processes_meet():  # one process, or each `accelerate launch` started
+        processes = PartialState(cpu=environment.cpu_processes())
     if processes.num_processes > 1 and config.device == "auto":
         config = dataclasses.replace(config, device=str(processes.device))
     folder = Path(config.output_dir)

@@ -64,12 +64,8 @@ class MetricsFile:
                                       and not (evaluation_owed and "fid" in record)])
 
     def write(self, values: dict[str, Any]) -> None:
-        """One record; a NaN or infinite value is written as null: Python's NaN and Infinity are not JSON, and
-        strict readers (jq, JavaScript's, Go's) refuse the whole file for one of them."""
-        finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
-                  for key, value in values.items()}
         with self.path.open("a") as file:
-            file.write(json.dumps(finite, allow_nan=False) + "\n")
+            file.write(json_line(values))
 
     def read(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
@@ -88,12 +84,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """A metrics record as a line, a NaN or infinite value as null: Python writes NaN and Infinity, which are not
+    JSON, and strict readers (jq, JavaScript's, Go's) refuse the whole file for one of them (also those of a run
+    logged before, rewritten at a resume)."""
+    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+              for key, value in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
 def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
     """A metrics.jsonl of these records, one JSON object per line, renamed into place: a run killed while
     rewriting it (at each resume) would otherwise leave a history cut short."""
     partial = path.with_name(f".{path.name}.partial")
     try:
-        partial.write_text("".join(json.dumps(record) + "\n" for record in records))
+        partial.write_text("".join(json_line(record) for record in records))
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)

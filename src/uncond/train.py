@@ -84,7 +84,7 @@ def train_as_planned(plan: Plan, explicit: set[str] | frozenset[str], command: l
         environment.give_back_freed_memory()  # kept for the run's steps (parts.build_run)
         run_folder.unlock_output_dir(output_dir)  # the run is over: the folder is free, in this process too
     if stop_signal is not None:
-        raise RunStopped(stop_signal)
+        raise RunStopped(stop_signal, agreed=True)  # at the same step on every process (StopAgreement)
     return output_dir
 
 
