@@ -123,6 +123,14 @@ def fast_train_args(data_folder: Path, unet_config: Path, output_dir: Path, *ext
             "--cache_dir", Path(data_folder).parent / "image-cache", *extra]
 
 
+def strict_json_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file, read as strict readers do (jq, JavaScript's): Python's NaN and Infinity
+    are refused."""
+    def refused(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return [json.loads(line, parse_constant=refused) for line in path.read_text().splitlines()]
+
 def png_file(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> bytes:
     """A PNG written by hand: Pillow writes neither 16-bit colour nor a header that lies about the size."""
     def chunk(kind: bytes, payload: bytes) -> bytes:

@@ -14,25 +14,18 @@ from uncond import cli, sampling, train
 def main(argv: list[str]) -> int:
     rank, stop_at = os.environ["STOP_RANK"], os.environ["STOP_AT"]
     stop_signal = getattr(signal, os.environ.get("STOP_SIGNAL", "SIGTERM"))
-    if stop_at == "setup":  # as the process group starts, which the others then wait in
-        make_accelerator = train.make_accelerator
+    # setup: as the process group starts, which the others then wait in; preview: as the first grid starts
+    called = {"setup": (train, "make_accelerator"), "preview": (sampling, "generate")}
+    if stop_at in called:
+        module, name = called[stop_at]
+        function = getattr(module, name)
 
-        def signalled_in_setup(*args, **kwargs):
+        def signalled_first(*args, **kwargs):
             if os.environ.get("RANK") == rank:
                 os.kill(os.getpid(), stop_signal)
-            return make_accelerator(*args, **kwargs)
+            return function(*args, **kwargs)
 
-        train.make_accelerator = signalled_in_setup
-        return cli.console(argv)
-    if stop_at == "preview":
-        generate = sampling.generate
-
-        def signalled_in_preview(*args, **kwargs):
-            if os.environ.get("RANK") == rank:
-                os.kill(os.getpid(), stop_signal)
-            return generate(*args, **kwargs)
-
-        sampling.generate = signalled_in_preview
+        setattr(module, name, signalled_first)
         return cli.console(argv)
     step_function, stop_at = train.train_step, int(stop_at)
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_UNET, fast_train_args, mounted_tmpfs, write_images
+from conftest import TINY_UNET, fast_train_args, mounted_tmpfs, strict_json_lines, write_images
 from uncond import checkpoint
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -314,8 +314,6 @@ def test_a_job_ended_while_setting_up_says_so_and_puts_back_the_run_it_was_repla
     assert checkpoint.read_training_state(out)["step"] == 2
 
 
-
-
 def test_a_job_ended_while_loading_its_checkpoint_resumes_from_it_next_time(run_cli, inputs, tmp_path, monkeypatch):
     """SIGTERM while a resume loaded its checkpoint was taken for the checkpoint's own failure ("cannot resume from
     checkpoint-2 (RunStopped: 15); ... damaged", status 2): a scheduler would not requeue the job, and its user would
@@ -361,6 +359,11 @@ def test_a_job_ended_while_its_images_headers_are_read_stops(run_cli, tiny_unet,
     assert len(opened) >= 3 and code == 143 and err.strip().endswith("uncond: stopped by SIGTERM"), err
 
 
+def train_under(script: str, inputs: tuple[Path, Path], out: Path) -> subprocess.CompletedProcess:
+    """A 2-step run in a Python process that runs `script` (which ends by running uncond's command line)."""
+    return subprocess.run([sys.executable, "-c", script, *map(str, fast_train_args(
+        *inputs, out, "--max_train_steps", "2"))], env=ENV, capture_output=True, text=True, timeout=300)
+
 def test_a_job_ended_while_diffusers_imports_a_module_says_so_in_one_line(inputs, tmp_path):
     """diffusers imports its modules when first used, in a run's first seconds, and turns any Exception raised
     there into a RuntimeError: SIGTERM then (a job preempted as it starts) ended in a 150-line traceback and status 1,
@@ -375,11 +378,9 @@ def test_a_job_ended_while_diffusers_imports_a_module_says_so_in_one_line(inputs
         "    return importlib.import_module(name, package)\n"
         "import_utils.importlib = types.SimpleNamespace(**{**vars(importlib), 'import_module': import_module})\n"
         "sys.exit(cli.console(sys.argv[1:]))\n")
-    result = subprocess.run([sys.executable, "-c", script, *map(str, fast_train_args(
-        *inputs, tmp_path / "run", "--max_train_steps", "2"))], env=ENV, capture_output=True, text=True, timeout=300)
+    result = train_under(script, inputs, tmp_path / "run")
     assert result.returncode == 143 and result.stderr.strip().endswith("uncond: stopped by SIGTERM"), result.stderr
     assert "Traceback" not in result.stderr
-
 
 
 def test_a_job_ended_while_torch_is_imported_says_so_in_one_line(inputs, tmp_path):
@@ -396,8 +397,7 @@ def test_a_job_ended_while_torch_is_imported_says_so_in_one_line(inputs, tmp_pat
         "builtins.__import__ = importing\n"
         "from uncond import cli\n"
         "sys.exit(cli.console(sys.argv[1:]))\n")
-    result = subprocess.run([sys.executable, "-c", script, *map(str, fast_train_args(
-        *inputs, tmp_path / "run", "--max_train_steps", "2"))], env=ENV, capture_output=True, text=True, timeout=300)
+    result = train_under(script, inputs, tmp_path / "run")
     assert result.returncode == 143 and result.stderr.strip() == "uncond: stopped by SIGTERM", result.stderr
     assert not (tmp_path / "run").exists()
 
@@ -650,14 +650,10 @@ def test_skip_nonfinite_trains_through(run_cli, color_folder, tiny_unet, tmp_pat
                                             "--skip_nonfinite", "--logging_steps", "5"))
     assert code == 0, err[-2000:]
     # strict JSON (jq and JavaScript refuse NaN): an interval whose every step was skipped has a null loss
-    records = [json.loads(line, parse_constant=refuse_non_json) for line in
-               (out / "metrics.jsonl").read_text().splitlines()]
+    records = strict_json_lines(out / "metrics.jsonl")
     assert records[-1]["skipped_steps"] > 0 and records[-1]["loss"] is None
     assert all(torch.isfinite(t).all() for t in load_file(out / "unet" / WEIGHTS).values())
     assert "| final loss (mean over the last logging interval) | none: every step was skipped" in (
         out / "README.md").read_text()
     assert (out / "loss.png").exists()
 
-
-def refuse_non_json(constant: str) -> None:
-    raise ValueError(f"{constant} is not JSON")

@@ -130,7 +130,9 @@ def lost_another_process(error: Exception) -> bool:
     """Whether `error` is an exchange between a launch's processes that failed, as one does when another process
     ended or lost its connection: NCCL raises a DistBackendError, gloo a plain RuntimeError ("[.../gloo/transport/
     tcp/pair.cc:537] Read error ...: Connection reset by peer"), also from DDP's gradient all-reduce in backward."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or "timed out" in str(error).lower():
+    from .environment import launched_processes  # torch is imported by then (an exchange failed)
+
+    if launched_processes() == 1 or "timed out" in str(error).lower():
         return False  # a timeout: the other process may be alive, stuck
     if any(kind.__name__ == "DistError" for kind in type(error).__mro__):
         return True
