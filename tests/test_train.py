@@ -1546,6 +1546,42 @@ def test_a_stop_at_the_last_step_ends_the_run(run_cli, color_folder, tiny_unet, 
     assert "samples (" not in err and checkpoints(out) == {"checkpoint-3"}
 
 
+def test_a_stop_during_the_runs_last_grid_leaves_it_to_the_re_run(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                  monkeypatch):
+    """The run's last checkpoint is written before its last grid (mid-epoch, step 4 of 3-step epochs), so it could
+    not owe that grid when a stop left it out: the re-run said the run was complete and the grid was never made
+    (trial 50 F4)."""
+    import signal
+
+    from uncond import sampling
+
+    generate, grids_started = sampling.generate, []
+
+    def signalled_in_the_second_grid(*args, **kwargs):
+        grids_started.append(1)
+        if len(grids_started) == 2:  # the first is epoch 0's, at step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generate(*args, **kwargs)
+
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    extra = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--save_images_epochs", "100")
+    monkeypatch.setattr(sampling, "generate", signalled_in_the_second_grid)
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *extra))
+    assert code == 0 and "the sample grid of step 4 is left out: the run is stopping" in err, err  # as at epoch ends
+    assert not (out / "samples" / "step-0000004.png").exists() and "checkpoint-4" in checkpoints(out)
+    monkeypatch.setattr(sampling, "generate", generate)
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *extra))
+    grid = out / "samples" / "step-0000004.png"
+    assert code == 0 and f"making {grid}, missing (a stop at the end of the run leaves it out)" in err, err
+    assert "is complete at step 4" in err, err
+    assert "samples/step-0000004.png" in (out / "README.md").read_text()  # the card shows it
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *extra))
+    assert code == 0 and "is complete at step 4" in err and "samples (" not in err, err  # made once
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, straight, *extra))[0] == 0
+    assert np.array_equal(*(np.asarray(Image.open(folder / "samples" / "step-0000004.png"))
+                            for folder in (out, straight)))  # the uninterrupted run's grid
+
+
 def test_loss_png_follows_the_run_between_exports(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     """It was drawn at exports only (every --save_model_epochs epochs, hours apart), so a stopped run's was stale or
     missing. Here the run stops at step 2, before the first epoch's end and its export."""

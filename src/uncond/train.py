@@ -312,6 +312,12 @@ def train_loop(run: Run, stop: StopSignal, complete: bool) -> bool:
         if owed:  # a stop in the run's last step left them out: its checkpoint no longer owes them, its card shows them
             save_checkpoint(run)
             with_averaged_weights(run, export)
+        elif last_grid_missing(run):
+            # The run's last checkpoint is written before its last grid (train_loop), so it cannot owe that grid
+            # when a stop, or a lost process, left it out after; the card shows it once made.
+            logger.info(f"making {run_folder.preview_path(run.output_dir, run.step)}, missing (a stop at the end of "
+                        "the run leaves it out)")
+            with_averaged_weights(run, save_sample_grid, export)
         logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
                     "raise --max_train_steps or --num_epochs to train it further")
         return True
@@ -418,6 +424,12 @@ def already_complete(run: Run, step: int) -> bool:
     """Resumed at `step`, the last of a run whose export is of that step: the same command run again."""
     done = [step >= run.max_train_steps and checkpoint.read_training_state(run.output_dir).get("step") == step]
     return (broadcast_object_list(done) if run.accelerator.num_processes > 1 else done)[0]
+
+
+def last_grid_missing(run: Run) -> bool:
+    """Whether samples/ lacks the grid of the step a complete run ended at (as the main process sees it)."""
+    missing = [not run_folder.preview_path(run.output_dir, run.step).exists()]
+    return (broadcast_object_list(missing) if run.accelerator.num_processes > 1 else missing)[0]
 
 
 def marking_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
