@@ -3,6 +3,7 @@ during training, with a tiny stand-in for the Inception network."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -998,6 +999,39 @@ def test_training_evaluates_logs_and_keeps_the_best(run_cli, stand_in_inception,
     (tmp_path / "other.pth").write_bytes(b"other weights")
     code, _, err = run_cli(*args, "--max_train_steps", "8", "--inception_weights", tmp_path / "other.pth")
     assert code == 0 and "computing FID reference statistics" in err, err  # not those of the other weights
+
+
+def test_a_gray_model_of_colour_images_is_measured_against_their_gray(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                      monkeypatch):
+    """A 1-channel model trained on colour images learns their luma, but its FID reference kept their colour: a
+    floor under its FID that no model could get below, and --keep_best chose by it (trial 52 F1)."""
+    import uncond.metrics
+
+    from conftest import make_tiny_extractor
+
+    colourful = []  # per batch the feature network measured: whether any pixel's channels differ
+
+    def recording_extractor(weights, device):
+        extractor = make_tiny_extractor(weights)
+        network = extractor.network
+
+        def recorded(pixels: torch.Tensor) -> torch.Tensor:
+            colourful.append(bool((pixels[:, 0] != pixels[:, 1]).any() or (pixels[:, 1] != pixels[:, 2]).any()))
+            return network(pixels)
+        return dataclasses.replace(extractor, network=recorded)
+
+    monkeypatch.setattr(uncond.metrics, "inception_extractor", recording_extractor)
+    (tmp_path / "gray-unet").mkdir()
+    gray_unet = tmp_path / "gray-unet" / "config.json"
+    gray_unet.write_text(json.dumps({**TINY_UNET, "in_channels": 1, "out_channels": 1}))
+    evaluating = ("--max_train_steps", "1", "--eval_every_steps", "1", "--eval_num_images", "4")
+    code, _, err = run_cli(*fast_train_args(color_folder, gray_unet, tmp_path / "gray", *evaluating))
+    assert code == 0 and "computing FID reference statistics of 12 training images, as gray as the model learns " \
+        "them" in err, err
+    assert colourful and not any(colourful)  # the reference and the samples alike
+    colourful.clear()
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "colour", *evaluating))
+    assert code == 0 and any(colourful), err  # a colour model's reference keeps the colour
 
 
 def test_training_without_inception_weights_warns_once_and_goes_on(run_cli, no_inception_weights, color_folder,

@@ -66,6 +66,7 @@ def cache_entry(source: Source, config: TrainConfig) -> tuple[Path, dict[str, An
     return entry_folder(cache_root(config.cache_dir), source.fingerprint, settings), settings
 
 
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # colour to gray as PIL's convert("L") weighs it (ITU-R 601)
 SIZE_SAMPLE = 32  # images whose sizes (read from their headers) estimate the size of a new entry
 INDEX_BYTES = 32  # an image's row in an entry's index (offset, height, width, channels as int64)
 
@@ -275,18 +276,29 @@ def write_report(path: Path, used: int, skipped: Sequence[Sequence[str]], upscal
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def centre_crops(images: Iterable[np.ndarray], resolution: int, batch_size: int) -> Iterator[np.ndarray]:
+def centre_crops(images: Iterable[np.ndarray], resolution: int, batch_size: int,
+                 gray: bool = False) -> Iterator[np.ndarray]:
     """Decoded images (shorter side at `resolution`) centre-cropped to resolution x resolution, as uint8 NHWC
-    batches for measuring: 16-bit images are scaled to 8 bits; a batch mixing gray and colour becomes RGB."""
+    batches for measuring: 16-bit images are scaled to 8 bits; a batch mixing gray and colour becomes RGB, or
+    with `gray` (a 1-channel model's training images) every colour image becomes its luma, as the model learns it
+    (Augmentation.batch)."""
     crop = Augmentation(resolution, center_crop=True, random_flip=False, channels=1)
+
+    def measured(batch: list[np.ndarray]) -> np.ndarray:
+        pixels = crop.crop_and_flip(batch, rng=None)
+        if gray and pixels.shape[1] == 3:
+            luma = np.einsum("nchw,c->nhw", pixels.astype(np.float32), LUMA)[:, None]
+            pixels = luma.round().astype(pixels.dtype)
+        return to_uint8_nhwc(pixels)
+
     batch: list[np.ndarray] = []
     for image in images:
         batch.append(image)
         if len(batch) == batch_size:
-            yield to_uint8_nhwc(crop.crop_and_flip(batch, rng=None))
+            yield measured(batch)
             batch = []
     if batch:
-        yield to_uint8_nhwc(crop.crop_and_flip(batch, rng=None))
+        yield measured(batch)
 
 
 def to_uint8_nhwc(pixels: np.ndarray) -> np.ndarray:
@@ -352,9 +364,8 @@ class Augmentation:
         np.multiply(pixels, np.float32(2.0 / np.iinfo(pixels.dtype).max), out=batch)
         batch -= 1.0
         if batch.shape[1] != self.channels:
-            # Colour to gray as PIL's convert("L") weighs it (ITU-R 601 luma); the weights sum to 1,
-            # so weighing the normalised values gives the normalised luma.
-            batch = np.einsum("nchw,c->nhw", batch, np.array([0.299, 0.587, 0.114], np.float32))[:, None]
+            # the weights sum to 1, so weighing the normalised values gives the normalised luma
+            batch = np.einsum("nchw,c->nhw", batch, LUMA)[:, None]
         return torch.from_numpy(batch)
 
     def crop_and_flip(self, images: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:

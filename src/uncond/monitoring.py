@@ -155,12 +155,15 @@ def training_reference(run: Run, cancelled: Callable[[], bool] | None = None) ->
     Raises sampling.SamplingCancelled between two batches once `cancelled()` says so."""
     cache = run.batches.images.cache  # --streaming runs are refused --eval_every_steps (config.validate)
     indices = data.spread_choice(range(len(cache)), MAX_REFERENCE_IMAGES)
+    gray = run.batches.channels == 1 and not cache.all_gray  # colour images, which a 1-channel model learns as gray
     key = f"{run.feature_extractor.identity}|{cache.folder.name}|{len(indices)} images|{run.config.resolution}px"
+    key += "|as gray" if gray else ""  # (the other keys are as they were: statistics kept by runs under way stay valid)
 
     def compute() -> metrics.FeatureStats:
-        logger.info(f"computing FID reference statistics of {len(indices)} training images")
+        logger.info(f"computing FID reference statistics of {len(indices)} training images"
+                    + (", as gray as the model learns them" if gray else ""))
         batches = data.centre_crops((cache.image(i) for i in indices), run.config.resolution,
-                                    run.config.eval_batch_size)
+                                    run.config.eval_batch_size, gray=gray)
         batches = metrics.with_progress(until_cancelled(batches, cancelled), len(indices), "training",
                                         shown=shows_inner_bars(run))
         return metrics.feature_stats(metrics.extract_features(run.feature_extractor, batches),
