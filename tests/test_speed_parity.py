@@ -15,13 +15,13 @@ from uncond.models import make_ema
 from uncond.objective import Objective, training_loss
 
 
-def reference_step(unet, alphas_cumprod, clean_images, noise, timesteps, parts=1):
-    """L = E || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (Ho et al. 2020, eq. 14); its
-    gradients, over `parts` (a step's micro-batches), added to .grad."""
+def reference_step(unet, alphas_cumprod, clean_images, noise, timesteps, share=1.0):
+    """L = E || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (Ho et al. 2020, eq. 14), times
+    `share` (the micro-batch's part of the step's images); its gradients added to .grad; returns it."""
     abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     noisy = abar.sqrt() * clean_images + (1 - abar).sqrt() * noise
-    loss = ((unet(noisy, timesteps).sample - noise) ** 2).mean()
-    (loss / parts).backward()
+    loss = ((unet(noisy, timesteps).sample - noise) ** 2).mean() * share
+    loss.backward()
     return loss.detach()
 
 
@@ -82,19 +82,22 @@ def test_fast_step_equals_the_reference_step(unet):
     assert max(moved) > 1e-4  # the average lags the weights: a decay that matters was compared
 
 
-def test_training_step_of_a_run_follows_the_objective(color_folder, tiny_unet, tmp_path, monkeypatch):
-    """train.train_step as `uncond train` runs it (two micro-batches accumulated, clipping, fused AdamW, the EMA)
-    against the plain DDPM step: loss, gradient norm, gradients, weights and average. A scale
-    in the step (the loss of a micro-batch over the wrong count) changes neither Adam's first update nor
-    clipped gradients: the loss and the norm before clipping are compared."""
+@pytest.mark.parametrize("batch_size, accumulation", [(2, 2), (5, 3)])
+def test_training_step_of_a_run_follows_the_objective(color_folder, tiny_unet, tmp_path, monkeypatch, batch_size,
+                                                      accumulation):
+    """train.train_step as `uncond train` runs it (micro-batches accumulated, clipping, fused AdamW, the EMA)
+    against the plain DDPM step over the step's images: loss, gradient norm, gradients, weights and average. A
+    scale in the step (the loss of a micro-batch over the wrong count) changes neither Adam's first update nor
+    clipped gradients: the loss and the norm before clipping are compared. With 12 images, 5 x 3 is one step
+    of 5, 5 and 2 images, which weighed the 2 as much as each 5 (trial 52 F3)."""
     from conftest import reset_accelerate
     from uncond import parts, train
     from uncond.plan import plan_run
 
     reset_accelerate()
     config = TrainConfig(train_data_dir=str(color_folder), output_dir=str(tmp_path / "run"),
-                         model_config_name_or_path=str(tiny_unet), resolution=16, train_batch_size=2,
-                         gradient_accumulation_steps=2, use_ema=True, lr_scheduler="constant", lr_warmup_steps=0,
+                         model_config_name_or_path=str(tiny_unet), resolution=16, train_batch_size=batch_size,
+                         gradient_accumulation_steps=accumulation, use_ema=True, lr_scheduler="constant", lr_warmup_steps=0,
                          learning_rate=1e-3, max_grad_norm=1.0, logger="none", seed=0, max_train_steps=10,
                          cache_dir=str(tmp_path / "cache"))
     plan = plan_run(config, explicit={"resolution"})
@@ -115,16 +118,17 @@ def test_training_step_of_a_run_follows_the_objective(color_folder, tiny_unet, t
 
     monkeypatch.setattr(run.optimizer, "step", seeing_the_gradients)
     for micro_batches in list(train.optimizer_steps(run))[:3]:
-        losses = []
+        losses, images = [], sum(len(clean_images) for clean_images in micro_batches)
+        assert sorted({len(clean_images) for clean_images in micro_batches}) == ([2] if batch_size == 2 else [2, 5])
         for i, clean_images in enumerate(micro_batches):  # the noise and timesteps the step draws
             _, noise, timesteps = train.batch_inputs(run, clean_images, i)
             losses.append(reference_step(reference, run.noise_scheduler.alphas_cumprod, clean_images, noise,
-                                         timesteps, parts=len(micro_batches)))
+                                         timesteps, share=len(clean_images) / images))
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
 
         loss = train.train_step(run, micro_batches)
-        torch.testing.assert_close(loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss, torch.stack(losses).sum(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(run.running_grad_norm.pop(), norm, rtol=1e-4, atol=1e-6)
         for gradient, parameter in zip(seen["gradients"], reference.parameters()):
             torch.testing.assert_close(gradient, parameter.grad, rtol=1e-4, atol=1e-6)

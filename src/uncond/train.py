@@ -544,8 +544,12 @@ def batch_inputs(run: Run, clean_images: torch.Tensor, micro_batch: int) -> tupl
 
 
 def accumulated_gradients(run: Run, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The micro-batches' gradients summed into the parameters' .grad, clipped; their mean loss and the norm."""
+    """The micro-batches' gradients summed into the parameters' .grad, clipped; their loss and the norm: both of
+    the mean over the step's images. An epoch's last step may hold micro-batches of different sizes (5, 5 and 2
+    images): each is weighed by its images, not by 1/count as the seed script's accumulation does, which gave
+    those 2 images the weight of 5."""
     total_loss = torch.zeros((), device=run.accelerator.device)
+    images = sum(len(clean_images) for clean_images in micro_batches)
     for i, clean_images in enumerate(micro_batches):
         inputs = batch_inputs(run, clean_images, i)
         if run.config.compile and run.accelerator.device.type == "cuda":
@@ -553,8 +557,9 @@ def accumulated_gradients(run: Run, micro_batches: list[torch.Tensor]) -> tuple[
         last = i == len(micro_batches) - 1
         # Gradients are all-reduced across processes only on the last micro-batch.
         with contextlib.nullcontext() if last else run.accelerator.no_sync(run.unet):
-            total_loss += backward(run, *inputs, parts=len(micro_batches))
-    return total_loss / len(micro_batches), clipped_gradient_norm(run)
+            # images / len: the micro-batch count where all are as large, as an exact division
+            total_loss += backward(run, *inputs, parts=images / len(clean_images))
+    return total_loss, clipped_gradient_norm(run)
 
 
 def batch_gradients(run: Run, clean_images: torch.Tensor, noise: torch.Tensor,
@@ -564,11 +569,11 @@ def batch_gradients(run: Run, clean_images: torch.Tensor, noise: torch.Tensor,
 
 
 def backward(run: Run, clean_images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-             parts: int) -> torch.Tensor:
-    """The DDPM loss of a micro-batch, its gradients over `parts` (the step's micro-batches) added to .grad;
-    returns the loss."""
-    loss = denoising_loss(run.unet, run.noise_scheduler, clean_images, noise, timesteps, run.objective)
-    run.accelerator.backward(loss / parts)
+             parts: float) -> torch.Tensor:
+    """The DDPM loss of a micro-batch over `parts` (the step's images over the micro-batch's), its gradients
+    added to .grad; returns that share of the step's loss."""
+    loss = denoising_loss(run.unet, run.noise_scheduler, clean_images, noise, timesteps, run.objective) / parts
+    run.accelerator.backward(loss)
     return loss.detach()
 
 
