@@ -88,6 +88,25 @@ def test_transparent_pixels_become_white_not_black():
     assert tuple(array[6, 0]) == (255, 255, 255) and tuple(array[0, 0]) == (255, 0, 0) and not gray
 
 
+@pytest.mark.parametrize("mode, colour, key", [("RGB", (200, 30, 30), (0, 0, 0)), ("P", (200, 30, 30), 0),
+                                               ("L", 120, 0)])
+def test_a_pngs_transparent_colour_becomes_white_in_every_mode(mode, colour, key):
+    """A PNG's transparency can be one colour (tRNS) instead of an alpha channel: on palette images it was
+    flattened to white, on RGB and gray images the key colour (black here) stayed (trial 52 F4)."""
+    image = Image.new("RGB" if mode == "P" else mode, (8, 8), colour)
+    image.paste((0, 0, 0) if mode != "L" else 0, (0, 4, 8, 8))  # the bottom half in the transparent colour
+    if mode == "P":
+        image = image.quantize(2)
+        key = image.getpixel((0, 6))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=key)
+    reopened = Image.open(io.BytesIO(buffer.getvalue()))
+    assert reopened.mode == mode and "transparency" in reopened.info
+    array, gray, _ = decode(reopened)
+    white = (255,) * (1 if mode == "L" else 3)
+    assert tuple(array[6, 0]) == white and tuple(array[0, 0]) != white and gray == (mode == "L")
+
+
 def test_grayscale_modes_are_detected():
     for image in (Image.new("L", (8, 8), 100), Image.new("1", (8, 8), 1), Image.new("LA", (8, 8), (50, 255))):
         array, gray, _ = decode(image)

@@ -45,6 +45,8 @@ def decode_image(image: Image.Image, resolution: int, preserve_precision: bool) 
     image = ImageOps.exif_transpose(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode in ("RGB", "L") and "transparency" in image.info:  # a PNG's colour key (tRNS): one colour
+        image = image.convert("RGBA" if image.mode == "RGB" else "LA")  # is transparent, as an alpha channel says
     if image.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
         image = flatten_alpha(image)
     gray = image.mode in GRAY_MODES
