@@ -745,6 +745,7 @@ def test_encoded_images_without_their_metadata_are_read(tmp_path):
     (np.array([[0.0, 0.5, 1.0]] * 3), [0, 128, 255]),
     (np.array([[0, 128, 255]] * 3, dtype=np.int64), [0, 128, 255]),
     (np.array([[0, 32896, 65535]] * 3, dtype=np.uint16), [0, 128, 255]),  # 16-bit
+    (np.array([[False, True, True]] * 3), [0, 255, 255]),  # binarised: True was grey level 1 (trial 52 F5)
 ])
 def test_array_columns_of_every_usual_range_are_read(tmp_path, pixels, expected):
     import datasets

@@ -365,15 +365,19 @@ def as_hwc(array: np.ndarray) -> np.ndarray:
 def array_value_range(arrays: Iterable[Any]) -> tuple[float, float]:
     """The values that mean black and white in arrays of pixels, guessed from their dtype and values: floats in
     [-1, 1] (already normalised, as pixel_values columns often are) or [0, 1] or [0, 255]; integers in
-    [0, 255] or, above that, 16-bit. Guessed for a whole column from a sample of its images, not per image:
-    alone, a bright [-1, 1] image looks like [0, 1], and a dark 16-bit frame like 8-bit."""
-    low, high, floating = math.inf, -math.inf, False
+    [0, 255] or, above that, 16-bit; booleans (binarised images) False and True. Guessed for a whole column from
+    a sample of its images, not per image: alone, a bright [-1, 1] image looks like [0, 1], and a dark 16-bit
+    frame like 8-bit."""
+    low, high, floating, boolean = math.inf, -math.inf, False, True
     for array in arrays:
         array = np.asarray(array)
         if array.ndim < 2 or array.size == 0:
             continue
         low, high = min(low, float(array.min())), max(high, float(array.max()))
         floating = floating or np.issubdtype(array.dtype, np.floating)
+        boolean = boolean and array.dtype == np.bool_
+    if boolean and high >= low:  # (some array was looked at)
+        return 0.0, 1.0
     if floating:
         return (-1.0, 1.0) if low < 0 else (0.0, 1.0) if high <= 1.0 else (0.0, 255.0)
     return (0.0, 65535.0) if high > 255 else (0.0, 255.0)
