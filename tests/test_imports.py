@@ -1,6 +1,6 @@
 """The modules' import direction: cli -> {train, evaluation, sample_folder} -> plan -> checkpoint -> {data, models,
 objective, sampling, metrics, tracking, hub, environment} -> step_graph -> {config, sharding, progress, version,
-cpu_threads, accelerate_configs}.
+cpu_threads, accelerate_configs, signals}.
 Modules of one layer do not import each other; within the data layer, cache.py sits under data.py and streaming.py
 on top of it; remote.py (the Hub clients' noise and errors) sits under the modules that load from the Hub. train's
 loop stands on the modules it was split into: monitoring (previews, evaluations) -> outputs (exports, card) -> parts
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import uncond
 
-LAYERS = {"accelerate_configs": 0, "config": 0, "sharding": 0, "progress": 0, "version": 0, "step_graph": 0.5,
-          "cache": 0.5, "remote": 0.5,
+LAYERS = {"accelerate_configs": 0, "config": 0, "sharding": 0, "progress": 0, "version": 0, "signals": 0,
+          "step_graph": 0.5, "cache": 0.5, "remote": 0.5,
           "sources": 0.7, "decoding": 0.8,
           "data": 1, "streaming": 1.5, "models": 1, "objective": 1, "sampling": 1, "metrics": 1, "tracking": 1,
           "hub": 1, "environment": 1, "cpu_threads": 0, "checkpoint": 2, "run_folder": 2.2, "plan": 2.5,

@@ -11,11 +11,10 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
-from . import accelerate_configs
+from . import accelerate_configs, signals
 from .config import (CacheConfig, EvaluateConfig, ExportConfig, RunFailed, RunStopped, SampleConfig, UsageError,
                      add_arguments, add_train_arguments, build_command_config, build_config, counted, first_line,
                      public_argv, size_text)
@@ -147,19 +146,15 @@ def sigterm_stops(command: Callable[[argparse.Namespace, list[str]], int]) -> It
     status 143. Python's default ended the process with no word, and undid nothing. Set before the command imports
     torch, which takes a job's first 1.5 s. A run's stopping.StopSignal takes over for its steps. The instant
     commands keep Python's default."""
-    if command in (run_presets, run_launch_config, run_cache) or \
-            threading.current_thread() is not threading.main_thread():  # signals can only be caught there
+    if command in (run_presets, run_launch_config, run_cache):
         yield
         return
 
     def stop(number: int, frame: Any) -> None:
         raise RunStopped(number, said=False)
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
+    with signals.handled({signal.SIGTERM: stop}):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # What a command that had to stop (a full disk, another process of its launch gone) kept, and a re-run goes on from

@@ -9,12 +9,13 @@ import ctypes.util
 import io
 import os
 import signal
-import threading
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from . import signals
 
 # mallopt parameters, from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -124,14 +125,11 @@ def sigterm_ends_while_processes_meet() -> Iterator[None]:
     Python signal handler cannot run, so a SIGTERM (the launcher ending the launch because another process stopped
     before joining) waited 30 s for the launcher's SIGKILL, or, sent to one process, left the others waiting for it
     for the group's 2-hour timeout. Python's default ends the process at once; nothing is written before."""
-    if launched_processes() == 1 or threading.current_thread() is not threading.main_thread():
+    if launched_processes() == 1:
         yield
         return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
+    with signals.handled({signal.SIGTERM: signal.SIG_DFL}):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def launched_processes() -> int:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from . import environment
+from . import environment, signals
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
 
@@ -27,19 +26,16 @@ class StopSignal:
 
     def __init__(self, announce: bool = True, launcher: int | None = None) -> None:
         self.received: str | None = None  # the signal's name, or what else asked to stop
-        self.previous: dict[int, Any] = {}
+        self.handlers = signals.handled({signal.SIGTERM: self.handle, signal.SIGINT: self.handle})
         self.announce = announce  # on one process: every process of the launch gets a terminal's Ctrl-C
         self.launcher = launcher
 
     def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            for number in (signal.SIGTERM, signal.SIGINT):
-                self.previous[number] = signal.signal(number, self.handle)
+        self.handlers.__enter__()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
+        self.handlers.__exit__(*exc_info)
 
     def asked(self) -> bool:
         """Whether a signal, or the launcher's exit, asked this process to stop."""
