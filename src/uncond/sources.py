@@ -28,6 +28,9 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS = ("mnist",)
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "pixel_values", "pixels")
+# The folder names of a training split, as `datasets` reads an image folder (datasets.data_files.SPLIT_KEYWORDS:
+# the seed script's load_dataset("imagefolder", data_dir=...) trains on split "train" alone)
+TRAIN_SPLIT_FOLDERS = ("train", "training")
 RANGE_SAMPLE = 256  # images of an array column whose values decide its range (array_value_range)
 
 
@@ -96,6 +99,11 @@ def check_source(config: TrainConfig) -> None:
         raise UsageError(f"--train_data_dir {folder} is a file; pass the folder that holds the images")
     if not folder.is_dir():
         raise UsageError(f"--train_data_dir {folder}: no such folder")
+    for name in train_split(folder):
+        if next(iter_image_files(folder / name), None) is None:
+            raise UsageError(f"--train_data_dir {folder}: its {name}/ folder holds no image files (a folder holding "
+                             f"{name}/ is read as `datasets` reads it, that split alone); put the training images "
+                             f"there, or pass the folder that holds them")
     if next(iter_image_files(folder), None) is None:
         kinds = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
         # Said, rather than "no image files", when there are some the walk leaves out: otherwise the folder
@@ -167,6 +175,18 @@ def iter_image_files(folder: Path) -> Iterator[Path]:
     return (path for path in walk_files(folder) if path.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def train_split(folder: Path) -> list[str]:
+    """The folders at the top of `folder` named as a training split (train/, training/): `datasets` reads an
+    image folder holding one as that split alone (the seed script's load_dataset("imagefolder") and
+    --dataset_name), leaving test/, validation/ and the rest out. The split names it also finds deeper and in
+    file names are not followed: only this layout is the usual way of keeping test images apart."""
+    try:
+        return sorted(entry.name for entry in os.scandir(folder)
+                      if entry.name in TRAIN_SPLIT_FOLDERS and entry.is_dir())
+    except OSError:
+        return []
+
+
 def folder_source(folder: Path) -> Source:
     # A plain walk rather than datasets' "imagefolder": no metadata file, no label inference from
     # folder names, no Arrow copy of the files, and one bad file is skipped instead of ending the run.
@@ -178,9 +198,13 @@ def folder_source(folder: Path) -> Source:
     # A file reached under a second name (a link to another file of the folder, or a hard link) is one image,
     # as a second link to a folder is one folder (walk_files); inode 0 is a file system without inode numbers.
     files_read, second_names = set(), 0
+    split, beside_split = train_split(folder), 0
     for path in walk_files(folder, run_folders):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             ignored[path.suffix.lower() or "(no extension)"] += 1
+            continue
+        if split and path.relative_to(folder).parts[0] not in split:
+            beside_split += 1
             continue
         stat = path.stat() if path.exists() else path.lstat()  # a broken link: skipped when decoded, and reported
         if stat.st_ino and (stat.st_dev, stat.st_ino) in files_read:
@@ -194,6 +218,9 @@ def folder_source(folder: Path) -> Source:
                 if run_folders else "")
     if second_names:
         left_out += f"; {counted(second_names, 'link')} to image files already read left out"
+    if split:
+        left_out += (f"; its {' and '.join(name + '/' for name in split)} split alone, as `datasets` reads the "
+                     f"folder: {counted(beside_split, 'image file')} beside it left out")
     # The absolute path: the description is also what `uncond cache` lists as an entry's source.
     return Source(f"folder {os.path.abspath(folder)} ({counted(len(paths), 'image file')}{left_out})",
                   Records(paths, Image.open, lambda _, path: path), fingerprint.hexdigest(), ignored,
