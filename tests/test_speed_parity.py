@@ -97,9 +97,9 @@ def test_training_step_of_a_run_follows_the_objective(color_folder, tiny_unet, t
     reset_accelerate()
     config = TrainConfig(train_data_dir=str(color_folder), output_dir=str(tmp_path / "run"),
                          model_config_name_or_path=str(tiny_unet), resolution=16, train_batch_size=batch_size,
-                         gradient_accumulation_steps=accumulation, use_ema=True, lr_scheduler="constant", lr_warmup_steps=0,
-                         learning_rate=1e-3, max_grad_norm=1.0, logger="none", seed=0, max_train_steps=10,
-                         cache_dir=str(tmp_path / "cache"))
+                         gradient_accumulation_steps=accumulation, use_ema=True, lr_scheduler="constant",
+                         lr_warmup_steps=0, learning_rate=1e-3, max_grad_norm=1.0, logger="none", seed=0,
+                         max_train_steps=10, cache_dir=str(tmp_path / "cache"))
     plan = plan_run(config, explicit={"resolution"})
     (tmp_path / "run").mkdir()
     run = parts.build_run(plan, parts.make_accelerator(plan.config, tmp_path / "run"))

@@ -1303,6 +1303,21 @@ def test_a_run_in_python_leaves_the_random_generators_and_memory_as_they_were(ru
     assert resident_bytes() - before < 100 << 20
 
 
+def test_accumulation_says_how_its_schedule_differs_from_the_seed_scripts(run_cli, color_folder, tiny_unet,
+                                                                          tmp_path):
+    """With accumulation, train_unconditional.py's warmup lasted that many times longer and its schedule stopped
+    part-way; uncond's counts optimizer steps, which a user reproducing a seed run could not tell (trial 51 F3)."""
+    args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--dry_run")
+    code, _, err = run_cli(*args, "--gradient_accumulation_steps", "3")
+    assert code == 0 and "--gradient_accumulation_steps 3: --lr_warmup_steps and the cosine learning-rate schedule " \
+        "count optimizer steps; train_unconditional.py counted micro-batches, so its warmup lasted 3 times as many " \
+        "steps and its schedule was 1/3 of its way through at the run's end" in err, err
+    for other in (("--gradient_accumulation_steps", "1"), ("--gradient_accumulation_steps", "3", "--lr_scheduler",
+                                                           "constant")):
+        code, _, err = run_cli(*args, *other)
+        assert code == 0 and "train_unconditional.py counted" not in err, err
+
+
 def test_dry_run_counts_a_resumed_runs_steps_as_the_run_does(run_cli, color_folder, tiny_unet, tmp_path):
     """--dry_run before a resume with another batch size said "84 steps in all" where the run then trained to
     124 (the epochs before the resume had another length), and said nothing of a resume the run then refused."""

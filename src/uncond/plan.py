@@ -66,6 +66,8 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     config = settle_launch_and_preview_defaults(config, explicit)
     check_paths(config)
     warn_ignored_settings(config, explicit)
+    if note := seed_schedule_difference(config):
+        logger.info(note)
     if config.train_data_dir and Path(config.train_data_dir).resolve() == Path(config.output_dir).resolve():
         raise UsageError(f"--train_data_dir and --output_dir are both {config.output_dir}: the run's sample grids "
                          "would be read as training images; choose another --output_dir")
@@ -317,6 +319,18 @@ def ignored_settings(config: TrainConfig, explicit: set[str] | frozenset[str]) -
                  if name != "lr_step_rules" and given_otherwise(config, explicit, name)
                  and config.lr_scheduler != schedule]
     return warnings
+
+
+def seed_schedule_difference(config: TrainConfig) -> str | None:
+    """What a seed-script user reproducing a run with accumulation would otherwise not know: uncond's schedule
+    counts optimizer steps, train_unconditional.py's counted micro-batches (warmup and length) but stepped once
+    per optimizer step."""
+    steps = config.gradient_accumulation_steps
+    if steps == 1 or config.lr_scheduler == "constant":
+        return None
+    return (f"--gradient_accumulation_steps {steps}: --lr_warmup_steps and the {config.lr_scheduler} learning-rate "
+            f"schedule count optimizer steps; train_unconditional.py counted micro-batches, so its warmup lasted "
+            f"{steps} times as many steps and its schedule was 1/{steps} of its way through at the run's end")
 
 
 def given_otherwise(config: TrainConfig, explicit: set[str] | frozenset[str], name: str) -> bool:
