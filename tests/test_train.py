@@ -1312,10 +1312,22 @@ def test_accumulation_says_how_its_schedule_differs_from_the_seed_scripts(run_cl
     assert code == 0 and "--gradient_accumulation_steps 3: --lr_warmup_steps and the cosine learning-rate schedule " \
         "count optimizer steps; train_unconditional.py counted micro-batches, so its warmup lasted 3 times as many " \
         "steps and its schedule was 1/3 of its way through at the run's end" in err, err
-    for other in (("--gradient_accumulation_steps", "1"), ("--gradient_accumulation_steps", "3", "--lr_scheduler",
-                                                           "constant")):
+    # said only where it differs: not with a constant rate, a warmup of 0, or step rules counted in steps (trial 53 F5)
+    for other in (("--gradient_accumulation_steps", "1"),
+                  ("--gradient_accumulation_steps", "3", "--lr_scheduler", "constant"),
+                  ("--gradient_accumulation_steps", "3", "--lr_scheduler", "constant_with_warmup",
+                   "--lr_warmup_steps", "0"),
+                  ("--gradient_accumulation_steps", "3", "--lr_scheduler", "piecewise_constant",
+                   "--lr_step_rules", "1:10,0.1")):
         code, _, err = run_cli(*args, *other)
         assert code == 0 and "train_unconditional.py counted" not in err, err
+    # accelerate stepped the seed's schedule once per process: on 2 processes its warmup was as long as uncond's
+    from uncond.config import TrainConfig
+    from uncond.plan import seed_schedule_difference
+
+    note = seed_schedule_difference(TrainConfig(gradient_accumulation_steps=2, lr_warmup_steps=500), processes=2)
+    assert note.startswith("2 processes, --gradient_accumulation_steps 2:") and "warmup lasted" not in note
+    assert note.endswith("so its schedule was 1/2 of its way through at the run's end"), note
 
 
 def test_dry_run_counts_a_resumed_runs_steps_as_the_run_does(run_cli, color_folder, tiny_unet, tmp_path):
@@ -1587,14 +1599,23 @@ def test_a_stop_during_the_runs_last_grid_leaves_it_to_the_re_run(run_cli, color
     monkeypatch.setattr(sampling, "generate", generate)
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *extra))
     grid = out / "samples" / "step-0000004.png"
-    assert code == 0 and f"making {grid}, missing (a stop at the end of the run leaves it out)" in err, err
+    assert code == 0 and f"making {grid}, missing (a stop at the end of a run can leave it out)" in err, err
     assert "is complete at step 4" in err, err
-    assert "samples/step-0000004.png" in (out / "README.md").read_text()  # the card shows it
+    card = (out / "README.md").read_text()
+    assert "samples/step-0000004.png" in card  # the card shows it
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *extra))
     assert code == 0 and "is complete at step 4" in err and "samples (" not in err, err  # made once
     assert run_cli(*fast_train_args(color_folder, tiny_unet, straight, *extra))[0] == 0
     assert np.array_equal(*(np.asarray(Image.open(folder / "samples" / "step-0000004.png"))
                             for folder in (out, straight)))  # the uninterrupted run's grid
+    # Another command's settings would draw it, and write the card, as if they had trained the model (trial 53 F1)
+    grid.unlink()
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *extra, "--learning_rate", "5e-4",
+                                            "--sample_steps", "3"))
+    assert code == 0 and f"{grid} is missing; not made with this command's settings, other than those that trained " \
+        "the model (learning_rate 0.0001 -> 0.0005, sample_steps 2 -> 3): the run's own command makes it" in err, err
+    assert not grid.exists() and (out / "README.md").read_text() == card
+    assert json.loads((out / "training_config.json").read_text())["learning_rate"] == 1e-4
 
 
 def test_loss_png_follows_the_run_between_exports(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):

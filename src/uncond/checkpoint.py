@@ -383,6 +383,19 @@ def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list
     return notes
 
 
+# What a complete run's export and last grid show of its settings (the model card's facts, the grid's sampling)
+SHOWN_BY_AN_EXPORT = CHANGEABLE_ON_RESUME + EMA_KEYS + ("use_ema", "seed", "sampler", "sample_steps",
+                                                        "ddpm_num_inference_steps", "eval_batch_size")
+
+
+def settings_unlike(path: Path, config: TrainConfig) -> list[str]:
+    """The settings of SHOWN_BY_AN_EXPORT that `config` gives otherwise than the run that wrote checkpoint `path`
+    did ('name saved -> current'); a seed left out keeps the run's."""
+    saved, current = saved_run_config(path), config.to_dict()
+    return [f"{key} {saved[key]} -> {current[key]}" for key in SHOWN_BY_AN_EXPORT
+            if key in saved and saved[key] != current[key] and not (key == "seed" and current[key] is None)]
+
+
 def data_differences(path: Path, config: TrainConfig) -> list[str]:
     """Where the images of the run that wrote `path` came from, if not from where this run's come."""
     saved, current = saved_run_config(path), config.to_dict()

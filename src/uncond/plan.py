@@ -66,7 +66,7 @@ def plan_run(config: TrainConfig, explicit: set[str] | frozenset[str] = frozense
     config = settle_launch_and_preview_defaults(config, explicit)
     check_paths(config)
     warn_ignored_settings(config, explicit)
-    if note := seed_schedule_difference(config):
+    if note := seed_schedule_difference(config, environment.launched_processes()):
         logger.info(note)
     if config.train_data_dir and Path(config.train_data_dir).resolve() == Path(config.output_dir).resolve():
         raise UsageError(f"--train_data_dir and --output_dir are both {config.output_dir}: the run's sample grids "
@@ -289,6 +289,7 @@ def signal_left_at_the_end(config: TrainConfig, noise_scheduler: Any) -> str | N
 
 
 SCHEDULES_WITHOUT_WARMUP = ("constant", "piecewise_constant")  # diffusers' get_scheduler gives them none
+SCHEDULES_OVER_THE_RUN = ("linear", "cosine", "cosine_with_restarts", "polynomial")  # shaped by the run's length
 SCHEDULE_OPTIONS = {"lr_step_rules": "piecewise_constant", "lr_num_cycles": "cosine_with_restarts",
                     "lr_power": "polynomial"}
 
@@ -321,16 +322,23 @@ def ignored_settings(config: TrainConfig, explicit: set[str] | frozenset[str]) -
     return warnings
 
 
-def seed_schedule_difference(config: TrainConfig) -> str | None:
-    """What a seed-script user reproducing a run with accumulation would otherwise not know: uncond's schedule
-    counts optimizer steps, train_unconditional.py's counted micro-batches (warmup and length) but stepped once
-    per optimizer step."""
-    steps = config.gradient_accumulation_steps
-    if steps == 1 or config.lr_scheduler == "constant":
+def seed_schedule_difference(config: TrainConfig, processes: int) -> str | None:
+    """What a seed-script user reproducing a run would otherwise not know: uncond's warmup and schedule count
+    optimizer steps. train_unconditional.py's counted micro-batches (its warmup steps times the accumulation, its
+    length the loader's batches over the whole dataset) and stepped once per optimizer step on each of the
+    `processes` (accelerate's prepared scheduler)."""
+    accumulation, differences = config.gradient_accumulation_steps, []
+    warmup_factor = accumulation / processes
+    if config.lr_warmup_steps and config.lr_scheduler not in SCHEDULES_WITHOUT_WARMUP and warmup_factor != 1:
+        differences.append(f"its warmup lasted {warmup_factor:g} times as many steps")
+    if accumulation > 1 and config.lr_scheduler in SCHEDULES_OVER_THE_RUN:
+        differences.append(f"its schedule was 1/{accumulation} of its way through at the run's end")
+    if not differences:
         return None
-    return (f"--gradient_accumulation_steps {steps}: --lr_warmup_steps and the {config.lr_scheduler} learning-rate "
-            f"schedule count optimizer steps; train_unconditional.py counted micro-batches, so its warmup lasted "
-            f"{steps} times as many steps and its schedule was 1/{steps} of its way through at the run's end")
+    launch = f"{counted(processes, 'process')}, " * (processes > 1)
+    return (f"{launch}--gradient_accumulation_steps {accumulation}: --lr_warmup_steps and the {config.lr_scheduler} "
+            f"learning-rate schedule count optimizer steps; train_unconditional.py counted micro-batches, so "
+            + " and ".join(differences))
 
 
 def given_otherwise(config: TrainConfig, explicit: set[str] | frozenset[str], name: str) -> bool:

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -124,7 +124,9 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     launcher = os.getppid() if launch.typed is not None else None  # a shell's exit stops nothing
     with StopSignal(announce=accelerator.is_main_process, launcher=launcher) as stop:
         run.stop = stop
-        finished = train_loop(run, stop, complete)
+        # a complete run's re-run makes what its end left out only with the settings that trained it
+        unlike = checkpoint.settings_unlike(plan.resume_from, config) if complete else []
+        finished = train_loop(run, stop, complete, unlike)
     if run.stop_agreement is not None:
         run.stop_agreement.finish()
     environment.finish_collectives()
@@ -288,10 +290,11 @@ def batch_beyond_data(batch_size: int, processes: int, images: int) -> str | Non
                else ""))
 
 
-def train_loop(run: Run, stop: StopSignal, complete: bool) -> bool:
+def train_loop(run: Run, stop: StopSignal, complete: bool, unlike: Sequence[str] = ()) -> bool:
     """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points. A `complete` run
-    (already_complete) only makes what its stop left owed. Returns False when a stop signal ended it early
-    (after saving a checkpoint)."""
+    (already_complete) only makes what its stop left owed, and its missing last grid unless this command's
+    settings are `unlike` those that trained it (checkpoint.settings_unlike). Returns False when a stop signal
+    ended it early (after saving a checkpoint)."""
     config = run.config
     # as the checkpoint says, before settle_owed: a complete run's checkpoint and export are written anew even when
     # an earlier resume made what it owed (and was stopped before writing them)
@@ -315,9 +318,13 @@ def train_loop(run: Run, stop: StopSignal, complete: bool) -> bool:
         elif last_grid_missing(run):
             # The run's last checkpoint is written before its last grid (train_loop), so it cannot owe that grid
             # when a stop, or a lost process, left it out after; the card shows it once made.
-            logger.info(f"making {run_folder.preview_path(run.output_dir, run.step)}, missing (a stop at the end of "
-                        "the run leaves it out)")
-            with_averaged_weights(run, save_sample_grid, export)
+            grid = run_folder.preview_path(run.output_dir, run.step)
+            if unlike:  # the grid and the card would show settings that did not train the model
+                logger.warning(f"{grid} is missing; not made with this command's settings, other than those that "
+                               f"trained the model ({', '.join(unlike)}): the run's own command makes it")
+            else:
+                logger.info(f"making {grid}, missing (a stop at the end of a run can leave it out)")
+                with_averaged_weights(run, save_sample_grid, export)
         logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
                     "raise --max_train_steps or --num_epochs to train it further")
         return True
