@@ -999,6 +999,14 @@ def test_training_evaluates_logs_and_keeps_the_best(run_cli, stand_in_inception,
     (tmp_path / "other.pth").write_bytes(b"other weights")
     code, _, err = run_cli(*args, "--max_train_steps", "8", "--inception_weights", tmp_path / "other.pth")
     assert code == 0 and "computing FID reference statistics" in err, err  # not those of the other weights
+    # --keep_best compared FIDs against the new reference with the best one against the old (trial 53 F2)
+    (tmp_path / "third.pth").write_bytes(b"third weights")
+    code, _, err = run_cli(*args, "--max_train_steps", "10", "--inception_weights", tmp_path / "third.pth",
+                           "--keep_best")
+    assert code == 0 and "the FID reference was measured anew (other images, or other feature weights): the FIDs " \
+        "logged before were measured against the earlier one; --keep_best chooses among those measured from here" \
+        in err, err
+    assert json.loads((out / "best" / "scores.json").read_text())["step"] == 10
 
 
 def test_a_gray_model_of_colour_images_is_measured_against_their_gray(run_cli, color_folder, tiny_unet, tmp_path,

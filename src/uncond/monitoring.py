@@ -4,6 +4,7 @@ samples against the training images."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -169,4 +170,21 @@ def training_reference(run: Run, cancelled: Callable[[], bool] | None = None) ->
         return metrics.feature_stats(metrics.extract_features(run.feature_extractor, batches),
                                      run.feature_extractor.name)
 
-    return metrics.cached_stats(run.output_dir / REFERENCE_STATS_FILE, key, compute)[0]
+    path = run.output_dir / REFERENCE_STATS_FILE
+    earlier = stats_key(path)
+    stats, kept = metrics.cached_stats(path, key, compute)
+    if not kept and earlier not in (None, key) and math.isfinite(run.best_fid):
+        # another network's weights, or images measured otherwise: the FIDs before are not comparable with these
+        logger.warning("the FID reference was measured anew (other images, or other feature weights): the FIDs "
+                       "logged before were measured against the earlier one; --keep_best chooses among those "
+                       "measured from here")
+        run.best_fid = math.inf
+    return stats
+
+
+def stats_key(path: Path) -> str | None:
+    """What the statistics kept in `path` were computed from; None where there are none, or unreadable ones."""
+    try:
+        return metrics.load_stats(path).key if path.is_file() else None
+    except UsageError:
+        return None
