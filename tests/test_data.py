@@ -107,6 +107,21 @@ def test_a_pngs_transparent_colour_becomes_white_in_every_mode(mode, colour, key
     assert tuple(array[6, 0]) == white and tuple(array[0, 0]) != white and gray == (mode == "L")
 
 
+@pytest.mark.parametrize("mode", ["1", "I;16"])
+def test_a_transparent_colour_of_one_bit_and_sixteen_bit_gray_becomes_white(mode):
+    """The 1-bit and 16-bit gray PNGs' colour key stayed as it was (trial 53 F4); 16-bit keeps its precision."""
+    values = np.full((8, 8), 1 if mode == "1" else 30000, np.uint16)
+    values[4:] = 0 if mode == "1" else 4  # the bottom half in the transparent value
+    image = Image.fromarray((values * 255).astype(np.uint8)).convert("1") if mode == "1" else Image.fromarray(values)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=int(values[6, 0]))
+    reopened = Image.open(io.BytesIO(buffer.getvalue()))
+    assert reopened.mode == mode and "transparency" in reopened.info
+    array, gray, _ = decode(reopened, preserve=mode != "1")
+    white = 255 if mode == "1" else 65535
+    assert gray and array[6, 0, 0] == white and array[0, 0, 0] == (255 if mode == "1" else 30000)
+
+
 def test_grayscale_modes_are_detected():
     for image in (Image.new("L", (8, 8), 100), Image.new("1", (8, 8), 1), Image.new("LA", (8, 8), (50, 255))):
         array, gray, _ = decode(image)

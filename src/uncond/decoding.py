@@ -40,13 +40,27 @@ def flatten_alpha(image: Image.Image) -> Image.Image:
     return flat.convert("L") if gray else flat
 
 
+def flatten_colour_key(image: Image.Image) -> Image.Image:
+    """An image whose one colour `info["transparency"]` is transparent, as an alpha channel would say: that colour
+    becomes white, as flatten_alpha makes transparent pixels. 16-bit gray keeps its 16 bits (Pillow's LA would
+    clip it to 8)."""
+    key = image.info["transparency"]
+    if image.mode in ("RGB", "L", "1"):
+        return image.convert("RGBA" if image.mode == "RGB" else "LA")
+    if image.mode in SIXTEEN_BIT_MODES - {"I"} and isinstance(key, int):
+        values = np.array(image)
+        values[values == key] = np.iinfo(values.dtype).max
+        return Image.fromarray(values)
+    return image
+
+
 def decode_image(image: Image.Image, resolution: int, preserve_precision: bool) -> Decoded:
     """One opened image -> (HWC array, is_gray, was_upscaled). Gray images have one channel, others three."""
     image = ImageOps.exif_transpose(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif image.mode in ("RGB", "L") and "transparency" in image.info:  # a PNG's colour key (tRNS): one colour
-        image = image.convert("RGBA" if image.mode == "RGB" else "LA")  # is transparent, as an alpha channel says
+    elif "transparency" in image.info:  # a PNG's colour key (tRNS): one colour is transparent
+        image = flatten_colour_key(image)
     if image.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
         image = flatten_alpha(image)
     gray = image.mode in GRAY_MODES
