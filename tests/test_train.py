@@ -1563,8 +1563,13 @@ def test_a_stop_at_the_last_step_ends_the_run(run_cli, color_folder, tiny_unet, 
     assert code == 0 and "done: the pipeline is in" in err, err
     assert json.loads((out / "training_state.json").read_text())["step"] == 3 and checkpoints(out) == {"checkpoint-3"}
     assert "the sample grid of step 3 is left out: the run is stopping" in err  # a preview can take minutes
-    # The same command again makes what the stop left out (it only said the run was complete: the grid was lost)
     monkeypatch.setattr(train, "train_step", train_step)
+    # Not with settings that did not train the model (trial 53 F1): they would show in the grid and the card
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "3",
+                                            "--learning_rate", "5e-4"))
+    assert code == 0 and "not made with this command's settings, other than those that trained the model " \
+        "(learning_rate 0.0001 -> 0.0005)" in err and not (out / "samples").exists(), err
+    # The same command again makes what the stop left out (it only said the run was complete: the grid was lost)
     for _ in range(2):  # the second time, nothing is owed any more
         code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "3"))
         assert code == 0 and "is complete at step 3" in err, err
@@ -1612,8 +1617,9 @@ def test_a_stop_during_the_runs_last_grid_leaves_it_to_the_re_run(run_cli, color
     grid.unlink()
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, *extra, "--learning_rate", "5e-4",
                                             "--sample_steps", "3"))
-    assert code == 0 and f"{grid} is missing; not made with this command's settings, other than those that trained " \
-        "the model (learning_rate 0.0001 -> 0.0005, sample_steps 2 -> 3): the run's own command makes it" in err, err
+    assert code == 0 and f"the end of the run in {out} left its last sample grid or evaluation out; not made with " \
+        "this command's settings, other than those that trained the model (learning_rate 0.0001 -> 0.0005, " \
+        "sample_steps 2 -> 3): the run's own command (its training_config.json) makes them" in err, err
     assert not grid.exists() and (out / "README.md").read_text() == card
     assert json.loads((out / "training_config.json").read_text())["learning_rate"] == 1e-4
 

@@ -292,14 +292,21 @@ def batch_beyond_data(batch_size: int, processes: int, images: int) -> str | Non
 
 def train_loop(run: Run, stop: StopSignal, complete: bool, unlike: Sequence[str] = ()) -> bool:
     """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points. A `complete` run
-    (already_complete) only makes what its stop left owed, and its missing last grid unless this command's
-    settings are `unlike` those that trained it (checkpoint.settings_unlike). Returns False when a stop signal
-    ended it early (after saving a checkpoint)."""
+    (already_complete) only makes what its stop left owed and its missing last grid, and not with settings
+    `unlike` those that trained it (checkpoint.settings_unlike). Returns False when a stop signal ended it early
+    (after saving a checkpoint)."""
     config = run.config
     # as the checkpoint says, before settle_owed: a complete run's checkpoint and export are written anew even when
     # an earlier resume made what it owed (and was stopped before writing them)
     position = run.resume_position
     owed = position is not None and run.step in (position.evaluation_owed, position.preview_owed)
+    if complete and unlike and (owed or last_grid_missing(run)):
+        # its grid, evaluation, card and export would show settings that did not train the model (--no-use_ema:
+        # another model)
+        logger.warning(f"the end of the run in {run.output_dir} left its last sample grid or evaluation out; not "
+                       f"made with this command's settings, other than those that trained the model "
+                       f"({', '.join(unlike)}): the run's own command (its training_config.json) makes them")
+        return True
     if run.evaluation_owed == run.step:  # before the preview, as the uninterrupted run made them
         evaluate(run)
         if run.feature_extractor is not None:  # else not tried (no FID network in this run): the next resume tries
@@ -318,13 +325,9 @@ def train_loop(run: Run, stop: StopSignal, complete: bool, unlike: Sequence[str]
         elif last_grid_missing(run):
             # The run's last checkpoint is written before its last grid (train_loop), so it cannot owe that grid
             # when a stop, or a lost process, left it out after; the card shows it once made.
-            grid = run_folder.preview_path(run.output_dir, run.step)
-            if unlike:  # the grid and the card would show settings that did not train the model
-                logger.warning(f"{grid} is missing; not made with this command's settings, other than those that "
-                               f"trained the model ({', '.join(unlike)}): the run's own command makes it")
-            else:
-                logger.info(f"making {grid}, missing (a stop at the end of a run can leave it out)")
-                with_averaged_weights(run, save_sample_grid, export)
+            logger.info(f"making {run_folder.preview_path(run.output_dir, run.step)}, missing (a stop at the end of "
+                        "a run can leave it out)")
+            with_averaged_weights(run, save_sample_grid, export)
         logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
                     "raise --max_train_steps or --num_epochs to train it further")
         return True
