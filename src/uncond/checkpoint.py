@@ -372,9 +372,7 @@ def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list
                      "the trained weights")
     elif not had_ema and config.use_ema:
         notes.append(f"--use_ema: {path.name}'s run had no EMA; it starts here from the checkpoint's weights")
-    current = config.to_dict()
-    changed = [f"{key} {saved[key]} -> {current[key]}" for key in CHANGEABLE_ON_RESUME + EMA_KEYS * config.use_ema
-               if key in saved and saved[key] != current[key]]
+    changed = changed_settings(saved, config, CHANGEABLE_ON_RESUME + EMA_KEYS * config.use_ema)
     if changed:
         notes.append(f"{path.name}'s run had other settings; this run's apply from its next step: {', '.join(changed)}")
     if config.streaming:  # replaying it would read everything read before again
@@ -389,11 +387,16 @@ SHOWN_BY_AN_EXPORT = CHANGEABLE_ON_RESUME + EMA_KEYS + ("use_ema", "seed", "samp
 
 
 def settings_unlike(path: Path, config: TrainConfig) -> list[str]:
-    """The settings of SHOWN_BY_AN_EXPORT that `config` gives otherwise than the run that wrote checkpoint `path`
-    did ('name saved -> current'); a seed left out keeps the run's."""
-    saved, current = saved_run_config(path), config.to_dict()
-    return [f"{key} {saved[key]} -> {current[key]}" for key in SHOWN_BY_AN_EXPORT
-            if key in saved and saved[key] != current[key] and not (key == "seed" and current[key] is None)]
+    """The settings of SHOWN_BY_AN_EXPORT that `config` gives otherwise than the run that wrote checkpoint `path`;
+    a seed left out keeps the run's."""
+    keys = tuple(key for key in SHOWN_BY_AN_EXPORT if key != "seed" or config.seed is not None)
+    return changed_settings(saved_run_config(path), config, keys)
+
+
+def changed_settings(saved: dict[str, Any], config: TrainConfig, keys: tuple[str, ...]) -> list[str]:
+    """Of `keys`, the settings `config` gives otherwise than a run's `saved` ones: 'name saved -> current'."""
+    current = config.to_dict()
+    return [f"{key} {saved[key]} -> {current[key]}" for key in keys if key in saved and saved[key] != current[key]]
 
 
 def data_differences(path: Path, config: TrainConfig) -> list[str]:

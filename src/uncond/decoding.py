@@ -41,12 +41,12 @@ def flatten_alpha(image: Image.Image) -> Image.Image:
 
 
 def flatten_colour_key(image: Image.Image) -> Image.Image:
-    """An image whose one colour `info["transparency"]` is transparent, as an alpha channel would say: that colour
-    becomes white, as flatten_alpha makes transparent pixels. 16-bit gray keeps its 16 bits (Pillow's LA would
-    clip it to 8)."""
+    """An image whose colour `info["transparency"]` (palette entries, for "P") is transparent, as an alpha channel
+    would say: with an alpha channel, which flatten_alpha makes white; 16-bit gray made white directly, keeping its
+    16 bits (Pillow's LA would clip it to 8)."""
     key = image.info["transparency"]
-    if image.mode in ("RGB", "L", "1"):
-        return image.convert("RGBA" if image.mode == "RGB" else "LA")
+    if image.mode in ("RGB", "P", "L", "1"):
+        return image.convert("RGBA" if image.mode in ("RGB", "P") else "LA")
     if image.mode in SIXTEEN_BIT_MODES - {"I"} and isinstance(key, int):
         values = np.array(image)
         values[values == key] = np.iinfo(values.dtype).max
@@ -57,10 +57,10 @@ def flatten_colour_key(image: Image.Image) -> Image.Image:
 def decode_image(image: Image.Image, resolution: int, preserve_precision: bool) -> Decoded:
     """One opened image -> (HWC array, is_gray, was_upscaled). Gray images have one channel, others three."""
     image = ImageOps.exif_transpose(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif "transparency" in image.info:  # a PNG's colour key (tRNS): one colour is transparent
+    if "transparency" in image.info:  # a palette's transparent entries, or a PNG's colour key (tRNS)
         image = flatten_colour_key(image)
+    if image.mode == "P":
+        image = image.convert("RGB")
     if image.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
         image = flatten_alpha(image)
     gray = image.mode in GRAY_MODES

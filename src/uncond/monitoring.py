@@ -160,7 +160,15 @@ def training_reference(run: Run, cancelled: Callable[[], bool] | None = None) ->
     key = f"{run.feature_extractor.identity}|{cache.folder.name}|{len(indices)} images|{run.config.resolution}px"
     key += "|as gray" if gray else ""  # (the other keys are as they were: statistics kept by runs under way stay valid)
 
-    def compute() -> metrics.FeatureStats:
+    path = run.output_dir / REFERENCE_STATS_FILE
+
+    def compute() -> metrics.FeatureStats:  # called where `path` holds no statistics of `key`
+        if stats_key(path) is not None and math.isfinite(run.best_fid):
+            # another network's weights, or images measured otherwise: the FIDs before are not comparable
+            logger.warning("the FID reference was measured anew (other images, or other feature weights): the FIDs "
+                           "logged before were measured against the earlier one; --keep_best chooses among those "
+                           "measured from here")
+            run.best_fid = math.inf
         logger.info(f"computing FID reference statistics of {len(indices)} training images"
                     + (", as gray as the model learns them" if gray else ""))
         batches = data.centre_crops((cache.image(i) for i in indices), run.config.resolution,
@@ -170,16 +178,7 @@ def training_reference(run: Run, cancelled: Callable[[], bool] | None = None) ->
         return metrics.feature_stats(metrics.extract_features(run.feature_extractor, batches),
                                      run.feature_extractor.name)
 
-    path = run.output_dir / REFERENCE_STATS_FILE
-    earlier = stats_key(path)
-    stats, kept = metrics.cached_stats(path, key, compute)
-    if not kept and earlier not in (None, key) and math.isfinite(run.best_fid):
-        # another network's weights, or images measured otherwise: the FIDs before are not comparable with these
-        logger.warning("the FID reference was measured anew (other images, or other feature weights): the FIDs "
-                       "logged before were measured against the earlier one; --keep_best chooses among those "
-                       "measured from here")
-        run.best_fid = math.inf
-    return stats
+    return metrics.cached_stats(path, key, compute)[0]
 
 
 def stats_key(path: Path) -> str | None:

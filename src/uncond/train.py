@@ -300,7 +300,8 @@ def train_loop(run: Run, stop: StopSignal, complete: bool, unlike: Sequence[str]
     # an earlier resume made what it owed (and was stopped before writing them)
     position = run.resume_position
     owed = position is not None and run.step in (position.evaluation_owed, position.preview_owed)
-    if complete and unlike and (owed or last_grid_missing(run)):
+    grid_missing = complete and not owed and last_grid_missing(run)
+    if unlike and (owed or grid_missing):  # (only a complete run's settings are compared)
         # its grid, evaluation, card and export would show settings that did not train the model (--no-use_ema:
         # another model)
         logger.warning(f"the end of the run in {run.output_dir} left its last sample grid or evaluation out; not "
@@ -322,7 +323,7 @@ def train_loop(run: Run, stop: StopSignal, complete: bool, unlike: Sequence[str]
         if owed:  # a stop in the run's last step left them out: its checkpoint no longer owes them, its card shows them
             save_checkpoint(run)
             with_averaged_weights(run, export)
-        elif last_grid_missing(run):
+        elif grid_missing:
             # The run's last checkpoint is written before its last grid (train_loop), so it cannot owe that grid
             # when a stop, or a lost process, left it out after; the card shows it once made.
             logger.info(f"making {run_folder.preview_path(run.output_dir, run.step)}, missing (a stop at the end of "
