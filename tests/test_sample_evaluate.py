@@ -1013,22 +1013,7 @@ def test_a_gray_model_of_colour_images_is_measured_against_their_gray(run_cli, c
                                                                       monkeypatch):
     """A 1-channel model trained on colour images learns their luma, but its FID reference kept their colour: a
     floor under its FID that no model could get below, and --keep_best chose by it (trial 52 F1)."""
-    import uncond.metrics
-
-    from conftest import make_tiny_extractor
-
-    colourful = []  # per batch the feature network measured: whether any pixel's channels differ
-
-    def recording_extractor(weights, device):
-        extractor = make_tiny_extractor(weights)
-        network = extractor.network
-
-        def recorded(pixels: torch.Tensor) -> torch.Tensor:
-            colourful.append(bool((pixels[:, 0] != pixels[:, 1]).any() or (pixels[:, 1] != pixels[:, 2]).any()))
-            return network(pixels)
-        return dataclasses.replace(extractor, network=recorded)
-
-    monkeypatch.setattr(uncond.metrics, "inception_extractor", recording_extractor)
+    colourful = record_colour(monkeypatch)
     (tmp_path / "gray-unet").mkdir()
     gray_unet = tmp_path / "gray-unet" / "config.json"
     gray_unet.write_text(json.dumps({**TINY_UNET, "in_channels": 1, "out_channels": 1}))
@@ -1040,6 +1025,53 @@ def test_a_gray_model_of_colour_images_is_measured_against_their_gray(run_cli, c
     colourful.clear()
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "colour", *evaluating))
     assert code == 0 and any(colourful), err  # a colour model's reference keeps the colour
+
+
+def record_colour(monkeypatch) -> list[bool]:
+    """The tiny stand-in feature network, recording per batch it measures whether any pixel's channels differ."""
+    import uncond.metrics
+
+    from conftest import make_tiny_extractor
+
+    colourful: list[bool] = []
+
+    def recording_extractor(weights, device):
+        extractor = make_tiny_extractor(weights)
+        network = extractor.network
+
+        def recorded(pixels: torch.Tensor) -> torch.Tensor:
+            colourful.append(bool((pixels[:, 0] != pixels[:, 1]).any() or (pixels[:, 1] != pixels[:, 2]).any()))
+            return network(pixels)
+        return dataclasses.replace(extractor, network=recorded)
+
+    monkeypatch.setattr(uncond.metrics, "inception_extractor", recording_extractor)
+    return colourful
+
+
+def test_evaluate_measures_gray_samples_against_the_gray_of_colour_images(run_cli, color_folder, pipeline, tmp_path,
+                                                                          monkeypatch):
+    """A 1-channel model's samples (or a folder of them) against colour images: the colour put a floor under the
+    FID that no model of gray images could get below. The reference is measured as gray, as training's is."""
+    colourful = record_colour(monkeypatch)
+    gray_model = save_tiny_pipeline(tmp_path / "gray", channels=1)
+    sampling = ("--num_images", 4, "--steps", 2, "--batch_size", 4)
+    assert run_cli("sample", gray_model, *sampling, "--output_dir", tmp_path / "samples")[0] == 0
+    results = []
+    for generated in (gray_model, tmp_path / "samples"):
+        code, out, err = run_cli("evaluate", generated, *sampling, "--reference", color_folder, "--json")
+        assert code == 0, err
+        results.append(json.loads(out))
+        assert "as gray (the generated images are gray)" in results[-1]["reference"]
+    assert colourful and not any(colourful)  # the reference and the samples alike
+    assert "read from the cache" in results[1]["reference"]  # one reference for the model and its samples
+    assert results[0]["fid"] == pytest.approx(results[1]["fid"], rel=1e-6)
+
+    colourful.clear()  # a colour model's reference keeps its colour, and gray statistics are not used for it
+    code, out, err = run_cli("evaluate", pipeline, *sampling, "--reference", color_folder, "--json")
+    assert code == 0 and any(colourful) and "as gray" not in json.loads(out)["reference"], err
+    gray_statistics = results[0]["reference"].split("statistics cached in ")[1]
+    code, _, err = run_cli("evaluate", pipeline, *sampling, "--reference", gray_statistics)
+    one_line_error(code, err, f"--reference {gray_statistics}: its statistics are of colour images measured as gray")
 
 
 def test_training_without_inception_weights_warns_once_and_goes_on(run_cli, no_inception_weights, color_folder,

@@ -280,8 +280,8 @@ def centre_crops(images: Iterable[np.ndarray], resolution: int, batch_size: int,
                  gray: bool = False) -> Iterator[np.ndarray]:
     """Decoded images (shorter side at `resolution`) centre-cropped to resolution x resolution, as uint8 NHWC
     batches for measuring: 16-bit images are scaled to 8 bits; a batch mixing gray and colour becomes RGB, or
-    with `gray` (a 1-channel model's training images) every colour image becomes its luma, as the model learns it
-    (Augmentation.batch)."""
+    with `gray` (the reference of gray images: a 1-channel model's training images, or gray samples) every colour
+    image becomes its luma, as a 1-channel model learns it (Augmentation.batch)."""
     crop = Augmentation(resolution, center_crop=True, random_flip=False, channels=1)
 
     def measured(batch: list[np.ndarray]) -> np.ndarray:
@@ -308,10 +308,10 @@ def to_uint8_nhwc(pixels: np.ndarray) -> np.ndarray:
 
 
 def image_batches(source: Source, resolution: int, batch_size: int, limit: int | None = None,
-                  skipped: list[tuple[str, str]] | None = None) -> Iterator[np.ndarray]:
+                  skipped: list[tuple[str, str]] | None = None, gray: bool = False) -> Iterator[np.ndarray]:
     """The images of `source` (`limit` of them at most, a fixed random choice) decoded and resized as for
-    training, then centre-cropped: uint8 NHWC batches, decoded as they are used, so a large set needs
-    little memory. Unreadable images are skipped and added to `skipped`."""
+    training, then centre-cropped (as gray with `gray`, see centre_crops): uint8 NHWC batches, decoded as they
+    are used, so a large set needs little memory. Unreadable images are skipped and added to `skipped`."""
     def decoded() -> Iterator[np.ndarray]:
         # JPEGs decoded whole (decoding.decode_record's draft): FID references are, and FID is sensitive to it
         for record, result in decode_records(spread_choice(source.records, limit), resolution, False, draft=False):
@@ -321,7 +321,7 @@ def image_batches(source: Source, resolution: int, batch_size: int, limit: int |
                 continue
             yield result[0]
 
-    return centre_crops(decoded(), resolution, batch_size)
+    return centre_crops(decoded(), resolution, batch_size, gray)
 
 
 def spread_choice(items: Sequence[Any], limit: int | None) -> Sequence[Any]:

@@ -52,6 +52,7 @@ class Generated:
     description: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files of a folder, filled as read
     sampled: dict[str, Any] | None = None  # sampler, steps and seed, where the images are a model's samples
+    gray: bool = False  # a 1-channel model's samples, or a folder of gray images: measured against gray references
 
 
 def evaluate(config: EvaluateConfig) -> Report:
@@ -70,7 +71,7 @@ def evaluate(config: EvaluateConfig) -> Report:
     if generated.count < 2:  # said before the reference images are measured (minutes on a large set)
         raise UsageError(f"GENERATED {config.generated}: {counted(generated.count, 'image')}; FID needs at least 2")
     resolution = config.resolution or generated.resolution
-    reference, reference_note = reference_stats(config, reference_source, resolution, extractor)
+    reference, reference_note = reference_stats(config, reference_source, resolution, extractor, generated.gray)
     if reference.extractor not in (None, extractor.name):
         raise UsageError(f"--reference {config.reference} holds statistics of {reference.extractor} features, "
                          f"not {extractor.name}")
@@ -110,7 +111,8 @@ def open_generated(config: EvaluateConfig) -> Generated:
                      config.num_images, resolution, f"{config.num_images} images sampled from {model.description} "
                      f"with {config.sampler}, {steps} steps, seed {config.seed}, at the model's {width}x{height} px"
                      + ("" if as_they_are else f", {resizing(resolution)}"),
-                     sampled={"sampler": config.sampler, "steps": steps, "seed": config.seed})
+                     sampled={"sampler": config.sampler, "steps": steps, "seed": config.seed},
+                     gray=model.unet.config.out_channels == 1)
 
 
 def as_folders_are(batches: Iterator[np.ndarray], resolution: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -128,13 +130,14 @@ def as_folders_are(batches: Iterator[np.ndarray], resolution: int, batch_size: i
 def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
     """A folder's images; of a folder `uncond sample` wrote, only its numbered images (not a --grid put there)."""
     source, what = numbered_images_only(sources.open_named_source(str(path), "GENERATED"), path)
-    resolution = config.resolution or native_size(source, path)
+    native_resolution, gray = first_image(source, path)
+    resolution = config.resolution or native_resolution
     count = min(len(source.records), config.num_images)
     skipped: list[tuple[str, str]] = []  # filled as the batches are read
     batches = data.image_batches(source, resolution, config.batch_size, config.num_images, skipped)
     # Files, not images: which of them can be read is known once they are (skipped_note says how many could not).
     description = f"{counted(count, 'image file')} from {what}, {resizing(resolution)}"
-    return Generated(batches, count, resolution, description, skipped)
+    return Generated(batches, count, resolution, description, skipped, gray=gray)
 
 
 def refuse_preview_folder(path: Path, name: str, instead: str) -> None:
@@ -154,12 +157,13 @@ def numbered_images_only(source: sources.Source, path: Path) -> tuple[sources.So
     return source, f"the folder {path}"
 
 
-def native_size(source: sources.Source, path: Path) -> int:
-    """The shorter side of the first image of `source` that can be read."""
+def first_image(source: sources.Source, path: Path) -> tuple[int, bool]:
+    """The shorter side of the first image of `source` that can be read, and whether it is gray (as decoding
+    judges it: a gray palette or gray RGB pixels too). Samples are all of one model, so the first says for all."""
     for record in source.records:
         try:
             with record.open() as image:
-                return min(image.size)
+                return min(image.size), decoding.decode_image(image, min(image.size), preserve_precision=False)[1]
         except Exception:  # noqa: BLE001 - unreadable: skipped here as when measuring
             continue
     raise UsageError(f"GENERATED {path}: none of its {len(source.records)} image files can be read")
@@ -198,23 +202,26 @@ def open_reference(reference: str) -> sources.Source | None:
 
 
 def reference_stats(config: EvaluateConfig, source: sources.Source | None, resolution: int,
-                    extractor: metrics.FeatureExtractor) -> tuple[metrics.FeatureStats, str]:
-    """Statistics of the reference images at `resolution`, from a file, the cache, or computed and cached."""
+                    extractor: metrics.FeatureExtractor, gray: bool = False) -> tuple[metrics.FeatureStats, str]:
+    """Statistics of the reference images at `resolution`, from a file, the cache, or computed and cached. With
+    `gray` (gray generated images) colour images are measured as their luma: gray samples against colour would
+    put a floor under the FID that no model of them could get below (training's reference does the same)."""
     if source is None:
         stats = metrics.load_stats(Path(config.reference).expanduser())
-        made_at = check_statistics_file(config.reference, stats, resolution, extractor)
+        made_at = check_statistics_file(config.reference, stats, resolution, extractor, gray)
         kind = "mu and sigma only: FID alone" if stats.features is None else "with features"
         return stats, (f"statistics file {config.reference} ({stats.count or 'an unknown number of'} images"
                        f"{f' at {made_at} px' if made_at else ''}; {kind})")
     count = min(len(source.records), config.reference_num_images)
     key = "|".join([extractor.identity, source.fingerprint, f"{resolution}px",
-                    f"{config.reference_num_images} at most"])
+                    f"{config.reference_num_images} at most"] + (["as gray"] if gray else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = cache_folder() / f"{slug(config.reference)}-{resolution}px-{digest}.npz"
     skipped: list[tuple[str, str]] = []
 
     def compute() -> metrics.FeatureStats:
-        batches = data.image_batches(source, resolution, config.batch_size, config.reference_num_images, skipped)
+        batches = data.image_batches(source, resolution, config.batch_size, config.reference_num_images, skipped,
+                                     gray)
         batches = metrics.with_progress(batches, count, "reference")
         features = metrics.extract_features(extractor, batches)
         if len(features) < 2:  # a covariance needs two; nothing is cached
@@ -223,21 +230,27 @@ def reference_stats(config: EvaluateConfig, source: sources.Source | None, resol
         return metrics.feature_stats(features, extractor.name)
 
     stats, from_cache = metrics.cached_stats(cache, key, compute)
-    note = (f"{stats.count} images of {source.description}, {resizing(resolution)}; statistics "
+    as_gray = ", as gray (the generated images are gray)" if gray else ""
+    note = (f"{stats.count} images of {source.description}, {resizing(resolution)}{as_gray}; statistics "
             f"{'read from the cache' if from_cache else 'cached in'} {cache}")
     return stats, note + skipped_note(skipped)
 
 
 def check_statistics_file(reference: str, stats: metrics.FeatureStats, resolution: int,
-                          extractor: metrics.FeatureExtractor) -> int | None:
+                          extractor: metrics.FeatureExtractor, gray: bool) -> int | None:
     """A statistics file uncond wrote (a cached one, or a run's fid_reference.npz) records what it was computed
-    from: statistics of images at another size, or of other weights' features, would give a wrong FID without a
-    word. Returns the resolution it was computed at (None for pytorch-fid's files, which do not say)."""
+    from: statistics of images at another size, of other weights' features, or of colour images as gray for colour
+    samples, would give a wrong FID without a word. Returns the resolution it was computed at (None for
+    pytorch-fid's files, which do not say)."""
     if not stats.key:
         return None
     if not stats.key.startswith(f"{extractor.identity}|"):
         raise UsageError(f"--reference {reference}: its statistics were computed with other Inception weights than "
                          "this evaluation's; pass the same --inception_weights, or the images themselves as "
+                         "--reference")
+    if stats.key.endswith("|as gray") and not gray:
+        raise UsageError(f"--reference {reference}: its statistics are of colour images measured as gray (for a "
+                         "1-channel model), and the generated images are in colour; pass the images themselves as "
                          "--reference")
     made_at = re.search(r"\|(\d+)px(\||$)", stats.key)
     if made_at is None:
