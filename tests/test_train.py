@@ -377,6 +377,30 @@ def test_ctrl_c_during_a_preview_stops_at_that_step(run_cli, color_folder, tiny_
     assert "stopped by SIGINT at step 3, checkpoint-3 saved" in err
 
 
+def test_a_job_started_with_sigint_ignored_keeps_ignoring_it(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
+    """A shell without job control starts `uncond train ... &` with SIGINT ignored (so that a Ctrl-C meant for the
+    foreground does not reach it); the run set its own handler over that, so the same `kill -INT` was ignored in
+    the job's first seconds and stopped it later (trial 55). Ignored throughout now; SIGTERM stops it."""
+    import signal
+
+    from uncond import train
+
+    def signalled(run, micro_batches, train_step=train.train_step):
+        if run.step in (2, 3):
+            os.kill(os.getpid(), signal.SIGINT if run.step == 2 else signal.SIGTERM)
+        return train_step(run, micro_batches)
+
+    monkeypatch.setattr(train, "train_step", signalled)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "6"))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # as it found it
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 143 and "stopped by SIGTERM at step 4, checkpoint-4 saved" in err, err
+    assert "SIGINT" not in err
+
+
 @pytest.mark.parametrize("signal_name, raised", [("SIGINT", KeyboardInterrupt), ("SIGTERM", SystemExit)])
 def test_a_signal_stops_a_python_caller_once_the_checkpoint_is_saved(color_folder, tiny_unet, tmp_path, monkeypatch,
                                                                     capsys, signal_name, raised):
