@@ -37,6 +37,7 @@ def test_resize_follows_torchvision_resize_int():
     assert resized_size(100, 150, 64) == (64, 96)
     assert resized_size(150, 100, 64) == (96, 64)
     assert resized_size(333, 100, 64) == (213, 64)  # int(64 * 3.33) = 213
+    assert resized_size(100, 167, 64) == (64, 106) and resized_size(167, 100, 64) == (106, 64)  # 106.88, truncated
     assert resized_size(28, 28, 32) == (32, 32)
 
 
@@ -47,6 +48,7 @@ def test_downscale_is_pil_bilinear_like_the_seed():
     expected = np.asarray(image.resize((30, 20), Image.BILINEAR))
     np.testing.assert_array_equal(array, expected)
     assert array.shape == (20, 30, 3) and not gray and not upscaled
+    assert not decode(Image.new("RGB", (20, 30)), 20)[2] and decode(Image.new("RGB", (19, 30)), 20)[2]  # at size
 
 
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_pixels_within_a_few_levels(monkeypatch,
@@ -129,6 +131,9 @@ def test_grayscale_modes_are_detected():
     palette = Image.new("L", (8, 8), 70).convert("P")
     assert decode(palette)[1], "a palette image whose colours are all gray is grayscale"
     assert not decode(Image.new("RGB", (8, 8), (10, 200, 30)))[1]
+    # red equal to green everywhere is not gray (a night sky, a blueprint): gray would drop the model's colour
+    array, gray, _ = decode(Image.new("RGB", (8, 8), (0, 0, 200)))
+    assert not gray and array.shape == (8, 8, 3)
 
 
 def test_cmyk_jpeg_decodes_to_rgb():
@@ -153,9 +158,10 @@ def test_sixteen_bit_png_keeps_its_range():
 @pytest.mark.parametrize("scale", [1.0, 255.0, 65535.0])
 def test_float_images_keep_their_range(scale):
     """32-bit float images (TIFF, FITS exports) come in [0, 1], [0, 255] or 16-bit [0, 65535]."""
-    image = Image.fromarray(np.full((8, 8), 0.5 * scale, dtype=np.float32), mode="F")
-    eight_bit, gray, _ = decode(image)
-    assert gray and eight_bit[0, 0, 0] == 128
+    values = np.full((8, 8), 0.5 * scale, dtype=np.float32)
+    values[7, 7] = scale  # one white pixel, exactly at the top of the range (a [0, 1] image is not 0-255's)
+    eight_bit, gray, _ = decode(Image.fromarray(values, mode="F"))
+    assert gray and eight_bit[0, 0, 0] == 128 and eight_bit[7, 7, 0] == 255
 
 
 def test_exif_orientation_is_applied():
@@ -497,6 +503,11 @@ def test_uncond_cache_lists_entries_and_removes_the_unused_ones(tmp_path, run_cl
     assert not unused.folder.exists() and ImageCache.open(kept.folder) is not None
     assert not unused_stats.exists() and kept_stats.is_file()
     assert not list((cache_dir / "uncond").glob(".*")) and not list(stats_folder.glob(".*"))  # nothing half removed
+    hours_ago = time.time() - 3 * 3600  # days, not hours: read 3 hours ago is within --remove_unused_days 1
+    for path in (kept.folder / "meta.json", kept_stats):
+        os.utime(path, (hours_ago, hours_ago))
+    assert run_cli("cache", "--cache_dir", cache_dir, "--remove_unused_days", 1)[0] == 0
+    assert kept.folder.is_dir() and kept_stats.is_file()
     code, out, _ = run_cli("cache", "--cache_dir", cache_dir, "--remove_unused_days", 30)  # nothing left to remove
     assert out.splitlines()[-1] == "nothing to remove: every entry was read in the last 30 days"  # not "freed 1 KiB"
     # the total counts the statistics files too (it left them out though they are most of the size)
@@ -889,6 +900,9 @@ def test_center_crop_rounds_like_torchvision():
     image = np.arange(7, dtype=np.uint8).reshape(1, 7, 1).repeat(3, axis=0)
     crop = Augmentation(3, center_crop=True, random_flip=False, channels=1).crop_and_flip([image], None)
     assert crop[0, 0, 0].tolist() == [2, 3, 4]  # left = round((7 - 3) / 2) = 2
+    image = np.arange(6, dtype=np.uint8).reshape(1, 6, 1).repeat(3, axis=0)
+    crop = Augmentation(3, center_crop=True, random_flip=False, channels=1).crop_and_flip([image], None)
+    assert crop[0, 0, 0].tolist() == [2, 3, 4]  # left = round(1.5) = 2, not 1
 
 
 def test_pixels_map_to_minus_one_one_and_flips_mirror_them():
@@ -925,6 +939,10 @@ def test_order_is_a_pure_function_of_seed_and_epoch_and_shards_disjointly():
     assert [b.tolist() for _, b in order.batches(2, start_batch=2)] == first[2:]
     shards = [Order(10, 2, 5, num_processes=2, process_index=rank).epoch_indices(0) for rank in range(2)]
     assert set(shards[0]).isdisjoint(shards[1]) and len(shards[0]) == len(shards[1]) == 5
+    # and each process crops and flips its images with draws of its own (one shared draw would tie them)
+    crops = [Order(10, 2, 5, num_processes=2, process_index=rank).augmentation_rng(0, 0).random(4).tolist()
+             for rank in range(2)]
+    assert crops[0] != crops[1]
 
 
 def test_neighbouring_seeds_give_unrelated_orders():

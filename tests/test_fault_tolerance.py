@@ -216,6 +216,21 @@ def test_kill_between_the_renames_of_an_export(inputs, reference, tmp_path):
     assert_same_result(out, reference)
 
 
+def test_an_export_moves_model_index_json_in_last(tmp_path, monkeypatch):
+    """A kill between two of the export's renames then leaves a folder no loader takes for a model, never a
+    loadable one whose UNet and training state are of two exports."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(**{key: value for key, value in TINY_UNET.items() if not key.startswith("_")})
+    checkpoint.export_pipeline(unet, DDPMScheduler(), tmp_path, {"step": 1})
+    moved, replace_path = [], checkpoint.replace_path
+    monkeypatch.setattr(checkpoint, "replace_path", lambda source, destination: (
+        moved.append(destination.name), replace_path(source, destination)))
+    checkpoint.export_pipeline(unet, DDPMScheduler(), tmp_path, {"step": 2})
+    assert sorted(moved) == sorted(checkpoint.PIPELINE_ITEMS) and moved[-1] == "model_index.json"
+    assert json.loads((tmp_path / checkpoint.STATE_FILE).read_text()) == {"step": 2}
+
+
 def test_going_back_to_an_older_checkpoint_redoes_the_same_steps(inputs, reference, tmp_path):
     """The later checkpoints are set aside whole (so no checkpoint is ever written over another), and the steps
     redone from the older one end with the same weights."""

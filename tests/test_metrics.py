@@ -93,6 +93,16 @@ def test_kid_averages_subsets_and_separates_distributions():
     other_mean, _ = metrics.kernel_inception_distance(x, other, subsets=20, subset_size=100)
     assert abs(same_mean) < 3 * same_std + 1e-3 and same_std > 0
     assert other_mean > 10 * abs(same_mean)
+    # the subsets are drawn from a seed: the same images give the same KID at every evaluation
+    assert metrics.kernel_inception_distance(x, other, subsets=20, subset_size=100)[0] == other_mean
+    assert metrics.kernel_inception_distance(x, other, subsets=20, subset_size=100, seed=1)[0] != other_mean
+
+
+def test_the_neighbourhood_radius_is_the_kth_nearest_other_point():
+    """Kynkäänniemi et al.'s k (3): a ball one neighbour further inflates precision and recall."""
+    line = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    assert metrics.kth_neighbour_distances(line, 2).tolist() == [3.0, 2.0, 3.0, 4.0, 7.0]
+    assert metrics.kth_neighbour_distances(line, 2, chunk=2).tolist() == [3.0, 2.0, 3.0, 4.0, 7.0]
 
 
 def test_precision_and_recall_on_known_sets():

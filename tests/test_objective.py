@@ -59,6 +59,9 @@ def test_noise_offset_shifts_each_channel(schedule):
     offset = sample_noise(images, 1.0, torch.Generator().manual_seed(0))
     # the per-image, per-channel means of the offset noise spread like N(0, 1), the plain ones like N(0, 1/64)
     assert plain.mean(dim=(2, 3)).std() < 0.25 < offset.mean(dim=(2, 3)).std()
+    # one offset per image and channel (diffusers' scripts): the channels of an image shift apart, a colour cast
+    means = offset.mean(dim=(2, 3))
+    assert (means[:, 0] - means[:, 1]).std() > 0.5
 
 
 def test_training_loss_matches_the_ddpm_formula(schedule):

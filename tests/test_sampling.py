@@ -207,5 +207,8 @@ def test_grid_tiles_images_in_rows():
     grid = np.asarray(image_grid(images, padding=1))
     assert grid.shape == (2 * 5 + 1, 2 * 5 + 1, 3)
     assert grid[1, 1, 0] == 0 and grid[1, 6, 0] == 100 and grid[6, 1, 0] == 200 and grid[6, 6, 0] == 50
+    assert (grid[:, [0, 5, 10]] == 255).all() and (grid[[0, 5, 10]] == 255).all()  # a white line between any two
+    assert grid[1, 9, 0] == 100 and grid[9, 9, 0] == 50  # each image whole, up to its last pixel
+    assert image_grid(np.zeros((10, 4, 4, 3), np.uint8), padding=1).size == (4 * 5 + 1, 3 * 5 + 1)  # wider
     gray = image_grid(np.zeros((3, 4, 4, 1), np.uint8))
     assert gray.mode == "L"

@@ -225,6 +225,9 @@ def test_resuming_past_the_runs_last_step_is_refused(run_cli, color_folder, tiny
                                             *resume))
     one_line_error(code, err, "checkpoint-6 is at step 6, past this run's last step 2: nothing to train "
                               "(--max_train_steps counts the whole run, the checkpoint's steps included)")
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "c", "--max_train_steps", "5",
+                                            *resume))
+    one_line_error(code, err, "checkpoint-6 is at step 6, past this run's last step 5")  # one step past it too
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "b", "--num_epochs", "1", *resume))
     one_line_error(code, err, "checkpoint-6 is at step 6, past this run's last step 3: nothing to train "
                               "(--num_epochs counts")
@@ -375,6 +378,18 @@ def test_ctrl_c_during_a_preview_stops_at_that_step(run_cli, color_folder, tiny_
     assert code == 130, err  # the shell's status for SIGINT: `uncond train ... && next` goes no further
     assert "SIGINT: stopping with a checkpoint after the current step" in err
     assert "stopped by SIGINT at step 3, checkpoint-3 saved" in err
+
+
+def test_sample_grids_come_every_save_images_epochs_from_the_first_epoch_and_at_the_end(run_cli, color_folder,
+                                                                                      tiny_unet, tmp_path):
+    """The seed script's `epoch % save_images_epochs == 0 or epoch == num_epochs - 1`: epochs 0, 2 and 3 of 4 (two
+    steps each at batch 6)."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--train_batch_size", "6", "--num_epochs",
+                                            "4", "--save_images_epochs", "2", "--save_model_epochs", "100"))
+    assert code == 0, err
+    assert sorted(path.name for path in (out / "samples").iterdir()) == [
+        "step-0000002.png", "step-0000006.png", "step-0000008.png"]
 
 
 def test_a_job_started_with_sigint_ignored_keeps_ignoring_it(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
@@ -1131,6 +1146,20 @@ def test_a_resume_with_another_batch_says_which_images_it_trains_on_again():
                                   "images of those are trained on again)")
     position = position_after(3, state, steps_per_epoch=4, global_batch_size=3, num_processes=1)
     assert position.epoch_offset == 1 and position.note.endswith("after the 6 images already seen in epoch 0")
+
+
+def test_a_resume_on_changed_data_at_an_epoch_boundary_goes_on_with_that_epoch():
+    """A checkpoint written as an epoch ended (none of the next one seen) goes on at the next epoch's start; the
+    changed data must not make it skip that epoch too."""
+    from uncond.plan import position_after
+
+    state = {"epoch": 2, "epoch_start_step": 6, "num_images": 10, "images_key": "then"}
+    at_a_boundary = position_after(6, state, steps_per_epoch=3, global_batch_size=4, num_processes=1,
+                                   images=(12, "now"))
+    mid_epoch = position_after(7, state, steps_per_epoch=3, global_batch_size=4, num_processes=1, images=(12, "now"))
+    assert (at_a_boundary.epoch, at_a_boundary.epoch_offset) == (2, 0)
+    assert (mid_epoch.epoch, mid_epoch.epoch_offset) == (3, -2)  # epoch 3 starts at step 7, not 9
+    assert "going on from the start of epoch 2" in at_a_boundary.note
 
 
 def test_a_resume_on_changed_data_goes_on_from_the_next_epoch_and_says_so(run_cli, color_folder, tiny_unet,
