@@ -230,6 +230,50 @@ def test_a_signal_to_one_process_as_the_launch_starts_ends_the_launch_at_once(co
     assert "Unable to shutdown process" not in result.stderr  # not the launcher's SIGKILL 30 s later
 
 
+MEETING = """
+import sys, time
+from uncond import environment
+with environment.sigterm_ends_while_processes_meet():
+    print("meeting", flush=True)
+    time.sleep(60)
+"""
+LAUNCHER = """
+import os, subprocess, sys, time
+process = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, "WORLD_SIZE": "2"})
+print(process.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie that its new parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_processes_meeting_end_when_their_launcher_is_killed():
+    """A launcher SIGKILLed while its processes met (torch's rendezvous, in C++): they were handed to another
+    parent and waited for its store for the process group's 2-hour timeout, keeping their GPUs (trial 55 F1)."""
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, MEETING], stdout=subprocess.PIPE, text=True)
+    worker = int(launcher.stdout.readline())
+    try:
+        assert launcher.stdout.readline() == "meeting\n"
+        time.sleep(1.5)
+        assert not ended(worker)  # with its launcher there, it goes on meeting
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 15
+        while not ended(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ended(worker)
+    finally:
+        launcher.kill()
+        if not ended(worker):
+            os.kill(worker, 9)
+
+
 @pytest.mark.parametrize("killed_rank", ["1", "0"])
 def test_a_process_killed_mid_run_leaves_the_others_one_line_and_whole_checkpoints(color_folder, tiny_unet, tmp_path,
                                                                                     killed_rank):

@@ -392,6 +392,35 @@ def test_sample_grids_come_every_save_images_epochs_from_the_first_epoch_and_at_
         "step-0000002.png", "step-0000006.png", "step-0000008.png"]
 
 
+def test_a_stop_while_a_checkpoint_loads_is_a_stop_not_a_damaged_checkpoint(run_cli, color_folder, tiny_unet,
+                                                                             tmp_path, monkeypatch):
+    """safetensors makes its tensors through torch from Rust: the stop a SIGTERM raised in there came out as a
+    ValueError, and the resume ended "cannot read ...safetensors; resume from another checkpoint", status 2
+    (bad input: a scheduler does not retry; the user went back to an older checkpoint) (trial 55 F2)."""
+    import signal
+
+    from uncond import checkpoint
+
+    load_file = checkpoint.load_file
+
+    def signalled_inside(path):  # as the library does with an exception raised while it runs
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return load_file(path)
+        except BaseException:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "3")
+    assert run_cli(*args, "--max_train_steps", "3")[0] == 0
+    monkeypatch.setattr(checkpoint, "load_file", signalled_inside)
+    code, _, err = run_cli(*args, "--max_train_steps", "6")
+    assert code == 143 and "cannot read" not in err and "stopped by SIGTERM" in err, err
+    monkeypatch.setattr(checkpoint, "load_file", load_file)
+    code, _, err = run_cli(*args, "--max_train_steps", "6")
+    assert code == 0 and "resuming from checkpoint-3" in err, err
+
+
 def test_a_job_started_with_sigint_ignored_keeps_ignoring_it(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
     """A shell without job control starts `uncond train ... &` with SIGINT ignored (so that a Ctrl-C meant for the
     foreground does not reach it); the run set its own handler over that, so the same `kill -INT` was ignored in

@@ -9,6 +9,7 @@ import ctypes.util
 import io
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -124,12 +125,38 @@ def sigterm_ends_while_processes_meet() -> Iterator[None]:
     """Around the start of a launch's process group: torch waits there for the other processes in C++, where a
     Python signal handler cannot run, so a SIGTERM (the launcher ending the launch because another process stopped
     before joining) waited 30 s for the launcher's SIGKILL, or, sent to one process, left the others waiting for it
-    for the group's 2-hour timeout. Python's default ends the process at once; nothing is written before."""
+    for the group's 2-hour timeout. Python's default ends the process at once; nothing is written before.
+    So does the launcher's own end (SIGKILLed, its node lost): the processes, handed to another parent, waited
+    for its store until that timeout (trial 55 F1), keeping their GPUs."""
     if launched_processes() == 1:
         yield
         return
-    with signals.handled({signal.SIGTERM: signal.SIG_DFL}):
+    with signals.handled({signal.SIGTERM: signal.SIG_DFL}), ends_with_the_launcher():
         yield
+
+
+LAUNCHER_LOOK_S = 0.5  # how often a process meeting the others looks whether its launcher is still there
+
+
+@contextlib.contextmanager
+def ends_with_the_launcher() -> Iterator[None]:
+    """While the block runs, a thread looks whether this process was handed to another parent (its launcher, the
+    parent, ended) and then sends it SIGTERM (which ends it where the block leaves SIGTERM's default)."""
+    launcher, done = os.getppid(), threading.Event()
+
+    def look() -> None:
+        while not done.wait(LAUNCHER_LOOK_S):
+            if os.getppid() != launcher:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    watcher = threading.Thread(target=look, name="uncond-launcher-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def launched_processes() -> int:

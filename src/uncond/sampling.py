@@ -8,6 +8,7 @@ for sampling.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -28,7 +29,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPM
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from . import cpu_threads, remote
+from . import cpu_threads, remote, signals
 from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, STATE_FILE, SamplingSettings, UsageError, counted, first_line,
                      list_checkpoints)
 from .progress import progress_bar
@@ -395,7 +396,8 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
         where = f"the Hub model {name_or_path}"
     pickled = pickled_unet_weights(path)
     try:
-        with remote.quiet_hub_clients():
+        # (a stop while local weights load came out as safetensors' error; a download is not held up)
+        with remote.quiet_hub_clients(), signals.deferred() if path.exists() else contextlib.nullcontext():
             pipeline = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
     except Exception as error:  # noqa: BLE001 - offline, missing, private or malformed: one line with the reason
         if pickled:
@@ -454,7 +456,8 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
                              f"({first_line(error)})") from None
     weights = weights or ("unet_ema" if (path / "unet_ema").is_dir() else "unet")
     try:
-        with remote.quiet_hub_clients():  # the EMA's own settings in its config.json are ignored with a warning
+        # (the EMA's own settings in its config.json are ignored with a warning; signals: as in load_model)
+        with remote.quiet_hub_clients(), signals.deferred():
             unet = UNet2DModel.from_pretrained(str(path / weights), torch_dtype=dtype)  # safetensors
     except (OSError, ValueError) as error:
         raise UsageError(f"{name}: could not load the checkpoint's {weights}/ ({first_line(error)})") from None

@@ -28,3 +28,22 @@ def handled(handlers: dict[int, Any]) -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def deferred(numbers: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Around a library call that builds Python objects from native code (safetensors makes its tensors through
+    torch from Rust): a handler that raises (a stop, KeyboardInterrupt) inside it had its exception replaced by
+    the library's own error, and a SIGTERM while a checkpoint loaded said the checkpoint was damaged, status 2
+    (trial 55 F2). Signals whose handlers are Python functions are held while the block runs, then delivered to
+    them as it ends. For short local reads only: a stop waits for the block."""
+    received: list[int] = []
+
+    def hold(number: int, frame: Any) -> None:
+        received.append(number)
+
+    held = [number for number in numbers if callable(signal.getsignal(number))]
+    with handled(dict.fromkeys(held, hold)):
+        yield
+    for number in dict.fromkeys(received):  # each once, in the order they came
+        signal.raise_signal(number)
