@@ -139,6 +139,11 @@ def test_config_file_errors_are_one_line(tmp_path, content, message):
     (("--dataset_name", "x", "--train_batch_size", "0"), "--train_batch_size is 0; it must be at least 1"),
     (("--dataset_name", "x", "--learning_rate", "-1"), "--learning_rate is -1.0; it must be positive"),
     (("--dataset_name", "x", "--ema_max_decay", "1.5"), "--ema_max_decay is 1.5; it must be in [0, 1)"),
+    # 1 itself: Adam's bias correction divides by 1 - beta**t = 0 (NaN weights at the first step), an average of
+    # decay 1 never moves from the random initial weights
+    (("--dataset_name", "x", "--adam_beta1", "1"), "--adam_beta1 is 1.0; it must be in [0, 1)"),
+    (("--dataset_name", "x", "--adam_beta2", "1"), "--adam_beta2 is 1.0; it must be in [0, 1)"),
+    (("--dataset_name", "x", "--ema_max_decay", "1"), "--ema_max_decay is 1.0; it must be in [0, 1)"),
     (("--dataset_name", "x", "--snr_gamma", "0"), "--snr_gamma is 0.0; it must be positive"),
     (("--dataset_name", "x", "--ema_inv_gamma", "0"), "--ema_inv_gamma is 0.0; it must be positive"),
     (("--dataset_name", "x", "--ema_power", "-1"), "--ema_power is -1.0; it must be positive"),

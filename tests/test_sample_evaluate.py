@@ -800,6 +800,25 @@ def test_evaluate_a_folder_against_itself_and_its_cached_statistics(run_cli, sta
     assert "mu and sigma only: FID alone" in fid_only["reference"]
 
 
+def test_reference_statistics_are_measured_anew_when_the_images_or_their_number_change(run_cli, stand_in_inception,
+                                                                                       tmp_path):
+    """Statistics cached for a folder are read back only for the same images at the same count: a folder with
+    images added, or more of them allowed, gave the FID against the stale statistics."""
+    generated, real = write_images(tmp_path / "generated", 6), write_images(tmp_path / "real", 6, seed=1)
+
+    def reference(*extra) -> str:
+        code, out, err = run_cli("evaluate", generated, "--reference", real, "--resolution", 16, "--json", *extra)
+        assert code == 0, err
+        return json.loads(out)["reference"]
+
+    assert "statistics cached in" in reference("--reference_num_images", 4)
+    assert "read from the cache" in reference("--reference_num_images", 4)
+    assert reference("--reference_num_images", 5).startswith("5 images") and "cached in" in reference()
+    write_images(real / "more", 2, seed=2)
+    assert reference().startswith("8 images")
+    assert "read from the cache" not in reference("--reference_num_images", 4)  # 4 chosen from other images
+
+
 def test_evaluate_samples_of_a_model_against_builtin_digits(run_cli, stand_in_inception, tmp_path):
     model = save_tiny_pipeline(tmp_path / "gray", channels=1)
     args = ("evaluate", model, "--reference", "builtin:mnist", "--reference_num_images", 30, "--num_images", 6,
