@@ -334,7 +334,10 @@ def resume(run: Run, path: Path, notes: list[str]) -> None:
     run.epoch_offset, run.checkpointed_step = position.epoch_offset, position.step
     run.preview_owed, run.evaluation_owed = position.preview_owed, position.evaluation_owed
     if position.log_window:
-        run.running_loss.restore(position.log_window["loss"], run.accelerator.device)
+        loss = position.log_window["loss"]
+        if len(loss.get("totals") or ()) == run.accelerator.num_processes:  # see train.save_checkpoint
+            loss = {**loss, "total": loss["totals"][run.accelerator.process_index]}
+        run.running_loss.restore(loss, run.accelerator.device)
         run.running_grad_norm.restore(position.log_window["grad_norm"], run.accelerator.device)
 
 

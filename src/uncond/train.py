@@ -681,11 +681,13 @@ def save_checkpoint(run: Run) -> None:
     """A checkpoint of the state after run.step, never of a diverged one."""
     loss = {"total": None, "count": run.running_loss.count}
     if run.running_loss.total is not None:
-        summed = run.accelerator.reduce(run.running_loss.total.clone(), reduction="sum").item()
-        if not math.isfinite(summed):
+        totals = run.accelerator.gather(run.running_loss.total.reshape(1)).tolist()  # float32s, exact as floats
+        if not math.isfinite(sum(totals)):
             raise diverged(run, f"the loss became non-finite before step {run.step}")
-        # Each process goes on from the mean of their sums: the mean its log line takes is then the same.
-        loss["total"] = summed / run.accelerator.num_processes
+        # A resume with as many processes goes on from each one's own sum, so that its log line is the
+        # uninterrupted run's to the bit (from their mean, the sums were rounded in another order: trial 55 F3);
+        # with another count, each goes on from their mean, which the log line's mean is then the same as.
+        loss["total"], loss["totals"] = sum(totals) / len(totals), totals
     window = {"loss": loss, "grad_norm": run.running_grad_norm.state()}  # the grad norm is the same everywhere
     path, dropped = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step,
                                                {**training_state(run), "log_window": window}, run.config,
