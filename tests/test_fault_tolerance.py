@@ -216,6 +216,33 @@ def test_kill_between_the_renames_of_an_export(inputs, reference, tmp_path):
     assert_same_result(out, reference)
 
 
+FINISHED = """
+import atexit, sys, time
+from uncond import cli
+
+class FreedSlowly:  # as torch's modules are, as the interpreter ends, once its exit functions have run
+    def __del__(self):
+        time.sleep(2)
+
+freed_slowly = FreedSlowly() if sys.argv[1] == "freeing" else None
+cli.run_command = lambda argv: print("done:", flush=True) or 0  # a command that finished
+atexit.register(time.sleep, 2 if sys.argv[1] == "exit functions" else 0)
+sys.exit(cli.console([]))
+"""
+
+
+@pytest.mark.parametrize("phase", ["exit functions", "freeing"])
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_after_the_command_finished_keeps_its_status(signal_number, phase):
+    """A SIGTERM or Ctrl-C in the seconds after `done:`, as the interpreter ends, ended a finished run with 143 or
+    130 and no word; a scheduler requeued it (trial 55 F5)."""
+    process = subprocess.Popen([sys.executable, "-c", FINISHED, phase], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert process.stdout.readline() == "done:\n"
+    time.sleep(0.7)
+    process.send_signal(signal_number)
+    assert process.wait(timeout=20) == 0
+
+
 def test_an_export_moves_model_index_json_in_last(tmp_path, monkeypatch):
     """A kill between two of the export's renames then leaves a folder no loader takes for a model, never a
     loadable one whose UNet and training state are of two exports."""

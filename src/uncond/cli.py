@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import difflib
 import errno
@@ -45,7 +46,36 @@ def main(argv: Sequence[Any] | str | None = None) -> int:
 
 def console(argv: list[str] | None = None) -> int:
     """The `uncond` command and `python -m uncond`: the status to exit with."""
-    return run_command(sys.argv[1:] if argv is None else argv)
+    status = run_command(sys.argv[1:] if argv is None else argv)
+    keep_through_the_exit(status)
+    return status
+
+
+def keep_through_the_exit(status: int) -> None:
+    """The outcome is decided and said; the interpreter's exit takes seconds more (threads, exit functions, then
+    freeing torch's modules), during which a SIGTERM or Ctrl-C ended a finished run with 143 or 130 and no word,
+    and a scheduler requeued it (trial 55 F5). From here a signal ends the process at once with `status` (files
+    are closed, checkpoints and exports synced); once Python's handlers are gone, after the exit functions
+    (ignore_signals_at_the_end), it is ignored for the last moment."""
+    def exit_now(number: int, frame: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+    exit_now.keeps_the_status = True
+    for number in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(number) is not signal.SIG_IGN:  # (an ignored one stays so, as in signals.handled)
+            signal.signal(number, exit_now)
+
+
+@atexit.register  # when cli is imported, before the libraries a command imports: theirs run first, this last
+def ignore_signals_at_the_end() -> None:
+    """After console's outcome, for the interpreter's last moment: Python then puts its handlers back to the
+    default, which ends a process by the signal, but leaves an ignored signal ignored."""
+    for number in (signal.SIGTERM, signal.SIGINT):
+        if getattr(signal.getsignal(number), "keeps_the_status", False):
+            signal.signal(number, signal.SIG_IGN)
 
 
 def run_command(argv: list[str]) -> int:
