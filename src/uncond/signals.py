@@ -43,7 +43,9 @@ def deferred(numbers: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iter
         received.append(number)
 
     held = [number for number in numbers if callable(signal.getsignal(number))]
-    with handled(dict.fromkeys(held, hold)):
-        yield
-    for number in dict.fromkeys(received):  # each once, in the order they came
-        signal.raise_signal(number)
+    try:
+        with handled(dict.fromkeys(held, hold)):
+            yield
+    finally:  # also where the block failed: the stop then says so rather than the failure
+        for number in dict.fromkeys(received):  # each once, in the order they came
+            signal.raise_signal(number)
