@@ -227,7 +227,7 @@ class FreedSlowly:  # as torch's modules are, as the interpreter ends, once its 
 freed_slowly = FreedSlowly() if sys.argv[1] == "freeing" else None
 cli.run_command = lambda argv: print("done:", flush=True) or 0  # a command that finished
 atexit.register(time.sleep, 2 if sys.argv[1] == "exit functions" else 0)
-sys.exit(cli.console([]))
+sys.exit(cli.script())
 """
 
 

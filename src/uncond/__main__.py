@@ -1,5 +1,5 @@
 import sys
 
-from .cli import console
+from .cli import script
 
-sys.exit(console())
+sys.exit(script())

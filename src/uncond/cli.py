@@ -34,7 +34,7 @@ def main(argv: Sequence[Any] | str | None = None) -> int:
     does (a run saves its checkpoint first): an interrupt (Ctrl-C, a notebook's Interrupt) KeyboardInterrupt,
     SIGTERM SystemExit(143), so that a cell or a loop of runs stops with it."""
     if argv is None and os.path.basename(sys.argv[0]) == "uncond":  # the `uncond` script of an install made
-        return console()  # before `console` was its entry point (an editable install not reinstalled since)
+        return script()  # before `script` was its entry point (an editable install not reinstalled since)
     words = shlex.split(argv) if isinstance(argv, str) else [str(word) for word in argv or ()]
     status = run_command(words)
     if status == INTERRUPTED:
@@ -46,7 +46,13 @@ def main(argv: Sequence[Any] | str | None = None) -> int:
 
 def console(argv: list[str] | None = None) -> int:
     """The `uncond` command and `python -m uncond`: the status to exit with."""
-    status = run_command(sys.argv[1:] if argv is None else argv)
+    return run_command(sys.argv[1:] if argv is None else argv)
+
+
+def script() -> int:
+    """The process of the `uncond` command and of `python -m uncond`, which ends with the status (console's, kept
+    through the exit; not set up for a caller of console, whose process goes on)."""
+    status = console()
     keep_through_the_exit(status)
     return status
 
@@ -71,7 +77,7 @@ def keep_through_the_exit(status: int) -> None:
 
 @atexit.register  # when cli is imported, before the libraries a command imports: theirs run first, this last
 def ignore_signals_at_the_end() -> None:
-    """After console's outcome, for the interpreter's last moment: Python then puts its handlers back to the
+    """After script's outcome, for the interpreter's last moment: Python then puts its handlers back to the
     default, which ends a process by the signal, but leaves an ignored signal ignored."""
     for number in (signal.SIGTERM, signal.SIGINT):
         if getattr(signal.getsignal(number), "keeps_the_status", False):
@@ -500,4 +506,4 @@ def setup_logging() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(console())
+    sys.exit(script())
