@@ -34,7 +34,7 @@ def main(argv: Sequence[Any] | str | None = None) -> int:
     does (a run saves its checkpoint first): an interrupt (Ctrl-C, a notebook's Interrupt) KeyboardInterrupt,
     SIGTERM SystemExit(143), so that a cell or a loop of runs stops with it."""
     if argv is None and os.path.basename(sys.argv[0]) == "uncond":  # the `uncond` script of an install made
-        return script()  # before `script` was its entry point (an editable install not reinstalled since)
+        return console()  # before `console` was its entry point (an editable install not reinstalled since)
     words = shlex.split(argv) if isinstance(argv, str) else [str(word) for word in argv or ()]
     status = run_command(words)
     if status == INTERRUPTED:
