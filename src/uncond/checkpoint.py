@@ -223,11 +223,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """A diffusers model folder's weights: safetensors, or a .bin read with weights_only (never unpickled code)."""
     safe, pickled = folder / SAFE_WEIGHTS, folder / "diffusion_pytorch_model.bin"
     try:
-        with signals.deferred():  # a stop inside safetensors' load came out as its error: "cannot read"
-            if safe.is_file():
-                return load_file(safe)
-            if pickled.is_file():
-                return torch.load(pickled, map_location="cpu", weights_only=True)
+        if safe.is_file():
+            return load_file(safe)
+        if pickled.is_file():
+            return torch.load(pickled, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a truncated or corrupt file: name it
         raise UsageError(f"cannot read {safe if safe.is_file() else pickled} ({type(error).__name__}: "
                          f"{first_line(error)}); resume from another checkpoint") from None
@@ -315,7 +314,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
     try:
         # said although it is accelerate's default: a checkpoint may come from anywhere (random states and the
         # loss scaler are read with that default; tests/test_train.py poisons each kind of file)
-        with signals.deferred():  # a stop inside it came out as a library's error: "cannot resume"
+        # (a stop inside it, in safetensors' read of the weights (read_weights), came out as a library's error:
+        # "cannot read ...; resume from another checkpoint")
+        with signals.deferred():
             accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     except UsageError:
         raise

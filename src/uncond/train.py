@@ -682,12 +682,13 @@ def save_checkpoint(run: Run) -> None:
     loss = {"total": None, "count": run.running_loss.count}
     if run.running_loss.total is not None:
         totals = run.accelerator.gather(run.running_loss.total.reshape(1)).tolist()  # float32s, exact as floats
-        if not math.isfinite(sum(totals)):
+        summed = sum(totals)
+        if not math.isfinite(summed):
             raise diverged(run, f"the loss became non-finite before step {run.step}")
         # A resume with as many processes goes on from each one's own sum, so that its log line is the
         # uninterrupted run's to the bit (from their mean, the sums were rounded in another order: trial 55 F3);
         # with another count, each goes on from their mean, which the log line's mean is then the same as.
-        loss["total"], loss["totals"] = sum(totals) / len(totals), totals
+        loss["total"], loss["totals"] = summed / len(totals), totals
     window = {"loss": loss, "grad_norm": run.running_grad_norm.state()}  # the grad norm is the same everywhere
     path, dropped = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step,
                                                {**training_state(run), "log_window": window}, run.config,
