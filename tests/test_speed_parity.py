@@ -163,6 +163,28 @@ def test_sparse_ema_spans_the_same_horizon(unet):
     assert 0.05 < lag_every < 0.2  # about 0.001 * d / (1 - d) = 0.099
 
 
+def test_sparse_ema_keeps_what_per_step_updates_keep(unet):
+    """--ema_update_every 4 applied d^4 of the update's own step: a sixth of the random initial weights stayed in
+    the average after its first update (per-step updates keep none: the first decay is 0), and a later update kept
+    more of the old average than four per-step updates. Where the weights move only at updates, the two agree."""
+    every_step = make_ema(unet, TrainConfig(dataset_name="x", ema_max_decay=0.999))
+    every_fourth = make_ema(unet, TrainConfig(dataset_name="x", ema_max_decay=0.999, ema_update_every=4))
+    weights = list(unet.parameters())
+    with torch.no_grad():
+        for step in range(1, 13):
+            if step % 4 == 1:  # the weights move at the first step after each update, then stay
+                for weight in weights:
+                    weight.add_(1.0)
+            every_step.step(weights)
+            if step % 4 == 0:
+                every_fourth.step(weights)
+                if step == 4:  # the first update: the initial weights are gone, as with per-step updates
+                    torch.testing.assert_close(every_fourth.shadow_params[0], weights[0], rtol=0, atol=0)
+    for a, b in zip(every_step.shadow_params, every_fourth.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert (weights[0] - every_step.shadow_params[0]).abs().min() > 0.1  # the average lags: a real comparison
+
+
 def test_adamw_is_fused_on_cpus_unless_turned_off(unet):
     """torch's per-tensor default on CPUs took three times as long a step (benchmarks/step_ops.py)."""
     from uncond.parts import make_optimizer

@@ -1543,6 +1543,19 @@ def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     assert checkpoint.ema_updates(3, tmp_path / "seed-script-checkpoint", ema) == 1  # every step, 3 steps
 
 
+def test_an_ema_updated_every_two_steps_is_updated_at_the_second(run_cli, color_folder, tiny_unet, tmp_path):
+    """With --ema_update_every 2 the EMA is updated after steps 2, 4, ...: it holds the last step's weights.
+    Its first update keeps none of the random initial weights, as per-step updates keep none (it kept d^2 of
+    them: a sixth)."""
+    out = tmp_path / "run"
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "2", "--use_ema",
+                                    "--ema_update_every", "2", "--max_train_steps", "2"))[0] == 0
+    ema = load_file(out / "checkpoint-2" / "unet_ema" / WEIGHTS)
+    trained = load_file(out / "checkpoint-2" / "unet" / WEIGHTS)
+    assert all(torch.equal(ema[name], trained[name]) for name in trained)
+    assert json.loads((out / "checkpoint-2" / "unet_ema" / "config.json").read_text())["optimization_step"] == 1
+
+
 def test_a_failed_go_back_puts_the_later_checkpoints_and_settings_back(run_cli, color_folder, tiny_unet, tmp_path):
     """Going back to checkpoint-4 with a --num_epochs that ends before it was refused only once the data was
     read: by then checkpoint-6 was set aside and training_config.json held the refused settings, so the same

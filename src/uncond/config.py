@@ -292,8 +292,8 @@ class TrainConfig:
                                 "launching kernels. Not yet measured on a GPU", group="speed")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
                                            "about a third more compute", group="speed")
-    ema_update_every: int = setting(1, "update the EMA every this many steps, with the decay raised to that "
-                                    "power (the seed updates every step)", group="speed")
+    ema_update_every: int = setting(1, "update the EMA every this many steps, each update with the product "
+                                    "of the steps' decays (the seed updates every step)", group="speed")
 
     # ---- run control
     local_rank: int = setting(-1, "set by launchers; accelerate reads it from the environment", group="run",

@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -201,22 +202,24 @@ def count_parameters(unet_config: dict[str, Any]) -> int:
 
 
 class EMA(EMAModel):
-    """diffusers' EMAModel, optionally updated every `every` optimizer steps. Each update then applies
-    `every` steps' worth of decay at once (d^every, with d the per-step decay at that step), so the
-    average spans the same horizon as per-step updates at 1/every of the memory traffic."""
+    """diffusers' EMAModel, optionally updated every `every` optimizer steps. Each update applies the product of
+    the `every` per-step decays it stands for, so the old average keeps the share per-step updates would leave it:
+    exactly so where the weights moved only at updates, and none of the random initial weights is kept (the
+    first step's decay is 0). The same horizon at 1/every of the memory traffic."""
 
     def __init__(self, *args: Any, every: int = 1, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.every = every
 
     def get_decay(self, optimization_step: int) -> float:
-        return super().get_decay(optimization_step * self.every) ** self.every
+        per_step_decay, last = super().get_decay, optimization_step * self.every
+        return math.prod(per_step_decay(step) for step in range(last - self.every + 1, last + 1))
 
     @property
     def decay_per_step(self) -> float | None:
-        """The last update's decay per optimizer step (cur_decay_value is d^every): the value a run updating
-        every step would show, so that runs with other --ema_update_every compare."""
-        return None if self.cur_decay_value is None else self.cur_decay_value ** (1 / self.every)
+        """The per-step decay at the last update's step: the value a run updating every step would show, so
+        that runs with other --ema_update_every compare."""
+        return None if self.cur_decay_value is None else super().get_decay(self.optimization_step * self.every)
 
 
 def make_ema(unet: torch.nn.Module, config: TrainConfig) -> EMA:
