@@ -1093,6 +1093,27 @@ def test_evaluate_measures_gray_samples_against_the_gray_of_colour_images(run_cl
     one_line_error(code, err, f"--reference {gray_statistics}: its statistics are of colour images measured as gray")
 
 
+def test_a_colour_folder_whose_first_image_is_black_is_measured_in_colour(run_cli, color_folder, gray_folder,
+                                                                        tmp_path, monkeypatch):
+    """The first image decided: a colour model's folder of samples whose 00000.png came out black (or a gray face
+    among colour ones) had the reference measured as gray, a floor under its FID (trial 56 F1). Only a folder of
+    gray images alone is measured so. Gray samples against statistics made in colour get a note (F5)."""
+    colourful = record_colour(monkeypatch)
+    samples = write_images(tmp_path / "samples", 12, seed=1, nested=False)
+    Image.new("RGB", (20, 24)).save(samples / "a-black.png")  # the first, by name
+    code, out, err = run_cli("evaluate", samples, "--reference", color_folder, "--batch_size", 13, "--json")
+    assert code == 0, err
+    colour_statistics = json.loads(out)["reference"].split("statistics cached in ")[1]
+    assert "as gray" not in json.loads(out)["reference"] and all(colourful)  # both sides in colour
+
+    code, out, err = run_cli("evaluate", gray_folder, "--reference", colour_statistics, "--json")
+    assert code == 0, err
+    assert "the generated images are gray and these statistics were not measured as gray: if they are of colour " \
+        "images, pass the images as --reference" in json.loads(out)["reference"]
+    code, out, err = run_cli("evaluate", gray_folder, "--reference", color_folder, "--json")
+    assert code == 0 and "as gray (the generated images are gray)" in json.loads(out)["reference"], err
+
+
 def test_training_without_inception_weights_warns_once_and_goes_on(run_cli, no_inception_weights, color_folder,
                                                                     tiny_unet, tmp_path):
     out = tmp_path / "run"

@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -52,7 +52,7 @@ class Generated:
     description: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files of a folder, filled as read
     sampled: dict[str, Any] | None = None  # sampler, steps and seed, where the images are a model's samples
-    gray: bool = False  # a 1-channel model's samples, or a folder of gray images: measured against gray references
+    gray: bool = False  # a 1-channel model's samples, or a folder of gray images only: measured against gray ones
 
 
 def evaluate(config: EvaluateConfig) -> Report:
@@ -112,7 +112,7 @@ def open_generated(config: EvaluateConfig) -> Generated:
                      f"with {config.sampler}, {steps} steps, seed {config.seed}, at the model's {width}x{height} px"
                      + ("" if as_they_are else f", {resizing(resolution)}"),
                      sampled={"sampler": config.sampler, "steps": steps, "seed": config.seed},
-                     gray=model.unet.config.out_channels == 1)
+                     gray=model.unet.config.in_channels == 1)  # what sampling draws
 
 
 def as_folders_are(batches: Iterator[np.ndarray], resolution: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -130,9 +130,9 @@ def as_folders_are(batches: Iterator[np.ndarray], resolution: int, batch_size: i
 def generated_folder(path: Path, config: EvaluateConfig) -> Generated:
     """A folder's images; of a folder `uncond sample` wrote, only its numbered images (not a --grid put there)."""
     source, what = numbered_images_only(sources.open_named_source(str(path), "GENERATED"), path)
-    native_resolution, gray = first_image(source, path)
-    resolution = config.resolution or native_resolution
+    resolution = config.resolution or native_size(source, path)
     count = min(len(source.records), config.num_images)
+    gray = all_gray(data.spread_choice(source.records, config.num_images), resolution)  # the images measured
     skipped: list[tuple[str, str]] = []  # filled as the batches are read
     batches = data.image_batches(source, resolution, config.batch_size, config.num_images, skipped)
     # Files, not images: which of them can be read is known once they are (skipped_note says how many could not).
@@ -157,16 +157,30 @@ def numbered_images_only(source: sources.Source, path: Path) -> tuple[sources.So
     return source, f"the folder {path}"
 
 
-def first_image(source: sources.Source, path: Path) -> tuple[int, bool]:
-    """The shorter side of the first image of `source` that can be read, and whether it is gray (as decoding
-    judges it: a gray palette or gray RGB pixels too). Samples are all of one model, so the first says for all."""
+def native_size(source: sources.Source, path: Path) -> int:
+    """The shorter side of the first image of `source` that can be read."""
     for record in source.records:
         try:
             with record.open() as image:
-                return min(image.size), decoding.decode_image(image, min(image.size), preserve_precision=False)[1]
+                return min(image.size)
         except Exception:  # noqa: BLE001 - unreadable: skipped here as when measuring
             continue
     raise UsageError(f"GENERATED {path}: none of its {len(source.records)} image files can be read")
+
+
+def all_gray(records: Sequence[sources.Record], resolution: int) -> bool:
+    """Whether every readable image of `records` is gray as measuring decodes it (a gray palette, or gray RGB
+    pixels, too): only then is the reference measured as gray. One black or gray sample among colour ones made it
+    so when the first image decided. A colour folder is told at its first colour image; a gray mode is read from
+    the header, and only gray images stored as colour are decoded through."""
+    for record in records:
+        try:
+            with record.open() as image:
+                if image.mode not in decoding.GRAY_MODES and not decoding.decode_image(image, resolution, False)[1]:
+                    return False
+        except Exception:  # noqa: BLE001 - unreadable: skipped here as when measuring
+            continue
+    return True
 
 
 def skipped_note(skipped: list[tuple[str, str]]) -> str:
@@ -210,8 +224,12 @@ def reference_stats(config: EvaluateConfig, source: sources.Source | None, resol
         stats = metrics.load_stats(Path(config.reference).expanduser())
         made_at = check_statistics_file(config.reference, stats, resolution, extractor, gray)
         kind = "mu and sigma only: FID alone" if stats.features is None else "with features"
+        # The file cannot say whether colour images went into it measured as they are (a gray dataset's do too)
+        colour_note = ("; the generated images are gray and these statistics were not measured as gray: if they are "
+                       "of colour images, pass the images as --reference to measure them as gray"
+                       if gray and not (stats.key or "").endswith("|as gray") else "")
         return stats, (f"statistics file {config.reference} ({stats.count or 'an unknown number of'} images"
-                       f"{f' at {made_at} px' if made_at else ''}; {kind})")
+                       f"{f' at {made_at} px' if made_at else ''}; {kind}){colour_note}")
     count = min(len(source.records), config.reference_num_images)
     key = "|".join([extractor.identity, source.fingerprint, f"{resolution}px",
                     f"{config.reference_num_images} at most"] + (["as gray"] if gray else []))
