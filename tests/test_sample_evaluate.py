@@ -295,6 +295,22 @@ def test_an_output_that_cannot_be_written_is_refused_before_sampling(run_cli, pi
             assert "Loading" not in err and not (tmp_path / "out").exists()
 
 
+def test_a_model_predicting_a_learned_variance_is_refused_in_one_line(run_cli, color_folder, tmp_path):
+    """A UNet with twice the output channels (improved DDPM's learned variance, loaded by DDPMPipeline) crashed
+    every sampler with a traceback, in `uncond sample` and `uncond evaluate` alike (trial 56 F7)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    config = {k: v for k, v in TINY_UNET.items() if not k.startswith("_")}
+    unet = UNet2DModel(**{**config, "in_channels": 1, "out_channels": 2})
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type="learned_range")).save_pretrained(tmp_path / "m")
+    expected = f"{tmp_path / 'm'}: its UNet outputs 2 channels for 1 (a learned variance"
+    for sampler in ("ddpm", "ddim"):
+        code, _, err = run_cli("sample", tmp_path / "m", "--sampler", sampler, "--output_dir", tmp_path / "out")
+        one_line_error(code, err, expected)
+    one_line_error(*run_cli("evaluate", tmp_path / "m", "--reference", color_folder)[::2], expected)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("make_args, expected", [
     (lambda p, t: ["sample", t / "missing"], "no such folder (a Hub model id has the form owner/name)"),
     (lambda p, t: ["sample", t], "not a diffusers pipeline folder (no model_index.json)"),

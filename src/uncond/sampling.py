@@ -566,6 +566,11 @@ def open_for_sampling(settings: SamplingSettings, model_name: str) -> tuple[Mode
     if device.type == "cpu" and dtype == torch.float16:  # measured 20x slower than float32 on a 2-core CPU
         logger.warning("--dtype float16 on a CPU is emulated and slow; float32 (or bfloat16) is faster there")
     model = load_model(model_name, device, dtype)
+    channels = model.unet.config.in_channels
+    if model.unet.config.out_channels != channels:  # the samplers step on outputs shaped as the sample
+        raise UsageError(f"{model_name}: its UNet outputs {model.unet.config.out_channels} channels for "
+                         f"{channels} (a learned variance, as improved DDPM's); uncond samples models that predict "
+                         "their images' own channels (noise, images or v), as it trains them")
     steps = settings.steps or min(steps_for(settings.sampler, DEFAULT_STEPS, DDPM_STEPS),
                                   model.scheduler_config.get("num_train_timesteps", DDPM_STEPS))
     check_sampler_fits(settings.sampler, model.scheduler_config, steps)
