@@ -311,6 +311,39 @@ def test_a_model_predicting_a_learned_variance_is_refused_in_one_line(run_cli, c
     assert not (tmp_path / "out").exists()
 
 
+def test_a_stop_while_a_models_weights_load_is_a_stop_from_the_hub_cache_too(run_cli, tmp_path, monkeypatch):
+    """safetensors makes its tensors through torch from Rust: a SIGTERM's stop raised in there came out as its
+    error, "could not load the Hub model", status 2 (bad input, not retried), for a model in the Hub's cache
+    (its local folder's load was held already: trial 55 F2, trial 56 F4)."""
+    import signal
+
+    import huggingface_hub
+    import safetensors.torch
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    save_tiny_pipeline(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    load_file = safetensors.torch.load_file
+
+    def signalled_inside(*args, **kwargs):  # as the library does with an exception raised while it runs
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return load_file(*args, **kwargs)
+        except BaseException:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    sampling = ("--num_images", 1, "--steps", 1)
+    monkeypatch.setattr(safetensors.torch, "load_file", signalled_inside)
+    for model in ("someone/tiny", snapshot):
+        code, _, err = run_cli("sample", model, *sampling, "--output_dir", tmp_path / "out")
+        assert code == 143 and "could not load" not in err and "stopped by SIGTERM" in err, err
+    monkeypatch.setattr(safetensors.torch, "load_file", load_file)
+    code, _, err = run_cli("sample", "someone/tiny", *sampling, "--output_dir", tmp_path / "out")
+    assert code == 0 and (tmp_path / "out" / "000000.png").is_file(), err
+
+
 @pytest.mark.parametrize("make_args, expected", [
     (lambda p, t: ["sample", t / "missing"], "no such folder (a Hub model id has the form owner/name)"),
     (lambda p, t: ["sample", t], "not a diffusers pipeline folder (no model_index.json)"),

@@ -8,7 +8,6 @@ for sampling.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -396,9 +395,12 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
         where = f"the Hub model {name_or_path}"
     pickled = pickled_unet_weights(path)
     try:
-        # (a stop while local weights load came out as safetensors' error; a download is not held up)
-        with remote.quiet_hub_clients(), signals.deferred() if path.exists() else contextlib.nullcontext():
-            pipeline = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
+        with remote.quiet_hub_clients():
+            # A Hub model's files first (a download can be stopped at any time), then its weights are read from the
+            # local copy with a stop held: one raised inside safetensors came out as its error, "could not load"
+            local = path if path.exists() else Path(DiffusionPipeline.download(name_or_path))
+            with signals.deferred():
+                pipeline = DiffusionPipeline.from_pretrained(str(local), dtype=dtype)
     except Exception as error:  # noqa: BLE001 - offline, missing, private or malformed: one line with the reason
         if pickled:
             raise UsageError(f"{name_or_path}: could not load {where}: its UNet's weights, {pickled}, are pickled and "
