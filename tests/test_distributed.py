@@ -233,13 +233,15 @@ def test_a_signal_to_one_process_as_the_launch_starts_ends_the_launch_at_once(co
 MEETING = """
 import sys, time
 from uncond import environment
+print("started", flush=True)
+time.sleep(float(sys.argv[1]))  # imports and planning, before the processes meet
 with environment.sigterm_ends_while_processes_meet():
     print("meeting", flush=True)
     time.sleep(60)
 """
 LAUNCHER = """
 import os, subprocess, sys, time
-process = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, "WORLD_SIZE": "2"})
+process = subprocess.Popen([sys.executable, "-c", *sys.argv[1:]], env={**os.environ, "WORLD_SIZE": "2"})
 print(process.pid, flush=True)
 time.sleep(120)
 """
@@ -253,13 +255,20 @@ def ended(pid: int) -> bool:
         return True
 
 
-def test_processes_meeting_end_when_their_launcher_is_killed():
+@pytest.mark.parametrize("killed_while", ["meeting", "started"])
+def test_processes_meeting_end_when_their_launcher_is_killed(killed_while):
     """A launcher SIGKILLed while its processes met (torch's rendezvous, in C++): they were handed to another
-    parent and waited for its store for the process group's 2-hour timeout, keeping their GPUs (trial 55 F1)."""
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, MEETING], stdout=subprocess.PIPE, text=True)
+    parent and waited for its store for the process group's 2-hour timeout, keeping their GPUs (trial 55 F1).
+    Killed before they met (their imports and planning take seconds), they watched their new parent instead
+    (trial 56 F2)."""
+    planning_s = "0" if killed_while == "meeting" else "3"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, MEETING, planning_s], stdout=subprocess.PIPE,
+                                text=True)
     worker = int(launcher.stdout.readline())
     try:
-        assert launcher.stdout.readline() == "meeting\n"
+        assert launcher.stdout.readline() == "started\n"
+        if killed_while == "meeting":
+            assert launcher.stdout.readline() == "meeting\n"
         time.sleep(1.5)
         assert not ended(worker)  # with its launcher there, it goes on meeting
         launcher.kill()

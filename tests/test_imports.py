@@ -13,7 +13,7 @@ from pathlib import Path
 
 import uncond
 
-LAYERS = {"accelerate_configs": 0, "config": 0, "sharding": 0, "progress": 0, "version": 0, "signals": 0,
+LAYERS = {"accelerate_configs": 0, "config": 0, "sharding": 0, "progress": 0, "version": 0, "signals": 0, "start": 0,
           "step_graph": 0.5, "cache": 0.5, "remote": 0.5,
           "sources": 0.7, "decoding": 0.8,
           "data": 1, "streaming": 1.5, "models": 1, "objective": 1, "sampling": 1, "metrics": 1, "tracking": 1,

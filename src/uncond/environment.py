@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from . import signals
+from . import signals, start
 
 # mallopt parameters, from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -138,16 +138,25 @@ def sigterm_ends_while_processes_meet() -> Iterator[None]:
 LAUNCHER_LOOK_S = 0.5  # how often a process meeting the others looks whether its launcher is still there
 
 
+def launcher_pid() -> int:
+    """The process that started this one (under a launcher, the launcher), as it was when uncond was imported: a
+    launcher that ended before the processes met would otherwise be taken for the parent they were handed to."""
+    return start.PARENT
+
+
 @contextlib.contextmanager
 def ends_with_the_launcher() -> Iterator[None]:
     """While the block runs, a thread looks whether this process was handed to another parent (its launcher, the
-    parent, ended) and then sends it SIGTERM (which ends it where the block leaves SIGTERM's default)."""
-    launcher, done = os.getppid(), threading.Event()
+    parent, ended: before the block too) and then sends it SIGTERM (which ends it where the block leaves SIGTERM's
+    default)."""
+    launcher, done = launcher_pid(), threading.Event()
 
     def look() -> None:
-        while not done.wait(LAUNCHER_LOOK_S):
+        while True:
             if os.getppid() != launcher:
                 os.kill(os.getpid(), signal.SIGTERM)
+                return
+            if done.wait(LAUNCHER_LOOK_S):
                 return
 
     watcher = threading.Thread(target=look, name="uncond-launcher-watch", daemon=True)

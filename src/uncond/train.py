@@ -121,7 +121,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     if not complete:  # a complete run trains nothing: its line says only that (train_loop)
         log_run_summary(run)
     run.stop_agreement = StopAgreement() if accelerator.num_processes > 1 else None
-    launcher = os.getppid() if launch.typed is not None else None  # a shell's exit stops nothing
+    launcher = environment.launcher_pid() if launch.typed is not None else None  # a shell's exit stops nothing
     with StopSignal(announce=accelerator.is_main_process, launcher=launcher) as stop:
         run.stop = stop
         # a complete run's re-run makes what its end left out only with the settings that trained it
