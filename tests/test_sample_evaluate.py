@@ -295,6 +295,31 @@ def test_an_output_that_cannot_be_written_is_refused_before_sampling(run_cli, pi
             assert "Loading" not in err and not (tmp_path / "out").exists()
 
 
+def test_a_signal_once_the_images_are_written_reaches_the_caller_after_the_command(pipeline, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A SIGTERM as the grid was drawn, the images all written, stopped `uncond sample` as "stopped by SIGTERM",
+    143 (trial 56 F3). It finishes (status 0, the grid written); uncond.main's caller gets the signal after."""
+    import uncond
+    from uncond import sample_folder
+
+    image_grid, received = sample_folder.image_grid, []
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return image_grid(*args, **kwargs)
+
+    monkeypatch.setattr(sample_folder, "image_grid", signalled)
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+    try:
+        status = uncond.main(["sample", pipeline, "--num_images", 2, "--steps", 1, "--output_dir", tmp_path / "out",
+                              "--grid", tmp_path / "grid.png"])
+        assert received == [signal.SIGTERM]  # delivered before main returned, to the caller's handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert status == 0 and (tmp_path / "grid.png").is_file(), capsys.readouterr().err
+    assert "stopped" not in capsys.readouterr().err
+
+
 def test_a_model_predicting_a_learned_variance_is_refused_in_one_line(run_cli, color_folder, tmp_path):
     """A UNet with twice the output channels (improved DDPM's learned variance, loaded by DDPMPipeline) crashed
     every sampler with a traceback, in `uncond sample` and `uncond evaluate` alike (trial 56 F7)."""

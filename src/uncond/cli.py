@@ -32,11 +32,15 @@ def main(argv: Sequence[Any] | str | None = None) -> int:
     string. Returns the status the `uncond` command would exit with (0 done, 1 stopped, 2 bad input, 75 folder in
     use). Stopped by a signal, it raises what that signal raises in Python, once the command has stopped as it
     does (a run saves its checkpoint first): an interrupt (Ctrl-C, a notebook's Interrupt) KeyboardInterrupt,
-    SIGTERM SystemExit(143), so that a cell or a loop of runs stops with it."""
+    SIGTERM SystemExit(143), so that a cell or a loop of runs stops with it. One that came once the command had
+    said its outcome goes to the caller's own handlers as the command ends."""
     if argv is None and os.path.basename(sys.argv[0]) == "uncond":  # the `uncond` script of an install made
         return console()  # before `console` was its entry point (an editable install not reinstalled since)
     words = shlex.split(argv) if isinstance(argv, str) else [str(word) for word in argv or ()]
-    status = run_command(words)
+    with signals.outcome_kept() as held:
+        status = run_command(words)
+    for number in held:  # came once the command had said its outcome: the caller's handlers take them now
+        signal.raise_signal(number)
     if status == INTERRUPTED:
         raise KeyboardInterrupt(f"uncond {' '.join(words[:1])}: interrupted")
     if status == TERMINATED:
@@ -52,8 +56,11 @@ def console(argv: list[str] | None = None) -> int:
 def script() -> int:
     """The process of the `uncond` command and of `python -m uncond`, which ends with the status (console's, kept
     through the exit; not set up for a caller of console, whose process goes on)."""
-    status = console()
-    keep_through_the_exit(status)
+    with signals.outcome_kept() as held:
+        status = console()
+        keep_through_the_exit(status)
+    for number in held:  # came once the command had said its outcome: exits at once, with its status
+        signal.raise_signal(number)
     return status
 
 
@@ -111,7 +118,9 @@ def run_parsed(args: argparse.Namespace, argv: list[str]) -> int:
     setup_logging()
     try:
         with sigterm_stops(args.command), another_process_lost_said(args.command):
-            return args.command(args, argv)
+            status = args.command(args, argv)
+            signals.outcome_said()  # (the commands that say an outcome before their end say it there)
+            return status
     except UsageError as error:  # said on every machine, whose log may be the only one its user reads
         if is_local_main_process():
             print(f"uncond: error: {error}", file=sys.stderr)
@@ -332,6 +341,7 @@ def run_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
 
     config = build_command_config(EvaluateConfig, command_values(args))
     report = evaluate(config)
+    signals.outcome_said()
     print(json.dumps(report.as_dict()) if config.json else report)
     return 0
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import environment
+from . import environment, signals
 from .checkpoint import file_digest
 from .config import (RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, RunFailed, RunStopped, SampleConfig, UsageError,
                      counted)
@@ -71,6 +71,7 @@ def sample_to_folder(config: SampleConfig) -> Path:
     write_images(model.unet, scheduler, share, folder, options,
                  already=config.num_images - len(missing) if processes.num_processes == 1 else None)
     processes.wait_for_everyone()
+    signals.outcome_said()  # the images are written: a stop would only leave out the grid and turn it into "stopped"
     if processes.is_main_process:
         if config.grid:  # redone each time: images added by a run without --grid are in it too
             try:

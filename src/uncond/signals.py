@@ -27,7 +27,8 @@ def handled(handlers: dict[int, Any]) -> Iterator[None]:
         yield
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            if not holds_the_outcome(signal.getsignal(number)):  # said within the block: held to the command's end
+                signal.signal(number, handler)
 
 
 @contextlib.contextmanager
@@ -49,3 +50,48 @@ def deferred(numbers: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iter
     finally:  # also where the block failed: the stop then says so rather than the failure
         for number in dict.fromkeys(received):  # each once, in the order they came
             signal.raise_signal(number)
+
+
+OUTCOME_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The signals held since the command under way said its outcome, one list per command (cli.main inside cli.main
+# would nest them): set and read on the main thread only, where Python runs handlers.
+outcomes_under_way: list[list[int]] = []
+
+
+@contextlib.contextmanager
+def outcome_kept() -> Iterator[list[int]]:
+    """Around a command: once it has said how it ended (outcome_said), a SIGTERM or Ctrl-C is held in the list this
+    yields, to its end, rather than stopping it: in the milliseconds between `done:` and the command's return
+    (freeing memory, unlocking the folder) it made a finished run's status 143 or 130, "stopped", and a scheduler
+    ran it again (trial 56 F3). The caller delivers them once the command is over; the handlers it had are back."""
+    received: list[int] = []
+    before = {number: signal.getsignal(number) for number in OUTCOME_SIGNALS}
+    outcomes_under_way.append(received)
+    try:
+        yield received
+    finally:
+        outcomes_under_way.remove(received)
+        if threading.current_thread() is threading.main_thread():
+            for number, handler in before.items():
+                if holds_the_outcome(signal.getsignal(number)):  # (the caller may have set its own since)
+                    signal.signal(number, handler)
+
+
+def outcome_said() -> None:
+    """The command has decided how it ended and says so now: the signals its handlers would stop it on are held
+    from here to the end of outcome_kept (and a `handled` block ending leaves them held)."""
+    if not outcomes_under_way or threading.current_thread() is not threading.main_thread():
+        return
+    received = outcomes_under_way[-1]
+
+    def hold(number: int, frame: Any) -> None:
+        received.append(number)
+
+    hold.holds_the_outcome = True  # type: ignore[attr-defined]
+    for number in OUTCOME_SIGNALS:
+        if callable(signal.getsignal(number)):  # a default or ignored signal is left as it is
+            signal.signal(number, hold)
+
+
+def holds_the_outcome(handler: Any) -> bool:
+    return getattr(handler, "holds_the_outcome", False)

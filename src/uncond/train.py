@@ -19,7 +19,7 @@ from accelerate.utils import broadcast_object_list
 from diffusers import UNet2DModel
 from tqdm import tqdm
 
-from . import checkpoint, data, environment, hub, models, run_folder, sharding, tracking
+from . import checkpoint, data, environment, hub, models, run_folder, sharding, signals, tracking
 from .config import (EVERY_MACHINE, RUN_CONFIG_FILE, RunFailed, RunStopped, TrainConfig, UsageError, counted,
                      first_line, public_argv)
 from .objective import denoising_loss, sample_noise_and_timesteps
@@ -134,6 +134,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     if run.uploads is not None:
         run.uploads.wait()
     if finished:
+        signals.outcome_said()  # what follows (freeing memory, unlocking the folder) cannot stop it any more
         logger.info(f"done: the pipeline is in {output_dir} (DiffusionPipeline.from_pretrained({str(output_dir)!r}))")
         return run.step > first_step, None
     logger.info(f"stopped by {stop.received or 'a signal to another process'} at step {run.step}, "
