@@ -1556,6 +1556,23 @@ def test_an_ema_updated_every_two_steps_is_updated_at_the_second(run_cli, color_
     assert json.loads((out / "checkpoint-2" / "unet_ema" / "config.json").read_text())["optimization_step"] == 1
 
 
+def test_a_finished_run_whose_export_is_gone_exports_it_again(run_cli, color_folder, tiny_unet, tmp_path):
+    """The same command run again after the pipeline was removed (moved away, a folder copied in part) said "the
+    run ... is complete" and "done: the pipeline is in DIR", status 0, with no pipeline there (trial 57 F1)."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2", "--use_ema")
+    assert run_cli(*args)[0] == 0
+    exported = load_file(out / "unet" / WEIGHTS)
+    for removed in ("model_index.json", "unet", "scheduler"):
+        shutil.rmtree(out / removed) if (out / removed).is_dir() else (out / removed).unlink()
+        code, _, err = run_cli(*args)
+        assert code == 0 and "is complete at step 2" not in err, err
+        again = load_file(out / "unet" / WEIGHTS)
+        assert all(torch.equal(again[name], exported[name]) for name in exported)  # the EMA's, as before
+        assert type(DiffusionPipeline.from_pretrained(out)).__name__ == "DDPMPipeline"
+    assert "is complete at step 2" in run_cli(*args)[2]
+
+
 def test_a_failed_go_back_puts_the_later_checkpoints_and_settings_back(run_cli, color_folder, tiny_unet, tmp_path):
     """Going back to checkpoint-4 with a --num_epochs that ends before it was refused only once the data was
     read: by then checkpoint-6 was set aside and training_config.json held the refused settings, so the same

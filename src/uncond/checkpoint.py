@@ -333,6 +333,16 @@ def read_training_state(path: Path) -> dict[str, Any]:
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
 
 
+def exported_step(output_dir: Path) -> int | None:
+    """The step of the pipeline exported in `output_dir`, where it is whole: a folder whose model_index.json, UNet
+    or scheduler was removed (or copied in part) holds no pipeline, whatever its training_state.json says."""
+    unet = output_dir / "unet"
+    whole = ((output_dir / "model_index.json").is_file() and (unet / "config.json").is_file()
+             and any(unet.glob("diffusion_pytorch_model.*"))
+             and (output_dir / "scheduler" / "scheduler_config.json").is_file())
+    return read_training_state(output_dir).get("step") if whole else None
+
+
 def checkpoint_step(path: Path, state: dict[str, Any]) -> int:
     """The step of checkpoint `path` whose training state is `state`: the state's, else the one in the name of
     train_unconditional.py's checkpoints, which keep it there only."""

@@ -433,8 +433,9 @@ def with_averaged_weights(run: Run, *uses: Callable[[Run, UNet2DModel], Any]) ->
 
 
 def already_complete(run: Run, step: int) -> bool:
-    """Resumed at `step`, the last of a run whose export is of that step: the same command run again."""
-    done = [step >= run.max_train_steps and checkpoint.read_training_state(run.output_dir).get("step") == step]
+    """Resumed at `step`, the last of a run whose export is of that step: the same command run again. (An export
+    gone since is made again from the checkpoint, as a run resumed at its end makes it: train_loop.)"""
+    done = [step >= run.max_train_steps and checkpoint.exported_step(run.output_dir) == step]
     return (broadcast_object_list(done) if run.accelerator.num_processes > 1 else done)[0]
 
 
