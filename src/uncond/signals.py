@@ -65,16 +65,19 @@ def outcome_kept() -> Iterator[list[int]]:
     (freeing memory, unlocking the folder) it made a finished run's status 143 or 130, "stopped", and a scheduler
     ran it again (trial 56 F3). The caller delivers them once the command is over; the handlers it had are back."""
     received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # no handler runs there
+        yield received
+        return
     before = {number: signal.getsignal(number) for number in OUTCOME_SIGNALS}
     outcomes_under_way.append(received)
     try:
         yield received
     finally:
         outcomes_under_way.remove(received)
-        if threading.current_thread() is threading.main_thread():
-            for number, handler in before.items():
-                if holds_the_outcome(signal.getsignal(number)):  # (the caller may have set its own since)
-                    signal.signal(number, handler)
+        for number, handler in before.items():
+            if holds_the_outcome(signal.getsignal(number)):  # (the caller may have set its own since)
+                signal.signal(number, handler)
+        received[:] = dict.fromkeys(received)  # each once, in the order they came
 
 
 def outcome_said() -> None:
