@@ -15,7 +15,7 @@ from typing import IO, Iterable
 
 from . import data, hub, tracking
 from .checkpoint import (MANIFEST_FILE, PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
-                         complete_checkpoints, read_training_state, remove)
+                         complete_checkpoints, exported_step, remove)
 from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, FolderInUse,
                      TrainConfig, UsageError, counted, list_checkpoints, nearest_existing, same_place)
 
@@ -384,7 +384,7 @@ class FolderStart:
     resume_step: int | None = None
     abandoned: Path | None = None  # where going back set the later checkpoints aside
     settings: str | None = None  # the training_config.json the folder held
-    export_step: int | None = None  # the step of the folder's exported pipeline
+    export_step: int | None = None  # the step of the folder's exported pipeline, where whole (exported_step)
 
     def put_back_settings(self, output_dir: Path) -> None:
         """The training_config.json the folder held, in place of this run's."""
@@ -400,7 +400,7 @@ def undo_unsaved_start(output_dir: Path, logging_dir: str, start: FolderStart) -
     back, and so are the later checkpoints going back set aside, and the folder's training_config.json.
     Returns a line to log, or ''."""
     newest = max((step for step, _ in list_checkpoints(output_dir)), default=None)
-    exported = read_training_state(output_dir).get("step")
+    exported = exported_step(output_dir)
     if (newest is not None and newest > (start.resume_step or -1)) or exported != start.export_step:
         return ""  # it saved: the folder is this run's now
     if start.created or start.was_empty:

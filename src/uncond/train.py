@@ -74,7 +74,7 @@ def train_as_planned(plan: Plan, explicit: set[str] | frozenset[str], command: l
                 logger.warning(message)
         raise
     else:
-        exported = checkpoint.read_training_state(output_dir).get("step") != start.export_step
+        exported = checkpoint.exported_step(output_dir) != start.export_step
         if not (trained or exported) and accelerator.is_main_process:
             # The run was complete: no step or export took this command's settings, so the folder keeps the record
             # of those its model was trained with. (A run ended early at its last checkpoint exports it: the record
@@ -195,7 +195,7 @@ def prepare_locked_output_dir(plan: Plan, output_dir: Path, start: run_folder.Fo
         start.replacing = (output_dir / run_folder.REPLACED_DIR).exists()
     settings = output_dir / RUN_CONFIG_FILE
     start.settings = settings.read_text() if settings.is_file() else None
-    start.export_step = checkpoint.read_training_state(output_dir).get("step")
+    start.export_step = checkpoint.exported_step(output_dir)
     config.save(settings)
     return start
 
