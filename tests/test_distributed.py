@@ -283,6 +283,25 @@ def test_processes_meeting_end_when_their_launcher_is_killed(killed_while):
             os.kill(worker, 9)
 
 
+def test_a_process_forked_after_the_import_meets_the_others_with_its_launcher_there(monkeypatch):
+    """accelerate's notebook_launcher forks its processes from the notebook, where uncond was imported: they
+    watched the notebook's own parent, took it for a launcher gone, and each was sent SIGTERM as they met
+    (trial 58 F1)."""
+    import multiprocessing
+
+    from uncond import environment
+
+    def meet() -> None:
+        with environment.sigterm_ends_while_processes_meet():
+            time.sleep(1.5)  # three looks at the parent
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    process = multiprocessing.get_context("fork").Process(target=meet)
+    process.start()
+    process.join(timeout=30)
+    assert process.exitcode == 0  # -15 when SIGTERM ended it
+
+
 @pytest.mark.parametrize("killed_rank", ["1", "0"])
 def test_a_process_killed_mid_run_leaves_the_others_one_line_and_whole_checkpoints(color_folder, tiny_unet, tmp_path,
                                                                                     killed_rank):
