@@ -1573,6 +1573,25 @@ def test_a_finished_run_whose_export_is_gone_exports_it_again(run_cli, color_fol
     assert "is complete at step 2" in run_cli(*args)[2]
 
 
+def test_runs_in_one_process_may_differ_in_precision(color_folder, tiny_unet, tmp_path):
+    """accelerate's process-wide state stayed set by a finished run: in a notebook or a sweep, a run with another
+    --mixed_precision after it was refused, "AcceleratorState has already been initialized" (trial 59 F1)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    from conftest import reset_accelerate
+    from uncond.cli import console
+
+    reset_accelerate()  # as a fresh process starts
+    for precision in ("no", "bf16", "no"):
+        args = fast_train_args(color_folder, tiny_unet, tmp_path / precision, "--max_train_steps", "1",
+                               "--mixed_precision", precision, "--overwrite_output_dir")
+        assert console([str(arg) for arg in args]) == 0
+    assert not AcceleratorState._shared_state and not PartialState._shared_state
+    PartialState()  # a caller's own state is its own: left as it is
+    assert console([str(arg) for arg in args]) == 0 and PartialState._shared_state
+    reset_accelerate()
+
+
 def test_a_failed_go_back_puts_the_later_checkpoints_and_settings_back(run_cli, color_folder, tiny_unet, tmp_path):
     """Going back to checkpoint-4 with a --num_epochs that ends before it was refused only once the data was
     read: by then checkpoint-6 was set aside and training_config.json held the refused settings, so the same

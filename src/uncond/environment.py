@@ -90,6 +90,23 @@ def backend_settings_kept():
 
 
 @contextlib.contextmanager
+def accelerate_state_kept():
+    """accelerate keeps one process-wide state, set by a process's first Accelerator and refused to another with
+    other settings: in a notebook or a sweep, a run after a finished one with another --mixed_precision ended
+    "AcceleratorState has already been initialized ... restart your runtime" (trial 59 F1). The state a run made is
+    cleared as it ends (accelerate's own tests do so: it has no public reset); one the caller had is left."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    made = [not state._shared_state for state in (AcceleratorState, PartialState, GradientState)]
+    try:
+        yield
+    finally:
+        for state, made_here in zip((AcceleratorState, PartialState, GradientState), made):
+            if made_here:
+                state._shared_state.clear()
+
+
+@contextlib.contextmanager
 def global_random_state_kept():
     """Python's, NumPy's and PyTorch's global random generators as they were before: a run seeds them (accelerate's
     set_seed, as the seed script does), and a notebook's own draws after it would otherwise follow the run's seed."""

@@ -43,7 +43,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     """Train a UNet2DModel as the config says; returns the output folder holding the pipeline.
     `command` is the argument list the run was started with, for the model card (default: sys.argv)."""
     # for a caller in the same process (a notebook)
-    with environment.global_random_state_kept(), environment.backend_settings_kept():
+    with environment.global_random_state_kept(), environment.backend_settings_kept(), \
+            environment.accelerate_state_kept():
         return train_as_planned(plan_run(config, explicit), explicit, command)
 
 
