@@ -11,7 +11,7 @@ from diffusers.training_utils import EMAModel
 
 from conftest import TINY_UNET
 from uncond.config import TrainConfig
-from uncond.models import make_ema
+from uncond.models import ema_weights, make_ema
 from uncond.objective import Objective, training_loss
 
 
@@ -183,6 +183,17 @@ def test_sparse_ema_keeps_what_per_step_updates_keep(unet):
     for a, b in zip(every_step.shadow_params, every_fourth.shadow_params):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert (weights[0] - every_step.shadow_params[0]).abs().min() > 0.1  # the average lags: a real comparison
+
+    with torch.no_grad():  # two steps after the last update: the weights used (grids, the export) are of step 14
+        for weight in weights:
+            weight.add_(1.0)
+        for _ in range(2):
+            every_step.step(weights)
+    trained = [weight.detach().clone() for weight in weights]
+    with ema_weights(unet, every_fourth, step=14):
+        for a, b in zip(unet.parameters(), every_step.shadow_params):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), trained))  # and back afterwards
 
 
 def test_adamw_is_fused_on_cpus_unless_turned_off(unet):

@@ -1556,6 +1556,21 @@ def test_an_ema_updated_every_two_steps_is_updated_at_the_second(run_cli, color_
     assert json.loads((out / "checkpoint-2" / "unet_ema" / "config.json").read_text())["optimization_step"] == 1
 
 
+def test_the_steps_an_ema_updated_every_n_has_not_averaged_yet_reach_the_export(run_cli, color_folder, tiny_unet,
+                                                                                tmp_path):
+    """A run of 3 steps with --ema_update_every 4 exported the EMA's random initial weights, and in general the
+    last max_train_steps mod N steps never reached the export (trial 58 F2). The export blends them in as the next
+    update would (here, as the first, all of the trained weights); the checkpoint keeps the EMA as it is."""
+    out = tmp_path / "run"
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--use_ema", "--ema_update_every", "4",
+                                    "--max_train_steps", "3"))[0] == 0
+    exported = load_file(out / "unet" / WEIGHTS)
+    trained = load_file(out / "checkpoint-3" / "unet" / WEIGHTS)
+    ema = load_file(out / "checkpoint-3" / "unet_ema" / WEIGHTS)
+    assert all(torch.equal(exported[name], trained[name]) for name in trained)
+    assert not all(torch.equal(ema[name], trained[name]) for name in trained)  # not updated yet: resumed exactly
+
+
 def test_a_finished_run_whose_export_is_gone_exports_it_again(run_cli, color_folder, tiny_unet, tmp_path):
     """The same command run again after the pipeline was removed (moved away, a folder copied in part) said "the
     run ... is complete" and "done: the pipeline is in DIR", status 0, with no pipeline there (trial 57 F1)."""

@@ -215,6 +215,12 @@ class EMA(EMAModel):
         per_step_decay, last = super().get_decay, optimization_step * self.every
         return math.prod(per_step_decay(step) for step in range(last - self.every + 1, last + 1))
 
+    def decay_since_update(self, step: int) -> float:
+        """The product of the per-step decays of optimizer steps after the last update up to `step` (1 where it
+        was updated at `step`): the share of the average that its next update, at `step`, would keep."""
+        per_step_decay = super().get_decay
+        return math.prod(per_step_decay(later) for later in range(self.optimization_step * self.every + 1, step + 1))
+
     @property
     def decay_per_step(self) -> float | None:
         """The per-step decay at the last update's step: the value a run updating every step would show, so
@@ -254,15 +260,24 @@ def uses_channels_last(config: TrainConfig, device: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def ema_weights(unet: torch.nn.Module, ema: Any | None) -> Iterator[torch.nn.Module]:
+def ema_weights(unet: torch.nn.Module, ema: Any | None, step: int | None = None) -> Iterator[torch.nn.Module]:
     """Temporarily put the EMA weights into `unet` (for previews and export); the trained weights come back
-    afterwards, even if the body raises. Without EMA, yields `unet` unchanged."""
+    afterwards, even if the body raises. Without EMA, yields `unet` unchanged. `step`: the optimizer steps done,
+    where an EMA updated every N steps has not averaged the last ones in yet: the trained weights are blended in
+    as its update at `step` would (the export of a run of 3 steps with --ema_update_every 4 was its random initial
+    weights; trial 58 F2). The EMA itself is left as it is: a checkpoint keeps it for an exact resume."""
     if ema is None:
         yield unet
         return
     parameters = sharding.local_tensors(unet.parameters())  # under FSDP the EMA holds this process's shards
     ema.store(parameters)
-    ema.copy_to(parameters)
+    kept = ema.decay_since_update(step) if step is not None and isinstance(ema, EMA) else 1.0
+    if kept == 1.0:
+        ema.copy_to(parameters)
+    else:
+        with torch.no_grad():
+            for parameter, average in zip(parameters, ema.shadow_params):
+                parameter.lerp_(average.to(parameter.device), kept)  # kept * average + (1 - kept) * trained
     try:
         yield unet
     finally:

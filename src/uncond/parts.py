@@ -373,7 +373,7 @@ def averaged_unet(run: Run, everywhere: bool = False):
     if not (wanted or sharded):
         yield None
         return
-    with models.ema_weights(run.unwrapped_unet, run.ema) as unet:
+    with models.ema_weights(run.unwrapped_unet, run.ema, run.step) as unet:
         if sharded:
             unet = sharding.gathered_copy(unet, everywhere)
             if unet is None:  # a process that only took part in the gather
