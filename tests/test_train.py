@@ -1607,6 +1607,18 @@ def test_runs_in_one_process_may_differ_in_precision(color_folder, tiny_unet, tm
     reset_accelerate()
 
 
+def test_a_second_run_in_the_same_process_at_once_is_refused(run_cli, color_folder, tiny_unet, tmp_path):
+    """Two uncond.main trainings in a sweep's threads both said done, each with weights neither run gives alone
+    (they share the process's random generators and accelerate's state) (trial 59 F2)."""
+    from uncond import train
+
+    args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1")
+    with train.ONE_RUN_AT_A_TIME:  # as a run in another thread holds it
+        one_line_error(*run_cli(*args)[::2], "another uncond train is running in this process (in another thread)")
+    assert not (tmp_path / "run").exists()
+    assert run_cli(*args)[0] == 0
+
+
 def test_a_failed_go_back_puts_the_later_checkpoints_and_settings_back(run_cli, color_folder, tiny_unet, tmp_path):
     """Going back to checkpoint-4 with a --num_epochs that ends before it was refused only once the data was
     read: by then checkpoint-6 was set aside and training_config.json held the refused settings, so the same

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -34,6 +35,9 @@ from .step_graph import StepGraph
 from .stopping import StopAgreement, StopSignal
 
 logger = logging.getLogger("uncond")  # cli shows its records on the main process only
+# One run at a time in a process: runs share its random generators and accelerate's state, so two in threads each
+# trained other weights than alone, without a word (trial 59 F2).
+ONE_RUN_AT_A_TIME = threading.Lock()
 
 T = TypeVar("T")
 
@@ -42,10 +46,15 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
           command: list[str] | None = None) -> Path:
     """Train a UNet2DModel as the config says; returns the output folder holding the pipeline.
     `command` is the argument list the run was started with, for the model card (default: sys.argv)."""
-    # for a caller in the same process (a notebook)
-    with environment.global_random_state_kept(), environment.backend_settings_kept(), \
-            environment.accelerate_state_kept():
-        return train_as_planned(plan_run(config, explicit), explicit, command)
+    if not ONE_RUN_AT_A_TIME.acquire(blocking=False):
+        raise UsageError("another uncond train is running in this process (in another thread); run them one after "
+                         "the other, or each in its own process (`uncond train` in a shell, or a subprocess)")
+    try:  # for a caller in the same process (a notebook)
+        with environment.global_random_state_kept(), environment.backend_settings_kept(), \
+                environment.accelerate_state_kept():
+            return train_as_planned(plan_run(config, explicit), explicit, command)
+    finally:
+        ONE_RUN_AT_A_TIME.release()
 
 
 def train_as_planned(plan: Plan, explicit: set[str] | frozenset[str], command: list[str] | None) -> Path:
