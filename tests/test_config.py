@@ -301,6 +301,25 @@ def test_the_demo_on_ones_own_images(tmp_path):
     assert config.dataset_name == "builtin:mnist"  # both given: as without --demo
 
 
+def test_a_command_run_from_python_leaves_the_callers_environment_as_it_was(tmp_path, monkeypatch):
+    """torch sets TORCHINDUCTOR_CACHE_DIR as one of its modules loads during a first run, and it stayed in the
+    caller's environment, for its subprocesses (trial 59 F3): what a command's libraries set is put back too."""
+    import uncond
+    from uncond import plan
+
+    plan_run = plan.plan_run
+
+    def setting_variables(*args, **kwargs):  # as a library does while it loads
+        os.environ["A_LIBRARYS_SETTING"] = "set"
+        os.environ["HOME"] = str(tmp_path)
+        return plan_run(*args, **kwargs)
+
+    monkeypatch.setattr("uncond.train.plan_run", setting_variables)
+    home = os.environ["HOME"]
+    assert uncond.main(["train", "--dataset_name", str(tmp_path / "missing"), "--dry_run"]) == 2
+    assert "A_LIBRARYS_SETTING" not in os.environ and os.environ["HOME"] == home
+
+
 def test_a_command_run_from_python_leaves_the_callers_logging_as_it_was(tmp_path, capsys, monkeypatch):
     """uncond.main, as a notebook calls it: the caller's own logging (a file handler on the root logger, its
     level) was replaced by uncond's, and a mistyped flag raised SystemExit (IPython's "An exception has

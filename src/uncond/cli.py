@@ -461,18 +461,18 @@ def shown_here(record: logging.LogRecord) -> bool:
 QUIETED_LIBRARIES = ("diffusers", "datasets", "accelerate", "huggingface_hub", "torch", "matplotlib", "PIL",
                      "urllib3", "fsspec", "filelock", "httpx", "httpx2")
 BAR_VARIABLES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
-SET_VARIABLES = ("TOKENIZERS_PARALLELISM", *BAR_VARIABLES)
 
 
 @contextlib.contextmanager
 def callers_settings_kept():
-    """For a caller in Python (uncond.main in a notebook): the logger settings and environment variables
-    setup_logging sets, the warnings filters (decoding hides Pillow's DecompressionBombWarning) and sys.argv
-    (run_train masks a token in it), as they were before, once the command ends."""
+    """For a caller in Python (uncond.main in a notebook): the logger settings, the environment variables (those
+    setup_logging sets, and those the libraries set as they load: torch's TORCHINDUCTOR_CACHE_DIR was left to the
+    caller's subprocesses, trial 59 F3), the warnings filters (decoding hides Pillow's DecompressionBombWarning) and
+    sys.argv (run_train masks a token in it), as they were before, once the command ends."""
     levels = {name: logging.getLogger(name).level for name in ("uncond", *QUIETED_LIBRARIES)}
     uncond_logger = logging.getLogger("uncond")
     propagate, handlers, filters = uncond_logger.propagate, list(uncond_logger.handlers), list(uncond_logger.filters)
-    variables = {name: os.environ.get(name) for name in SET_VARIABLES}
+    variables = dict(os.environ)
     argv = list(sys.argv)
     try:
         with warnings.catch_warnings():
@@ -481,11 +481,9 @@ def callers_settings_kept():
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
         uncond_logger.propagate, uncond_logger.handlers[:], uncond_logger.filters[:] = propagate, handlers, filters
-        for name, value in variables.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        for name in set(os.environ) - set(variables):
+            del os.environ[name]
+        os.environ.update(variables)
         sys.argv[:] = argv
 
 
