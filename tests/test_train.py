@@ -1614,9 +1614,25 @@ def test_a_second_run_in_the_same_process_at_once_is_refused(run_cli, color_fold
 
     args = fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1")
     with train.ONE_RUN_AT_A_TIME:  # as a run in another thread holds it
-        one_line_error(*run_cli(*args)[::2], "another uncond train is running in this process (in another thread)")
+        code, _, err = run_cli(*args)
+    assert code == 75 and "uncond: error: another uncond train is running in this process" in err, err
     assert not (tmp_path / "run").exists()
     assert run_cli(*args)[0] == 0
+
+
+def test_what_is_left_of_an_export_is_not_trained_over_without_overwrite(run_cli, color_folder, tiny_unet,
+                                                                          tmp_path):
+    """A finished run's folder with its checkpoints deleted (to save space) and model_index.json gone (a copy in
+    part): the same command trained from step 0 over its weights and metrics history (trial 58 F4)."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2")
+    assert run_cli(*args)[0] == 0
+    shutil.rmtree(out / "checkpoint-2")
+    (out / "model_index.json").unlink()
+    weights, metrics = (out / "unet" / WEIGHTS).read_bytes(), (out / "metrics.jsonl").read_text()
+    one_line_error(*run_cli(*args)[::2], f"--output_dir {out} already holds a trained model; pass "
+                   "--overwrite_output_dir")
+    assert (out / "unet" / WEIGHTS).read_bytes() == weights and (out / "metrics.jsonl").read_text() == metrics
 
 
 def test_a_failed_go_back_puts_the_later_checkpoints_and_settings_back(run_cli, color_folder, tiny_unet, tmp_path):
@@ -1983,8 +1999,8 @@ def test_a_second_run_in_the_same_process_on_a_folder_in_use_is_refused(color_fo
     thread.start()
     try:
         assert at_step_2.wait(60)
-        assert cli.console(args + ["--max_train_steps", "6", "--seed", "1"]) == 75
-        assert "is in use by another uncond run" in capsys.readouterr().err
+        assert cli.console(args + ["--max_train_steps", "6", "--seed", "1"]) == 75  # try later, as for a folder
+        assert "another uncond train is running in this process" in capsys.readouterr().err
     finally:
         go_on.set()
         thread.join(60)

@@ -43,6 +43,12 @@ class FolderInUse(UsageError):
     exit_status = 75
 
 
+class ProcessInUse(UsageError):
+    """Another run holds this process (one in another thread of a sweep or a notebook): the command can be tried
+    again once it ends, so its exit status is EX_TEMPFAIL, as FolderInUse's."""
+    exit_status = 75
+
+
 class RunFailed(Exception):
     """A run that had to stop (diverged, disk full). The message is one line saying what happened and
     what is safe on disk."""

@@ -211,7 +211,10 @@ def unlock_output_dir(output_dir: Path) -> None:
 
 
 def holds_trained_model(output_dir: Path) -> bool:
-    return (output_dir / "model_index.json").is_file()
+    """Whether `output_dir` holds a run's exported model, or what is left of one: with model_index.json removed (a
+    copy in part) and no checkpoint, a run from step 0 replaced the weights and training history (trial 58 F4)."""
+    return ((output_dir / "model_index.json").is_file() or (output_dir / STATE_FILE).is_file()
+            or any((output_dir / "unet").glob("diffusion_pytorch_model.*")))
 
 
 def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:

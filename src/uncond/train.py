@@ -21,8 +21,8 @@ from diffusers import UNet2DModel
 from tqdm import tqdm
 
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, signals, tracking
-from .config import (EVERY_MACHINE, RUN_CONFIG_FILE, RunFailed, RunStopped, TrainConfig, UsageError, counted,
-                     first_line, public_argv)
+from .config import (EVERY_MACHINE, RUN_CONFIG_FILE, ProcessInUse, RunFailed, RunStopped, TrainConfig, UsageError,
+                     counted, first_line, public_argv)
 from .objective import denoising_loss, sample_noise_and_timesteps
 from .progress import progress_bar
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
@@ -47,8 +47,8 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
     """Train a UNet2DModel as the config says; returns the output folder holding the pipeline.
     `command` is the argument list the run was started with, for the model card (default: sys.argv)."""
     if not ONE_RUN_AT_A_TIME.acquire(blocking=False):
-        raise UsageError("another uncond train is running in this process (in another thread); run them one after "
-                         "the other, or each in its own process (`uncond train` in a shell, or a subprocess)")
+        raise ProcessInUse("another uncond train is running in this process (in another thread); run them one "
+                           "after the other, or each in its own process (`uncond train` in a shell, or a subprocess)")
     try:  # for a caller in the same process (a notebook)
         with environment.global_random_state_kept(), environment.backend_settings_kept(), \
                 environment.accelerate_state_kept():
