@@ -1573,13 +1573,22 @@ def test_the_steps_an_ema_updated_every_n_has_not_averaged_yet_reach_the_export(
 
 def test_a_finished_run_whose_export_is_gone_exports_it_again(run_cli, color_folder, tiny_unet, tmp_path):
     """The same command run again after the pipeline was removed (moved away, a folder copied in part) said "the
-    run ... is complete" and "done: the pipeline is in DIR", status 0, with no pipeline there (trial 57 F1)."""
+    run ... is complete" and "done: the pipeline is in DIR", status 0, with no pipeline there (trial 57 F1); so
+    did an export whose weights were emptied or cut short, or whose config was emptied (trial 58 F3)."""
     out = tmp_path / "run"
     args = fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "2", "--use_ema")
     assert run_cli(*args)[0] == 0
     exported = load_file(out / "unet" / WEIGHTS)
-    for removed in ("model_index.json", "unet", "scheduler"):
-        shutil.rmtree(out / removed) if (out / removed).is_dir() else (out / removed).unlink()
+    weights = out / "unet" / WEIGHTS
+    for damage in ("model_index.json", "unet", "scheduler", "emptied", "cut short", "config emptied"):
+        if damage == "emptied":
+            weights.write_bytes(b"")
+        elif damage == "cut short":  # (trial 58 F3)
+            weights.write_bytes(weights.read_bytes()[:-100])
+        elif damage == "config emptied":
+            (out / "unet" / "config.json").write_text("")
+        else:
+            shutil.rmtree(out / damage) if (out / damage).is_dir() else (out / damage).unlink()
         code, _, err = run_cli(*args)
         assert code == 0 and "is complete at step 2" not in err, err
         again = load_file(out / "unet" / WEIGHTS)
