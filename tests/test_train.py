@@ -1537,10 +1537,13 @@ def test_a_complete_run_run_again_with_other_settings_says_only_that_it_is_compl
 def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     from uncond import models
 
-    (tmp_path / "training_config.json").write_text(json.dumps({"ema_update_every": 4}))
-    ema = models.EMA([torch.nn.Parameter(torch.zeros(1))], every=2)
-    assert checkpoint.ema_updates(3, tmp_path, ema) == 6  # 3 updates of 4 steps = 6 updates of 2
-    assert checkpoint.ema_updates(3, tmp_path / "seed-script-checkpoint", ema) == 1  # every step, 3 steps
+    saved = tmp_path / "checkpoint-7"  # 1 update of 4 steps, then 3 more steps
+    saved.mkdir()
+    (saved / "training_config.json").write_text(json.dumps({"ema_update_every": 4}))
+    ema = models.EMA([torch.nn.Parameter(torch.zeros(1))], every=3)
+    assert checkpoint.ema_updates(1, saved, ema) == 2  # at step 6: the next, at 9, takes step 9's decay
+    assert checkpoint.ema_updates(1, saved, models.EMA([torch.nn.Parameter(torch.zeros(1))], every=4)) == 1
+    assert checkpoint.ema_updates(3, tmp_path / "checkpoint-3", ema) == 1  # the seed script's: every step
 
 
 def test_an_ema_updated_every_two_steps_is_updated_at_the_second(run_cli, color_folder, tiny_unet, tmp_path):

@@ -207,11 +207,17 @@ def register_state_hooks(accelerator: Accelerator, unet: torch.nn.Module, ema: E
 
 
 def ema_updates(saved_updates: int, path: Path, ema: EMAModel) -> int:
-    """The EMA's update count (its warmup clock) in this run's --ema_update_every: the checkpoint's count is of
-    updates every `ema_update_every` steps of the run that wrote it (1 for train_unconditional.py's)."""
+    """The EMA's update count (its warmup clock) in this run's --ema_update_every. The checkpoint's is of updates
+    every `ema_update_every` steps of the run that wrote it (1 for train_unconditional.py's); where that differs,
+    the count this run's interval reaches by the checkpoint's step: the steps the saved updates spanned, counted
+    anew, fell behind the step (every 4, then 3 from step 7: the update at step 9 took step 6's decay; trial 58
+    F5), as updates come at multiples of the interval (train.train_step)."""
+    every = getattr(ema, "every", 1)
     config_file = path / RUN_CONFIG_FILE
     saved_every = json.loads(config_file.read_text()).get("ema_update_every", 1) if config_file.is_file() else 1
-    return saved_updates * saved_every // getattr(ema, "every", 1)
+    if saved_every == every:
+        return saved_updates
+    return checkpoint_step(path, read_training_state(path)) // every
 
 
 def written_by_fsdp(path: Path) -> bool:
