@@ -326,11 +326,12 @@ def test_a_job_preempted_while_decoding_keeps_what_it_decoded(run_cli, tiny_unet
     from uncond import decoding
 
     folder = write_images(tmp_path / "photos", 8, nested=False)
-    decode_image, decoded = decoding.decode_image, []
+    decode_image, decoded, preempted = decoding.decode_image, [], []
 
-    def preempted_at_the_fifth(image, *args):
+    def preempted_at_the_fifth(image, *args):  # once: the threads decode ahead, so the first run keeps 1 to 7
         decoded.append(1)
-        if len(decoded) == 5:
+        if len(decoded) == 5 and not preempted:
+            preempted.append(True)
             os.kill(os.getpid(), signal.SIGTERM)
         return decode_image(image, *args)
 
