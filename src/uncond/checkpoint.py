@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
@@ -343,10 +344,10 @@ def exported_step(output_dir: Path) -> int | None:
     """The step of the pipeline exported in `output_dir`, where it is whole: a folder whose model_index.json, UNet
     or scheduler was removed, emptied or cut short (a copy in part) holds no pipeline, whatever its
     training_state.json says (trial 57 F1, trial 58 F3). Exports have no manifest: the configs are read, and the
-    weights' length is compared with what their header says, not hashed (an export can be gigabytes)."""
+    weights' header is checked against their length by safetensors, not hashed (an export can be gigabytes)."""
     configs = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json")
-    whole = all(json_file(output_dir / name) for name in configs) and safetensors_whole(
-        output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    weights = output_dir / "unet" / SAFE_WEIGHTS
+    whole = all(json_file(output_dir / name) for name in configs) and safetensors_whole(weights)
     return read_training_state(output_dir).get("step") if whole else None
 
 
@@ -358,15 +359,12 @@ def json_file(path: Path) -> bool:
 
 
 def safetensors_whole(path: Path) -> bool:
-    """Whether a safetensors file is as long as its header says: 8 bytes of header length, the JSON header, then
-    the tensors' bytes, up to the largest data offset."""
+    """Whether safetensors opens the file: its header reads and the tensors' bytes cover the file exactly, no
+    more and no less (safe_open maps the file and reads no tensor)."""
     try:
-        with path.open("rb") as file:
-            header_length = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(header_length))
-        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-        return path.stat().st_size == 8 + header_length + end
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        with safe_open(str(path), framework="pt"):
+            return True
+    except (OSError, SafetensorError):
         return False
 
 
