@@ -212,14 +212,18 @@ class EMA(EMAModel):
         self.every = every
 
     def get_decay(self, optimization_step: int) -> float:
-        per_step_decay, last = super().get_decay, optimization_step * self.every
-        return math.prod(per_step_decay(step) for step in range(last - self.every + 1, last + 1))
+        last = optimization_step * self.every
+        return self.decay_over(last - self.every + 1, last)
 
     def decay_since_update(self, step: int) -> float:
-        """The product of the per-step decays of optimizer steps after the last update up to `step` (1 where it
-        was updated at `step`): the share of the average that its next update, at `step`, would keep."""
-        per_step_decay = super().get_decay
-        return math.prod(per_step_decay(later) for later in range(self.optimization_step * self.every + 1, step + 1))
+        """The decay of the optimizer steps after the last update up to `step` (1 where it was updated at `step`):
+        the share of the average that its next update, at `step`, would keep."""
+        return self.decay_over(self.optimization_step * self.every + 1, step)
+
+    def decay_over(self, first: int, last: int) -> float:
+        """The product of diffusers' per-step decays of optimizer steps `first` to `last`."""
+        per_step_decay = super().get_decay  # (not inside the generator, where super() has no instance)
+        return math.prod(per_step_decay(step) for step in range(first, last + 1))
 
     @property
     def decay_per_step(self) -> float | None:
