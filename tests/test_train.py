@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import (MESSY_SKIPPED, MESSY_USED, TINY_UNET, RunsCode, fast_train_args, mounted_tmpfs, write_images,
                       write_messy_folder)
-from uncond import checkpoint, data, decoding, run_folder
+from uncond import checkpoint, data, decoding, run_folder, sampling
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -1574,6 +1574,29 @@ def test_the_steps_an_ema_updated_every_n_has_not_averaged_yet_reach_the_export(
     assert not all(torch.equal(ema[name], trained[name]) for name in trained)  # not updated yet: resumed exactly
 
 
+def test_a_checkpoint_between_ema_updates_is_sampled_as_the_run_exports_its_step(run_cli, color_folder, tiny_unet,
+                                                                                  tmp_path):
+    """Sampling, evaluating or exporting a checkpoint (step 3, --ema_update_every 2: updated at step 2) took its
+    unet_ema/ as it is, without step 3's weights, which the run's export of that step blends in as the update at
+    step 3 would (with 3 steps of --ema_update_every 4: the random initial weights, trial 58 F2)."""
+    out = tmp_path / "run"
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--use_ema", "--ema_update_every", "2",
+                                    "--max_train_steps", "3"))[0] == 0
+    exported = load_file(out / "unet" / WEIGHTS)
+    ema = load_file(out / "checkpoint-3" / "unet_ema" / WEIGHTS)
+    assert not all(torch.equal(ema[name], exported[name]) for name in exported)
+    for source in (out / "checkpoint-3", out / "checkpoint-3" / "unet_ema"):
+        model = sampling.load_model(str(source), torch.device("cpu"), torch.float32)
+        loaded = model.unet.state_dict()
+        assert all(torch.equal(loaded[name], exported[name]) for name in exported), source
+    trained = sampling.load_model(str(out / "checkpoint-3" / "unet"), torch.device("cpu"), torch.float32)
+    assert not all(torch.equal(trained.unet.state_dict()[name], exported[name]) for name in exported)
+    assert run_cli("export", out / "checkpoint-3", "--output_dir", tmp_path / "exported")[0] == 0
+    again = load_file(tmp_path / "exported" / "unet" / WEIGHTS)
+    assert all(torch.equal(again[name], exported[name]) for name in exported)
+    assert "ema_share" not in json.loads((tmp_path / "exported" / "training_state.json").read_text())
+
+
 def test_a_finished_run_whose_export_is_gone_exports_it_again(run_cli, color_folder, tiny_unet, tmp_path):
     """The same command run again after the pipeline was removed (moved away, a folder copied in part) said "the
     run ... is complete" and "done: the pipeline is in DIR", status 0, with no pipeline there (trial 57 F1); so
@@ -1770,8 +1793,6 @@ def test_a_stop_during_the_runs_last_grid_leaves_it_to_the_re_run(run_cli, color
     not owe that grid when a stop left it out: the re-run said the run was complete and the grid was never made
     (trial 50 F4)."""
     import signal
-
-    from uncond import sampling
 
     generate, grids_started = sampling.generate, []
 

@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from . import cache, checkpoint, hub, run_folder, sampling, tracking
-from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, ExportConfig, TrainConfig, UsageError, counted,
+from .config import (CHECKPOINT_NAME, EMA_SHARE_KEY, RUN_CONFIG_FILE, ExportConfig, TrainConfig, UsageError, counted,
                      list_checkpoints)
 from .outputs import write_card_of
 
@@ -118,6 +118,7 @@ def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported
                                 if spec.name in settings})  # the settings that trained it, for its model card
     # finished: the model as it is, not an intermediate export that a run of these settings would start again
     state = {**checkpoint.read_training_state(folder), "finished": True, "exported_from": folder.name}
+    state.pop(EMA_SHARE_KEY, None)  # a checkpoint's: the weights exported are the model of the step, blended
     step = state["step"] = checkpoint.checkpoint_step(folder, state)
     run = folder.parent
     checkpoint.export_pipeline(model.unet, DDPMScheduler.from_config(model.scheduler_config), output_dir, state)

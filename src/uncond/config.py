@@ -435,6 +435,9 @@ GROUP_TITLES = {  # in the order --help shows them
 }
 RUN_CONFIG_FILE = "training_config.json"  # in every run's output folder and checkpoints: it marks them
 STATE_FILE = "training_state.json"  # beside it: the step, epoch and images seen of the export or checkpoint
+# In a checkpoint's STATE_FILE: the share of its unet_ema/ in the model of its step, its unet/ the rest (the steps
+# an EMA updated every N steps has not averaged yet); absent where the run kept no EMA or was uncond's before it.
+EMA_SHARE_KEY = "ema_share"
 SAMPLE_SETTINGS_FILE = "sample_settings.json"  # in every folder `uncond sample` writes: it marks them
 PREVIEWS_DIR = "samples"  # a run's preview grids, in its output folder (a run artefact)
 BEST_DIR = "best"  # --keep_best: the export with the lowest FID

@@ -29,8 +29,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import cpu_threads, remote, signals
-from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, STATE_FILE, SamplingSettings, UsageError, counted, first_line,
-                     list_checkpoints)
+from .config import (CHECKPOINT_NAME, EMA_SHARE_KEY, RUN_CONFIG_FILE, STATE_FILE, SamplingSettings, UsageError, counted,
+                     first_line, list_checkpoints)
 from .progress import progress_bar
 
 PARTIAL_SUFFIX = ".partial"  # an image being written; renamed into place once whole
@@ -457,12 +457,14 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
             raise UsageError(f"{name}: its {RUN_CONFIG_FILE} does not give the noise schedule "
                              f"({first_line(error)})") from None
     weights = weights or ("unet_ema" if (path / "unet_ema").is_dir() else "unet")
-    try:
-        # (the EMA's own settings in its config.json are ignored with a warning; signals: as in load_model)
-        with remote.quiet_hub_clients(), signals.deferred():
-            unet = UNet2DModel.from_pretrained(str(path / weights), torch_dtype=dtype)  # safetensors
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{name}: could not load the checkpoint's {weights}/ ({first_line(error)})") from None
+    ema_share = pending_ema_share(path) if weights == "unet_ema" else 1.0
+    unet = load_checkpoint_unet(path, weights, name, dtype if ema_share == 1.0 else torch.float32)
+    if ema_share < 1.0:  # as the run's export of this step holds it (models.ema_weights), blended in float32
+        trained = load_checkpoint_unet(path, "unet", name, torch.float32)
+        with torch.no_grad():
+            for average, parameter in zip(unet.parameters(), trained.parameters()):
+                average.copy_(parameter.lerp_(average, ema_share))
+        unet = unet.to(dtype)
     unet_settings = set(inspect.signature(UNet2DModel.__init__).parameters)
     if any(key not in unet_settings and not key.startswith("_") for key in unet.config):
         # The EMA's own settings (decay, optimization_step...) stay in the config of the UNet loaded from its
@@ -474,6 +476,28 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
             unet = clean.to(dtype)
     kind = "EMA" if weights == "unet_ema" else "trained"
     return Model(unet.to(device).eval(), scheduler_config, f"the checkpoint {path} ({kind} weights)")
+
+
+def load_checkpoint_unet(path: Path, weights: str, name: str, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import UNet2DModel
+
+    try:
+        # (the EMA's own settings in its config.json are ignored with a warning; signals: as in load_model)
+        with remote.quiet_hub_clients(), signals.deferred():
+            return UNet2DModel.from_pretrained(str(path / weights), torch_dtype=dtype)  # safetensors
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{name}: could not load the checkpoint's {weights}/ ({first_line(error)})") from None
+
+
+def pending_ema_share(checkpoint: Path) -> float:
+    """The share of checkpoint `checkpoint`'s unet_ema/ in the model of its step (its training_state.json's, from
+    a run with --ema_update_every N at a step the EMA was not updated at), the trained weights of its unet/ the
+    rest; 1 where the EMA is the model (updated every step, at this step, or a checkpoint that does not say)."""
+    try:
+        share = json.loads((checkpoint / STATE_FILE).read_text()).get(EMA_SHARE_KEY, 1.0)
+    except (OSError, ValueError, AttributeError):
+        return 1.0
+    return float(share) if isinstance(share, (int, float)) and 0.0 <= share < 1.0 else 1.0
 
 
 def has_noise_schedule(checkpoint: Path) -> bool:

@@ -21,8 +21,8 @@ from diffusers import UNet2DModel
 from tqdm import tqdm
 
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, signals, tracking
-from .config import (EVERY_MACHINE, RUN_CONFIG_FILE, ProcessInUse, RunFailed, RunStopped, TrainConfig, UsageError,
-                     counted, first_line, public_argv)
+from .config import (EMA_SHARE_KEY, EVERY_MACHINE, RUN_CONFIG_FILE, ProcessInUse, RunFailed, RunStopped, TrainConfig,
+                     UsageError, counted, first_line, public_argv)
 from .objective import denoising_loss, sample_noise_and_timesteps
 from .progress import progress_bar
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
@@ -702,8 +702,13 @@ def save_checkpoint(run: Run) -> None:
         # with another count, each goes on from their mean, which the log line's mean is then the same as.
         loss["total"], loss["totals"] = summed / len(totals), totals
     window = {"loss": loss, "grad_norm": run.running_grad_norm.state()}  # the grad norm is the same everywhere
-    path, dropped = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step,
-                                               {**training_state(run), "log_window": window}, run.config,
+    state = {**training_state(run), "log_window": window}
+    if isinstance(run.ema, models.EMA):
+        # The share of unet_ema/ that the model of this step keeps, the trained weights of unet/ the rest: with
+        # --ema_update_every N the EMA has not averaged the steps since its last update (models.ema_weights).
+        # uncond sample, evaluate and export of the checkpoint blend them as the run's own export does.
+        state[EMA_SHARE_KEY] = run.ema.decay_since_update(run.step)
+    path, dropped = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step, state, run.config,
                                                run.config.checkpoints_total_limit)
     run.checkpointed_step = run.step
     if run.accelerator.is_main_process:
