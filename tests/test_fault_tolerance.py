@@ -715,6 +715,24 @@ def test_skip_nonfinite_trains_through_with_fp16_loss_scaling(run_cli, color_fol
     assert last["lr"] == 0.0  # skipped steps count in the schedule too: the cosine reaches its end with the run
 
 
+def test_a_skipped_step_keeps_the_ema_updates_on_their_steps(run_cli, color_folder, tiny_unet, tmp_path,
+                                                               monkeypatch):
+    """A step skipped under --skip_nonfinite skipped the EMA's update with it: updated every 2 steps, it was a step
+    behind from then on, and every later export blended trained weights into an average just updated, as if the
+    steps since an update had not been averaged (trial 60 F1)."""
+    from uncond import train
+
+    monkeypatch.setattr(train, "everywhere_finite", lambda run, loss, grad_norm: run.step != 1)  # skips step 2
+    out = tmp_path / "run"
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4", "--use_ema",
+                                    "--ema_update_every", "2", "--skip_nonfinite", "--logging_steps", "4"))[0] == 0
+    assert strict_json_lines(out / "metrics.jsonl")[-1]["skipped_steps"] == 1
+    assert json.loads((out / "checkpoint-4" / "unet_ema" / "config.json").read_text())["optimization_step"] == 2
+    assert json.loads((out / "checkpoint-4" / "training_state.json").read_text())["ema_share"] == 1.0
+    exported, ema = load_file(out / "unet" / WEIGHTS), load_file(out / "checkpoint-4" / "unet_ema" / WEIGHTS)
+    assert all(torch.equal(exported[name], ema[name]) for name in ema)  # the average itself, updated at step 4
+
+
 def test_skip_nonfinite_trains_through(run_cli, color_folder, tiny_unet, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "30",

@@ -542,15 +542,24 @@ def train_step(run: Run, micro_batches: list[torch.Tensor]) -> torch.Tensor | No
         if run.accelerator.scaler is not None:
             run.optimizer.step()
         run.lr_scheduler.step()  # the schedule stays aligned with the step count
+        update_ema(run)  # and so does the EMA's (the weights it averages in are the last step's)
         run.skipped_steps += 1
         return None
     run.running_grad_norm.add(grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     clear_gradients(run)
+    update_ema(run)
+    return loss
+
+
+def update_ema(run: Run) -> None:
+    """The EMA's update at the end of every --ema_update_every'th step, skipped ones too: its k-th update is at
+    step k*N, which its decays and the blend of the steps since (models.EMA) count on. A skipped update put it a
+    step behind for the rest of the run: its exports blended trained weights into an average just updated (trial
+    60 F1)."""
     if run.ema is not None and (run.step + 1) % run.config.ema_update_every == 0:
         run.ema.step(sharding.local_tensors(run.parameters))
-    return loss
 
 
 def batch_inputs(run: Run, clean_images: torch.Tensor, micro_batch: int) -> tuple[torch.Tensor, ...]:
