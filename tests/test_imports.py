@@ -2,9 +2,10 @@
 objective, sampling, metrics, tracking, hub, environment} -> step_graph -> {config, sharding, progress, version,
 cpu_threads, accelerate_configs, signals}.
 Modules of one layer do not import each other; within the data layer, cache.py sits under data.py and streaming.py
-on top of it; remote.py (the Hub clients' noise and errors) sits under the modules that load from the Hub. train's
-loop stands on the modules it was split into: monitoring (previews, evaluations) -> outputs (exports, card) -> parts
-(the Run) -> stopping."""
+on top of it; remote.py (the Hub clients' noise and errors) sits under the modules that load from the Hub, and
+manifest.py (a checkpoint's sizes and SHA-256s) under checkpoint.py and sampling.py, which reads checkpoints too.
+train's loop stands on the modules it was split into: monitoring (previews, evaluations) -> outputs (exports,
+card) -> parts (the Run) -> stopping."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import uncond
 
 LAYERS = {"accelerate_configs": 0, "config": 0, "sharding": 0, "progress": 0, "version": 0, "signals": 0, "start": 0,
-          "step_graph": 0.5, "cache": 0.5, "remote": 0.5,
+          "step_graph": 0.5, "cache": 0.5, "remote": 0.5, "manifest": 0.5,
           "sources": 0.7, "decoding": 0.8,
           "data": 1, "streaming": 1.5, "models": 1, "objective": 1, "sampling": 1, "metrics": 1, "tracking": 1,
           "hub": 1, "environment": 1, "cpu_threads": 0, "checkpoint": 2, "run_folder": 2.2, "plan": 2.5,

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_UNET, RunsCode, fast_train_args, mounted_tmpfs, save_tiny_pipeline, write_images
 from uncond.config import TrainConfig, UsageError
+from uncond.manifest import write_manifest
 from test_train import one_line_error
 
 
@@ -427,7 +428,7 @@ def test_a_training_run_without_an_exported_pipeline_is_refused(run_cli, stand_i
     # checkpoints are models (test_a_checkpoint_is_sampled_and_measured_as_its_export); this one's is missing
     for args in (["sample", checkpoint], ["evaluate", checkpoint, "--reference", reference]):
         code, _, err = run_cli(*args)
-        one_line_error(code, err, f"{checkpoint}: could not load the checkpoint's unet/")
+        one_line_error(code, err, f"{checkpoint}: the checkpoint's unet/ has no config.json; use another checkpoint")
     code, _, err = run_cli("sample", run / "checkpoint-1")  # removed by --checkpoints_total_limit, say
     one_line_error(code, err, f"{run / 'checkpoint-1'}: no such folder ({run} holds checkpoint-3, checkpoint-12; "
                               "--checkpoints_total_limit removes a run's oldest checkpoints")
@@ -578,10 +579,7 @@ def test_a_checkpoint_of_an_earlier_uncond_is_exported_and_a_failed_export_leave
     state = json.loads(state_file.read_text())
     del state["commands"]
     state_file.write_text(json.dumps(state))
-    manifest_file = run / "checkpoint-2" / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    manifest["files"]["training_state.json"]["size"] = state_file.stat().st_size
-    manifest_file.write_text(json.dumps(manifest))
+    write_manifest(run / "checkpoint-2", 2)  # as the earlier version wrote it
     failing = tmp_path / "new" / "deep" / "failing"
     with monkeypatch.context() as patch:
         patch.setattr(checkpoint_export, "write_card_of", lambda *args, **kwargs: 1 / 0)
@@ -745,6 +743,34 @@ def test_a_checkpoint_is_sampled_and_measured_as_its_export(run_cli, stand_in_in
     assert code == 0 and json.loads(stdout)["num_generated"] == 4, err
     assert {key: json.loads(stdout)[key] for key in ("sampler", "steps", "seed")} == \
         {"sampler": "sde-dpmsolver++", "steps": 2, "seed": 0}
+    # its unet_ema/ named is measured as the checkpoint is (it was taken for a folder of images: "holds no image
+    # files"; trial 60 F4)
+    code, named, err = run_cli("evaluate", run / "checkpoint-2" / "unet_ema", "--reference", images, "--num_images",
+                               4, "--steps", 2, "--json")
+    assert code == 0 and json.loads(named)["fid"] == json.loads(stdout)["fid"], err
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_it_is_sampled(run_cli, tiny_unet, tmp_path):
+    """Bytes of a checkpoint's weights damaged in place (the file as long as before) loaded as NaN weights and
+    sampling wrote black images without a word; with its unet_ema/ gone, the trained weights were sampled as if
+    the run had kept no EMA (trial 60 F5, F9). Its manifest tells each, before any weight is read."""
+    run, images = tmp_path / "run", write_images(tmp_path / "real", 4)
+    assert run_cli(*fast_train_args(images, tiny_unet, run, "--max_train_steps", "2", "--use_ema"))[0] == 0
+    saved = run / "checkpoint-2"
+    sample = ["--num_images", 2, "--steps", 2, "--output_dir", tmp_path / "samples"]
+    weights = saved / "unet" / "diffusion_pytorch_model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-400:-100] = b"\xff" * 300  # NaN float32s
+    weights.write_bytes(bytes(damaged))
+    code, _, err = run_cli("sample", saved / "unet", *sample)
+    one_line_error(code, err, f"{saved / 'unet'}: the checkpoint's unet/{weights.name} is missing or differs from "
+                   "its manifest.json (damaged or changed since it was written); use another checkpoint")
+    assert not (tmp_path / "samples").exists()
+    code, _, err = run_cli("sample", saved, *sample)  # its EMA weights, updated at its step, are whole
+    assert code == 0, err
+    shutil.rmtree(saved / "unet_ema")
+    code, _, err = run_cli("sample", saved, *sample[:-1], tmp_path / "again")
+    one_line_error(code, err, "the checkpoint's unet_ema/config.json is missing or differs from its manifest.json")
 
 
 def test_evaluate_refuses_a_runs_sample_grids_as_samples(run_cli, tmp_path):

@@ -11,7 +11,6 @@ recognised (by size when listing, by hash when loading) instead of crashing the 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -26,13 +25,13 @@ from safetensors.torch import load_file
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from . import environment, models, sharding, signals
+from . import environment, manifest, models, sharding, signals
 from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, STATE_FILE, RunFailed, TrainConfig, UsageError, first_line,
                      list_checkpoints, same_place)
+from .manifest import MANIFEST_FILE, write_manifest
 
 logger = logging.getLogger("uncond")
 
-MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".tmp-"
 # Settings a checkpoint can only be resumed with unchanged (the UNet's own config is compared too).
 RESUME_MUST_MATCH = ("resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule", "ddpm_beta_start",
@@ -65,15 +64,14 @@ def checkpoint_problem(path: Path) -> str | None:
 
     Ours carry a manifest; train_unconditional.py's have none and are accepted when their files are there.
     """
-    manifest_file = path / MANIFEST_FILE
-    if not manifest_file.is_file():
+    try:
+        files = manifest.listed_files(path)
+    except ValueError as error:
+        return str(error)
+    if files is None:
         if (path / "unet").is_dir() and (path / "optimizer.bin").is_file():
             return None
         return "no manifest (an interrupted write?)"
-    try:
-        files = json.loads(manifest_file.read_text())["files"]
-    except (ValueError, KeyError):
-        return f"unreadable {MANIFEST_FILE}"
     for name, entry in files.items():
         file = path / name
         if not file.is_file():
@@ -85,13 +83,10 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def verify_checkpoint(path: Path) -> None:
     """Check every file against the manifest's SHA-256; a damaged one is named."""
-    manifest_file = path / MANIFEST_FILE
-    if not manifest_file.is_file():
-        return  # train_unconditional.py's checkpoints carry none
-    for name, entry in json.loads(manifest_file.read_text())["files"].items():
-        if file_digest(path / name) != entry["sha256"]:
-            raise UsageError(f"checkpoint file {path / name} is corrupted (its SHA-256 differs from "
-                             f"{MANIFEST_FILE}); {instead_of_damaged(path)}")
+    damaged = manifest.changed_file(path)
+    if damaged:
+        raise UsageError(f"checkpoint file {path / damaged} is corrupted (its SHA-256 differs from "
+                         f"{MANIFEST_FILE}); {instead_of_damaged(path)}")
 
 
 def instead_of_damaged(path: Path) -> str:
@@ -102,20 +97,6 @@ def instead_of_damaged(path: Path) -> str:
         return f"delete {path} (or move it away) to resume from {earlier[-1]}"
     return ("no complete checkpoint comes before it: pass --overwrite_output_dir to start afresh (the run's "
             "exported pipeline, if any, is kept aside until the new run saves)")
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: Path, step: int) -> None:
-    files = {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_digest(path)}
-             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE}
-    (folder / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
 
 
 def open_as_umask_allows(folder: Path) -> None:

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from . import environment, signals
-from .checkpoint import file_digest
 from .config import (RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, RunFailed, RunStopped, SampleConfig, UsageError,
                      counted)
+from .manifest import file_digest
 from .run_folder import check_creatable, is_preview_folder
 from .sampling import (PARTIAL_SUFFIX, image_grid, is_numbered_image, log_sampling, network_evaluations,
                        numbered_name, open_for_sampling, sample_batches, sampling_options, to_pil, write_whole)

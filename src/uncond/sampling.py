@@ -28,7 +28,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPM
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from . import cpu_threads, remote, signals
+from . import cpu_threads, manifest, remote, signals
 from .config import (CHECKPOINT_NAME, EMA_SHARE_KEY, RUN_CONFIG_FILE, STATE_FILE, SamplingSettings, UsageError, counted,
                      first_line, list_checkpoints)
 from .progress import progress_bar
@@ -377,10 +377,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     path = Path(name_or_path).expanduser()
     if is_checkpoint(path) and has_noise_schedule(path) and not (path / "model_index.json").is_file():
         return load_checkpoint(path, name_or_path, device, dtype)
-    if path.name in CHECKPOINT_WEIGHTS and path.is_dir() and is_checkpoint(path.parent) \
-            and has_noise_schedule(path.parent) and not (path.parent / "model_index.json").is_file():
-        # one of a checkpoint's two sets of weights: unet/ is the trained one, without EMA (a run folder's unet/ is
-        # its export's, which holds the EMA weights where the run kept them)
+    if is_checkpoint_weights(path) and has_noise_schedule(path.parent):
         return load_checkpoint(path.parent, name_or_path, device, dtype, weights=path.name)
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -456,15 +453,18 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
         except (OSError, ValueError, KeyError) as error:
             raise UsageError(f"{name}: its {RUN_CONFIG_FILE} does not give the noise schedule "
                              f"({first_line(error)})") from None
-    weights = weights or ("unet_ema" if (path / "unet_ema").is_dir() else "unet")
+    weights = weights or ("unet_ema" if kept_ema(path) else "unet")
+    check_unchanged(path, name, (STATE_FILE, f"{weights}/"))
     ema_share = pending_ema_share(path) if weights == "unet_ema" else 1.0
     unet = load_checkpoint_unet(path, weights, name, dtype if ema_share == 1.0 else torch.float32)
     if ema_share < 1.0:  # as the run's export of this step holds it (models.ema_weights), blended in float32
+        check_unchanged(path, name, ("unet/",), " (the model of its step blends them into its unet_ema/)")
         trained = load_checkpoint_unet(path, "unet", name, torch.float32)
         with torch.no_grad():
             for average, parameter in zip(unet.parameters(), trained.parameters()):
                 average.copy_(parameter.lerp_(average, ema_share))
-        unet = unet.to(dtype)
+        with remote.quiet_hub_clients():  # diffusers' note on casting (no module of this UNet stays in float32)
+            unet = unet.to(dtype)
     unet_settings = set(inspect.signature(UNet2DModel.__init__).parameters)
     if any(key not in unet_settings and not key.startswith("_") for key in unet.config):
         # The EMA's own settings (decay, optimization_step...) stay in the config of the UNet loaded from its
@@ -478,9 +478,30 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
     return Model(unet.to(device).eval(), scheduler_config, f"the checkpoint {path} ({kind} weights)")
 
 
+def kept_ema(path: Path) -> bool:
+    """Whether checkpoint `path` holds EMA weights: its unet_ema/, or one its manifest lists (gone since: said
+    by check_unchanged; the trained weights were sampled instead, as if the run had kept no EMA)."""
+    try:
+        listed = manifest.listed_files(path) or {}
+    except ValueError:
+        listed = {}
+    return (path / "unet_ema").is_dir() or any(name.startswith("unet_ema/") for name in listed)
+
+
+def check_unchanged(path: Path, name: str, under: tuple[str, ...], why: str = "") -> None:
+    """Refuse checkpoint `path` where a file it lists under `under` is gone or changed since it was written: bytes
+    damaged in place loaded as NaN weights, and sampling wrote black images without a word (trial 60 F5)."""
+    changed = manifest.changed_file(path, under)
+    if changed:
+        raise UsageError(f"{name}: the checkpoint's {changed}{why} is missing or differs from its "
+                         f"{manifest.MANIFEST_FILE} (damaged or changed since it was written); use another checkpoint")
+
+
 def load_checkpoint_unet(path: Path, weights: str, name: str, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import UNet2DModel
 
+    if not (path / weights / "config.json").is_file():  # (diffusers would say it could not reach the Hub)
+        raise UsageError(f"{name}: the checkpoint's {weights}/ has no config.json; use another checkpoint")
     try:
         # (the EMA's own settings in its config.json are ignored with a warning; signals: as in load_model)
         with remote.quiet_hub_clients(), signals.deferred():
@@ -545,6 +566,13 @@ def is_checkpoint(path: Path) -> bool:
     """A training checkpoint holds the UNet (and its EMA copy) but no model_index.json; it has training_config.json
     as its run folder has."""
     return (path / "unet_ema").is_dir() or (path / "unet").is_dir()
+
+
+def is_checkpoint_weights(path: Path) -> bool:
+    """Whether `path` is one of a training checkpoint's two sets of weights: unet/ is the trained one, without EMA,
+    unet_ema/ the EMA's (a run folder's unet/ is its export's, which holds the EMA weights where the run kept them)."""
+    return (path.name in CHECKPOINT_WEIGHTS and path.is_dir() and is_checkpoint(path.parent)
+            and not (path.parent / "model_index.json").is_file())
 
 
 def missing_checkpoint_hint(path: Path) -> str:
