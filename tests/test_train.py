@@ -2347,9 +2347,15 @@ def test_the_progress_bar_shows_the_loss_from_the_first_step(run_cli, color_fold
 
 
 def test_fp16_on_a_cpu_says_it_trains_in_fp32(run_cli, color_folder, tiny_unet, tmp_path):
-    """accelerate trains fp16 on CPUs in fp32, without autocast or loss scaling: the log said `fp16 autocast`."""
-    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1",
+    """accelerate trains fp16 on CPUs in fp32, without autocast or loss scaling: the log said `fp16 autocast`, and
+    the model card says it still (trial 61 F4). The flag as given stays in training_config.json (the same
+    settings on a GPU train in fp16)."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "1",
                                             "--mixed_precision", "fp16"))
     assert code == 0, err[-2000:]
     assert "--mixed_precision fp16 on cpu: accelerate has no fp16 autocast there and trains in fp32" in err
     assert "precision fp32 (no fp16 autocast on cpu)" in err and "fp16 autocast," not in err
+    assert "| mixed precision | fp32 (no fp16 autocast on cpu) |" in (out / "README.md").read_text()
+    assert json.loads((out / "training_state.json").read_text())["precision"] == "fp32 (no fp16 autocast on cpu)"
+    assert json.loads((out / "training_config.json").read_text())["mixed_precision"] == "fp16"

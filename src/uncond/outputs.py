@@ -86,7 +86,7 @@ def write_card_of(folder: Path, config: TrainConfig, state: dict[str, Any], unet
              "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, "
                               f"{config.lr_warmup_steps} warmup steps)",
              "prediction type": config.prediction_type, "EMA": config.use_ema,
-             "mixed precision": config.mixed_precision}
+             "mixed precision": state.get("precision", config.mixed_precision)}  # as trained (an earlier uncond's: asked)
     if "loss" in last:  # null where --skip_nonfinite skipped every step of that interval
         facts["final loss (mean over the last logging interval)"] = (
             "none: every step was skipped (--skip_nonfinite)" if last["loss"] is None else f"{last['loss']:.4f}")

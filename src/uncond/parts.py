@@ -356,6 +356,7 @@ def training_state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "epoch": run.epoch, "epoch_start_step": epoch_start_step(run),
             "images_seen": run.images_seen, "num_images": run.batches.num_images, "seed": run.config.seed,
             "max_train_steps": run.max_train_steps,  # the length its learning-rate schedule spans (plan.dry_run)
+            "precision": trained_precision(run.config, run.accelerator),  # fp16 on a CPU trains in fp32
             "num_processes": run.accelerator.num_processes, "global_batch_size": run.global_batch_size,
             "fsdp": sharding.is_sharded(run.unwrapped_unet), "commands": run.commands,
             "tracker_run_id": run.tracker_run_id, "preview_owed": run.preview_owed,
