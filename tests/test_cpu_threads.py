@@ -100,11 +100,16 @@ def test_a_cpu_run_beside_busy_processes_trains_on_fewer_threads_and_gives_them_
     assert "fewer CPU threads while other processes keep cores busy" in err
     assert during == [before, 1, 1, 1] and f"training on 1 of {before} threads while they do" in err
     assert torch.get_num_threads() == before  # given back when the run ends (a notebook goes on with them)
+    # the card offers the thread count as one that bitwise equal weights need: it says the run gave some up (it
+    # named the count it started with alone; trial 61 F3)
+    assert f"cpu, {before} threads (down to 1 while other processes kept cores busy)" in (
+        tmp_path / "run" / "README.md").read_text()
     # threads the user chose are left alone
     monkeypatch.setenv("OMP_NUM_THREADS", str(before))
     during.clear()
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "chosen", "--max_train_steps", "4"))
     assert code == 0 and "fewer CPU threads" not in err and during == [before] * 4
+    assert f"cpu, {before} threads. " in (tmp_path / "chosen" / "README.md").read_text()
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 threads to give one up")

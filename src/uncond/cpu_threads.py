@@ -89,6 +89,7 @@ class ThreadGovernor:
     def __init__(self, neighbours: CpuNeighbours | None, clock=time.monotonic, doing: str = "training") -> None:
         self.neighbours, self.clock, self.doing = neighbours, clock, doing
         self.most = torch.get_num_threads()
+        self.fewest = self.most  # the fewest it set: weights are bitwise those of a quiet machine only without a change
         self.wanted: deque[int] = deque(maxlen=AGREEING_CHECKS)  # the thread counts of the latest looks
         self.next_check = clock() + CHECK_EVERY_SECONDS
 
@@ -116,6 +117,7 @@ class ThreadGovernor:
         current = torch.get_num_threads()
         if len(self.wanted) == AGREEING_CHECKS and len(set(self.wanted)) == 1 and self.wanted[0] != current:
             torch.set_num_threads(self.wanted[0])
+            self.fewest = min(self.fewest, self.wanted[0])
             if self.wanted[0] < current:
                 logger.info(f"other processes keep {others:.1f} of this run's {len(self.neighbours.cpus)} cores busy: "
                             f"{self.doing} on {self.wanted[0]} of {self.most} threads while they do (all of them "

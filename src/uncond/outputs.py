@@ -86,7 +86,7 @@ def write_card_of(folder: Path, config: TrainConfig, state: dict[str, Any], unet
              "learning rate": f"{config.learning_rate} ({config.lr_scheduler}, "
                               f"{config.lr_warmup_steps} warmup steps)",
              "prediction type": config.prediction_type, "EMA": config.use_ema,
-             "mixed precision": state.get("precision", config.mixed_precision)}  # as trained (an earlier uncond's: asked)
+             "mixed precision": state.get("precision", config.mixed_precision)}  # as trained
     if "loss" in last:  # null where --skip_nonfinite skipped every step of that interval
         facts["final loss (mean over the last logging interval)"] = (
             "none: every step was skipped (--skip_nonfinite)" if last["loss"] is None else f"{last['loss']:.4f}")
@@ -207,7 +207,7 @@ def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
     same_weights = ("The same weights, bit for bit, also need the same versions, device and CPU thread count "
                     "(floats summed in another order differ in their last bits).\n")
     if len(commands) == 1 and commands[0]["from_step"] == 0:
-        trained_with = f"Trained with {commands[0]['software']}. " if "software" in commands[0] else ""
+        trained_with = f"Trained with {software_of(commands[0])}. " if "software" in commands[0] else ""
         return (f"Reproduce with:\n\n```bash\n{commands[0]['command']}\n```\n\n{machines}"
                 f"Every resolved setting, the seed included, is in `training_config.json`. {trained_with}"
                 f"{same_weights}")
@@ -219,11 +219,17 @@ def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
     for entry, end in zip(commands, ends):
         # A turn that trained no step ended the run where it was (a shorter --max_train_steps, say).
         steps = f"steps {entry['from_step']} to {end}" if end > entry["from_step"] else f"ended at step {end}"
-        software = f" (with {entry['software']})" if "software" in entry else ""
+        software = f" (with {software_of(entry)})" if "software" in entry else ""
         lines.append(f"- {steps}{software}:\n\n  ```bash\n  {entry['command']}\n  ```\n")
     lines.append(f"{machines}Every resolved setting of the last turn, the seed included, is in "
                  f"`training_config.json`. {same_weights}")
     return "\n".join(lines)
+
+
+def software_of(turn: dict[str, Any]) -> str:
+    """A turn's software and device, with the fewest CPU threads it trained on where it gave some up."""
+    fewest = turn.get("fewest_threads")
+    return turn["software"] + (f" (down to {fewest} while other processes kept cores busy)" if fewest else "")
 
 
 def names_a_checkpoint(config: TrainConfig) -> bool:

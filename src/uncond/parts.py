@@ -358,11 +358,22 @@ def training_state(run: Run) -> dict[str, Any]:
             "max_train_steps": run.max_train_steps,  # the length its learning-rate schedule spans (plan.dry_run)
             "precision": trained_precision(run.config, run.accelerator),  # fp16 on a CPU trains in fp32
             "num_processes": run.accelerator.num_processes, "global_batch_size": run.global_batch_size,
-            "fsdp": sharding.is_sharded(run.unwrapped_unet), "commands": run.commands,
+            "fsdp": sharding.is_sharded(run.unwrapped_unet), "commands": commands_with_threads(run),
             "tracker_run_id": run.tracker_run_id, "preview_owed": run.preview_owed,
             "evaluation_owed": run.evaluation_owed, "uncond_version": uncond_version(),  # what wrote it
             **({"data_order": run.batches.order.seeding, "images_key": run.batches.images_key}
                if isinstance(run.batches, data.CachedBatches) else {})}
+
+
+def commands_with_threads(run: Run) -> list[dict[str, Any]]:
+    """run.commands, this turn's with the fewest CPU threads it trained on where that was fewer than it started
+    with (cpu_threads: beside busy processes): its software record names the count it started with, and the
+    card offers that count as one that bitwise equal weights need (trial 61 F3)."""
+    if run.threads.fewest == run.threads.most or not run.commands:
+        return run.commands
+    *earlier, this_turn = run.commands
+    return [*earlier, {**this_turn, "fewest_threads": min(this_turn.get("fewest_threads", run.threads.most),
+                                                          run.threads.fewest)}]
 
 
 @contextlib.contextmanager
