@@ -454,7 +454,7 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
             raise UsageError(f"{name}: its {RUN_CONFIG_FILE} does not give the noise schedule "
                              f"({first_line(error)})") from None
     weights = weights or ("unet_ema" if kept_ema(path) else "unet")
-    check_unchanged(path, name, (STATE_FILE, f"{weights}/"))
+    check_unchanged(path, name, (RUN_CONFIG_FILE, STATE_FILE, f"{weights}/"))
     ema_share = pending_ema_share(path) if weights == "unet_ema" else 1.0
     unet = load_checkpoint_unet(path, weights, name, dtype if ema_share == 1.0 else torch.float32)
     if ema_share < 1.0:  # as the run's export of this step holds it (models.ema_weights), blended in float32
