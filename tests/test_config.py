@@ -88,6 +88,25 @@ def test_seed_command_line_parses_unchanged():
     assert config.resume_from_checkpoint == "checkpoint-6" and config.center_crop and config.random_flip
 
 
+def test_the_seed_scripts_abbreviations_mean_what_they_mean_to_it(capsys):
+    """train_unconditional.py takes any prefix unique among its own flags; the flags uncond adds made --eval,
+    --model, --logging, --num, --ddpm_beta ambiguous, and --local matched two spellings of one flag (trial 63 F2)."""
+    from uncond.cli import Parser
+
+    parser = Parser(prog="uncond train")
+    add_train_arguments(parser)
+    values = vars(parser.parse_args(["--dataset_name", "x", "--eval", "4", "--model", "unet.json", "--logging", "tb",
+                                     "--num", "2", "--ddpm_beta", "squaredcos_cap_v2", "--local", "3"]))
+    assert {name: values[name] for name in ("eval_batch_size", "model_config_name_or_path", "logging_dir",
+                                            "num_epochs", "ddpm_beta_schedule", "local_rank")} == {
+        "eval_batch_size": 4, "model_config_name_or_path": "unet.json", "logging_dir": "tb", "num_epochs": 2,
+        "ddpm_beta_schedule": "squaredcos_cap_v2", "local_rank": 3}
+    for ambiguous in ("--sampl", "--hub"):  # among uncond's own flags, or among the seed's: as ambiguous as there
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--dataset_name", "x", ambiguous, "3"])
+        assert f"ambiguous option: {ambiguous} could match" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", sorted(SEED_BOOLEAN_FLAGS))
 def test_seed_boolean_flags_take_no_value(flag):
     config, _ = parse("--dataset_name", "x", f"--{flag}")

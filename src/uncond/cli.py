@@ -215,6 +215,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"uncond: error: {message} (see {self.prog} --help)\n")
 
+    def _get_option_tuples(self, option_string: str) -> list[tuple[Any, ...]]:
+        """The flags an abbreviation matches (argparse has no public hook for it). train_unconditional.py takes
+        any prefix unique among its own flags (--eval 4, --num 2); flags uncond adds made some ambiguous (trial
+        63 F2). A prefix of one flag's two spellings (--local: --local_rank, --local-rank), or of one seed flag
+        among added ones, means that flag, as it does to the seed script."""
+        matches = super()._get_option_tuples(option_string)
+        actions = list({id(match[0]): match for match in matches}.values())  # (action, flag, ...) each
+        seed_flags = [match for match in actions if getattr(match[0], "seed_flag", False)]
+        if len(actions) == 1 or len(seed_flags) == 1:
+            return (actions if len(actions) == 1 else seed_flags)[:1]
+        return matches
+
 
 def refuse_unknown(parser: argparse.ArgumentParser, words: list[str]) -> None:
     """argparse's refusal of unknown words, with the nearest flag for each mistyped one (--use-ema: --use_ema)."""

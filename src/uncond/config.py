@@ -559,6 +559,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
                                required=required, help=help_text,
                                type=flag_type(name, config_class),
                                metavar=None if meta["choices"] else kind.__name__.upper())
+        group._group_actions[-1].seed_flag = meta["seed"]  # (cli.Parser: the seed script's abbreviations)
 
 
 def flag_type(name: str, config_class: type) -> Callable[[str], Any]:
