@@ -947,6 +947,18 @@ def test_bad_input_is_one_line_before_any_work(run_cli, color_folder, tiny_unet,
     assert not (out / "unet").exists() and not list(out.glob("checkpoint-*")) if out.exists() else True
 
 
+def test_a_local_rank_left_in_the_environment_is_named_not_mixed_precision(run_cli, color_folder, tiny_unet, tmp_path,
+                                                                            monkeypatch):
+    """LOCAL_RANK without a launcher's RANK: accelerate's rendezvous error came out as
+    "--mixed_precision no: Error initializing torch.distributed ...", a flag nobody passed (trial 63 F4)."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "1"))
+    one_line_error(code, err, "cannot join the processes of a launch (")
+    assert "unset LOCAL_RANK to train in one process" in err and "--mixed_precision" not in err
+
+
 def write_unet_config(folder: Path, **changes: object) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({**TINY_UNET, **changes}))

@@ -129,6 +129,10 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
                                                 else None) if config.compile else None,
             )
     except ValueError as error:
+        if "torch.distributed" in str(error):  # a LOCAL_RANK left in the environment, without a launcher's RANK
+            raise UsageError(f"cannot join the processes of a launch ({first_line(error)}): start it with `accelerate "
+                             "launch` or torchrun, which set RANK, WORLD_SIZE and the rest, or unset LOCAL_RANK to "
+                             "train in one process") from None
         raise UsageError(f"--mixed_precision {config.mixed_precision}: {error}") from None
 
 
