@@ -102,7 +102,7 @@ def test_a_cpu_run_beside_busy_processes_trains_on_fewer_threads_and_gives_them_
     assert torch.get_num_threads() == before  # given back when the run ends (a notebook goes on with them)
     # the card offers the thread count as one that bitwise equal weights need: it says the run gave some up (it
     # named the count it started with alone; trial 61 F3)
-    assert f"cpu, {before} threads (down to 1 while other processes kept cores busy)" in (
+    assert f"cpu, {before} threads, down to 1 while other processes kept cores busy. " in (
         tmp_path / "run" / "README.md").read_text()
     # threads the user chose are left alone
     monkeypatch.setenv("OMP_NUM_THREADS", str(before))

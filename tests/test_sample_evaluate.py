@@ -750,14 +750,29 @@ def test_a_checkpoint_is_sampled_and_measured_as_its_export(run_cli, stand_in_in
     assert code == 0 and json.loads(named)["fid"] == json.loads(stdout)["fid"], err
 
 
-def test_a_damaged_checkpoint_is_refused_in_one_line_before_it_is_sampled(run_cli, tiny_unet, tmp_path):
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_it_is_sampled(run_cli, tiny_unet, tmp_path, monkeypatch):
     """Bytes of a checkpoint's weights damaged in place (the file as long as before) loaded as NaN weights and
     sampling wrote black images without a word; with its unet_ema/ gone, the trained weights were sampled as if
-    the run had kept no EMA (trial 60 F5, F9). Its manifest tells each, before any weight is read."""
+    the run had kept no EMA; a noise schedule changed in its training_config.json was sampled with (trial 60 F5,
+    F9, trial 62 F1). Its manifest tells each, before any weight is read."""
     run, images = tmp_path / "run", write_images(tmp_path / "real", 4)
     assert run_cli(*fast_train_args(images, tiny_unet, run, "--max_train_steps", "2", "--use_ema"))[0] == 0
     saved = run / "checkpoint-2"
     sample = ["--num_images", 2, "--steps", 2, "--output_dir", tmp_path / "samples"]
+    with monkeypatch.context() as inside:  # `.` in its unet_ema/ (taken for a pipeline folder; trial 62 F4)
+        inside.chdir(saved / "unet_ema")
+        code, _, err = run_cli("sample", ".", *sample[:-1], tmp_path / "from-inside")
+        assert code == 0 and f"the checkpoint {saved} (EMA weights)" in err, err
+    for name, damage in (("manifest.json", lambda text: json.dumps({"files": dict.fromkeys(json.loads(text)["files"],
+                                                                                          "edited")})),
+                         ("training_config.json", lambda text: text.replace('"ddpm_num_steps": 1000',
+                                                                             '"ddpm_num_steps": 9000'))):
+        whole = (saved / name).read_text()
+        (saved / name).write_text(damage(whole))
+        code, _, err = run_cli("sample", saved, *sample)
+        one_line_error(code, err, f"{saved}: the checkpoint's {name} " + (
+            "cannot be read" if name == "manifest.json" else "is missing or differs from its manifest.json"))
+        (saved / name).write_text(whole)
     weights = saved / "unet" / "diffusion_pytorch_model.safetensors"
     damaged = bytearray(weights.read_bytes())
     damaged[-400:-100] = b"\xff" * 300  # NaN float32s

@@ -36,8 +36,9 @@ def listed_files(folder: Path) -> dict[str, dict[str, Any]] | None:
         files = json.loads(manifest_file.read_text())["files"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"unreadable {MANIFEST_FILE}") from error
-    if not isinstance(files, dict):
-        raise ValueError(f"unreadable {MANIFEST_FILE}")
+    if not isinstance(files, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                                              and isinstance(entry.get("sha256"), str) for entry in files.values()):
+        raise ValueError(f"unreadable {MANIFEST_FILE}")  # (a hand-edited one crashed the readers: trial 62 F2)
     return files
 
 
@@ -51,6 +52,6 @@ def changed_file(folder: Path, under: tuple[str, ...] = ("",)) -> str | None:
     for name, entry in (files or {}).items():
         if name.startswith(under):
             file = folder / name
-            if not file.is_file() or file_digest(file) != entry.get("sha256"):
+            if not file.is_file() or file_digest(file) != entry["sha256"]:
                 return name
     return None

@@ -229,7 +229,7 @@ def reproduce_section(commands: list[dict[str, Any]], step: int) -> str:
 def software_of(turn: dict[str, Any]) -> str:
     """A turn's software and device, with the fewest CPU threads it trained on where it gave some up."""
     fewest = turn.get("fewest_threads")
-    return turn["software"] + (f" (down to {fewest} while other processes kept cores busy)" if fewest else "")
+    return turn["software"] + (f", down to {fewest} while other processes kept cores busy" if fewest else "")
 
 
 def names_a_checkpoint(config: TrainConfig) -> bool:

@@ -377,8 +377,8 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     path = Path(name_or_path).expanduser()
     if is_checkpoint(path) and has_noise_schedule(path) and not (path / "model_index.json").is_file():
         return load_checkpoint(path, name_or_path, device, dtype)
-    if is_checkpoint_weights(path) and has_noise_schedule(path.parent):
-        return load_checkpoint(path.parent, name_or_path, device, dtype, weights=path.name)
+    if is_checkpoint_weights(path) and has_noise_schedule(absolute(path).parent):
+        return load_checkpoint(absolute(path).parent, name_or_path, device, dtype, weights=absolute(path).name)
     if path.exists():
         if not (path / "model_index.json").is_file():
             refuse_unexported_run(path, name_or_path)
@@ -454,7 +454,8 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
             raise UsageError(f"{name}: its {RUN_CONFIG_FILE} does not give the noise schedule "
                              f"({first_line(error)})") from None
     weights = weights or ("unet_ema" if kept_ema(path) else "unet")
-    check_unchanged(path, name, (RUN_CONFIG_FILE, STATE_FILE, f"{weights}/"))
+    # (the state is read for the EMA's share in the model of the step: unet/ alone needs none of it)
+    check_unchanged(path, name, (RUN_CONFIG_FILE, f"{weights}/", *([STATE_FILE] if weights == "unet_ema" else [])))
     ema_share = pending_ema_share(path) if weights == "unet_ema" else 1.0
     unet = load_checkpoint_unet(path, weights, name, dtype if ema_share == 1.0 else torch.float32)
     if ema_share < 1.0:  # as the run's export of this step holds it (models.ema_weights), blended in float32
@@ -492,6 +493,8 @@ def check_unchanged(path: Path, name: str, under: tuple[str, ...], why: str = ""
     """Refuse checkpoint `path` where a file it lists under `under` is gone or changed since it was written: bytes
     damaged in place loaded as NaN weights, and sampling wrote black images without a word (trial 60 F5)."""
     changed = manifest.changed_file(path, under)
+    if changed == manifest.MANIFEST_FILE:
+        raise UsageError(f"{name}: the checkpoint's {changed} cannot be read; use another checkpoint")
     if changed:
         raise UsageError(f"{name}: the checkpoint's {changed}{why} is missing or differs from its "
                          f"{manifest.MANIFEST_FILE} (damaged or changed since it was written); use another checkpoint")
@@ -571,8 +574,14 @@ def is_checkpoint(path: Path) -> bool:
 def is_checkpoint_weights(path: Path) -> bool:
     """Whether `path` is one of a training checkpoint's two sets of weights: unet/ is the trained one, without EMA,
     unet_ema/ the EMA's (a run folder's unet/ is its export's, which holds the EMA weights where the run kept them)."""
+    path = absolute(path)  # `.` inside it
     return (path.name in CHECKPOINT_WEIGHTS and path.is_dir() and is_checkpoint(path.parent)
             and not (path.parent / "model_index.json").is_file())
+
+
+def absolute(path: Path) -> Path:
+    """`path` from the root, `.` and `..` taken away as the shell takes them (a link is not followed)."""
+    return Path(os.path.abspath(path))
 
 
 def missing_checkpoint_hint(path: Path) -> str:
