@@ -535,7 +535,7 @@ def test_a_run_whose_checkpoints_are_all_incomplete_says_so(inputs, stopped_run)
         assert failed.returncode == 2 and len(error) == 1, failed.stderr[-2000:]
         assert error[0].startswith(f"uncond: error: --output_dir {stopped_run}: none of its checkpoints is complete "
                                    "(checkpoint-4: optimizer.bin is missing;")
-        assert error[0].endswith("restore the missing files to go on, or pass --overwrite_output_dir to start afresh")
+        assert error[0].endswith("restore their files to go on, or pass --overwrite_output_dir to start afresh")
     assert [path.name for _, path in checkpoint.list_checkpoints(stopped_run)] == [
         "checkpoint-4", "checkpoint-8", "checkpoint-12"]
 

@@ -288,7 +288,7 @@ def check_output_dir(config: TrainConfig, resuming: bool) -> str:
                   if (problem := checkpoint_problem(path))]
     if incomplete:  # and none complete, or it would be resumed: the run is not started again from step 0
         raise UsageError(f"--output_dir {output_dir}: none of its checkpoints is complete ({'; '.join(incomplete)}); "
-                         "restore the missing files to go on, or pass --overwrite_output_dir to start afresh")
+                         "restore their files to go on, or pass --overwrite_output_dir to start afresh")
     if not holds_trained_model(output_dir):
         return ""
     if interrupted_before_first_checkpoint(output_dir, config):
