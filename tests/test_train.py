@@ -959,6 +959,25 @@ def test_a_local_rank_left_in_the_environment_is_named_not_mixed_precision(run_c
     assert "unset LOCAL_RANK to train in one process" in err and "--mixed_precision" not in err
 
 
+def test_names_that_are_no_utf8_train_and_an_output_folder_of_one_is_refused_at_once(run_cli, color_folder, tiny_unet,
+                                                                                       tmp_path):
+    """A file or folder named in Latin-1 (an old zip's) is bytes that are no UTF-8: one among the images stopped the
+    run with a traceback; a data folder so named crashed the model card's write after training, leaving an empty
+    README.md that barred the resume; and safetensors cannot read weights under such a folder, so a run trained
+    into one could not be resumed, sampled or exported (trial 64 F2)."""
+    images = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9s"))
+    shutil.copytree(color_folder, images)
+    (images / "image_002.png").rename(images / os.fsdecode(b"\xe9t\xe9.png"))
+    out = tmp_path / "run"
+    code, _, err = run_cli(*fast_train_args(images, tiny_unet, out, "--max_train_steps", "1"))
+    assert code == 0, err
+    assert "images from caf\ufffds" in (out / "README.md").read_text()
+    latin = Path(os.fsdecode(bytes(tmp_path) + b"/r\xe9sultat"))
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, latin))
+    one_line_error(code, err, f"--output_dir {tmp_path}/r\\xe9sultat: its path is not UTF-8")
+    assert not latin.exists()
+
+
 def write_unet_config(folder: Path, **changes: object) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({**TINY_UNET, **changes}))

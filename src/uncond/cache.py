@@ -58,7 +58,7 @@ def cache_root(cache_dir: str | None) -> Path:
 def entry_folder(root: Path, fingerprint: str, settings: dict[str, Any]) -> Path:
     """The folder of the entry for this data and these preprocessing settings."""
     key = json.dumps({"format": FORMAT_VERSION, "data": fingerprint, **settings}, sort_keys=True)
-    return root / hashlib.sha256(key.encode()).hexdigest()[:24]
+    return root / hashlib.sha256(key.encode(errors="surrogateescape")).hexdigest()[:24]
 
 
 @dataclass

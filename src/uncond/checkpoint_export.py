@@ -16,8 +16,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from . import cache, checkpoint, hub, run_folder, sampling, tracking
-from .config import (CHECKPOINT_NAME, EMA_SHARE_KEY, RUN_CONFIG_FILE, ExportConfig, TrainConfig, UsageError, counted,
-                     list_checkpoints)
+from .config import (CHECKPOINT_NAME, EMA_SHARE_KEY, RUN_CONFIG_FILE, ExportConfig, TrainConfig, UsageError,
+                     check_utf8_path, counted, list_checkpoints)
 from .outputs import write_card_of
 
 logger = logging.getLogger("uncond")
@@ -48,6 +48,7 @@ def export_checkpoint(config: ExportConfig) -> Path:
     output_dir = Path(config.output_dir)
     final = output_dir.resolve()  # a link's target
     remove_dead_exports(final)  # first: the folder a killed export left is checked as it was before that export
+    check_utf8_path("--output_dir", output_dir)
     check_export_folder(output_dir, config.overwrite_output_dir)
     model = sampling.load_model(str(source), torch.device("cpu"), torch.float32)
     # Written whole into a folder beside it, then moved in: half an export would pass for a model (its pipeline

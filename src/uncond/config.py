@@ -102,6 +102,18 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def check_utf8_path(name: str, path: str | os.PathLike) -> None:
+    """Refuse a path whose bytes are no UTF-8 (a name from an old archive, in Latin-1): safetensors reads and writes
+    only UTF-8 paths, so a run trained into such a folder wrote its weights and could not read them back to resume,
+    nor could sample or export them (trial 64 F2). `name`: the flag or argument, as the error shows it."""
+    try:
+        os.path.abspath(os.path.expanduser(path)).encode()
+    except UnicodeEncodeError:
+        shown = repr(os.fsencode(path))[2:-1]  # its bytes: cafe\xe9
+        raise UsageError(f"{name} {shown}".strip() + ": its path is not UTF-8 (a name from an old archive?), which "
+                         "safetensors cannot read model weights from; rename it (convmv renames such names)") from None
+
+
 def setting(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, seed: bool = False,
             positional: bool = False):
     """A config field: `seed=True` marks the flags that train_unconditional.py has, with the same default.

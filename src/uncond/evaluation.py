@@ -234,7 +234,7 @@ def reference_stats(config: EvaluateConfig, source: sources.Source | None, resol
     count = min(len(source.records), config.reference_num_images)
     key = "|".join([extractor.identity, source.fingerprint, f"{resolution}px",
                     f"{config.reference_num_images} at most"] + (["as gray"] if gray else []))
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(key.encode(errors="surrogateescape")).hexdigest()[:16]
     cache = cache_folder() / f"{slug(config.reference)}-{resolution}px-{digest}.npz"
     skipped: list[tuple[str, str]] = []
 

@@ -212,5 +212,8 @@ for {counted(details['steps'], 'optimizer step')} ({counted(details['images_seen
 {metrics}
 {details['reproduce']}"""
     path = output_dir / CARD_FILE
-    ModelCard(content).save(path)
+    # A path whose name is no UTF-8 (Latin-1 from an old zip) cannot be written as it is into a UTF-8 card: its
+    # bytes show as U+FFFD (the card's write failed after training, and its empty README.md barred the resume;
+    # trial 64 F2).
+    ModelCard(content.encode(errors="surrogateescape").decode(errors="replace")).save(path)
     return path

@@ -22,8 +22,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import is_torch_version
 
 from . import accelerate_configs, checkpoint, data, environment, models, run_folder, sampling, sources
-from .config import (BETA_SCHEDULES, SETTINGS, TrainConfig, UsageError, check_zero_snr, counted, nearest_existing,
-                     size_text)
+from .config import (BETA_SCHEDULES, SETTINGS, TrainConfig, UsageError, check_utf8_path, check_zero_snr, counted,
+                     nearest_existing, size_text)
 
 logger = logging.getLogger("uncond")
 
@@ -145,6 +145,7 @@ def settle_launch_and_preview_defaults(config: TrainConfig, explicit: set[str] |
 def check_paths(config: TrainConfig) -> None:
     """The data exists and the run's folders can be made (its output, the decoded-image cache)."""
     sources.check_source(config)
+    check_utf8_path("--output_dir", config.output_dir)
     run_folder.check_creatable(config.output_dir, "--output_dir")
     if config.cache_dir:
         run_folder.check_creatable(config.cache_dir, "--cache_dir")

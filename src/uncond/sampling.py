@@ -29,8 +29,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import cpu_threads, manifest, remote, signals
-from .config import (CHECKPOINT_NAME, EMA_SHARE_KEY, RUN_CONFIG_FILE, STATE_FILE, SamplingSettings, UsageError, counted,
-                     first_line, list_checkpoints)
+from .config import (CHECKPOINT_NAME, EMA_SHARE_KEY, RUN_CONFIG_FILE, STATE_FILE, SamplingSettings, UsageError,
+                     check_utf8_path, counted, first_line, list_checkpoints)
 from .progress import progress_bar
 
 PARTIAL_SUFFIX = ".partial"  # an image being written; renamed into place once whole
@@ -375,6 +375,8 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     from diffusers import DiffusionPipeline, UNet2DModel
 
     path = Path(name_or_path).expanduser()
+    if path.exists():
+        check_utf8_path("", name_or_path)
     if is_checkpoint(path) and has_noise_schedule(path) and not (path / "model_index.json").is_file():
         return load_checkpoint(path, name_or_path, device, dtype)
     if is_checkpoint_weights(path) and has_noise_schedule(absolute(path).parent):

@@ -211,7 +211,9 @@ def folder_source(folder: Path) -> Source:
             second_names += 1
             continue
         files_read.add((stat.st_dev, stat.st_ino))
-        fingerprint.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        # (surrogateescape: a name that is no UTF-8, Latin-1 from an old zip, is the bytes it was; trial 64 F2)
+        entry = f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+        fingerprint.update(entry.encode(errors="surrogateescape"))
         paths.append(str(path))
         keys.append(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}")
     left_out = (f"; uncond run and sample folders left out: {', '.join(str(p) for p in run_folders)}"
