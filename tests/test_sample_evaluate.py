@@ -383,10 +383,37 @@ def test_a_stop_while_a_models_weights_load_is_a_stop_from_the_hub_cache_too(run
     (lambda p, t: ["sample", p, "--seed", 2**70], "--seed is 1180591620717411303424; use a whole number from 0"),
     (lambda p, t: ["evaluate", p, "--reference", t / "missing.npz"], "no such statistics file"),
     (lambda p, t: ["evaluate", p, "--reference", t / "nowhere"], "--reference"),
+    # an unset shell variable: sample and export wrote into the current folder, evaluate measured it (trial 64 F3)
+    (lambda p, t: ["sample", p, "--output_dir", ""], "--output_dir is empty (an unset shell variable?)"),
+    (lambda p, t: ["sample", ""], "MODEL is empty (an unset shell variable?)"),
+    (lambda p, t: ["evaluate", p, "--reference", ""], "--reference is empty (an unset shell variable?)"),
+    (lambda p, t: ["export", t, "--output_dir", ""], "--output_dir is empty (an unset shell variable?)"),
 ])
-def test_bad_input_is_one_line(run_cli, pipeline, tmp_path, make_args, expected):
+def test_bad_input_is_one_line(run_cli, pipeline, tmp_path, make_args, expected, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(*make_args(pipeline, tmp_path))
     one_line_error(code, err, expected)
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "model_index.json").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(run_cli, pipeline, tiny_unet, color_folder, tmp_path,
+                                                          monkeypatch):
+    """A link to a folder that does not exist: export made the link's target (a new folder at the top of the disk),
+    sample gave a traceback; a folder that check_creatable takes but the system refuses (a read-only mount, /proc
+    for root) was a traceback after the model had loaded (trial 64 F4)."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere" / "deep")
+    for args in (["sample", pipeline, "--output_dir", link], fast_train_args(color_folder, tiny_unet, link)):
+        code, _, err = run_cli(*args)
+        one_line_error(code, err, f"--output_dir {link}: a link to {tmp_path / 'nowhere' / 'deep'}, which does not "
+                                  "exist (or a loop of links); choose another --output_dir")
+    assert not (tmp_path / "nowhere").exists()
+    refused = tmp_path / "read-only"
+    mkdir = Path.mkdir
+    monkeypatch.setattr(Path, "mkdir", lambda self, *args, **kwargs: (_ for _ in ()).throw(
+        OSError(errno.EROFS, os.strerror(errno.EROFS))) if self == refused else mkdir(self, *args, **kwargs))
+    code, _, err = run_cli("sample", pipeline, "--output_dir", refused, "--num_images", 1, "--steps", 1)
+    one_line_error(code, err, f"--output_dir {refused}: cannot create it (Read-only file system)")
 
 
 def test_evaluate_under_several_processes_points_to_sampling_on_them_first(run_cli, pipeline, tmp_path, monkeypatch):

@@ -49,12 +49,13 @@ def export_checkpoint(config: ExportConfig) -> Path:
     final = output_dir.resolve()  # a link's target
     remove_dead_exports(final)  # first: the folder a killed export left is checked as it was before that export
     check_utf8_path("--output_dir", output_dir)
+    run_folder.check_creatable(str(output_dir), "--output_dir")  # (a read-only one gave a traceback: trial 64 F4)
     check_export_folder(output_dir, config.overwrite_output_dir)
     model = sampling.load_model(str(source), torch.device("cpu"), torch.float32)
     # Written whole into a folder beside it, then moved in: half an export would pass for a model (its pipeline
     # loads, its state says finished), and one that fails or is killed keeps the export it was to replace.
     created = run_folder.highest_missing(final)
-    final.mkdir(parents=True, exist_ok=True)
+    run_folder.make_folder(final, "--output_dir")
     staging = final.parent / f".{final.name}{EXPORTING}{os.getpid()}"
     try:
         staging.mkdir()

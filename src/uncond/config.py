@@ -812,6 +812,10 @@ def check_step_rules(scheduler: str, rules: str | None) -> None:
 def build_command_config(config_class: type, values: dict[str, Any]) -> Any:
     """`uncond sample` / `uncond evaluate` / `uncond cache` settings from parsed arguments, checked."""
     config = config_class(**values)
+    for spec in fields(config):  # Path("") is the current folder: sample and export wrote into it (trial 64 F3)
+        if getattr(config, spec.name) == "":
+            shown = spec.name.upper() if spec.metadata["positional"] else f"--{spec.name}"
+            raise UsageError(f"{shown} is empty (an unset shell variable?); give it a value")
     check_choices(config)
     check_numbers(config)
     if isinstance(config, CacheConfig):

@@ -41,12 +41,25 @@ def check_creatable(path: str, flag: str, file: bool = False, instead: str | Non
     one that makes it while the others wait (or after minutes of sampling). `instead`: what to do, if not to
     give `flag` another value."""
     instead = instead or f"choose another {flag}"
-    existing = Path(path).expanduser().absolute()
+    named = Path(path).expanduser()
+    if named.is_symlink() and not named.exists():  # a mkdir through it made its target's folders anywhere
+        raise UsageError(f"{flag} {path}: a link to {os.readlink(named)}, which does not exist (or a loop of links); "
+                         f"{instead}")
+    existing = named.absolute()
     existing = nearest_existing(existing.parent if file else existing)
     if not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; {instead}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: {existing} is not writable; {instead}")
+
+
+def make_folder(folder: Path, flag: str) -> None:
+    """Make `folder` (and its parents), or say in one line why it cannot be: what check_creatable cannot see (a root
+    user in /proc, a full or read-only mount)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{flag} {folder}: cannot create it ({error.strerror})") from None
 
 
 def preview_path(output_dir: Path, step: int) -> Path:

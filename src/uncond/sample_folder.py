@@ -28,7 +28,7 @@ from . import environment, signals
 from .config import (RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, RunFailed, RunStopped, SampleConfig, UsageError,
                      counted)
 from .manifest import file_digest
-from .run_folder import check_creatable, is_preview_folder
+from .run_folder import check_creatable, is_preview_folder, make_folder
 from .sampling import (PARTIAL_SUFFIX, image_grid, is_numbered_image, log_sampling, network_evaluations,
                        numbered_name, open_for_sampling, sample_batches, sampling_options, to_pil, write_whole)
 
@@ -250,9 +250,9 @@ def prepare_folder(folder: Path, config: SampleConfig, settings: dict[str, Any],
     """Make the folders, remove what this run replaces (when `replacing`, every numbered image; with
     --overwrite, those of these settings past --num_images; unfinished images of an interrupted run), then
     record its settings."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, "--output_dir")
     if config.grid:
-        Path(config.grid).parent.mkdir(parents=True, exist_ok=True)
+        make_folder(Path(config.grid).parent, "--grid")
     for path in folder.iterdir():
         # Replaced images go before the settings are recorded: an interrupted run must not leave the earlier
         # sampling's images under this one's settings.

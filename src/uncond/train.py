@@ -174,10 +174,7 @@ def prepare_output_dir(plan: Plan, output_dir: Path) -> run_folder.FolderStart:
     start = run_folder.FolderStart(created=run_folder.highest_missing(output_dir), replacing=False,
                                    was_empty=output_dir.is_dir() and not any(output_dir.iterdir()),
                                    resume_step=plan.resume_step)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # what plan's check cannot see (a root user in /proc, a full or read-only mount)
-        raise UsageError(f"--output_dir {output_dir}: cannot create it ({error.strerror})") from None
+    run_folder.make_folder(output_dir, "--output_dir")
     run_folder.lock_output_dir(output_dir)
     try:
         return prepare_locked_output_dir(plan, output_dir, start)
