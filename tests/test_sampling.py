@@ -181,6 +181,22 @@ def test_model_card_code_gives_the_images_of_uncond_sample(name, monkeypatch):
     assert np.array_equal(card_images, uncond_images)
 
 
+def test_model_card_code_names_any_folder_as_python_and_the_shell_read_it():
+    """A quote in the output folder's name made the card's code a SyntaxError; a space or a leading dash broke the
+    `uncond sample` command it gives (trial 64 F1)."""
+    import ast
+    import re
+    import shlex
+
+    folder = '-my "run" 2'
+    code = diffusers_usage_code("ddim", DDPMScheduler(num_train_timesteps=1000).config, folder, 4)
+    calls = [node for node in ast.walk(ast.parse(code))
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained"]
+    assert [ast.literal_eval(call.args[0]) for call in calls] == [folder]
+    command = re.search(r"# the images of `(.*)`:", code).group(1)
+    assert shlex.split(command)[:3] == ["uncond", "sample", f"./{folder}"]
+
+
 def test_a_sampler_that_cannot_sample_the_model_is_refused_before_any_work():
     for sampler in ("pndm", "kdpm2"):  # diffusers says it in two garbled ways
         with pytest.raises(UsageError, match=rf"^--sampler {sampler} cannot sample this model \(it takes no "

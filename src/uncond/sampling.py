@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,9 +180,13 @@ def diffusers_usage_code(name: str, training_scheduler_config: dict[str, Any], r
     imports = ["import torch", f"from diffusers import DiffusionPipeline, {scheduler_class.__name__}"]
     if misfit:
         imports.append("from diffusers.utils.torch_utils import randn_tensor")
-    opening = "\n".join(imports) + f"\n\npipeline = DiffusionPipeline.from_pretrained(\"{repo}\")\n"
+    # The folder as a Python string and as a shell word, whatever its name (a quote in it was a SyntaxError, a space
+    # or a leading dash broke the command; trial 64 F1). json's string is also Python's.
+    python_string = json.dumps(repo, ensure_ascii=False)
+    opening = "\n".join(imports) + f"\n\npipeline = DiffusionPipeline.from_pretrained({python_string})\n"
+    shell_word = shlex.quote(f"./{repo}" if repo.startswith("-") else repo)
     # The flags named: the run's preview sampler and steps need not be `uncond sample`'s defaults.
-    seeds = (f"# the images of `uncond sample {repo} --seed 0 --sampler {name} --steps {num_steps}`:\n"
+    seeds = (f"# the images of `uncond sample {shell_word} --seed 0 --sampler {name} --steps {num_steps}`:\n"
              "num_images = 16\n"
              "generators = [torch.Generator().manual_seed(i) for i in range(num_images)]\n")
     if not misfit:
