@@ -148,11 +148,11 @@ def test_cached_statistics_are_computed_once_per_key(tmp_path):
         calls.append(1)
         return metrics.feature_stats(np.random.default_rng(len(calls)).normal(size=(10, 3)), "test")
 
-    first, from_cache = metrics.cached_stats(tmp_path / "cache.npz", "key-a", compute)
-    again, again_from_cache = metrics.cached_stats(tmp_path / "cache.npz", "key-a", compute)
-    assert not from_cache and again_from_cache and len(calls) == 1 and np.allclose(first.mu, again.mu)
-    _, other_from_cache = metrics.cached_stats(tmp_path / "cache.npz", "key-b", compute)
-    assert not other_from_cache and len(calls) == 2
+    first, kept = metrics.cached_stats(tmp_path / "cache.npz", "key-a", compute)
+    again, kept_again = metrics.cached_stats(tmp_path / "cache.npz", "key-a", compute)
+    assert (kept, kept_again) == ("saved", "read") and len(calls) == 1 and np.allclose(first.mu, again.mu)
+    _, kept_other = metrics.cached_stats(tmp_path / "cache.npz", "key-b", compute)
+    assert kept_other == "saved" and len(calls) == 2
 
 
 def test_a_stand_in_extractor_works_through_the_same_interface():

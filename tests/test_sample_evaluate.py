@@ -1319,7 +1319,8 @@ def test_evaluate_says_it_samples_only_once_the_reference_is_measured(run_cli, s
 
 def test_evaluate_with_an_unwritable_cache_gives_its_scores(run_cli, stand_in_inception, pipeline, tmp_path,
                                                              monkeypatch):
-    """The reference statistics could not be cached: a traceback after they were computed, and no scores."""
+    """The reference statistics could not be cached: a traceback after they were computed, and no scores; then
+    the report said they were "cached in" a file that does not exist (trial 64 F7)."""
     from uncond import cache, data
 
     monkeypatch.setattr(data, "cache_root", cache.cache_root)
@@ -1330,3 +1331,4 @@ def test_evaluate_with_an_unwritable_cache_gives_its_scores(run_cli, stand_in_in
     assert code == 0, err
     assert json.loads(stdout)["num_generated"] == 4 and json.loads(stdout)["fid"] > 0
     assert f"could not keep the statistics in {tmp_path / 'cache-file'}" in err and "Traceback" not in err
+    assert json.loads(stdout)["reference"].endswith("; statistics not kept (the cache cannot be written)")

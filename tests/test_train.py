@@ -978,6 +978,17 @@ def test_names_that_are_no_utf8_train_and_an_output_folder_of_one_is_refused_at_
     assert not latin.exists()
 
 
+def test_the_card_names_the_image_folder_given_as_dot(tmp_path, monkeypatch):
+    """`--train_data_dir .` gave the card "images from " (trial 64 F6)."""
+    from uncond.config import TrainConfig
+    from uncond.outputs import data_description
+
+    (tmp_path / "cats").mkdir()
+    monkeypatch.chdir(tmp_path / "cats")
+    assert [data_description(TrainConfig(train_data_dir=name)) for name in (".", "./", "../cats")] == \
+        ["images from cats"] * 3
+
+
 def write_unet_config(folder: Path, **changes: object) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({**TINY_UNET, **changes}))

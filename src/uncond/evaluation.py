@@ -248,10 +248,11 @@ def reference_stats(config: EvaluateConfig, source: sources.Source | None, resol
                              f"{skipped_note(skipped)}; FID needs at least 2")
         return metrics.feature_stats(features, extractor.name)
 
-    stats, from_cache = metrics.cached_stats(cache, key, compute)
+    stats, kept = metrics.cached_stats(cache, key, compute)
     as_gray = ", as gray (the generated images are gray)" if gray else ""
-    note = (f"{stats.count} images of {source.description}, {resizing(resolution)}{as_gray}; statistics "
-            f"{'read from the cache' if from_cache else 'cached in'} {cache}")
+    where = {"read": f"read from the cache {cache}", "saved": f"cached in {cache}",
+             "not kept": "not kept (the cache cannot be written)"}[kept]  # (it said "cached in": trial 64 F7)
+    note = f"{stats.count} images of {source.description}, {resizing(resolution)}{as_gray}; statistics {where}"
     return stats, note + skipped_note(skipped)
 
 

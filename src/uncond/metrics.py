@@ -259,15 +259,15 @@ def load_stats(path: Path) -> FeatureStats:
                         int(values.get("count", 0)), values.get("features"), extractor, str(values.get("key", "")))
 
 
-def cached_stats(path: Path, key: str, compute: Callable[[], FeatureStats]) -> tuple[FeatureStats, bool]:
+def cached_stats(path: Path, key: str, compute: Callable[[], FeatureStats]) -> tuple[FeatureStats, str]:
     """Statistics from `path` when it was computed from `key`, else computed and saved there.
-    Returns them and whether they came from the cache."""
+    Returns them and where they are: "read" from the cache, "saved" in it, or "not kept" (it cannot be written)."""
     if path.is_file():
         try:
             stats = load_stats(path)
             if stats.key == key:
                 mark_used(path)
-                return stats, True
+                return stats, "read"
         except UsageError:
             pass  # unreadable: computed afresh and replaced
     stats = compute()
@@ -277,7 +277,8 @@ def cached_stats(path: Path, key: str, compute: Callable[[], FeatureStats]) -> t
     except OSError as error:  # a read-only or full cache: the statistics, minutes of work, are used all the same
         logger.warning(f"could not keep the statistics in {path.parent} ({error.strerror or error}); they are used "
                        "without being kept (set XDG_CACHE_HOME to a writable folder to keep them)")
-    return stats, False
+        return stats, "not kept"
+    return stats, "saved"
 
 
 # ------------------------------------------------------------------------------------------------ metrics

@@ -111,7 +111,7 @@ def write_card_of(folder: Path, config: TrainConfig, state: dict[str, Any], unet
 
 
 def data_description(config: TrainConfig) -> str:
-    return config.dataset_name or f"images from {Path(config.train_data_dir).name}"
+    return config.dataset_name or f"images from {Path(os.path.abspath(config.train_data_dir)).name}"  # `.` too
 
 
 def hub_dataset_id(config: TrainConfig) -> str | None:
