@@ -180,6 +180,16 @@ def load(config: TrainConfig):
     return load_images(open_source(config), config, progress=False)
 
 
+def test_jpeg_files_of_every_suffix_pillow_reads_as_jpeg_are_images(tmp_path):
+    """A .jpe (a JPEG, as Pillow reads it) was passed over as no image (trial 64 F9)."""
+    from uncond import sources
+
+    noise = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    for suffix in (".jpe", ".JPE", ".jfif", ".jpeg", ".jpg"):
+        Image.fromarray(noise).save(tmp_path / f"photo{suffix}", format="JPEG")
+    assert len(sources.open_named_source(str(tmp_path), "--train_data_dir").records) == 5
+
+
 def test_every_kind_of_messy_file_is_used_or_skipped_with_a_reason(tmp_path):
     folder = write_messy_folder(tmp_path / "messy")
     source = open_source(TrainConfig(train_data_dir=str(folder)))

@@ -24,7 +24,7 @@ from .config import RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, TrainConfig, UsageErr
 
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
-                    ".pnm", ".jfif"}
+                    ".pnm", ".jfif", ".jpe"}  # (.jpe: JPEG too, as Pillow reads it; trial 64 F9)
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS = ("mnist",)
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "pixel_values", "pixels")
