@@ -965,13 +965,13 @@ def test_names_that_are_no_utf8_train_and_an_output_folder_of_one_is_refused_at_
     run with a traceback; a data folder so named crashed the model card's write after training, leaving an empty
     README.md that barred the resume; and safetensors cannot read weights under such a folder, so a run trained
     into one could not be resumed, sampled or exported (trial 64 F2)."""
-    images = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9s"))
+    images = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9s|x"))  # (and a `|`, which split the card's table row)
     shutil.copytree(color_folder, images)
     (images / "image_002.png").rename(images / os.fsdecode(b"\xe9t\xe9.png"))
     out = tmp_path / "run"
     code, _, err = run_cli(*fast_train_args(images, tiny_unet, out, "--max_train_steps", "1"))
     assert code == 0, err
-    assert "images from caf\ufffds" in (out / "README.md").read_text()
+    assert "| dataset | images from caf\ufffds\\|x |" in (out / "README.md").read_text()
     latin = Path(os.fsdecode(bytes(tmp_path) + b"/r\xe9sultat"))
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, latin))
     one_line_error(code, err, f"--output_dir {tmp_path}/r\\xe9sultat: its path is not UTF-8")

@@ -188,7 +188,9 @@ def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
                               base_model=details.get("hub_base_model"))
     start = f", starting from the weights of {details['pretrained']}," if details.get("pretrained") else ""
     grid = f"![samples]({details['grid']})\n\n" if details.get("grid") else ""
-    metrics = "".join(f"| {name} | {value} |\n" for name, value in details.get("metrics", {}).items())
+    # (a `|` in a folder's name split its row: trial 64 F10)
+    metrics = "".join(f"| {name} | {str(value).replace('|', chr(92) + '|')} |\n"
+                      for name, value in details.get("metrics", {}).items())
     content = f"""---
 {card_data.to_yaml()}
 ---
