@@ -46,10 +46,11 @@ def export_checkpoint(config: ExportConfig) -> Path:
     if problem:
         raise UsageError(f"{config.checkpoint}: the checkpoint is incomplete ({problem}); export another one")
     output_dir = Path(config.output_dir)
+    check_utf8_path("--output_dir", output_dir)
+    # (a read-only one, a link to nothing or a loop of links gave a traceback, or a folder made elsewhere: trial 64 F4)
+    run_folder.check_creatable(str(output_dir), "--output_dir")
     final = output_dir.resolve()  # a link's target
     remove_dead_exports(final)  # first: the folder a killed export left is checked as it was before that export
-    check_utf8_path("--output_dir", output_dir)
-    run_folder.check_creatable(str(output_dir), "--output_dir")  # (a read-only one gave a traceback: trial 64 F4)
     check_export_folder(output_dir, config.overwrite_output_dir)
     model = sampling.load_model(str(source), torch.device("cpu"), torch.float32)
     # Written whole into a folder beside it, then moved in: half an export would pass for a model (its pipeline
