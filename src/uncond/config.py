@@ -560,18 +560,17 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         default_text = "" if spec.default is None or required else f" (default: {spec.default})"
         help_text = meta["help"] + default_text
         if meta["positional"]:
-            group.add_argument(name, metavar=name.upper(), help=help_text)
+            action = group.add_argument(name, metavar=name.upper(), help=help_text)
         elif kind is bool:
-            group.add_argument(f"--{name}", dest=name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
+            action = group.add_argument(f"--{name}", dest=name, action=argparse.BooleanOptionalAction,
+                                        default=argparse.SUPPRESS, help=help_text)
         else:
             # torch.distributed.launch passes --local-rank=N since torch 2.0; the seed's --local_rank is the same
             spelled = (f"--{name}", "--local-rank") if name == "local_rank" else (f"--{name}",)
-            group.add_argument(*spelled, dest=name, default=argparse.SUPPRESS, choices=meta["choices"],
-                               required=required, help=help_text,
-                               type=flag_type(name, config_class),
-                               metavar=None if meta["choices"] else kind.__name__.upper())
-        group._group_actions[-1].seed_flag = meta["seed"]  # (cli.Parser: the seed script's abbreviations)
+            action = group.add_argument(*spelled, dest=name, default=argparse.SUPPRESS, choices=meta["choices"],
+                                        required=required, help=help_text, type=flag_type(name, config_class),
+                                        metavar=None if meta["choices"] else kind.__name__.upper())
+        action.seed_flag = meta["seed"]  # (cli.Parser: the seed script's abbreviations)
 
 
 def flag_type(name: str, config_class: type) -> Callable[[str], Any]:

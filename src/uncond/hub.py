@@ -175,6 +175,11 @@ def written_by_uncond(card: Path) -> bool:
         return False
 
 
+def table_cell(value: Any) -> str:
+    """`value` in a Markdown table's cell: a `|` in it (a folder's name) split the row (trial 64 F10)."""
+    return str(value).replace("|", "\\|")
+
+
 def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
     """output_dir/README.md, a Hub model card: what was trained on what, a sample grid, the final metrics,
     the command that reproduces the run, and how to use the model with diffusers."""
@@ -188,9 +193,7 @@ def write_model_card(output_dir: Path, details: dict[str, Any]) -> Path:
                               base_model=details.get("hub_base_model"))
     start = f", starting from the weights of {details['pretrained']}," if details.get("pretrained") else ""
     grid = f"![samples]({details['grid']})\n\n" if details.get("grid") else ""
-    # (a `|` in a folder's name split its row: trial 64 F10)
-    metrics = "".join(f"| {name} | {str(value).replace('|', chr(92) + '|')} |\n"
-                      for name, value in details.get("metrics", {}).items())
+    metrics = "".join(f"| {name} | {table_cell(value)} |\n" for name, value in details.get("metrics", {}).items())
     content = f"""---
 {card_data.to_yaml()}
 ---

@@ -380,12 +380,13 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     from diffusers import DiffusionPipeline, UNet2DModel
 
     path = Path(name_or_path).expanduser()
-    if path.exists():
+    if path.exists():  # (a Hub id is no path)
         check_utf8_path("", name_or_path)
     if is_checkpoint(path) and has_noise_schedule(path) and not (path / "model_index.json").is_file():
         return load_checkpoint(path, name_or_path, device, dtype)
-    if is_checkpoint_weights(path) and has_noise_schedule(absolute(path).parent):
-        return load_checkpoint(absolute(path).parent, name_or_path, device, dtype, weights=absolute(path).name)
+    weights = absolute(path)  # `.` inside checkpoint-N/unet
+    if is_checkpoint_weights(path) and has_noise_schedule(weights.parent):
+        return load_checkpoint(weights.parent, name_or_path, device, dtype, weights=weights.name)
     if path.exists():
         if not (path / "model_index.json").is_file():
             refuse_unexported_run(path, name_or_path)
