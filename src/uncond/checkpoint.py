@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from . import environment, manifest, models, sharding, signals
+from . import environment, manifest, models, sampling, sharding, signals
 from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, STATE_FILE, RunFailed, TrainConfig, UsageError, first_line,
                      list_checkpoints, same_place)
 from .manifest import MANIFEST_FILE, write_manifest
@@ -371,9 +371,8 @@ def resume_differences(path: Path, config: TrainConfig, unet_config: dict[str, A
 
 
 def kept_ema(path: Path) -> bool:
-    """Whether the run that wrote checkpoint `path` kept an EMA of the weights (train_unconditional.py's
-    checkpoints say it by their unet_ema/ alone)."""
-    return saved_run_config(path).get("use_ema", (path / "unet_ema").is_dir())
+    """Whether the run that wrote checkpoint `path` kept an EMA of the weights (sampling.kept_ema)."""
+    return sampling.kept_ema(path, saved_run_config(path))
 
 
 def resume_notes(path: Path, config: TrainConfig, state: dict[str, Any]) -> list[str]:

@@ -223,8 +223,10 @@ class Parser(argparse.ArgumentParser):
         matches = super()._get_option_tuples(option_string)
         actions = list({id(match[0]): match for match in matches}.values())  # (action, flag, ...) each
         seed_flags = [match for match in actions if getattr(match[0], "seed_flag", False)]
-        if len(actions) == 1 or len(seed_flags) == 1:
-            return (actions if len(actions) == 1 else seed_flags)[:1]
+        if len(actions) == 1:
+            return actions
+        if len(seed_flags) == 1:
+            return seed_flags
         return matches
 
 

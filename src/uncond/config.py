@@ -25,7 +25,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 
 # A log record's extra= for a line each machine's first process says (cli.setup_logging): where every machine must
@@ -749,9 +749,7 @@ def validate(config: TrainConfig) -> None:
     for name in ("adam_beta1", "adam_beta2", "ema_max_decay"):
         if not 0 <= getattr(config, name) < 1:
             raise UsageError(f"--{name} is {getattr(config, name)}; it must be in [0, 1)")
-    for name in ("dataset_name", "output_dir") + ("train_data_dir",) * (not config.dataset_name):
-        if getattr(config, name) == "":  # Path("") is the current folder
-            raise UsageError(f"--{name} is empty (an unset shell variable?); give it a value")
+    refuse_empty(config, ("dataset_name", "output_dir") + ("train_data_dir",) * (not config.dataset_name))
     if config.dataset_name is None and config.train_data_dir is None:
         raise UsageError("no dataset given: pass --dataset_name (a Hub dataset, a saved dataset, a folder, or "
                          "builtin:mnist) or --train_data_dir DIR; `uncond train` with no arguments runs the demo, "
@@ -808,13 +806,20 @@ def check_step_rules(scheduler: str, rules: str | None) -> None:
                          f"{example}")
 
 
+def refuse_empty(config: Any, names: Sequence[str]) -> None:
+    """Refuse the settings `names` of `config` given as "" (an unset shell variable): Path("") is the current
+    folder (trial 64 F3)."""
+    positional = {spec.name for spec in fields(config) if spec.metadata["positional"]}
+    for name in names:
+        if getattr(config, name) == "":
+            raise UsageError(f"{name.upper() if name in positional else '--' + name} is empty (an unset shell "
+                             "variable?); give it a value")
+
+
 def build_command_config(config_class: type, values: dict[str, Any]) -> Any:
     """`uncond sample` / `uncond evaluate` / `uncond cache` settings from parsed arguments, checked."""
     config = config_class(**values)
-    for spec in fields(config):  # Path("") is the current folder: sample and export wrote into it (trial 64 F3)
-        if getattr(config, spec.name) == "":
-            shown = spec.name.upper() if spec.metadata["positional"] else f"--{spec.name}"
-            raise UsageError(f"{shown} is empty (an unset shell variable?); give it a value")
+    refuse_empty(config, [spec.name for spec in fields(config)])  # (sample and export wrote into the current folder)
     check_choices(config)
     check_numbers(config)
     if isinstance(config, CacheConfig):

@@ -94,8 +94,7 @@ def evaluate(config: EvaluateConfig) -> Report:
 def open_generated(config: EvaluateConfig) -> Generated:
     """GENERATED as image batches: a folder's images, or a model's samples (drawn lazily, as they are measured)."""
     path = Path(config.generated).expanduser()
-    if path.is_dir() and not (path / "model_index.json").is_file() and not sampling.is_checkpoint(path) \
-            and not sampling.is_checkpoint_weights(path):  # checkpoint-N/unet: a model, as `uncond sample` takes
+    if path.is_dir() and not sampling.holds_model(path):  # (checkpoint-N/unet too, as `uncond sample` takes it)
         return generated_folder(path, config)
     model, scheduler, steps = sampling.open_for_sampling(config, config.generated)
     size = model.unet.config.sample_size
@@ -209,7 +208,7 @@ def open_reference(reference: str) -> sources.Source | None:
         raise UsageError(f"--reference {reference}: a training run's output folder (its images are sample grids and "
                          "plots, not real images); pass the training images' folder or dataset")
     refuse_preview_folder(path, "--reference", "pass the training images' folder or dataset")
-    if (path / "model_index.json").is_file() or sampling.is_checkpoint(path) or sampling.is_checkpoint_weights(path):
+    if sampling.holds_model(path):
         raise UsageError(f"--reference {reference}: a model; the reference is real images: pass a folder or dataset of "
                          "them (a model's samples go as GENERATED)")
     source = sources.open_named_source(reference, "--reference")

@@ -453,15 +453,18 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
     checkpoint of uncond's can so be sampled and evaluated, also of a run stopped before its first export."""
     from diffusers import UNet2DModel
 
+    settings: dict[str, Any] = {}  # train_unconditional.py's checkpoints record none
     if not (path / RUN_CONFIG_FILE).is_file():
         scheduler_config = seed_run_schedule(path)
     else:
         try:
-            scheduler_config = dict(training_noise_scheduler(json.loads((path / RUN_CONFIG_FILE).read_text())).config)
+            settings = json.loads((path / RUN_CONFIG_FILE).read_text())
+            scheduler_config = dict(training_noise_scheduler(settings).config)
         except (OSError, ValueError, KeyError) as error:
             raise UsageError(f"{name}: its {RUN_CONFIG_FILE} does not give the noise schedule "
                              f"({first_line(error)})") from None
-    weights = weights or ("unet_ema" if kept_ema(path) else "unet")
+    # (a unet_ema/ gone since is then said by check_unchanged: the trained weights were sampled instead)
+    weights = weights or ("unet_ema" if kept_ema(path, settings) else "unet")
     # (the state is read for the EMA's share in the model of the step: unet/ alone needs none of it)
     check_unchanged(path, name, (RUN_CONFIG_FILE, f"{weights}/", *([STATE_FILE] if weights == "unet_ema" else [])))
     ema_share = pending_ema_share(path) if weights == "unet_ema" else 1.0
@@ -487,14 +490,10 @@ def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dt
     return Model(unet.to(device).eval(), scheduler_config, f"the checkpoint {path} ({kind} weights)")
 
 
-def kept_ema(path: Path) -> bool:
-    """Whether checkpoint `path` holds EMA weights: its unet_ema/, or one its manifest lists (gone since: said
-    by check_unchanged; the trained weights were sampled instead, as if the run had kept no EMA)."""
-    try:
-        listed = manifest.listed_files(path) or {}
-    except ValueError:
-        listed = {}
-    return (path / "unet_ema").is_dir() or any(name.startswith("unet_ema/") for name in listed)
+def kept_ema(path: Path, settings: dict[str, Any]) -> bool:
+    """Whether the run that wrote checkpoint `path`, with `settings` (its training_config.json's), kept an EMA of
+    the weights (train_unconditional.py's checkpoints record no settings and say it by their unet_ema/ alone)."""
+    return settings.get("use_ema", (path / "unet_ema").is_dir())
 
 
 def check_unchanged(path: Path, name: str, under: tuple[str, ...], why: str = "") -> None:
@@ -577,6 +576,12 @@ def is_checkpoint(path: Path) -> bool:
     """A training checkpoint holds the UNet (and its EMA copy) but no model_index.json; it has training_config.json
     as its run folder has."""
     return (path / "unet_ema").is_dir() or (path / "unet").is_dir()
+
+
+def holds_model(path: Path) -> bool:
+    """Whether folder `path` is a model to sample (a pipeline, a checkpoint or one of its sets of weights), not a
+    folder of images."""
+    return (path / "model_index.json").is_file() or is_checkpoint(path) or is_checkpoint_weights(path)
 
 
 def is_checkpoint_weights(path: Path) -> bool:
