@@ -1583,9 +1583,36 @@ def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
     saved.mkdir()
     (saved / "training_config.json").write_text(json.dumps({"ema_update_every": 4}))
     ema = models.EMA([torch.nn.Parameter(torch.zeros(1))], every=3)
-    assert checkpoint.ema_updates(1, saved, ema) == 2  # at step 6: the next, at 9, takes step 9's decay
-    assert checkpoint.ema_updates(1, saved, models.EMA([torch.nn.Parameter(torch.zeros(1))], every=4)) == 1
-    assert checkpoint.ema_updates(3, tmp_path / "checkpoint-3", ema) == 1  # the seed script's: every step
+    # 2 updates in 3s by step 7: the next, at 9, takes step 9's decay; the average's last update is at step 4
+    assert checkpoint.ema_clock(1, saved, ema) == (2, 4)
+    assert checkpoint.ema_clock(1, saved, models.EMA([torch.nn.Parameter(torch.zeros(1))], every=4)) == (1, 4)
+    assert checkpoint.ema_clock(3, tmp_path / "checkpoint-3", ema) == (1, 3)  # the seed script's: every step
+
+
+def test_a_resume_with_another_ema_update_every_keeps_the_steps_since_the_last_update(run_cli, color_folder,
+                                                                                      tiny_unet, tmp_path):
+    """A run resumed with another --ema_update_every counted its next update's decay from its own interval's last
+    multiple before the checkpoint (step 6 of 6 in 3s), not from the saved run's last update (step 4 in 4s): the
+    steps between were dropped and the old average's share jumped (0.40 -> 0.61; trial 60 F6). Up to the next
+    update, the resumed run's model is the one the saved run would have had: 6 steps in 4s, then 1 in 3s, exports
+    what 7 steps in 4s export, as no update falls between."""
+    whole = tmp_path / "whole"
+    settings = ("--use_ema", "--ema_update_every", "4", "--lr_scheduler", "constant")  # (a schedule of its own)
+    assert run_cli(*fast_train_args(color_folder, tiny_unet, whole, *settings, "--max_train_steps", "7"))[0] == 0
+    resumed = tmp_path / "resumed"
+    args = fast_train_args(color_folder, tiny_unet, resumed, *settings)
+    assert run_cli(*args, "--max_train_steps", "6")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "7", "--ema_update_every", "3",
+                           "--resume_from_checkpoint", "latest")
+    assert code == 0, err
+    trained, again = (load_file(run / "checkpoint-7" / "unet" / WEIGHTS) for run in (whole, resumed))
+    assert all(torch.equal(again[name], trained[name]) for name in trained)
+    expected, exported = load_file(whole / "unet" / WEIGHTS), load_file(resumed / "unet" / WEIGHTS)
+    assert all(torch.equal(exported[name], expected[name]) for name in expected)
+    state = json.loads((resumed / "checkpoint-7" / "training_state.json").read_text())
+    assert state["ema_last_update_step"] == 4
+    model = sampling.load_model(str(resumed / "checkpoint-7"), torch.device("cpu"), torch.float32)
+    assert all(torch.equal(model.unet.state_dict()[name], expected[name]) for name in expected)
 
 
 def test_an_ema_updated_every_two_steps_is_updated_at_the_second(run_cli, color_folder, tiny_unet, tmp_path):

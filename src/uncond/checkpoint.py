@@ -26,8 +26,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from . import environment, manifest, models, sampling, sharding, signals
-from .config import (CHECKPOINT_NAME, RUN_CONFIG_FILE, STATE_FILE, RunFailed, TrainConfig, UsageError, first_line,
-                     list_checkpoints, same_place)
+from .config import (CHECKPOINT_NAME, EMA_LAST_UPDATE_KEY, RUN_CONFIG_FILE, STATE_FILE, RunFailed, TrainConfig,
+                     UsageError, first_line, list_checkpoints, same_place)
 from .manifest import MANIFEST_FILE, write_manifest
 
 logger = logging.getLogger("uncond")
@@ -178,28 +178,34 @@ def register_state_hooks(accelerator: Accelerator, unet: torch.nn.Module, ema: E
             # Only how far the average has come: its decay settings are this run's (--ema_max_decay,
             # --ema_inv_gamma, --ema_power), as its --learning_rate is; EMAModel.load_state_dict would put
             # back the checkpoint's.
-            state = {"optimization_step": ema_updates(saved.get("optimization_step", 0), Path(input_dir), ema)}
+            updates, last_update = ema_clock(saved.get("optimization_step", 0), Path(input_dir), ema)
             names, parameters = zip(*plain.named_parameters())
-            state["shadow_params"] = sharding.local_shards(parameters, [averaged[name] for name in names])
-            ema.load_state_dict(state)
+            shadow = sharding.local_shards(parameters, [averaged[name] for name in names])
+            ema.load_state_dict({"optimization_step": updates, "shadow_params": shadow})
+            if isinstance(ema, models.EMA):
+                ema.last_update_step = last_update
             ema.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def ema_updates(saved_updates: int, path: Path, ema: EMAModel) -> int:
-    """The EMA's update count (its warmup clock) in this run's --ema_update_every. The checkpoint's is of updates
-    every `ema_update_every` steps of the run that wrote it (1 for train_unconditional.py's); where that differs,
-    the count this run's interval reaches by the checkpoint's step: the steps the saved updates spanned, counted
-    anew, fell behind the step (every 4, then 3 from step 7: the update at step 9 took step 6's decay; trial 58
-    F5), as updates come at multiples of the interval (train.train_step)."""
+def ema_clock(saved_updates: int, path: Path, ema: EMAModel) -> tuple[int, int]:
+    """The EMA's update count (its warmup clock) in this run's --ema_update_every, and the step of its last update.
+    The checkpoint's count is of updates every `ema_update_every` steps of the run that wrote it (1 for
+    train_unconditional.py's); where that differs, the count this run's interval reaches by the checkpoint's step:
+    the steps the saved updates spanned, counted anew, fell behind the step (every 4, then 3 from step 7: the update
+    at step 9 took step 6's decay; trial 58 F5), as updates come at multiples of the interval (train.update_ema).
+    The last update stays the saved run's: the next update, and exports before it, count the decay of every step
+    since (from step 5 there, not 7: the average's share jumped from 0.40 to 0.61 at the resume; trial 60 F6)."""
     every = getattr(ema, "every", 1)
     config_file = path / RUN_CONFIG_FILE
     saved_every = json.loads(config_file.read_text()).get("ema_update_every", 1) if config_file.is_file() else 1
-    if saved_every == every:
-        return saved_updates
-    return checkpoint_step(path, read_training_state(path)) // every
+    state = read_training_state(path)
+    last_update = state.get(EMA_LAST_UPDATE_KEY)
+    if not isinstance(last_update, int) or isinstance(last_update, bool):  # not recorded (an earlier uncond's)
+        last_update = saved_updates * saved_every
+    return (saved_updates if saved_every == every else checkpoint_step(path, state) // every), last_update
 
 
 def written_by_fsdp(path: Path) -> bool:

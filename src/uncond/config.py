@@ -450,6 +450,9 @@ STATE_FILE = "training_state.json"  # beside it: the step, epoch and images seen
 # In a checkpoint's STATE_FILE: the share of its unet_ema/ in the model of its step, its unet/ the rest (the steps
 # an EMA updated every N steps has not averaged yet); absent where the run kept no EMA or was uncond's before it.
 EMA_SHARE_KEY = "ema_share"
+# Beside it: the step its EMA was last updated at, which a resume counts the next update's decay from (a run with
+# another --ema_update_every than the one that wrote it updates at other steps; checkpoint.ema_clock).
+EMA_LAST_UPDATE_KEY = "ema_last_update_step"
 SAMPLE_SETTINGS_FILE = "sample_settings.json"  # in every folder `uncond sample` writes: it marks them
 PREVIEWS_DIR = "samples"  # a run's preview grids, in its output folder (a run artefact)
 BEST_DIR = "best"  # --keep_best: the export with the lowest FID

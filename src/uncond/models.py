@@ -210,15 +210,21 @@ class EMA(EMAModel):
     def __init__(self, *args: Any, every: int = 1, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.every = every
+        # The optimizer step the average was last updated at: the last multiple of `every` reached, but the last
+        # update of the run's earlier --ema_update_every for a run resumed with another (checkpoint.load_hook).
+        self.last_update_step = 0
+
+    def step(self, parameters: Any) -> None:
+        super().step(parameters)
+        self.last_update_step = self.optimization_step * self.every
 
     def get_decay(self, optimization_step: int) -> float:
-        last = optimization_step * self.every
-        return self.decay_over(last - self.every + 1, last)
+        return self.decay_over(self.last_update_step + 1, optimization_step * self.every)
 
     def decay_since_update(self, step: int) -> float:
         """The decay of the optimizer steps after the last update up to `step` (1 where it was updated at `step`):
         the share of the average that its next update, at `step`, would keep."""
-        return self.decay_over(self.optimization_step * self.every + 1, step)
+        return self.decay_over(self.last_update_step + 1, step)
 
     def decay_over(self, first: int, last: int) -> float:
         """The product of diffusers' per-step decays of optimizer steps `first` to `last`."""
@@ -229,7 +235,7 @@ class EMA(EMAModel):
     def decay_per_step(self) -> float | None:
         """The per-step decay at the last update's step: the value a run updating every step would show, so
         that runs with other --ema_update_every compare."""
-        return None if self.cur_decay_value is None else super().get_decay(self.optimization_step * self.every)
+        return None if self.cur_decay_value is None else super().get_decay(self.last_update_step)
 
 
 def make_ema(unet: torch.nn.Module, config: TrainConfig) -> EMA:

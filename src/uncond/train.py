@@ -21,8 +21,8 @@ from diffusers import UNet2DModel
 from tqdm import tqdm
 
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, signals, tracking
-from .config import (EMA_SHARE_KEY, EVERY_MACHINE, RUN_CONFIG_FILE, ProcessInUse, RunFailed, RunStopped, TrainConfig,
-                     UsageError, counted, first_line, public_argv)
+from .config import (EMA_LAST_UPDATE_KEY, EMA_SHARE_KEY, EVERY_MACHINE, RUN_CONFIG_FILE, ProcessInUse, RunFailed,
+                     RunStopped, TrainConfig, UsageError, counted, first_line, public_argv)
 from .objective import denoising_loss, sample_noise_and_timesteps
 from .progress import progress_bar
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
@@ -714,6 +714,7 @@ def save_checkpoint(run: Run) -> None:
         # --ema_update_every N the EMA has not averaged the steps since its last update (models.ema_weights).
         # uncond sample, evaluate and export of the checkpoint blend them as the run's own export does.
         state[EMA_SHARE_KEY] = run.ema.decay_since_update(run.step)
+        state[EMA_LAST_UPDATE_KEY] = run.ema.last_update_step
     path, dropped = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step, state, run.config,
                                                run.config.checkpoints_total_limit)
     run.checkpointed_step = run.step
