@@ -3,6 +3,7 @@ during training, with a tiny stand-in for the Inception network."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import errno
 import json
@@ -18,8 +19,9 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+import uncond
 from conftest import TINY_UNET, RunsCode, fast_train_args, mounted_tmpfs, save_tiny_pipeline, write_images
-from uncond.config import TrainConfig, UsageError
+from uncond.config import TrainConfig, UsageError, add_train_arguments, build_config
 from uncond.manifest import write_manifest
 from test_train import one_line_error
 
@@ -49,6 +51,28 @@ def test_sample_writes_numbered_pngs_the_same_whatever_the_batch_size(run_cli, p
     assert code == 0, err
     for a, b in zip(pixels(tmp_path / "a"), pixels(tmp_path / "b"), strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float rounding of batched convolutions only
+
+
+def test_a_leading_tilde_is_the_home_folder_where_the_shell_leaves_it(pipeline, tmp_path, monkeypatch):
+    """`--output_dir=~/x` (bash expands no ~ after =), a path in uncond.main("...")'s one string, a config file's
+    path: each made or looked for a folder named ~ in the current folder (trial 64 F11)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(pipeline, home / "model")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert uncond.main("sample ~/model --num_images 2 --steps 2 --output_dir=~/samples --grid=~/g.png") == 0
+    assert len(list((home / "samples").glob("*.png"))) == 2 and (home / "g.png").is_file()
+    write_images(home / "pics", 2)
+    (home / "settings.json").write_text(json.dumps({"train_data_dir": "~/pics", "output_dir": "~/run",
+                                                    "model_config_name_or_path": "~/model/unet"}))
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    config, _ = build_config(vars(parser.parse_args(["--config=~/settings.json", "--cache_dir=~/cache"])))
+    assert (config.train_data_dir, config.output_dir, config.cache_dir) == (
+        str(home / "pics"), str(home / "run"), str(home / "cache"))
+    assert config.model_config_name_or_path == str(home / "model" / "unet")
+    assert list(work.iterdir()) == []
 
 
 @pytest.mark.parametrize("steps, warned", [(1, "ddpm with 1 step starts at timestep 0, not at 999"),

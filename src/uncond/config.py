@@ -466,6 +466,10 @@ ONE_TIME_SETTINGS = ("overwrite_output_dir", "resume_from_checkpoint", "dry_run"
 # Settings that may name a local file or folder (dataset_name a Hub id too, as for `datasets`)
 LOCAL_PATH_SETTINGS = ("dataset_name", "train_data_dir", "model_config_name_or_path", "pretrained_model_name_or_path",
                        "cache_dir", "inception_weights")
+# Every command's settings that name a file or folder: a leading ~ is the home folder there as in a shell, which
+# leaves it in `--output_dir=~/x`, a config file and uncond.main("...") (a folder named ~ was made; trial 64 F11)
+PATH_SETTINGS = (*LOCAL_PATH_SETTINGS, "output_dir", "resume_from_checkpoint", "logging_dir", "model", "grid",
+                 "generated", "reference", "checkpoint")
 
 
 def absolute_if_local(value: Any) -> Any:
@@ -538,6 +542,8 @@ def coerce(name: str, value: Any, config_class: type = TrainConfig) -> Any:
             return bool(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
+        if kind is str and name in PATH_SETTINGS:
+            return os.path.expanduser(str(value))
         return kind(value)
     except (TypeError, ValueError):
         raise UsageError(f"--{name} expects {kind.__name__}, got {value!r}") from None
@@ -545,7 +551,7 @@ def coerce(name: str, value: Any, config_class: type = TrainConfig) -> Any:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (plus --config), grouped as in TrainConfig. Only flags a user typed are set."""
-    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, type=os.path.expanduser,
                         help="a YAML or JSON file of settings (same keys as the flags); flags win")
     add_arguments(parser, TrainConfig)
 
@@ -563,7 +569,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         default_text = "" if spec.default is None or required else f" (default: {spec.default})"
         help_text = meta["help"] + default_text
         if meta["positional"]:
-            action = group.add_argument(name, metavar=name.upper(), help=help_text)
+            action = group.add_argument(name, metavar=name.upper(), help=help_text, type=flag_type(name, config_class))
         elif kind is bool:
             action = group.add_argument(f"--{name}", dest=name, action=argparse.BooleanOptionalAction,
                                         default=argparse.SUPPRESS, help=help_text)
