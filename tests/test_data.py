@@ -395,6 +395,19 @@ def test_a_folder_that_changed_decodes_only_its_new_files_and_replaces_its_entry
     assert 0.8 < said / load(config).pixels.nbytes < 1.3
 
 
+def test_the_cache_size_said_before_decoding_counts_gray_images_of_every_mode_as_one_channel(tmp_path):
+    """Big-endian 16-bit gray TIFFs (I;16B) were counted as three channels: --dry_run's and the run's first
+    "about ... " line said three times the cache they make (its own list of gray modes; trial 65 F12)."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for index in range(4):
+        Image.new("I;16B", (20, 24), 300 * index).save(folder / f"scan{index}.tif")
+    config = TrainConfig(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "cache"))
+    outlook = data.cache_outlook(open_source(config), config)
+    said = float(re.search(r"about ([\d.]+) KiB", outlook.line)[1]) * 1024
+    assert 0.8 < said / load(config).pixels.nbytes < 1.3, outlook.line
+
+
 def test_a_moved_folder_with_a_photo_added_decodes_only_that_photo(tmp_path, monkeypatch):
     """Moved or renamed, then grown by one photo, a collection was decoded whole again, and its earlier entry
     stayed beside the new one under the old path (the entry matched files by their absolute paths)."""

@@ -605,6 +605,10 @@ def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tm
     one_line_error(code, err, f"--output_dir {best} already holds a trained model")
     code, _, err = run_cli("export", run, "--output_dir", tmp_path / "other")
     one_line_error(code, err, f"{run}: not a training checkpoint")
+    plain = save_tiny_pipeline(tmp_path / "plain")  # diffusers' own (it was taken for a seed script's checkpoint)
+    code, _, err = run_cli("export", plain, "--output_dir", tmp_path / "other")
+    one_line_error(code, err, f"{plain}: not a training checkpoint")
+    assert "a pipeline folder is a model already" in err, err
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     code, _, err = run_cli("export", run / "checkpoint-4", "--output_dir", tmp_path / "mine", "--overwrite_output_dir")

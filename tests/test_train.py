@@ -1684,12 +1684,15 @@ def test_a_finished_run_whose_export_is_gone_exports_it_again(run_cli, color_fol
             (out / "unet" / "config.json").write_text("")
         else:
             shutil.rmtree(out / damage) if (out / damage).is_dir() else (out / damage).unlink()
+        code, _, err = run_cli(*args, "--dry_run")  # it said the run was complete (trial 65 F6)
+        assert code == 0 and "would end at once at step 2, exporting checkpoint-2" in err, (damage, err)
         code, _, err = run_cli(*args)
         assert code == 0 and "is complete at step 2" not in err, err
         again = load_file(out / "unet" / WEIGHTS)
         assert all(torch.equal(again[name], exported[name]) for name in exported)  # the EMA's, as before
         assert type(DiffusionPipeline.from_pretrained(out)).__name__ == "DDPMPipeline"
     assert "is complete at step 2" in run_cli(*args)[2]
+    assert "is complete at step 2" in run_cli(*args, "--dry_run")[2]
 
 
 def test_runs_in_one_process_may_differ_in_precision(color_folder, tiny_unet, tmp_path):
@@ -1816,6 +1819,8 @@ def test_resume_commands_go_on_from_the_newest_checkpoint(tmp_path):
     assert outputs.resuming_latest(["train", "--resume_from_checkpoint=checkpoint-2"], named) == [
         "train", "--resume_from_checkpoint", "latest"]
     assert outputs.resuming_latest(argv[:3], TrainConfig(output_dir="x")) == argv[:3]
+    unset = ["train", "--resume_from_checkpoint", ""]  # an unset shell variable: no flag, as in the seed script
+    assert outputs.resuming_latest(unset, TrainConfig(output_dir="x", resume_from_checkpoint="")) == unset
     # --overwrite_output_dir would remove the checkpoint the stop saved
     assert outputs.resuming_latest(["train", "--overwrite_output_dir"], TrainConfig(output_dir="x",
                                  overwrite_output_dir=True)) == ["train", "--resume_from_checkpoint", "latest"]

@@ -327,6 +327,12 @@ def read_training_state(path: Path) -> dict[str, Any]:
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
 
 
+def run_complete(output_dir: Path, step: int, total_steps: int) -> bool:
+    """Whether the run in `output_dir`, at `step` of its `total_steps`, is complete: its end is exported, whole
+    (the same command run again trains nothing and exports nothing; train and its --dry_run both ask this)."""
+    return step >= total_steps and exported_step(output_dir) == step
+
+
 def exported_step(output_dir: Path) -> int | None:
     """The step of the pipeline exported in `output_dir`, where it is whole: a folder whose model_index.json, UNet
     or scheduler was removed, emptied or cut short (a copy in part) holds no pipeline, whatever its

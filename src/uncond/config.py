@@ -322,6 +322,11 @@ class TrainConfig:
                          group="run")
 
     # ------------------------------------------------------------------ helpers
+    def names_a_checkpoint(self) -> bool:
+        """Whether --resume_from_checkpoint names one checkpoint (not `latest`; "" is not given, as in the seed
+        script): the command, run again as it is, goes back to that one."""
+        return self.resume_from_checkpoint not in (None, "", "latest")
+
     def to_dict(self, *, public: bool = True) -> dict[str, Any]:
         """All settings; `public` drops the Hub token so it is never written or logged."""
         values = dataclasses.asdict(self)

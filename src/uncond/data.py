@@ -31,7 +31,7 @@ from .cache import (META_FILE, CacheWriter, EarlierImages, ImageCache, cache_roo
                     entry_folder, mark_used)
 from .cache import remove as remove_entry
 from .config import RunFailed, RunStopped, TrainConfig, UsageError, counted, nearest_existing, size_text
-from .decoding import decode_records, resized_size
+from .decoding import GRAY_MODES, decode_records, resized_size
 from .progress import progress_bar
 from .sources import Source
 
@@ -133,7 +133,7 @@ def decoded_bytes(record: Any, resolution: int) -> int:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with record.open() as image:
                 width, height = image.size
-                channels = 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+                channels = 1 if image.mode in GRAY_MODES else 3
     except Exception:  # noqa: BLE001 - any unreadable file: it is skipped when decoded
         return 0
     new_width, new_height = resized_size(width, height, resolution)

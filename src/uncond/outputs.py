@@ -232,15 +232,10 @@ def software_of(turn: dict[str, Any]) -> str:
     return turn["software"] + (f", down to {fewest} while other processes kept cores busy" if fewest else "")
 
 
-def names_a_checkpoint(config: TrainConfig) -> bool:
-    """Whether this run resumed from a named checkpoint: run again as it is, it would go back to that one."""
-    return config.resume_from_checkpoint not in (None, "latest")
-
-
 def resuming_latest(argv: list[str], config: TrainConfig) -> list[str]:
     """`argv` set to go on from the newest checkpoint (--resume_from_checkpoint latest instead of a named one,
     given on the command line or in a config file)."""
-    if not names_a_checkpoint(config) and not config.overwrite_output_dir:
+    if not config.names_a_checkpoint() and not config.overwrite_output_dir:
         return list(argv)
     words, skip = [], False
     for word in argv:  # --overwrite_output_dir would remove the checkpoint to resume from

@@ -363,9 +363,8 @@ def refuse_mismatched_resume(path: Path, config: TrainConfig, unet_config: dict[
     if differences:
         # A named checkpoint is left by dropping the flag, and --output_dir's own (which a run without the flag
         # goes on from) by starting afresh.
-        named = config.resume_from_checkpoint not in (None, "", "latest")
         afresh = " and pass --overwrite_output_dir" * bool(checkpoint.complete_checkpoints(Path(config.output_dir)))
-        fresh = (f"leave --resume_from_checkpoint out{afresh} to start a new run" if named
+        fresh = (f"leave --resume_from_checkpoint out{afresh} to start a new run" if config.names_a_checkpoint()
                  else "--overwrite_output_dir to start afresh")
         raise UsageError(f"cannot resume from {path}: it was trained with other settings "
                          f"({'; '.join(differences)}); use the same ones, or {fresh}")
@@ -684,7 +683,8 @@ def dry_run(plan: Plan) -> None:
         logger.warning(warning)
     resume_step = plan.resume_step or 0
     at_the_end = plan.resume_from is not None and resume_step == total_steps
-    exported = at_the_end and checkpoint.read_training_state(Path(config.output_dir)).get("step") == resume_step
+    # (an export damaged since, which the run makes again, is not complete: trial 65 F6)
+    exported = at_the_end and checkpoint.run_complete(Path(config.output_dir), resume_step, total_steps)
     if plan.resume_message and not exported:  # a complete run's line says only that, as the run's does
         logger.info(plan.resume_message)
     if at_the_end:

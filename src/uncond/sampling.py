@@ -382,7 +382,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     path = Path(name_or_path).expanduser()
     if path.exists():  # (a Hub id is no path)
         check_utf8_path("", name_or_path)
-    if is_checkpoint(path) and has_noise_schedule(path) and not (path / "model_index.json").is_file():
+    if is_checkpoint(path) and has_noise_schedule(path):
         return load_checkpoint(path, name_or_path, device, dtype)
     weights = absolute(path)  # `.` inside checkpoint-N/unet
     if is_checkpoint_weights(path) and has_noise_schedule(weights.parent):
@@ -573,9 +573,9 @@ def refuse_unexported_run(path: Path, name: str, instead: str = "") -> None:
 
 
 def is_checkpoint(path: Path) -> bool:
-    """A training checkpoint holds the UNet (and its EMA copy) but no model_index.json; it has training_config.json
-    as its run folder has."""
-    return (path / "unet_ema").is_dir() or (path / "unet").is_dir()
+    """Whether folder `path` is a training checkpoint, uncond's or train_unconditional.py's: the UNet (and its EMA
+    copy) without the model_index.json of a pipeline folder (uncond's also hold training_config.json)."""
+    return ((path / "unet_ema").is_dir() or (path / "unet").is_dir()) and not (path / "model_index.json").is_file()
 
 
 def holds_model(path: Path) -> bool:
@@ -588,8 +588,7 @@ def is_checkpoint_weights(path: Path) -> bool:
     """Whether `path` is one of a training checkpoint's two sets of weights: unet/ is the trained one, without EMA,
     unet_ema/ the EMA's (a run folder's unet/ is its export's, which holds the EMA weights where the run kept them)."""
     path = absolute(path)  # `.` inside it
-    return (path.name in CHECKPOINT_WEIGHTS and path.is_dir() and is_checkpoint(path.parent)
-            and not (path.parent / "model_index.json").is_file())
+    return path.name in CHECKPOINT_WEIGHTS and path.is_dir() and is_checkpoint(path.parent)
 
 
 def absolute(path: Path) -> Path:

@@ -26,8 +26,8 @@ from .config import (EMA_LAST_UPDATE_KEY, EMA_SHARE_KEY, EVERY_MACHINE, RUN_CONF
 from .objective import denoising_loss, sample_noise_and_timesteps
 from .progress import progress_bar
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
-from .outputs import (Launch, commands_so_far, draw_loss_plot, export, names_a_checkpoint,
-                      reproduce_command, resuming_latest, tracker_config)
+from .outputs import (Launch, commands_so_far, draw_loss_plot, export, reproduce_command, resuming_latest,
+                      tracker_config)
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
                     off_the_clock, on_main_process, resume, trained_precision, training_state)
 from .plan import Plan, batch_description, check_processes, dry_run, plan_run
@@ -442,7 +442,7 @@ def with_averaged_weights(run: Run, *uses: Callable[[Run, UNet2DModel], Any]) ->
 def already_complete(run: Run, step: int) -> bool:
     """Resumed at `step`, the last of a run whose export is of that step: the same command run again. (An export
     gone since is made again from the checkpoint, as a run resumed at its end makes it: train_loop.)"""
-    done = [step >= run.max_train_steps and checkpoint.exported_step(run.output_dir) == step]
+    done = [checkpoint.run_complete(run.output_dir, step, run.max_train_steps)]
     return (broadcast_object_list(done) if run.accelerator.num_processes > 1 else done)[0]
 
 
@@ -678,7 +678,7 @@ def diverged(run: Run, what: str) -> RunFailed:
         advice = "This happened in the compiled UNet's first steps: drop --compile"
     if not saved:
         return RunFailed(f"{what}; no checkpoint was saved yet. {advice} and run the command again")
-    rerun = "the command with --resume_from_checkpoint latest" if names_a_checkpoint(run.config) else \
+    rerun = "the command with --resume_from_checkpoint latest" if run.config.names_a_checkpoint() else \
         "the same command"
     return RunFailed(f"{what}; {saved[-1][1].name} is the last good checkpoint. {advice} and re-run "
                      f"{rerun} to resume from it")
