@@ -26,13 +26,12 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from . import environment, manifest, models, sampling, sharding, signals
-from .config import (CHECKPOINT_NAME, EMA_LAST_UPDATE_KEY, RUN_CONFIG_FILE, STATE_FILE, RunFailed, TrainConfig,
-                     UsageError, first_line, list_checkpoints, same_place)
+from .config import (CHECKPOINT_NAME, EMA_LAST_UPDATE_KEY, RUN_CONFIG_FILE, STAGING_PREFIX, STATE_FILE, RunFailed,
+                     TrainConfig, UsageError, first_line, list_checkpoints, same_place)
 from .manifest import MANIFEST_FILE, write_manifest
 
 logger = logging.getLogger("uncond")
 
-STAGING_PREFIX = ".tmp-"
 # Settings a checkpoint can only be resumed with unchanged (the UNet's own config is compared too).
 RESUME_MUST_MATCH = ("resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule", "ddpm_beta_start",
                      "ddpm_beta_end", "rescale_betas_zero_snr")
@@ -199,8 +198,7 @@ def ema_clock(saved_updates: int, path: Path, ema: EMAModel) -> tuple[int, int]:
     The last update stays the saved run's: the next update, and exports before it, count the decay of every step
     since (from step 5 there, not 7: the average's share jumped from 0.40 to 0.61 at the resume; trial 60 F6)."""
     every = getattr(ema, "every", 1)
-    config_file = path / RUN_CONFIG_FILE
-    saved_every = json.loads(config_file.read_text()).get("ema_update_every", 1) if config_file.is_file() else 1
+    saved_every = saved_run_config(path).get("ema_update_every", 1)
     state = read_training_state(path)
     last_update = state.get(EMA_LAST_UPDATE_KEY)
     if not isinstance(last_update, int) or isinstance(last_update, bool):  # not recorded (an earlier uncond's)

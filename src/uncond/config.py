@@ -6,7 +6,8 @@ later ones winning:
 
     defaults  <  the demo (`uncond train` with no arguments, or --demo)  <  --config FILE  <  flags
 
-`SampleConfig` and `EvaluateConfig` hold those of `uncond sample` and `uncond evaluate`.
+`SampleConfig`, `EvaluateConfig`, `ExportConfig` and `CacheConfig` hold those of `uncond sample`, `evaluate`,
+`export` and `cache`.
 
 Only the standard library is imported here (PyYAML lazily, for YAML config files).
 """
@@ -327,11 +328,10 @@ class TrainConfig:
         script): the command, run again as it is, goes back to that one."""
         return self.resume_from_checkpoint not in (None, "", "latest")
 
-    def to_dict(self, *, public: bool = True) -> dict[str, Any]:
-        """All settings; `public` drops the Hub token so it is never written or logged."""
+    def to_dict(self) -> dict[str, Any]:
+        """All settings but the Hub token, which is never written or logged."""
         values = dataclasses.asdict(self)
-        if public:
-            values.pop("hub_token")
+        values.pop("hub_token")
         return values
 
     def to_record(self) -> dict[str, Any]:
@@ -461,6 +461,9 @@ EMA_LAST_UPDATE_KEY = "ema_last_update_step"
 SAMPLE_SETTINGS_FILE = "sample_settings.json"  # in every folder `uncond sample` writes: it marks them
 PREVIEWS_DIR = "samples"  # a run's preview grids, in its output folder (a run artefact)
 BEST_DIR = "best"  # --keep_best: the export with the lowest FID
+# What uncond writes into a run's folder is staged under this prefix, then renamed: run_folder takes names so
+# made for its own leftovers (a kill mid-write) and removes them
+STAGING_PREFIX = ".tmp-"
 REFERENCE_STATS_FILE = "fid_reference.npz"  # feature statistics of the training images, for FID during training
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # a run's checkpoint folders (checkpoint.py writes them)
 IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -831,7 +834,7 @@ def refuse_empty(config: Any, names: Sequence[str]) -> None:
 
 
 def build_command_config(config_class: type, values: dict[str, Any]) -> Any:
-    """`uncond sample` / `uncond evaluate` / `uncond cache` settings from parsed arguments, checked."""
+    """`uncond sample` / `evaluate` / `export` / `cache` settings from parsed arguments, checked."""
     config = config_class(**values)
     refuse_empty(config, [spec.name for spec in fields(config)])  # (sample and export wrote into the current folder)
     check_choices(config)

@@ -165,7 +165,7 @@ def build_cache(source: Source, folder: Path, config: TrainConfig, earlier: Earl
     except BaseException as error:
         done = len(writer) + len(skipped)
         written = writer.offset * writer.dtype.itemsize
-        stopped = isinstance(error, (KeyboardInterrupt, RunStopped))  # Ctrl-C, or SIGTERM (train.run_training)
+        stopped = isinstance(error, (KeyboardInterrupt, RunStopped))  # Ctrl-C, or SIGTERM (cli.sigterm_stops)
         kept = stopped and keep_interrupted_decode(writer, source, earlier, files, {
             **entry_meta(source, config, started, skipped, upscaled, reused),
             "source": f"{source.description}; decoding stopped after {done} of them"})

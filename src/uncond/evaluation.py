@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from . import data, decoding, environment, metrics, run_folder, sampling, sources
 from .cache import REFERENCE_STATS_DIR
@@ -122,8 +121,7 @@ def as_folders_are(batches: Iterator[np.ndarray], resolution: int, batch_size: i
     def decoded() -> Iterator[np.ndarray]:
         for batch in batches:
             for image in batch:
-                picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-                yield decoding.decode_image(picture, resolution, preserve_precision=False)[0]
+                yield decoding.decode_image(sampling.to_pil(image), resolution, preserve_precision=False)[0]
     return data.centre_crops(decoded(), resolution, batch_size)
 
 

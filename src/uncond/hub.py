@@ -1,4 +1,6 @@
-"""The Hugging Face Hub: model card, repository creation and upload. The only module that talks to it.
+"""The Hugging Face Hub as where a model goes: model card, repository creation and upload, the only module that
+writes to it (reading models, datasets and pipelines from it is models', sources', streaming's and sampling's,
+through remote.py).
 The token is passed through to huggingface_hub and never printed, logged or written."""
 
 from __future__ import annotations

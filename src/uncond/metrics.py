@@ -28,7 +28,7 @@ import torch
 
 from . import cpu_threads
 from .cache import mark_used
-from .config import UsageError, first_line
+from .config import STAGING_PREFIX, UsageError, first_line
 from .progress import progress_bar
 
 logger = logging.getLogger("uncond")
@@ -231,7 +231,7 @@ def feature_stats(features: np.ndarray, extractor: str, key: str = "") -> Featur
 def save_stats(stats: FeatureStats, path: Path) -> None:
     """pytorch-fid's .npz (mu, sigma), plus count, extractor, key and features; written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".tmp-{path.name}")
+    staging = path.with_name(f"{STAGING_PREFIX}{path.name}")  # (run_folder removes it, left by a kill)
     try:
         with staging.open("wb") as file:
             np.savez(file, mu=stats.mu, sigma=stats.sigma, count=stats.count, extractor=stats.extractor or "",

@@ -198,7 +198,7 @@ def choose_channels(plan: Plan, all_gray: Callable[[], bool], judged_from: str =
 def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     """The run's parts, each from those before it: data, UNet, optimizer, the run's length, schedule, EMA."""
     config = plan.config
-    # glibc's allocator keeps freed buffers for the steps; they are handed back when the run ends (train.train)
+    # glibc's allocator keeps freed buffers for the steps; handed back when the run ends (train.train_as_planned)
     speedups = ["glibc malloc keeps freed buffers"] if environment.keep_freed_memory() else []
     batches = load_batches(plan, accelerator)
     unet_config = models.with_channels(plan.unet_config, batches.channels)

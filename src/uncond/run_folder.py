@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import IO, Iterable
 
 from . import data, hub, tracking
-from .checkpoint import (MANIFEST_FILE, PIPELINE_ITEMS, SAME_RUN_KEYS, STAGING_PREFIX, STATE_FILE, checkpoint_problem,
+from .checkpoint import (MANIFEST_FILE, PIPELINE_ITEMS, SAME_RUN_KEYS, STATE_FILE, checkpoint_problem,
                          complete_checkpoints, exported_step, remove)
-from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, FolderInUse,
-                     TrainConfig, UsageError, counted, list_checkpoints, nearest_existing, same_place)
+from .config import (BEST_DIR, CHECKPOINT_NAME, PREVIEWS_DIR, REFERENCE_STATS_FILE, RUN_CONFIG_FILE, STAGING_PREFIX,
+                     FolderInUse, TrainConfig, UsageError, counted, list_checkpoints, nearest_existing, same_place)
 
 ABANDONED_PREFIX = "abandoned-after-step-"  # the later checkpoints a resume from an earlier one sets aside
 INCOMPLETE_PREFIX = "incomplete-"  # a checkpoint found incomplete, set aside by the next run
@@ -282,7 +282,7 @@ def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:
 def check_output_dir(config: TrainConfig, resuming: bool) -> str:
     """Refuse to overwrite a trained model. The one exception is the same run, killed before its first
     checkpoint: re-running its command starts it again. Returns a line to log, or ''."""
-    output_dir = Path(config.output_dir)  # a folder, or none yet (plan.check_creatable)
+    output_dir = Path(config.output_dir)  # a folder, or none yet (check_creatable)
     readme = output_dir / hub.CARD_FILE
     if readme.is_file() and not hub.written_by_uncond(readme):
         raise UsageError(f"--output_dir {output_dir} holds a README.md that uncond did not write, which the model "

@@ -58,6 +58,7 @@ SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
     "lms": (LMSDiscreteScheduler, {}),
 }
 DEFAULT_STEPS, DDPM_STEPS = 25, 1000  # `uncond sample` without --steps
+TRAIN_TIMESTEPS = 1000  # diffusers' schedulers' num_train_timesteps where a config gives none
 
 
 def training_noise_scheduler(run_config: dict[str, Any]) -> DDPMScheduler:
@@ -134,8 +135,8 @@ def check_sampler_fits(name: str, training_scheduler_config: dict[str, Any], num
     `num_steps` steps. diffusers refuses some combinations only when stepping (a prediction type a sampler
     does not handle, more steps than training timesteps), so the sampler takes one step on a dummy sample:
     otherwise training would meet the refusal at its first preview, after an epoch of work."""
-    timesteps = training_scheduler_config.get("num_train_timesteps", DDPM_STEPS)
-    scheduler_class = SAMPLERS[name][0] if name in SAMPLERS else None
+    timesteps = training_scheduler_config.get("num_train_timesteps", TRAIN_TIMESTEPS)
+    scheduler_class = SAMPLERS[name][0] if name in SAMPLERS else None  # (make_sampler refuses an unknown one)
     if (training_scheduler_config.get("rescale_betas_zero_snr") and scheduler_class is not None
             and "rescale_betas_zero_snr" not in inspect.signature(scheduler_class.__init__).parameters):
         # Its last noise level is infinite: a sampler that does not cap it (as those taking the setting do) makes NaN
@@ -647,7 +648,7 @@ def open_for_sampling(settings: SamplingSettings, model_name: str) -> tuple[Mode
                          f"{channels} (a learned variance, as improved DDPM's); uncond samples models that predict "
                          "their images' own channels (noise, images or v), as it trains them")
     steps = settings.steps or min(steps_for(settings.sampler, DEFAULT_STEPS, DDPM_STEPS),
-                                  model.scheduler_config.get("num_train_timesteps", DDPM_STEPS))
+                                  model.scheduler_config.get("num_train_timesteps", TRAIN_TIMESTEPS))
     check_sampler_fits(settings.sampler, model.scheduler_config, steps)
     scheduler = make_sampler(settings.sampler, model.scheduler_config)
     if settings.sampler == "ddpm":

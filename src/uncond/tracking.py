@@ -22,8 +22,8 @@ FEW_POINTS = 10  # up to this many logged points are marked: one alone draws no 
 
 
 class RunningMean:
-    """Sum of a per-step tensor kept on its device: adding never waits for the accelerator.
-    The one host synchronisation happens in `pop`, at log intervals."""
+    """Sum of a per-step tensor kept on its device: adding never waits for the accelerator. `pop` gives the
+    mean as a device tensor, which the caller reads at log intervals; `state` reads it (at checkpoints)."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -42,10 +41,9 @@ ONE_RUN_AT_A_TIME = threading.Lock()
 T = TypeVar("T")
 
 
-def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset(),
-          command: list[str] | None = None) -> Path:
-    """Train a UNet2DModel as the config says; returns the output folder holding the pipeline.
-    `command` is the argument list the run was started with, for the model card (default: sys.argv)."""
+def train(config: TrainConfig, explicit: set[str] | frozenset[str], command: list[str]) -> Path:
+    """Train a UNet2DModel as the config says; returns the output folder holding the pipeline. `explicit`: the
+    settings given (not defaults); `command`: the argument list the run was started with, for the model card."""
     if not ONE_RUN_AT_A_TIME.acquire(blocking=False):
         raise ProcessInUse("another uncond train is running in this process (in another thread); run them one "
                            "after the other, or each in its own process (`uncond train` in a shell, or a subprocess)")
@@ -57,7 +55,7 @@ def train(config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
         ONE_RUN_AT_A_TIME.release()
 
 
-def train_as_planned(plan: Plan, explicit: set[str] | frozenset[str], command: list[str] | None) -> Path:
+def train_as_planned(plan: Plan, explicit: set[str] | frozenset[str], command: list[str]) -> Path:
     if plan.config.dry_run:
         dry_run(plan)
         return Path(plan.config.output_dir)
@@ -99,7 +97,7 @@ def train_as_planned(plan: Plan, explicit: set[str] | frozenset[str], command: l
 
 
 def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | frozenset[str], repo_id: str | None,
-                 command: list[str] | None) -> tuple[bool, int | None]:
+                 command: list[str]) -> tuple[bool, int | None]:
     """The parts built, the checkpoint resumed, the loop run and the run's end said. Returns whether it trained
     any step, and the number of the signal that stopped it early (None if it ran to its end)."""
     config, output_dir = plan.config, Path(plan.config.output_dir)
@@ -118,7 +116,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
         resume(run, plan.resume_from, plan.resume_notes)
         settle_owed(run)
     run.tracker_run_id = plan.tracker_run_id
-    run.commands = commands_so_far(plan.resume_state if plan.resume_from is not None else {}, run.step, command_line,
+    run.commands = commands_so_far(plan.resume_state, run.step, command_line,
                                    environment.software_description(accelerator.device))
     first_step = run.step
     if accelerator.is_main_process:
@@ -136,7 +134,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
         run.stop = stop
         # a complete run's re-run makes what its end left out only with the settings that trained it
         unlike = checkpoint.settings_unlike(plan.resume_from, config) if complete else []
-        finished = train_loop(run, stop, complete, unlike)
+        finished = train_loop(run, complete, unlike)
     if run.stop_agreement is not None:
         run.stop_agreement.finish()
     environment.finish_collectives()
@@ -153,10 +151,10 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     return run.step > first_step, signal.Signals.__members__.get(stop.received or "", signal.SIGTERM)
 
 
-def this_runs_commands(config: TrainConfig, explicit: set[str] | frozenset[str], command: list[str] | None,
+def this_runs_commands(config: TrainConfig, explicit: set[str] | frozenset[str], command: list[str],
                        launch: Launch) -> tuple[str, str]:
     """This run's command line, as the model card repeats it, and the one that resumes it, as a stop says it."""
-    argv = public_argv(sys.argv[1:] if command is None else command, config)
+    argv = public_argv(command, config)
     if os.environ.get("ACCELERATE_MIXED_PRECISION") and "mixed_precision" not in explicit:
         argv += ["--mixed_precision", config.mixed_precision]  # the launcher's (plan_run), said in the commands
     chosen_seed = None if "seed" in explicit else config.seed
@@ -298,7 +296,7 @@ def batch_beyond_data(batch_size: int, processes: int, images: int) -> str | Non
                else ""))
 
 
-def train_loop(run: Run, stop: StopSignal, complete: bool, unlike: Sequence[str] = ()) -> bool:
+def train_loop(run: Run, complete: bool, unlike: Sequence[str]) -> bool:
     """Epochs of optimizer steps; previews, exports and checkpoints at the seed script's points. A `complete` run
     (already_complete) only makes what its stop left owed and its missing last grid, and not with settings
     `unlike` those that trained it (checkpoint.settings_unlike). Returns False when a stop signal ended it early
@@ -320,12 +318,12 @@ def train_loop(run: Run, stop: StopSignal, complete: bool, unlike: Sequence[str]
         evaluate(run)
         if run.feature_extractor is not None:  # else not tried (no FID network in this run): the next resume tries
             record_owed(run, "evaluation", still_owed=run.evaluation_owed == run.step)
-        if stop_requested(run, stop, at_once=True):
+        if stop_requested(run, at_once=True):
             return stopped(run)
     if run.preview_owed == run.step:
         make_owed_preview(run)
         record_owed(run, "preview", still_owed=run.preview_owed == run.step)
-        if stop_requested(run, stop, at_once=True):
+        if stop_requested(run, at_once=True):
             return stopped(run)
     if complete:
         if owed:  # a stop in the run's last step left them out: its checkpoint no longer owes them, its card shows them
@@ -366,7 +364,7 @@ def train_loop(run: Run, stop: StopSignal, complete: bool, unlike: Sequence[str]
                     save_checkpoint(run)  # an epoch's last step: after its preview and export, below
                 if run.step == run.max_train_steps:
                     break  # a stop asked for now is met by the end of the run (its export and checkpoint)
-                if stop_requested(run, stop):
+                if stop_requested(run):
                     return stopped(run)
             else:
                 ends_epoch = True  # every batch of the epoch was used (or none was left after a resume)
@@ -375,7 +373,7 @@ def train_loop(run: Run, stop: StopSignal, complete: bool, unlike: Sequence[str]
                 # Written after the epoch's end, so a resume from it goes on in the next epoch and does not
                 # make the preview and export again.
                 checkpoint_unless_written(run)
-            if run.step < run.max_train_steps and stop_requested(run, stop, at_once=True):
+            if run.step < run.max_train_steps and stop_requested(run, at_once=True):
                 return stopped(run)  # a signal during the epoch's preview: no step after it
     if exported_at != run.step:  # resumed at the very end (a run ended early at its last checkpoint, say)
         uses = [export] if run_folder.preview_path(run.output_dir, run.step).exists() else [save_sample_grid, export]
@@ -486,13 +484,13 @@ def end_epoch(run: Run, complete: bool) -> int | None:
     return exported_at
 
 
-def stop_requested(run: Run, stop: StopSignal, at_once: bool = False) -> bool:
+def stop_requested(run: Run, at_once: bool = False) -> bool:
     """Whether to stop after this step (every process must stop at the same one). `at_once`: where the
     processes wait for each other anyway (an epoch's end), a signal received by now stops the run here, not
     one step later: the checkpoint is then of the step whose preview the stop gave up."""
     if run.stop_agreement is None:
-        return stop.asked()
-    return run.stop_agreement(stop.asked(), at_once)
+        return run.stop.asked()
+    return run.stop_agreement(run.stop.asked(), at_once)
 
 
 def stopped(run: Run) -> bool:
@@ -635,7 +633,8 @@ def everywhere_finite(run: Run, *values: torch.Tensor | None) -> bool:
 
 
 def log_metrics(run: Run, progress: tqdm) -> None:
-    """Reduce the running means across processes (the one sync point) and write them out."""
+    """The loss's mean reduced across processes and, with the grad norm (the same on every process), read to the
+    host: the loop's one regular wait for the accelerator (--skip_nonfinite adds one per step). Written out."""
     accelerator = run.accelerator
     mean_loss = run.running_loss.pop()  # None when every step since the last log was skipped
     if mean_loss is None:
