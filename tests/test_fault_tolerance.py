@@ -320,6 +320,44 @@ def test_preemption_saves_a_checkpoint_and_exits_with_the_signals_status(inputs,
     assert_same_result(out, reference)
 
 
+@pytest.mark.parametrize("launched_by_torchrun", [True, False])
+def test_a_second_ctrl_c_passed_on_by_torchrun_as_sigterm_stops_at_once(launched_by_torchrun, monkeypatch):
+    """torchrun's agent (accelerate launch of several processes) passes a terminal's second Ctrl-C on as SIGTERM:
+    the run went on to its next checkpoint, 14 s more, and said "stopped by SIGTERM" (trial 66 F1). A job's
+    SIGTERM after a Ctrl-C elsewhere still stops with a checkpoint."""
+    from uncond.stopping import StopSignal
+
+    if launched_by_torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with StopSignal(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.asked() and stop.received == "SIGINT"
+        with contextlib.nullcontext() if not launched_by_torchrun else pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # (the handler runs at the next bytecode)
+        assert stop.received == ("SIGINT" if launched_by_torchrun else "SIGTERM")
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_an_interrupt_is_said_once_per_machine(local_rank, monkeypatch, capsys):
+    """Ctrl-C before a launch's run had started: `uncond: interrupted` once per process (trial 66 F2), where every
+    other message is the machine's first process's."""
+    from uncond import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "parse_and_run", interrupted)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert cli.run_command(["train"]) == cli.INTERRUPTED
+    assert capsys.readouterr().err == ("uncond: interrupted\n" if local_rank == "0" else "")
+
+
 def test_a_job_preempted_while_decoding_keeps_what_it_decoded(run_cli, tiny_unet, tmp_path, monkeypatch):
     """SIGTERM during the first decode ended the run with no word (Python's default), and the next run decoded
     every image again: a job preempted more often than a long decode takes never trained."""
@@ -588,6 +626,29 @@ def test_disk_full_leaves_the_previous_checkpoint_intact(run_cli, color_folder, 
     assert ("uncond: stopped: could not write checkpoint-4 (No space left on device); checkpoint-2 is intact; "
             "free some space and re-run the same command to resume") in err
     assert not list(out.glob(".tmp-*")) and checkpoint.checkpoint_problem(out / "checkpoint-2") is None
+
+
+def test_a_checkpoint_whose_exchange_with_another_process_failed_is_not_left_half_written(run_cli, color_folder,
+                                                                                          tiny_unet, tmp_path,
+                                                                                          monkeypatch):
+    """Another process of the launch killed while the main one wrote the first checkpoint: the main process's
+    exchange with it raised, and the half-written .tmp-checkpoint-2 (1.7 GB) stayed in the folder the run had
+    made, which the run otherwise removed (trial 66 F4). Here the exchange fails as gloo's does."""
+    from uncond import environment
+
+    calls = []
+
+    def peer_gone(failure):  # after the state's write (the first call is after clearing a staging folder)
+        calls.append(failure)
+        if len(calls) == 2:
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:3466")
+        return failure
+
+    monkeypatch.setattr(environment, "failure_anywhere", peer_gone)
+    out = tmp_path / "made" / "run"
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        run_cli(*fast_train_args(color_folder, tiny_unet, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    assert len(calls) == 2 and not (tmp_path / "made").exists(), sorted(path.name for path in out.iterdir())
 
 
 def test_a_really_full_disk(inputs, tmp_path):

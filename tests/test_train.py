@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import (MESSY_SKIPPED, MESSY_USED, TINY_UNET, RunsCode, fast_train_args, mounted_tmpfs, write_images,
-                      write_messy_folder)
+from conftest import (MESSY_SKIPPED, MESSY_USED, TINY_UNET, RunsCode, fast_train_args, mounted_tmpfs,
+                      strict_json_lines, write_images, write_messy_folder)
 from uncond import checkpoint, data, decoding, run_folder, sampling
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -538,6 +538,19 @@ def test_a_batch_beyond_the_data_says_what_each_step_trains_on():
                                           "has 1")
     assert batch_beyond_data(8, 2, 12).endswith("each step trains on the 12 there are")  # 6 each
     assert batch_beyond_data(4, 2, 8) is None
+
+
+def test_more_accumulation_than_an_epoch_has_batches_says_what_each_step_trains_on(run_cli, color_folder, tiny_unet,
+                                                                                  tmp_path):
+    """12 images, batch 4, --gradient_accumulation_steps 5: the summary said a global batch of 20, and each step
+    trained on the epoch's 12 images, unsaid (trial 66 F3)."""
+    code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "2",
+                                            "--gradient_accumulation_steps", "5", "--logging_steps", "1"))
+    assert code == 0, err
+    assert ("--gradient_accumulation_steps 5 is more than the 3 batches of 4 an epoch of 12 images makes per "
+            "process: each optimizer step ends with its epoch, on 12 images, not the global batch of 20") in err, err
+    seen = [record["images_seen"] for record in strict_json_lines(tmp_path / "run" / "metrics.jsonl")]
+    assert seen == [12, 24]
 
 
 def test_images_per_second_count_the_images_trained_on(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):

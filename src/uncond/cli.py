@@ -95,7 +95,8 @@ def run_command(argv: list[str]) -> int:
     try:
         return parse_and_run(argv)
     except KeyboardInterrupt:  # anywhere, building the parser included: one line, not a traceback
-        print("uncond: interrupted", file=sys.stderr)
+        if is_local_main_process():  # (every process of a launch gets the Ctrl-C)
+            print("uncond: interrupted", file=sys.stderr)
         return INTERRUPTED
 
 

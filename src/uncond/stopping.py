@@ -47,7 +47,11 @@ class StopSignal:
         return self.received is not None
 
     def handle(self, number: int, frame: Any) -> None:
-        if self.received and number == signal.SIGINT:
+        # torchrun's agent (accelerate launch of several processes) passes a terminal's first Ctrl-C on as SIGINT
+        # and, stopped by a second while it waits, ends the processes with SIGTERM: that is the second Ctrl-C
+        # (it stopped with a checkpoint after 14 s more, "stopped by SIGTERM"; trial 66 F1)
+        again = number == signal.SIGINT or (self.received == "SIGINT" and "TORCHELASTIC_RUN_ID" in os.environ)
+        if self.received and again:
             raise KeyboardInterrupt
         self.received = signal.Signals(number).name
         if self.announce:  # a preview or export under way can take a while: say at once what happens

@@ -265,7 +265,8 @@ def settle_seed(plan: Plan, accelerator: Accelerator) -> TrainConfig:
 def log_run_summary(run: Run) -> None:
     config, accelerator = run.config, run.accelerator
     images = run.batches.num_images
-    if images and (warning := batch_beyond_data(config.train_batch_size, accelerator.num_processes, images)):
+    if images and (warning := batch_beyond_data(config.train_batch_size, accelerator.num_processes, images)
+                   or accumulation_beyond_epoch(config, accelerator.num_processes, images)):
         logger.warning(warning)
     length = f"{run.steps_per_epoch} per epoch, {counted(run.num_epochs, 'epoch')}"
     if run.epoch_offset:  # the epochs before a resume had another length (another batch, other data)
@@ -281,6 +282,20 @@ def log_run_summary(run: Run) -> None:
         f"{batch_description(config, accelerator.num_processes)} | "
         f"{counted(run.max_train_steps, 'optimizer step')} ({length}) | "
         f"seed {config.seed} | output {run.output_dir}")
+
+
+def accumulation_beyond_epoch(config: TrainConfig, processes: int, images: int) -> str | None:
+    """The warning for more --gradient_accumulation_steps than an epoch has batches: the epoch's end ends the
+    optimizer step (as in the seed script), on fewer images than the global batch the summary states (trial 66
+    F3: "= 12", 8 images a step, unsaid)."""
+    order, accumulation = data.Order(images, config.train_batch_size, 0, processes), config.gradient_accumulation_steps
+    if order.batches_per_epoch >= accumulation:
+        return None
+    return (f"--gradient_accumulation_steps {accumulation} is more than the {order.batches_per_epoch} "
+            f"{'batch' if order.batches_per_epoch == 1 else 'batches'} of {config.train_batch_size} an epoch of "
+            f"{counted(images, 'image')} makes per process: each optimizer step ends with its epoch, on "
+            f"{order.images_per_process * processes} images, not the global batch of "
+            f"{config.train_batch_size * processes * accumulation}")
 
 
 def batch_beyond_data(batch_size: int, processes: int, images: int) -> str | None:
