@@ -35,7 +35,8 @@ def main(argv: Sequence[Any] | str | None = None) -> int:
     SIGTERM SystemExit(143), so that a cell or a loop of runs stops with it. One that came once the command had
     said its outcome goes to the caller's own handlers as the command ends."""
     if argv is None and os.path.basename(sys.argv[0]) == "uncond":  # the `uncond` script of an install made when
-        return script()  # main() was its entry point (an editable install not reinstalled since)
+        return console()  # main() was its entry point (an editable install not reinstalled since: `pip install -e .`
+        # again gives it script's, which keeps the outcome's status through the exit)
     words = shlex.split(argv) if isinstance(argv, str) else [str(word) for word in argv or ()]
     with signals.outcome_kept() as held:
         status = run_command(words)

@@ -23,8 +23,8 @@ from . import (checkpoint, cpu_threads, data, environment, hub, metrics, models,
                sources, streaming, tracking)
 from .config import RunFailed, RunStopped, TrainConfig, UsageError, counted, first_line
 from .objective import Objective
-from .plan import (Plan, Position, checkpoints_beyond_disk, learning_rate_schedule, refuse_mismatched_resume,
-                   run_length, schedule_change_note, warmup_outlasts_run)
+from .plan import (Plan, Position, checkpoints_beyond_disk, epoch_steps, global_batch, learning_rate_schedule,
+                   refuse_mismatched_resume, run_length, schedule_change_note, warmup_outlasts_run)
 from .step_graph import StepGraph
 from .stopping import StopAgreement, StopSignal
 from .version import uncond_version
@@ -211,8 +211,8 @@ def build_run(plan: Plan, accelerator: Accelerator) -> Run:
     speedups += ["fewer CPU threads while other processes keep cores busy"] * threads.active
     log_speed(config, accelerator, speedups + ["fused AdamW"] * fused)
 
-    steps_per_epoch = math.ceil(batches.batches_per_epoch / config.gradient_accumulation_steps)
-    global_batch_size = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    steps_per_epoch = epoch_steps(config, batches.batches_per_epoch)
+    global_batch_size = global_batch(config, accelerator.num_processes)
     # --num_epochs counts the whole run's epochs; those before a resume with another global batch had
     # another length (the schedule must know the total before it is built).
     images = (batches.num_images, getattr(batches, "images_key", None))

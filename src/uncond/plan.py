@@ -663,9 +663,8 @@ def dry_run(plan: Plan) -> None:
                       f"{counted(c, 'channel')}" for c in channel_options)
     batches = (data.Order(images, config.train_batch_size, 0, processes).batches_per_epoch
                if source else config.max_train_steps * config.gradient_accumulation_steps)  # a stream: one epoch
-    steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
-    global_batch_size = config.train_batch_size * processes * config.gradient_accumulation_steps
-    _, total_steps = run_length(plan, steps_per_epoch, global_batch_size, processes, (images, None))
+    steps_per_epoch = epoch_steps(config, batches)
+    _, total_steps = run_length(plan, steps_per_epoch, global_batch(config, processes), processes, (images, None))
     print(json.dumps(config.to_record(), indent=2))  # stdout holds the settings alone: `--dry_run > settings.json`
     logger.info(f"dataset: {source.description}{data.passed_over(source)}" if source
                 else f"dataset: {config.dataset_name}, streamed")
@@ -737,11 +736,22 @@ def schedule_change_note(config: TrainConfig, saved_scheduler: str | None, check
     return f"{what}: the learning rate at step {step} is {rate:.2e}, where {checkpoint_name}'s run had {saved_rate:.2e}"
 
 
+def global_batch(config: TrainConfig, processes: int) -> int:
+    """The images an optimizer step trains on: a batch per process and accumulation step (an epoch's last step
+    may have fewer)."""
+    return config.train_batch_size * processes * config.gradient_accumulation_steps
+
+
+def epoch_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """The optimizer steps of an epoch of `batches_per_epoch` batches per process: its end ends a step (the last
+    may accumulate fewer batches, as in the seed script)."""
+    return math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+
+
 def batch_description(config: TrainConfig, processes: int) -> str:
     """The global batch and what makes it, as the run's log and --dry_run say it."""
-    batch, accumulation = config.train_batch_size, config.gradient_accumulation_steps
-    return (f"batch {batch} per device x {counted(processes, 'process')} x {accumulation} accumulation = "
-            f"{batch * processes * accumulation}")
+    return (f"batch {config.train_batch_size} per device x {counted(processes, 'process')} x "
+            f"{config.gradient_accumulation_steps} accumulation = {global_batch(config, processes)}")
 
 
 def warmup_outlasts_run(config: TrainConfig, total_steps: int) -> str | None:

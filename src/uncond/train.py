@@ -29,7 +29,7 @@ from .outputs import (Launch, commands_so_far, draw_loss_plot, export, reproduce
                       tracker_config)
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
                     off_the_clock, on_main_process, resume, trained_precision, training_state)
-from .plan import Plan, batch_description, check_processes, dry_run, plan_run
+from .plan import Plan, batch_description, check_processes, dry_run, global_batch, plan_run
 from .step_graph import StepGraph
 from .stopping import StopAgreement, StopSignal
 
@@ -110,7 +110,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
     command_line, run.resume_command = this_runs_commands(config, explicit, command, launch)
     resume_step = run.resume_position.step if plan.resume_from is not None else run.step
     complete = already_complete(run, resume_step)
-    if plan.resume_message and not complete:  # a complete run's line says only that (train_loop)
+    if plan.resume_message and not complete:  # a complete run's line says only that (finish_complete_run)
         logger.info(plan.resume_message)
     if plan.resume_from is not None:
         resume(run, plan.resume_from, plan.resume_notes)
@@ -126,7 +126,7 @@ def run_training(plan: Plan, accelerator: Accelerator, explicit: set[str] | froz
                            default=math.inf)
         if repo_id:
             run.uploads = hub.BackgroundUploads(repo_id, output_dir, config.hub_token)
-    if not complete:  # a complete run trains nothing: its line says only that (train_loop)
+    if not complete:  # a complete run trains nothing: its line says only that (finish_complete_run)
         log_run_summary(run)
     run.stop_agreement = StopAgreement() if accelerator.num_processes > 1 else None
     launcher = environment.launcher_pid() if launch.typed is not None else None  # a shell's exit stops nothing
@@ -294,8 +294,7 @@ def accumulation_beyond_epoch(config: TrainConfig, processes: int, images: int) 
     return (f"--gradient_accumulation_steps {accumulation} is more than the {order.batches_per_epoch} "
             f"{'batch' if order.batches_per_epoch == 1 else 'batches'} of {config.train_batch_size} an epoch of "
             f"{counted(images, 'image')} makes per process: each optimizer step ends with its epoch, on "
-            f"{order.images_per_process * processes} images, not the global batch of "
-            f"{config.train_batch_size * processes * accumulation}")
+            f"{order.images_per_process * processes} images, not the global batch of {global_batch(config, processes)}")
 
 
 def batch_beyond_data(batch_size: int, processes: int, images: int) -> str | None:
@@ -316,7 +315,6 @@ def train_loop(run: Run, complete: bool, unlike: Sequence[str]) -> bool:
     (already_complete) only makes what its stop left owed and its missing last grid, and not with settings
     `unlike` those that trained it (checkpoint.settings_unlike). Returns False when a stop signal ended it early
     (after saving a checkpoint)."""
-    config = run.config
     # as the checkpoint says, before settle_owed: a complete run's checkpoint and export are written anew even when
     # an earlier resume made what it owed (and was stopped before writing them)
     position = run.resume_position
@@ -329,30 +327,51 @@ def train_loop(run: Run, complete: bool, unlike: Sequence[str]) -> bool:
                        f"made with this command's settings, other than those that trained the model "
                        f"({', '.join(unlike)}): the run's own command (its training_config.json) makes them")
         return True
-    if run.evaluation_owed == run.step:  # before the preview, as the uninterrupted run made them
+    if not make_what_is_owed(run):
+        return stopped(run)
+    if complete:
+        finish_complete_run(run, owed, grid_missing)
+        return True
+    return train_epochs(run)
+
+
+def make_what_is_owed(run: Run) -> bool:
+    """The evaluation and sample grid of the step resumed from that the stop ending the previous run left out,
+    in the order the uninterrupted run made them. Returns False where a stop signal came meanwhile."""
+    if run.evaluation_owed == run.step:
         evaluate(run)
         if run.feature_extractor is not None:  # else not tried (no FID network in this run): the next resume tries
             record_owed(run, "evaluation", still_owed=run.evaluation_owed == run.step)
         if stop_requested(run, at_once=True):
-            return stopped(run)
+            return False
     if run.preview_owed == run.step:
         make_owed_preview(run)
         record_owed(run, "preview", still_owed=run.preview_owed == run.step)
         if stop_requested(run, at_once=True):
-            return stopped(run)
-    if complete:
-        if owed:  # a stop in the run's last step left them out: its checkpoint no longer owes them, its card shows them
-            save_checkpoint(run)
-            with_averaged_weights(run, export)
-        elif grid_missing:
-            # The run's last checkpoint is written before its last grid (train_loop), so it cannot owe that grid
-            # when a stop, or a lost process, left it out after; the card shows it once made.
-            logger.info(f"making {run_folder.preview_path(run.output_dir, run.step)}, missing (a stop at the end of "
-                        "a run can leave it out)")
-            with_averaged_weights(run, save_sample_grid, export)
-        logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
-                    "raise --max_train_steps or --num_epochs to train it further")
-        return True
+            return False
+    return True
+
+
+def finish_complete_run(run: Run, owed: bool, grid_missing: bool) -> None:
+    """A complete run run again: its checkpoint and export written anew where its stop in the last step left
+    something `owed` (made by now), or its last grid made where it is missing."""
+    if owed:  # a stop in the run's last step left them out: its checkpoint no longer owes them, its card shows them
+        save_checkpoint(run)
+        with_averaged_weights(run, export)
+    elif grid_missing:
+        # The run's last checkpoint is written before its last grid (train_epochs), so it cannot owe that grid
+        # when a stop, or a lost process, left it out after; the card shows it once made.
+        logger.info(f"making {run_folder.preview_path(run.output_dir, run.step)}, missing (a stop at the end of "
+                    "a run can leave it out)")
+        with_averaged_weights(run, save_sample_grid, export)
+    logger.info(f"the run in {run.output_dir} is complete at step {run.step} (its export is of that step); "
+                "raise --max_train_steps or --num_epochs to train it further")
+
+
+def train_epochs(run: Run) -> bool:
+    """The training itself, to the run's last step and its export. Returns False when a stop signal ended it
+    early (after saving a checkpoint)."""
+    config = run.config
     run.last_log = (time.perf_counter(), run.step, run.images_seen)
     first_step, exported_at = run.step, None
     with progress_bar(total=run.max_train_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
@@ -454,7 +473,7 @@ def with_averaged_weights(run: Run, *uses: Callable[[Run, UNet2DModel], Any]) ->
 
 def already_complete(run: Run, step: int) -> bool:
     """Resumed at `step`, the last of a run whose export is of that step: the same command run again. (An export
-    gone since is made again from the checkpoint, as a run resumed at its end makes it: train_loop.)"""
+    gone since is made again from the checkpoint, as a run resumed at its end makes it: train_epochs.)"""
     done = [checkpoint.run_complete(run.output_dir, step, run.max_train_steps)]
     return (broadcast_object_list(done) if run.accelerator.num_processes > 1 else done)[0]
 
