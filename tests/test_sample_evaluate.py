@@ -53,7 +53,7 @@ def test_sample_writes_numbered_pngs_the_same_whatever_the_batch_size(run_cli, p
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float rounding of batched convolutions only
 
 
-def test_a_leading_tilde_is_the_home_folder_where_the_shell_leaves_it(pipeline, tmp_path, monkeypatch):
+def test_a_leading_tilde_is_the_home_folder_where_the_shell_leaves_it(pipeline, tmp_path, monkeypatch, capsys):
     """`--output_dir=~/x` (bash expands no ~ after =), a path in uncond.main("...")'s one string, a config file's
     path: each made or looked for a folder named ~ in the current folder (trial 64 F11)."""
     home, work = tmp_path / "home", tmp_path / "work"
@@ -73,6 +73,12 @@ def test_a_leading_tilde_is_the_home_folder_where_the_shell_leaves_it(pipeline, 
         str(home / "pics"), str(home / "run"), str(home / "cache"))
     assert config.model_config_name_or_path == str(home / "model" / "unet")
     assert list(work.iterdir()) == []
+    capsys.readouterr()
+    for command in ("sample ~no-such-user-x/model --output_dir=~/s", "train --output_dir=~no-such-user-x/run",
+                    "train --config=~no-such-user-x/settings.json"):  # (a traceback; trial 67 F2)
+        assert uncond.main(command) == 2, command
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "no user 'no-such-user-x' has a home folder here" in error, error
 
 
 @pytest.mark.parametrize("steps, warned", [(1, "ddpm with 1 step starts at timestep 0, not at 999"),

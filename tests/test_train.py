@@ -547,10 +547,19 @@ def test_more_accumulation_than_an_epoch_has_batches_says_what_each_step_trains_
     code, _, err = run_cli(*fast_train_args(color_folder, tiny_unet, tmp_path / "run", "--max_train_steps", "2",
                                             "--gradient_accumulation_steps", "5", "--logging_steps", "1"))
     assert code == 0, err
-    assert ("--gradient_accumulation_steps 5 is more than the 3 batches of 4 an epoch of 12 images makes per "
+    assert ("--gradient_accumulation_steps 5 is at least the 3 batches of 4 an epoch of 12 images makes per "
             "process: each optimizer step ends with its epoch, on 12 images, not the global batch of 20") in err, err
     seen = [record["images_seen"] for record in strict_json_lines(tmp_path / "run" / "metrics.jsonl")]
     assert seen == [12, 24]
+    from uncond.config import TrainConfig
+    from uncond.train import accumulation_beyond_epoch  # as many batches, the last one short (trial 67 F5)
+
+    settings = TrainConfig(train_batch_size=4, gradient_accumulation_steps=2)
+    assert "on 12 images, not the global batch of 16" in accumulation_beyond_epoch(settings, 2, 12)
+    assert "on 10 images, not the global batch of 12" in accumulation_beyond_epoch(settings.replace(
+        gradient_accumulation_steps=3), 1, 10)
+    assert accumulation_beyond_epoch(settings, 2, 16) is None  # whole global batches
+    assert accumulation_beyond_epoch(settings, 1, 20) is None  # 5 batches: steps of 2, 2 and 1
 
 
 def test_images_per_second_count_the_images_trained_on(run_cli, color_folder, tiny_unet, tmp_path, monkeypatch):
@@ -1589,17 +1598,34 @@ def test_a_complete_run_run_again_with_other_settings_says_only_that_it_is_compl
     assert code == 0 and "this run's apply from its next step: learning_rate 0.0001 -> 0.0005" in err, err
 
 
-def test_the_ema_warmup_clock_follows_a_change_of_ema_update_every(tmp_path):
-    from uncond import models
-
+def test_the_ema_clock_of_a_checkpoint_that_does_not_record_it(tmp_path):
+    """Checkpoints of earlier uncond and of train_unconditional.py record no step of the EMA's last update or
+    warmup start: their updates came at the multiples of their interval, their count on the warmup's clock."""
     saved = tmp_path / "checkpoint-7"  # 1 update of 4 steps, then 3 more steps
     saved.mkdir()
     (saved / "training_config.json").write_text(json.dumps({"ema_update_every": 4}))
-    ema = models.EMA([torch.nn.Parameter(torch.zeros(1))], every=3)
-    # 2 updates in 3s by step 7: the next, at 9, takes step 9's decay; the average's last update is at step 4
-    assert checkpoint.ema_clock(1, saved, ema) == (2, 4)
-    assert checkpoint.ema_clock(1, saved, models.EMA([torch.nn.Parameter(torch.zeros(1))], every=4)) == (1, 4)
-    assert checkpoint.ema_clock(3, tmp_path / "checkpoint-3", ema) == (1, 3)  # the seed script's: every step
+    assert checkpoint.ema_clock(saved, 1, has_average=True) == (4, 0)  # a resume with 3 updates at 9: steps 5-9
+    assert checkpoint.ema_clock(saved, 0, has_average=False) == (7, 7)  # a resume adding --use_ema: warmup anew
+    (tmp_path / "checkpoint-36").mkdir()  # the seed script's, EMA added by a resume at step 30: 6 updates
+    assert checkpoint.ema_clock(tmp_path / "checkpoint-36", 6, has_average=True) == (36, 30)
+
+
+def test_a_resume_adding_use_ema_warms_a_new_average_up_from_its_step(run_cli, color_folder, tiny_unet, tmp_path):
+    """A run without EMA resumed at step 6 with --use_ema: its EMA counted its last update in updates since the
+    resume (1, 2, 3), so that exports right after an update blended in the trained weights by the decay of every
+    step since step 1 (2.5 % EMA at step 36; trial 67 F1). Its first update takes the trained weights whole (the
+    warmup starts anew, as train_unconditional.py's new EMAModel), each export is the EMA of its step."""
+    out = tmp_path / "run"
+    args = fast_train_args(color_folder, tiny_unet, out, "--checkpointing_steps", "1", "--lr_scheduler", "constant")
+    assert run_cli(*args, "--max_train_steps", "6")[0] == 0
+    code, _, err = run_cli(*args, "--max_train_steps", "9", "--use_ema", "--resume_from_checkpoint", "latest")
+    assert code == 0, err
+    first_ema, first_trained = (load_file(out / "checkpoint-7" / name / WEIGHTS) for name in ("unet_ema", "unet"))
+    assert all(torch.equal(first_ema[name], first_trained[name]) for name in first_trained)
+    exported, averaged = load_file(out / "unet" / WEIGHTS), load_file(out / "checkpoint-9" / "unet_ema" / WEIGHTS)
+    assert all(torch.equal(exported[name], averaged[name]) for name in averaged)
+    state = json.loads((out / "checkpoint-9" / "training_state.json").read_text())
+    assert (state["ema_share"], state["ema_last_update_step"], state["ema_clock_start_step"]) == (1.0, 9, 6)
 
 
 def test_a_resume_with_another_ema_update_every_keeps_the_steps_since_the_last_update(run_cli, color_folder,

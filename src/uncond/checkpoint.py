@@ -26,8 +26,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from . import environment, manifest, models, sampling, sharding, signals
-from .config import (CHECKPOINT_NAME, EMA_LAST_UPDATE_KEY, RUN_CONFIG_FILE, STAGING_PREFIX, STATE_FILE, RunFailed,
-                     TrainConfig, UsageError, first_line, list_checkpoints, same_place)
+from .config import (CHECKPOINT_NAME, EMA_CLOCK_START_KEY, EMA_LAST_UPDATE_KEY, RUN_CONFIG_FILE, STAGING_PREFIX,
+                     STATE_FILE, RunFailed, TrainConfig, UsageError, first_line, list_checkpoints, same_place)
 from .manifest import MANIFEST_FILE, write_manifest
 
 logger = logging.getLogger("uncond")
@@ -177,33 +177,38 @@ def register_state_hooks(accelerator: Accelerator, unet: torch.nn.Module, ema: E
             # Only how far the average has come: its decay settings are this run's (--ema_max_decay,
             # --ema_inv_gamma, --ema_power), as its --learning_rate is; EMAModel.load_state_dict would put
             # back the checkpoint's.
-            updates, last_update = ema_clock(saved.get("optimization_step", 0), Path(input_dir), ema)
             names, parameters = zip(*plain.named_parameters())
             shadow = sharding.local_shards(parameters, [averaged[name] for name in names])
-            ema.load_state_dict({"optimization_step": updates, "shadow_params": shadow})
+            ema.load_state_dict({"optimization_step": saved.get("optimization_step", 0), "shadow_params": shadow})
             if isinstance(ema, models.EMA):
-                ema.last_update_step = last_update
+                ema.last_update_step, ema.clock_start = ema_clock(Path(input_dir), saved.get("optimization_step", 0),
+                                                                  has_average=ema_dir.is_dir())
             ema.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def ema_clock(saved_updates: int, path: Path, ema: EMAModel) -> tuple[int, int]:
-    """The EMA's update count (its warmup clock) in this run's --ema_update_every, and the step of its last update.
-    The checkpoint's count is of updates every `ema_update_every` steps of the run that wrote it (1 for
-    train_unconditional.py's); where that differs, the count this run's interval reaches by the checkpoint's step:
-    the steps the saved updates spanned, counted anew, fell behind the step (every 4, then 3 from step 7: the update
-    at step 9 took step 6's decay; trial 58 F5), as updates come at multiples of the interval (train.update_ema).
-    The last update stays the saved run's: the next update, and exports before it, count the decay of every step
-    since (from step 5 there, not 7: the average's share jumped from 0.40 to 0.61 at the resume; trial 60 F6)."""
-    every = getattr(ema, "every", 1)
-    saved_every = saved_run_config(path).get("ema_update_every", 1)
+def ema_clock(path: Path, saved_updates: int, has_average: bool) -> tuple[int, int]:
+    """The steps of checkpoint `path`'s EMA (models.EMA): of its last update, and the one its warmup counts from.
+    Whatever --ema_update_every the resumed run has, its next update, and exports before it, count the decay of
+    every step since the saved run's last update (from step 5 for one updated every 4 and resumed at step 7 with
+    3, not 7: the average's share jumped from 0.40 to 0.61; trial 60 F6), on the saved warmup's clock (the update
+    at step 9 took step 6's decay; trial 58 F5). A checkpoint without EMA (`has_average` False): the average
+    starts at its step, where its warmup starts too (a resumed run's export was 2.5 % EMA right after an update,
+    its last update counted in updates since; trial 67 F1). Checkpoints of earlier uncond and
+    train_unconditional.py's record neither: their updates came at the multiples of their interval, and their
+    count, `saved_updates`, ran on the warmup's clock."""
     state = read_training_state(path)
-    last_update = state.get(EMA_LAST_UPDATE_KEY)
-    if not isinstance(last_update, int) or isinstance(last_update, bool):  # not recorded (an earlier uncond's)
-        last_update = saved_updates * saved_every
-    return (saved_updates if saved_every == every else checkpoint_step(path, state) // every), last_update
+    step = checkpoint_step(path, state)
+    if not has_average:
+        return step, step
+    last_update, clock_start = state.get(EMA_LAST_UPDATE_KEY), state.get(EMA_CLOCK_START_KEY)
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in (last_update, clock_start)):
+        saved_every = saved_run_config(path).get("ema_update_every", 1)
+        last_update = step // saved_every * saved_every
+        clock_start = max(0, last_update - saved_updates * saved_every)
+    return last_update, clock_start
 
 
 def written_by_fsdp(path: Path) -> bool:

@@ -16,8 +16,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from . import cache, checkpoint, hub, run_folder, sampling, tracking
-from .config import (CHECKPOINT_NAME, EMA_LAST_UPDATE_KEY, EMA_SHARE_KEY, RUN_CONFIG_FILE, ExportConfig, TrainConfig,
-                     UsageError, check_utf8_path, counted, list_checkpoints)
+from .config import (CHECKPOINT_NAME, EMA_CLOCK_START_KEY, EMA_LAST_UPDATE_KEY, EMA_SHARE_KEY, RUN_CONFIG_FILE,
+                     ExportConfig, TrainConfig, UsageError, check_utf8_path, counted, list_checkpoints)
 from .outputs import write_card_of
 
 logger = logging.getLogger("uncond")
@@ -121,7 +121,8 @@ def write_export(model: sampling.Model, folder: Path, output_dir: Path, exported
                                 if spec.name in settings})  # the settings that trained it, for its model card
     # finished: the model as it is, not an intermediate export that a run of these settings would start again
     state = {**checkpoint.read_training_state(folder), "finished": True, "exported_from": folder.name}
-    for key in (EMA_SHARE_KEY, EMA_LAST_UPDATE_KEY):  # a checkpoint's: the weights exported are the step's, blended
+    # a checkpoint's EMA state: the weights exported are the model of the step, blended
+    for key in (EMA_SHARE_KEY, EMA_LAST_UPDATE_KEY, EMA_CLOCK_START_KEY):
         state.pop(key, None)
     step = state["step"] = checkpoint.checkpoint_step(folder, state)
     run = folder.parent

@@ -456,8 +456,9 @@ STATE_FILE = "training_state.json"  # beside it: the step, epoch and images seen
 # an EMA updated every N steps has not averaged yet); absent where the run kept no EMA or was uncond's before it.
 EMA_SHARE_KEY = "ema_share"
 # Beside it: the step its EMA was last updated at, which a resume counts the next update's decay from (a run with
-# another --ema_update_every than the one that wrote it updates at other steps; checkpoint.ema_clock).
-EMA_LAST_UPDATE_KEY = "ema_last_update_step"
+# another --ema_update_every than the one that wrote it updates at other steps), and the step the EMA's warmup
+# counts from (a resume's that added --use_ema; models.EMA, checkpoint.ema_clock).
+EMA_LAST_UPDATE_KEY, EMA_CLOCK_START_KEY = "ema_last_update_step", "ema_clock_start_step"
 SAMPLE_SETTINGS_FILE = "sample_settings.json"  # in every folder `uncond sample` writes: it marks them
 PREVIEWS_DIR = "samples"  # a run's preview grids, in its output folder (a run artefact)
 BEST_DIR = "best"  # --keep_best: the export with the lowest FID
@@ -551,15 +552,25 @@ def coerce(name: str, value: Any, config_class: type = TrainConfig) -> Any:
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         if kind is str and name in PATH_SETTINGS:
-            return os.path.expanduser(str(value))
+            return home_expanded(name, str(value))
         return kind(value)
     except (TypeError, ValueError):
         raise UsageError(f"--{name} expects {kind.__name__}, got {value!r}") from None
 
 
+def home_expanded(name: str, path: str) -> str:
+    """`path` with a leading ~ or ~user made the home folder, as a shell does (PATH_SETTINGS)."""
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):  # no such user (pathlib's expanduser, used further on, raised a traceback)
+        user = expanded[1:].split(os.sep, 1)[0]
+        raise UsageError(f"--{name} {path}: no user {user!r} has a home folder here (a leading ~{user} means "
+                         f"theirs); write ./{path} for a folder of that name")
+    return expanded
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (plus --config), grouped as in TrainConfig. Only flags a user typed are set."""
-    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, type=os.path.expanduser,
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, type=flag_type("config", None),
                         help="a YAML or JSON file of settings (same keys as the flags); flags win")
     add_arguments(parser, TrainConfig)
 
@@ -590,12 +601,12 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         action.seed_flag = meta["seed"]  # (cli.Parser: the seed script's abbreviations)
 
 
-def flag_type(name: str, config_class: type) -> Callable[[str], Any]:
-    """The flag's value converter: argparse says its refusal in one line (a UsageError raised inside argparse
-    came out as a traceback)."""
+def flag_type(name: str, config_class: type | None) -> Callable[[str], Any]:
+    """The flag's value converter (None: a path, as --config's): argparse says its refusal in one line (a
+    UsageError raised inside argparse came out as a traceback)."""
     def convert(text: str) -> Any:
         try:
-            return coerce(name, text, config_class)
+            return home_expanded(name, text) if config_class is None else coerce(name, text, config_class)
         except UsageError as error:
             raise argparse.ArgumentTypeError(str(error).removeprefix(f"--{name} ")) from None
     return convert

@@ -203,23 +203,29 @@ def count_parameters(unet_config: dict[str, Any]) -> int:
 
 class EMA(EMAModel):
     """diffusers' EMAModel, optionally updated every `every` optimizer steps. Each update applies the product of
-    the `every` per-step decays it stands for, so the old average keeps the share per-step updates would leave it:
-    exactly so where the weights moved only at updates, and none of the random initial weights is kept (the
-    first step's decay is 0). The same horizon at 1/every of the memory traffic."""
+    the per-step decays of the steps since the last one, so the old average keeps the share per-step updates would
+    leave it: exactly so where the weights moved only at updates, and none of the random initial weights is kept
+    (the first step's decay is 0). The same horizon at 1/every of the memory traffic.
+
+    Steps are the run's optimizer steps: `last_update_step`, the one the average was last updated at (or taken
+    from); `clock_start`, the one its warmup counts from: 0, or that of a resume adding --use_ema, whose average
+    warms up afresh, as the seed script's new EMAModel does (checkpoint.ema_clock)."""
 
     def __init__(self, *args: Any, every: int = 1, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.every = every
-        # The optimizer step the average was last updated at: the last multiple of `every` reached, but the last
-        # update of the run's earlier --ema_update_every for a run resumed with another (checkpoint.load_hook).
-        self.last_update_step = 0
+        self.last_update_step = self.clock_start = 0
+        self.updating_at = 0
 
-    def step(self, parameters: Any) -> None:
+    def step(self, parameters: Any, at_step: int | None = None) -> None:
+        """The update at optimizer step `at_step` (train.update_ema: the multiples of `every`; by default the
+        next one after the last update)."""
+        self.updating_at = self.last_update_step + self.every if at_step is None else at_step
         super().step(parameters)
-        self.last_update_step = self.optimization_step * self.every
+        self.last_update_step = self.updating_at
 
-    def get_decay(self, optimization_step: int) -> float:
-        return self.decay_over(self.last_update_step + 1, optimization_step * self.every)
+    def get_decay(self, optimization_step: int) -> float:  # (diffusers' step asks it with its update count)
+        return self.decay_since_update(self.updating_at)
 
     def decay_since_update(self, step: int) -> float:
         """The decay of the optimizer steps after the last update up to `step` (1 where it was updated at `step`):
@@ -227,15 +233,15 @@ class EMA(EMAModel):
         return self.decay_over(self.last_update_step + 1, step)
 
     def decay_over(self, first: int, last: int) -> float:
-        """The product of diffusers' per-step decays of optimizer steps `first` to `last`."""
+        """The product of diffusers' per-step decays of optimizer steps `first` to `last`, on the warmup's clock."""
         per_step_decay = super().get_decay  # (not inside the generator, where super() has no instance)
-        return math.prod(per_step_decay(step) for step in range(first, last + 1))
+        return math.prod(per_step_decay(step - self.clock_start) for step in range(first, last + 1))
 
     @property
     def decay_per_step(self) -> float | None:
         """The per-step decay at the last update's step: the value a run updating every step would show, so
         that runs with other --ema_update_every compare."""
-        return None if self.cur_decay_value is None else super().get_decay(self.last_update_step)
+        return None if self.cur_decay_value is None else super().get_decay(self.last_update_step - self.clock_start)
 
 
 def make_ema(unet: torch.nn.Module, config: TrainConfig) -> EMA:

@@ -20,8 +20,8 @@ from diffusers import UNet2DModel
 from tqdm import tqdm
 
 from . import checkpoint, data, environment, hub, models, run_folder, sharding, signals, tracking
-from .config import (EMA_LAST_UPDATE_KEY, EMA_SHARE_KEY, EVERY_MACHINE, RUN_CONFIG_FILE, ProcessInUse, RunFailed,
-                     RunStopped, TrainConfig, UsageError, counted, first_line, public_argv)
+from .config import (EMA_CLOCK_START_KEY, EMA_LAST_UPDATE_KEY, EMA_SHARE_KEY, EVERY_MACHINE, RUN_CONFIG_FILE,
+                     ProcessInUse, RunFailed, RunStopped, TrainConfig, UsageError, counted, first_line, public_argv)
 from .objective import denoising_loss, sample_noise_and_timesteps
 from .progress import progress_bar
 from .monitoring import evaluate, open_feature_extractor, save_sample_grid
@@ -285,16 +285,17 @@ def log_run_summary(run: Run) -> None:
 
 
 def accumulation_beyond_epoch(config: TrainConfig, processes: int, images: int) -> str | None:
-    """The warning for more --gradient_accumulation_steps than an epoch has batches: the epoch's end ends the
-    optimizer step (as in the seed script), on fewer images than the global batch the summary states (trial 66
-    F3: "= 12", 8 images a step, unsaid)."""
+    """The warning for --gradient_accumulation_steps as many as an epoch's batches or more, fewer images than the
+    global batch: the epoch's end ends each optimizer step (as in the seed script), on fewer images than the
+    summary's global batch says (trial 66 F3: "= 12", 8 images a step, unsaid; trial 67 F5: a short last batch)."""
     order, accumulation = data.Order(images, config.train_batch_size, 0, processes), config.gradient_accumulation_steps
-    if order.batches_per_epoch >= accumulation:
+    trained, batches = order.images_per_process * processes, order.batches_per_epoch
+    if batches > accumulation or trained >= global_batch(config, processes):
         return None
-    return (f"--gradient_accumulation_steps {accumulation} is more than the {order.batches_per_epoch} "
-            f"{'batch' if order.batches_per_epoch == 1 else 'batches'} of {config.train_batch_size} an epoch of "
-            f"{counted(images, 'image')} makes per process: each optimizer step ends with its epoch, on "
-            f"{order.images_per_process * processes} images, not the global batch of {global_batch(config, processes)}")
+    return (f"--gradient_accumulation_steps {accumulation} is at least the {batches} "
+            f"{'batch' if batches == 1 else 'batches'} of {config.train_batch_size} an epoch of "
+            f"{counted(images, 'image')} makes per process: each optimizer step ends with its epoch, on {trained} "
+            f"images, not the global batch of {global_batch(config, processes)}")
 
 
 def batch_beyond_data(batch_size: int, processes: int, images: int) -> str | None:
@@ -588,7 +589,7 @@ def update_ema(run: Run) -> None:
     step behind for the rest of the run: its exports blended trained weights into an average just updated (trial
     60 F1)."""
     if run.ema is not None and (run.step + 1) % run.config.ema_update_every == 0:
-        run.ema.step(sharding.local_tensors(run.parameters))
+        run.ema.step(sharding.local_tensors(run.parameters), at_step=run.step + 1)
 
 
 def batch_inputs(run: Run, clean_images: torch.Tensor, micro_batch: int) -> tuple[torch.Tensor, ...]:
@@ -747,7 +748,7 @@ def save_checkpoint(run: Run) -> None:
         # --ema_update_every N the EMA has not averaged the steps since its last update (models.ema_weights).
         # uncond sample, evaluate and export of the checkpoint blend them as the run's own export does.
         state[EMA_SHARE_KEY] = run.ema.decay_since_update(run.step)
-        state[EMA_LAST_UPDATE_KEY] = run.ema.last_update_step
+        state[EMA_LAST_UPDATE_KEY], state[EMA_CLOCK_START_KEY] = run.ema.last_update_step, run.ema.clock_start
     path, dropped = checkpoint.save_checkpoint(run.accelerator, run.output_dir, run.step, state, run.config,
                                                run.config.checkpoints_total_limit)
     run.checkpointed_step = run.step
