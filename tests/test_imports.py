@@ -20,7 +20,7 @@ LAYERS = {"accelerate_configs": 0, "config": 0, "sharding": 0, "progress": 0, "v
           "data": 1, "streaming": 1.5, "models": 1, "objective": 1, "sampling": 1, "metrics": 1, "tracking": 1,
           "hub": 1, "environment": 1, "cpu_threads": 0, "checkpoint": 2, "run_folder": 2.2, "plan": 2.5,
           "stopping": 2.6, "parts": 2.7,
-          "outputs": 2.8, "monitoring": 2.9, "train": 3, "evaluation": 3, "sample_folder": 3,
+          "outputs": 2.8, "monitoring": 2.9, "train": 3, "evaluation": 3, "sample_folder": 3, "cache_upkeep": 3,
           "checkpoint_export": 3, "cli": 4, "__main__": 5,
           "__init__": 5}
 

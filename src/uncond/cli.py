@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import accelerate_configs, signals
 from .config import (CacheConfig, EvaluateConfig, ExportConfig, RunFailed, RunStopped, SampleConfig, UsageError,
-                     add_arguments, add_train_arguments, build_command_config, build_config, counted, first_line,
-                     public_argv, size_text)
+                     add_arguments, add_train_arguments, build_command_config, build_config, first_line,
+                     public_argv)
 
 DESCRIPTION = "Train unconditional diffusion models on your own images, sample from them, and measure them."
 
@@ -370,64 +370,10 @@ def run_export(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_cache(args: argparse.Namespace, argv: list[str]) -> int:
-    import time
+    from .cache_upkeep import list_and_remove
 
-    from . import cache
-
-    config = build_command_config(CacheConfig, command_values(args))
-    if config.remove_all and config.remove_unused_days is not None:
-        raise UsageError("--remove_all removes every entry, --remove_unused_days only old ones; give one of them")
-    root = cache.cache_root(config.cache_dir)
-    if config.cache_dir and not root.is_dir():  # a mistyped --cache_dir would list an empty cache
-        raise UsageError(f"--cache_dir {config.cache_dir}: no uncond cache there ({root} is not a folder); runs "
-                         "given --cache_dir DIR keep theirs in DIR/uncond")
-    entries, stats = cache.entries(root), cache.reference_stats(root)
-    width = max((len(entry.folder.name) for entry in entries + stats), default=0)  # sizes in one column
-    print(f"decoded-image cache: {root}")
-    for entry in entries:
-        meta = entry.meta
-        images = counted(meta["images"], "image") if "images" in meta else "? images"
-        print(f"  {entry.folder.name:<{width}}  {images:>13}  {meta.get('resolution', '?'):>4} px"
-              f"{' 16-bit' if meta.get('dtype') == 'uint16' else '':<7}  "
-              f"{size_text(entry.size):>10}  last used {when(entry.last_used)}  {meta.get('source', '')}")
-    if stats:
-        print(f"reference statistics of uncond evaluate: {root / cache.REFERENCE_STATS_DIR}")
-        for entry in stats:
-            print(f"  {entry.folder.name:<{width}}  {'':>13}  {'':>14}  {size_text(entry.size):>10}  last used "
-                  f"{when(entry.last_used)}")
-    unfinished = cache.unfinished_decodes(root)
-    if unfinished:
-        print(f"{counted(len(unfinished), 'unfinished decode')} ({size_text(sum(map(cache.folder_size, unfinished)))}"
-              "): of runs decoding now, or killed while decoding (--remove_unused_days N removes those of runs "
-              "killed over 10 minutes ago, --remove_all those of runs killed a moment ago too, with every entry; the "
-              "next decode of the same images removes them too)")
-    print(f"{counted(len(entries), 'entry')} and {counted(len(stats), 'reference statistics file')}, "
-          f"{size_text(sum(e.size for e in entries + stats))} in all")
-    unused_since = None if config.remove_unused_days is None else time.time() - config.remove_unused_days * 86400
-    doomed = [entry for entry in entries + stats
-              if config.remove_all or (unused_since is not None and entry.last_used < unused_since)]
-    for entry in doomed:
-        cache.remove(entry.folder)
-        print(f"removed {entry.folder.name} ({size_text(entry.size)}, {entry.meta.get('source', '')})")
-    freed, removed = sum(e.size for e in doomed), len(doomed)
-    if config.remove_all or unused_since is not None:  # --remove_all: also those of runs killed a moment ago
-        sizes = {folder: cache.folder_size(folder) for folder in unfinished}
-        for folder in cache.remove_abandoned(root, idle_for=0 if config.remove_all else cache.ABANDONED_AFTER_SECONDS):
-            print(f"removed {folder.name} ({size_text(sizes.get(folder, 0))}, an unfinished decode of a killed run)")
-            freed, removed = freed + sizes.get(folder, 0), removed + 1
-    if removed:
-        print(f"freed {size_text(freed)}")
-    elif config.remove_all or unused_since is not None:
-        days = counted(config.remove_unused_days or 0, "day")
-        print("nothing to remove" + (f": every entry was read in the last {days}"
-                                     if unused_since is not None and entries + stats else ""))
+    list_and_remove(build_command_config(CacheConfig, command_values(args)))
     return 0
-
-
-def when(timestamp: float) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
 def command_values(args: argparse.Namespace) -> dict:
