@@ -1163,11 +1163,11 @@ def test_an_owed_evaluation_a_resume_without_fid_could_not_make_is_made_by_the_n
     code, _, err = run_cli(*evaluating)
     assert code == 143 and "the evaluation of step 2 is left out" in err, err
     monkeypatch.setattr(sampling, "sample_batches", sample_batches)
-    evaluate = train.evaluate
-    monkeypatch.setattr(train, "evaluate", lambda run: os.kill(os.getpid(), signal.SIGTERM) or evaluate(run))
+    evaluate = train.evaluate_run
+    monkeypatch.setattr(train, "evaluate_run", lambda run: os.kill(os.getpid(), signal.SIGTERM) or evaluate(run))
     code, _, err = run_cli(*without)  # stopped at once, before a step: no new checkpoint
     assert code == 143 and "stopped by SIGTERM at step 2" in err, err
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "evaluate_run", evaluate)
     code, _, err = run_cli(*evaluating)
     assert code == 0 and "evaluation at step 2" in err and "given up" not in err, err
 

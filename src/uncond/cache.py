@@ -140,14 +140,14 @@ def entries(root: Path) -> list[Entry]:
     return sorted(found, key=lambda entry: entry.last_used, reverse=True)
 
 
-def reference_stats(root: Path) -> list[Entry]:
+def reference_stats_entries(root: Path) -> list[Entry]:
     """uncond evaluate's cached reference statistics (one .npz each), most recently used first."""
     files = sorted((root / REFERENCE_STATS_DIR).glob("*.npz")) if (root / REFERENCE_STATS_DIR).is_dir() else []
     found = [Entry(path, {"source": path.stem}, path.stat().st_size, path.stat().st_mtime) for path in files]
     return sorted(found, key=lambda entry: entry.last_used, reverse=True)
 
 
-def remove(folder: Path) -> None:
+def remove_entry(folder: Path) -> None:
     """Remove an entry: renamed out of the way first, so no run ever opens it half deleted. A run that has it
     memory-mapped keeps reading its pixels until it ends (the files go when it lets go of them)."""
     doomed = folder.parent / f".{folder.name}.removing-{os.getpid()}"

@@ -16,7 +16,7 @@ def list_and_remove(config: CacheConfig) -> None:
     if config.cache_dir and not root.is_dir():  # a mistyped --cache_dir would list an empty cache
         raise UsageError(f"--cache_dir {config.cache_dir}: no uncond cache there ({root} is not a folder); runs "
                          "given --cache_dir DIR keep theirs in DIR/uncond")
-    entries, stats = cache.entries(root), cache.reference_stats(root)
+    entries, stats = cache.entries(root), cache.reference_stats_entries(root)
     width = max((len(entry.folder.name) for entry in entries + stats), default=0)  # sizes in one column
     print(f"decoded-image cache: {root}")
     for entry in entries:
@@ -42,7 +42,7 @@ def list_and_remove(config: CacheConfig) -> None:
     doomed = [entry for entry in entries + stats
               if config.remove_all or (unused_since is not None and entry.last_used < unused_since)]
     for entry in doomed:
-        cache.remove(entry.folder)
+        cache.remove_entry(entry.folder)
         print(f"removed {entry.folder.name} ({size_text(entry.size)}, {entry.meta.get('source', '')})")
     freed, removed = sum(e.size for e in doomed), len(doomed)
     if config.remove_all or unused_since is not None:  # --remove_all: also those of runs killed a moment ago

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cache import (META_FILE, CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone,
-                    entry_folder, mark_used)
-from .cache import remove as remove_entry
+from .cache import (META_FILE, CacheWriter, EarlierImages, ImageCache, cache_root, decoding_alone, entry_folder,
+                    mark_used, remove_entry)
 from .config import RunFailed, RunStopped, TrainConfig, UsageError, counted, nearest_existing, size_text
 from .decoding import GRAY_MODES, decode_records, resized_size
 from .progress import progress_bar

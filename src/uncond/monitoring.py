@@ -83,7 +83,7 @@ def open_feature_extractor(config: TrainConfig, accelerator: Accelerator) -> met
 
 
 @off_the_clock
-def evaluate(run: Run) -> None:
+def evaluate_run(run: Run) -> None:
     """FID and KID of samples of the EMA weights (the preview sampler; image i seeded i) against the training
     images. Every process samples and measures its share of the images, so the set is the same whatever the
     process count; the main process scores them, logs to the trackers and metrics.jsonl, and keeps the best

@@ -384,10 +384,10 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype) -> M
     if path.exists():  # (a Hub id is no path)
         check_utf8_path("", name_or_path)
     if is_checkpoint(path) and has_noise_schedule(path):
-        return load_checkpoint(path, name_or_path, device, dtype)
+        return checkpoint_as_model(path, name_or_path, device, dtype)
     weights = absolute(path)  # `.` inside checkpoint-N/unet
     if is_checkpoint_weights(path) and has_noise_schedule(weights.parent):
-        return load_checkpoint(weights.parent, name_or_path, device, dtype, weights=weights.name)
+        return checkpoint_as_model(weights.parent, name_or_path, device, dtype, weights=weights.name)
     if path.exists():
         if not (path / "model_index.json").is_file():
             refuse_unexported_run(path, name_or_path)
@@ -446,8 +446,8 @@ def pickled_unet_weights(path: Path) -> str | None:
     return next((f"unet/{file.name}" for file in sorted(unet.glob("*.bin"))), None)
 
 
-def load_checkpoint(path: Path, name: str, device: torch.device, dtype: torch.dtype,
-                    weights: str | None = None) -> Model:
+def checkpoint_as_model(path: Path, name: str, device: torch.device, dtype: torch.dtype,
+                        weights: str | None = None) -> Model:
     """A training checkpoint as a model: its EMA weights where the run kept an EMA (what its exports hold), else
     its trained ones, or the `weights` folder named (unet, unet_ema), with the noise schedule of its
     training_config.json (uncond's) or of its run's pipeline (train_unconditional.py's, seed_run_schedule). Any
@@ -533,7 +533,7 @@ def pending_ema_share(checkpoint: Path) -> float:
 
 
 def has_noise_schedule(checkpoint: Path) -> bool:
-    """Whether the noise schedule of training checkpoint `checkpoint` is known (load_checkpoint)."""
+    """Whether the noise schedule of training checkpoint `checkpoint` is known (checkpoint_as_model)."""
     return (checkpoint / RUN_CONFIG_FILE).is_file() or seed_run_schedule(checkpoint) is not None
 
 

@@ -24,7 +24,7 @@ from .config import (EMA_CLOCK_START_KEY, EMA_LAST_UPDATE_KEY, EMA_SHARE_KEY, EV
                      ProcessInUse, RunFailed, RunStopped, TrainConfig, UsageError, counted, first_line, public_argv)
 from .objective import denoising_loss, sample_noise_and_timesteps
 from .progress import progress_bar
-from .monitoring import evaluate, open_feature_extractor, save_sample_grid
+from .monitoring import evaluate_run, open_feature_extractor, save_sample_grid
 from .outputs import (Launch, commands_so_far, draw_loss_plot, export, reproduce_command, resuming_latest,
                       tracker_config)
 from .parts import (Run, averaged_unet, build_run, drop_replaced_run, epoch_start_step, make_accelerator,
@@ -340,7 +340,7 @@ def make_what_is_owed(run: Run) -> bool:
     """The evaluation and sample grid of the step resumed from that the stop ending the previous run left out,
     in the order the uninterrupted run made them. Returns False where a stop signal came meanwhile."""
     if run.evaluation_owed == run.step:
-        evaluate(run)
+        evaluate_run(run)
         if run.feature_extractor is not None:  # else not tried (no FID network in this run): the next resume tries
             record_owed(run, "evaluation", still_owed=run.evaluation_owed == run.step)
         if stop_requested(run, at_once=True):
@@ -394,7 +394,7 @@ def train_epochs(run: Run) -> bool:
                 progress.update(1)  # after the log: the line drawn for this step shows its values
                 run.threads.adjust()  # a CPU run's threads, to the cores other processes leave free
                 if config.eval_every_steps and run.step % config.eval_every_steps == 0:
-                    evaluate(run)
+                    evaluate_run(run)
                 if run.step % config.checkpointing_steps == 0 and not ends_epoch:
                     save_checkpoint(run)  # an epoch's last step: after its preview and export, below
                 if run.step == run.max_train_steps:
