@@ -612,9 +612,13 @@ def test_a_checkpoint_is_exported_as_the_model_to_deliver(run_cli, tiny_unet, tm
     code, _, err = run_cli("export", run, "--output_dir", tmp_path / "other")
     one_line_error(code, err, f"{run}: not a training checkpoint")
     plain = save_tiny_pipeline(tmp_path / "plain")  # diffusers' own (it was taken for a seed script's checkpoint)
-    code, _, err = run_cli("export", plain, "--output_dir", tmp_path / "other")
-    one_line_error(code, err, f"{plain}: not a training checkpoint")
-    assert "a pipeline folder is a model already" in err, err
+    named = shutil.copytree(run, tmp_path / "copies" / "checkpoint-9", ignore=shutil.ignore_patterns("checkpoint-*"))
+    for pipeline in (plain, named):  # an export named as a checkpoint was said to be an incomplete one (trial 67 F3)
+        code, _, err = run_cli("export", pipeline, "--output_dir", tmp_path / "other")
+        one_line_error(code, err, f"{pipeline}: not a training checkpoint")
+        assert "a pipeline folder is a model already" in err, err
+    code, _, err = run_cli(*args, "--resume_from_checkpoint", named)
+    one_line_error(code, err, f"--resume_from_checkpoint {named} is a pipeline folder (an export")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     code, _, err = run_cli("export", run / "checkpoint-4", "--output_dir", tmp_path / "mine", "--overwrite_output_dir")

@@ -39,7 +39,9 @@ def export_checkpoint(config: ExportConfig) -> Path:
     seed_script = sampling.is_checkpoint(folder) and not (folder / RUN_CONFIG_FILE).is_file()
     if seed_script and not sampling.has_noise_schedule(folder):
         raise UsageError(f"{config.checkpoint}: cannot be exported{sampling.not_a_pipeline_hint(folder)}")
-    if not (CHECKPOINT_NAME.match(folder.name) and (seed_script or (folder / RUN_CONFIG_FILE).is_file())):
+    # (an export named checkpoint-N was said to be an incomplete checkpoint; trial 67 F3)
+    if not (CHECKPOINT_NAME.match(folder.name) and sampling.is_checkpoint(folder)
+            and (seed_script or (folder / RUN_CONFIG_FILE).is_file())):
         raise UsageError(f"{config.checkpoint}: not a training checkpoint (a run's checkpoint-N folder, holding "
                          f"{RUN_CONFIG_FILE}); a pipeline folder is a model already")
     problem = checkpoint.checkpoint_problem(folder)

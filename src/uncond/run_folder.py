@@ -258,6 +258,10 @@ def find_resume_checkpoint(config: TrainConfig) -> tuple[Path | None, str]:
                 raise UsageError(f"--resume_from_checkpoint {request} is of a branch that {output_dir} left when "
                                  f"it went back to an earlier step; resuming it there would mix the two branches' "
                                  "checkpoints, metrics and grids: pass another --output_dir to go on with it")
+            if (candidate / "model_index.json").is_file():  # (it was said to be an incomplete checkpoint)
+                raise UsageError(f"--resume_from_checkpoint {candidate} is a pipeline folder (an export: the model, "
+                                 "without the optimizer's state a resume needs), not a checkpoint; pass one of the "
+                                 "run's checkpoint-N folders")
             if candidate.is_dir():
                 problem = checkpoint_problem(candidate)
                 if problem:
