@@ -408,6 +408,42 @@ def test_the_cache_size_said_before_decoding_counts_gray_images_of_every_mode_as
     assert 0.8 < said / load(config).pixels.nbytes < 1.3, outlook.line
 
 
+def test_a_decode_that_waited_keeps_its_lock_after_the_one_before_failed(tmp_path):
+    """Three runs over the same images: the first decode ended by an error while the second waited; the second
+    then held the lock of the file the first had removed, and a third, locking the new file at once, took itself
+    for alone and removed the second's decode under way (trial 68 F6). Threads stand in for the processes (flock
+    locks are per open file)."""
+    import threading
+
+    from uncond import cache
+
+    folder = tmp_path / "uncond" / "entry"
+    second_waits, second_decodes, third_waited, done = (threading.Event() for _ in range(4))
+    staging = folder.parent / f".{folder.name}{cache.PARTIAL}{socket.gethostname()}-1-second"
+    kept = []
+
+    def second() -> None:
+        with cache.decoding_alone(folder, second_waits.set):
+            staging.mkdir()
+            second_decodes.set()
+            assert third_waited.wait(10)
+            kept.append(staging.is_dir())
+        done.set()
+
+    with pytest.raises(RuntimeError):
+        with cache.decoding_alone(folder, lambda: None):
+            thread = threading.Thread(target=second)
+            thread.start()
+            assert second_waits.wait(10)
+            raise RuntimeError("the first decode failed")
+    assert second_decodes.wait(10)
+    third = threading.Thread(target=lambda: cache.decoding_alone(folder, third_waited.set).__enter__())
+    third.start()
+    assert done.wait(20) and kept == [True]
+    thread.join(10)
+    third.join(10)
+
+
 def test_a_moved_folder_with_a_photo_added_decodes_only_that_photo(tmp_path, monkeypatch):
     """Moved or renamed, then grown by one photo, a collection was decoded whole again, and its earlier entry
     stayed beside the new one under the old path (the entry matched files by their absolute paths)."""
@@ -517,7 +553,7 @@ def test_uncond_cache_lists_entries_and_removes_the_unused_ones(tmp_path, run_cl
     for path in (kept.folder / "meta.json", unused.folder / "meta.json", kept_stats, unused_stats):
         os.utime(path, (month_ago, month_ago))
     assert ImageCache.open(kept.folder) is not None  # a run reads it: used today
-    metrics.cached_stats(kept_stats, "cats-64px", lambda: pytest.fail("computed again"))  # an evaluation reads it
+    metrics.cached_stats(kept_stats, "cats-64px", lambda: pytest.fail("computed again"), "")  # an evaluation reads it
     code, out, err = run_cli("cache", "--cache_dir", cache_dir, "--remove_unused_days", 30)
     assert code == 0, err
     removed = out.split("removed", 1)[1]

@@ -141,18 +141,23 @@ def test_statistics_files_are_never_unpickled(tmp_path):
         metrics.load_stats(tmp_path / "other.npz")
 
 
-def test_cached_statistics_are_computed_once_per_key(tmp_path):
+def test_cached_statistics_are_computed_once_per_key(tmp_path, caplog):
     calls = []
 
     def compute():
         calls.append(1)
         return metrics.feature_stats(np.random.default_rng(len(calls)).normal(size=(10, 3)), "test")
 
-    first, kept = metrics.cached_stats(tmp_path / "cache.npz", "key-a", compute)
-    again, kept_again = metrics.cached_stats(tmp_path / "cache.npz", "key-a", compute)
+    first, kept = metrics.cached_stats(tmp_path / "cache.npz", "key-a", compute, "")
+    again, kept_again = metrics.cached_stats(tmp_path / "cache.npz", "key-a", compute, "")
     assert (kept, kept_again) == ("saved", "read") and len(calls) == 1 and np.allclose(first.mu, again.mu)
-    _, kept_other = metrics.cached_stats(tmp_path / "cache.npz", "key-b", compute)
+    _, kept_other = metrics.cached_stats(tmp_path / "cache.npz", "key-b", compute, "")
     assert kept_other == "saved" and len(calls) == 2
+    # where they cannot be kept, the caller's advice (a run's said "set XDG_CACHE_HOME", which moves no run's
+    # output folder; trial 68 F5)
+    (tmp_path / "a-file").write_text("")
+    _, kept_nowhere = metrics.cached_stats(tmp_path / "a-file" / "cache.npz", "key-a", compute, "free some space")
+    assert kept_nowhere == "not kept" and caplog.messages[-1].endswith("used without being kept (free some space)")
 
 
 def test_a_stand_in_extractor_works_through_the_same_interface():

@@ -535,7 +535,13 @@ def test_sample_from_inside_a_run_folder_stays_out_of_its_previews(run_cli, pipe
                               "another --output_dir")
     assert not list((run / "samples").iterdir())
     code, _, err = run_cli("sample", ".", "--num_images", 2, "--steps", 1, "--output_dir", ".")  # the run itself
-    one_line_error(code, err, "--output_dir . holds a model (a pipeline or a training run); choose another")
+    one_line_error(code, err, "--output_dir . holds a model (a pipeline, a checkpoint or its weights, or a training "
+                              "run); choose another")
+    checkpoint = run / "checkpoint-2"  # train_unconditional.py's: no training_config.json, as its unet/ has none
+    shutil.copytree(run / "unet", checkpoint / "unet")
+    for weights in (checkpoint, checkpoint / "unet"):
+        code, _, err = run_cli("sample", ".", "--num_images", 2, "--steps", 1, "--output_dir", weights)
+        one_line_error(code, err, f"--output_dir {weights} holds a model")
     code, _, err = run_cli("sample", ".", "--num_images", 2, "--steps", 1, "--output_dir", "unet")  # among its files
     one_line_error(code, err, f"--output_dir unet is the unet folder of the pipeline in {run}; choose another")
     assert {path.name for path in (run / "unet").iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
@@ -1270,7 +1276,7 @@ def test_evaluate_measures_gray_samples_against_the_gray_of_colour_images(run_cl
     assert code == 0 and any(colourful) and "as gray" not in json.loads(out)["reference"], err
     gray_statistics = results[0]["reference"].split("statistics cached in ")[1]
     code, _, err = run_cli("evaluate", pipeline, *sampling, "--reference", gray_statistics)
-    one_line_error(code, err, f"--reference {gray_statistics}: its statistics are of colour images measured as gray")
+    one_line_error(code, err, f"--reference {gray_statistics}: its statistics were measured as gray")
 
 
 def test_a_colour_folder_whose_first_image_is_black_is_measured_in_colour(run_cli, color_folder, gray_folder,

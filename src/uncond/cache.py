@@ -126,7 +126,7 @@ class Entry:
 
 def entries(root: Path) -> list[Entry]:
     """The complete entries under `root`, most recently used first (not the temporary folders of runs
-    still decoding, nor uncond evaluate's reference statistics: reference_stats)."""
+    still decoding, nor uncond evaluate's reference statistics: reference_stats_entries)."""
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         meta_file = folder / META_FILE
@@ -167,29 +167,53 @@ def decoding_alone(folder: Path, on_wait: Callable[[], None]):
     then finds the entry made (or, if the decode failed, decodes it)."""
     lock_file = folder.parent / f".{folder.name}.lock"
     try:
-        import fcntl
+        import fcntl  # noqa: F401 - (Windows has none)
 
         folder.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_file, "a")
     except (ImportError, OSError):
         yield
         return
-    with handle:
-        locked = True
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            on_wait()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:  # not supported here
-            locked = False
+    handle, locked = held_lock(lock_file, on_wait)
+    with handle or contextlib.nullcontext():
         if locked:  # every decode of this entry holds the lock: one of this host's left now was killed
             for partial in folder.parent.glob(f".{folder.name}{PARTIAL}{socket.gethostname()}-*"):
                 shutil.rmtree(partial, ignore_errors=True)
         try:
             yield
         finally:
-            lock_file.unlink(missing_ok=True)
+            if handle is not None:
+                lock_file.unlink(missing_ok=True)
+
+
+def held_lock(lock_file: Path, on_wait: Callable[[], None]) -> tuple[Any, bool]:
+    """The open `lock_file` and whether this process holds its flock (False where the file system refuses it);
+    None where it cannot be opened. A run that waited holds the lock of a file the decode before it removed as it
+    ended: it locks the file at the path anew, or a third run, locking that one at once, took itself for alone
+    and removed the second one's decode under way (trial 68 F6)."""
+    import fcntl
+
+    waited = False
+    while True:
+        try:
+            handle = open(lock_file, "a")
+        except OSError:
+            return None, False
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                on_wait()
+                waited = True
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # not supported here
+            return handle, False
+        try:
+            current = os.stat(lock_file).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return handle, True
+        handle.close()
 
 
 def folder_of(description: str) -> str | None:

@@ -9,7 +9,8 @@ launcher's), off Linux, or on a GPU.
 
 Others' share of the run's cores is read from Linux's /proc by hand (psutil reads the same files, and is not among
 uncond's dependencies): the busy time of the process's CPUs (/proc/stat; a container's cpuset only) less its own
-and its DataLoader workers' (/proc/PID/stat). A machine-wide load average would count the run's own threads."""
+and its child processes' (/proc/PID/stat; its data workers are threads of its own). A machine-wide load average
+would count the run's own threads."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def cpu_times(cpus: set[int]) -> tuple[float, float]:
 
 
 def own_cpu_seconds() -> float:
-    """CPU seconds used by this process and its live children (DataLoader workers), from /proc."""
+    """CPU seconds used by this process (its threads, the data workers among them) and its live children, from
+    /proc."""
     pids = [os.getpid()]
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
         try:

@@ -117,7 +117,7 @@ def open_generated(config: EvaluateConfig) -> Generated:
 def as_folders_are(batches: Iterator[np.ndarray], resolution: int, batch_size: int) -> Iterator[np.ndarray]:
     """A model's uint8 NHWC samples resized and cropped as the images of a folder are (data.image_batches: the
     shorter side to `resolution`, bilinear, then the centre square), so that a model and the folder of its
-    samples measure the same; a non-square model's samples were measured whole."""
+    samples measure the same (a non-square model's samples too: they were measured whole, and the FIDs differed)."""
     def decoded() -> Iterator[np.ndarray]:
         for batch in batches:
             for image in batch:
@@ -245,7 +245,7 @@ def reference_stats(config: EvaluateConfig, source: sources.Source | None, resol
                              f"{skipped_note(skipped)}; FID needs at least 2")
         return metrics.feature_stats(features, extractor.name)
 
-    stats, kept = metrics.cached_stats(cache, key, compute)
+    stats, kept = metrics.cached_stats(cache, key, compute, "set XDG_CACHE_HOME to a writable folder to keep them")
     as_gray = ", as gray (the generated images are gray)" if gray else ""
     where = {"read": f"read from the cache {cache}", "saved": f"cached in {cache}",
              "not kept": "not kept (the cache cannot be written)"}[kept]  # (it said "cached in": trial 64 F7)
@@ -266,9 +266,9 @@ def check_statistics_file(reference: str, stats: metrics.FeatureStats, resolutio
                          "this evaluation's; pass the same --inception_weights, or the images themselves as "
                          "--reference")
     if stats.key.endswith("|as gray") and not gray:
-        raise UsageError(f"--reference {reference}: its statistics are of colour images measured as gray (for a "
-                         "1-channel model), and the generated images are in colour; pass the images themselves as "
-                         "--reference")
+        raise UsageError(f"--reference {reference}: its statistics were measured as gray (for a 1-channel model: "
+                         "colour images among them as their luma), and the generated images are in colour; pass the "
+                         "images themselves as --reference")
     made_at = re.search(r"\|(\d+)px(\||$)", stats.key)
     if made_at is None:
         return None

@@ -259,9 +259,11 @@ def load_stats(path: Path) -> FeatureStats:
                         int(values.get("count", 0)), values.get("features"), extractor, str(values.get("key", "")))
 
 
-def cached_stats(path: Path, key: str, compute: Callable[[], FeatureStats]) -> tuple[FeatureStats, str]:
-    """Statistics from `path` when it was computed from `key`, else computed and saved there.
-    Returns them and where they are: "read" from the cache, "saved" in it, or "not kept" (it cannot be written)."""
+def cached_stats(path: Path, key: str, compute: Callable[[], FeatureStats],
+                 to_keep_them: str) -> tuple[FeatureStats, str]:
+    """Statistics from `path` when it was computed from `key`, else computed and saved there. Returns them and
+    where they are: "read" from the cache, "saved" in it, or "not kept" (it cannot be written: the warning ends
+    with `to_keep_them`, the caller's advice)."""
     if path.is_file():
         try:
             stats = load_stats(path)
@@ -276,7 +278,7 @@ def cached_stats(path: Path, key: str, compute: Callable[[], FeatureStats]) -> t
         save_stats(stats, path)
     except OSError as error:  # a read-only or full cache: the statistics, minutes of work, are used all the same
         logger.warning(f"could not keep the statistics in {path.parent} ({error.strerror or error}); they are used "
-                       "without being kept (set XDG_CACHE_HOME to a writable folder to keep them)")
+                       f"without being kept ({to_keep_them})")
         return stats, "not kept"
     return stats, "saved"
 

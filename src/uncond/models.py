@@ -1,4 +1,5 @@
-"""The network and the noise schedule: UNet presets, UNet configs from files, and their builders."""
+"""The network: UNet presets, UNet configs from files and the Hub, their builders, and the EMA of its weights (the
+noise schedule is sampling.training_noise_scheduler's)."""
 
 from __future__ import annotations
 

@@ -178,7 +178,9 @@ def training_reference(run: Run, cancelled: Callable[[], bool] | None = None) ->
         return metrics.feature_stats(metrics.extract_features(run.feature_extractor, batches),
                                      run.feature_extractor.name)
 
-    return metrics.cached_stats(path, key, compute)[0]
+    # (it advised XDG_CACHE_HOME, which moves no run's folder; trial 68 F5)
+    return metrics.cached_stats(path, key, compute, "free some space in the output folder: each evaluation "
+                                "measures them again until they are kept")[0]
 
 
 def stats_key(path: Path) -> str | None:

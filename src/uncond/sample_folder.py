@@ -29,7 +29,7 @@ from .config import (RUN_CONFIG_FILE, SAMPLE_SETTINGS_FILE, RunFailed, RunStoppe
                      counted)
 from .manifest import file_digest
 from .run_folder import check_creatable, is_preview_folder, make_folder
-from .sampling import (PARTIAL_SUFFIX, image_grid, is_numbered_image, log_sampling, network_evaluations,
+from .sampling import (PARTIAL_SUFFIX, holds_model, image_grid, is_numbered_image, log_sampling, network_evaluations,
                        numbered_name, open_for_sampling, sample_batches, sampling_options, to_pil, write_whole)
 
 logger = logging.getLogger("uncond")
@@ -124,10 +124,11 @@ def refuse_other_outputs(folder: Path, config: SampleConfig) -> None:
     check_creatable(str(folder), "--output_dir")
     if config.grid:
         check_creatable(config.grid, "--grid", file=True)
-    if (folder / "model_index.json").is_file() or (folder / RUN_CONFIG_FILE).is_file():
-        # The images would lie among the model's files, and evaluate would measure its preview grids with them.
-        raise UsageError(f"--output_dir {folder} holds a model (a pipeline or a training run); choose another "
-                         "--output_dir")
+    if holds_model(folder) or (folder / RUN_CONFIG_FILE).is_file():
+        # The images would lie among the model's files, and evaluate would measure its preview grids with them
+        # (or take the folder for the model: a checkpoint's unet/ was taken; trial 68 F16).
+        raise UsageError(f"--output_dir {folder} holds a model (a pipeline, a checkpoint or its weights, or a "
+                         "training run); choose another --output_dir")
     if is_pipeline_component(folder):
         raise UsageError(f"--output_dir {folder} is the {folder.resolve().name} folder of the pipeline in "
                          f"{folder.resolve().parent}; choose another --output_dir")
