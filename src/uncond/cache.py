@@ -167,10 +167,8 @@ def decoding_alone(folder: Path, on_wait: Callable[[], None]):
     then finds the entry made (or, if the decode failed, decodes it)."""
     lock_file = folder.parent / f".{folder.name}.lock"
     try:
-        import fcntl  # noqa: F401 - (Windows has none)
-
         folder.parent.mkdir(parents=True, exist_ok=True)
-    except (ImportError, OSError):
+    except OSError:
         yield
         return
     handle, locked = held_lock(lock_file, on_wait)
@@ -187,11 +185,13 @@ def decoding_alone(folder: Path, on_wait: Callable[[], None]):
 
 def held_lock(lock_file: Path, on_wait: Callable[[], None]) -> tuple[Any, bool]:
     """The open `lock_file` and whether this process holds its flock (False where the file system refuses it);
-    None where it cannot be opened. A run that waited holds the lock of a file the decode before it removed as it
-    ended: it locks the file at the path anew, or a third run, locking that one at once, took itself for alone
-    and removed the second one's decode under way (trial 68 F6)."""
-    import fcntl
-
+    None where it cannot be opened or flock is missing (Windows). A run that waited holds the lock of a file the
+    decode before it removed as it ended: it locks the file at the path anew, or a third run, locking that one at
+    once, took itself for alone and removed the second one's decode under way (trial 68 F6)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None, False
     waited = False
     while True:
         try:

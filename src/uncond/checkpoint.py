@@ -179,10 +179,10 @@ def register_state_hooks(accelerator: Accelerator, unet: torch.nn.Module, ema: E
             # back the checkpoint's.
             names, parameters = zip(*plain.named_parameters())
             shadow = sharding.local_shards(parameters, [averaged[name] for name in names])
-            ema.load_state_dict({"optimization_step": saved.get("optimization_step", 0), "shadow_params": shadow})
+            updates = saved.get("optimization_step", 0)
+            ema.load_state_dict({"optimization_step": updates, "shadow_params": shadow})
             if isinstance(ema, models.EMA):
-                ema.last_update_step, ema.clock_start = ema_clock(Path(input_dir), saved.get("optimization_step", 0),
-                                                                  has_average=ema_dir.is_dir())
+                ema.last_update_step, ema.clock_start = ema_clock(Path(input_dir), updates, ema_dir.is_dir())
             ema.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_hook)
